@@ -1,5 +1,18 @@
-"""attnkernels: fused dense, windowed, block-sparse and linear attention."""
+"""attnkernels: fused dense, windowed, block-sparse and linear attention for PyTorch.
+
+CPU tensors run C++ kernels, CUDA tensors Triton kernels; `reference.py` is the
+float64 oracle both are tested against.
+"""
+from .api import attention, sparse_attention, window_attention
 from .backends import backend
 from .reference import attention_reference
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "attention",
+    "window_attention",
+    "sparse_attention",
+    "attention_reference",
+    "backend",
+]

@@ -88,3 +88,10 @@ def select(device: torch.device) -> str:
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"backend 'triton' needs CUDA tensors; got tensors on {device}")
     return name
+
+
+def cpu_kernels():
+    """The torch.ops namespace of the C++ kernels chosen for this CPU."""
+    from . import _cpu_backend
+
+    return _cpu_backend.load().ops

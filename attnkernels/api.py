@@ -1,0 +1,95 @@
+"""Public entry points for softmax attention: attention(), window_attention(), sparse_attention().
+
+They validate the inputs (see _checks.py), resolve the options to the kernels'
+conventions — scale, a (left, right) window, block tables — and call the
+`torch.ops.attnkernels.attention_fwd` custom op.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _checks
+from . import ops  # noqa: F401  (registers torch.ops.attnkernels.*)
+from .windows import resolve_window
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    window_size=None,
+    block_mask=None,
+    key_padding_mask: Tensor | None = None,
+    return_lse: bool = False,
+):
+    """Softmax attention softmax(q kᵀ · scale) v, fused: no (Nq, Nk) matrix is ever stored.
+
+    Args:
+        q: (B, Hq, Nq, D); k: (B, Hk, Nk, D); v: (B, Hk, Nk, Dv). Hq % Hk == 0
+            (GQA/MQA: query head h reads kv head h // (Hq // Hk)).
+        causal: bottom-right aligned causal mask (query i sees key j iff
+            j <= i + Nk - Nq), as FlashAttention.
+        scale: logit scale; None means 1/sqrt(D).
+        window_size: None (no window), an int w = (w, w), or (left, right):
+            query i sees keys i + Nk - Nq - left ... i + Nk - Nq + right; -1 is
+            unbounded on that side. `causal=True` forces right = 0.
+        block_mask: an `attnkernels.masks.BlockMask` block-sparse layout.
+        key_padding_mask: bool (B, Nk), True = the key is ignored.
+        return_lse: also return the natural-log logsumexp of each row,
+            (B, Hq, Nq), float32 (float64 for float64 inputs), detached.
+
+    A query row that sees no key gets output 0 (and LSE -inf), with zero gradients.
+
+    Returns:
+        out (B, Hq, Nq, Dv) in q's dtype, or (out, lse) when return_lse.
+    """
+    _checks.check_qkv(q, k, v)
+    scale = _checks.resolve_scale(scale, q.shape[-1])
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    _checks.check_key_padding_mask(key_padding_mask, q, k)
+    tables = _block_tables(block_mask, q, k)
+    if block_mask is not None and block_mask.causal:
+        causal = True
+    window_left, window_right = resolve_window(window_size, causal)
+    out, lse = torch.ops.attnkernels.attention_fwd(
+        q, k, v, scale, window_left, window_right, *tables, key_padding_mask
+    )
+    return (out, lse.detach()) if return_lse else out
+
+
+def window_attention(q: Tensor, k: Tensor, v: Tensor, window_size, *, causal: bool = False, scale: float | None = None, return_lse: bool = False):
+    """Sliding-window attention: `attention(q, k, v, window_size=window_size, ...)`.
+
+    Cost O(N·w·D): the kernels visit only the key blocks that intersect each
+    query block's band. See README for converting other libraries' window sizes.
+    """
+    if window_size is None:
+        raise TypeError("window_size: expected an int or a (left, right) pair, got None (use attention() for dense)")
+    return attention(q, k, v, causal=causal, scale=scale, window_size=window_size, return_lse=return_lse)
+
+
+def sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_mask, *, causal: bool = False, scale: float | None = None, return_lse: bool = False):
+    """Block-sparse attention over the layout `block_mask` (BigBird, Longformer, any BlockMask)."""
+    if block_mask is None:
+        raise TypeError("block_mask: expected an attnkernels.masks.BlockMask, got None (use attention() for dense)")
+    return attention(q, k, v, causal=causal, scale=scale, block_mask=block_mask, return_lse=return_lse)
+
+
+def _block_tables(block_mask, q: Tensor, k: Tensor):
+    """(kv_num_blocks, kv_indices, q_num_blocks, q_indices, sparse_block_size) for the op."""
+    if block_mask is None:
+        return None, None, None, None, 0
+    from .masks import BlockMask
+
+    if not isinstance(block_mask, BlockMask):
+        raise TypeError(f"block_mask: expected an attnkernels.masks.BlockMask, got {type(block_mask).__name__}")
+    block_mask.check_compatible(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    if block_mask.kv_indices.device != q.device:
+        block_mask = block_mask.to(q.device)
+    return (block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.q_num_blocks, block_mask.q_indices,
+            block_mask.block_size)
