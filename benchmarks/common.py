@@ -1,0 +1,67 @@
+"""Shared benchmark plumbing: sizes, FLOP formulas, and the interleaved comparison.
+
+Quick mode (default; what CI runs) uses tiny sizes and few rounds so the suite
+cannot rot; `ATTNKERNELS_BENCH=full` runs the sizes the issues name.
+Each benchmark times our kernel with pytest-benchmark, then runs ours, every
+peer and a fixed `torch.mm` interleaved (A B C A B C ...) in the same process,
+and stores in `extra_info` the medians of the per-round ratios: speed-up over
+each peer, useful GFLOP/s, and that as a fraction of `torch.mm`'s GFLOP/s in
+the same rounds (the host throttles, so only same-run ratios mean anything).
+"""
+from __future__ import annotations
+
+import os
+import statistics
+
+import torch
+
+from attnkernels.tools.timing import time_interleaved
+
+FULL = os.environ.get("ATTNKERNELS_BENCH", "quick") == "full"
+ROUNDS = 7 if FULL else 1
+
+MM_SIZE = 1024  # torch.mm of two (MM_SIZE, MM_SIZE) fp32 matrices: the machine's yardstick
+MM_FLOPS = 2 * MM_SIZE**3
+
+
+def sizes(full: list, quick: list) -> list:
+    return full if FULL else quick
+
+
+def softmax_attention_flops(batch, heads, q_len, kv_len, head_dim, *, visible_fraction=1.0, backward=False) -> float:
+    """Useful FLOPs: forward = 2 matmuls (QKᵀ, PV) × 2 flops/MAC over the visible entries;
+    forward+backward = 3.5 × forward (FlashAttention's convention: the backward's
+    5 matmuls counted as 2.5 forwards)."""
+    forward = 4.0 * batch * heads * q_len * kv_len * head_dim * visible_fraction
+    return forward * (3.5 if backward else 1.0)
+
+
+def fwd_bwd(fn, *inputs):
+    """A callable running fn(*inputs) forward and backward with a fixed upstream gradient."""
+    def run():
+        for t in inputs:
+            t.grad = None
+        out = fn(*inputs)
+        out.backward(torch.ones_like(out))
+    return run
+
+
+def compare(benchmark, ours, peers: dict, flops: float, *, rounds: int | None = None) -> dict:
+    """Time `ours` with pytest-benchmark, then interleave ours/peers/mm and record the ratios."""
+    rounds = rounds or ROUNDS
+    benchmark.pedantic(ours, rounds=rounds, iterations=1, warmup_rounds=1)
+    a = torch.randn(MM_SIZE, MM_SIZE)
+    b = torch.randn(MM_SIZE, MM_SIZE)
+    fns = [ours, *peers.values(), lambda: torch.mm(a, b)]
+    samples = time_interleaved(fns, rounds=rounds, warmup=0)
+    ours_t, mm_t = samples[0], samples[-1]
+    info = {
+        "ours_ms": statistics.median(ours_t) * 1e3,
+        "gflops": flops / statistics.median(ours_t) / 1e9,
+        "fraction_of_mm": statistics.median((flops / o) / (MM_FLOPS / m) for o, m in zip(ours_t, mm_t)),
+    }
+    for (name, _), peer_t in zip(peers.items(), samples[1:-1]):
+        info[f"{name}_ms"] = statistics.median(peer_t) * 1e3
+        info[f"speedup_vs_{name}"] = statistics.median(p / o for p, o in zip(peer_t, ours_t))
+    benchmark.extra_info.update(info)
+    return info
