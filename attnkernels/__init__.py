@@ -3,8 +3,10 @@
 CPU tensors run C++ kernels, CUDA tensors Triton kernels; `reference.py` is the
 float64 oracle both are tested against.
 """
+from . import masks
 from .api import attention, sparse_attention, window_attention
 from .backends import backend
+from .masks import BlockMask
 from .reference import attention_reference
 
 __version__ = "0.1.0"
@@ -15,4 +17,6 @@ __all__ = [
     "sparse_attention",
     "attention_reference",
     "backend",
+    "masks",
+    "BlockMask",
 ]
