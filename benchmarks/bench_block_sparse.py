@@ -1,0 +1,50 @@
+"""BigBird block-sparse attention on CPU (fp32) vs FlexAttention, HF BigBird and masked SDPA.
+
+Full: B=1, H=8, D=64, N in {1024, 4096, 16384}; BigBird block 64, 3 window, 1 global
+block at each end (2 in all), 3 random blocks. Targets (issue 4) at N=4096: forward >= 1.5x
+FlexAttention (block 64) and >= 8x HF BigBird; forward+backward >= 5x HF BigBird.
+HF BigBird includes its own q/k/v projections (see peers.hf_bigbird_fn).
+"""
+import pytest
+import torch
+
+import attnkernels
+from attnkernels import masks
+
+from . import peers
+from .common import compare, fwd_bwd, sizes, softmax_attention_flops
+
+SEQ_LENS = sizes(full=[1024, 4096, 16384], quick=[512])
+HEADS, HEAD_DIM, BLOCK = 8, 64, 64
+MASKED_SDPA_MAX_N = 4096
+
+
+@pytest.mark.parametrize("seq_len", SEQ_LENS, ids=lambda n: f"N{n}")
+@pytest.mark.parametrize("direction", ["fwd", "fwd+bwd"])
+def test_bigbird(benchmark, direction, seq_len):
+    torch.manual_seed(0)
+    backward = direction == "fwd+bwd"
+    mask = masks.bigbird(seq_len, block_size=BLOCK, num_global_blocks=1, num_window_blocks=3, num_random_blocks=3, num_heads=HEADS, seed=0)
+    q, k, v = (torch.randn(1, HEADS, seq_len, HEAD_DIM, requires_grad=backward) for _ in range(3))
+    ours = lambda q, k, v: attnkernels.sparse_attention(q, k, v, mask)  # noqa: E731
+    peer_fns = {}
+    if seq_len <= MASKED_SDPA_MAX_N:
+        peer_fns["masked_sdpa"] = peers.masked_sdpa_fn(mask.element_mask())
+    if not backward:
+        peer_fns["flex_block64"] = peers.flex_from_block_mask(mask)
+    if backward:
+        ours_fn = fwd_bwd(ours, q, k, v)
+        peer_calls = {name: fwd_bwd(fn, q, k, v) for name, fn in peer_fns.items()}
+    else:
+        ours_fn = lambda: ours(q, k, v)  # noqa: E731
+        peer_calls = {name: (lambda fn=fn: fn(q, k, v)) for name, fn in peer_fns.items()}
+    hf = peers.hf_bigbird_fn(seq_len, HEADS, HEAD_DIM, block_size=BLOCK, num_random_blocks=3)
+    if hf is not None:
+        hf_fn, hidden = hf
+        hidden_states = torch.randn(1, seq_len, hidden, requires_grad=backward)
+        peer_calls["hf_bigbird"] = fwd_bwd(hf_fn, hidden_states) if backward else (lambda: hf_fn(hidden_states))
+    flops = softmax_attention_flops(1, HEADS, seq_len, seq_len, HEAD_DIM, visible_fraction=mask.density(), backward=backward)
+    benchmark.group = f"bigbird-{direction}-N{seq_len}"
+    with torch.enable_grad() if backward else torch.no_grad():
+        info = compare(benchmark, ours_fn, peer_calls, flops)
+    assert info["ours_ms"] > 0
