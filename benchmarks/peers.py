@@ -73,3 +73,49 @@ def hf_bigbird_fn(seq_len, heads, head_dim, *, block_size, num_random_blocks):
                       from_blocked_mask=blocked, to_blocked_mask=blocked)[0]
 
     return run, hidden
+
+
+def _elu_plus_one(x):
+    return F.elu(x) + 1
+
+
+def fla_naive_linear_fn(causal: bool):
+    """flash-linear-attention's pure-PyTorch chunked linear attention (causal only), elu+1 applied by us.
+
+    Its layout is (B, T, H, K); the transposes are views and counted in its time, as a
+    user would have to do them too.
+    """
+    if not causal:
+        return None
+    if importlib.util.find_spec("fla") is None:
+        print("fla (flash-linear-attention) is not installed: peer skipped")
+        return None
+    from fla.ops.linear_attn.naive import naive_chunk_linear_attn
+
+    def run(q, k, v):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        out, _ = naive_chunk_linear_attn(_elu_plus_one(q), _elu_plus_one(k), v, scale=1.0, normalize=True)
+        return out.transpose(1, 2)
+    return run
+
+
+def performer_linear_fn(causal: bool):
+    """performer-pytorch's linear attention (non-causal) / causal_linear_attention_noncuda, elu+1 applied by us."""
+    if importlib.util.find_spec("performer_pytorch") is None:
+        print("performer-pytorch is not installed: peer skipped")
+        return None
+    from performer_pytorch.performer_pytorch import causal_linear_attention_noncuda, linear_attention
+
+    attend = causal_linear_attention_noncuda if causal else linear_attention
+    return lambda q, k, v: attend(_elu_plus_one(q), _elu_plus_one(k), v)
+
+
+def performer_fast_attention_fn(head_dim: int, num_features: int):
+    """performer-pytorch's FastAttention (FAVOR+ softmax kernel, non-causal)."""
+    if importlib.util.find_spec("performer_pytorch") is None:
+        print("performer-pytorch is not installed: peer skipped")
+        return None
+    from performer_pytorch import FastAttention
+
+    module = FastAttention(dim_heads=head_dim, nb_features=num_features, causal=False)
+    return lambda q, k, v: module(q, k, v)
