@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import math
 from typing import NamedTuple
 
 import torch
@@ -559,8 +558,8 @@ def _prepare(q, k, v, feature_map, causal, scale, initial_s, initial_z):
         raise ValueError(f"linear attention (triton): Hq={q_heads} is not a multiple of Hk={kv_heads}")
     if causal and q_len != kv_len:
         raise ValueError(f"linear attention (triton): causal needs Nq == Nk, got {q_len} and {kv_len}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(head_dim)
+    if scale is None:  # the reference's convention: no scaling (callers normally resolve it)
+        scale = 1.0
     if (initial_s is None) != (initial_z is None):
         raise ValueError("linear attention (triton): initial_s and initial_z must be given together")
     if initial_s is not None:
@@ -688,3 +687,83 @@ def linear_attention_backward(dout, q, k, v, feature_map: str, causal: bool, nor
             **common,
         )
     return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------
+# Ahead-of-time compile declarations (checked by `python -m attnkernels.tools.compile_report`)
+# ----------------------------------------------------------------------------------------
+
+_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_FP32_ARGS = {"S_IN", "Z_IN", "S_OUT", "Z_OUT", "DEN", "CC"}
+_INT_ARGS = {"Hq", "Hk", "N", "Nq", "Nk", "group"}
+
+
+def _signature(fn, dtype: str, constexprs: dict) -> dict:
+    """Triton type per argument, from the naming convention of this file: data tensors are
+    upper-case in the input dtype, states and per-row DEN/CC float32; strides and sizes i32."""
+    sig = {}
+    for name, param in inspect.signature(fn.fn).parameters.items():
+        if "constexpr" in str(param.annotation):
+            assert name in constexprs, f"{fn.__name__}: constexpr {name} needs a value"
+            sig[name] = "constexpr"
+        elif name in _FP32_ARGS:
+            sig[name] = "*fp32"
+        elif name.startswith("stride_") or name in _INT_ARGS:  # before isupper(): "N"
+            sig[name] = "i32"
+        elif name.isupper():
+            sig[name] = f"*{dtype}"
+        elif name in ("scale", "eps"):
+            sig[name] = "fp32"
+        else:
+            raise AssertionError(f"{fn.__name__}: no Triton type for argument {name!r}")
+    return sig
+
+
+_AOT_HEAD_DIMS = (32, 64, 128)
+# (label, torch dtype, dot precision): fp32 ships exact ("ieee": FMA on CUDA cores, no mma by
+# design) and TF32 (torch.backends.cuda.matmul.allow_tf32); 16-bit inputs always dot in TF32
+_AOT_DTYPES = [
+    ("fp16", torch.float16, "tf32"),
+    ("bf16", torch.bfloat16, "tf32"),
+    ("fp32", torch.float32, "ieee"),
+    ("tf32", torch.float32, "tf32"),
+]
+# (feature map, normalize) variants: every map with the denominator, and elu without it;
+# the TF32 label ships the same code as fp32, so it is compiled for the default one only
+_AOT_MAPS = [("elu", True), ("relu", True), ("identity", True), ("elu", False)]
+
+
+def _build_aot_specs() -> list[KernelSpec]:
+    specs = []
+    for label, dtype, prec in _AOT_DTYPES:
+        tdt = _TRITON_DTYPE[dtype]
+        uses_tc = prec != "ieee"
+        maps = _AOT_MAPS[:1] if label == "tf32" else _AOT_MAPS
+        for d in _AOT_HEAD_DIMS:
+            pad = _pad_dim(d)
+            cfg = chunk_config("state", d, d)
+            for fm, _ in (m for m in maps if m[1]):
+                const = dict(HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_C=cfg.block_c, BLOCK_D=pad, BLOCK_DV=cfg.block_dv,
+                             FEATURE_MAP=FEATURE_MAPS[fm], HAS_STATE_IN=True, DOT_PREC=prec)
+                specs.append(KernelSpec(f"linear_state-{label}-D{d}-{fm}-C{cfg.block_c}-V{cfg.block_dv}",
+                                        linear_state, _signature(linear_state, tdt, const), const,
+                                        num_warps=cfg.num_warps, num_stages=cfg.num_stages, uses_dot=uses_tc))
+            for causal in (False, True):
+                for fm, normalize in maps:
+                    for kernel, fn in (("fwd", linear_fwd), ("dq", linear_bwd_dq), ("dkdv", linear_bwd_dkdv)):
+                        cfg = chunk_config(kernel, d, d)
+                        const = dict(HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_C=cfg.block_c, BLOCK_D=pad,
+                                     BLOCK_DV=cfg.block_dv, FEATURE_MAP=FEATURE_MAPS[fm], CAUSAL=causal,
+                                     NORMALIZE=normalize, DOT_PREC=prec)
+                        if kernel != "dkdv":
+                            const["HAS_STATE_IN"] = True
+                        mode = "causal" if causal else "full"
+                        norm = "" if normalize else "-nonorm"
+                        name = f"{fn.__name__}-{label}-D{d}-{mode}-{fm}{norm}-C{cfg.block_c}-V{cfg.block_dv}"
+                        specs.append(KernelSpec(name, fn, _signature(fn, tdt, const), const,
+                                                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                                                uses_dot=uses_tc))
+    return specs
+
+
+AOT_SPECS: list[KernelSpec] = _build_aot_specs()
