@@ -258,24 +258,24 @@ def test_bad_input():
 
 def test_aot_specs_cover_the_shipping_variants():
     names = {s.name for s in L.AOT_SPECS}
-    for kernel in ("linear_fwd", "linear_bwd_dq", "linear_bwd_dkdv"):
+    for kernel in ("linear_fwd", "linear_dq", "linear_dk", "linear_dv"):
         for label in ("fp16", "bf16", "fp32"):
             for d in (32, 64, 128):
                 for mode in ("causal", "full"):
                     for fm in ("elu", "relu", "identity"):
                         assert any(n.startswith(f"{kernel}-{label}-D{d}-{mode}-{fm}-") for n in names), (kernel, label, d, mode, fm)
                     assert any(n.startswith(f"{kernel}-{label}-D{d}-{mode}-elu-nonorm-") for n in names)
+    for kernel in ("linear_fwd-aux", "linear_state"):
+        assert any(n.startswith(kernel + "-") for n in names)
     for spec in L.AOT_SPECS:
         c = spec.constexprs
-        assert c["BLOCK_C"] >= 16 and c["BLOCK_D"] >= 16 and c["BLOCK_DV"] >= 16, spec.name
+        assert all(v >= 16 for n, v in c.items() if n.startswith("BLOCK_")), spec.name
         assert set(spec.signature) >= set(c) and all(spec.signature[n] == "constexpr" for n in c), spec.name
 
 
 def test_configs_are_gpu_sized():
     for d in (16, 32, 40, 64, 128):
-        for kernel in ("state", "fwd", "dq", "dkdv"):
+        for kernel in ("state", "fwd", "dq", "dk", "dv"):
             cfg = L.chunk_config(kernel, d, d)
             assert cfg.block_c >= 16 and cfg.block_c & (cfg.block_c - 1) == 0
-            assert cfg.block_dv >= 16 and cfg.block_dv & (cfg.block_dv - 1) == 0
-            if kernel in ("dq", "dkdv"):
-                assert cfg.block_dv >= d  # the backward holds the full Dv
+            assert cfg.block_t >= 16 and cfg.block_t & (cfg.block_t - 1) == 0

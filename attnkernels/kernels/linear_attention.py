@@ -101,19 +101,21 @@ def _dphi(x, FEATURE_MAP: tl.constexpr):
 
 @triton.jit
 def _load_rows(base, stride_n, n0, N, o_c, o_col, m_col):
-    """Rows [n0, n0 + C) of a (N, cols) matrix whose last dim is contiguous, as float32;
+    """Rows [n0, n0 + C) of a (N, cols) matrix whose last dim is contiguous, in its dtype;
     zeros outside (rows >= N or masked columns). Returns ([C, cols], row mask [C])."""
     o_n = n0 + o_c
     m_n = o_n < N
-    p = base + o_n.to(tl.int64)[:, None] * stride_n + o_col[None, :]  # int64: n * stride can pass 2^31
-    b_x = tl.load(p, mask=m_n[:, None] & m_col[None, :], other=0.0).to(tl.float32)
+    # int64 scalar row offset (n * stride can pass 2^31), int32 in-tile offsets
+    p = base + tl.cast(n0, tl.int64) * stride_n + (o_c[:, None] * stride_n + o_col[None, :])
+    b_x = tl.load(p, mask=m_n[:, None] & m_col[None, :], other=0.0)
     return b_x, m_n
 
 
 @triton.jit
 def _store_rows(base, stride_n, n0, N, o_c, o_col, m_col, b_x):
     o_n = n0 + o_c
-    p = base + o_n.to(tl.int64)[:, None] * stride_n + o_col[None, :]  # int64: n * stride can pass 2^31
+    # int64 scalar row offset (n * stride can pass 2^31), int32 in-tile offsets
+    p = base + tl.cast(n0, tl.int64) * stride_n + (o_c[:, None] * stride_n + o_col[None, :])
     tl.store(p, b_x.to(base.dtype.element_ty), mask=(o_n < N)[:, None] & m_col[None, :])
 
 
@@ -158,8 +160,9 @@ def linear_state(K, V, S_IN, Z_IN, S_OUT, Z_OUT,
     for i_t in range(0, tl.cdiv(Nk, BLOCK_C)):
         n0 = i_t * BLOCK_C
         b_k, m_n = _load_rows(K, stride_kn, n0, Nk, o_c, o_d, m_d)  # [BLOCK_C, BLOCK_D]
-        b_fk = tl.where(m_n[:, None] & m_d[None, :], _phi(b_k, FEATURE_MAP), 0.0)
+        b_fk = tl.where(m_n[:, None] & m_d[None, :], _phi(b_k.to(tl.float32), FEATURE_MAP), 0.0)
         b_v, m_n = _load_rows(V, stride_vn, n0, Nk, o_c, o_v, m_v)  # [BLOCK_C, BLOCK_DV]
+        b_v = b_v.to(tl.float32)
         b_s = tl.dot(tl.trans(b_fk), b_v, b_s, input_precision=DOT_PREC)  # [BLOCK_D, BLOCK_DV]
         b_z += tl.sum(b_fk, 0)
 
@@ -169,7 +172,7 @@ def linear_state(K, V, S_IN, Z_IN, S_OUT, Z_OUT,
 
 
 @triton.jit
-def linear_fwd(Q, K, V, O, S_IN, Z_IN, S_OUT, Z_OUT,
+def linear_fwd(Q, K, V, O, S_IN, Z_IN, S_OUT, Z_OUT, DO, DEN, CPART,
                stride_qb, stride_qh, stride_qn,
                stride_kb, stride_kh, stride_kn,
                stride_vb, stride_vh, stride_vn,
@@ -178,11 +181,15 @@ def linear_fwd(Q, K, V, O, S_IN, Z_IN, S_OUT, Z_OUT,
                HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                FEATURE_MAP: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr,
-               HAS_STATE_IN: tl.constexpr, DOT_PREC: tl.constexpr):
+               HAS_STATE_IN: tl.constexpr, AUX: tl.constexpr, DOT_PREC: tl.constexpr):
     """Output of query chunk program_id(0) (causal: of all chunks, in order) for one
     (batch, query head) and one Dv tile. N = Nq. S_IN/Z_IN: the initial state (causal) or
     the full state (non-causal). Causal programs of a group's first head store the final
-    state in S_OUT/Z_OUT."""
+    state in S_OUT/Z_OUT.
+
+    AUX (the backward's recompute, with NORMALIZE): instead of out and the state, store per
+    query row den (DEN, (B, Hq, N), by Dv tile 0) and this Dv tile's share of
+    c = -(do · o) / den (CPART, (n Dv tiles, B, Hq, N)); DO has O's strides."""
     i_c = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_v = tl.program_id(2)
@@ -200,6 +207,8 @@ def linear_fwd(Q, K, V, O, S_IN, Z_IN, S_OUT, Z_OUT,
     K = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
     V = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
     O = O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
+    if AUX:
+        DO = DO + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
     s_off = i_bhk.to(tl.int64) * HEAD_DIM * HEAD_DIM_V
     z_off = i_bhk.to(tl.int64) * HEAD_DIM
     p_s = o_d[:, None] * HEAD_DIM_V + o_v[None, :]
@@ -221,14 +230,15 @@ def linear_fwd(Q, K, V, O, S_IN, Z_IN, S_OUT, Z_OUT,
     for i_t in range(i_lo, i_hi):
         n0 = i_t * BLOCK_C
         b_q, m_n = _load_rows(Q, stride_qn, n0, N, o_c, o_d, m_d)  # [BLOCK_C, BLOCK_D]
-        b_fq = tl.where(m_n[:, None] & m_d[None, :], _phi(b_q * scale, FEATURE_MAP), 0.0)
+        b_fq = tl.where(m_n[:, None] & m_d[None, :], _phi(b_q.to(tl.float32) * scale, FEATURE_MAP), 0.0)
         # inter-chunk: the state carried from the previous chunks (or the full state)
         b_num = tl.dot(b_fq, b_s, input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_DV]
         b_den = tl.sum(b_fq * b_z[None, :], 1)  # [BLOCK_C]
         if CAUSAL:
             b_k, m_n = _load_rows(K, stride_kn, n0, N, o_c, o_d, m_d)  # [BLOCK_C, BLOCK_D]
-            b_fk = tl.where(m_n[:, None] & m_d[None, :], _phi(b_k, FEATURE_MAP), 0.0)
+            b_fk = tl.where(m_n[:, None] & m_d[None, :], _phi(b_k.to(tl.float32), FEATURE_MAP), 0.0)
             b_v, m_n = _load_rows(V, stride_vn, n0, N, o_c, o_v, m_v)  # [BLOCK_C, BLOCK_DV]
+            b_v = b_v.to(tl.float32)
             # intra-chunk: masked φ(Q) φ(K)ᵀ, [BLOCK_C, BLOCK_C]
             b_a = tl.dot(b_fq, tl.trans(b_fk), input_precision=DOT_PREC)
             b_a = tl.where(m_causal, b_a, 0.0)
@@ -241,9 +251,17 @@ def linear_fwd(Q, K, V, O, S_IN, Z_IN, S_OUT, Z_OUT,
             b_o = b_num / (b_den + eps)[:, None]
         else:
             b_o = b_num
-        _store_rows(O, stride_on, n0, N, o_c, o_v, m_v, b_o)
+        if AUX:
+            b_do, m_n = _load_rows(DO, stride_on, n0, N, o_c, o_v, m_v)  # [BLOCK_C, BLOCK_DV]
+            o_r = i_bh.to(tl.int64) * N + n0 + o_c
+            tl.store(CPART + i_v.to(tl.int64) * tl.num_programs(1) * N + o_r,
+                     -tl.sum(b_do.to(tl.float32) * b_o, 1) / (b_den + eps), mask=m_n)
+            if i_v == 0:
+                tl.store(DEN + o_r, b_den + eps, mask=m_n)
+        else:
+            _store_rows(O, stride_on, n0, N, o_c, o_v, m_v, b_o)
 
-    if CAUSAL:
+    if CAUSAL and not AUX:
         if i_h % group == 0:  # every head of the group carries the same state: one writes it
             tl.store(S_OUT + s_off + p_s, b_s, mask=m_s)
             if i_v == 0:
@@ -256,28 +274,43 @@ def linear_fwd(Q, K, V, O, S_IN, Z_IN, S_OUT, Z_OUT,
 
 
 @triton.jit
+def _row_scalars(DEN, CC, n0, N, o_c, BLOCK_C: tl.constexpr, NORMALIZE: tl.constexpr):
+    """1/den and c of rows [n0, n0 + C) ([BLOCK_C] each; 1 and 0 past N or without NORMALIZE).
+    DEN and CC point at this (batch, query head)'s row 0."""
+    if NORMALIZE:
+        m_n = n0 + o_c < N
+        b_rden = 1.0 / tl.load(DEN + n0 + o_c, mask=m_n, other=1.0)
+        b_cc = tl.load(CC + n0 + o_c, mask=m_n, other=0.0)
+    else:
+        b_rden = tl.full([BLOCK_C], 1.0, tl.float32)
+        b_cc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    return b_rden, b_cc
+
+
+@triton.jit
 def linear_bwd_dq(Q, K, V, DO, DQ, S_IN, Z_IN, DEN, CC,
                   stride_qb, stride_qh, stride_qn,
                   stride_kb, stride_kh, stride_kn,
                   stride_vb, stride_vh, stride_vn,
                   stride_dob, stride_doh, stride_don,
                   stride_dqb, stride_dqh, stride_dqn,
-                  Hq, N, group, scale, eps,
+                  Hq, N, group, scale,
                   HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                  BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  BLOCK_C: tl.constexpr, BLOCK_DT: tl.constexpr, BLOCK_DV: tl.constexpr,
                   FEATURE_MAP: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr,
                   HAS_STATE_IN: tl.constexpr, DOT_PREC: tl.constexpr):
-    """dQ of query chunk program_id(0) (causal: all chunks, in order) for one (batch, query
-    head), with the full Dv (BLOCK_DV >= HEAD_DIM_V). With NORMALIZE it also stores, per
-    query row, den and c = -(do · o) / den into DEN and CC (float32, (B, Hq, N))."""
+    """dQ[..., D tile program_id(2)] of query chunk program_id(0) (causal: all chunks, in
+    order) for one (batch, query head). Holds the state rows of its D tile with the full Dv:
+    S [BLOCK_DT, BLOCK_DV], z [BLOCK_DT]. DEN/CC: den and c per query row (B, Hq, N)."""
     i_c = tl.program_id(0)
     i_bh = tl.program_id(1)
+    i_d = tl.program_id(2)
     i_b = i_bh // Hq
     i_h = i_bh % Hq
     i_hk = i_h // group
     i_bhk = i_b * (Hq // group) + i_hk
     o_c = tl.arange(0, BLOCK_C)
-    o_d = tl.arange(0, BLOCK_D)
+    o_d = i_d * BLOCK_DT + tl.arange(0, BLOCK_DT)
     o_v = tl.arange(0, BLOCK_DV)
     m_d = o_d < HEAD_DIM
     m_v = o_v < HEAD_DIM_V
@@ -291,13 +324,13 @@ def linear_bwd_dq(Q, K, V, DO, DQ, S_IN, Z_IN, DEN, CC,
     CC = CC + i_bh.to(tl.int64) * N
     s_off = i_bhk.to(tl.int64) * HEAD_DIM * HEAD_DIM_V
     z_off = i_bhk.to(tl.int64) * HEAD_DIM
-    m_s = m_d[:, None] & m_v[None, :]
     if HAS_STATE_IN:
-        b_s = tl.load(S_IN + s_off + o_d[:, None] * HEAD_DIM_V + o_v[None, :], mask=m_s, other=0.0)
-        b_z = tl.load(Z_IN + z_off + o_d, mask=m_d, other=0.0)
+        b_s = tl.load(S_IN + s_off + o_d[:, None] * HEAD_DIM_V + o_v[None, :],
+                      mask=m_d[:, None] & m_v[None, :], other=0.0)  # [BLOCK_DT, BLOCK_DV]
+        b_z = tl.load(Z_IN + z_off + o_d, mask=m_d, other=0.0)  # [BLOCK_DT]
     else:
-        b_s = tl.zeros([BLOCK_D, BLOCK_DV], dtype=tl.float32)  # [BLOCK_D, BLOCK_DV]
-        b_z = tl.zeros([BLOCK_D], dtype=tl.float32)  # [BLOCK_D]
+        b_s = tl.zeros([BLOCK_DT, BLOCK_DV], dtype=tl.float32)
+        b_z = tl.zeros([BLOCK_DT], dtype=tl.float32)
 
     if CAUSAL:
         i_lo = 0
@@ -305,159 +338,189 @@ def linear_bwd_dq(Q, K, V, DO, DQ, S_IN, Z_IN, DEN, CC,
     else:
         i_lo = i_c
         i_hi = i_c + 1
-    m_causal = o_c[:, None] >= o_c[None, :]  # [BLOCK_C, BLOCK_C]
+    m_causal = o_c[:, None] >= o_c[None, :]  # [BLOCK_C, BLOCK_C]: key j <= query i
     for i_t in range(i_lo, i_hi):
         n0 = i_t * BLOCK_C
-        b_q, m_n = _load_rows(Q, stride_qn, n0, N, o_c, o_d, m_d)  # [BLOCK_C, BLOCK_D]
-        b_q = b_q * scale
-        b_fq = tl.where(m_n[:, None] & m_d[None, :], _phi(b_q, FEATURE_MAP), 0.0)
-        b_do, m_n = _load_rows(DO, stride_don, n0, N, o_c, o_v, m_v)  # [BLOCK_C, BLOCK_DV]
-        if CAUSAL:
-            b_k, m_n = _load_rows(K, stride_kn, n0, N, o_c, o_d, m_d)  # [BLOCK_C, BLOCK_D]
-            b_fk = tl.where(m_n[:, None] & m_d[None, :], _phi(b_k, FEATURE_MAP), 0.0)
-            b_v, m_n = _load_rows(V, stride_vn, n0, N, o_c, o_v, m_v)  # [BLOCK_C, BLOCK_DV]
-        if NORMALIZE:
-            # recompute this chunk's forward: den and o (full Dv)
-            b_num = tl.dot(b_fq, b_s, input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_DV]
-            b_den = tl.sum(b_fq * b_z[None, :], 1)  # [BLOCK_C]
-            if CAUSAL:
-                b_a = tl.where(m_causal, tl.dot(b_fq, tl.trans(b_fk), input_precision=DOT_PREC), 0.0)  # [BLOCK_C, BLOCK_C]
-                b_num = tl.dot(b_a, b_v, b_num, input_precision=DOT_PREC)
-                b_den += tl.sum(b_a, 1)
-            b_den = b_den + eps
-            b_rden = 1.0 / b_den
-            b_cc = -tl.sum(b_do * b_num, 1) * b_rden * b_rden  # -(do · o) / den, [BLOCK_C]
-            b_g = b_do * b_rden[:, None]  # [BLOCK_C, BLOCK_DV]
-            tl.store(DEN + n0 + o_c, b_den, mask=m_n)
-            tl.store(CC + n0 + o_c, b_cc, mask=m_n)
-        else:
-            b_g = b_do
-        # dφq = g Sᵀ + c zᵀ (carried / full state) + intra-chunk tril(g Vᵀ + c) φ(K)
-        b_dfq = tl.dot(b_g, tl.trans(b_s), input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_D]
+        b_q, m_n = _load_rows(Q, stride_qn, n0, N, o_c, o_d, m_d)  # [BLOCK_C, BLOCK_DT]
+        b_q = b_q.to(tl.float32) * scale
+        b_do, m_n = _load_rows(DO, stride_don, n0, N, o_c, o_v, m_v)  # [BLOCK_C, BLOCK_DV], input dtype
+        b_rden, b_cc = _row_scalars(DEN, CC, n0, N, o_c, BLOCK_C, NORMALIZE)
+        b_g = b_do.to(tl.float32) * b_rden[:, None]  # g = do / den
+        # dφq = g Sᵀ + c zᵀ with the carried (causal) or full state
+        b_dfq = tl.dot(b_g, tl.trans(b_s), input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_DT]
         if NORMALIZE:
             b_dfq += b_cc[:, None] * b_z[None, :]
         if CAUSAL:
-            b_p = tl.dot(b_g, tl.trans(b_v), input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_C]
-            if NORMALIZE:
-                b_p += b_cc[:, None]
-            b_p = tl.where(m_causal, b_p, 0.0)
+            b_k, m_n = _load_rows(K, stride_kn, n0, N, o_c, o_d, m_d)  # [BLOCK_C, BLOCK_DT]
+            b_fk = tl.where(m_n[:, None] & m_d[None, :], _phi(b_k.to(tl.float32), FEATURE_MAP), 0.0)
+            b_v, m_n = _load_rows(V, stride_vn, n0, N, o_c, o_v, m_v)  # [BLOCK_C, BLOCK_DV], input dtype
+            # intra-chunk: P[i, j] = g_i · v_j + c_i for j <= i; do and v are exact in the input dtype
+            b_p = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_C]
+            b_p = tl.where(m_causal, b_p * b_rden[:, None] + b_cc[:, None], 0.0)
             b_dfq = tl.dot(b_p, b_fk, b_dfq, input_precision=DOT_PREC)
-            b_s = tl.dot(tl.trans(b_fk), b_v, b_s, input_precision=DOT_PREC)
+            b_s = tl.dot(tl.trans(b_fk), b_v.to(tl.float32), b_s, input_precision=DOT_PREC)
             b_z += tl.sum(b_fk, 0)
         b_dq = b_dfq * _dphi(b_q, FEATURE_MAP) * scale
         _store_rows(DQ, stride_dqn, n0, N, o_c, o_d, m_d, b_dq)
 
 
 @triton.jit
-def _dkdv_query_chunk(Q, DO, DEN, CC, stride_qn, stride_don, n0, Nq, scale,
-                      o_c, o_d, m_d, o_v, m_v,
-                      BLOCK_C: tl.constexpr, FEATURE_MAP: tl.constexpr, NORMALIZE: tl.constexpr):
-    """One query chunk of one head for dK/dV: φ(q) [C, D], do [C, Dv], g = do / den
-    [C, Dv], c [C], 1/den [C] (zeros / ones on rows past Nq)."""
-    b_q, m_n = _load_rows(Q, stride_qn, n0, Nq, o_c, o_d, m_d)
-    b_fq = tl.where(m_n[:, None] & m_d[None, :], _phi(b_q * scale, FEATURE_MAP), 0.0)
-    b_do, m_n = _load_rows(DO, stride_don, n0, Nq, o_c, o_v, m_v)
-    if NORMALIZE:
-        b_rden = 1.0 / tl.load(DEN + n0 + o_c, mask=m_n, other=1.0)
-        b_cc = tl.load(CC + n0 + o_c, mask=m_n, other=0.0)
-        b_g = b_do * b_rden[:, None]
-    else:
-        b_rden = tl.full([BLOCK_C], 1.0, tl.float32)
-        b_cc = tl.zeros([BLOCK_C], dtype=tl.float32)
-        b_g = b_do
-    return b_fq, b_do, b_g, b_cc, b_rden
-
-
-@triton.jit
-def linear_bwd_dkdv(Q, K, V, DO, DK, DV, DEN, CC,
-                    stride_qb, stride_qh, stride_qn,
-                    stride_kb, stride_kh, stride_kn,
-                    stride_vb, stride_vh, stride_vn,
-                    stride_dob, stride_doh, stride_don,
-                    stride_dkb, stride_dkh, stride_dkn,
-                    stride_dvb, stride_dvh, stride_dvn,
-                    Hk, Nq, Nk, group, scale,
-                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                    FEATURE_MAP: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr,
-                    DOT_PREC: tl.constexpr):
-    """dK, dV of one (batch, kv head), summed over the group's query heads in order."""
+def linear_bwd_dk(Q, K, V, DO, DK, DEN, CC,
+                  stride_qb, stride_qh, stride_qn,
+                  stride_kb, stride_kh, stride_kn,
+                  stride_vb, stride_vh, stride_vn,
+                  stride_dob, stride_doh, stride_don,
+                  stride_dkb, stride_dkh, stride_dkn,
+                  Hk, Nq, Nk, group, scale,
+                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                  BLOCK_C: tl.constexpr, BLOCK_DT: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  FEATURE_MAP: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr,
+                  DOT_PREC: tl.constexpr):
+    """dK[..., D tile program_id(1)] of one (batch, kv head), summed over the group's query
+    heads in order. dφk_j = dS v_j + dz (+ the intra-chunk term), with dS = Σ φ(q_i) g_iᵀ
+    [BLOCK_DT, BLOCK_DV] and dz = Σ c_i φ(q_i) [BLOCK_DT] over the queries that see key j."""
     i_bh = tl.program_id(0)
+    i_d = tl.program_id(1)
     i_b = i_bh // Hk
     i_hk = i_bh % Hk
     Hq = Hk * group
     o_c = tl.arange(0, BLOCK_C)
-    o_d = tl.arange(0, BLOCK_D)
+    o_d = i_d * BLOCK_DT + tl.arange(0, BLOCK_DT)
     o_v = tl.arange(0, BLOCK_DV)
     m_d = o_d < HEAD_DIM
     m_v = o_v < HEAD_DIM_V
-
     K = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
     V = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
     DK = DK + i_b.to(tl.int64) * stride_dkb + i_hk.to(tl.int64) * stride_dkh
-    DV = DV + i_b.to(tl.int64) * stride_dvb + i_hk.to(tl.int64) * stride_dvh
-    # dS = Σ φ(q_i) g_iᵀ [BLOCK_D, BLOCK_DV], dz = Σ c_i φ(q_i) [BLOCK_D], over the queries seen so far
-    b_ds = tl.zeros([BLOCK_D, BLOCK_DV], dtype=tl.float32)
-    b_dz = tl.zeros([BLOCK_D], dtype=tl.float32)
+    b_ds = tl.zeros([BLOCK_DT, BLOCK_DV], dtype=tl.float32)
+    b_dz = tl.zeros([BLOCK_DT], dtype=tl.float32)
     m_causal_t = o_c[:, None] <= o_c[None, :]  # [BLOCK_C (key j), BLOCK_C (query i)]: j <= i
 
     if CAUSAL:
         n_t = tl.cdiv(Nk, BLOCK_C)
         for i_r in range(0, n_t):
             n0 = (n_t - 1 - i_r) * BLOCK_C  # reverse order: dS holds the later chunks' queries
-            b_k, m_n = _load_rows(K, stride_kn, n0, Nk, o_c, o_d, m_d)  # [BLOCK_C, BLOCK_D]
-            b_fk = tl.where(m_n[:, None] & m_d[None, :], _phi(b_k, FEATURE_MAP), 0.0)
+            b_k, m_n = _load_rows(K, stride_kn, n0, Nk, o_c, o_d, m_d)  # [BLOCK_C, BLOCK_DT]
             b_v, m_n = _load_rows(V, stride_vn, n0, Nk, o_c, o_v, m_v)  # [BLOCK_C, BLOCK_DV]
-            # the later chunks, through the carried dS, dz
-            b_dfk = tl.dot(b_v, tl.trans(b_ds), input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_D]
+            b_dfk = tl.dot(b_v.to(tl.float32), tl.trans(b_ds), input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_DT]
             if NORMALIZE:
                 b_dfk += b_dz[None, :]
-            b_dv = tl.dot(b_fk, b_ds, input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_DV]
             for i_g in range(0, group):
                 i_h = i_hk * group + i_g
-                off_q = i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
-                off_do = i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
+                Qh = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
+                DOh = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
                 off_r = (i_b * Hq + i_h).to(tl.int64) * Nq
-                b_fq, b_do, b_g, b_cc, b_rden = _dkdv_query_chunk(
-                    Q + off_q, DO + off_do, DEN + off_r, CC + off_r, stride_qn, stride_don, n0, Nq, scale,
-                    o_c, o_d, m_d, o_v, m_v, BLOCK_C, FEATURE_MAP, NORMALIZE)
-                # intra-chunk: Aᵀ[j, i] = φ(k_j) · φ(q_i) / den_i, Pᵀ[j, i] = v_j · g_i + c_i, j <= i
-                b_at = tl.dot(b_fk, tl.trans(b_fq), input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_C]
-                b_at = tl.where(m_causal_t, b_at * b_rden[None, :], 0.0)
-                b_dv = tl.dot(b_at, b_do, b_dv, input_precision=DOT_PREC)
-                b_pt = tl.dot(b_v, tl.trans(b_g), input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_C]
-                b_pt = tl.where(m_causal_t, b_pt + b_cc[None, :], 0.0)
+                b_q, m_q = _load_rows(Qh, stride_qn, n0, Nq, o_c, o_d, m_d)  # [BLOCK_C, BLOCK_DT]
+                b_fq = tl.where(m_q[:, None] & m_d[None, :], _phi(b_q.to(tl.float32) * scale, FEATURE_MAP), 0.0)
+                b_do, m_q = _load_rows(DOh, stride_don, n0, Nq, o_c, o_v, m_v)  # [BLOCK_C, BLOCK_DV]
+                b_rden, b_cc = _row_scalars(DEN + off_r, CC + off_r, n0, Nq, o_c, BLOCK_C, NORMALIZE)
+                # intra-chunk: Pᵀ[j, i] = v_j · g_i + c_i for j <= i
+                b_pt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_C]
+                b_pt = tl.where(m_causal_t, b_pt * b_rden[None, :] + b_cc[None, :], 0.0)
                 b_dfk = tl.dot(b_pt, b_fq, b_dfk, input_precision=DOT_PREC)
-                # this chunk's queries join the carried state for the earlier chunks
+                # this chunk's queries join dS for the earlier chunks
+                b_g = b_do.to(tl.float32) * b_rden[:, None]  # [BLOCK_C, BLOCK_DV]
                 b_ds = tl.dot(tl.trans(b_fq), b_g, b_ds, input_precision=DOT_PREC)
                 b_dz += tl.sum(b_fq * b_cc[:, None], 0)
-            b_dk = b_dfk * _dphi(b_k, FEATURE_MAP)
+            b_dk = b_dfk * _dphi(b_k.to(tl.float32), FEATURE_MAP)
             _store_rows(DK, stride_dkn, n0, Nk, o_c, o_d, m_d, b_dk)
-            _store_rows(DV, stride_dvn, n0, Nk, o_c, o_v, m_v, b_dv)
     else:
         # every key sees every query: reduce dS, dz over all queries of the group first
         for i_g in range(0, group):
             i_h = i_hk * group + i_g
-            off_q = i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
-            off_do = i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
+            Qh = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
+            DOh = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
             off_r = (i_b * Hq + i_h).to(tl.int64) * Nq
             for i_t in range(0, tl.cdiv(Nq, BLOCK_C)):
-                b_fq, b_do, b_g, b_cc, b_rden = _dkdv_query_chunk(
-                    Q + off_q, DO + off_do, DEN + off_r, CC + off_r, stride_qn, stride_don, i_t * BLOCK_C, Nq,
-                    scale, o_c, o_d, m_d, o_v, m_v, BLOCK_C, FEATURE_MAP, NORMALIZE)
+                n0 = i_t * BLOCK_C
+                b_q, m_q = _load_rows(Qh, stride_qn, n0, Nq, o_c, o_d, m_d)
+                b_fq = tl.where(m_q[:, None] & m_d[None, :], _phi(b_q.to(tl.float32) * scale, FEATURE_MAP), 0.0)
+                b_do, m_q = _load_rows(DOh, stride_don, n0, Nq, o_c, o_v, m_v)
+                b_rden, b_cc = _row_scalars(DEN + off_r, CC + off_r, n0, Nq, o_c, BLOCK_C, NORMALIZE)
+                b_g = b_do.to(tl.float32) * b_rden[:, None]
                 b_ds = tl.dot(tl.trans(b_fq), b_g, b_ds, input_precision=DOT_PREC)
                 b_dz += tl.sum(b_fq * b_cc[:, None], 0)
         for i_t in range(0, tl.cdiv(Nk, BLOCK_C)):
             n0 = i_t * BLOCK_C
             b_k, m_n = _load_rows(K, stride_kn, n0, Nk, o_c, o_d, m_d)
-            b_fk = tl.where(m_n[:, None] & m_d[None, :], _phi(b_k, FEATURE_MAP), 0.0)
             b_v, m_n = _load_rows(V, stride_vn, n0, Nk, o_c, o_v, m_v)
-            b_dfk = tl.dot(b_v, tl.trans(b_ds), input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_D]
+            b_dfk = tl.dot(b_v.to(tl.float32), tl.trans(b_ds), input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_DT]
             if NORMALIZE:
                 b_dfk += b_dz[None, :]
-            b_dv = tl.dot(b_fk, b_ds, input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_DV]
-            b_dk = b_dfk * _dphi(b_k, FEATURE_MAP)
+            b_dk = b_dfk * _dphi(b_k.to(tl.float32), FEATURE_MAP)
             _store_rows(DK, stride_dkn, n0, Nk, o_c, o_d, m_d, b_dk)
+
+
+@triton.jit
+def linear_bwd_dv(Q, K, DO, DV, DEN,
+                  stride_qb, stride_qh, stride_qn,
+                  stride_kb, stride_kh, stride_kn,
+                  stride_dob, stride_doh, stride_don,
+                  stride_dvb, stride_dvh, stride_dvn,
+                  Hk, Nq, Nk, group, scale,
+                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                  BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DVT: tl.constexpr,
+                  FEATURE_MAP: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr,
+                  DOT_PREC: tl.constexpr):
+    """dV[..., Dv tile program_id(1)] of one (batch, kv head), summed over the group's query
+    heads in order: dv_j = dSᵀ φ(k_j) (+ the intra-chunk term), dS [BLOCK_D, BLOCK_DVT]."""
+    i_bh = tl.program_id(0)
+    i_v = tl.program_id(1)
+    i_b = i_bh // Hk
+    i_hk = i_bh % Hk
+    Hq = Hk * group
+    o_c = tl.arange(0, BLOCK_C)
+    o_d = tl.arange(0, BLOCK_D)
+    o_v = i_v * BLOCK_DVT + tl.arange(0, BLOCK_DVT)
+    m_d = o_d < HEAD_DIM
+    m_v = o_v < HEAD_DIM_V
+    K = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
+    DV = DV + i_b.to(tl.int64) * stride_dvb + i_hk.to(tl.int64) * stride_dvh
+    b_ds = tl.zeros([BLOCK_D, BLOCK_DVT], dtype=tl.float32)
+    m_causal_t = o_c[:, None] <= o_c[None, :]  # [BLOCK_C (key j), BLOCK_C (query i)]: j <= i
+
+    if CAUSAL:
+        n_t = tl.cdiv(Nk, BLOCK_C)
+        for i_r in range(0, n_t):
+            n0 = (n_t - 1 - i_r) * BLOCK_C  # reverse order
+            b_k, m_n = _load_rows(K, stride_kn, n0, Nk, o_c, o_d, m_d)  # [BLOCK_C, BLOCK_D]
+            b_fk = tl.where(m_n[:, None] & m_d[None, :], _phi(b_k.to(tl.float32), FEATURE_MAP), 0.0)
+            b_dv = tl.dot(b_fk, b_ds, input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_DVT]
+            for i_g in range(0, group):
+                i_h = i_hk * group + i_g
+                Qh = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
+                DOh = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
+                off_r = (i_b * Hq + i_h).to(tl.int64) * Nq
+                b_q, m_q = _load_rows(Qh, stride_qn, n0, Nq, o_c, o_d, m_d)  # [BLOCK_C, BLOCK_D]
+                b_fq = tl.where(m_q[:, None] & m_d[None, :], _phi(b_q.to(tl.float32) * scale, FEATURE_MAP), 0.0)
+                b_do, m_q = _load_rows(DOh, stride_don, n0, Nq, o_c, o_v, m_v)  # [BLOCK_C, BLOCK_DVT]
+                b_rden, b_cc = _row_scalars(DEN + off_r, DEN + off_r, n0, Nq, o_c, BLOCK_C, NORMALIZE)
+                b_g = b_do.to(tl.float32) * b_rden[:, None]  # [BLOCK_C, BLOCK_DVT]
+                # intra-chunk: Aᵀ[j, i] = φ(k_j) · φ(q_i) for j <= i
+                b_at = tl.dot(b_fk.to(K.dtype.element_ty), tl.trans(b_fq.to(K.dtype.element_ty)),
+                              input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_C]
+                b_at = tl.where(m_causal_t, b_at, 0.0)
+                b_dv = tl.dot(b_at, b_g, b_dv, input_precision=DOT_PREC)
+                b_ds = tl.dot(tl.trans(b_fq), b_g, b_ds, input_precision=DOT_PREC)
+            _store_rows(DV, stride_dvn, n0, Nk, o_c, o_v, m_v, b_dv)
+    else:
+        for i_g in range(0, group):
+            i_h = i_hk * group + i_g
+            Qh = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
+            DOh = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
+            off_r = (i_b * Hq + i_h).to(tl.int64) * Nq
+            for i_t in range(0, tl.cdiv(Nq, BLOCK_C)):
+                n0 = i_t * BLOCK_C
+                b_q, m_q = _load_rows(Qh, stride_qn, n0, Nq, o_c, o_d, m_d)
+                b_fq = tl.where(m_q[:, None] & m_d[None, :], _phi(b_q.to(tl.float32) * scale, FEATURE_MAP), 0.0)
+                b_do, m_q = _load_rows(DOh, stride_don, n0, Nq, o_c, o_v, m_v)
+                b_rden, b_cc = _row_scalars(DEN + off_r, DEN + off_r, n0, Nq, o_c, BLOCK_C, NORMALIZE)
+                b_ds = tl.dot(tl.trans(b_fq), b_do.to(tl.float32) * b_rden[:, None], b_ds, input_precision=DOT_PREC)
+        for i_t in range(0, tl.cdiv(Nk, BLOCK_C)):
+            n0 = i_t * BLOCK_C
+            b_k, m_n = _load_rows(K, stride_kn, n0, Nk, o_c, o_d, m_d)
+            b_fk = tl.where(m_n[:, None] & m_d[None, :], _phi(b_k.to(tl.float32), FEATURE_MAP), 0.0)
+            b_dv = tl.dot(b_fk, b_ds, input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_DVT]
             _store_rows(DV, stride_dvn, n0, Nk, o_c, o_v, m_v, b_dv)
 
 
@@ -468,7 +531,7 @@ def linear_bwd_dkdv(Q, K, V, DO, DK, DV, DEN, CC,
 
 class ChunkConfig(NamedTuple):
     block_c: int  # chunk length C
-    block_dv: int  # Dv tile (the backward always uses the full padded Dv)
+    block_t: int  # the tiled dim: Dv for "state"/"fwd"/"dv", D for "dq"/"dk" (the other is whole)
     num_warps: int
     num_stages: int
 
@@ -493,27 +556,22 @@ def override_chunk(block_c: int):
 
 
 def chunk_config(kernel: str, head_dim: int, head_dim_v: int) -> ChunkConfig:
-    """GPU launch config per kernel ("state", "fwd", "dq", "dkdv") and padded dims.
+    """GPU launch config per kernel ("state", "fwd", "dq", "dk", "dv") and padded dims.
 
-    Every dot runs on float32 operands (see the module doc), so register tiles are 4 bytes
-    per element whatever the input dtype. Chosen so that nothing spills on sm_80/sm_90a
-    (`python -m attnkernels.tools.compile_report`): the forward's carried state is
-    [D, Dv tile] and its chunk tiles [C, D]; the backward holds the full [D, Dv] state.
+    Every program keeps a state tile in registers across its chunk loop ([D, Dv tile] for
+    state/fwd/dv, [D tile, Dv] for dq/dk) next to the chunk's [C, D] / [C, Dv] tiles, and
+    mma.sync (sm_80) holds each dot's whole-K operands in registers, float32 ones for the
+    state products. So the chunk is short (16-32) and the tiles narrow; chosen so that
+    nothing spills on sm_80/sm_90a (`python -m attnkernels.tools.compile_report`).
     """
     d, dv = _pad_dim(head_dim), _pad_dim(head_dim_v)
     big = max(d, dv)
     if kernel in ("state", "fwd"):
-        if big <= 64:
-            cfg = ChunkConfig(64, min(dv, 64), 4, 2)
-        else:
-            cfg = ChunkConfig(32, min(dv, 64), 4, 2)
-    elif kernel in ("dq", "dkdv"):
-        if big <= 32:
-            cfg = ChunkConfig(64, dv, 4, 2)
-        elif big <= 64:
-            cfg = ChunkConfig(32, dv, 4, 2)
-        else:
-            cfg = ChunkConfig(32, dv, 8, 1)
+        cfg = ChunkConfig(32 if big <= 32 else 16, min(dv, 32 if big <= 64 else 16), 8, 1)
+    elif kernel in ("dq", "dk"):
+        cfg = ChunkConfig(16, min(d, 32 if big <= 64 else 16), 8, 1)
+    elif kernel == "dv":
+        cfg = ChunkConfig(16, min(dv, 32 if big <= 64 else 16), 8, 1)
     else:
         raise ValueError(f"chunk_config: unknown kernel {kernel!r}")
     if _CHUNK_OVERRIDE is not None:
@@ -581,16 +639,60 @@ def _full_state(k, v, fm, initial_s, initial_z, prec):
         return s, z
     cfg = chunk_config("state", head_dim, head_dim_v)
     has_in = initial_s is not None
-    linear_state[(batch * kv_heads, _cdiv(head_dim_v, cfg.block_dv))](
+    linear_state[(batch * kv_heads, _cdiv(head_dim_v, cfg.block_t))](
         k, v, initial_s if has_in else s, initial_z if has_in else z, s, z,
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         kv_heads, kv_len,
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_C=cfg.block_c, BLOCK_D=_pad_dim(head_dim),
-        BLOCK_DV=cfg.block_dv, FEATURE_MAP=fm, HAS_STATE_IN=has_in, DOT_PREC=prec,
+        BLOCK_DV=cfg.block_t, FEATURE_MAP=fm, HAS_STATE_IN=has_in, DOT_PREC=prec,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return s, z
+
+
+def _launch_fwd(q, k, v, out, fm, causal, normalize, eps, scale, initial_s, initial_z, prec, full_state=None,
+                dout=None):
+    """Runs `linear_fwd`: out and, causal, the final state (returned), or with `dout` (the
+    backward's recompute, NORMALIZE) den and c per query row (returned)."""
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads, head_dim_v = k.shape[1], v.shape[-1]
+    cfg = chunk_config("fwd", head_dim, head_dim_v)
+    n_dv = _cdiv(head_dim_v, cfg.block_t)
+    aux = dout is not None
+    f32 = dict(dtype=torch.float32, device=q.device)
+    if aux:
+        den = torch.empty(batch, q_heads, q_len, **f32)
+        cpart = torch.empty(n_dv, batch, q_heads, q_len, **f32)  # c per Dv tile, summed below
+        out = dout  # linear_fwd reads dout with out's strides and stores no out
+        s_out = z_out = den  # unused
+    else:
+        den = cpart = out  # unused
+        s_out = torch.empty(batch, kv_heads, head_dim, head_dim_v, **f32)
+        z_out = torch.empty(batch, kv_heads, head_dim, **f32)
+    if causal:
+        has_in = initial_s is not None
+        s_in, z_in = (initial_s, initial_z) if has_in else (s_out, z_out)
+        grid = (1, batch * q_heads, n_dv)  # one program walks all chunks in order
+    else:
+        s_in, z_in = full_state
+        has_in = True
+        grid = (_cdiv(q_len, cfg.block_c), batch * q_heads, n_dv)
+    if grid[0] * grid[1] > 0:
+        linear_fwd[grid](
+            q, k, v, out, s_in, z_in, s_out, z_out, out, den, cpart,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            q_heads, q_len, q_heads // kv_heads, scale, float(eps),
+            HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_C=cfg.block_c, BLOCK_D=_pad_dim(head_dim),
+            BLOCK_DV=cfg.block_t, FEATURE_MAP=fm, CAUSAL=causal, NORMALIZE=normalize,
+            HAS_STATE_IN=has_in, AUX=aux, DOT_PREC=prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    if aux:
+        return den, cpart.sum(0)  # a fixed-order sum over the Dv tiles
+    return s_out, z_out
 
 
 def linear_attention_forward(q, k, v, feature_map: str, causal: bool, normalize: bool, eps: float,
@@ -598,69 +700,50 @@ def linear_attention_forward(q, k, v, feature_map: str, causal: bool, normalize:
     """(out (B, Hq, Nq, Dv) in q's dtype, final S (B, Hk, D, Dv), final z (B, Hk, D) float32)."""
     q, k, v, scale, initial_s, initial_z = _prepare(q, k, v, feature_map, causal, scale, initial_s, initial_z)
     batch, q_heads, q_len, head_dim = q.shape
-    kv_heads, head_dim_v = k.shape[1], v.shape[-1]
     fm, prec = FEATURE_MAPS[feature_map], _dot_precision(q.dtype)
-    out = torch.empty(batch, q_heads, q_len, head_dim_v, dtype=q.dtype, device=q.device)
-    cfg = chunk_config("fwd", head_dim, head_dim_v)
-    common = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_C=cfg.block_c, BLOCK_D=_pad_dim(head_dim),
-                  BLOCK_DV=cfg.block_dv, FEATURE_MAP=fm, CAUSAL=causal, NORMALIZE=normalize, DOT_PREC=prec,
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    n_dv = _cdiv(head_dim_v, cfg.block_dv)
+    out = torch.empty(batch, q_heads, q_len, v.shape[-1], dtype=q.dtype, device=q.device)
     if causal:
-        s_out = torch.empty(batch, kv_heads, head_dim, head_dim_v, dtype=torch.float32, device=q.device)
-        z_out = torch.empty(batch, kv_heads, head_dim, dtype=torch.float32, device=q.device)
-        if s_out.numel() == 0:
-            return out, s_out, z_out
-        has_in = initial_s is not None
-        s_in, z_in = (initial_s, initial_z) if has_in else (s_out, z_out)
-        grid = (1, batch * q_heads, n_dv)  # one program walks all chunks in order
+        s_out, z_out = _launch_fwd(q, k, v, out, fm, True, normalize, eps, scale, initial_s, initial_z, prec)
     else:
         s_out, z_out = _full_state(k, v, fm, initial_s, initial_z, prec)
-        if out.numel() == 0:
-            return out, s_out, z_out
-        has_in, s_in, z_in = True, s_out, z_out
-        grid = (_cdiv(q_len, cfg.block_c), batch * q_heads, n_dv)
-    linear_fwd[grid](
-        q, k, v, out, s_in, z_in, s_out, z_out,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        q_heads, q_len, q_heads // kv_heads, scale, float(eps),
-        HAS_STATE_IN=has_in, **common,
-    )
+        _launch_fwd(q, k, v, out, fm, False, normalize, eps, scale, None, None, prec, full_state=(s_out, z_out))
     return out, s_out, z_out
 
 
 def linear_attention_backward(dout, q, k, v, feature_map: str, causal: bool, normalize: bool, eps: float,
                               scale: float, initial_s, initial_z):
-    """(dq, dk, dv) in the inputs' dtypes; the forward is recomputed (no gradient to the state)."""
+    """(dq, dk, dv) in the inputs' dtypes; the forward is recomputed (no gradient to the state).
+
+    With normalize, `linear_fwd` (AUX) first recomputes den and c = -(do · o) / den per query
+    row; then `linear_bwd_dq` (per D tile), `linear_bwd_dk` (per D tile) and `linear_bwd_dv`
+    (per Dv tile) run independently."""
     q, k, v, scale, initial_s, initial_z = _prepare(q, k, v, feature_map, causal, scale, initial_s, initial_z)
     dout = _last_dim_contiguous(dout.to(q.dtype))
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, kv_len, head_dim_v = k.shape[1], k.shape[2], v.shape[-1]
     fm, prec = FEATURE_MAPS[feature_map], _dot_precision(q.dtype)
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    group = q_heads // kv_heads
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if dq.numel() == 0 and dk.numel() == 0 and dv.numel() == 0:
         return dq, dk, dv
-    # per query row: den and c = -(do · o) / den, written by the dQ kernel, read by dK/dV
-    den = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=q.device)
-    cc = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=q.device)
-    common = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_D=_pad_dim(head_dim), BLOCK_DV=_pad_dim(head_dim_v),
-                  FEATURE_MAP=fm, CAUSAL=causal, NORMALIZE=normalize, DOT_PREC=prec)
-    group = q_heads // kv_heads
+    full_state = None if causal else _full_state(k, v, fm, initial_s, initial_z, prec)
+    if normalize:
+        den, cc = _launch_fwd(q, k, v, None, fm, causal, True, eps, scale, initial_s, initial_z, prec,
+                              full_state=full_state, dout=dout)
+    else:
+        den = cc = torch.zeros(1, dtype=torch.float32, device=q.device)  # unused
+    common = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, FEATURE_MAP=fm, CAUSAL=causal, NORMALIZE=normalize,
+                  DOT_PREC=prec)
+    pad_d, pad_dv = _pad_dim(head_dim), _pad_dim(head_dim_v)
 
     if causal:
         has_in = initial_s is not None
-        s_in, z_in = (initial_s, initial_z) if has_in else (den, den)  # unused dummies without a state
+        s_in, z_in = (initial_s, initial_z) if has_in else (den, den)  # unused without a state
     else:
-        s_in, z_in = _full_state(k, v, fm, initial_s, initial_z, prec)
-        has_in = True
+        (s_in, z_in), has_in = full_state, True
     cfg = chunk_config("dq", head_dim, head_dim_v)
-    if q_len > 0:
-        grid = (1 if causal else _cdiv(q_len, cfg.block_c), batch * q_heads)
+    grid = (1 if causal else _cdiv(q_len, cfg.block_c), batch * q_heads, _cdiv(head_dim, cfg.block_t))
+    if grid[0] * grid[1] > 0:
         linear_bwd_dq[grid](
             q, k, v, dout, dq, s_in, z_in, den, cc,
             q.stride(0), q.stride(1), q.stride(2),
@@ -668,24 +751,35 @@ def linear_attention_backward(dout, q, k, v, feature_map: str, causal: bool, nor
             v.stride(0), v.stride(1), v.stride(2),
             dout.stride(0), dout.stride(1), dout.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2),
-            q_heads, q_len, group, scale, float(eps),
-            BLOCK_C=cfg.block_c, HAS_STATE_IN=has_in, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            **common,
+            q_heads, q_len, group, scale,
+            BLOCK_C=cfg.block_c, BLOCK_DT=cfg.block_t, BLOCK_DV=pad_dv, HAS_STATE_IN=has_in,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
         )
-    cfg = chunk_config("dkdv", head_dim, head_dim_v)
-    if kv_len > 0:
-        linear_bwd_dkdv[(batch * kv_heads,)](
-            q, k, v, dout, dk, dv, den, cc,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            dout.stride(0), dout.stride(1), dout.stride(2),
-            dk.stride(0), dk.stride(1), dk.stride(2),
-            dv.stride(0), dv.stride(1), dv.stride(2),
-            kv_heads, q_len, kv_len, group, scale,
-            BLOCK_C=cfg.block_c, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            **common,
-        )
+    if kv_len == 0:
+        return dq, dk, dv
+    cfg = chunk_config("dk", head_dim, head_dim_v)
+    linear_bwd_dk[(batch * kv_heads, _cdiv(head_dim, cfg.block_t))](
+        q, k, v, dout, dk, den, cc,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        kv_heads, q_len, kv_len, group, scale,
+        BLOCK_C=cfg.block_c, BLOCK_DT=cfg.block_t, BLOCK_DV=pad_dv,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
+    )
+    cfg = chunk_config("dv", head_dim, head_dim_v)
+    linear_bwd_dv[(batch * kv_heads, _cdiv(head_dim_v, cfg.block_t))](
+        q, k, dout, dv, den,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2),
+        kv_heads, q_len, kv_len, group, scale,
+        BLOCK_C=cfg.block_c, BLOCK_D=pad_d, BLOCK_DVT=cfg.block_t,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
+    )
     return dq, dk, dv
 
 
@@ -733,6 +827,24 @@ _AOT_DTYPES = [
 _AOT_MAPS = [("elu", True), ("relu", True), ("identity", True), ("elu", False)]
 
 
+def _kernel_constexprs(kernel: str, d: int, fm: str, causal: bool, normalize: bool, prec: str) -> tuple:
+    """(fn, constexprs, config) of one kernel as the launchers call it, for D = Dv = d."""
+    cfg = chunk_config("fwd" if kernel == "fwd-aux" else kernel, d, d)
+    pad = _pad_dim(d)
+    const = dict(HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_C=cfg.block_c, FEATURE_MAP=FEATURE_MAPS[fm], DOT_PREC=prec)
+    if kernel == "state":
+        return linear_state, dict(const, BLOCK_D=pad, BLOCK_DV=cfg.block_t, HAS_STATE_IN=True), cfg
+    const.update(CAUSAL=causal, NORMALIZE=normalize)
+    if kernel in ("fwd", "fwd-aux"):
+        return linear_fwd, dict(const, BLOCK_D=pad, BLOCK_DV=cfg.block_t, HAS_STATE_IN=True,
+                                AUX=kernel == "fwd-aux"), cfg
+    if kernel == "dq":
+        return linear_bwd_dq, dict(const, BLOCK_DT=cfg.block_t, BLOCK_DV=pad, HAS_STATE_IN=True), cfg
+    if kernel == "dk":
+        return linear_bwd_dk, dict(const, BLOCK_DT=cfg.block_t, BLOCK_DV=pad), cfg
+    return linear_bwd_dv, dict(const, BLOCK_D=pad, BLOCK_DVT=cfg.block_t), cfg
+
+
 def _build_aot_specs() -> list[KernelSpec]:
     specs = []
     for label, dtype, prec in _AOT_DTYPES:
@@ -740,29 +852,19 @@ def _build_aot_specs() -> list[KernelSpec]:
         uses_tc = prec != "ieee"
         maps = _AOT_MAPS[:1] if label == "tf32" else _AOT_MAPS
         for d in _AOT_HEAD_DIMS:
-            pad = _pad_dim(d)
-            cfg = chunk_config("state", d, d)
-            for fm, _ in (m for m in maps if m[1]):
-                const = dict(HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_C=cfg.block_c, BLOCK_D=pad, BLOCK_DV=cfg.block_dv,
-                             FEATURE_MAP=FEATURE_MAPS[fm], HAS_STATE_IN=True, DOT_PREC=prec)
-                specs.append(KernelSpec(f"linear_state-{label}-D{d}-{fm}-C{cfg.block_c}-V{cfg.block_dv}",
-                                        linear_state, _signature(linear_state, tdt, const), const,
-                                        num_warps=cfg.num_warps, num_stages=cfg.num_stages, uses_dot=uses_tc))
+            variants = [("state", fm, False, True) for fm, norm in maps if norm]
             for causal in (False, True):
                 for fm, normalize in maps:
-                    for kernel, fn in (("fwd", linear_fwd), ("dq", linear_bwd_dq), ("dkdv", linear_bwd_dkdv)):
-                        cfg = chunk_config(kernel, d, d)
-                        const = dict(HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_C=cfg.block_c, BLOCK_D=pad,
-                                     BLOCK_DV=cfg.block_dv, FEATURE_MAP=FEATURE_MAPS[fm], CAUSAL=causal,
-                                     NORMALIZE=normalize, DOT_PREC=prec)
-                        if kernel != "dkdv":
-                            const["HAS_STATE_IN"] = True
-                        mode = "causal" if causal else "full"
-                        norm = "" if normalize else "-nonorm"
-                        name = f"{fn.__name__}-{label}-D{d}-{mode}-{fm}{norm}-C{cfg.block_c}-V{cfg.block_dv}"
-                        specs.append(KernelSpec(name, fn, _signature(fn, tdt, const), const,
-                                                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                                                uses_dot=uses_tc))
+                    variants += [(kernel, fm, causal, normalize) for kernel in ("fwd", "dq", "dk", "dv")]
+                    if normalize:
+                        variants.append(("fwd-aux", fm, causal, normalize))
+            for kernel, fm, causal, normalize in variants:
+                fn, const, cfg = _kernel_constexprs(kernel, d, fm, causal, normalize, prec)
+                mode = "" if kernel == "state" else ("-causal" if causal else "-full")
+                norm = "" if normalize else "-nonorm"
+                name = f"linear_{kernel}-{label}-D{d}{mode}-{fm}{norm}-C{cfg.block_c}-T{cfg.block_t}"
+                specs.append(KernelSpec(name, fn, _signature(fn, tdt, const), const, num_warps=cfg.num_warps,
+                                        num_stages=cfg.num_stages, uses_dot=uses_tc))
     return specs
 
 
