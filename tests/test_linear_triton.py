@@ -265,7 +265,7 @@ def test_aot_specs_cover_the_shipping_variants():
                     for fm in ("elu", "relu", "identity"):
                         assert any(n.startswith(f"{kernel}-{label}-D{d}-{mode}-{fm}-") for n in names), (kernel, label, d, mode, fm)
                     assert any(n.startswith(f"{kernel}-{label}-D{d}-{mode}-elu-nonorm-") for n in names)
-    for kernel in ("linear_fwd-aux", "linear_state"):
+    for kernel in ("linear_fwd-den", "linear_state"):
         assert any(n.startswith(kernel + "-") for n in names)
     for spec in L.AOT_SPECS:
         c = spec.constexprs

@@ -172,7 +172,7 @@ def linear_state(K, V, S_IN, Z_IN, S_OUT, Z_OUT,
 
 
 @triton.jit
-def linear_fwd(Q, K, V, O, S_IN, Z_IN, S_OUT, Z_OUT, DO, DEN, CPART,
+def linear_fwd(Q, K, V, O, S_IN, Z_IN, S_OUT, Z_OUT, DEN,
                stride_qb, stride_qh, stride_qn,
                stride_kb, stride_kh, stride_kn,
                stride_vb, stride_vh, stride_vn,
@@ -181,15 +181,15 @@ def linear_fwd(Q, K, V, O, S_IN, Z_IN, S_OUT, Z_OUT, DO, DEN, CPART,
                HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                FEATURE_MAP: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr,
-               HAS_STATE_IN: tl.constexpr, AUX: tl.constexpr, DOT_PREC: tl.constexpr):
+               HAS_STATE_IN: tl.constexpr, DEN_ONLY: tl.constexpr, DOT_PREC: tl.constexpr):
     """Output of query chunk program_id(0) (causal: of all chunks, in order) for one
     (batch, query head) and one Dv tile. N = Nq. S_IN/Z_IN: the initial state (causal) or
     the full state (non-causal). Causal programs of a group's first head store the final
     state in S_OUT/Z_OUT.
 
-    AUX (the backward's recompute, with NORMALIZE): instead of out and the state, store per
-    query row den (DEN, (B, Hq, N), by Dv tile 0) and this Dv tile's share of
-    c = -(do · o) / den (CPART, (n Dv tiles, B, Hq, N)); DO has O's strides."""
+    DEN_ONLY (the backward's recompute, with NORMALIZE; one Dv tile): store only
+    den = φ(q)ᵀ z + eps per query row (DEN, float32 (B, Hq, N)); no S, V or out, so it
+    carries z alone and stays light."""
     i_c = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_v = tl.program_id(2)
@@ -207,14 +207,15 @@ def linear_fwd(Q, K, V, O, S_IN, Z_IN, S_OUT, Z_OUT, DO, DEN, CPART,
     K = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
     V = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
     O = O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
-    if AUX:
-        DO = DO + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
     s_off = i_bhk.to(tl.int64) * HEAD_DIM * HEAD_DIM_V
     z_off = i_bhk.to(tl.int64) * HEAD_DIM
     p_s = o_d[:, None] * HEAD_DIM_V + o_v[None, :]
     m_s = m_d[:, None] & m_v[None, :]
     if HAS_STATE_IN:
-        b_s = tl.load(S_IN + s_off + p_s, mask=m_s, other=0.0)  # [BLOCK_D, BLOCK_DV]
+        if DEN_ONLY:
+            b_s = tl.zeros([BLOCK_D, BLOCK_DV], dtype=tl.float32)  # unused
+        else:
+            b_s = tl.load(S_IN + s_off + p_s, mask=m_s, other=0.0)  # [BLOCK_D, BLOCK_DV]
         b_z = tl.load(Z_IN + z_off + o_d, mask=m_d, other=0.0)  # [BLOCK_D]
     else:
         b_s = tl.zeros([BLOCK_D, BLOCK_DV], dtype=tl.float32)
@@ -227,41 +228,47 @@ def linear_fwd(Q, K, V, O, S_IN, Z_IN, S_OUT, Z_OUT, DO, DEN, CPART,
         i_lo = i_c
         i_hi = i_c + 1
     m_causal = o_c[:, None] >= o_c[None, :]  # [BLOCK_C, BLOCK_C], key j <= query i
-    for i_t in range(i_lo, i_hi):
-        n0 = i_t * BLOCK_C
-        b_q, m_n = _load_rows(Q, stride_qn, n0, N, o_c, o_d, m_d)  # [BLOCK_C, BLOCK_D]
-        b_fq = tl.where(m_n[:, None] & m_d[None, :], _phi(b_q.to(tl.float32) * scale, FEATURE_MAP), 0.0)
-        # inter-chunk: the state carried from the previous chunks (or the full state)
-        b_num = tl.dot(b_fq, b_s, input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_DV]
-        b_den = tl.sum(b_fq * b_z[None, :], 1)  # [BLOCK_C]
-        if CAUSAL:
-            b_k, m_n = _load_rows(K, stride_kn, n0, N, o_c, o_d, m_d)  # [BLOCK_C, BLOCK_D]
-            b_fk = tl.where(m_n[:, None] & m_d[None, :], _phi(b_k.to(tl.float32), FEATURE_MAP), 0.0)
-            b_v, m_n = _load_rows(V, stride_vn, n0, N, o_c, o_v, m_v)  # [BLOCK_C, BLOCK_DV]
-            b_v = b_v.to(tl.float32)
-            # intra-chunk: masked φ(Q) φ(K)ᵀ, [BLOCK_C, BLOCK_C]
-            b_a = tl.dot(b_fq, tl.trans(b_fk), input_precision=DOT_PREC)
-            b_a = tl.where(m_causal, b_a, 0.0)
-            b_num = tl.dot(b_a, b_v, b_num, input_precision=DOT_PREC)
-            b_den += tl.sum(b_a, 1)
-            # carry the chunk into the state
-            b_s = tl.dot(tl.trans(b_fk), b_v, b_s, input_precision=DOT_PREC)  # [BLOCK_D, BLOCK_DV]
-            b_z += tl.sum(b_fk, 0)
-        if NORMALIZE:
-            b_o = b_num / (b_den + eps)[:, None]
-        else:
-            b_o = b_num
-        if AUX:
-            b_do, m_n = _load_rows(DO, stride_on, n0, N, o_c, o_v, m_v)  # [BLOCK_C, BLOCK_DV]
-            o_r = i_bh.to(tl.int64) * N + n0 + o_c
-            tl.store(CPART + i_v.to(tl.int64) * tl.num_programs(1) * N + o_r,
-                     -tl.sum(b_do.to(tl.float32) * b_o, 1) / (b_den + eps), mask=m_n)
-            if i_v == 0:
-                tl.store(DEN + o_r, b_den + eps, mask=m_n)
-        else:
+    if DEN_ONLY:
+        for i_t in range(i_lo, i_hi):
+            n0 = i_t * BLOCK_C
+            b_q, m_n = _load_rows(Q, stride_qn, n0, N, o_c, o_d, m_d)  # [BLOCK_C, BLOCK_D]
+            b_fq = tl.where(m_n[:, None] & m_d[None, :], _phi(b_q.to(tl.float32) * scale, FEATURE_MAP), 0.0)
+            b_den = tl.sum(b_fq * b_z[None, :], 1)  # [BLOCK_C]
+            if CAUSAL:
+                b_k, m_n = _load_rows(K, stride_kn, n0, N, o_c, o_d, m_d)  # [BLOCK_C, BLOCK_D]
+                b_fk = tl.where(m_n[:, None] & m_d[None, :], _phi(b_k.to(tl.float32), FEATURE_MAP), 0.0)
+                b_a = tl.where(m_causal, tl.dot(b_fq, tl.trans(b_fk), input_precision=DOT_PREC), 0.0)
+                b_den += tl.sum(b_a, 1)
+                b_z += tl.sum(b_fk, 0)
+            tl.store(DEN + i_bh.to(tl.int64) * N + n0 + o_c, b_den + eps, mask=n0 + o_c < N)
+    else:
+        for i_t in range(i_lo, i_hi):
+            n0 = i_t * BLOCK_C
+            b_q, m_n = _load_rows(Q, stride_qn, n0, N, o_c, o_d, m_d)  # [BLOCK_C, BLOCK_D]
+            b_fq = tl.where(m_n[:, None] & m_d[None, :], _phi(b_q.to(tl.float32) * scale, FEATURE_MAP), 0.0)
+            # inter-chunk: the state carried from the previous chunks (or the full state)
+            b_num = tl.dot(b_fq, b_s, input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_DV]
+            b_den = tl.sum(b_fq * b_z[None, :], 1)  # [BLOCK_C]
+            if CAUSAL:
+                b_k, m_n = _load_rows(K, stride_kn, n0, N, o_c, o_d, m_d)  # [BLOCK_C, BLOCK_D]
+                b_fk = tl.where(m_n[:, None] & m_d[None, :], _phi(b_k.to(tl.float32), FEATURE_MAP), 0.0)
+                b_v, m_n = _load_rows(V, stride_vn, n0, N, o_c, o_v, m_v)  # [BLOCK_C, BLOCK_DV]
+                b_v = b_v.to(tl.float32)
+                # intra-chunk: masked φ(Q) φ(K)ᵀ, [BLOCK_C, BLOCK_C]
+                b_a = tl.dot(b_fq, tl.trans(b_fk), input_precision=DOT_PREC)
+                b_a = tl.where(m_causal, b_a, 0.0)
+                b_num = tl.dot(b_a, b_v, b_num, input_precision=DOT_PREC)
+                b_den += tl.sum(b_a, 1)
+                # carry the chunk into the state
+                b_s = tl.dot(tl.trans(b_fk), b_v, b_s, input_precision=DOT_PREC)  # [BLOCK_D, BLOCK_DV]
+                b_z += tl.sum(b_fk, 0)
+            if NORMALIZE:
+                b_o = b_num / (b_den + eps)[:, None]
+            else:
+                b_o = b_num
             _store_rows(O, stride_on, n0, N, o_c, o_v, m_v, b_o)
 
-    if CAUSAL and not AUX:
+    if CAUSAL and not DEN_ONLY:
         if i_h % group == 0:  # every head of the group carries the same state: one writes it
             tl.store(S_OUT + s_off + p_s, b_s, mask=m_s)
             if i_v == 0:
@@ -555,23 +562,27 @@ def override_chunk(block_c: int):
         _CHUNK_OVERRIDE = previous
 
 
-def chunk_config(kernel: str, head_dim: int, head_dim_v: int) -> ChunkConfig:
+def chunk_config(kernel: str, head_dim: int, head_dim_v: int, dtype: torch.dtype = torch.float16) -> ChunkConfig:
     """GPU launch config per kernel ("state", "fwd", "dq", "dk", "dv") and padded dims.
 
     Every program keeps a state tile in registers across its chunk loop ([D, Dv tile] for
     state/fwd/dv, [D tile, Dv] for dq/dk) next to the chunk's [C, D] / [C, Dv] tiles, and
     mma.sync (sm_80) holds each dot's whole-K operands in registers, float32 ones for the
     state products. So the chunk is short (16-32) and the tiles narrow; chosen so that
-    nothing spills on sm_80/sm_90a (`python -m attnkernels.tools.compile_report`).
+    nothing spills on sm_80/sm_90a (`python -m attnkernels.tools.compile_report`). fp32
+    inputs also keep the raw-input dot operands in 4 bytes, and an exact fp32 dot runs as
+    FMAs, so their tiles are narrower.
     """
     d, dv = _pad_dim(head_dim), _pad_dim(head_dim_v)
     big = max(d, dv)
+    wide = dtype == torch.float32
+    tile = 32 if big <= 32 or (big <= 64 and not wide) else 16
     if kernel in ("state", "fwd"):
-        cfg = ChunkConfig(32 if big <= 32 else 16, min(dv, 32 if big <= 64 else 16), 8, 1)
+        cfg = ChunkConfig(32 if big <= 32 else 16, min(dv, tile), 8, 1)
     elif kernel in ("dq", "dk"):
-        cfg = ChunkConfig(16, min(d, 32 if big <= 64 else 16), 8, 1)
+        cfg = ChunkConfig(16, min(d, tile), 8, 1)
     elif kernel == "dv":
-        cfg = ChunkConfig(16, min(dv, 32 if big <= 64 else 16), 8, 1)
+        cfg = ChunkConfig(16, min(dv, tile), 8, 1)
     else:
         raise ValueError(f"chunk_config: unknown kernel {kernel!r}")
     if _CHUNK_OVERRIDE is not None:
@@ -637,7 +648,7 @@ def _full_state(k, v, fm, initial_s, initial_z, prec):
     z = torch.empty(batch, kv_heads, head_dim, dtype=torch.float32, device=k.device)
     if s.numel() == 0:
         return s, z
-    cfg = chunk_config("state", head_dim, head_dim_v)
+    cfg = chunk_config("state", head_dim, head_dim_v, k.dtype)
     has_in = initial_s is not None
     linear_state[(batch * kv_heads, _cdiv(head_dim_v, cfg.block_t))](
         k, v, initial_s if has_in else s, initial_z if has_in else z, s, z,
@@ -652,22 +663,20 @@ def _full_state(k, v, fm, initial_s, initial_z, prec):
 
 
 def _launch_fwd(q, k, v, out, fm, causal, normalize, eps, scale, initial_s, initial_z, prec, full_state=None,
-                dout=None):
-    """Runs `linear_fwd`: out and, causal, the final state (returned), or with `dout` (the
-    backward's recompute, NORMALIZE) den and c per query row (returned)."""
+                den_only=False):
+    """Runs `linear_fwd`: out and, causal, the final state (returned as (S, z)); or, with
+    `den_only` (the backward's recompute), only den per query row (returned)."""
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, head_dim_v = k.shape[1], v.shape[-1]
-    cfg = chunk_config("fwd", head_dim, head_dim_v)
-    n_dv = _cdiv(head_dim_v, cfg.block_t)
-    aux = dout is not None
+    cfg = chunk_config("fwd", head_dim, head_dim_v, q.dtype)
     f32 = dict(dtype=torch.float32, device=q.device)
-    if aux:
+    if den_only:
+        n_dv = 1  # den does not depend on Dv
         den = torch.empty(batch, q_heads, q_len, **f32)
-        cpart = torch.empty(n_dv, batch, q_heads, q_len, **f32)  # c per Dv tile, summed below
-        out = dout  # linear_fwd reads dout with out's strides and stores no out
-        s_out = z_out = den  # unused
+        out = s_out = z_out = den  # unused
     else:
-        den = cpart = out  # unused
+        n_dv = _cdiv(head_dim_v, cfg.block_t)
+        den = out  # unused
         s_out = torch.empty(batch, kv_heads, head_dim, head_dim_v, **f32)
         z_out = torch.empty(batch, kv_heads, head_dim, **f32)
     if causal:
@@ -680,19 +689,18 @@ def _launch_fwd(q, k, v, out, fm, causal, normalize, eps, scale, initial_s, init
         grid = (_cdiv(q_len, cfg.block_c), batch * q_heads, n_dv)
     if grid[0] * grid[1] > 0:
         linear_fwd[grid](
-            q, k, v, out, s_in, z_in, s_out, z_out, out, den, cpart,
+            q, k, v, out, s_in, z_in, s_out, z_out, den,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
+            0 if den_only else out.stride(0), 0 if den_only else out.stride(1), 0 if den_only else out.stride(2),
             q_heads, q_len, q_heads // kv_heads, scale, float(eps),
             HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_C=cfg.block_c, BLOCK_D=_pad_dim(head_dim),
             BLOCK_DV=cfg.block_t, FEATURE_MAP=fm, CAUSAL=causal, NORMALIZE=normalize,
-            HAS_STATE_IN=has_in, AUX=aux, DOT_PREC=prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            HAS_STATE_IN=has_in, DEN_ONLY=den_only, DOT_PREC=prec, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
         )
-    if aux:
-        return den, cpart.sum(0)  # a fixed-order sum over the Dv tiles
-    return s_out, z_out
+    return den if den_only else (s_out, z_out)
 
 
 def linear_attention_forward(q, k, v, feature_map: str, causal: bool, normalize: bool, eps: float,
@@ -714,8 +722,8 @@ def linear_attention_backward(dout, q, k, v, feature_map: str, causal: bool, nor
                               scale: float, initial_s, initial_z):
     """(dq, dk, dv) in the inputs' dtypes; the forward is recomputed (no gradient to the state).
 
-    With normalize, `linear_fwd` (AUX) first recomputes den and c = -(do · o) / den per query
-    row; then `linear_bwd_dq` (per D tile), `linear_bwd_dk` (per D tile) and `linear_bwd_dv`
+    With normalize, `linear_fwd` first recomputes out and (DEN_ONLY) den, giving
+    c = -(do · o) / den per query row; then `linear_bwd_dq` (per D tile), `linear_bwd_dk` (per D tile) and `linear_bwd_dv`
     (per Dv tile) run independently."""
     q, k, v, scale, initial_s, initial_z = _prepare(q, k, v, feature_map, causal, scale, initial_s, initial_z)
     dout = _last_dim_contiguous(dout.to(q.dtype))
@@ -728,8 +736,12 @@ def linear_attention_backward(dout, q, k, v, feature_map: str, causal: bool, nor
         return dq, dk, dv
     full_state = None if causal else _full_state(k, v, fm, initial_s, initial_z, prec)
     if normalize:
-        den, cc = _launch_fwd(q, k, v, None, fm, causal, True, eps, scale, initial_s, initial_z, prec,
-                              full_state=full_state, dout=dout)
+        # recompute out, then den; c = -(do · o) / den per query row (float32, (B, Hq, Nq))
+        out = torch.empty(batch, q_heads, q_len, head_dim_v, dtype=q.dtype, device=q.device)
+        _launch_fwd(q, k, v, out, fm, causal, True, eps, scale, initial_s, initial_z, prec, full_state=full_state)
+        den = _launch_fwd(q, k, v, None, fm, causal, True, eps, scale, initial_s, initial_z, prec,
+                          full_state=full_state, den_only=True)
+        cc = -(dout.float() * out.float()).sum(-1) / den
     else:
         den = cc = torch.zeros(1, dtype=torch.float32, device=q.device)  # unused
     common = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, FEATURE_MAP=fm, CAUSAL=causal, NORMALIZE=normalize,
@@ -741,7 +753,7 @@ def linear_attention_backward(dout, q, k, v, feature_map: str, causal: bool, nor
         s_in, z_in = (initial_s, initial_z) if has_in else (den, den)  # unused without a state
     else:
         (s_in, z_in), has_in = full_state, True
-    cfg = chunk_config("dq", head_dim, head_dim_v)
+    cfg = chunk_config("dq", head_dim, head_dim_v, q.dtype)
     grid = (1 if causal else _cdiv(q_len, cfg.block_c), batch * q_heads, _cdiv(head_dim, cfg.block_t))
     if grid[0] * grid[1] > 0:
         linear_bwd_dq[grid](
@@ -757,7 +769,7 @@ def linear_attention_backward(dout, q, k, v, feature_map: str, causal: bool, nor
         )
     if kv_len == 0:
         return dq, dk, dv
-    cfg = chunk_config("dk", head_dim, head_dim_v)
+    cfg = chunk_config("dk", head_dim, head_dim_v, q.dtype)
     linear_bwd_dk[(batch * kv_heads, _cdiv(head_dim, cfg.block_t))](
         q, k, v, dout, dk, den, cc,
         q.stride(0), q.stride(1), q.stride(2),
@@ -769,7 +781,7 @@ def linear_attention_backward(dout, q, k, v, feature_map: str, causal: bool, nor
         BLOCK_C=cfg.block_c, BLOCK_DT=cfg.block_t, BLOCK_DV=pad_dv,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
     )
-    cfg = chunk_config("dv", head_dim, head_dim_v)
+    cfg = chunk_config("dv", head_dim, head_dim_v, q.dtype)
     linear_bwd_dv[(batch * kv_heads, _cdiv(head_dim_v, cfg.block_t))](
         q, k, dout, dv, den,
         q.stride(0), q.stride(1), q.stride(2),
@@ -827,17 +839,17 @@ _AOT_DTYPES = [
 _AOT_MAPS = [("elu", True), ("relu", True), ("identity", True), ("elu", False)]
 
 
-def _kernel_constexprs(kernel: str, d: int, fm: str, causal: bool, normalize: bool, prec: str) -> tuple:
+def _kernel_constexprs(kernel: str, d: int, fm: str, causal: bool, normalize: bool, dtype, prec: str) -> tuple:
     """(fn, constexprs, config) of one kernel as the launchers call it, for D = Dv = d."""
-    cfg = chunk_config("fwd" if kernel == "fwd-aux" else kernel, d, d)
+    cfg = chunk_config("fwd" if kernel == "fwd-den" else kernel, d, d, dtype)
     pad = _pad_dim(d)
     const = dict(HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_C=cfg.block_c, FEATURE_MAP=FEATURE_MAPS[fm], DOT_PREC=prec)
     if kernel == "state":
         return linear_state, dict(const, BLOCK_D=pad, BLOCK_DV=cfg.block_t, HAS_STATE_IN=True), cfg
     const.update(CAUSAL=causal, NORMALIZE=normalize)
-    if kernel in ("fwd", "fwd-aux"):
+    if kernel in ("fwd", "fwd-den"):
         return linear_fwd, dict(const, BLOCK_D=pad, BLOCK_DV=cfg.block_t, HAS_STATE_IN=True,
-                                AUX=kernel == "fwd-aux"), cfg
+                                DEN_ONLY=kernel == "fwd-den"), cfg
     if kernel == "dq":
         return linear_bwd_dq, dict(const, BLOCK_DT=cfg.block_t, BLOCK_DV=pad, HAS_STATE_IN=True), cfg
     if kernel == "dk":
@@ -857,9 +869,9 @@ def _build_aot_specs() -> list[KernelSpec]:
                 for fm, normalize in maps:
                     variants += [(kernel, fm, causal, normalize) for kernel in ("fwd", "dq", "dk", "dv")]
                     if normalize:
-                        variants.append(("fwd-aux", fm, causal, normalize))
+                        variants.append(("fwd-den", fm, causal, normalize))
             for kernel, fm, causal, normalize in variants:
-                fn, const, cfg = _kernel_constexprs(kernel, d, fm, causal, normalize, prec)
+                fn, const, cfg = _kernel_constexprs(kernel, d, fm, causal, normalize, dtype, prec)
                 mode = "" if kernel == "state" else ("-causal" if causal else "-full")
                 norm = "" if normalize else "-nonorm"
                 name = f"linear_{kernel}-{label}-D{d}{mode}-{fm}{norm}-C{cfg.block_c}-T{cfg.block_t}"
