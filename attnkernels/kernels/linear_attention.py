@@ -875,8 +875,10 @@ def _build_aot_specs() -> list[KernelSpec]:
                 mode = "" if kernel == "state" else ("-causal" if causal else "-full")
                 norm = "" if normalize else "-nonorm"
                 name = f"linear_{kernel}-{label}-D{d}{mode}-{fm}{norm}-C{cfg.block_c}-T{cfg.block_t}"
+                # the non-causal den pass is φ(q) · z alone: no dot
+                has_dot = uses_tc and not (kernel == "fwd-den" and not causal)
                 specs.append(KernelSpec(name, fn, _signature(fn, tdt, const), const, num_warps=cfg.num_warps,
-                                        num_stages=cfg.num_stages, uses_dot=uses_tc))
+                                        num_stages=cfg.num_stages, uses_dot=has_dot))
     return specs
 
 
