@@ -18,28 +18,27 @@ sum taken in a fixed order)
   registers: per chunk C, out = φ(Q) S + tril(φ(Q) φ(K)ᵀ) V (and the same for the
   denominator), then S += φ(K)ᵀ V. No per-token state is ever formed; the carried state is
   [M, Dv tile], and the final state is written by the group's first query head.
-- `linear_bwd_dq`: one program per (query chunk, batch*query head) (causal: one per
-  batch*query head walking the chunks in order). It recomputes the forward of its rows with
-  the full Dv, so it has den_i and o_i, and forms
-      g_i = do_i / den_i,  c_i = -(do_i · o_i) / den_i   (normalize=False: g = do, c = 0)
-      dφq_i = S_i g_i + c_i z_i   (S_i, z_i: the causal prefix, or the full state)
-  It stores den and c (float32, (B, Hq, Nq)) for the dK/dV kernel.
-- `linear_bwd_dkdv`: one program per batch*kv head. With dS = Σ_i φ(q_i) g_iᵀ and
-  dz = Σ_i c_i φ(q_i) over the queries that see key j (all GQA query heads of the group):
-      dφk_j = dS v_j + dz,   dv_j = dSᵀ φ(k_j).
-  Causal: walks the chunks in reverse carrying dS, dz (the queries of later chunks) plus an
-  intra-chunk masked term. Non-causal: reduces dS, dz over all query chunks first, then
-  writes every key chunk.
-Then dq = dφq ∘ φ'(scale q) · scale and dk = dφk ∘ φ'(k).
+  DEN_ONLY (for the backward): only den = φ(q)ᵀ z + eps per row, carrying z alone.
+- Backward. With g_i = do_i / den_i and c_i = -(do_i · o_i) / den_i (normalize=False:
+  g = do, c = 0; o and den are recomputed by `linear_fwd`):
+      dφq_i = S_i g_i + c_i z_i                          (`linear_bwd_dq`, per D tile)
+      dφk_j = dS_j v_j + dz_j,  dv_j = dS_jᵀ φ(k_j)       (`linear_bwd_dk` per D tile,
+                                                         `linear_bwd_dv` per Dv tile)
+  with dS_j = Σ_i φ(q_i) g_iᵀ and dz_j = Σ_i c_i φ(q_i) over the queries i that see key j
+  (all query heads of the GQA group, in order). Causal: dq walks the chunks forward carrying
+  S, z; dk and dv walk them in reverse carrying dS, dz, each plus an intra-chunk masked
+  term. Non-causal: dq uses the full state; dk/dv reduce dS, dz over all queries first.
+  Then dq = dφq ∘ φ'(scale q) · scale and dk = dφk ∘ φ'(k). Splitting dk (D tiles) from dv
+  (Dv tiles) keeps each program's carried state a [tile, full] slice, which is what keeps
+  D = 128 free of register spills.
 
-Precision: every tl.dot takes float32 operands with `input_precision=DOT_PREC`: "tf32" for
-fp16/bf16 inputs (a 16-bit value is exact in TF32, and TF32's 8-bit exponent keeps the
-carried state, which grows with N, and the 1/den-scaled weights, which shrink with N, away
-from fp16 overflow/underflow), and "ieee" for fp32 inputs unless TF32 matmuls are enabled,
-like torch. The 16-bit kernels therefore run TF32 tensor-core MMAs (half the fp16 rate);
-accumulation is float32 throughout. (A side effect: bf16 gives correct results under the
-Triton interpreter too, since no 16-bit tl.dot is issued.) Float64 is not supported here:
-the C++ kernels handle it on CPU.
+Precision: dots that touch a carried state (S, dS) or a 1/den-scaled weight run on float32
+operands with `input_precision=DOT_PREC`: "tf32" for fp16/bf16 inputs (a 16-bit value is
+exact in TF32, and TF32's 8-bit exponent keeps the state, which grows with N, and the
+weights, which shrink with N, away from fp16 overflow/underflow), and "ieee" for fp32
+inputs unless TF32 matmuls are enabled, like torch. Dots of raw inputs in the backward
+(do·vᵀ, φ(k)·φ(q)ᵀ) use the input dtype. Accumulation is float32 throughout. Float64 is not
+supported here: the C++ kernels handle it on CPU.
 
 Padding: D and Dv are padded to powers of two >= 16 (every tl.dot dimension >= 16). Padded
 feature columns and rows past the sequence are forced to φ = 0 (elu+1 of a masked-out 0
