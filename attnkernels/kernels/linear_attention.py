@@ -127,14 +127,18 @@ def _store_rows(base, stride_n, n0, N, o_c, o_col, m_col, b_x):
 def linear_state(K, V, S_IN, Z_IN, S_OUT, Z_OUT,
                  stride_kb, stride_kh, stride_kn,
                  stride_vb, stride_vh, stride_vn,
-                 Hk, Nk,
+                 Hk, Nk, chunks_per_split,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                  BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                  FEATURE_MAP: tl.constexpr, HAS_STATE_IN: tl.constexpr, DOT_PREC: tl.constexpr):
-    """S_OUT = S_IN + φ(K)ᵀ V, Z_OUT = Z_IN + Σ φ(K) for one (batch, kv head) and one Dv tile.
-    States are contiguous float32 (B, Hk, HEAD_DIM, HEAD_DIM_V) and (B, Hk, HEAD_DIM)."""
+    """Partial sums of S = S_IN + φ(K)ᵀ V, z = Z_IN + Σ φ(K) for one (batch, kv head), one Dv
+    tile and one split program_id(2) of the key chunks (split s: chunks
+    [s * chunks_per_split, (s + 1) * chunks_per_split); split 0 adds the initial state).
+    Split s stores into S_OUT[s], Z_OUT[s]; the launcher adds the splits in order. States are
+    contiguous float32 (B, Hk, HEAD_DIM, HEAD_DIM_V) and (B, Hk, HEAD_DIM)."""
     i_bh = tl.program_id(0)
     i_v = tl.program_id(1)
+    i_s = tl.program_id(2)
     i_b = i_bh // Hk
     i_hk = i_bh % Hk
     o_c = tl.arange(0, BLOCK_C)
@@ -150,13 +154,15 @@ def linear_state(K, V, S_IN, Z_IN, S_OUT, Z_OUT,
     p_s = o_d[:, None] * HEAD_DIM_V + o_v[None, :]
     m_s = m_d[:, None] & m_v[None, :]
     if HAS_STATE_IN:
-        b_s = tl.load(S_IN + s_off + p_s, mask=m_s, other=0.0)  # [BLOCK_D, BLOCK_DV]
-        b_z = tl.load(Z_IN + z_off + o_d, mask=m_d, other=0.0)  # [BLOCK_D]
+        b_s = tl.load(S_IN + s_off + p_s, mask=m_s & (i_s == 0), other=0.0)  # [BLOCK_D, BLOCK_DV]
+        b_z = tl.load(Z_IN + z_off + o_d, mask=m_d & (i_s == 0), other=0.0)  # [BLOCK_D]
     else:
         b_s = tl.zeros([BLOCK_D, BLOCK_DV], dtype=tl.float32)
         b_z = tl.zeros([BLOCK_D], dtype=tl.float32)
 
-    for i_t in range(0, tl.cdiv(Nk, BLOCK_C)):
+    i_lo = i_s * chunks_per_split
+    i_hi = tl.minimum(i_lo + chunks_per_split, tl.cdiv(Nk, BLOCK_C))
+    for i_t in range(i_lo, i_hi):
         n0 = i_t * BLOCK_C
         b_k, m_n = _load_rows(K, stride_kn, n0, Nk, o_c, o_d, m_d)  # [BLOCK_C, BLOCK_D]
         b_fk = tl.where(m_n[:, None] & m_d[None, :], _phi(b_k.to(tl.float32), FEATURE_MAP), 0.0)
@@ -165,9 +171,10 @@ def linear_state(K, V, S_IN, Z_IN, S_OUT, Z_OUT,
         b_s = tl.dot(tl.trans(b_fk), b_v, b_s, input_precision=DOT_PREC)  # [BLOCK_D, BLOCK_DV]
         b_z += tl.sum(b_fk, 0)
 
-    tl.store(S_OUT + s_off + p_s, b_s, mask=m_s)
+    n_bh = tl.num_programs(0).to(tl.int64)
+    tl.store(S_OUT + i_s * n_bh * HEAD_DIM * HEAD_DIM_V + s_off + p_s, b_s, mask=m_s)
     if i_v == 0:
-        tl.store(Z_OUT + z_off + o_d, b_z, mask=m_d)
+        tl.store(Z_OUT + i_s * n_bh * HEAD_DIM + z_off + o_d, b_z, mask=m_d)
 
 
 @triton.jit
@@ -547,6 +554,7 @@ def _pad_dim(d: int) -> int:
 
 
 _CHUNK_OVERRIDE: int | None = None
+STATE_SPLIT_MIN_CHUNKS = 4  # fewest key chunks one `linear_state` program sums
 
 
 @contextlib.contextmanager
@@ -649,15 +657,30 @@ def _full_state(k, v, fm, initial_s, initial_z, prec):
         return s, z
     cfg = chunk_config("state", head_dim, head_dim_v, k.dtype)
     has_in = initial_s is not None
-    linear_state[(batch * kv_heads, _cdiv(head_dim_v, cfg.block_t))](
-        k, v, initial_s if has_in else s, initial_z if has_in else z, s, z,
+    n_dv = _cdiv(head_dim_v, cfg.block_t)
+    n_chunks = _cdiv(kv_len, cfg.block_c)
+    # chunk-parallel: enough programs to fill a GPU (~2 per SM of a 132-SM part), each summing
+    # a run of >= STATE_SPLIT_MIN_CHUNKS chunks; the partials are added in split order
+    n_split = max(1, min(_cdiv(n_chunks, STATE_SPLIT_MIN_CHUNKS), _cdiv(264, batch * kv_heads * n_dv)))
+    per_split = _cdiv(n_chunks, n_split) if n_chunks else 1
+    n_split = _cdiv(n_chunks, per_split) if n_chunks else 1
+    if n_split > 1:
+        s_part = torch.empty(n_split, *s.shape, dtype=torch.float32, device=k.device)
+        z_part = torch.empty(n_split, *z.shape, dtype=torch.float32, device=k.device)
+    else:
+        s_part, z_part = s, z
+    linear_state[(batch * kv_heads, n_dv, n_split)](
+        k, v, initial_s if has_in else s, initial_z if has_in else z, s_part, z_part,
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        kv_heads, kv_len,
+        kv_heads, kv_len, per_split,
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_C=cfg.block_c, BLOCK_D=_pad_dim(head_dim),
         BLOCK_DV=cfg.block_t, FEATURE_MAP=fm, HAS_STATE_IN=has_in, DOT_PREC=prec,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if n_split > 1:
+        torch.sum(s_part, 0, out=s)
+        torch.sum(z_part, 0, out=z)
     return s, z
 
 
@@ -800,7 +823,7 @@ def linear_attention_backward(dout, q, k, v, feature_map: str, causal: bool, nor
 
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _FP32_ARGS = {"S_IN", "Z_IN", "S_OUT", "Z_OUT", "DEN", "CC"}
-_INT_ARGS = {"Hq", "Hk", "N", "Nq", "Nk", "group"}
+_INT_ARGS = {"Hq", "Hk", "N", "Nq", "Nk", "group", "chunks_per_split"}
 
 
 def _signature(fn, dtype: str, constexprs: dict) -> dict:
