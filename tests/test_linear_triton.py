@@ -12,8 +12,9 @@ where the chunked kernel sums N/C chunk partials in order while torch's single r
 sums pairwise (and the interpreter's column sums are sequential); a real bug is orders of
 magnitude above it. bf16 is covered by the ahead-of-time compile gate.
 
-Sizes straddle the chunk length (N = 63, 64, 65 with C = 64, and a 16-long chunk override
-so that N = 200 spans 13 chunks), D = 40 is padded to 64, Dv differs from D, GQA 4:2.
+Sizes straddle chunk lengths (N = 63, 64, 65; the shipped chunks are 16-32 long, and a
+16-long override makes N = 200 span 13 chunks and 4 state splits), D = 40 is padded to 64
+(several D tiles in dQ/dK), Dv differs from D (several Dv tiles), GQA 4:2.
 """
 from __future__ import annotations
 
@@ -134,6 +135,7 @@ CAUSAL_SHAPES = [
     (2, 4, 2, 63, 63, 16, 24),  # GQA 4:2, B > 1, Dv != D
     (1, 2, 1, 64, 64, 32, 32),  # exactly one chunk (MQA)
     (1, 2, 2, 65, 65, 40, 16),  # one row into the second chunk, D padded to 64
+    (1, 2, 1, 40, 40, 16, 64),  # several Dv tiles in the forward and dV
 ]
 FULL_SHAPES = [
     (1, 2, 2, 1, 1, 16, 16),

@@ -589,7 +589,8 @@ def chunk_config(kernel: str, head_dim: int, head_dim_v: int, dtype: torch.dtype
     elif kernel in ("dq", "dk"):
         cfg = ChunkConfig(16, min(d, tile), 8, 1)
     elif kernel == "dv":
-        cfg = ChunkConfig(16, min(dv, tile), 8, 1)
+        # 8 warps only where 4 would spill: at 8, sm_80's ptxas spilled the D=64 fp16 non-causal one
+        cfg = ChunkConfig(16, min(dv, tile), 8 if wide and big > 64 else 4, 1)
     else:
         raise ValueError(f"chunk_config: unknown kernel {kernel!r}")
     if _CHUNK_OVERRIDE is not None:
