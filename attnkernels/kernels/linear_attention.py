@@ -586,11 +586,14 @@ def chunk_config(kernel: str, head_dim: int, head_dim_v: int, dtype: torch.dtype
     tile = 32 if big <= 32 or (big <= 64 and not wide) else 16
     if kernel in ("state", "fwd"):
         cfg = ChunkConfig(32 if big <= 32 else 16, min(dv, tile), 8, 1)
-    elif kernel in ("dq", "dk"):
+    elif kernel == "dq":
         cfg = ChunkConfig(16, min(d, tile), 8, 1)
+    # the warp counts below are empirical: ptxas sometimes spills a few bytes at 8 warps
+    # where 4 fit (fp32 D=64 dK, fp16 D=64 non-causal dV), and the reverse for fp32 dV
+    elif kernel == "dk":
+        cfg = ChunkConfig(16, min(d, tile), 4 if wide and big <= 64 else 8, 1)
     elif kernel == "dv":
-        # 8 warps only where 4 would spill: at 8, sm_80's ptxas spilled the D=64 fp16 non-causal one
-        cfg = ChunkConfig(16, min(dv, tile), 8 if wide and big > 64 else 4, 1)
+        cfg = ChunkConfig(16, min(dv, tile), 8 if wide and big >= 64 else 4, 1)
     else:
         raise ValueError(f"chunk_config: unknown kernel {kernel!r}")
     if _CHUNK_OVERRIDE is not None:
