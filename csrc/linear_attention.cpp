@@ -123,6 +123,17 @@ void transpose(int64_t rows, int64_t cols, const T* src, int64_t lds, T* dst, in
     for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
 }
 
+// S[m, n] += A[m, k] · B[k, n], the chunk's product summed on its own first
+// (into tmp) and then added: the state is a sum over the whole sequence, and
+// adding one 64-term partial sum per chunk instead of one term per token keeps
+// its rounding error growing with N/64 rather than N (blocked summation).
+template <typename T>
+void add_product(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb, T* S, int64_t lds, T* tmp) {
+  gemm(m, n, k, A, lda, B, ldb, tmp, n, false);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) S[i * lds + j] += tmp[i * n + j];
+}
+
 // Causal mask of an intra-chunk product. Lower: keep P[i, j] for j <= i
 // (row = query). Upper: keep P[j, i] for i >= j (row = key, the transpose).
 template <typename T>
@@ -247,14 +258,14 @@ void store_input_grad(const acc_t* dfeat, const scalar_t* x, int64_t L, const Di
 // Per-task scratch, all [kChunk, *] row-major in the accumulation type.
 template <typename acc_t>
 struct Scratch {
-  std::vector<acc_t> Qc, QcT, Kc, KcT, Vc, VcT, P, num, dN, dNT, S, ST, dS, dST, dQ, dK, dV;
+  std::vector<acc_t> Qc, QcT, Kc, KcT, Vc, VcT, P, num, dN, dNT, S, ST, dS, dST, dQ, dK, dV, tmp;
   explicit Scratch(const Dims& d) {
     const int64_t C = kChunk;
     Qc.resize(C * d.MP); QcT.resize(d.MP * C); Kc.resize(C * d.MP); KcT.resize(d.MP * C);
     Vc.resize(C * d.DvP); VcT.resize(d.DvP * C); P.resize(C * C); num.resize(C * d.DvP);
     dN.resize(C * d.DvP); dNT.resize(d.DvP * C);
     S.resize(d.MP * d.DvP); ST.resize(d.DvP * d.MP); dS.resize(d.MP * d.DvP); dST.resize(d.DvP * d.MP);
-    dQ.resize(C * d.MP); dK.resize(C * d.MP); dV.resize(C * d.DvP);
+    dQ.resize(C * d.MP); dK.resize(C * d.MP); dV.resize(C * d.DvP); tmp.resize(std::max(d.MP, C) * std::max(d.MP, d.DvP));
   }
 };
 
@@ -280,7 +291,7 @@ void reduce_state(const Dims& d, const Args<scalar_t, acc_t>& a, int64_t b, int6
     load_features(a.k_head(d, b, g, t0), L, d, acc_t(1), a.f, w.Kc.data());
     transpose(kChunk, d.MP, w.Kc.data(), d.MP, w.KcT.data(), kChunk);         // [MP, C]
     load_values(a.v_head(d, b, g, t0), L, d, w.Vc.data());                      // [C, DvP]
-    gemm(d.D, d.DvP, L, w.KcT.data(), kChunk, w.Vc.data(), d.DvP, S, d.DvP, true);  // [D, DvP]
+    add_product(d.D, d.DvP, L, w.KcT.data(), kChunk, w.Vc.data(), d.DvP, S, d.DvP, w.tmp.data());  // [D, DvP]
   }
 }
 
@@ -305,11 +316,13 @@ void forward_causal(const Dims& d, const Args<scalar_t, acc_t>& a, scalar_t* out
           load_features(a.q_head(d, b, h, t0), L, d, a.scale, a.f, w.Qc.data());          // [C, MP]
           gemm(L, kChunk, d.D, w.Qc.data(), d.MP, w.KcT.data(), kChunk, w.P.data(), kChunk, false);  // P = Q̃K̃ᵀ [L, C]
           mask_lower(L, w.P.data(), kChunk);
-          gemm(L, d.DvP, d.D, w.Qc.data(), d.MP, S, d.DvP, w.num.data(), d.DvP, false);   // inter: Q̃ S'
-          gemm(L, d.DvP, L, w.P.data(), kChunk, w.Vc.data(), d.DvP, w.num.data(), d.DvP, true);  // intra: P V'
+          // intra (P V') and inter (Q̃ S') are summed separately, then added: adding the
+          // 64 small intra terms onto the large carried part would round each at its scale.
+          gemm(L, d.DvP, L, w.P.data(), kChunk, w.Vc.data(), d.DvP, w.num.data(), d.DvP, false);  // intra
+          add_product(L, d.DvP, d.D, w.Qc.data(), d.MP, S, d.DvP, w.num.data(), d.DvP, w.tmp.data());  // inter
           store_output(w.num.data(), L, d, a.normalize, a.eps, out + ((b * d.Hq + h) * d.Nq + t0) * d.Dv);
         }
-        gemm(d.D, d.DvP, L, w.KcT.data(), kChunk, w.Vc.data(), d.DvP, S, d.DvP, true);  // S' += K̃ᵀV'
+        add_product(d.D, d.DvP, L, w.KcT.data(), kChunk, w.Vc.data(), d.DvP, S, d.DvP, w.tmp.data());  // S' += K̃ᵀV'
       }
       store_state(d, S, bg, s_out, z_out);
     }
@@ -370,18 +383,18 @@ void backward_causal(const Dims& d, const Args<scalar_t, acc_t>& a, const scalar
           load_features(a.q_head(d, b, h, t0), L, d, a.scale, a.f, w.Qc.data());
           gemm(L, kChunk, d.D, w.Qc.data(), d.MP, w.KcT.data(), kChunk, w.P.data(), kChunk, false);
           mask_lower(L, w.P.data(), kChunk);
-          gemm(L, d.DvP, d.D, w.Qc.data(), d.MP, S, d.DvP, w.num.data(), d.DvP, false);
-          gemm(L, d.DvP, L, w.P.data(), kChunk, w.Vc.data(), d.DvP, w.num.data(), d.DvP, true);
+          gemm(L, d.DvP, L, w.P.data(), kChunk, w.Vc.data(), d.DvP, w.num.data(), d.DvP, false);
+          add_product(L, d.DvP, d.D, w.Qc.data(), d.MP, S, d.DvP, w.num.data(), d.DvP, w.tmp.data());
           acc_t* dN = dN_all.data() + (hh * d.Nq + t0) * d.DvP;  // [L, DvP]
           output_grad(dout + row * d.Dv, w.num.data(), L, d, a.normalize, a.eps, dN);
           // P2[i, j] = dn'_i · v'_j (j <= i); dQ̃ = P2 K̃ + dN' S'ᵀ.
           gemm(L, kChunk, d.Dv + 1, dN, d.DvP, w.VcT.data(), kChunk, w.P.data(), kChunk, false);
           mask_lower(L, w.P.data(), kChunk);
           gemm(L, d.MP, L, w.P.data(), kChunk, w.Kc.data(), d.MP, w.dQ.data(), d.MP, false);
-          gemm(L, d.MP, d.Dv + 1, dN, d.DvP, w.ST.data(), d.MP, w.dQ.data(), d.MP, true);
+          add_product(L, d.MP, d.Dv + 1, dN, d.DvP, w.ST.data(), d.MP, w.dQ.data(), d.MP, w.tmp.data());
           store_input_grad(w.dQ.data(), a.q_head(d, b, h, t0), L, d, a.scale, a.f, dq + row * d.D);
         }
-        gemm(d.D, d.DvP, L, w.KcT.data(), kChunk, w.Vc.data(), d.DvP, S, d.DvP, true);
+        add_product(d.D, d.DvP, L, w.KcT.data(), kChunk, w.Vc.data(), d.DvP, S, d.DvP, w.tmp.data());
       }
       // Pass 2, backward in time: dS' = Σ over later chunks of Q̃ᵀ dN' carries the
       // inter-chunk part of dK̃ = V' dS'ᵀ and dV' = K̃ dS'.
@@ -392,9 +405,13 @@ void backward_causal(const Dims& d, const Args<scalar_t, acc_t>& a, const scalar
         const int64_t L = std::min(kChunk, d.Nk - t0);
         load_features(a.k_head(d, b, g, t0), L, d, acc_t(1), a.f, w.Kc.data());
         load_values(a.v_head(d, b, g, t0), L, d, w.Vc.data());
+        // Inter-chunk parts from dS' as it stands before this chunk's queries join it;
+        // kept apart (in the free dQ/num buffers) and added after the intra parts.
         transpose(d.MP, d.DvP, dS, d.DvP, w.dST.data(), d.MP);
-        gemm(L, d.MP, d.Dv + 1, w.Vc.data(), d.DvP, w.dST.data(), d.MP, w.dK.data(), d.MP, false);  // [L, MP]
-        gemm(L, d.DvP, d.D, w.Kc.data(), d.MP, dS, d.DvP, w.dV.data(), d.DvP, false);               // [L, DvP]
+        gemm(L, d.MP, d.Dv + 1, w.Vc.data(), d.DvP, w.dST.data(), d.MP, w.dQ.data(), d.MP, false);  // [L, MP]
+        gemm(L, d.DvP, d.D, w.Kc.data(), d.MP, dS, d.DvP, w.num.data(), d.DvP, false);              // [L, DvP]
+        std::fill(w.dK.begin(), w.dK.end(), acc_t(0));
+        std::fill(w.dV.begin(), w.dV.end(), acc_t(0));
         for (int64_t hh = 0; hh < d.G; ++hh) {
           const int64_t h = g * d.G + hh;
           load_features(a.q_head(d, b, h, t0), L, d, a.scale, a.f, w.Qc.data());
@@ -410,8 +427,10 @@ void backward_causal(const Dims& d, const Args<scalar_t, acc_t>& a, const scalar
           gemm(L, kChunk, d.D, w.Kc.data(), d.MP, w.QcT.data(), kChunk, w.P.data(), kChunk, false);
           mask_upper(L, w.P.data(), kChunk);
           gemm(L, d.DvP, L, w.P.data(), kChunk, dN, d.DvP, w.dV.data(), d.DvP, true);
-          gemm(d.D, d.DvP, L, w.QcT.data(), kChunk, dN, d.DvP, dS, d.DvP, true);  // dS' += Q̃ᵀ dN'
+          add_product(d.D, d.DvP, L, w.QcT.data(), kChunk, dN, d.DvP, dS, d.DvP, w.tmp.data());  // dS' += Q̃ᵀ dN'
         }
+        for (int64_t i = 0; i < L * d.MP; ++i) w.dK[i] += w.dQ[i];
+        for (int64_t i = 0; i < L * d.DvP; ++i) w.dV[i] += w.num[i];
         const int64_t row = (b * d.Hk + g) * d.Nk + t0;
         store_input_grad(w.dK.data(), a.k_head(d, b, g, t0), L, d, acc_t(1), a.f, dk + row * d.D);
         for (int64_t i = 0; i < L; ++i)
@@ -460,7 +479,8 @@ void backward_noncausal(const Dims& d, const Args<scalar_t, acc_t>& a, const sca
           const int64_t L = std::min(kChunk, d.Nq - t0);
           load_features(a.q_head(d, b, h, t0), L, d, a.scale, a.f, w.Qc.data());
           transpose(kChunk, d.MP, w.Qc.data(), d.MP, w.QcT.data(), kChunk);
-          gemm(d.D, d.DvP, L, w.QcT.data(), kChunk, dN_all + ((b * d.Hq + h) * d.Nq + t0) * d.DvP, d.DvP, dS, d.DvP, true);
+          add_product(d.D, d.DvP, L, w.QcT.data(), kChunk, dN_all + ((b * d.Hq + h) * d.Nq + t0) * d.DvP, d.DvP, dS, d.DvP,
+                      w.tmp.data());
         }
       }
       transpose(d.MP, d.DvP, dS, d.DvP, w.dST.data(), d.MP);
