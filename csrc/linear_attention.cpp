@@ -145,6 +145,15 @@ void mask_upper(int64_t rows, T* P, int64_t ld) {
   for (int64_t j = 0; j < rows; ++j) std::fill(P + j * ld, P + j * ld + j, T(0));
 }
 
+// at::parallel_for grain for items of `work` multiply-adds each: a call with less
+// than ~2^18 multiply-adds in all (tens of microseconds) runs on the calling
+// thread, where waking the OpenMP team would cost more than the work (much
+// more on a loaded host, where the team's barrier waits for descheduled threads).
+inline int64_t grain_for(int64_t work) {
+  constexpr int64_t kMinParallelWork = int64_t(1) << 18;
+  return std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(1, work));
+}
+
 // ---------------------------------------------------------------------------
 // Geometry of one call: inputs are contiguous (B, H, N, D) / (B, H, N, Dv).
 struct Dims {
@@ -300,7 +309,8 @@ void reduce_state(const Dims& d, const Args<scalar_t, acc_t>& a, int64_t b, int6
 
 template <typename scalar_t, typename acc_t>
 void forward_causal(const Dims& d, const Args<scalar_t, acc_t>& a, scalar_t* out, acc_t* s_out, acc_t* z_out) {
-  at::parallel_for(0, d.B * d.Hk, 1, [&](int64_t begin, int64_t end) {
+  const int64_t work = d.Nq * (d.G + 1) * (d.MP + kChunk) * d.DvP;  // per kv head
+  at::parallel_for(0, d.B * d.Hk, grain_for(work), [&](int64_t begin, int64_t end) {
     Scratch<acc_t> w(d);
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t b = bg / d.Hk, g = bg % d.Hk;
@@ -332,7 +342,7 @@ void forward_causal(const Dims& d, const Args<scalar_t, acc_t>& a, scalar_t* out
 template <typename scalar_t, typename acc_t>
 void forward_noncausal(const Dims& d, const Args<scalar_t, acc_t>& a, scalar_t* out, acc_t* s_out, acc_t* z_out, acc_t* states) {
   // Phase 1: the full state of each kv head. states: [B*Hk, MP, DvP].
-  at::parallel_for(0, d.B * d.Hk, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, d.B * d.Hk, grain_for(d.Nk * d.MP * d.DvP), [&](int64_t begin, int64_t end) {
     Scratch<acc_t> w(d);
     for (int64_t bg = begin; bg < end; ++bg) {
       acc_t* S = states + bg * d.MP * d.DvP;
@@ -342,7 +352,7 @@ void forward_noncausal(const Dims& d, const Args<scalar_t, acc_t>& a, scalar_t* 
   });
   // Phase 2: out = Q̃ S' / (Q̃ z + eps), over (b, query head, row chunk).
   const int64_t chunks = (d.Nq + kChunk - 1) / kChunk;
-  at::parallel_for(0, d.B * d.Hq * chunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, d.B * d.Hq * chunks, grain_for(kChunk * d.MP * d.DvP), [&](int64_t begin, int64_t end) {
     Scratch<acc_t> w(d);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / chunks, t0 = (task % chunks) * kChunk;
@@ -362,7 +372,8 @@ void forward_noncausal(const Dims& d, const Args<scalar_t, acc_t>& a, scalar_t* 
 
 template <typename scalar_t, typename acc_t>
 void backward_causal(const Dims& d, const Args<scalar_t, acc_t>& a, const scalar_t* dout, scalar_t* dq, scalar_t* dk, scalar_t* dv) {
-  at::parallel_for(0, d.B * d.Hk, 1, [&](int64_t begin, int64_t end) {
+  const int64_t work = 3 * d.Nq * (d.G + 1) * (d.MP + kChunk) * d.DvP;  // per kv head
+  at::parallel_for(0, d.B * d.Hk, grain_for(work), [&](int64_t begin, int64_t end) {
     Scratch<acc_t> w(d);
     std::vector<acc_t> dN_all(d.G * d.Nq * d.DvP);  // dn' rows of every query head of the group
     for (int64_t bg = begin; bg < end; ++bg) {
@@ -443,13 +454,13 @@ void backward_causal(const Dims& d, const Args<scalar_t, acc_t>& a, const scalar
 template <typename scalar_t, typename acc_t>
 void backward_noncausal(const Dims& d, const Args<scalar_t, acc_t>& a, const scalar_t* dout, scalar_t* dq, scalar_t* dk, scalar_t* dv, acc_t* states, acc_t* dN_all) {
   // Phase 1: full state per kv head.
-  at::parallel_for(0, d.B * d.Hk, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, d.B * d.Hk, grain_for(d.Nk * d.MP * d.DvP), [&](int64_t begin, int64_t end) {
     Scratch<acc_t> w(d);
     for (int64_t bg = begin; bg < end; ++bg) reduce_state(d, a, bg / d.Hk, bg % d.Hk, w, states + bg * d.MP * d.DvP);
   });
   // Phase 2: per (b, query head, row chunk): num', dN' (kept), dQ̃ = dN' S'ᵀ.
   const int64_t chunks = (d.Nq + kChunk - 1) / kChunk;
-  at::parallel_for(0, d.B * d.Hq * chunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, d.B * d.Hq * chunks, grain_for(2 * kChunk * d.MP * d.DvP), [&](int64_t begin, int64_t end) {
     Scratch<acc_t> w(d);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / chunks, t0 = (task % chunks) * kChunk;
@@ -467,7 +478,7 @@ void backward_noncausal(const Dims& d, const Args<scalar_t, acc_t>& a, const sca
     }
   });
   // Phase 3: per kv head, dS' = Σ_h Q̃_hᵀ dN'_h, then dK̃ = V' dS'ᵀ, dV' = K̃ dS'.
-  at::parallel_for(0, d.B * d.Hk, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, d.B * d.Hk, grain_for((d.G * d.Nq + 2 * d.Nk) * d.MP * d.DvP), [&](int64_t begin, int64_t end) {
     Scratch<acc_t> w(d);
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t b = bg / d.Hk, g = bg % d.Hk;

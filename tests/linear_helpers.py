@@ -1,4 +1,5 @@
 """Inputs and comparisons shared by the tests/test_linear_*.py files."""
+import pytest
 import torch
 
 from attnkernels.linear.reference import linear_attention_reference
@@ -66,3 +67,21 @@ def assert_close_to_oracle(name, actual, expected64, dtype, baseline=None):
     assert error <= bound, (
         f"{name}: max error {error:.3e} > {FACTOR} x same-dtype reference error {baseline_error:.3e} + floor {floor:.1e}"
     )
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Run each linear test on one intra-op thread.
+
+    The shapes here are tiny; with 2 threads on a loaded 2-core host every small
+    torch op (the reference's einsums, mm) waits on an OpenMP barrier for a
+    descheduled thread (~20 ms per call measured), which made this suite ~5x
+    slower. The multi-threaded C++ paths are checked against the one-thread
+    results bit for bit in test_cpu_deterministic_across_thread_counts.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
