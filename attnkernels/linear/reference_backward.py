@@ -82,7 +82,7 @@ def linear_attention_reference_backward(
     dphi_k = dscores.transpose(-1, -2) @ phi_q  # [B, Hq, Nk, M]
     dv = scores.transpose(-1, -2) @ dnum  # [B, Hq, Nk, Dv]
     dq = scale * feature_map_derivative(xq, feature_map) * dphi_q
-    dphi_k = dphi_k.view(batch, kv_heads, group, kv_len, -1).sum(2)
+    dphi_k = dphi_k.view(batch, kv_heads, group, kv_len, phi_k.shape[-1]).sum(2)
     dk = feature_map_derivative(k, feature_map) * dphi_k
-    dv = dv.view(batch, kv_heads, group, kv_len, -1).sum(2)
+    dv = dv.view(batch, kv_heads, group, kv_len, v.shape[-1]).sum(2)
     return dq, dk, dv
