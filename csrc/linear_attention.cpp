@@ -54,16 +54,6 @@ inline T phi(FeatureMap f, T x) {
   }
 }
 
-// φ'(x), with torch's conventions at 0 (elu: exp(0) = 1, relu: 0).
-template <typename T>
-inline T dphi(FeatureMap f, T x) {
-  switch (f) {
-    case FeatureMap::Elu: return x > T(0) ? T(1) : std::exp(x);
-    case FeatureMap::Relu: return x > T(0) ? T(1) : T(0);
-    default: return T(1);
-  }
-}
-
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // ---------------------------------------------------------------------------
@@ -174,6 +164,23 @@ Dims make_dims(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   return d;
 }
 
+// φ applied in place to x[0, n), vectorized (the exp of elu+1 would otherwise
+// cost as much as the products at D = 64).
+template <typename T>
+void apply_phi(FeatureMap f, T* x, int64_t n) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  if (f == FeatureMap::Identity) return;
+  int64_t c = 0;
+  for (; c + W <= n; c += W) {
+    const Vec v = Vec::loadu(x + c);
+    const Vec y = f == FeatureMap::Elu ? Vec::blendv(v.exp(), v + Vec(T(1)), v > Vec(T(0)))
+                                       : at::vec::maximum(v, Vec(T(0)));
+    y.store(x + c);
+  }
+  for (; c < n; ++c) x[c] = phi(f, x[c]);
+}
+
 // Features of rows [0, L) of src ([*, D], row stride D) into dst [kChunk, MP]:
 // dst = φ(mult · src), zero in the padding rows and columns (φ(0) may be 1, so
 // the padding is written explicitly, never mapped).
@@ -182,7 +189,8 @@ void load_features(const scalar_t* src, int64_t L, const Dims& d, acc_t mult, Fe
   for (int64_t i = 0; i < L; ++i) {
     const scalar_t* s = src + i * d.D;
     acc_t* o = dst + i * d.MP;
-    for (int64_t c = 0; c < d.D; ++c) o[c] = phi(f, mult * static_cast<acc_t>(s[c]));
+    for (int64_t c = 0; c < d.D; ++c) o[c] = mult * static_cast<acc_t>(s[c]);
+    apply_phi(f, o, d.D);
     std::fill(o + d.D, o + d.MP, acc_t(0));
   }
   std::fill(dst + L * d.MP, dst + kChunk * d.MP, acc_t(0));
@@ -254,13 +262,17 @@ void output_grad(const scalar_t* dout, const acc_t* num, int64_t L, const Dims& 
   }
 }
 
-// dx = dφ-chain of a feature gradient: dx[i, c] = mult · φ'(mult · x) · dfeat[i, c].
+// dx = dφ-chain of a feature gradient: dx[i, c] = mult · φ'(u) · dfeat[i, c], u = mult · x,
+// with φ' read off the features feat = φ(u) already in scratch (no second exp):
+// elu+1: φ' = 1 for u > 0 (where φ = u + 1 > 1), exp(u) = φ otherwise, i.e. min(φ, 1);
+// relu: φ' = [φ > 0]; identity: 1.
 template <typename scalar_t, typename acc_t>
-void store_input_grad(const acc_t* dfeat, const scalar_t* x, int64_t L, const Dims& d, acc_t mult, FeatureMap f, scalar_t* dx) {
+void store_input_grad(const acc_t* dfeat, const acc_t* feat, int64_t L, const Dims& d, acc_t mult, FeatureMap f, scalar_t* dx) {
   for (int64_t i = 0; i < L; ++i)
     for (int64_t c = 0; c < d.D; ++c) {
-      const acc_t xv = mult * static_cast<acc_t>(x[i * d.D + c]);
-      dx[i * d.D + c] = static_cast<scalar_t>(mult * dphi(f, xv) * dfeat[i * d.MP + c]);
+      const acc_t p = feat[i * d.MP + c];
+      const acc_t slope = f == FeatureMap::Elu ? std::min(p, acc_t(1)) : f == FeatureMap::Relu ? acc_t(p > acc_t(0)) : acc_t(1);
+      dx[i * d.D + c] = static_cast<scalar_t>(mult * slope * dfeat[i * d.MP + c]);
     }
 }
 
@@ -403,7 +415,7 @@ void backward_causal(const Dims& d, const Args<scalar_t, acc_t>& a, const scalar
           mask_lower(L, w.P.data(), kChunk);
           gemm(L, d.MP, L, w.P.data(), kChunk, w.Kc.data(), d.MP, w.dQ.data(), d.MP, false);
           add_product(L, d.MP, d.Dv + 1, dN, d.DvP, w.ST.data(), d.MP, w.dQ.data(), d.MP, w.tmp.data());
-          store_input_grad(w.dQ.data(), a.q_head(d, b, h, t0), L, d, a.scale, a.f, dq + row * d.D);
+          store_input_grad(w.dQ.data(), w.Qc.data(), L, d, a.scale, a.f, dq + row * d.D);
         }
         add_product(d.D, d.DvP, L, w.KcT.data(), kChunk, w.Vc.data(), d.DvP, S, d.DvP, w.tmp.data());
       }
@@ -443,7 +455,7 @@ void backward_causal(const Dims& d, const Args<scalar_t, acc_t>& a, const scalar
         for (int64_t i = 0; i < L * d.MP; ++i) w.dK[i] += w.dQ[i];
         for (int64_t i = 0; i < L * d.DvP; ++i) w.dV[i] += w.num[i];
         const int64_t row = (b * d.Hk + g) * d.Nk + t0;
-        store_input_grad(w.dK.data(), a.k_head(d, b, g, t0), L, d, acc_t(1), a.f, dk + row * d.D);
+        store_input_grad(w.dK.data(), w.Kc.data(), L, d, acc_t(1), a.f, dk + row * d.D);
         for (int64_t i = 0; i < L; ++i)
           for (int64_t c = 0; c < d.Dv; ++c) dv[(row + i) * d.Dv + c] = static_cast<scalar_t>(w.dV[i * d.DvP + c]);
       }
@@ -474,7 +486,7 @@ void backward_noncausal(const Dims& d, const Args<scalar_t, acc_t>& a, const sca
       acc_t* dN = dN_all + row * d.DvP;
       output_grad(dout + row * d.Dv, w.num.data(), L, d, a.normalize, a.eps, dN);
       gemm(L, d.MP, d.Dv + 1, dN, d.DvP, w.ST.data(), d.MP, w.dQ.data(), d.MP, false);
-      store_input_grad(w.dQ.data(), a.q_head(d, b, h, t0), L, d, a.scale, a.f, dq + row * d.D);
+      store_input_grad(w.dQ.data(), w.Qc.data(), L, d, a.scale, a.f, dq + row * d.D);
     }
   });
   // Phase 3: per kv head, dS' = Σ_h Q̃_hᵀ dN'_h, then dK̃ = V' dS'ᵀ, dV' = K̃ dS'.
@@ -502,7 +514,7 @@ void backward_noncausal(const Dims& d, const Args<scalar_t, acc_t>& a, const sca
         gemm(L, d.MP, d.Dv + 1, w.Vc.data(), d.DvP, w.dST.data(), d.MP, w.dK.data(), d.MP, false);
         gemm(L, d.DvP, d.D, w.Kc.data(), d.MP, dS, d.DvP, w.dV.data(), d.DvP, false);
         const int64_t row = bg * d.Nk + t0;
-        store_input_grad(w.dK.data(), a.k_head(d, b, g, t0), L, d, acc_t(1), a.f, dk + row * d.D);
+        store_input_grad(w.dK.data(), w.Kc.data(), L, d, acc_t(1), a.f, dk + row * d.D);
         for (int64_t i = 0; i < L; ++i)
           for (int64_t c = 0; c < d.Dv; ++c) dv[(row + i) * d.Dv + c] = static_cast<scalar_t>(w.dV[i * d.DvP + c]);
       }
