@@ -6,6 +6,7 @@ float64 oracle both are tested against.
 from . import masks
 from .api import attention, sparse_attention, window_attention
 from .backends import backend
+from .linear import LinearAttentionState, PerformerFeatures, linear_attention, linear_attention_step
 from .masks import BlockMask
 from .reference import attention_reference
 
@@ -16,6 +17,10 @@ __all__ = [
     "window_attention",
     "sparse_attention",
     "attention_reference",
+    "linear_attention",
+    "linear_attention_step",
+    "LinearAttentionState",
+    "PerformerFeatures",
     "backend",
     "masks",
     "BlockMask",
