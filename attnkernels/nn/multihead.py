@@ -125,8 +125,9 @@ class MultiheadAttention(nn.Module):
         # Packed [q | k | v] projection, torch's parameter names.
         kv_dim = num_kv_heads * self.head_dim
         self.in_proj_weight = nn.Parameter(torch.empty(embed_dim + 2 * kv_dim, embed_dim, **factory))
-        self.in_proj_bias = nn.Parameter(torch.empty(embed_dim + 2 * kv_dim, **factory)) if bias else None
-        if not bias:
+        if bias:
+            self.in_proj_bias = nn.Parameter(torch.empty(embed_dim + 2 * kv_dim, **factory))
+        else:
             self.register_parameter("in_proj_bias", None)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
 
