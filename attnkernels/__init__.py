@@ -8,6 +8,7 @@ from .api import attention, sparse_attention, window_attention
 from .backends import backend
 from .masks import BlockMask
 from .reference import attention_reference
+from . import nn  # noqa: E402  (drop-in modules; imports only the modules above)
 
 __version__ = "0.1.0"
 
@@ -19,4 +20,5 @@ __all__ = [
     "backend",
     "masks",
     "BlockMask",
+    "nn",
 ]
