@@ -85,6 +85,19 @@ def test_gradients_match_torch_B2_N11_causal_pad(backend):
         torch.testing.assert_close(p_ours.grad, p_ref.grad, rtol=1e-9, atol=1e-9, msg=lambda m: f"{name}: {m}")
 
 
+def test_float32_matches_torch_B2_N13_causal_pad():
+    """fp32 in, fp32 out: within fp32 tolerance of torch's module (issue 6's bar)."""
+    ref, ours = _torch_pair(torch.float32)
+    x = torch.randn(2, 13, E)
+    kpm = _padding(2, 13, (3, 0))
+    causal_mask = torch.nn.Transformer.generate_square_subsequent_mask(13, dtype=torch.bool)
+    expected, _ = ref(x, x, x, key_padding_mask=kpm, attn_mask=causal_mask, need_weights=False, is_causal=True)
+    with attnkernels.backend("reference"):
+        got, _ = ours(x, key_padding_mask=kpm, is_causal=True)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_unbatched_input_matches_batched_N6():
     ours = MultiheadAttention(E, H, dtype=torch.float64).eval()
     x = torch.randn(6, E, dtype=torch.float64)
@@ -119,6 +132,19 @@ def test_window_family_B2_N17_Hk2(backend, window, causal):
     with attnkernels.backend(backend):
         got, _ = module(x)
     torch.testing.assert_close(got, _manual(module, x, band), **tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=str)
+@pytest.mark.parametrize("kv_heads", [1, 2], ids=["Hk1", "Hk2"])
+def test_dense_gqa_causal_B2_N15(backend, kv_heads):
+    backend_param(backend)
+    dtype, tol = _dtype_tol(backend)
+    module = MultiheadAttention(E, H, num_kv_heads=kv_heads, causal=True, dtype=dtype).eval()
+    assert module.in_proj_weight.shape == (E + 2 * kv_heads * (E // H), E)
+    x = torch.randn(2, 15, E, dtype=dtype)
+    with attnkernels.backend(backend):
+        got, _ = module(x)
+    torch.testing.assert_close(got, _manual(module, x, torch.ones(15, 15, dtype=torch.bool).tril()), **tol)
 
 
 @pytest.mark.parametrize("backend", BACKENDS, ids=str)
