@@ -118,9 +118,13 @@ def test_gradients_match_sdpa_B2_N11_leftpad3(kind):
         torch.testing.assert_close(grads[NAME][name], g, rtol=1e-8, atol=1e-10, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
-def test_generate_with_kv_cache_matches_sdpa_B2_N9_new6(kind, monkeypatch):
-    """Greedy decoding: prefill, then Nq=1 steps against the cache (bottom-right causal, padded keys)."""
+@pytest.mark.parametrize("kind,cache", [("llama", "dynamic"), ("mistral", "dynamic"), ("qwen2", "dynamic"),
+                                        ("llama", "static"), ("mistral", "static")])
+def test_generate_with_kv_cache_matches_sdpa_B2_N9_new6(kind, cache):
+    """Greedy decoding: prefill, then Nq=1 steps against the cache (bottom-right causal, padded keys).
+
+    A static cache hands all max_cache_len slots to attention; the unfilled ones must be cut off.
+    """
     model = _model(kind, torch.float64)
     ids, mask = _inputs(length=9, left_pad=(3, 0))
     out = {}
@@ -128,7 +132,7 @@ def test_generate_with_kv_cache_matches_sdpa_B2_N9_new6(kind, monkeypatch):
         model.set_attn_implementation(impl)
         with attnkernels.backend("reference"):
             out[impl] = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
-                                       pad_token_id=0, use_cache=True)
+                                       pad_token_id=0, use_cache=True, cache_implementation=cache)
     assert torch.equal(out[NAME], out["sdpa"])
     assert out[NAME].shape == (2, 15)
 
