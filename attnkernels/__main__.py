@@ -65,8 +65,51 @@ def softmax_cases(batch: int, heads: int, seq_len: int, head_dim: int):
            lambda: attention_reference(q, k, v, window_size=256)[0])
 
 
+def bigbird_cases(batch: int, heads: int, seq_len: int, head_dim: int):
+    """BigBird (block 64, 1 global, 3 window, 3 random blocks, per-head) vs SDPA with its element mask."""
+    from attnkernels import masks
+
+    q, k, v = (torch.randn(batch, heads, seq_len, head_dim) for _ in range(3))
+    mask = masks.bigbird(seq_len, block_size=64, num_heads=heads, seed=0)
+    element_mask = mask.element_mask(seq_len, seq_len)
+    yield (f"bigbird ({mask.density():.0%} dense)", lambda: attnkernels.sparse_attention(q, k, v, mask),
+           "SDPA + element mask", lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=element_mask),
+           lambda: attention_reference(q, k, v, block_mask=mask)[0])
+
+
+def _torch_linear(q, k, v):
+    """Non-causal elu+1 linear attention in plain torch: φ(q) (φ(k)ᵀ v) / (φ(q) Σφ(k))."""
+    phi_q, phi_k = F.elu(q) + 1, F.elu(k) + 1
+    kv = phi_k.transpose(-1, -2) @ v  # [B, H, M, Dv]
+    return (phi_q @ kv) / (phi_q @ phi_k.sum(2, keepdim=True).transpose(-1, -2) + 1e-6)
+
+
+def linear_cases(batch: int, heads: int, seq_len: int, head_dim: int):
+    """elu+1 linear attention, non-causal vs plain torch and causal vs fla's chunked torch code."""
+    if not hasattr(attnkernels, "linear_attention"):
+        return
+    from attnkernels.linear.reference import linear_attention_reference
+
+    q, k, v = (torch.randn(batch, heads, seq_len, head_dim) for _ in range(3))
+    q64, k64, v64 = (t.double() for t in (q, k, v))
+    yield ("linear elu+1", lambda: attnkernels.linear_attention(q, k, v), "plain torch",
+           lambda: _torch_linear(q, k, v), lambda: linear_attention_reference(q64, k64, v64)[0])
+    if importlib.util.find_spec("fla") is not None:
+        from fla.ops.linear_attn.naive import naive_chunk_linear_attn
+
+        def fla_causal():
+            qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+            return naive_chunk_linear_attn(F.elu(qt) + 1, F.elu(kt) + 1, vt, scale=1.0, normalize=True)[0]
+
+        yield ("linear elu+1 causal", lambda: attnkernels.linear_attention(q, k, v, causal=True),
+               "fla naive_chunk", fla_causal,
+               lambda: linear_attention_reference(q64, k64, v64, causal=True)[0])
+
+
 def family_cases(batch: int, heads: int, seq_len: int, head_dim: int):
     yield from softmax_cases(batch, heads, seq_len, head_dim)
+    yield from bigbird_cases(batch, heads, seq_len, head_dim)
+    yield from linear_cases(batch, heads, seq_len, head_dim)
 
 
 def main(argv=None) -> int:
@@ -85,7 +128,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     print(f"\nCPU, float32, B=1 H={args.heads} N={args.seq_len} D={args.head_dim}; "
           f"ratio = baseline time / our time (median of {args.rounds} interleaved rounds)")
-    header = f"{'family':<22}{'max |err| vs fp64 ref':>22}{'ours ms':>10}{'baseline':>22}{'base ms':>10}{'ratio':>8}"
+    header = f"{'family':<26}{'max |err| vs fp64 ref':>22}{'ours ms':>10}{'baseline':>22}{'base ms':>10}{'ratio':>8}"
     print(header)
     print("-" * len(header))
     worst = 0.0
@@ -96,7 +139,7 @@ def main(argv=None) -> int:
             ours_t, base_t = time_interleaved([ours, baseline], rounds=args.rounds)
             ratio = median_ratio(base_t, ours_t)
             median = lambda t: sorted(t)[len(t) // 2] * 1e3  # noqa: E731
-            print(f"{name:<22}{error:>22.2e}{median(ours_t):>10.2f}{baseline_name:>22}{median(base_t):>10.2f}{ratio:>7.2f}x")
+            print(f"{name:<26}{error:>22.2e}{median(ours_t):>10.2f}{baseline_name:>22}{median(base_t):>10.2f}{ratio:>7.2f}x")
     if not math.isfinite(worst) or worst > 1e-3:
         print(f"\nFAILED: an error against the reference is {worst:.2e} (> 1e-3)")
         return 1

@@ -72,7 +72,9 @@ def test_hf_sliding_window(sliding_window):
         from transformers.masking_utils import sliding_window_causal_mask_function
 
         mask_fn = sliding_window_causal_mask_function(sliding_window)
-        hf_mask = torch.tensor([[bool(mask_fn(0, 0, i, j)) for j in range(20)] for i in range(20)])
+        # HF's mask functions take index tensors (they are vmapped over positions).
+        idx = torch.arange(20)
+        hf_mask = mask_fn(torch.tensor(0), torch.tensor(0), idx[:, None], idx[None, :]).expand(20, 20)
     assert torch.equal(window_visibility(20, 20, windows.from_hf_sliding_window(sliding_window)), hf_mask)
     assert hf_mask.sum(-1).max() == min(sliding_window, 20)
 

@@ -785,17 +785,10 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------
 
 
-def _not_yet(**features):
-    for name, value in features.items():
-        if value is not None:
-            raise NotImplementedError(f"attention (triton): {name} is not implemented yet")
-
-
 def attention_forward(q, k, v, scale, window_left, window_right,
                       kv_num_blocks=None, kv_indices=None, sparse_block_size=0,
                       key_padding_mask=None):
     """(out (B, Hq, Nq, Dv) in q's dtype, lse (B, Hq, Nq) float32 natural log)."""
-    _not_yet(kv_num_blocks=kv_num_blocks, kv_indices=kv_indices, key_padding_mask=key_padding_mask)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, kv_len, head_dim_v = k.shape[1], k.shape[2], v.shape[-1]
@@ -838,8 +831,6 @@ def attention_backward(dout, q, k, v, out, lse, scale, window_left, window_right
                        kv_num_blocks=None, kv_indices=None, q_num_blocks=None, q_indices=None,
                        sparse_block_size=0, key_padding_mask=None):
     """(dq, dk, dv) in the inputs' dtype. Deterministic (see the module docstring)."""
-    _not_yet(kv_num_blocks=kv_num_blocks, kv_indices=kv_indices, q_num_blocks=q_num_blocks,
-             q_indices=q_indices, key_padding_mask=key_padding_mask)
     q, k, v, out, dout = (_last_dim_contiguous(t) for t in (q, k, v, out, dout))
     lse = lse.contiguous()
     batch, q_heads, q_len, head_dim = q.shape
