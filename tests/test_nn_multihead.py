@@ -152,7 +152,7 @@ def test_bigbird_family_B2_N112_bs16(backend):
     backend_feature_param(backend, "block_mask")
     dtype, tol = _dtype_tol(backend)
     module = MultiheadAttention(E, H, attention="bigbird", block_size=16, num_random_blocks=1, seed=3, dtype=dtype).eval()
-    x = torch.randn(2, 112, E, dtype=dtype)
+    x = torch.randn(1 if backend == "triton" else 2, 112, E, dtype=dtype)  # the interpreter is slow
     with attnkernels.backend(backend):
         got, _ = module(x)
     layout = module.block_mask(112)
