@@ -19,6 +19,7 @@ Conventions, chosen once (see README_SECTION.md):
 """
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -350,26 +351,38 @@ class MultiheadAttention(nn.Module):
         return heads(q, self.num_heads), heads(k, self.num_kv_heads), heads(v, self.num_kv_heads)
 
     def _linear_core(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, key_padding_mask: Tensor | None) -> Tensor:
-        """Linear / Performer attention; padded keys contribute nothing to S = Σ φ(k) vᵀ nor to z = Σ φ(k)."""
+        """Linear / Performer attention; padded keys contribute nothing to S = Σ φ(k) vᵀ nor to z = Σ φ(k).
+
+        q (B, Hq, Nq, Dh), k/v (B, Hk, Nk, Dh) -> (B, Hq, Nq, Dh). GQA is native in linear_attention.
+        """
         linear_attention, _ = _linear_api()
-        group = self.num_heads // self.num_kv_heads
-        if group > 1:  # the linear API's GQA support is not part of its contract: share kv heads explicitly
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        # scale=1.0: neutral however the kernel applies it (before or after φ); the projections learn any scale.
+        performer = self.attention == "performer"
+        # Performer approximates softmax(q kᵀ / √Dh), like the softmax families; the elementwise maps take
+        # q unscaled (their scale multiplies q before φ; the projections learn any scale).
+        scale = 1.0 / math.sqrt(self.head_dim) if performer else 1.0
         if key_padding_mask is None:
-            return linear_attention(q, k, v, feature_map=self.feature_map, causal=causal, scale=1.0)
+            return linear_attention(q, k, v, feature_map=self.feature_map, causal=causal, scale=scale)
         # Zeroing k is not enough (elu+1 and FAVOR+ give φ(0) != 0): apply φ here, zero the padded rows of
         # φ(K) and V, and run the kernel with the identity map on the features.
-        keep = (~key_padding_mask)[:, None, :, None].to(q.dtype)  # (B, 1, Nk, 1)
-        phi_q, phi_k = self._featurize(q), self._featurize(k) * keep
-        return linear_attention(phi_q, phi_k, v * keep, feature_map="identity", causal=causal, scale=1.0)
+        padded = key_padding_mask[:, None, :, None]  # (B, 1, Nk, 1)
+        # FAVOR+ subtracts one stabiliser per (batch, head), the max over all keys: give padded slots a copy
+        # of the first real key so they cannot move it (the result then equals the unpadded sequence's).
+        first_real = (~key_padding_mask).to(torch.uint8).argmax(dim=-1)  # (B,)
+        fill = k[torch.arange(k.shape[0], device=k.device), :, first_real][:, :, None]  # (B, Hk, 1, Dh)
+        k = torch.where(padded, fill, k)
+        if performer:
+            root = math.sqrt(scale)  # linear_attention's rule: q and k each times sqrt(scale)
+            phi_q, phi_k = self.feature_map(q * root, is_query=True), self.feature_map(k * root, is_query=False)
+        else:
+            phi_q, phi_k = _elementwise_feature_map(self.feature_map, q), _elementwise_feature_map(self.feature_map, k)
+        keep = (~padded).to(q.dtype)
+        return linear_attention(phi_q, phi_k * keep, v * keep, feature_map="identity", causal=causal, scale=1.0)
 
-    def _featurize(self, x: Tensor) -> Tensor:
-        """φ(x) on the last dim, as the kernel would apply it: (B, H, N, Dh) -> (B, H, N, M)."""
-        if self.feature_map == "elu":
-            return F.elu(x) + 1.0
-        if self.feature_map == "relu":
-            return F.relu(x)
-        if self.feature_map == "identity":
-            return x
-        return self.feature_map(x)  # PerformerFeatures
+
+def _elementwise_feature_map(name: str, x: Tensor) -> Tensor:
+    """φ(x) for the elementwise maps, as linear_attention applies them (scale 1)."""
+    if name == "elu":
+        return F.elu(x) + 1.0
+    if name == "relu":
+        return F.relu(x)
+    return x  # identity
