@@ -132,7 +132,9 @@ def test_B1_H2_N77_D32_huge_logits_do_not_overflow(dtype, magnitude):
     plain_out, _ = attention_reference(q, k, v, scale=1.0, causal=True, upcast=False)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     assert_within_rule("out", out, expected_out, plain_out, dtype)
-    assert torch.allclose(lse.double(), expected_lse, rtol=1e-6, atol=0)
+    # fp32 logits of size L carry rounding error ~L·2^-24·sqrt(D): bound by 1e-6 of the largest.
+    lse_bound = (1e-12 if dtype == torch.float64 else 1e-6) * expected_lse.abs().max().item()
+    assert (lse.double() - expected_lse).abs().max().item() <= lse_bound
 
 
 def test_B1_H1_N50_D16_equal_scores_average_the_visible_values():
@@ -162,18 +164,22 @@ def test_B2_H2_N33_D16_whole_head_masked_gives_zero_and_finite_gradients(backend
         assert torch.all(leaf.grad[1] == 0), f"{name}: a masked head must get zero gradient"
 
 
-def test_B1_H1_N40_D16_nan_key_poisons_exactly_the_rows_that_see_it():
-    """Documented: a NaN/Inf in k or v spreads to the rows whose window sees it, as in the reference."""
-    backend_param("cpu")
-    q, k, v = (torch.randn(1, 1, 40, 16, dtype=torch.float64) for _ in range(3))
-    k[0, 0, 20, 3] = float("nan")
-    with attnkernels.backend("cpu"):
+@pytest.mark.parametrize("backend, dtype", [("cpu", torch.float64), ("cpu", torch.float32), ("triton", torch.float32)],
+                         ids=["cpu-fp64", "cpu-fp32", "triton-fp32"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_B1_H1_N40_D16_bad_key_poisons_exactly_the_rows_that_see_it(backend, dtype, bad):
+    """Documented: a NaN/Inf in k spreads to the rows whose window sees it, as in the reference."""
+    backend_param(backend)
+    q, k, v = (torch.randn(1, 1, 40, 16, dtype=dtype) for _ in range(3))
+    k[0, 0, 20, 3] = bad
+    with attnkernels.backend(backend):
         out = attnkernels.attention(q, k, v, window_size=(5, 0))
     expected, _ = attention_reference(q, k, v, window_size=(5, 0))
     assert torch.equal(torch.isnan(out), torch.isnan(expected))
-    assert torch.isnan(out[0, 0, 20:26]).all() and not torch.isnan(out[0, 0, :20]).any()
+    assert torch.isnan(out[0, 0, 20:25]).all() and not torch.isnan(out[0, 0, :20]).any()
     clean = ~torch.isnan(expected)
-    torch.testing.assert_close(out[clean], expected[clean], rtol=1e-12, atol=1e-12)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(out[clean].double(), expected[clean], rtol=tol, atol=tol)
 
 
 def test_B1_H4_N1_D256_bf16_decode_row():
@@ -244,23 +250,23 @@ def test_repeated_forward_backward_does_not_grow_rss():
     backend_param("cpu")
     out = _run_child("""
         import psutil, torch, attnkernels
-        q, k, v = (torch.randn(1, 4, 512, 64, requires_grad=True) for _ in range(3))
-        mask = attnkernels.masks.bigbird(512, block_size=64, num_heads=4, seed=0)
+        q, k, v = (torch.randn(1, 2, 256, 32, requires_grad=True) for _ in range(3))
+        mask = attnkernels.masks.bigbird(256, block_size=16, num_heads=2, seed=0)
         def step():
             for t in (q, k, v):
                 t.grad = None
             out = (attnkernels.attention(q, k, v, causal=True) + attnkernels.attention(q, k, v, window_size=64)
                    + attnkernels.sparse_attention(q, k, v, mask))
             out.sum().backward()
-        for _ in range(20):
+        for _ in range(10):
             step()
         before = psutil.Process().memory_info().rss
-        for _ in range(200):
+        for _ in range(100):
             step()
         print((psutil.Process().memory_info().rss - before) / 2**20)
     """)
     growth_mib = float(out.strip().splitlines()[-1])
-    assert growth_mib < 32, f"RSS grew by {growth_mib:.1f} MiB over 200 forward+backward calls"
+    assert growth_mib < 16, f"RSS grew by {growth_mib:.1f} MiB over 100 forward+backward calls"
 
 
 def test_N65536_window_and_causal_never_allocate_n_by_n():

@@ -10,11 +10,14 @@ ahead-of-time compile gate (tests/test_compile_report.py).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
 import torch
 
+import attnkernels
+from attnkernels import masks
 from attnkernels.kernels import attention as A
 from attnkernels.reference import attention_reference, window_visibility
 
@@ -57,8 +60,13 @@ class TableMask:
         b = self.block_size
         return self.layout.repeat_interleave(b, -2)[..., :q_len, :].repeat_interleave(b, -1)[..., :kv_len]
 
-    def kwargs(self) -> dict:
-        return dict(kv_num_blocks=self.kv_num_blocks, kv_indices=self.kv_indices, sparse_block_size=self.block_size)
+
+def _sparse_kwargs(block_mask) -> dict:
+    """The forward's table arguments from a TableMask or an attnkernels BlockMask."""
+    if block_mask is None:
+        return {}
+    return dict(kv_num_blocks=block_mask.kv_num_blocks, kv_indices=block_mask.kv_indices,
+                sparse_block_size=block_mask.block_size)
 
 
 def _tables(layout: torch.Tensor, n_cols: int):
@@ -104,7 +112,7 @@ def run_case(shape, window, dtype, block_mask=None, key_padding_mask=None, trans
         q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
     scale = 1.0 / math.sqrt(d)
     ref_kw = dict(window_size=window, scale=scale, block_mask=block_mask, key_padding_mask=key_padding_mask)
-    sparse_kw = block_mask.kwargs() if block_mask is not None else {}
+    sparse_kw = _sparse_kwargs(block_mask)
 
     out, lse = A.attention_forward(q, k, v, scale, *window, key_padding_mask=key_padding_mask, **sparse_kw)
     assert out.dtype == dtype and out.shape == (b, hq, nq, dv)
@@ -128,6 +136,9 @@ def run_case(shape, window, dtype, block_mask=None, key_padding_mask=None, trans
     for name, got, g64, gs in (("dq", dq, q64.grad, qs.grad), ("dk", dk, k64.grad, ks.grad), ("dv", dv_, v64.grad, vs.grad)):
         assert got.dtype == dtype and got.shape == g64.shape, name
         _check(name, got, g64, gs, floor)
+    # rows that see no key: zero gradient, exactly (not merely small)
+    empty = torch.isneginf(lse64)  # (B, Hq, Nq)
+    assert torch.equal(dq[empty], torch.zeros_like(dq[empty])), "dq of rows that see no key"
 
 
 # ----------------------------------------------------------------------------------------
@@ -259,10 +270,221 @@ def test_configs_are_gpu_sized():
                 assert small.block_m == 16 and small.block_n == 16
 
 
-def test_unimplemented_features_raise():
-    q = torch.randn(1, 1, 16, 16)
-    with pytest.raises(NotImplementedError, match="key_padding_mask"):
-        A.attention_forward(q, q, q, 0.25, -1, -1, key_padding_mask=torch.zeros(1, 16, dtype=torch.bool))
-    with pytest.raises(NotImplementedError, match="kv_num_blocks"):
-        A.attention_forward(q, q, q, 0.25, -1, -1, kv_num_blocks=torch.ones(1, 1, 1, dtype=torch.int32),
-                            kv_indices=torch.zeros(1, 1, 1, 1, dtype=torch.int32), sparse_block_size=16)
+# ----------------------------------------------------------------------------------------
+# phase 2: block-sparse tables, key padding mask
+# ----------------------------------------------------------------------------------------
+
+
+def _random_layout(bm, hm, nq, nk, block, density, seed, empty_rows=()):
+    """A TableMask with each (Bm, Hm) row drawn independently at `density`; `empty_rows`
+    query-block rows list no key block at all (their queries see nothing)."""
+    gen = torch.Generator().manual_seed(seed)
+    layout = torch.rand(bm, hm, -(-nq // block), -(-nk // block), generator=gen) < density  # (Bm, Hm, nQb, nKb)
+    for row in empty_rows:
+        layout[..., row, :] = False
+    return TableMask(layout, block)
+
+
+# (B, Hq, Hk, Nq, Nk, D, Dv), (left, right), (Bm, Hm, block, density, empty query-block rows), tiles
+SPARSE_CASES = [
+    # per-(batch, head) tables, GQA 2:1, kernel tile == sparse block
+    ((2, 4, 2, 65, 65, 32, 32), (-1, -1), (2, 4, 16, 0.3, ()), None),
+    # broadcast Bm = Hm = 1, 5% density (most query blocks see nothing), Nq != Nk, causal
+    ((2, 2, 1, 80, 97, 16, 16), (-1, 0), (1, 1, 16, 0.05, ()), None),
+    # Bm = B, Hm = 1; explicit empty rows; Dv != D
+    ((2, 2, 2, 70, 50, 40, 24), (-1, -1), (2, 1, 16, 0.5, (0, 3)), None),
+    # Bm = 1, Hm = Hq with a window: the table is cut to the band; Nq > Nk
+    ((1, 2, 1, 97, 70, 64, 64), (20, 5), (1, 2, 32, 0.5, ()), None),
+    # kernel tiles smaller than the sparse block: each listed block spans several tiles
+    ((1, 2, 1, 150, 150, 32, 32), (-1, -1), (1, 2, 64, 0.4, ()), (16, 32)),
+    ((1, 1, 1, 200, 140, 16, 16), (-1, 0), (1, 1, 128, 0.5, ()), (32, 16)),
+]
+
+
+def _sparse_id(shape, window, lay, tiles):
+    bm, hm, block, density, empty = lay
+    extra = f"-S{block}-Bm{bm}Hm{hm}-{round(density * 100)}pct" + ("-emptyrows" if empty else "")
+    extra += f"-M{tiles[0]}N{tiles[1]}" if tiles else ""
+    return _case_id(*shape, window, extra)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("shape,window,lay,tiles", SPARSE_CASES, ids=[_sparse_id(*c) for c in SPARSE_CASES])
+def test_sparse_matches_reference(shape, window, lay, tiles, dtype):
+    b, hq, hk, nq, nk, d, dv = shape
+    bm, hm, block, density, empty = lay
+    mask = _random_layout(bm, hm, nq, nk, block, density, seed=nq * nk + hq, empty_rows=empty)
+    with A.override_blocks(*tiles) if tiles else contextlib.nullcontext():
+        run_case(shape, window, dtype, block_mask=mask)
+
+
+def test_sparse_full_layout_equals_dense():
+    """Every block listed: the sparse path walks the same tiles in the same order as the dense
+    path, so out, lse and the gradients agree bit for bit (same tiles forced for both)."""
+    q, k, v = torch.randn(1, 1, 70, 16), torch.randn(1, 1, 50, 16), torch.randn(1, 1, 50, 16)
+    full = TableMask(torch.ones(1, 1, 3, 2, dtype=torch.bool), 32)  # ceil(70/32) x ceil(50/32)
+    sparse_kw = _sparse_kwargs(full)
+    for window in ((-1, -1), (10, 3)):
+        with A.override_blocks(16, 16):
+            out, lse = A.attention_forward(q, k, v, 0.2, *window)
+            out_s, lse_s = A.attention_forward(q, k, v, 0.2, *window, **sparse_kw)
+            assert torch.equal(out, out_s) and torch.equal(lse, lse_s), window
+            dout = torch.randn_like(out)
+            grads = A.attention_backward(dout, q, k, v, out, lse, 0.2, *window)
+            grads_s = A.attention_backward(dout, q, k, v, out, lse, 0.2, *window, q_num_blocks=full.q_num_blocks,
+                                           q_indices=full.q_indices, **sparse_kw)
+            for name, g, g_s in zip(("dq", "dk", "dv"), grads, grads_s):
+                assert torch.equal(g, g_s), (window, name)
+
+
+def test_sparse_empty_layout_rows_zero_and_finite():
+    """Query blocks that list nothing: out 0, lse -inf; key blocks nobody lists: dk = dv = 0."""
+    layout = torch.zeros(1, 1, 3, 3, dtype=torch.bool)
+    layout[0, 0, 1, 2] = True  # only query block 1 sees anything (key block 2)
+    mask = TableMask(layout, 16)
+    q, k, v = torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
+    out, lse = A.attention_forward(q, k, v, 0.25, -1, -1, **_sparse_kwargs(mask))
+    rows = torch.ones(40, dtype=torch.bool)
+    rows[16:32] = False  # the rows of query block 1
+    assert torch.equal(out[:, :, rows], torch.zeros_like(out[:, :, rows]))
+    assert torch.isneginf(lse[:, :, rows]).all() and torch.isfinite(lse[:, :, ~rows]).all()
+    dq, dk, dv = A.attention_backward(torch.randn_like(out), q, k, v, out, lse, 0.25, -1, -1,
+                                      q_num_blocks=mask.q_num_blocks, q_indices=mask.q_indices, **_sparse_kwargs(mask))
+    assert all(torch.isfinite(g).all() for g in (dq, dk, dv))
+    assert torch.equal(dq[:, :, rows], torch.zeros_like(dq[:, :, rows]))
+    assert torch.equal(dk[:, :, :32], torch.zeros_like(dk[:, :, :32]))
+    assert torch.equal(dv[:, :, :32], torch.zeros_like(dv[:, :, :32]))
+
+
+# (B, Hq, Hk, N, D), block, causal, tiles: BigBird with N not a multiple of the block
+BIGBIRD_CASES = [
+    ((1, 4, 2, 81, 16), 16, False, None),
+    ((1, 2, 1, 97, 16), 16, True, None),
+    ((1, 2, 2, 150, 32), 64, True, (16, 16)),
+]
+
+
+def _bigbird_id(case):
+    (b, hq, hk, n, d), block, is_causal, tiles = case
+    return (f"B{b}-Hq{hq}-Hk{hk}-N{n}-D{d}-S{block}-bigbird" + ("-causal" if is_causal else "")
+            + (f"-M{tiles[0]}N{tiles[1]}" if tiles else ""))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("case", BIGBIRD_CASES, ids=_bigbird_id)
+def test_bigbird_matches_reference(case, dtype):
+    (b, hq, hk, n, d), block, is_causal, tiles = case
+    mask = masks.bigbird(n, block_size=block, num_global_blocks=1, num_window_blocks=3, num_random_blocks=1,
+                         num_heads=hq, seed=n + hq, causal=is_causal)
+    # the mask's causal flag reaches the kernels as window_right = 0 (api.py does the same)
+    window = (-1, 0) if is_causal else (-1, -1)
+    with A.override_blocks(*tiles) if tiles else contextlib.nullcontext():
+        run_case((b, hq, hk, n, n, d, d), window, dtype, block_mask=mask)
+
+
+def _padding(b, nk, seed, fully_padded=(1,)):
+    """Bool (B, Nk), True = ignore: ~30% random keys, and whole batch rows padded."""
+    kpm = torch.rand(b, nk, generator=torch.Generator().manual_seed(seed)) < 0.3
+    kpm[:, -5:] = True  # a padded tail, as variable-length batches have
+    for row in fully_padded:
+        kpm[row] = True  # every query of this batch row sees nothing
+    return kpm
+
+
+# (B, Hq, Hk, Nq, Nk, D, Dv), (left, right), sparse (Bm, Hm, block, density) or None, tiles
+KPM_CASES = [
+    ((2, 2, 1, 37, 80, 32, 32), (-1, -1), None, None),
+    ((3, 1, 1, 97, 60, 16, 16), (-1, 0), None, (16, 16)),  # causal, Nq > Nk, many blocks
+    ((2, 4, 2, 50, 50, 16, 16), (7, 3), None, (16, 16)),  # window, GQA
+    ((2, 2, 1, 70, 90, 32, 32), (-1, 0), (1, 2, 16, 0.4), None),  # + sparse tables, causal
+]
+
+
+def _kpm_id(case):
+    shape, window, lay, tiles = case
+    extra = "-kpm" + (f"-S{lay[2]}-{round(lay[3] * 100)}pct" if lay else "") + (f"-M{tiles[0]}N{tiles[1]}" if tiles else "")
+    return _case_id(*shape, window, extra)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("case", KPM_CASES, ids=_kpm_id)
+def test_key_padding_matches_reference(case, dtype):
+    shape, window, lay, tiles = case
+    b, hq, hk, nq, nk, d, dv = shape
+    mask = _random_layout(lay[0], lay[1], nq, nk, lay[2], lay[3], seed=nq + nk) if lay else None
+    kpm = _padding(b, nk, seed=nq * nk)
+    with A.override_blocks(*tiles) if tiles else contextlib.nullcontext():
+        run_case(shape, window, dtype, block_mask=mask, key_padding_mask=kpm)
+
+
+def test_key_padding_fully_padded_batch_row():
+    """A batch row whose keys are all padded: out 0, lse -inf, zero and finite gradients;
+    padded keys get dk = dv = 0 in every batch row."""
+    q, k, v = torch.randn(2, 2, 33, 16), torch.randn(2, 1, 40, 16), torch.randn(2, 1, 40, 16)
+    kpm = torch.zeros(2, 40, dtype=torch.bool)
+    kpm[0, 30:] = True
+    kpm[1] = True
+    out, lse = A.attention_forward(q, k, v, 0.25, -1, 0, key_padding_mask=kpm)
+    assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.isneginf(lse[1]).all()
+    assert torch.isfinite(lse[0]).all()
+    dq, dk, dv = A.attention_backward(torch.randn_like(out), q, k, v, out, lse, 0.25, -1, 0, key_padding_mask=kpm)
+    assert all(torch.isfinite(g).all() for g in (dq, dk, dv))
+    for g in (dq[1], dk[1], dv[1], dk[0, :, 30:], dv[0, :, 30:]):
+        assert torch.equal(g, torch.zeros_like(g))
+
+
+def test_bad_tables_and_padding_raise():
+    q = torch.randn(1, 2, 40, 16)
+    num, idx = torch.ones(1, 1, 3, dtype=torch.int32), torch.zeros(1, 1, 3, 3, dtype=torch.int32)
+    with pytest.raises(ValueError, match="kv_num_blocks and kv_indices"):
+        A.attention_forward(q, q, q, 0.25, -1, -1, kv_num_blocks=num, sparse_block_size=16)
+    with pytest.raises(ValueError, match="int32"):
+        A.attention_forward(q, q, q, 0.25, -1, -1, kv_num_blocks=num.long(), kv_indices=idx, sparse_block_size=16)
+    with pytest.raises(ValueError, match="expected shape"):  # 40 / 32 -> 2 query blocks, not 3
+        A.attention_forward(q, q, q, 0.25, -1, -1, kv_num_blocks=num, kv_indices=idx, sparse_block_size=32)
+    with pytest.raises(ValueError, match="leading dims"):
+        A.attention_forward(q, q, q, 0.25, -1, -1, kv_num_blocks=num.expand(1, 3, 3), kv_indices=idx.expand(1, 3, 3, 3),
+                            sparse_block_size=16)
+    with pytest.raises(ValueError, match="power of two"):
+        A.attention_forward(q, q, q, 0.25, -1, -1, kv_num_blocks=num, kv_indices=idx, sparse_block_size=24)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        A.attention_forward(q, q, q, 0.25, -1, -1, key_padding_mask=torch.zeros(1, 39, dtype=torch.bool))
+
+
+# ----------------------------------------------------------------------------------------
+# through the public API: attnkernels.backend("triton") on CPU tensors (interpreter)
+# ----------------------------------------------------------------------------------------
+
+
+def _api_check(run, ref_kw, q, k, v):
+    """run(q, k, v) -> out through the public API; compares out and the input grads with the
+    float64 reference, under the same tolerance rule (fp32 inputs)."""
+    qkv = [t.clone().requires_grad_() for t in (q, k, v)]
+    dout = torch.randn(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
+    with attnkernels.backend("triton"):  # the backward reads the backend too: run it inside
+        out = run(*qkv)
+        grads = torch.autograd.grad(out, qkv, dout)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    out64, _ = attention_reference(q64, k64, v64, **ref_kw)
+    g64 = torch.autograd.grad(out64, (q64, k64, v64), dout.double())
+    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+    out_s, _ = attention_reference(qs, ks, vs, upcast=False, **ref_kw)
+    gs = torch.autograd.grad(out_s, (qs, ks, vs), dout)
+    _check("out", out, out64, out_s, FLOOR[torch.float32])
+    for name, g, e, base in zip(("dq", "dk", "dv"), grads, g64, gs):
+        _check(name, g, e, base, FLOOR[torch.float32])
+
+
+def test_api_sparse_attention_bigbird_causal():
+    # B1-Hq4-Hk2-N97-D16, BigBird block 16, per-head random blocks, causal
+    q, k, v = torch.randn(1, 4, 97, 16), torch.randn(1, 2, 97, 16), torch.randn(1, 2, 97, 16)
+    mask = masks.bigbird(97, block_size=16, num_random_blocks=1, num_heads=4, seed=3, causal=True)
+    _api_check(lambda q, k, v: attnkernels.sparse_attention(q, k, v, mask), dict(block_mask=mask), q, k, v)
+
+
+def test_api_attention_key_padding_window():
+    # B2-Hq2-Hk1-Nq33-Nk47-D16, window (9, 2), batch row 1 fully padded
+    q, k, v = torch.randn(2, 2, 33, 16), torch.randn(2, 1, 47, 16), torch.randn(2, 1, 47, 16)
+    kpm = _padding(2, 47, seed=5)
+    _api_check(lambda q, k, v: attnkernels.attention(q, k, v, window_size=(9, 2), key_padding_mask=kpm),
+               dict(window_size=(9, 2), key_padding_mask=kpm), q, k, v)

@@ -1,0 +1,843 @@
+// Softmax attention on the CPU, forward and backward, flash style.
+//
+// One file, one idea: tile the (Nq, Nk) score matrix, never store it, and
+// visit only the tiles a query tile can see. The same tile iterator serves the
+// forward, the dQ pass and (transposed) the dK/dV pass:
+//   * dense / causal / sliding window: the key band [lo, hi) of a query tile is
+//     computed from indices (bottom-right aligned, FlashAttention's rule), so a
+//     window of width w costs O(N·w) and causal skips the upper triangle;
+//   * block-sparse: the listed blocks of the query block's table row (or, for
+//     dK/dV, of the transposed q_* tables), intersected with that band;
+//   * the element mask (window edge, causal diagonal, key padding) is applied
+//     only on tiles it cuts.
+//
+// Shapes: q (B, Hq, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv), query head h
+// reads kv head h / (Hq / Hk). Tile matmuls go through torch's CPU GEMM
+// (at::native::cpublas::brgemm, oneDNN's micro-kernel, for float; a
+// vectorised loop for double, the test path); softmax/exp through at::vec::Vectorized.
+// bf16/fp16 inputs are upcast once to float32 (O(N·D), never O(N²)), so the
+// accumulation is float32 as in FlashAttention; float64 stays float64.
+//
+// Backward (FA2): P is recomputed from the saved LSE, delta = rowsum(dO ∘ O),
+// dS = P ∘ (dP − delta). dQ iterates key tiles per query tile; dK/dV iterate
+// query tiles per key tile, over the GQA group's query heads in a fixed order.
+// Every output element is written by exactly one task, so the result is the
+// same bits for any thread count.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/native/CPUBlas.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+namespace {
+
+// Query rows x keys per tile. 64 x 128 keeps S, dP and the accumulators of a
+// tile in L2 and gives the GEMM micro-kernel enough work per call.
+constexpr int64_t kBlockM = 64;
+constexpr int64_t kBlockN = 128;
+constexpr int64_t kMaxHeadDim = 256;
+// Below this much work per thread a parallel region costs more than it saves
+// (waking threads is ~10 us, far more on a loaded host): small calls run inline.
+constexpr double kMinParallelFlops = 4e6;
+
+// Grain for at::parallel_for over `tasks` tasks of about `flops_per_task` each.
+// Only the partition changes with it, never the result (each task owns its outputs).
+int64_t grain_for(double flops_per_task) {
+  return std::max<int64_t>(1, int64_t(std::ceil(kMinParallelFlops / std::max(flops_per_task, 1.0))));
+}
+
+// ---------------------------------------------------------------------------
+// Problem description shared by the three passes
+// ---------------------------------------------------------------------------
+struct Problem {
+  int64_t B = 0, Hq = 0, Hk = 0, Nq = 0, Nk = 0, D = 0, Dv = 0, group = 1;
+  int64_t left = -1, right = -1;  // window, -1 = unbounded side
+  int64_t off = 0;                // Nk - Nq: the bottom-right diagonal shift
+  // Block-sparse tables (nullptr when absent), leading dims (tb_B, tb_H) broadcast.
+  int64_t sbs = 0, tb_B = 1, tb_H = 1, nQb = 0, nKb = 0;
+  const int32_t* kv_num = nullptr;  // [tb_B, tb_H, nQb]
+  const int32_t* kv_idx = nullptr;  // [tb_B, tb_H, nQb, nKb]
+  const int32_t* q_num = nullptr;   // [tb_B, tb_H, nKb]
+  const int32_t* q_idx = nullptr;   // [tb_B, tb_H, nKb, nQb]
+  // Key padding: kpm [B, Nk] (true = ignored) and its prefix count [B, Nk + 1].
+  const bool* kpm = nullptr;
+  const int32_t* kpm_prefix = nullptr;
+};
+
+Problem window_problem(int64_t q_len, int64_t kv_len, int64_t left, int64_t right) {
+  Problem p;
+  p.Nq = q_len;
+  p.Nk = kv_len;
+  p.left = left;
+  p.right = right;
+  p.off = kv_len - q_len;
+  return p;
+}
+
+// Keys [lo, hi) seen by at least one query row of [i0, i1) under the window.
+// Exact: when each row's interval is non-empty before clamping (left, right >= 0
+// or unbounded), the union over consecutive rows is this contiguous range.
+inline std::pair<int64_t, int64_t> key_band(const Problem& p, int64_t i0, int64_t i1) {
+  int64_t lo = p.left < 0 ? 0 : std::max<int64_t>(0, i0 + p.off - p.left);
+  int64_t hi = p.right < 0 ? p.Nk : std::min<int64_t>(p.Nk, i1 + p.off + p.right);
+  return {lo, std::max(lo, hi)};
+}
+
+// Queries [lo, hi) that see at least one key of [j0, j1) (the transpose).
+inline std::pair<int64_t, int64_t> query_band(const Problem& p, int64_t j0, int64_t j1) {
+  int64_t lo = p.right < 0 ? 0 : std::max<int64_t>(0, j0 - p.off - p.right);
+  int64_t hi = p.left < 0 ? p.Nq : std::min<int64_t>(p.Nq, j1 - p.off + p.left);
+  return {lo, std::max(lo, hi)};
+}
+
+// True when the window cuts the tile rows [i0, i1) x keys [j0, j1), i.e. some
+// element is outside the band and the tile needs the element mask.
+inline bool window_cuts(const Problem& p, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+  return (p.left >= 0 && j0 < i1 - 1 + p.off - p.left) || (p.right >= 0 && j1 - 1 > i0 + p.off + p.right);
+}
+
+inline bool padding_cuts(const Problem& p, int64_t b, int64_t j0, int64_t j1) {
+  if (!p.kpm) return false;
+  const int32_t* pre = p.kpm_prefix + b * (p.Nk + 1);
+  return pre[j1] != pre[j0];
+}
+
+inline int64_t table_base(const Problem& p, int64_t b, int64_t h) {
+  return (p.tb_B == 1 ? 0 : b) * p.tb_H + (p.tb_H == 1 ? 0 : h);
+}
+
+// Calls f(a', b') for the pieces of [a, b) split at multiples of `tile`.
+template <typename F>
+inline void split_segment(int64_t a, int64_t b, int64_t tile, F&& f) {
+  while (a < b) {
+    int64_t e = std::min(b, (a / tile + 1) * tile);
+    f(a, e);
+    a = e;
+  }
+}
+
+// The key tiles [j0, j1) visited by query rows [i0, i1) of (batch b, query head h).
+// With tables, [i0, i1) lies inside one query block (see make_tiles).
+template <typename F>
+void for_each_kv_tile(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t i1, F&& f) {
+  auto [lo, hi] = key_band(p, i0, i1);
+  if (lo >= hi) return;
+  if (!p.kv_num) {
+    split_segment(lo, hi, kBlockN, f);
+    return;
+  }
+  const int64_t row = table_base(p, b, h) * p.nQb + i0 / p.sbs;
+  const int32_t* idx = p.kv_idx + row * p.nKb;
+  for (int64_t e = 0, n = p.kv_num[row]; e < n; ++e) {
+    const int64_t start = int64_t(idx[e]) * p.sbs;
+    const int64_t a = std::max(lo, start), z = std::min(hi, start + p.sbs);
+    if (a < z) split_segment(a, z, kBlockN, f);
+  }
+}
+
+// The query tiles [i0, i1) visited by key rows [j0, j1) for query head h.
+template <typename F>
+void for_each_q_tile(const Problem& p, int64_t b, int64_t h, int64_t j0, int64_t j1, F&& f) {
+  auto [lo, hi] = query_band(p, j0, j1);
+  if (lo >= hi) return;
+  if (!p.q_num) {
+    split_segment(lo, hi, kBlockM, f);
+    return;
+  }
+  const int64_t row = table_base(p, b, h) * p.nKb + j0 / p.sbs;
+  const int32_t* idx = p.q_idx + row * p.nQb;
+  for (int64_t e = 0, n = p.q_num[row]; e < n; ++e) {
+    const int64_t start = int64_t(idx[e]) * p.sbs;
+    const int64_t a = std::max(lo, start), z = std::min(hi, start + p.sbs);
+    if (a < z) split_segment(a, z, kBlockM, f);
+  }
+}
+
+// Tiles [start, end) of a length-n axis: multiples of `tile`, also cut at
+// sparse block boundaries so that a tile never spans two table rows.
+std::vector<std::pair<int64_t, int64_t>> make_tiles(int64_t n, int64_t tile, int64_t sbs) {
+  std::vector<std::pair<int64_t, int64_t>> tiles;
+  const int64_t block = sbs > 0 ? sbs : n;
+  for (int64_t s = 0; s < n; s += block) {
+    const int64_t e = std::min(n, s + block);
+    for (int64_t t = s; t < e; t += tile) tiles.emplace_back(t, std::min(e, t + tile));
+  }
+  return tiles;
+}
+
+// ---------------------------------------------------------------------------
+// Element masks, only on tiles that window_cuts / padding_cuts flag
+// ---------------------------------------------------------------------------
+template <typename T>
+inline void fill(T* x, int64_t n, T value) {
+  std::fill(x, x + n, value);
+}
+
+// Row i (a query) of a tile over keys [j0, j1): mask keys outside the band or padded.
+template <typename T>
+void mask_query_row(const Problem& p, int64_t b, int64_t i, int64_t j0, int64_t j1, T* row, T value) {
+  int64_t lo = p.left < 0 ? j0 : std::clamp<int64_t>(i + p.off - p.left, j0, j1);
+  int64_t hi = p.right < 0 ? j1 : std::clamp<int64_t>(i + p.off + p.right + 1, j0, j1);
+  hi = std::max(hi, lo);
+  fill(row, lo - j0, value);
+  fill(row + (hi - j0), j1 - hi, value);
+  if (p.kpm) {
+    const bool* pad = p.kpm + b * p.Nk;
+    for (int64_t j = lo; j < hi; ++j)
+      if (pad[j]) row[j - j0] = value;
+  }
+}
+
+// Row j (a key) of a transposed tile over queries [i0, i1): mask queries that do not see j.
+template <typename T>
+void mask_key_row(const Problem& p, int64_t b, int64_t j, int64_t i0, int64_t i1, T* row, T value) {
+  if (p.kpm && p.kpm[b * p.Nk + j]) {
+    fill(row, i1 - i0, value);
+    return;
+  }
+  int64_t lo = p.right < 0 ? i0 : std::clamp<int64_t>(j - p.off - p.right, i0, i1);
+  int64_t hi = p.left < 0 ? i1 : std::clamp<int64_t>(j - p.off + p.left + 1, i0, i1);
+  hi = std::max(hi, lo);
+  fill(row, lo - i0, value);
+  fill(row + (hi - i0), i1 - hi, value);
+}
+
+// ---------------------------------------------------------------------------
+// Tile GEMM: row-major C[M, N] (+)= A[M, K] · B[K, N]
+// ---------------------------------------------------------------------------
+template <typename T>
+void tile_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+               int64_t ldc, bool accumulate);
+
+template <>
+void tile_gemm<float>(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                      float* C, int64_t ldc, bool accumulate) {
+  // oneDNN's brgemm micro-kernel: single-threaded and deterministic per shape.
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, /*is_vnni=*/false);
+}
+
+template <>
+void tile_gemm<double>(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B,
+                       int64_t ldb, double* C, int64_t ldc, bool accumulate) {
+  // brgemm has no double overload and the cpublas gemm stub does not link from
+  // an extension, so float64 (the gradcheck / test path) uses this vectorised
+  // rank-1-update loop: C[i, :] += A[i, kk] * B[kk, :], in a fixed order.
+  using Vec = at::vec::Vectorized<double>;
+  for (int64_t i = 0; i < M; ++i) {
+    double* c = C + i * ldc;
+    if (!accumulate) fill(c, N, 0.0);
+    for (int64_t kk = 0; kk < K; ++kk) {
+      const double a = A[i * lda + kk];
+      const double* b = B + kk * ldb;
+      const Vec va(a);
+      int64_t j = 0;
+      for (; j + Vec::size() <= N; j += Vec::size()) (Vec::loadu(c + j) + va * Vec::loadu(b + j)).store(c + j);
+      for (; j < N; ++j) c[j] += a * b[j];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Vectorised row helpers (tails in scalar code: loadu(ptr, n) pads with zeros,
+// which would corrupt a max or a sum)
+// ---------------------------------------------------------------------------
+// exp on a vector: float uses ATen's exp_u20 (the polynomial torch's own CPU
+// flash attention uses, ~2 ulp, about twice as fast as Sleef's 1-ulp exp);
+// double keeps the 1-ulp exp so the float64 path stays a tight oracle check.
+inline at::vec::Vectorized<float> vexp(const at::vec::Vectorized<float>& x) { return x.exp_u20(); }
+inline at::vec::Vectorized<double> vexp(const at::vec::Vectorized<double>& x) { return x.exp(); }
+
+template <typename T>
+inline void scale_row(T* x, int64_t n, T a) {
+  using Vec = at::vec::Vectorized<T>;
+  const Vec va(a);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) (Vec::loadu(x + i) * va).store(x + i);
+  for (; i < n; ++i) x[i] *= a;
+}
+
+// x <- x * a; returns max(x) (one pass instead of two).
+template <typename T>
+inline T scale_max(T* x, int64_t n, T a) {
+  using Vec = at::vec::Vectorized<T>;
+  const Vec va(a);
+  T m = -std::numeric_limits<T>::infinity();
+  int64_t i = 0;
+  if (n >= Vec::size()) {
+    Vec vm(m);
+    for (; i + Vec::size() <= n; i += Vec::size()) {
+      const Vec y = Vec::loadu(x + i) * va;
+      y.store(x + i);
+      vm = at::vec::maximum(vm, y);
+    }
+    T lanes[Vec::size()];
+    vm.store(lanes);
+    for (int64_t l = 0; l < Vec::size(); ++l) m = std::max(m, lanes[l]);
+  }
+  for (; i < n; ++i) {
+    x[i] *= a;
+    m = std::max(m, x[i]);
+  }
+  return m;
+}
+
+template <typename T>
+inline T row_max(const T* x, int64_t n) {
+  using Vec = at::vec::Vectorized<T>;
+  T m = -std::numeric_limits<T>::infinity();
+  int64_t i = 0;
+  if (n >= Vec::size()) {
+    Vec vm(m);
+    for (; i + Vec::size() <= n; i += Vec::size()) vm = at::vec::maximum(vm, Vec::loadu(x + i));
+    T lanes[Vec::size()];
+    vm.store(lanes);
+    for (int64_t l = 0; l < Vec::size(); ++l) m = std::max(m, lanes[l]);
+  }
+  for (; i < n; ++i) m = std::max(m, x[i]);
+  return m;
+}
+
+// x <- exp(x - m); returns the sum (fixed order: lanes, then tail).
+template <typename T>
+inline T exp_sub_sum(T* x, int64_t n, T m) {
+  using Vec = at::vec::Vectorized<T>;
+  const Vec vm(m);
+  Vec acc(T(0));
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    Vec e = vexp(Vec::loadu(x + i) - vm);
+    e.store(x + i);
+    acc = acc + e;
+  }
+  T lanes[Vec::size()];
+  acc.store(lanes);
+  T s = 0;
+  for (int64_t l = 0; l < Vec::size(); ++l) s += lanes[l];
+  for (; i < n; ++i) {
+    x[i] = std::exp(x[i] - m);
+    s += x[i];
+  }
+  return s;
+}
+
+// x <- exp(x * scale - lse[c]) per column c (lse = +inf for a row that sees nothing -> 0).
+template <typename T>
+inline void exp_scaled_minus(T* x, int64_t n, T scale, const T* lse, bool lse_per_column) {
+  using Vec = at::vec::Vectorized<T>;
+  const Vec vs(scale);
+  int64_t i = 0;
+  if (lse_per_column) {
+    for (; i + Vec::size() <= n; i += Vec::size())
+      vexp(Vec::loadu(x + i) * vs - Vec::loadu(lse + i)).store(x + i);
+    for (; i < n; ++i) x[i] = std::exp(x[i] * scale - lse[i]);
+  } else {
+    const Vec vl(lse[0]);
+    for (; i + Vec::size() <= n; i += Vec::size()) vexp(Vec::loadu(x + i) * vs - vl).store(x + i);
+    for (; i < n; ++i) x[i] = std::exp(x[i] * scale - lse[0]);
+  }
+}
+
+// ds <- p * (dp - delta) * scale, delta per column or one per row.
+template <typename T>
+inline void softmax_grad(T* p, const T* dp, int64_t n, const T* delta, bool delta_per_column, T scale) {
+  using Vec = at::vec::Vectorized<T>;
+  const Vec vs(scale);
+  int64_t i = 0;
+  if (delta_per_column) {
+    for (; i + Vec::size() <= n; i += Vec::size())
+      (Vec::loadu(p + i) * (Vec::loadu(dp + i) - Vec::loadu(delta + i)) * vs).store(p + i);
+    for (; i < n; ++i) p[i] = p[i] * (dp[i] - delta[i]) * scale;
+  } else {
+    const Vec vd(delta[0]);
+    for (; i + Vec::size() <= n; i += Vec::size())
+      (Vec::loadu(p + i) * (Vec::loadu(dp + i) - vd) * vs).store(p + i);
+    for (; i < n; ++i) p[i] = p[i] * (dp[i] - delta[0]) * scale;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Forward: per (b, h, query tile), online softmax over its key tiles
+// ---------------------------------------------------------------------------
+template <typename T>
+void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, T scale, T* out, T* lse) {
+  const auto qtiles = make_tiles(p.Nq, kBlockM, p.sbs);
+  const int64_t nt = int64_t(qtiles.size());
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  const int64_t grain = grain_for(2.0 * kBlockM * std::min<int64_t>(p.Nk, 4 * kBlockN) * (p.D + p.Dv));
+  at::parallel_for(0, p.B * p.Hq * nt, grain, [&](int64_t begin, int64_t end) {
+    std::vector<T> s(kBlockM * kBlockN);  // [BLOCK_M, BLOCK_N] scores, then probabilities
+    std::vector<T> acc(kBlockM * p.Dv);   // [BLOCK_M, Dv] unnormalised output
+    std::vector<T> m(kBlockM), l(kBlockM);  // running row max and row sum
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / nt, b = bh / p.Hq, h = bh % p.Hq, hk = h / p.group;
+      const auto [i0, i1] = qtiles[task % nt];
+      const int64_t M = i1 - i0;
+      const T* q_t = q + (bh * p.Nq + i0) * p.D;          // [M, D]
+      const T* kT_h = kT + (b * p.Hk + hk) * p.D * p.Nk;  // [D, Nk]
+      const T* v_h = v + (b * p.Hk + hk) * p.Nk * p.Dv;   // [Nk, Dv]
+      fill(acc.data(), M * p.Dv, T(0));
+      fill(m.data(), M, neg_inf);
+      fill(l.data(), M, T(0));
+      for_each_kv_tile(p, b, h, i0, i1, [&](int64_t j0, int64_t j1) {
+        const int64_t N = j1 - j0;
+        tile_gemm<T>(M, N, p.D, q_t, p.D, kT_h + j0, p.Nk, s.data(), kBlockN, false);  // S = Q Kᵀ [M, N]
+        const bool masked = window_cuts(p, i0, i1, j0, j1) || padding_cuts(p, b, j0, j1);
+        for (int64_t r = 0; r < M; ++r) {
+          T* sr = s.data() + r * kBlockN;
+          T tile_max = scale_max(sr, N, scale);
+          if (masked) {
+            mask_query_row(p, b, i0 + r, j0, j1, sr, neg_inf);
+            tile_max = row_max(sr, N);
+          }
+          const T m_new = std::max(m[r], tile_max);
+          if (m_new == neg_inf) {  // this row has seen no key yet: P = 0
+            fill(sr, N, T(0));
+            continue;
+          }
+          const T alpha = std::exp(m[r] - m_new);  // 0 on the first visible tile
+          l[r] = l[r] * alpha + exp_sub_sum(sr, N, m_new);
+          m[r] = m_new;
+          if (alpha != T(1)) scale_row(acc.data() + r * p.Dv, p.Dv, alpha);
+        }
+        tile_gemm<T>(M, p.Dv, N, s.data(), kBlockN, v_h + j0 * p.Dv, p.Dv, acc.data(), p.Dv, true);  // O += P V
+      });
+      T* out_t = out + (bh * p.Nq + i0) * p.Dv;
+      T* lse_t = lse + bh * p.Nq + i0;
+      for (int64_t r = 0; r < M; ++r) {
+        const bool seen = l[r] > T(0);
+        std::copy(acc.data() + r * p.Dv, acc.data() + (r + 1) * p.Dv, out_t + r * p.Dv);
+        if (seen)
+          scale_row(out_t + r * p.Dv, p.Dv, T(1) / l[r]);
+        else
+          fill(out_t + r * p.Dv, p.Dv, T(0));
+        lse_t[r] = seen ? m[r] + std::log(l[r]) : neg_inf;
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Backward pass 1: dQ per (b, h, query tile), iterating its key tiles
+// ---------------------------------------------------------------------------
+template <typename T>
+void dq_kernel(const Problem& p, const T* q, const T* k, const T* kT, const T* vT, const T* dout, const T* lse_use,
+               const T* delta, T scale, T* dq) {
+  const auto qtiles = make_tiles(p.Nq, kBlockM, p.sbs);
+  const int64_t nt = int64_t(qtiles.size());
+  const int64_t grain = grain_for(2.0 * kBlockM * std::min<int64_t>(p.Nk, 4 * kBlockN) * (2 * p.D + p.Dv));
+  at::parallel_for(0, p.B * p.Hq * nt, grain, [&](int64_t begin, int64_t end) {
+    std::vector<T> s(kBlockM * kBlockN);   // [BLOCK_M, BLOCK_N] S, then P, then dS
+    std::vector<T> dp(kBlockM * kBlockN);  // [BLOCK_M, BLOCK_N] dP = dO Vᵀ
+    std::vector<T> acc(kBlockM * p.D);     // [BLOCK_M, D] dQ
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / nt, b = bh / p.Hq, h = bh % p.Hq, hk = h / p.group;
+      const auto [i0, i1] = qtiles[task % nt];
+      const int64_t M = i1 - i0;
+      const T* q_t = q + (bh * p.Nq + i0) * p.D;            // [M, D]
+      const T* do_t = dout + (bh * p.Nq + i0) * p.Dv;       // [M, Dv]
+      const T* k_h = k + (b * p.Hk + hk) * p.Nk * p.D;      // [Nk, D]
+      const T* kT_h = kT + (b * p.Hk + hk) * p.D * p.Nk;    // [D, Nk]
+      const T* vT_h = vT + (b * p.Hk + hk) * p.Dv * p.Nk;   // [Dv, Nk]
+      const T* lse_t = lse_use + bh * p.Nq + i0;
+      const T* delta_t = delta + bh * p.Nq + i0;
+      fill(acc.data(), M * p.D, T(0));
+      for_each_kv_tile(p, b, h, i0, i1, [&](int64_t j0, int64_t j1) {
+        const int64_t N = j1 - j0;
+        tile_gemm<T>(M, N, p.D, q_t, p.D, kT_h + j0, p.Nk, s.data(), kBlockN, false);       // S = Q Kᵀ
+        tile_gemm<T>(M, N, p.Dv, do_t, p.Dv, vT_h + j0, p.Nk, dp.data(), kBlockN, false);   // dP = dO Vᵀ
+        const bool masked = window_cuts(p, i0, i1, j0, j1) || padding_cuts(p, b, j0, j1);
+        for (int64_t r = 0; r < M; ++r) {
+          T* sr = s.data() + r * kBlockN;
+          exp_scaled_minus(sr, N, scale, lse_t + r, false);  // P
+          if (masked) mask_query_row(p, b, i0 + r, j0, j1, sr, T(0));
+          softmax_grad(sr, dp.data() + r * kBlockN, N, delta_t + r, false, scale);  // dS · scale
+        }
+        tile_gemm<T>(M, p.D, N, s.data(), kBlockN, k_h + j0 * p.D, p.D, acc.data(), p.D, true);  // dQ += dS K
+      });
+      std::copy(acc.data(), acc.data() + M * p.D, dq + (bh * p.Nq + i0) * p.D);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Backward pass 2: dK, dV per (b, kv head, key tile), iterating query tiles of
+// each query head of the GQA group in order (transposed tiles: rows = keys)
+// ---------------------------------------------------------------------------
+template <typename T>
+void dkdv_kernel(const Problem& p, const T* q, const T* qT, const T* k, const T* v, const T* dout, const T* doT,
+                 const T* lse_use, const T* delta, T scale, T* dk, T* dv) {
+  const auto ktiles = make_tiles(p.Nk, kBlockN, p.sbs);
+  const int64_t nt = int64_t(ktiles.size());
+  const int64_t grain =
+      grain_for(2.0 * kBlockN * p.group * std::min<int64_t>(p.Nq, 4 * kBlockM) * (2 * p.D + 2 * p.Dv));
+  at::parallel_for(0, p.B * p.Hk * nt, grain, [&](int64_t begin, int64_t end) {
+    std::vector<T> st(kBlockN * kBlockM);   // [BLOCK_N, BLOCK_M] Sᵀ, then Pᵀ, then dSᵀ
+    std::vector<T> dpt(kBlockN * kBlockM);  // [BLOCK_N, BLOCK_M] dPᵀ = V dOᵀ
+    std::vector<T> dk_acc(kBlockN * p.D), dv_acc(kBlockN * p.Dv);  // [BLOCK_N, D], [BLOCK_N, Dv]
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bhk = task / nt, b = bhk / p.Hk, hk = bhk % p.Hk;
+      const auto [j0, j1] = ktiles[task % nt];
+      const int64_t N = j1 - j0;
+      const T* k_t = k + (bhk * p.Nk + j0) * p.D;   // [N, D]
+      const T* v_t = v + (bhk * p.Nk + j0) * p.Dv;  // [N, Dv]
+      const bool padded = padding_cuts(p, b, j0, j1);
+      fill(dk_acc.data(), N * p.D, T(0));
+      fill(dv_acc.data(), N * p.Dv, T(0));
+      for (int64_t h = hk * p.group; h < (hk + 1) * p.group; ++h) {
+        const int64_t bh = b * p.Hq + h;
+        const T* q_h = q + bh * p.Nq * p.D;        // [Nq, D]
+        const T* qT_h = qT + bh * p.D * p.Nq;      // [D, Nq]
+        const T* do_h = dout + bh * p.Nq * p.Dv;   // [Nq, Dv]
+        const T* doT_h = doT + bh * p.Dv * p.Nq;   // [Dv, Nq]
+        const T* lse_h = lse_use + bh * p.Nq;
+        const T* delta_h = delta + bh * p.Nq;
+        for_each_q_tile(p, b, h, j0, j1, [&](int64_t i0, int64_t i1) {
+          const int64_t M = i1 - i0;
+          tile_gemm<T>(N, M, p.D, k_t, p.D, qT_h + i0, p.Nq, st.data(), kBlockM, false);       // Sᵀ = K Qᵀ
+          tile_gemm<T>(N, M, p.Dv, v_t, p.Dv, doT_h + i0, p.Nq, dpt.data(), kBlockM, false);  // dPᵀ = V dOᵀ
+          const bool masked = padded || window_cuts(p, i0, i1, j0, j1);
+          for (int64_t r = 0; r < N; ++r) {
+            T* row = st.data() + r * kBlockM;
+            exp_scaled_minus(row, M, scale, lse_h + i0, true);  // Pᵀ
+            if (masked) mask_key_row(p, b, j0 + r, i0, i1, row, T(0));
+          }
+          tile_gemm<T>(N, p.Dv, M, st.data(), kBlockM, do_h + i0 * p.Dv, p.Dv, dv_acc.data(), p.Dv, true);  // dV += Pᵀ dO
+          for (int64_t r = 0; r < N; ++r)
+            softmax_grad(st.data() + r * kBlockM, dpt.data() + r * kBlockM, M, delta_h + i0, true, scale);  // dSᵀ
+          tile_gemm<T>(N, p.D, M, st.data(), kBlockM, q_h + i0 * p.D, p.D, dk_acc.data(), p.D, true);  // dK += dSᵀ Q
+        });
+      }
+      std::copy(dk_acc.data(), dk_acc.data() + N * p.D, dk + (bhk * p.Nk + j0) * p.D);
+      std::copy(dv_acc.data(), dv_acc.data() + N * p.Dv, dv + (bhk * p.Nk + j0) * p.Dv);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Validation (defensive: the Python API validates too) and table plumbing
+// ---------------------------------------------------------------------------
+void check_float_tensor(const char* op, const char* name, const at::Tensor& t, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
+  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got shape ", t.sizes());
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf, op, ": ", name,
+              " must be float32, float64, bfloat16 or float16, got ", st);
+}
+
+Problem check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t left,
+                  int64_t right) {
+  check_float_tensor(op, "q", q, 4);
+  check_float_tensor(op, "k", k, 4);
+  check_float_tensor(op, "v", v, 4);
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+              ": q, k, v must share one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
+  Problem p;
+  p.B = q.size(0);
+  p.Hq = q.size(1);
+  p.Nq = q.size(2);
+  p.D = q.size(3);
+  p.Hk = k.size(1);
+  p.Nk = k.size(2);
+  p.Dv = v.size(3);
+  TORCH_CHECK(k.size(0) == p.B && v.size(0) == p.B, op, ": k and v must have q's batch size ", p.B, ", got ",
+              k.size(0), " and ", v.size(0));
+  TORCH_CHECK(k.size(3) == p.D, op, ": k's head dim ", k.size(3), " must equal q's head dim ", p.D);
+  TORCH_CHECK(v.size(1) == p.Hk && v.size(2) == p.Nk, op, ": v must be (B, Hk, Nk, Dv) with Hk=", p.Hk,
+              ", Nk=", p.Nk, " like k, got ", v.sizes());
+  TORCH_CHECK(p.Hk > 0 && p.Hq % p.Hk == 0, op, ": the number of query heads (", p.Hq,
+              ") must be a multiple of the number of key/value heads (", p.Hk, ")");
+  TORCH_CHECK(p.D >= 1 && p.D <= kMaxHeadDim, op, ": head dim D of q/k must be in [1, ", kMaxHeadDim, "], got ",
+              p.D);
+  TORCH_CHECK(p.Dv >= 1 && p.Dv <= kMaxHeadDim, op, ": head dim Dv of v must be in [1, ", kMaxHeadDim, "], got ",
+              p.Dv);
+  TORCH_CHECK(left >= -1 && right >= -1, op, ": window_left/window_right must be >= 0 or -1 (unbounded), got (",
+              left, ", ", right, ")");
+  p.group = p.Hq / p.Hk;
+  p.left = left;
+  p.right = right;
+  p.off = p.Nk - p.Nq;
+  return p;
+}
+
+// Checks a (num, indices) table pair and returns contiguous copies.
+std::pair<at::Tensor, at::Tensor> check_table(const char* op, const char* num_name, const char* idx_name,
+                                              const at::Tensor& num, const at::Tensor& idx, const Problem& p,
+                                              int64_t rows, int64_t cols) {
+  TORCH_CHECK(num.device().is_cpu() && idx.device().is_cpu(), op, ": ", num_name, " and ", idx_name,
+              " must be CPU tensors");
+  TORCH_CHECK(num.scalar_type() == at::kInt, op, ": ", num_name, " must be int32, got ", num.scalar_type());
+  TORCH_CHECK(idx.scalar_type() == at::kInt, op, ": ", idx_name, " must be int32, got ", idx.scalar_type());
+  TORCH_CHECK(num.dim() == 3, op, ": ", num_name, " must be 3-D (B|1, H|1, n_blocks), got shape ", num.sizes());
+  TORCH_CHECK(idx.dim() == 4, op, ": ", idx_name, " must be 4-D (B|1, H|1, n_blocks, n_blocks), got shape ",
+              idx.sizes());
+  TORCH_CHECK(num.size(0) == 1 || num.size(0) == p.B, op, ": ", num_name, " batch dim must be 1 or ", p.B,
+              ", got ", num.size(0));
+  TORCH_CHECK(num.size(1) == 1 || num.size(1) == p.Hq, op, ": ", num_name, " head dim must be 1 or Hq=", p.Hq,
+              ", got ", num.size(1));
+  TORCH_CHECK(num.size(2) == rows, op, ": ", num_name, " has ", num.size(2), " block rows, expected ", rows,
+              " for block size ", p.sbs);
+  TORCH_CHECK(idx.size(0) == num.size(0) && idx.size(1) == num.size(1) && idx.size(2) == rows &&
+                  idx.size(3) == cols,
+              op, ": ", idx_name, " must have shape (", num.size(0), ", ", num.size(1), ", ", rows, ", ", cols,
+              ") to match ", num_name, ", got ", idx.sizes());
+  at::Tensor n = num.contiguous(), x = idx.contiguous();
+  const int32_t* np = n.data_ptr<int32_t>();
+  const int32_t* xp = x.data_ptr<int32_t>();
+  for (int64_t r = 0; r < n.numel(); ++r) {
+    TORCH_CHECK(np[r] >= 0 && np[r] <= cols, op, ": ", num_name, " entries must be in [0, ", cols, "], got ", np[r]);
+    for (int64_t e = 0; e < np[r]; ++e) {
+      const int32_t c = xp[r * cols + e];
+      TORCH_CHECK(c >= 0 && c < cols, op, ": ", idx_name, " lists block ", c, ", outside [0, ", cols, ")");
+      TORCH_CHECK(e == 0 || c > xp[r * cols + e - 1], op, ": ", idx_name,
+                  " must list distinct blocks in ascending order within each row");
+    }
+  }
+  return {n, x};
+}
+
+// (kv_num, kv_idx) -> the transposed (q_num, q_idx), for a backward called without them.
+std::pair<at::Tensor, at::Tensor> transpose_tables(const at::Tensor& num, const at::Tensor& idx, int64_t rows,
+                                                   int64_t cols) {
+  const int64_t lead = num.size(0) * num.size(1);
+  at::Tensor tn = at::zeros({num.size(0), num.size(1), cols}, num.options());
+  at::Tensor tx = at::zeros({num.size(0), num.size(1), cols, rows}, idx.options());
+  const int32_t* np = num.data_ptr<int32_t>();
+  const int32_t* xp = idx.data_ptr<int32_t>();
+  int32_t* tnp = tn.data_ptr<int32_t>();
+  int32_t* txp = tx.data_ptr<int32_t>();
+  for (int64_t l = 0; l < lead; ++l)
+    for (int64_t r = 0; r < rows; ++r)  // ascending rows -> ascending entries per column
+      for (int64_t e = 0; e < np[l * rows + r]; ++e) {
+        const int64_t c = xp[(l * rows + r) * cols + e];
+        txp[(l * cols + c) * rows + tnp[l * cols + c]++] = int32_t(r);
+      }
+  return {tn, tx};
+}
+
+struct Prepared {
+  at::Tensor kv_num, kv_idx, q_num, q_idx, kpm, kpm_prefix;
+};
+
+// Fills the table / padding fields of p; the returned tensors own the memory.
+Prepared prepare_masks(const char* op, Problem& p, const std::optional<at::Tensor>& kv_num,
+                       const std::optional<at::Tensor>& kv_idx, const std::optional<at::Tensor>& q_num,
+                       const std::optional<at::Tensor>& q_idx, int64_t sparse_block_size,
+                       const std::optional<at::Tensor>& key_padding_mask, bool backward) {
+  Prepared prep;
+  TORCH_CHECK(kv_num.has_value() == kv_idx.has_value(), op, ": pass both kv_num_blocks and kv_indices, or neither");
+  if (kv_num.has_value()) {
+    TORCH_CHECK(sparse_block_size > 0, op, ": sparse_block_size must be positive with block tables, got ",
+                sparse_block_size);
+    p.sbs = sparse_block_size;
+    p.nQb = (p.Nq + p.sbs - 1) / p.sbs;
+    p.nKb = (p.Nk + p.sbs - 1) / p.sbs;
+    std::tie(prep.kv_num, prep.kv_idx) =
+        check_table(op, "kv_num_blocks", "kv_indices", *kv_num, *kv_idx, p, p.nQb, p.nKb);
+    p.tb_B = prep.kv_num.size(0);
+    p.tb_H = prep.kv_num.size(1);
+    p.kv_num = prep.kv_num.data_ptr<int32_t>();
+    p.kv_idx = prep.kv_idx.data_ptr<int32_t>();
+    if (backward) {
+      TORCH_CHECK(q_num.has_value() == q_idx.has_value(), op, ": pass both q_num_blocks and q_indices, or neither");
+      if (q_num.has_value()) {
+        std::tie(prep.q_num, prep.q_idx) = check_table(op, "q_num_blocks", "q_indices", *q_num, *q_idx, p, p.nKb, p.nQb);
+        TORCH_CHECK(prep.q_num.size(0) == p.tb_B && prep.q_num.size(1) == p.tb_H, op,
+                    ": q_num_blocks leading dims ", prep.q_num.sizes(), " must match kv_num_blocks' ",
+                    prep.kv_num.sizes());
+      } else {
+        std::tie(prep.q_num, prep.q_idx) = transpose_tables(prep.kv_num, prep.kv_idx, p.nQb, p.nKb);
+      }
+      p.q_num = prep.q_num.data_ptr<int32_t>();
+      p.q_idx = prep.q_idx.data_ptr<int32_t>();
+    }
+  }
+  if (key_padding_mask.has_value()) {
+    const at::Tensor& m = *key_padding_mask;
+    TORCH_CHECK(m.device().is_cpu(), op, ": key_padding_mask must be a CPU tensor");
+    TORCH_CHECK(m.scalar_type() == at::kBool, op, ": key_padding_mask must be bool (True = ignore), got ",
+                m.scalar_type());
+    TORCH_CHECK(m.dim() == 2 && m.size(0) == p.B && m.size(1) == p.Nk, op, ": key_padding_mask must be (B, Nk) = (",
+                p.B, ", ", p.Nk, "), got ", m.sizes());
+    prep.kpm = m.contiguous();
+    prep.kpm_prefix = at::zeros({p.B, p.Nk + 1}, at::kInt);
+    const bool* mp = prep.kpm.data_ptr<bool>();
+    int32_t* pre = prep.kpm_prefix.data_ptr<int32_t>();
+    for (int64_t b = 0; b < p.B; ++b)
+      for (int64_t j = 0; j < p.Nk; ++j) pre[b * (p.Nk + 1) + j + 1] = pre[b * (p.Nk + 1) + j] + (mp[b * p.Nk + j] ? 1 : 0);
+    p.kpm = mp;
+    p.kpm_prefix = pre;
+  }
+  return prep;
+}
+
+at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// ---------------------------------------------------------------------------
+// Ops
+// ---------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                 double scale, int64_t window_left, int64_t window_right,
+                                                 const std::optional<at::Tensor>& kv_num_blocks,
+                                                 const std::optional<at::Tensor>& kv_indices,
+                                                 int64_t sparse_block_size,
+                                                 const std::optional<at::Tensor>& key_padding_mask) {
+  const char* op = "attention_fwd";
+  Problem p = check_qkv(op, q, k, v, window_left, window_right);
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  Prepared prep = prepare_masks(op, p, kv_num_blocks, kv_indices, std::nullopt, std::nullopt, sparse_block_size,
+                                key_padding_mask, false);
+  const auto ct = compute_type(q.scalar_type());
+  at::Tensor qc = q.to(ct).contiguous();
+  at::Tensor kT = k.to(ct).transpose(-1, -2).contiguous();  // [B, Hk, D, Nk]
+  at::Tensor vc = v.to(ct).contiguous();
+  at::Tensor out = at::empty({p.B, p.Hq, p.Nq, p.Dv}, qc.options());
+  at::Tensor lse = at::empty({p.B, p.Hq, p.Nq}, qc.options());
+  if (p.Nq > 0 && p.Nk > 0 && p.B > 0 && p.Hq > 0) {
+    AT_DISPATCH_FLOATING_TYPES(ct, "attention_fwd", [&] {
+      forward_kernel<scalar_t>(p, qc.data_ptr<scalar_t>(), kT.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(),
+                               scalar_t(scale), out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>());
+    });
+  } else {
+    out.zero_();
+    lse.fill_(-std::numeric_limits<double>::infinity());
+  }
+  return {out.to(q.scalar_type()), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, double scale, int64_t window_left, int64_t window_right,
+    const std::optional<at::Tensor>& kv_num_blocks, const std::optional<at::Tensor>& kv_indices,
+    const std::optional<at::Tensor>& q_num_blocks, const std::optional<at::Tensor>& q_indices,
+    int64_t sparse_block_size, const std::optional<at::Tensor>& key_padding_mask) {
+  const char* op = "attention_bwd";
+  Problem p = check_qkv(op, q, k, v, window_left, window_right);
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  check_float_tensor(op, "dout", dout, 4);
+  check_float_tensor(op, "out", out, 4);
+  TORCH_CHECK(dout.sizes() == out.sizes() && out.sizes() == at::IntArrayRef({p.B, p.Hq, p.Nq, p.Dv}), op,
+              ": dout and out must be (B, Hq, Nq, Dv) = (", p.B, ", ", p.Hq, ", ", p.Nq, ", ", p.Dv, "), got ",
+              dout.sizes(), " and ", out.sizes());
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == p.B && lse.size(1) == p.Hq && lse.size(2) == p.Nq, op,
+              ": lse must be (B, Hq, Nq), got ", lse.sizes());
+  TORCH_CHECK(lse.scalar_type() == at::kFloat || lse.scalar_type() == at::kDouble, op,
+              ": lse must be float32 or float64, got ", lse.scalar_type());
+  Prepared prep = prepare_masks(op, p, kv_num_blocks, kv_indices, q_num_blocks, q_indices, sparse_block_size,
+                                key_padding_mask, true);
+  const auto ct = compute_type(q.scalar_type());
+  at::Tensor qc = q.to(ct).contiguous(), kc = k.to(ct).contiguous(), vc = v.to(ct).contiguous();
+  at::Tensor doc = dout.to(ct).contiguous();
+  at::Tensor qT = qc.transpose(-1, -2).contiguous();    // [B, Hq, D, Nq]
+  at::Tensor kT = kc.transpose(-1, -2).contiguous();    // [B, Hk, D, Nk]
+  at::Tensor vT = vc.transpose(-1, -2).contiguous();    // [B, Hk, Dv, Nk]
+  at::Tensor doT = doc.transpose(-1, -2).contiguous();  // [B, Hq, Dv, Nq]
+  at::Tensor dq = at::empty_like(qc), dk = at::empty_like(kc), dv = at::empty_like(vc);
+  if (p.Nq > 0 && p.Nk > 0 && p.B > 0 && p.Hq > 0) {
+    // lse_use: +inf where a row sees nothing, so exp(s - lse_use) is 0 there, never NaN.
+    // delta: rowsum(dO ∘ O) [B, Hq, Nq], in a fixed order per row.
+    at::Tensor lse_use = lse.to(ct).contiguous().clone();
+    at::Tensor outc = out.to(ct).contiguous();
+    at::Tensor delta = at::empty({p.B, p.Hq, p.Nq}, qc.options());
+    AT_DISPATCH_FLOATING_TYPES(ct, "attention_bwd", [&] {
+      scalar_t* lu = lse_use.data_ptr<scalar_t>();
+      scalar_t* dl = delta.data_ptr<scalar_t>();
+      const scalar_t* o = outc.data_ptr<scalar_t>();
+      const scalar_t* g = doc.data_ptr<scalar_t>();
+      const int64_t rows = p.B * p.Hq * p.Nq, Dv = p.Dv;
+      at::parallel_for(0, rows, grain_for(2.0 * Dv), [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          if (lu[r] == -std::numeric_limits<scalar_t>::infinity()) lu[r] = std::numeric_limits<scalar_t>::infinity();
+          scalar_t acc = 0;
+          for (int64_t c = 0; c < Dv; ++c) acc += o[r * Dv + c] * g[r * Dv + c];
+          dl[r] = acc;
+        }
+      });
+      const scalar_t s = scalar_t(scale);
+      dq_kernel<scalar_t>(p, qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(), kT.data_ptr<scalar_t>(),
+                          vT.data_ptr<scalar_t>(), g, lu, dl, s, dq.data_ptr<scalar_t>());
+      dkdv_kernel<scalar_t>(p, qc.data_ptr<scalar_t>(), qT.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(),
+                            vc.data_ptr<scalar_t>(), g, doT.data_ptr<scalar_t>(), lu, dl, s, dk.data_ptr<scalar_t>(),
+                            dv.data_ptr<scalar_t>());
+    });
+  } else {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+  }
+  const auto dt = q.scalar_type();
+  return {dq.to(dt), dk.to(dt), dv.to(dt)};
+}
+
+// Per query tile (the forward / dQ grid), [first_kv_tile, end_kv_tile) visited
+// under the window, int64 (n_query_tiles, 2); (0, 0) for a tile that sees nothing.
+at::Tensor attention_kv_block_ranges(int64_t q_len, int64_t kv_len, int64_t window_left, int64_t window_right) {
+  TORCH_CHECK(q_len >= 0 && kv_len >= 0, "attention_kv_block_ranges: lengths must be >= 0");
+  const Problem p = window_problem(q_len, kv_len, window_left, window_right);
+  const auto tiles = make_tiles(q_len, kBlockM, 0);
+  at::Tensor r = at::zeros({int64_t(tiles.size()), 2}, at::kLong);
+  auto a = r.accessor<int64_t, 2>();
+  for (size_t t = 0; t < tiles.size(); ++t) {
+    int64_t first = -1, last = -1;
+    for_each_kv_tile(p, 0, 0, tiles[t].first, tiles[t].second, [&](int64_t j0, int64_t) {
+      if (first < 0) first = j0 / kBlockN;
+      last = j0 / kBlockN;
+    });
+    a[t][0] = first < 0 ? 0 : first;
+    a[t][1] = first < 0 ? 0 : last + 1;
+  }
+  return r;
+}
+
+// Per key tile (the dK/dV grid), [first_q_tile, end_q_tile) visited, int64 (n_key_tiles, 2).
+at::Tensor attention_q_block_ranges(int64_t q_len, int64_t kv_len, int64_t window_left, int64_t window_right) {
+  TORCH_CHECK(q_len >= 0 && kv_len >= 0, "attention_q_block_ranges: lengths must be >= 0");
+  const Problem p = window_problem(q_len, kv_len, window_left, window_right);
+  const auto tiles = make_tiles(kv_len, kBlockN, 0);
+  at::Tensor r = at::zeros({int64_t(tiles.size()), 2}, at::kLong);
+  auto a = r.accessor<int64_t, 2>();
+  for (size_t t = 0; t < tiles.size(); ++t) {
+    int64_t first = -1, last = -1;
+    for_each_q_tile(p, 0, 0, tiles[t].first, tiles[t].second, [&](int64_t i0, int64_t) {
+      if (first < 0) first = i0 / kBlockM;
+      last = i0 / kBlockM;
+    });
+    a[t][0] = first < 0 ? 0 : first;
+    a[t][1] = first < 0 ? 0 : last + 1;
+  }
+  return r;
+}
+
+std::vector<int64_t> attention_tile_sizes() { return {kBlockM, kBlockN}; }
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(ATTNKERNELS_NS, m) {
+  m.def(
+      "attention_fwd(Tensor q, Tensor k, Tensor v, float scale, int window_left, int window_right, "
+      "Tensor? kv_num_blocks, Tensor? kv_indices, int sparse_block_size, Tensor? key_padding_mask) "
+      "-> (Tensor out, Tensor lse)");
+  m.def(
+      "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, "
+      "int window_left, int window_right, Tensor? kv_num_blocks, Tensor? kv_indices, Tensor? q_num_blocks, "
+      "Tensor? q_indices, int sparse_block_size, Tensor? key_padding_mask) -> (Tensor dq, Tensor dk, Tensor dv)");
+  // No tensor inputs: registered as catch-all kernels (nothing to dispatch on).
+  m.def("attention_kv_block_ranges(int q_len, int kv_len, int window_left, int window_right) -> Tensor",
+        &attention_kv_block_ranges);
+  m.def("attention_q_block_ranges(int q_len, int kv_len, int window_left, int window_right) -> Tensor",
+        &attention_q_block_ranges);
+  m.def("attention_tile_sizes() -> int[]", &attention_tile_sizes);
+}
+
+TORCH_LIBRARY_IMPL(ATTNKERNELS_NS, CPU, m) {
+  m.impl("attention_fwd", &attention_fwd);
+  m.impl("attention_bwd", &attention_bwd);
+}

@@ -1,0 +1,625 @@
+// Linear attention on CPU, forward and backward, with the elementwise feature
+// maps (elu+1, relu, identity) fused into the chunk loads.
+//
+// Semantics (see attnkernels/linear/ops.py): with q̃ = φ(scale·q), k̃ = φ(k),
+//   out_i = q̃_iᵀ S_i / (q̃_iᵀ z_i + eps),  S_i = S0 + Σ_j k̃_j v_jᵀ,  z_i = z0 + Σ_j k̃_j
+// over j ≤ i (causal) or all j; normalize=False drops the denominator.
+//
+// One trick carries the whole file: append a column of ones to V. With
+// V' = [V | 1] the state S' = [S | z] is a single (M, Dv+1) matrix, the
+// numerator and the denominator come out of the same products (the last column
+// of q̃ᵀS' is q̃ᵀz), and the backward treats (dnum, dden) as one (Dv+1) row dN'.
+// The padded width DvP rounds Dv+1 up to the SIMD width so every GEMM has a
+// column count that is a multiple of the vector size (padding columns stay 0).
+//
+// Causal runs in chunks of kChunk rows: a masked intra-chunk product plus the
+// state carried from the previous chunks; no per-token state is ever built.
+// Work is split over (batch, kv head) — all query heads of a GQA group run in
+// the task that owns their kv head, so dK/dV need no cross-task reduction and
+// results are deterministic (fixed summation order, independent of threads).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kChunk = 64;
+
+enum class FeatureMap { Elu, Relu, Identity };
+
+FeatureMap parse_feature_map(const std::string& name) {
+  if (name == "elu") return FeatureMap::Elu;
+  if (name == "relu") return FeatureMap::Relu;
+  if (name == "identity") return FeatureMap::Identity;
+  TORCH_CHECK(false, "linear_attention: feature_map must be 'elu', 'relu' or 'identity', got '", name, "'");
+}
+
+// φ(x): elu(x)+1 = x+1 (x > 0) or exp(x); relu; identity.
+template <typename T>
+inline T phi(FeatureMap f, T x) {
+  switch (f) {
+    case FeatureMap::Elu: return x > T(0) ? x + T(1) : std::exp(x);
+    case FeatureMap::Relu: return x > T(0) ? x : T(0);
+    default: return x;
+  }
+}
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// ---------------------------------------------------------------------------
+// Small dense GEMM: C[m, n] (+)= A[m, k] · B[k, n], all row-major, n a multiple
+// of the vector width. Register tile of RM rows × NV vectors; the B strip of a
+// column block stays in L1 while the rows stream past it.
+template <typename T, int RM, int NV>
+inline void gemm_tile(int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  Vec acc[RM][NV];
+  for (int r = 0; r < RM; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? Vec::loadu(C + r * ldc + v * W) : Vec(T(0));
+  for (int64_t p = 0; p < k; ++p) {
+    Vec b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = Vec::loadu(B + p * ldb + v * W);
+    for (int r = 0; r < RM; ++r) {
+      const Vec a(A[r * lda + p]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(a, b[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < RM; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v].store(C + r * ldc + v * W);
+}
+
+constexpr int kRows = 6;  // 6 × 2 accumulators + 2 B vectors + 1 broadcast fit in 16 AVX2 registers
+
+template <typename T, int NV>
+inline void gemm_column_block(int64_t m, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+  int64_t i = 0;
+  for (; i + kRows <= m; i += kRows) gemm_tile<T, kRows, NV>(k, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);
+  const T* a = A + i * lda;
+  T* c = C + i * ldc;
+  switch (m - i) {
+    case 5: gemm_tile<T, 5, NV>(k, a, lda, B, ldb, c, ldc, accumulate); break;
+    case 4: gemm_tile<T, 4, NV>(k, a, lda, B, ldb, c, ldc, accumulate); break;
+    case 3: gemm_tile<T, 3, NV>(k, a, lda, B, ldb, c, ldc, accumulate); break;
+    case 2: gemm_tile<T, 2, NV>(k, a, lda, B, ldb, c, ldc, accumulate); break;
+    case 1: gemm_tile<T, 1, NV>(k, a, lda, B, ldb, c, ldc, accumulate); break;
+    default: break;
+  }
+}
+
+template <typename T>
+void gemm(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+  constexpr int64_t W = at::vec::Vectorized<T>::size();
+  if (m == 0 || n == 0) return;
+  int64_t j = 0;
+  for (; j + 2 * W <= n; j += 2 * W) gemm_column_block<T, 2>(m, k, A, lda, B + j, ldb, C + j, ldc, accumulate);
+  for (; j < n; j += W) gemm_column_block<T, 1>(m, k, A, lda, B + j, ldb, C + j, ldc, accumulate);
+}
+
+// dst[c, r] = src[r, c] for r < rows, c < cols.
+template <typename T>
+void transpose(int64_t rows, int64_t cols, const T* src, int64_t lds, T* dst, int64_t ldd) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
+}
+
+// S[m, n] += A[m, k] · B[k, n], the chunk's product summed on its own first
+// (into tmp) and then added: the state is a sum over the whole sequence, and
+// adding one 64-term partial sum per chunk instead of one term per token keeps
+// its rounding error growing with N/64 rather than N (blocked summation).
+template <typename T>
+void add_product(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb, T* S, int64_t lds, T* tmp) {
+  gemm(m, n, k, A, lda, B, ldb, tmp, n, false);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) S[i * lds + j] += tmp[i * n + j];
+}
+
+// Causal mask of an intra-chunk product. Lower: keep P[i, j] for j <= i
+// (row = query). Upper: keep P[j, i] for i >= j (row = key, the transpose).
+template <typename T>
+void mask_lower(int64_t rows, T* P, int64_t ld) {
+  for (int64_t i = 0; i < rows; ++i) std::fill(P + i * ld + i + 1, P + (i + 1) * ld, T(0));
+}
+template <typename T>
+void mask_upper(int64_t rows, T* P, int64_t ld) {
+  for (int64_t j = 0; j < rows; ++j) std::fill(P + j * ld, P + j * ld + j, T(0));
+}
+
+// at::parallel_for grain for items of `work` multiply-adds each: a call with less
+// than ~2^18 multiply-adds in all (tens of microseconds) runs on the calling
+// thread, where waking the OpenMP team would cost more than the work (much
+// more on a loaded host, where the team's barrier waits for descheduled threads).
+inline int64_t grain_for(int64_t work) {
+  constexpr int64_t kMinParallelWork = int64_t(1) << 18;
+  return std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(1, work));
+}
+
+// ---------------------------------------------------------------------------
+// Geometry of one call: inputs are contiguous (B, H, N, D) / (B, H, N, Dv).
+struct Dims {
+  int64_t B, Hq, Hk, G, Nq, Nk, D, Dv;
+  int64_t MP;   // D rounded up to the vector width (feature columns)
+  int64_t DvP;  // Dv + 1 (the ones column) rounded up to the vector width
+};
+
+template <typename acc_t>
+Dims make_dims(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  constexpr int64_t W = at::vec::Vectorized<acc_t>::size();
+  Dims d;
+  d.B = q.size(0); d.Hq = q.size(1); d.Nq = q.size(2); d.D = q.size(3);
+  d.Hk = k.size(1); d.Nk = k.size(2); d.Dv = v.size(3);
+  d.G = d.Hq / d.Hk;
+  d.MP = round_up(d.D, W);
+  d.DvP = round_up(d.Dv + 1, W);
+  return d;
+}
+
+// φ applied in place to x[0, n), vectorized (the exp of elu+1 would otherwise
+// cost as much as the products at D = 64).
+template <typename T>
+void apply_phi(FeatureMap f, T* x, int64_t n) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  if (f == FeatureMap::Identity) return;
+  int64_t c = 0;
+  for (; c + W <= n; c += W) {
+    const Vec v = Vec::loadu(x + c);
+    const Vec y = f == FeatureMap::Elu ? Vec::blendv(v.exp(), v + Vec(T(1)), v > Vec(T(0)))
+                                       : at::vec::maximum(v, Vec(T(0)));
+    y.store(x + c);
+  }
+  for (; c < n; ++c) x[c] = phi(f, x[c]);
+}
+
+// Features of rows [0, L) of src ([*, D], row stride D) into dst [kChunk, MP]:
+// dst = φ(mult · src), zero in the padding rows and columns (φ(0) may be 1, so
+// the padding is written explicitly, never mapped).
+template <typename scalar_t, typename acc_t>
+void load_features(const scalar_t* src, int64_t L, const Dims& d, acc_t mult, FeatureMap f, acc_t* dst) {
+  for (int64_t i = 0; i < L; ++i) {
+    const scalar_t* s = src + i * d.D;
+    acc_t* o = dst + i * d.MP;
+    for (int64_t c = 0; c < d.D; ++c) o[c] = mult * static_cast<acc_t>(s[c]);
+    apply_phi(f, o, d.D);
+    std::fill(o + d.D, o + d.MP, acc_t(0));
+  }
+  std::fill(dst + L * d.MP, dst + kChunk * d.MP, acc_t(0));
+}
+
+// V' = [V | 1 | 0...] rows [0, L) into dst [kChunk, DvP]; padding rows zero.
+template <typename scalar_t, typename acc_t>
+void load_values(const scalar_t* src, int64_t L, const Dims& d, acc_t* dst) {
+  for (int64_t i = 0; i < L; ++i) {
+    const scalar_t* s = src + i * d.Dv;
+    acc_t* o = dst + i * d.DvP;
+    for (int64_t c = 0; c < d.Dv; ++c) o[c] = static_cast<acc_t>(s[c]);
+    o[d.Dv] = acc_t(1);
+    std::fill(o + d.Dv + 1, o + d.DvP, acc_t(0));
+  }
+  std::fill(dst + L * d.DvP, dst + kChunk * d.DvP, acc_t(0));
+}
+
+// S' [MP, DvP] = [S0 | z0] (or zeros), for kv head (b, g).
+template <typename acc_t>
+void init_state(const Dims& d, const acc_t* s0, const acc_t* z0, int64_t bg, acc_t* S) {
+  std::fill(S, S + d.MP * d.DvP, acc_t(0));
+  if (s0 == nullptr) return;
+  for (int64_t r = 0; r < d.D; ++r) {
+    for (int64_t c = 0; c < d.Dv; ++c) S[r * d.DvP + c] = s0[(bg * d.D + r) * d.Dv + c];
+    S[r * d.DvP + d.Dv] = z0[bg * d.D + r];
+  }
+}
+
+template <typename acc_t>
+void store_state(const Dims& d, const acc_t* S, int64_t bg, acc_t* s_out, acc_t* z_out) {
+  for (int64_t r = 0; r < d.D; ++r) {
+    for (int64_t c = 0; c < d.Dv; ++c) s_out[(bg * d.D + r) * d.Dv + c] = S[r * d.DvP + c];
+    z_out[bg * d.D + r] = S[r * d.DvP + d.Dv];
+  }
+}
+
+// out rows from num' [L, DvP]: num / (den + eps) or num.
+template <typename scalar_t, typename acc_t>
+void store_output(const acc_t* num, int64_t L, const Dims& d, bool normalize, acc_t eps, scalar_t* out) {
+  for (int64_t i = 0; i < L; ++i) {
+    const acc_t* n = num + i * d.DvP;
+    const acc_t inv = normalize ? acc_t(1) / (n[d.Dv] + eps) : acc_t(1);
+    for (int64_t c = 0; c < d.Dv; ++c) out[i * d.Dv + c] = static_cast<scalar_t>(n[c] * inv);
+  }
+}
+
+// dN' rows [L, DvP] from dout and num': with den = num'[Dv] + eps,
+// dnum = g / den, dden = -(g · out) / den; without normalization dnum = g, dden = 0.
+template <typename scalar_t, typename acc_t>
+void output_grad(const scalar_t* dout, const acc_t* num, int64_t L, const Dims& d, bool normalize, acc_t eps, acc_t* dN) {
+  for (int64_t i = 0; i < L; ++i) {
+    const scalar_t* g = dout + i * d.Dv;
+    const acc_t* n = num + i * d.DvP;
+    acc_t* o = dN + i * d.DvP;
+    std::fill(o, o + d.DvP, acc_t(0));
+    if (normalize) {
+      const acc_t inv = acc_t(1) / (n[d.Dv] + eps);
+      acc_t dot = 0;
+      for (int64_t c = 0; c < d.Dv; ++c) {
+        const acc_t gc = static_cast<acc_t>(g[c]);
+        o[c] = gc * inv;
+        dot += gc * n[c];
+      }
+      o[d.Dv] = -dot * inv * inv;
+    } else {
+      for (int64_t c = 0; c < d.Dv; ++c) o[c] = static_cast<acc_t>(g[c]);
+    }
+  }
+}
+
+// dx = dφ-chain of a feature gradient: dx[i, c] = mult · φ'(u) · dfeat[i, c], u = mult · x,
+// with φ' read off the features feat = φ(u) already in scratch (no second exp):
+// elu+1: φ' = 1 for u > 0 (where φ = u + 1 > 1), exp(u) = φ otherwise, i.e. min(φ, 1);
+// relu: φ' = [φ > 0]; identity: 1.
+template <typename scalar_t, typename acc_t>
+void store_input_grad(const acc_t* dfeat, const acc_t* feat, int64_t L, const Dims& d, acc_t mult, FeatureMap f, scalar_t* dx) {
+  for (int64_t i = 0; i < L; ++i)
+    for (int64_t c = 0; c < d.D; ++c) {
+      const acc_t p = feat[i * d.MP + c];
+      const acc_t slope = f == FeatureMap::Elu ? std::min(p, acc_t(1)) : f == FeatureMap::Relu ? acc_t(p > acc_t(0)) : acc_t(1);
+      dx[i * d.D + c] = static_cast<scalar_t>(mult * slope * dfeat[i * d.MP + c]);
+    }
+}
+
+// Per-task scratch, all [kChunk, *] row-major in the accumulation type.
+template <typename acc_t>
+struct Scratch {
+  std::vector<acc_t> Qc, QcT, Kc, KcT, Vc, VcT, P, num, dN, dNT, S, ST, dS, dST, dQ, dK, dV, tmp;
+  explicit Scratch(const Dims& d) {
+    const int64_t C = kChunk;
+    Qc.resize(C * d.MP); QcT.resize(d.MP * C); Kc.resize(C * d.MP); KcT.resize(d.MP * C);
+    Vc.resize(C * d.DvP); VcT.resize(d.DvP * C); P.resize(C * C); num.resize(C * d.DvP);
+    dN.resize(C * d.DvP); dNT.resize(d.DvP * C);
+    S.resize(d.MP * d.DvP); ST.resize(d.DvP * d.MP); dS.resize(d.MP * d.DvP); dST.resize(d.DvP * d.MP);
+    dQ.resize(C * d.MP); dK.resize(C * d.MP); dV.resize(C * d.DvP); tmp.resize(std::max(d.MP, C) * std::max(d.MP, d.DvP));
+  }
+};
+
+// Pointers of one call, offsets in elements.
+template <typename scalar_t, typename acc_t>
+struct Args {
+  const scalar_t *q, *k, *v;
+  const acc_t *s0, *z0;
+  FeatureMap f;
+  bool normalize;
+  acc_t eps, scale;
+  const scalar_t* q_head(const Dims& d, int64_t b, int64_t h, int64_t t) const { return q + ((b * d.Hq + h) * d.Nq + t) * d.D; }
+  const scalar_t* k_head(const Dims& d, int64_t b, int64_t g, int64_t t) const { return k + ((b * d.Hk + g) * d.Nk + t) * d.D; }
+  const scalar_t* v_head(const Dims& d, int64_t b, int64_t g, int64_t t) const { return v + ((b * d.Hk + g) * d.Nk + t) * d.Dv; }
+};
+
+// S' += K̃cᵀ V'c over all chunks of kv head (b, g) (starting from [S0 | z0]).
+template <typename scalar_t, typename acc_t>
+void reduce_state(const Dims& d, const Args<scalar_t, acc_t>& a, int64_t b, int64_t g, Scratch<acc_t>& w, acc_t* S) {
+  init_state(d, a.s0, a.z0, b * d.Hk + g, S);
+  for (int64_t t0 = 0; t0 < d.Nk; t0 += kChunk) {
+    const int64_t L = std::min(kChunk, d.Nk - t0);
+    load_features(a.k_head(d, b, g, t0), L, d, acc_t(1), a.f, w.Kc.data());
+    transpose(kChunk, d.MP, w.Kc.data(), d.MP, w.KcT.data(), kChunk);         // [MP, C]
+    load_values(a.v_head(d, b, g, t0), L, d, w.Vc.data());                      // [C, DvP]
+    add_product(d.D, d.DvP, L, w.KcT.data(), kChunk, w.Vc.data(), d.DvP, S, d.DvP, w.tmp.data());  // [D, DvP]
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Forward.
+
+template <typename scalar_t, typename acc_t>
+void forward_causal(const Dims& d, const Args<scalar_t, acc_t>& a, scalar_t* out, acc_t* s_out, acc_t* z_out) {
+  const int64_t work = d.Nq * (d.G + 1) * (d.MP + kChunk) * d.DvP;  // per kv head
+  at::parallel_for(0, d.B * d.Hk, grain_for(work), [&](int64_t begin, int64_t end) {
+    Scratch<acc_t> w(d);
+    for (int64_t bg = begin; bg < end; ++bg) {
+      const int64_t b = bg / d.Hk, g = bg % d.Hk;
+      acc_t* S = w.S.data();  // [MP, DvP] state of the chunks before this one
+      init_state(d, a.s0, a.z0, bg, S);
+      for (int64_t t0 = 0; t0 < d.Nq; t0 += kChunk) {
+        const int64_t L = std::min(kChunk, d.Nq - t0);
+        load_features(a.k_head(d, b, g, t0), L, d, acc_t(1), a.f, w.Kc.data());
+        transpose(kChunk, d.MP, w.Kc.data(), d.MP, w.KcT.data(), kChunk);  // [MP, C]
+        load_values(a.v_head(d, b, g, t0), L, d, w.Vc.data());               // [C, DvP]
+        for (int64_t hh = 0; hh < d.G; ++hh) {
+          const int64_t h = g * d.G + hh;
+          load_features(a.q_head(d, b, h, t0), L, d, a.scale, a.f, w.Qc.data());          // [C, MP]
+          gemm(L, kChunk, d.D, w.Qc.data(), d.MP, w.KcT.data(), kChunk, w.P.data(), kChunk, false);  // P = Q̃K̃ᵀ [L, C]
+          mask_lower(L, w.P.data(), kChunk);
+          // intra (P V') and inter (Q̃ S') are summed separately, then added: adding the
+          // 64 small intra terms onto the large carried part would round each at its scale.
+          gemm(L, d.DvP, L, w.P.data(), kChunk, w.Vc.data(), d.DvP, w.num.data(), d.DvP, false);  // intra
+          add_product(L, d.DvP, d.D, w.Qc.data(), d.MP, S, d.DvP, w.num.data(), d.DvP, w.tmp.data());  // inter
+          store_output(w.num.data(), L, d, a.normalize, a.eps, out + ((b * d.Hq + h) * d.Nq + t0) * d.Dv);
+        }
+        add_product(d.D, d.DvP, L, w.KcT.data(), kChunk, w.Vc.data(), d.DvP, S, d.DvP, w.tmp.data());  // S' += K̃ᵀV'
+      }
+      store_state(d, S, bg, s_out, z_out);
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void forward_noncausal(const Dims& d, const Args<scalar_t, acc_t>& a, scalar_t* out, acc_t* s_out, acc_t* z_out, acc_t* states) {
+  // Phase 1: the full state of each kv head. states: [B*Hk, MP, DvP].
+  at::parallel_for(0, d.B * d.Hk, grain_for(d.Nk * d.MP * d.DvP), [&](int64_t begin, int64_t end) {
+    Scratch<acc_t> w(d);
+    for (int64_t bg = begin; bg < end; ++bg) {
+      acc_t* S = states + bg * d.MP * d.DvP;
+      reduce_state(d, a, bg / d.Hk, bg % d.Hk, w, S);
+      store_state(d, S, bg, s_out, z_out);
+    }
+  });
+  // Phase 2: out = Q̃ S' / (Q̃ z + eps), over (b, query head, row chunk).
+  const int64_t chunks = (d.Nq + kChunk - 1) / kChunk;
+  at::parallel_for(0, d.B * d.Hq * chunks, grain_for(kChunk * d.MP * d.DvP), [&](int64_t begin, int64_t end) {
+    Scratch<acc_t> w(d);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / chunks, t0 = (task % chunks) * kChunk;
+      const int64_t b = bh / d.Hq, h = bh % d.Hq, g = h / d.G;
+      const int64_t L = std::min(kChunk, d.Nq - t0);
+      const acc_t* S = states + (b * d.Hk + g) * d.MP * d.DvP;
+      load_features(a.q_head(d, b, h, t0), L, d, a.scale, a.f, w.Qc.data());
+      gemm(L, d.DvP, d.D, w.Qc.data(), d.MP, S, d.DvP, w.num.data(), d.DvP, false);
+      store_output(w.num.data(), L, d, a.normalize, a.eps, out + ((b * d.Hq + h) * d.Nq + t0) * d.Dv);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Backward. q̃ = φ(scale q), k̃ = φ(k), v' = [v, 1], dn'_i = [dnum_i, dden_i]:
+//   dq̃_i = S'_i dn'_i,  dk̃_j = Σ_{i sees j} q̃_i (v'_j · dn'_i),  dv'_j = Σ_{i sees j} (q̃_i · k̃_j) dn'_i.
+
+template <typename scalar_t, typename acc_t>
+void backward_causal(const Dims& d, const Args<scalar_t, acc_t>& a, const scalar_t* dout, scalar_t* dq, scalar_t* dk, scalar_t* dv) {
+  const int64_t work = 3 * d.Nq * (d.G + 1) * (d.MP + kChunk) * d.DvP;  // per kv head
+  at::parallel_for(0, d.B * d.Hk, grain_for(work), [&](int64_t begin, int64_t end) {
+    Scratch<acc_t> w(d);
+    std::vector<acc_t> dN_all(d.G * d.Nq * d.DvP);  // dn' rows of every query head of the group
+    for (int64_t bg = begin; bg < end; ++bg) {
+      const int64_t b = bg / d.Hk, g = bg % d.Hk;
+      // Pass 1, forward in time: recompute num', get dN' and dQ (needs S' before each chunk).
+      acc_t* S = w.S.data();
+      init_state(d, a.s0, a.z0, bg, S);
+      for (int64_t t0 = 0; t0 < d.Nq; t0 += kChunk) {
+        const int64_t L = std::min(kChunk, d.Nq - t0);
+        load_features(a.k_head(d, b, g, t0), L, d, acc_t(1), a.f, w.Kc.data());
+        transpose(kChunk, d.MP, w.Kc.data(), d.MP, w.KcT.data(), kChunk);
+        load_values(a.v_head(d, b, g, t0), L, d, w.Vc.data());
+        transpose(kChunk, d.DvP, w.Vc.data(), d.DvP, w.VcT.data(), kChunk);  // [DvP, C]
+        transpose(d.MP, d.DvP, S, d.DvP, w.ST.data(), d.MP);                 // [DvP, MP]
+        for (int64_t hh = 0; hh < d.G; ++hh) {
+          const int64_t h = g * d.G + hh;
+          const int64_t row = (b * d.Hq + h) * d.Nq + t0;
+          load_features(a.q_head(d, b, h, t0), L, d, a.scale, a.f, w.Qc.data());
+          gemm(L, kChunk, d.D, w.Qc.data(), d.MP, w.KcT.data(), kChunk, w.P.data(), kChunk, false);
+          mask_lower(L, w.P.data(), kChunk);
+          gemm(L, d.DvP, L, w.P.data(), kChunk, w.Vc.data(), d.DvP, w.num.data(), d.DvP, false);
+          add_product(L, d.DvP, d.D, w.Qc.data(), d.MP, S, d.DvP, w.num.data(), d.DvP, w.tmp.data());
+          acc_t* dN = dN_all.data() + (hh * d.Nq + t0) * d.DvP;  // [L, DvP]
+          output_grad(dout + row * d.Dv, w.num.data(), L, d, a.normalize, a.eps, dN);
+          // P2[i, j] = dn'_i · v'_j (j <= i); dQ̃ = P2 K̃ + dN' S'ᵀ.
+          gemm(L, kChunk, d.Dv + 1, dN, d.DvP, w.VcT.data(), kChunk, w.P.data(), kChunk, false);
+          mask_lower(L, w.P.data(), kChunk);
+          gemm(L, d.MP, L, w.P.data(), kChunk, w.Kc.data(), d.MP, w.dQ.data(), d.MP, false);
+          add_product(L, d.MP, d.Dv + 1, dN, d.DvP, w.ST.data(), d.MP, w.dQ.data(), d.MP, w.tmp.data());
+          store_input_grad(w.dQ.data(), w.Qc.data(), L, d, a.scale, a.f, dq + row * d.D);
+        }
+        add_product(d.D, d.DvP, L, w.KcT.data(), kChunk, w.Vc.data(), d.DvP, S, d.DvP, w.tmp.data());
+      }
+      // Pass 2, backward in time: dS' = Σ over later chunks of Q̃ᵀ dN' carries the
+      // inter-chunk part of dK̃ = V' dS'ᵀ and dV' = K̃ dS'.
+      acc_t* dS = w.dS.data();
+      std::fill(dS, dS + d.MP * d.DvP, acc_t(0));
+      const int64_t last = ((d.Nk - 1) / kChunk) * kChunk;
+      for (int64_t t0 = last; t0 >= 0 && d.Nk > 0; t0 -= kChunk) {
+        const int64_t L = std::min(kChunk, d.Nk - t0);
+        load_features(a.k_head(d, b, g, t0), L, d, acc_t(1), a.f, w.Kc.data());
+        load_values(a.v_head(d, b, g, t0), L, d, w.Vc.data());
+        // Inter-chunk parts from dS' as it stands before this chunk's queries join it;
+        // kept apart (in the free dQ/num buffers) and added after the intra parts.
+        transpose(d.MP, d.DvP, dS, d.DvP, w.dST.data(), d.MP);
+        gemm(L, d.MP, d.Dv + 1, w.Vc.data(), d.DvP, w.dST.data(), d.MP, w.dQ.data(), d.MP, false);  // [L, MP]
+        gemm(L, d.DvP, d.D, w.Kc.data(), d.MP, dS, d.DvP, w.num.data(), d.DvP, false);              // [L, DvP]
+        std::fill(w.dK.begin(), w.dK.end(), acc_t(0));
+        std::fill(w.dV.begin(), w.dV.end(), acc_t(0));
+        for (int64_t hh = 0; hh < d.G; ++hh) {
+          const int64_t h = g * d.G + hh;
+          load_features(a.q_head(d, b, h, t0), L, d, a.scale, a.f, w.Qc.data());
+          transpose(kChunk, d.MP, w.Qc.data(), d.MP, w.QcT.data(), kChunk);  // [MP, C]
+          const acc_t* dN = dN_all.data() + (hh * d.Nq + t0) * d.DvP;
+          std::fill(w.dNT.begin(), w.dNT.end(), acc_t(0));
+          transpose(L, d.DvP, dN, d.DvP, w.dNT.data(), kChunk);             // [DvP, C]
+          // Pᵀ[j, i] = v'_j · dn'_i (i >= j); dK̃ += Pᵀ Q̃.
+          gemm(L, kChunk, d.Dv + 1, w.Vc.data(), d.DvP, w.dNT.data(), kChunk, w.P.data(), kChunk, false);
+          mask_upper(L, w.P.data(), kChunk);
+          gemm(L, d.MP, L, w.P.data(), kChunk, w.Qc.data(), d.MP, w.dK.data(), d.MP, true);
+          // Aᵀ[j, i] = k̃_j · q̃_i (i >= j); dV' += Aᵀ dN'.
+          gemm(L, kChunk, d.D, w.Kc.data(), d.MP, w.QcT.data(), kChunk, w.P.data(), kChunk, false);
+          mask_upper(L, w.P.data(), kChunk);
+          gemm(L, d.DvP, L, w.P.data(), kChunk, dN, d.DvP, w.dV.data(), d.DvP, true);
+          add_product(d.D, d.DvP, L, w.QcT.data(), kChunk, dN, d.DvP, dS, d.DvP, w.tmp.data());  // dS' += Q̃ᵀ dN'
+        }
+        for (int64_t i = 0; i < L * d.MP; ++i) w.dK[i] += w.dQ[i];
+        for (int64_t i = 0; i < L * d.DvP; ++i) w.dV[i] += w.num[i];
+        const int64_t row = (b * d.Hk + g) * d.Nk + t0;
+        store_input_grad(w.dK.data(), w.Kc.data(), L, d, acc_t(1), a.f, dk + row * d.D);
+        for (int64_t i = 0; i < L; ++i)
+          for (int64_t c = 0; c < d.Dv; ++c) dv[(row + i) * d.Dv + c] = static_cast<scalar_t>(w.dV[i * d.DvP + c]);
+      }
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void backward_noncausal(const Dims& d, const Args<scalar_t, acc_t>& a, const scalar_t* dout, scalar_t* dq, scalar_t* dk, scalar_t* dv, acc_t* states, acc_t* dN_all) {
+  // Phase 1: full state per kv head.
+  at::parallel_for(0, d.B * d.Hk, grain_for(d.Nk * d.MP * d.DvP), [&](int64_t begin, int64_t end) {
+    Scratch<acc_t> w(d);
+    for (int64_t bg = begin; bg < end; ++bg) reduce_state(d, a, bg / d.Hk, bg % d.Hk, w, states + bg * d.MP * d.DvP);
+  });
+  // Phase 2: per (b, query head, row chunk): num', dN' (kept), dQ̃ = dN' S'ᵀ.
+  const int64_t chunks = (d.Nq + kChunk - 1) / kChunk;
+  at::parallel_for(0, d.B * d.Hq * chunks, grain_for(2 * kChunk * d.MP * d.DvP), [&](int64_t begin, int64_t end) {
+    Scratch<acc_t> w(d);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / chunks, t0 = (task % chunks) * kChunk;
+      const int64_t b = bh / d.Hq, h = bh % d.Hq, g = h / d.G;
+      const int64_t L = std::min(kChunk, d.Nq - t0);
+      const int64_t row = bh * d.Nq + t0;
+      const acc_t* S = states + (b * d.Hk + g) * d.MP * d.DvP;
+      transpose(d.MP, d.DvP, S, d.DvP, w.ST.data(), d.MP);
+      load_features(a.q_head(d, b, h, t0), L, d, a.scale, a.f, w.Qc.data());
+      gemm(L, d.DvP, d.D, w.Qc.data(), d.MP, S, d.DvP, w.num.data(), d.DvP, false);
+      acc_t* dN = dN_all + row * d.DvP;
+      output_grad(dout + row * d.Dv, w.num.data(), L, d, a.normalize, a.eps, dN);
+      gemm(L, d.MP, d.Dv + 1, dN, d.DvP, w.ST.data(), d.MP, w.dQ.data(), d.MP, false);
+      store_input_grad(w.dQ.data(), w.Qc.data(), L, d, a.scale, a.f, dq + row * d.D);
+    }
+  });
+  // Phase 3: per kv head, dS' = Σ_h Q̃_hᵀ dN'_h, then dK̃ = V' dS'ᵀ, dV' = K̃ dS'.
+  at::parallel_for(0, d.B * d.Hk, grain_for((d.G * d.Nq + 2 * d.Nk) * d.MP * d.DvP), [&](int64_t begin, int64_t end) {
+    Scratch<acc_t> w(d);
+    for (int64_t bg = begin; bg < end; ++bg) {
+      const int64_t b = bg / d.Hk, g = bg % d.Hk;
+      acc_t* dS = w.dS.data();
+      std::fill(dS, dS + d.MP * d.DvP, acc_t(0));
+      for (int64_t hh = 0; hh < d.G; ++hh) {
+        const int64_t h = g * d.G + hh;
+        for (int64_t t0 = 0; t0 < d.Nq; t0 += kChunk) {
+          const int64_t L = std::min(kChunk, d.Nq - t0);
+          load_features(a.q_head(d, b, h, t0), L, d, a.scale, a.f, w.Qc.data());
+          transpose(kChunk, d.MP, w.Qc.data(), d.MP, w.QcT.data(), kChunk);
+          add_product(d.D, d.DvP, L, w.QcT.data(), kChunk, dN_all + ((b * d.Hq + h) * d.Nq + t0) * d.DvP, d.DvP, dS, d.DvP,
+                      w.tmp.data());
+        }
+      }
+      transpose(d.MP, d.DvP, dS, d.DvP, w.dST.data(), d.MP);
+      for (int64_t t0 = 0; t0 < d.Nk; t0 += kChunk) {
+        const int64_t L = std::min(kChunk, d.Nk - t0);
+        load_features(a.k_head(d, b, g, t0), L, d, acc_t(1), a.f, w.Kc.data());
+        load_values(a.v_head(d, b, g, t0), L, d, w.Vc.data());
+        gemm(L, d.MP, d.Dv + 1, w.Vc.data(), d.DvP, w.dST.data(), d.MP, w.dK.data(), d.MP, false);
+        gemm(L, d.DvP, d.D, w.Kc.data(), d.MP, dS, d.DvP, w.dV.data(), d.DvP, false);
+        const int64_t row = bg * d.Nk + t0;
+        store_input_grad(w.dK.data(), w.Kc.data(), L, d, acc_t(1), a.f, dk + row * d.D);
+        for (int64_t i = 0; i < L; ++i)
+          for (int64_t c = 0; c < d.Dv; ++c) dv[(row + i) * d.Dv + c] = static_cast<scalar_t>(w.dV[i * d.DvP + c]);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Op entry points.
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, double eps) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "linear_attention: q, k, v must be 4-D (B, H, N, D)");
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "linear_attention: CPU tensors expected");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "linear_attention: q, k, v dtypes differ");
+  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), "linear_attention: batch sizes differ");
+  TORCH_CHECK(k.size(3) == q.size(3), "linear_attention: q and k head dims differ");
+  TORCH_CHECK(v.size(1) == k.size(1) && v.size(2) == k.size(2), "linear_attention: v must be (B, Hk, Nk, Dv) like k");
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "linear_attention: Hq must be a multiple of Hk");
+  TORCH_CHECK(!causal || q.size(2) == k.size(2), "linear_attention: causal needs Nq == Nk");
+  TORCH_CHECK(eps > 0, "linear_attention: eps must be > 0");
+}
+
+at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// (S0, z0) as contiguous accumulation-type tensors, checked against (B, Hk, D, Dv) / (B, Hk, D).
+std::pair<at::Tensor, at::Tensor> initial_state(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                const std::optional<at::Tensor>& s0, const std::optional<at::Tensor>& z0) {
+  TORCH_CHECK(s0.has_value() == z0.has_value(), "linear_attention: pass both initial_s and initial_z, or neither");
+  if (!s0.has_value()) return {at::Tensor(), at::Tensor()};
+  const auto acc = acc_dtype(q.scalar_type());
+  TORCH_CHECK(s0->sizes() == at::IntArrayRef({k.size(0), k.size(1), k.size(3), v.size(3)}),
+              "linear_attention: initial_s must be (B, Hk, D, Dv), got ", s0->sizes());
+  TORCH_CHECK(z0->sizes() == at::IntArrayRef({k.size(0), k.size(1), k.size(3)}),
+              "linear_attention: initial_z must be (B, Hk, D), got ", z0->sizes());
+  return {s0->to(acc).contiguous(), z0->to(acc).contiguous()};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_attention_fwd(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, std::string feature_map, bool causal,
+    bool normalize, double eps, double scale, const std::optional<at::Tensor>& initial_s,
+    const std::optional<at::Tensor>& initial_z) {
+  check_inputs(q_in, k_in, v_in, causal, eps);
+  const FeatureMap f = parse_feature_map(feature_map);
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  auto [s0, z0] = initial_state(q, k, v, initial_s, initial_z);
+  const auto acc = acc_dtype(q.scalar_type());
+  at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
+  at::Tensor s_out = at::empty({k.size(0), k.size(1), k.size(3), v.size(3)}, q.options().dtype(acc));
+  at::Tensor z_out = at::empty({k.size(0), k.size(1), k.size(3)}, q.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "linear_attention_fwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Dims d = make_dims<acc_t>(q, k, v);
+    Args<scalar_t, acc_t> a{q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                            s0.defined() ? s0.data_ptr<acc_t>() : nullptr, z0.defined() ? z0.data_ptr<acc_t>() : nullptr,
+                            f, normalize, static_cast<acc_t>(eps), static_cast<acc_t>(scale)};
+    if (causal) {
+      forward_causal(d, a, out.data_ptr<scalar_t>(), s_out.data_ptr<acc_t>(), z_out.data_ptr<acc_t>());
+    } else {
+      at::Tensor states = at::empty({d.B * d.Hk, d.MP, d.DvP}, q.options().dtype(acc));
+      forward_noncausal(d, a, out.data_ptr<scalar_t>(), s_out.data_ptr<acc_t>(), z_out.data_ptr<acc_t>(), states.data_ptr<acc_t>());
+    }
+  });
+  return {out, s_out, z_out};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_attention_bwd(
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    std::string feature_map, bool causal, bool normalize, double eps, double scale,
+    const std::optional<at::Tensor>& initial_s, const std::optional<at::Tensor>& initial_z) {
+  check_inputs(q_in, k_in, v_in, causal, eps);
+  const FeatureMap f = parse_feature_map(feature_map);
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const at::Tensor dout = dout_in.to(q.scalar_type()).contiguous();
+  TORCH_CHECK(dout.sizes() == at::IntArrayRef({q.size(0), q.size(1), q.size(2), v.size(3)}),
+              "linear_attention_bwd: dout must be (B, Hq, Nq, Dv)");
+  auto [s0, z0] = initial_state(q, k, v, initial_s, initial_z);
+  const auto acc = acc_dtype(q.scalar_type());
+  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "linear_attention_bwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Dims d = make_dims<acc_t>(q, k, v);
+    Args<scalar_t, acc_t> a{q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                            s0.defined() ? s0.data_ptr<acc_t>() : nullptr, z0.defined() ? z0.data_ptr<acc_t>() : nullptr,
+                            f, normalize, static_cast<acc_t>(eps), static_cast<acc_t>(scale)};
+    if (causal) {
+      backward_causal(d, a, dout.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
+    } else {
+      at::Tensor states = at::empty({d.B * d.Hk, d.MP, d.DvP}, q.options().dtype(acc));
+      at::Tensor dN = at::empty({d.B * d.Hq * d.Nq, d.DvP}, q.options().dtype(acc));
+      backward_noncausal(d, a, dout.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(),
+                         states.data_ptr<acc_t>(), dN.data_ptr<acc_t>());
+    }
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(ATTNKERNELS_NS, m) {
+  m.def(
+      "linear_attention_fwd(Tensor q, Tensor k, Tensor v, str feature_map, bool causal, bool normalize, float eps, "
+      "float scale, Tensor? initial_s, Tensor? initial_z) -> (Tensor out, Tensor final_s, Tensor final_z)",
+      &linear_attention_fwd);
+  m.def(
+      "linear_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, str feature_map, bool causal, bool normalize, "
+      "float eps, float scale, Tensor? initial_s, Tensor? initial_z) -> (Tensor dq, Tensor dk, Tensor dv)",
+      &linear_attention_bwd);
+}

@@ -1,0 +1,222 @@
+"""Linear-attention kernels (reference, C++, Triton) against the float64 reference.
+
+Every backend runs the same cases through the public API; the expected values
+are the reference's literal sums in float64, with gradients by autograd through
+them. Chunk edges (the C++ and Triton kernels work in chunks of 64 rows) are
+covered by N in {1, 63, 64, 65, 1000}.
+"""
+import pytest
+import torch
+
+import attnkernels
+from attnkernels.linear.reference import linear_attention_reference
+
+from .backend_params import BACKENDS, backend_param
+from .linear_helpers import assert_close_to_oracle, case_id, make_qkv, make_state, one_torch_thread, reference_with_grads  # noqa: F401
+
+# (B, Hq, Hk, Nq, Nk, D, Dv, causal)
+CASES = [
+    (2, 4, 4, 1, 1, 16, 16, True),
+    (2, 4, 4, 1, 1, 16, 16, False),
+    (2, 4, 4, 63, 63, 16, 16, True),
+    (2, 4, 4, 64, 64, 16, 16, True),
+    (2, 4, 4, 65, 65, 16, 16, True),
+    (2, 4, 4, 65, 65, 16, 16, False),
+    (1, 2, 2, 1000, 1000, 16, 16, True),
+    (1, 2, 2, 1000, 1000, 16, 16, False),
+    (1, 6, 2, 130, 130, 16, 24, True),     # GQA, Dv != D, two full chunks + 2
+    (1, 4, 1, 70, 70, 60, 7, False),       # MQA, odd D and Dv
+    (2, 2, 2, 37, 101, 16, 16, False),     # Nq != Nk
+    (2, 2, 1, 100, 9, 8, 12, False),       # more queries than keys
+]
+
+# Under the Triton interpreter a long sequence takes minutes; the chunk edges are covered below it.
+TRITON_MAX_N = 200
+
+
+def _dtype_for(backend):
+    return torch.float32 if backend == "triton" else torch.float64
+
+
+def _run(q, k, v, dout, backend, **kwargs):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    with attnkernels.backend(backend):
+        out, state = attnkernels.linear_attention(q, k, v, return_final_state=True, **kwargs)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+    return out.detach(), state, grads
+
+
+def _compare(backend, q, k, v, dtype, **kwargs):
+    """Run `backend` in `dtype` and check out, final state and dq/dk/dv against the oracle."""
+    q64, k64, v64 = (t.double() for t in (q, k, v))
+    dout64 = torch.randn(q.shape[0], q.shape[1], q.shape[2], v.shape[-1], dtype=torch.float64)
+    state64 = kwargs.pop("initial_state", None)
+    ref_kwargs = dict(kwargs, initial_state=state64)
+    out64, (s64, z64), grads64 = reference_with_grads(q64, k64, v64, dout64, **ref_kwargs)
+    state = None if state64 is None else tuple(t.to(torch.float64 if dtype == torch.float64 else torch.float32) for t in state64)
+    qd, kd, vd, doutd = (t.to(dtype) for t in (q64, k64, v64, dout64))
+    out, (s, z), grads = _run(qd, kd, vd, doutd, backend, initial_state=state, **kwargs)
+    base_out, (base_s, base_z), base_grads = (None, (None, None), (None,) * 3)
+    if dtype != torch.float64:
+        base_state = None if state is None else tuple(t.to(dtype) for t in state)
+        base_out, (base_s, base_z), base_grads = reference_with_grads(qd, kd, vd, doutd, **dict(kwargs, initial_state=base_state))
+    assert out.dtype == dtype and s.dtype == z.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert not s.requires_grad and not z.requires_grad
+    assert_close_to_oracle("out", out, out64, dtype, base_out)
+    assert_close_to_oracle("final S", s, s64, dtype, base_s)
+    assert_close_to_oracle("final z", z, z64, dtype, base_z)
+    for name, g, e, bg in zip(("dq", "dk", "dv"), grads, grads64, base_grads):
+        assert g.dtype == dtype
+        assert_close_to_oracle(name, g, e, dtype, bg)
+
+
+@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "nonorm"])
+@pytest.mark.parametrize("case", CASES, ids=[case_id(*c) for c in CASES])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_elu_matches_reference(backend, case, normalize):
+    backend_param(backend, "linear")
+    b, hq, hk, nq, nk, d, dv, causal = case
+    if backend == "triton" and max(nq, nk) > TRITON_MAX_N:
+        pytest.skip(f"N > {TRITON_MAX_N} is too slow under the Triton interpreter")
+    q, k, v = make_qkv(b, hq, hk, nq, nk, d, dv)
+    _compare(backend, q, k, v, _dtype_for(backend), feature_map="elu", causal=causal, normalize=normalize)
+
+
+FEATURE_CASES = [(2, 4, 2, 65, 65, 16, 12, True), (1, 2, 2, 70, 33, 16, 16, False)]
+
+
+@pytest.mark.parametrize("feature_map", ["relu", "identity"])
+@pytest.mark.parametrize("case", FEATURE_CASES, ids=[case_id(*c) for c in FEATURE_CASES])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_relu_identity_and_scale(backend, case, feature_map):
+    backend_param(backend, "linear")
+    b, hq, hk, nq, nk, d, dv, causal = case
+    # identity with normalize=True needs non-negative features (refused otherwise)
+    q, k, v = make_qkv(b, hq, hk, nq, nk, d, dv, positive=feature_map == "identity")
+    for normalize in (True, False):
+        _compare(backend, q, k, v, _dtype_for(backend), feature_map=feature_map, causal=causal, normalize=normalize, scale=0.37)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_initial_state_matches_reference(backend, causal):
+    backend_param(backend, "linear")
+    q, k, v = make_qkv(2, 4, 2, 65, 65, 16, 8)
+    state = make_state(2, 2, 16, 8)
+    for normalize in (True, False):
+        _compare(backend, q, k, v, _dtype_for(backend), causal=causal, normalize=normalize, initial_state=state, eps=1e-3)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_streaming_in_pieces_equals_whole(backend, causal):
+    """Pieces of 63 + 2 + 64 + 1 tokens, each starting from the last one's final state."""
+    backend_param(backend, "linear")
+    dtype = _dtype_for(backend)
+    q, k, v = make_qkv(1, 4, 2, 130, 130, 16, 16, dtype=dtype)
+    with attnkernels.backend(backend):
+        whole, whole_state = attnkernels.linear_attention(q, k, v, causal=causal, return_final_state=True)
+        state, outs, start = None, [], 0
+        for length in (63, 2, 64, 1):
+            piece = slice(start, start + length)
+            out, state = attnkernels.linear_attention(
+                q[:, :, piece], k[:, :, piece], v[:, :, piece], causal=causal, initial_state=state, return_final_state=True
+            )
+            outs.append(out)
+            start += length
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(state.S, whole_state.S, **tol)
+    torch.testing.assert_close(state.z, whole_state.z, **tol)
+    if causal:  # non-causal pieces see only their own keys plus the past, by design
+        torch.testing.assert_close(torch.cat(outs, dim=2), whole, **tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step_by_step_decode_equals_causal(backend):
+    backend_param(backend, "linear")
+    dtype = _dtype_for(backend)
+    n = 9 if backend == "triton" else 70
+    q, k, v = make_qkv(2, 4, 2, n, n, 16, 8, dtype=dtype)
+    with attnkernels.backend(backend):
+        whole, whole_state = attnkernels.linear_attention(q, k, v, causal=True, return_final_state=True)
+        state, outs = None, []
+        for t in range(n):
+            out, state = attnkernels.linear_attention_step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], state)
+            outs.append(out)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.cat(outs, dim=2), whole, **tol)
+    torch.testing.assert_close(state.S, whole_state.S, **tol)
+
+
+def _positive_features(x):
+    """An elementwise-then-widened map, M = D + 3, to check M != D end to end."""
+    return torch.cat([torch.nn.functional.elu(x) + 1, torch.sigmoid(x[..., :3])], dim=-1)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_callable_features_with_m_not_d(backend, causal):
+    backend_param(backend, "linear")
+    dtype = _dtype_for(backend)
+    q, k, v = make_qkv(1, 2, 2, 65, 65, 12, 5)
+    dout = torch.randn(1, 2, 65, 5, dtype=torch.float64)
+    _, (s64, _), grads64 = reference_with_grads(q, k, v, dout, feature_map=_positive_features, causal=causal)
+    out64 = linear_attention_reference(q, k, v, feature_map=_positive_features, causal=causal)[0]
+    out, (s, z), grads = _run(q.to(dtype), k.to(dtype), v.to(dtype), dout.to(dtype), backend,
+                              feature_map=_positive_features, causal=causal)
+    assert s.shape == (1, 2, 15, 5) and z.shape == (1, 2, 15)
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-4)
+    torch.testing.assert_close(out.double(), out64, **tol)
+    torch.testing.assert_close(s.double(), s64, **tol)
+    for g, e in zip(grads, grads64):
+        torch.testing.assert_close(g.double(), e, **tol)
+
+
+# --- dtypes on the compiled kernels: fp32/bf16/fp16 on C++, fp32/fp16 under the Triton interpreter
+DTYPE_CASES = [(2, 4, 2, 65, 65, 16, 16, True), (1, 2, 2, 200, 200, 32, 32, True), (2, 2, 2, 65, 90, 16, 24, False)]
+DTYPE_BY_BACKEND = [("cpu", torch.float32), ("cpu", torch.bfloat16), ("cpu", torch.float16),
+                    ("triton", torch.float32), ("triton", torch.float16)]
+
+
+@pytest.mark.parametrize("case", DTYPE_CASES, ids=[case_id(*c) for c in DTYPE_CASES])
+@pytest.mark.parametrize("backend,dtype", DTYPE_BY_BACKEND, ids=[f"{b}-{str(d)[6:]}" for b, d in DTYPE_BY_BACKEND])
+def test_low_precision_within_flash_rule(backend, dtype, case):
+    """Error vs the fp64 oracle at most 2x the reference's own error in that dtype (+ a small floor)."""
+    backend_param(backend, "linear")
+    b, hq, hk, nq, nk, d, dv, causal = case
+    q, k, v = make_qkv(b, hq, hk, nq, nk, d, dv)
+    _compare(backend, q, k, v, dtype, causal=causal, normalize=True)
+    _compare(backend, q, k, v, dtype, causal=causal, normalize=False, initial_state=make_state(b, hk, d, dv))
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_gradcheck_float64(backend, causal):
+    backend_param(backend, "linear")
+    q, k, v = make_qkv(1, 4, 2, 11, 11, 5, 3)
+    state = make_state(1, 2, 5, 3)
+    inputs = tuple(t.requires_grad_() for t in (q, k, v))
+
+    def fn(q, k, v):
+        return attnkernels.linear_attention(q, k, v, causal=causal, initial_state=state, scale=0.8, eps=1e-2)
+
+    with attnkernels.backend(backend):
+        assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-6, fast_mode=True)
+
+
+def test_cpu_deterministic_across_thread_counts():
+    backend_param("cpu", "linear")
+    q, k, v = make_qkv(2, 4, 2, 300, 300, 32, 32, dtype=torch.float32)
+    dout = torch.randn(2, 4, 300, 32)
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for causal in (True, False):
+                results.append((threads, causal, _run(q, k, v, dout, "cpu", causal=causal)))
+    finally:
+        torch.set_num_threads(1)
+    for (_, causal_a, (out_a, st_a, gr_a)), (_, causal_b, (out_b, st_b, gr_b)) in zip(results[:2], results[2:]):
+        assert causal_a == causal_b
+        for a, b in zip((out_a, *st_a, *gr_a), (out_b, *st_b, *gr_b)):
+            assert torch.equal(a, b)
