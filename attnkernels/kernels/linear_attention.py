@@ -569,7 +569,8 @@ def override_chunk(block_c: int):
         _CHUNK_OVERRIDE = previous
 
 
-def chunk_config(kernel: str, head_dim: int, head_dim_v: int, dtype: torch.dtype = torch.float16) -> ChunkConfig:
+def chunk_config(kernel: str, head_dim: int, head_dim_v: int, dtype: torch.dtype = torch.float16,
+                 causal: bool = True) -> ChunkConfig:
     """GPU launch config per kernel ("state", "fwd", "dq", "dk", "dv") and padded dims.
 
     Every program keeps a state tile in registers across its chunk loop ([D, Dv tile] for
@@ -589,11 +590,14 @@ def chunk_config(kernel: str, head_dim: int, head_dim_v: int, dtype: torch.dtype
     elif kernel == "dq":
         cfg = ChunkConfig(16, min(d, tile), 8, 1)
     # the warp counts below are empirical: ptxas sometimes spills a few bytes at 8 warps
-    # where 4 fit (fp32 D=64 dK, fp16 D=64 non-causal dV), and the reverse for fp32 dV
+    # where 4 fit (fp32 D=64 dK, non-causal dV), and the reverse for causal fp32 dV
     elif kernel == "dk":
         cfg = ChunkConfig(16, min(d, tile), 4 if wide and big <= 64 else 8, 1)
     elif kernel == "dv":
-        cfg = ChunkConfig(16, min(dv, tile), 8 if wide and big >= 64 else 4, 1)
+        if causal:
+            cfg = ChunkConfig(16, min(dv, tile), 8 if wide and big >= 64 else 4, 1)
+        else:
+            cfg = ChunkConfig(16, min(dv, 32) if wide else min(dv, tile), 8 if wide else 4, 1)
     else:
         raise ValueError(f"chunk_config: unknown kernel {kernel!r}")
     if _CHUNK_OVERRIDE is not None:
@@ -807,7 +811,7 @@ def linear_attention_backward(dout, q, k, v, feature_map: str, causal: bool, nor
         BLOCK_C=cfg.block_c, BLOCK_DT=cfg.block_t, BLOCK_DV=pad_dv,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
     )
-    cfg = chunk_config("dv", head_dim, head_dim_v, q.dtype)
+    cfg = chunk_config("dv", head_dim, head_dim_v, q.dtype, causal)
     linear_bwd_dv[(batch * kv_heads, _cdiv(head_dim_v, cfg.block_t))](
         q, k, dout, dv, den,
         q.stride(0), q.stride(1), q.stride(2),
@@ -867,7 +871,7 @@ _AOT_MAPS = [("elu", True), ("relu", True), ("identity", True), ("elu", False)]
 
 def _kernel_constexprs(kernel: str, d: int, fm: str, causal: bool, normalize: bool, dtype, prec: str) -> tuple:
     """(fn, constexprs, config) of one kernel as the launchers call it, for D = Dv = d."""
-    cfg = chunk_config("fwd" if kernel == "fwd-den" else kernel, d, d, dtype)
+    cfg = chunk_config("fwd" if kernel == "fwd-den" else kernel, d, d, dtype, causal)
     pad = _pad_dim(d)
     const = dict(HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_C=cfg.block_c, FEATURE_MAP=FEATURE_MAPS[fm], DOT_PREC=prec)
     if kernel == "state":
