@@ -855,7 +855,16 @@ def _signature(fn, dtype: str, constexprs: dict) -> dict:
     return sig
 
 
+def _divisibility(signature: dict) -> dict:
+    """The specialization the JIT gives a launch on contiguous (or BNHD-transposed) tensors
+    with head dims that are multiples of 16: every pointer 16-byte aligned (torch and the
+    launchers' float32 buffers are) and every stride divisible by 16. Sizes get nothing."""
+    div = [["tt.divisibility", 16]]
+    return {name: div for name, ty in signature.items() if ty.startswith("*") or name.startswith("stride_")}
+
+
 _AOT_HEAD_DIMS = (32, 64, 128)
+_AOT_QUICK = (64, True, "elu", True)  # (D, causal, map, normalize) of each group's --quick spec
 # (label, torch dtype, dot precision): fp32 ships exact ("ieee": FMA on CUDA cores, no mma by
 # design) and TF32 (torch.backends.cuda.matmul.allow_tf32); 16-bit inputs always dot in TF32
 _AOT_DTYPES = [
@@ -907,8 +916,10 @@ def _build_aot_specs() -> list[KernelSpec]:
                 name = f"linear_{kernel}-{label}-D{d}{mode}-{fm}{norm}-C{cfg.block_c}-T{cfg.block_t}"
                 # the non-causal den pass is φ(q) · z alone: no dot
                 has_dot = uses_tc and not (kernel == "fwd-den" and not causal)
-                specs.append(KernelSpec(name, fn, _signature(fn, tdt, const), const, num_warps=cfg.num_warps,
-                                        num_stages=cfg.num_stages, uses_dot=has_dot))
+                quick = kernel != "fwd-den" and (d, causal or kernel == "state", fm, normalize) == _AOT_QUICK
+                sig = _signature(fn, tdt, const)
+                specs.append(KernelSpec(name, fn, sig, const, attrs=_divisibility(sig), num_warps=cfg.num_warps,
+                                        num_stages=cfg.num_stages, uses_dot=has_dot, dtype=label, quick=quick))
     return specs
 
 
