@@ -9,6 +9,7 @@ from .backends import backend
 from .linear import LinearAttentionState, PerformerFeatures, linear_attention, linear_attention_step
 from .masks import BlockMask
 from .reference import attention_reference
+from . import nn  # noqa: E402  (drop-in modules; imports only the modules above)
 
 __version__ = "0.1.0"
 
@@ -24,4 +25,5 @@ __all__ = [
     "backend",
     "masks",
     "BlockMask",
+    "nn",
 ]

@@ -45,6 +45,15 @@ namespace {
 constexpr int64_t kBlockM = 64;
 constexpr int64_t kBlockN = 128;
 constexpr int64_t kMaxHeadDim = 256;
+// Below this much work per thread a parallel region costs more than it saves
+// (waking threads is ~10 us, far more on a loaded host): small calls run inline.
+constexpr double kMinParallelFlops = 4e6;
+
+// Grain for at::parallel_for over `tasks` tasks of about `flops_per_task` each.
+// Only the partition changes with it, never the result (each task owns its outputs).
+int64_t grain_for(double flops_per_task) {
+  return std::max<int64_t>(1, int64_t(std::ceil(kMinParallelFlops / std::max(flops_per_task, 1.0))));
+}
 
 // ---------------------------------------------------------------------------
 // Problem description shared by the three passes
@@ -241,6 +250,12 @@ void tile_gemm<double>(int64_t M, int64_t N, int64_t K, const double* A, int64_t
 // Vectorised row helpers (tails in scalar code: loadu(ptr, n) pads with zeros,
 // which would corrupt a max or a sum)
 // ---------------------------------------------------------------------------
+// exp on a vector: float uses ATen's exp_u20 (the polynomial torch's own CPU
+// flash attention uses, ~2 ulp, about twice as fast as Sleef's 1-ulp exp);
+// double keeps the 1-ulp exp so the float64 path stays a tight oracle check.
+inline at::vec::Vectorized<float> vexp(const at::vec::Vectorized<float>& x) { return x.exp_u20(); }
+inline at::vec::Vectorized<double> vexp(const at::vec::Vectorized<double>& x) { return x.exp(); }
+
 template <typename T>
 inline void scale_row(T* x, int64_t n, T a) {
   using Vec = at::vec::Vectorized<T>;
@@ -248,6 +263,31 @@ inline void scale_row(T* x, int64_t n, T a) {
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) (Vec::loadu(x + i) * va).store(x + i);
   for (; i < n; ++i) x[i] *= a;
+}
+
+// x <- x * a; returns max(x) (one pass instead of two).
+template <typename T>
+inline T scale_max(T* x, int64_t n, T a) {
+  using Vec = at::vec::Vectorized<T>;
+  const Vec va(a);
+  T m = -std::numeric_limits<T>::infinity();
+  int64_t i = 0;
+  if (n >= Vec::size()) {
+    Vec vm(m);
+    for (; i + Vec::size() <= n; i += Vec::size()) {
+      const Vec y = Vec::loadu(x + i) * va;
+      y.store(x + i);
+      vm = at::vec::maximum(vm, y);
+    }
+    T lanes[Vec::size()];
+    vm.store(lanes);
+    for (int64_t l = 0; l < Vec::size(); ++l) m = std::max(m, lanes[l]);
+  }
+  for (; i < n; ++i) {
+    x[i] *= a;
+    m = std::max(m, x[i]);
+  }
+  return m;
 }
 
 template <typename T>
@@ -274,7 +314,7 @@ inline T exp_sub_sum(T* x, int64_t n, T m) {
   Vec acc(T(0));
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
-    Vec e = (Vec::loadu(x + i) - vm).exp();
+    Vec e = vexp(Vec::loadu(x + i) - vm);
     e.store(x + i);
     acc = acc + e;
   }
@@ -297,11 +337,11 @@ inline void exp_scaled_minus(T* x, int64_t n, T scale, const T* lse, bool lse_pe
   int64_t i = 0;
   if (lse_per_column) {
     for (; i + Vec::size() <= n; i += Vec::size())
-      (Vec::loadu(x + i) * vs - Vec::loadu(lse + i)).exp().store(x + i);
+      vexp(Vec::loadu(x + i) * vs - Vec::loadu(lse + i)).store(x + i);
     for (; i < n; ++i) x[i] = std::exp(x[i] * scale - lse[i]);
   } else {
     const Vec vl(lse[0]);
-    for (; i + Vec::size() <= n; i += Vec::size()) (Vec::loadu(x + i) * vs - vl).exp().store(x + i);
+    for (; i + Vec::size() <= n; i += Vec::size()) vexp(Vec::loadu(x + i) * vs - vl).store(x + i);
     for (; i < n; ++i) x[i] = std::exp(x[i] * scale - lse[0]);
   }
 }
@@ -332,7 +372,8 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, T sca
   const auto qtiles = make_tiles(p.Nq, kBlockM, p.sbs);
   const int64_t nt = int64_t(qtiles.size());
   const T neg_inf = -std::numeric_limits<T>::infinity();
-  at::parallel_for(0, p.B * p.Hq * nt, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = grain_for(2.0 * kBlockM * std::min<int64_t>(p.Nk, 4 * kBlockN) * (p.D + p.Dv));
+  at::parallel_for(0, p.B * p.Hq * nt, grain, [&](int64_t begin, int64_t end) {
     std::vector<T> s(kBlockM * kBlockN);  // [BLOCK_M, BLOCK_N] scores, then probabilities
     std::vector<T> acc(kBlockM * p.Dv);   // [BLOCK_M, Dv] unnormalised output
     std::vector<T> m(kBlockM), l(kBlockM);  // running row max and row sum
@@ -352,9 +393,12 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, T sca
         const bool masked = window_cuts(p, i0, i1, j0, j1) || padding_cuts(p, b, j0, j1);
         for (int64_t r = 0; r < M; ++r) {
           T* sr = s.data() + r * kBlockN;
-          scale_row(sr, N, scale);
-          if (masked) mask_query_row(p, b, i0 + r, j0, j1, sr, neg_inf);
-          const T m_new = std::max(m[r], row_max(sr, N));
+          T tile_max = scale_max(sr, N, scale);
+          if (masked) {
+            mask_query_row(p, b, i0 + r, j0, j1, sr, neg_inf);
+            tile_max = row_max(sr, N);
+          }
+          const T m_new = std::max(m[r], tile_max);
           if (m_new == neg_inf) {  // this row has seen no key yet: P = 0
             fill(sr, N, T(0));
             continue;
@@ -389,7 +433,8 @@ void dq_kernel(const Problem& p, const T* q, const T* k, const T* kT, const T* v
                const T* delta, T scale, T* dq) {
   const auto qtiles = make_tiles(p.Nq, kBlockM, p.sbs);
   const int64_t nt = int64_t(qtiles.size());
-  at::parallel_for(0, p.B * p.Hq * nt, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = grain_for(2.0 * kBlockM * std::min<int64_t>(p.Nk, 4 * kBlockN) * (2 * p.D + p.Dv));
+  at::parallel_for(0, p.B * p.Hq * nt, grain, [&](int64_t begin, int64_t end) {
     std::vector<T> s(kBlockM * kBlockN);   // [BLOCK_M, BLOCK_N] S, then P, then dS
     std::vector<T> dp(kBlockM * kBlockN);  // [BLOCK_M, BLOCK_N] dP = dO Vᵀ
     std::vector<T> acc(kBlockM * p.D);     // [BLOCK_M, D] dQ
@@ -432,7 +477,9 @@ void dkdv_kernel(const Problem& p, const T* q, const T* qT, const T* k, const T*
                  const T* lse_use, const T* delta, T scale, T* dk, T* dv) {
   const auto ktiles = make_tiles(p.Nk, kBlockN, p.sbs);
   const int64_t nt = int64_t(ktiles.size());
-  at::parallel_for(0, p.B * p.Hk * nt, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain =
+      grain_for(2.0 * kBlockN * p.group * std::min<int64_t>(p.Nq, 4 * kBlockM) * (2 * p.D + 2 * p.Dv));
+  at::parallel_for(0, p.B * p.Hk * nt, grain, [&](int64_t begin, int64_t end) {
     std::vector<T> st(kBlockN * kBlockM);   // [BLOCK_N, BLOCK_M] Sᵀ, then Pᵀ, then dSᵀ
     std::vector<T> dpt(kBlockN * kBlockM);  // [BLOCK_N, BLOCK_M] dPᵀ = V dOᵀ
     std::vector<T> dk_acc(kBlockN * p.D), dv_acc(kBlockN * p.Dv);  // [BLOCK_N, D], [BLOCK_N, Dv]
@@ -706,7 +753,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
       const scalar_t* o = outc.data_ptr<scalar_t>();
       const scalar_t* g = doc.data_ptr<scalar_t>();
       const int64_t rows = p.B * p.Hq * p.Nq, Dv = p.Dv;
-      at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, rows, grain_for(2.0 * Dv), [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
           if (lu[r] == -std::numeric_limits<scalar_t>::infinity()) lu[r] = std::numeric_limits<scalar_t>::infinity();
           scalar_t acc = 0;

@@ -940,6 +940,16 @@ def _signature(fn, dtype: str, constexprs: dict) -> dict:
     return sig
 
 
+def _divisibility(signature: dict) -> dict:
+    """The specialization the JIT gives a launch on contiguous (or BNHD-transposed) tensors
+    with head dims that are multiples of 16: every pointer 16-byte aligned (torch allocations
+    are) and the batch/head/row strides of q, k, v, out and the grads divisible by 16. Table
+    strides, the KPM stride and the sizes are arbitrary, so they get nothing."""
+    div = [["tt.divisibility", 16]]
+    return {name: div for name, ty in signature.items()
+            if ty.startswith("*") or (name.startswith("stride_") and not name.startswith(("stride_t", "stride_kpm")))}
+
+
 # mask variants that ship: (name, HAS_LEFT, HAS_RIGHT, IS_SPARSE, HAS_KPM)
 _AOT_VARIANTS = [
     ("dense", False, False, False, False),
@@ -949,6 +959,8 @@ _AOT_VARIANTS = [
 ]
 _AOT_SPARSE_BLOCK = 128
 _AOT_HEAD_DIMS = (32, 64, 128, 256)
+# `--quick` compiles, per kernel and dtype, the variant with every feature on (all code paths)
+_AOT_QUICK_HEAD_DIM, _AOT_QUICK_VARIANT = 128, "sparse-window-kpm"
 # (label, torch dtype, dot precision); fp32 ships exact ("ieee", CUDA cores) and TF32
 _AOT_DTYPES = [
     ("fp16", torch.float16, "tf32"),
@@ -967,9 +979,11 @@ def _build_aot_specs() -> list[KernelSpec]:
         for d in _AOT_HEAD_DIMS:
             if label != "tf32":  # the preprocess has no dot: one per storage dtype
                 const = dict(HEAD_DIM_V=d, BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_DV=_pad_dim(d))
-                specs.append(KernelSpec(f"attn_bwd_preprocess-{label}-D{d}", attn_bwd_preprocess,
-                                        _signature(attn_bwd_preprocess, tdt, const), const,
-                                        num_warps=4, num_stages=1, uses_dot=False))
+                sig = _signature(attn_bwd_preprocess, tdt, const)
+                specs.append(KernelSpec(f"attn_bwd_preprocess-{label}-D{d}", attn_bwd_preprocess, sig, const,
+                                        attrs=_divisibility(sig),
+                                        num_warps=4, num_stages=1, uses_dot=False, dtype=label,
+                                        quick=d == _AOT_QUICK_HEAD_DIM))
             for variant, has_left, has_right, is_sparse, has_kpm in _AOT_VARIANTS:
                 for kernel, fn in (("fwd", attn_fwd), ("dkdv", attn_bwd_dkdv), ("dq", attn_bwd_dq)):
                     cfg = block_config(kernel, d, d, dtype, _AOT_SPARSE_BLOCK if is_sparse else 0)
@@ -979,9 +993,11 @@ def _build_aot_specs() -> list[KernelSpec]:
                                  SPARSE_BLOCK=_AOT_SPARSE_BLOCK if is_sparse else 0,
                                  HAS_KPM=has_kpm, DOT_PREC=prec)
                     name = f"{fn.__name__}-{label}-D{d}-{variant}-M{cfg.block_m}-N{cfg.block_n}"
-                    specs.append(KernelSpec(name, fn, _signature(fn, tdt, const), const,
+                    sig = _signature(fn, tdt, const)
+                    specs.append(KernelSpec(name, fn, sig, const, attrs=_divisibility(sig),
                                             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                                            uses_dot=uses_tc))
+                                            uses_dot=uses_tc, dtype=label,
+                                            quick=d == _AOT_QUICK_HEAD_DIM and variant == _AOT_QUICK_VARIANT))
     return specs
 
 

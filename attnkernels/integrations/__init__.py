@@ -1,0 +1,2 @@
+"""Backends for other projects. `attnkernels.integrations.transformers.register()` adds
+`attn_implementation="attnkernels"` to Hugging Face transformers."""

@@ -1,0 +1,141 @@
+"""`attn_implementation="attnkernels"` for Hugging Face transformers (>= 5).
+
+    from attnkernels.integrations.transformers import register
+    register()                                   # once per process
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="attnkernels")
+
+`register()` adds two entries under one name:
+- an attention function to `transformers.AttentionInterface`, called by every
+  attention layer as `fn(module, query, key, value, attention_mask, *, scaling,
+  dropout, sliding_window, is_causal, ...)` with q (B, Hq, Nq, D), k/v
+  (B, Hk, Nk, D) and returning (out (B, Nq, Hq, D), None);
+- a mask builder to `transformers.AttentionMaskInterface` (HF's SDPA one):
+  without it, HF hands a custom attention function no mask at all and padding
+  would be silently ignored. It returns None for a plain causal mask (we then
+  use the kernel's causal flag) or a 4-D bool mask (True = attend).
+
+A 4-D mask is turned back into what the kernels take — a causal / sliding
+window band plus a key padding mask (B, Nk) — and checked element by element
+against the mask HF built; any other pattern raises instead of being dropped.
+GQA runs natively (no `repeat_kv`); causal is bottom-right aligned, which is
+HF's rule for prefill and for decoding with a KV cache.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..api import attention
+from ..reference import window_visibility
+from ..windows import from_hf_sliding_window, resolve_window
+
+DEFAULT_NAME = "attnkernels"
+
+
+def register(name: str = DEFAULT_NAME) -> str:
+    """Register the attention function and its mask builder under `name`; returns `name`."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name: expected a non-empty str, got {name!r}")
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise ImportError(f"register: needs transformers>=5 (`pip install transformers`): {exc}") from exc
+    AttentionInterface.register(name, attnkernels_attention_forward)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    return name
+
+
+def attnkernels_attention_forward(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[Tensor, None]:
+    """HF attention-function signature -> `attnkernels.attention`. Shapes in the module docstring."""
+    if dropout:
+        raise NotImplementedError(
+            f"dropout: attention dropout ({dropout}) is not implemented by attnkernels' fused kernels; "
+            "set config.attention_dropout=0.0 or call model.eval()"
+        )
+    for unsupported in ("softcap", "s_aux", "position_bias"):
+        if kwargs.get(unsupported) is not None:
+            raise NotImplementedError(f"{unsupported}: not supported by the attnkernels attention backend")
+    if kwargs.get("cache") is not None:
+        raise NotImplementedError("cache: paged (continuous-batching) caches are not supported by the attnkernels backend")
+
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    if sliding_window:
+        # HF: causal `kv > q - W` -> (W - 1, 0); bidirectional `|q - kv| <= W` -> (W, W).
+        window = from_hf_sliding_window(int(sliding_window)) if causal else (int(sliding_window), int(sliding_window))
+    else:
+        window = None
+    band = resolve_window(window, causal)  # (left, right), what the kernel will apply
+
+    key_padding_mask = None
+    if attention_mask is not None:
+        key, value, key_padding_mask = padding_from_hf_mask(attention_mask, query, key, value, band)
+
+    out = attention(query, key, value, causal=causal, scale=scaling, window_size=window, key_padding_mask=key_padding_mask)
+    return out.transpose(1, 2).contiguous(), None  # (B, Hq, Nq, D) -> (B, Nq, Hq, D)
+
+
+def padding_from_hf_mask(attention_mask, query: Tensor, key: Tensor, value: Tensor, band: tuple[int, int]):
+    """(key, value, key_padding_mask (B, Nk) or None) equivalent to `attention_mask` under `band`.
+
+    attention_mask: 4-D (B|1, 1|H, Nq, Nk), bool (True = attend) or additive
+    float (0 = attend, very negative / -inf = blocked). Keys no query may see
+    become padding. Trailing keys nobody sees (a static cache's unfilled slots)
+    are cut off when that is what makes the bottom-right band line up.
+    Raises ValueError when the mask is anything else (a bias, a document mask,
+    a top-left causal mask with Nq != Nk, ...).
+    """
+    if not isinstance(attention_mask, Tensor):
+        raise TypeError(
+            f"attention_mask: the attnkernels backend takes a 4-D tensor mask, got {type(attention_mask).__name__}"
+        )
+    batch, q_len, kv_len = query.shape[0], query.shape[2], key.shape[2]
+    if attention_mask.dim() != 4 or attention_mask.shape[-2:] != (q_len, kv_len) or attention_mask.shape[0] not in (1, batch):
+        raise ValueError(
+            f"attention_mask: expected shape (B|1, 1|H, Nq, Nk) = ({batch}, 1, {q_len}, {kv_len}), "
+            f"got {tuple(attention_mask.shape)}"
+        )
+    if attention_mask.dtype == torch.bool:
+        visible = attention_mask
+    else:
+        visible = attention_mask == 0
+        blocked = attention_mask <= torch.finfo(attention_mask.dtype).min / 2  # HF's min-dtype fill, or -inf
+        if not bool((visible | blocked).all()):
+            raise ValueError(
+                "attention_mask: holds an additive bias (values other than 0 and -inf/min-dtype); "
+                "the attnkernels backend supports causal/sliding-window masks with key padding only"
+            )
+    if visible.shape[1] > 1 and not bool((visible == visible[:, :1]).all()):
+        raise ValueError("attention_mask: differs between heads; the attnkernels backend needs one mask for all heads")
+    visible = visible[:, 0].to(query.device)  # (Bm, Nq, Nk)
+
+    seen = visible.any(dim=1)  # (Bm, Nk): key j is seen by some query
+    seen_any = seen.any(dim=0).nonzero()
+    cut = int(seen_any[-1]) + 1 if len(seen_any) else kv_len
+    for length in dict.fromkeys((kv_len, cut)):  # as given first, then without never-seen trailing keys
+        padding = ~seen[:, :length]  # (Bm, Nk')
+        expected = window_visibility(q_len, length, band, device=visible.device)[None] & ~padding[:, None, :]
+        if torch.equal(expected, visible[..., :length]):
+            break
+    else:
+        raise ValueError(
+            "attention_mask: is not a causal/sliding-window band combined with key padding (the only masks the "
+            f"attnkernels backend can express; band (left, right) = {band}, bottom-right aligned). Use "
+            "attn_implementation='sdpa' or 'eager' for this model/mask."
+        )
+    if length != kv_len:
+        key, value = key[:, :, :length], value[:, :, :length]
+    if not bool(padding.any()):
+        return key, value, None
+    return key, value, padding.expand(batch, length).contiguous()

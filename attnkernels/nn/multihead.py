@@ -1,0 +1,388 @@
+"""`MultiheadAttention`: a drop-in for `torch.nn.MultiheadAttention` on the fused kernels.
+
+Parameters have torch's names and shapes (`in_proj_weight` (3E, E),
+`in_proj_bias` (3E,), `out_proj`), so a `torch.nn.MultiheadAttention` state dict
+loads unchanged when `num_kv_heads == num_heads`. With GQA
+(`num_kv_heads < num_heads`) the packed projection is
+((Hq + 2·Hk)·Dh, E): rows [q | k | v], and the kernels read the kv heads
+natively (no repeat).
+
+Conventions, chosen once (see README_SECTION.md):
+- `key_padding_mask` is bool (B, Nk), True = the key is ignored (torch's rule);
+  a float mask holding only 0 / -inf is accepted and converted.
+- Attention-probability dropout is refused in training (NotImplementedError):
+  the fused kernels have no dropout. `dropout=` is accepted so that configs
+  built for torch's module construct, and eval mode is fine.
+- `need_weights=True` is refused: the kernels never form the (Nq, Nk) matrix.
+- `causal` is bottom-right aligned (FlashAttention's rule); for self-attention
+  (Nq == Nk) that is the same as torch's top-left `is_causal`.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import masks as _masks
+from ..api import attention as _attention
+from ..windows import resolve_window
+
+ATTENTION_FAMILIES = ("dense", "window", "bigbird", "linear", "performer")
+_LINEAR_FAMILIES = ("linear", "performer")
+_FEATURE_MAPS = ("elu", "relu", "identity")
+
+
+def _linear_api():
+    """(linear_attention, PerformerFeatures) from attnkernels, or a clear error when not built in."""
+    import attnkernels
+
+    fn = getattr(attnkernels, "linear_attention", None)
+    if fn is None:
+        raise NotImplementedError(
+            "attention='linear'/'performer' needs attnkernels.linear_attention, which this build of "
+            "attnkernels does not provide"
+        )
+    return fn, getattr(attnkernels, "PerformerFeatures", None)
+
+
+def _check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return int(value)
+
+
+class MultiheadAttention(nn.Module):
+    """Multi-head attention whose core runs on attnkernels' fused kernels.
+
+    Args:
+        embed_dim: model width E; must be divisible by `num_heads`.
+        num_heads: query heads Hq. Head dim Dh = E // Hq.
+        num_kv_heads: key/value heads Hk (GQA/MQA); None means Hq. Hq % Hk == 0.
+        attention: "dense", "window" (needs `window_size`), "bigbird"
+            (block-sparse; needs Nq == Nk), "linear" (feature map
+            `feature_map`) or "performer" (FAVOR+ with `num_features` features).
+        causal: default causal setting for `forward` (overridden by `is_causal`).
+        window_size: for "window": int w = (w, w) or (left, right), -1 unbounded.
+        block_size, num_global_blocks, num_window_blocks, num_random_blocks:
+            BigBird layout (see `attnkernels.masks.bigbird`). The layout is drawn
+            once per sequence length and cached; `redraw()` draws new ones.
+        seed: makes BigBird layouts (and Performer features) reproducible.
+        feature_map: for "linear": "elu" (elu+1), "relu" or "identity".
+        num_features: for "performer": random features M.
+        bias: biases on the input and output projections.
+        dropout: accepted for signature compatibility; > 0 raises
+            NotImplementedError in training mode (no dropout in the kernels).
+        batch_first: (B, N, E) inputs when True (the default here; torch's
+            default is False), else (N, B, E).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        num_kv_heads: int | None = None,
+        attention: str = "dense",
+        causal: bool = False,
+        window_size=None,
+        block_size: int = 64,
+        num_global_blocks: int = 1,
+        num_window_blocks: int = 3,
+        num_random_blocks: int = 3,
+        feature_map: str = "elu",
+        num_features: int = 256,
+        bias: bool = True,
+        dropout: float = 0.0,
+        batch_first: bool = True,
+        seed: int | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        embed_dim = _check_positive_int("embed_dim", embed_dim)
+        num_heads = _check_positive_int("num_heads", num_heads)
+        if embed_dim % num_heads != 0:
+            raise ValueError(f"embed_dim: {embed_dim} must be divisible by num_heads={num_heads}")
+        num_kv_heads = num_heads if num_kv_heads is None else _check_positive_int("num_kv_heads", num_kv_heads)
+        if num_heads % num_kv_heads != 0:
+            raise ValueError(f"num_kv_heads: num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
+        if attention not in ATTENTION_FAMILIES:
+            raise ValueError(f"attention: expected one of {ATTENTION_FAMILIES}, got {attention!r}")
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal: expected a bool, got {causal!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout: expected a float in [0, 1), got {dropout!r}")
+
+        self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
+        self.head_dim = embed_dim // num_heads
+        self.attention, self.causal, self.batch_first = attention, causal, bool(batch_first)
+        self.dropout = float(dropout)
+        self.seed = seed
+        factory = {"device": device, "dtype": dtype}
+
+        # Packed [q | k | v] projection, torch's parameter names.
+        kv_dim = num_kv_heads * self.head_dim
+        self.in_proj_weight = nn.Parameter(torch.empty(embed_dim + 2 * kv_dim, embed_dim, **factory))
+        if bias:
+            self.in_proj_bias = nn.Parameter(torch.empty(embed_dim + 2 * kv_dim, **factory))
+        else:
+            self.register_parameter("in_proj_bias", None)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+
+        # Family options, validated now so a bad config fails at construction.
+        self.window_size = None
+        if attention == "window":
+            if window_size is None:
+                raise ValueError("window_size: attention='window' needs an int or a (left, right) pair")
+            resolve_window(window_size, causal)  # raises naming window_size
+            self.window_size = window_size
+        elif window_size is not None:
+            raise ValueError(f"window_size: only used with attention='window', got attention={attention!r}")
+
+        self.bigbird_options = None
+        self._block_masks: dict = {}  # (seq_len, device) -> BlockMask; not saved in the state dict
+        self._draws = 0
+        if attention == "bigbird":
+            self.bigbird_options = {
+                "block_size": _check_positive_int("block_size", block_size),
+                "num_global_blocks": num_global_blocks,
+                "num_window_blocks": num_window_blocks,
+                "num_random_blocks": num_random_blocks,
+            }
+            _masks.bigbird(block_size, **self.bigbird_options, num_heads=1, seed=0)  # validates the options
+
+        self.feature_map = None
+        if attention == "linear":
+            if feature_map not in _FEATURE_MAPS:
+                raise ValueError(f"feature_map: expected one of {_FEATURE_MAPS}, got {feature_map!r}")
+            _linear_api()
+            self.feature_map = feature_map
+        elif attention == "performer":
+            _, performer_features = _linear_api()
+            if performer_features is None:
+                raise NotImplementedError("attention='performer' needs attnkernels.PerformerFeatures, which this build lacks")
+            generator = None if seed is None else torch.Generator().manual_seed(seed)
+            # A submodule when it is an nn.Module, so its random projection is saved and moved with .to().
+            self.feature_map = performer_features(
+                self.head_dim, _check_positive_int("num_features", num_features), orthogonal=True, generator=generator
+            )
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        # torch.nn.MultiheadAttention's initialisation.
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        if self.in_proj_bias is not None:
+            nn.init.zeros_(self.in_proj_bias)
+            nn.init.zeros_(self.out_proj.bias)
+
+    def extra_repr(self) -> str:
+        extra = {"window": f", window_size={self.window_size}", "bigbird": f", {self.bigbird_options}",
+                 "linear": f", feature_map={self.feature_map!r}"}.get(self.attention, "")
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+                f"attention={self.attention!r}, causal={self.causal}{extra}, batch_first={self.batch_first}")
+
+    # ---- BigBird layouts ------------------------------------------------------------------------
+    def block_mask(self, seq_len: int, device=None) -> "_masks.BlockMask":
+        """The BigBird layout used for sequences of `seq_len` (drawn on first use, then cached)."""
+        device = torch.device("cpu") if device is None else torch.device(device)
+        key = (seq_len, self.causal, device)
+        mask = self._block_masks.get(key)
+        if mask is None:
+            # Seeded per (seed, length, draw): reproducible, independent across lengths; never the global RNG.
+            seed = None if self.seed is None else hash((self.seed, seq_len, self._draws)) & 0x7FFF_FFFF_FFFF_FFFF
+            mask = _masks.bigbird(seq_len, **self.bigbird_options, num_heads=self.num_heads, seed=seed, causal=self.causal)
+            mask = mask.to(device)
+            self._block_masks[key] = mask
+        return mask
+
+    def redraw(self, generator: torch.Generator | None = None) -> "MultiheadAttention":
+        """New random BigBird blocks (cached layouts are dropped) or new Performer features."""
+        if self.attention == "bigbird":
+            self._block_masks.clear()
+            self._draws += 1
+        elif self.attention == "performer":
+            self.feature_map.redraw(generator=generator)
+        else:
+            raise TypeError(f"redraw: attention={self.attention!r} has nothing random to redraw (bigbird, performer do)")
+        return self
+
+    # ---- forward --------------------------------------------------------------------------------
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor | None = None,
+        value: Tensor | None = None,
+        *,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = False,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool | None = None,
+    ) -> tuple[Tensor, None]:
+        """Returns `(out, None)` like torch's module with `need_weights=False`.
+
+        query (B, Nq, E) (or (Nq, B, E) when not batch_first, or unbatched
+        (Nq, E)); key/value likewise with Nk; key defaults to query (self-
+        attention), value to key. key_padding_mask: bool (B, Nk), True = ignore.
+        is_causal: None uses the constructor's `causal`. attn_mask: only the
+        plain causal mask (bool True = blocked, or float -inf above the
+        diagonal) with Nq == Nk is accepted; use `causal`/`window_size` instead.
+        """
+        if need_weights:
+            raise ValueError(
+                "need_weights: attnkernels.nn.MultiheadAttention never forms the attention matrix; "
+                "pass need_weights=False (use torch.nn.MultiheadAttention to inspect weights)"
+            )
+        if self.dropout > 0.0 and self.training:
+            raise NotImplementedError(
+                f"dropout: attention dropout ({self.dropout}) is not implemented by the fused kernels; "
+                "construct with dropout=0.0 or call .eval()"
+            )
+        key = query if key is None else key
+        value = key if value is None else value
+        self_attention = key is query and value is query
+
+        unbatched = query.dim() == 2
+        query, key, value = (self._to_batch_first(name, t, unbatched) for name, t in (("query", query), ("key", key), ("value", value)))
+        batch, q_len, kv_len = query.shape[0], query.shape[1], key.shape[1]
+        if key.shape[0] != batch or value.shape[0] != batch:
+            raise ValueError(f"key/value: batch size must match query's {batch}; got {key.shape[0]} and {value.shape[0]}")
+        if value.shape[1] != kv_len:
+            raise ValueError(f"value: sequence length {value.shape[1]} must equal key's {kv_len}")
+        if unbatched and key_padding_mask is not None and key_padding_mask.dim() == 1:
+            key_padding_mask = key_padding_mask[None]
+        key_padding_mask = self._check_key_padding_mask(key_padding_mask, batch, kv_len, query.device)
+
+        causal = self.causal if is_causal is None else is_causal
+        if not isinstance(causal, bool):
+            raise TypeError(f"is_causal: expected a bool or None, got {is_causal!r}")
+        if attn_mask is not None:
+            self._check_attn_mask_is_causal(attn_mask, q_len, kv_len, query.device)
+            causal = True
+
+        q, k, v = self._project(query, key, value, self_attention)  # (B, H, N, Dh) each
+        if self.attention in _LINEAR_FAMILIES:
+            out = self._linear_core(q, k, v, causal, key_padding_mask)
+        else:
+            block_mask = None
+            if self.attention == "bigbird":
+                if q_len != kv_len:
+                    raise ValueError(f"key: attention='bigbird' needs Nq == Nk (self-attention), got Nq={q_len}, Nk={kv_len}")
+                block_mask = self.block_mask(q_len, q.device)
+            out = _attention(
+                q, k, v, causal=causal, window_size=self.window_size, block_mask=block_mask,
+                key_padding_mask=key_padding_mask,
+            )  # (B, Hq, Nq, Dh)
+        out = out.transpose(1, 2).reshape(batch, q_len, self.embed_dim)  # (B, Nq, E)
+        out = self.out_proj(out)
+        if unbatched:
+            out = out[0]
+        elif not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, None
+
+    def _to_batch_first(self, name: str, x, unbatched: bool) -> Tensor:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != (2 if unbatched else 3):
+            layout = "(N, E) like query" if unbatched else ("(B, N, E)" if self.batch_first else "(N, B, E)")
+            raise ValueError(f"{name}: expected a {2 if unbatched else 3}-D tensor {layout}, got shape {tuple(x.shape)}")
+        if x.shape[-1] != self.embed_dim:
+            raise ValueError(f"{name}: last dim {x.shape[-1]} must equal embed_dim={self.embed_dim}")
+        if unbatched:
+            return x[None]
+        return x if self.batch_first else x.transpose(0, 1)
+
+    @staticmethod
+    def _check_key_padding_mask(mask, batch: int, kv_len: int, device) -> Tensor | None:
+        if mask is None:
+            return None
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"key_padding_mask: expected a bool tensor (B, Nk), got {type(mask).__name__}")
+        if tuple(mask.shape) != (batch, kv_len):
+            raise ValueError(f"key_padding_mask: expected shape (B, Nk) = {(batch, kv_len)}, got {tuple(mask.shape)}")
+        if mask.dtype.is_floating_point:
+            # torch also takes an additive float mask; only its 0 / -inf form is a padding mask.
+            ignored = mask == float("-inf")
+            if not bool(((mask == 0) | ignored).all()):
+                raise ValueError("key_padding_mask: a float mask may hold only 0 (attend) and -inf (ignore); pass a bool mask")
+            mask = ignored
+        elif mask.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask: expected dtype torch.bool (True = ignore the key), got {mask.dtype}")
+        return mask.to(device)
+
+    @staticmethod
+    def _check_attn_mask_is_causal(attn_mask, q_len: int, kv_len: int, device) -> None:
+        """Accept attn_mask only when it is exactly the causal mask; anything else would be silently wrong."""
+        if not isinstance(attn_mask, Tensor) or attn_mask.dim() != 2 or q_len != kv_len:
+            raise ValueError(
+                "attn_mask: only the plain causal mask (Nq == Nk, shape (N, N)) is supported; for other patterns use "
+                "causal=/is_causal=, attention='window' with window_size=, attention='bigbird', or key_padding_mask="
+            )
+        above = torch.ones(q_len, kv_len, dtype=torch.bool, device=attn_mask.device).triu(1)  # (N, N) blocked
+        if attn_mask.dtype == torch.bool:
+            ok = torch.equal(attn_mask, above)
+        else:
+            ok = bool(((attn_mask == float("-inf")) == above).all() and (attn_mask[~above] == 0).all())
+        if not ok:
+            raise ValueError(
+                "attn_mask: only the plain causal mask is supported (bool True above the diagonal, or float -inf "
+                "there and 0 elsewhere); use causal=, window_size= or key_padding_mask= for other patterns"
+            )
+
+    def _project(self, query: Tensor, key: Tensor, value: Tensor, self_attention: bool):
+        """(B, N, E) inputs -> q (B, Hq, Nq, Dh), k and v (B, Hk, Nk, Dh)."""
+        e, kv_dim = self.embed_dim, self.num_kv_heads * self.head_dim
+        if self_attention:  # one matmul for all three
+            q, k, v = F.linear(query, self.in_proj_weight, self.in_proj_bias).split([e, kv_dim, kv_dim], dim=-1)
+        else:
+            w_q, w_k, w_v = self.in_proj_weight.split([e, kv_dim, kv_dim])
+            b_q = b_k = b_v = None
+            if self.in_proj_bias is not None:
+                b_q, b_k, b_v = self.in_proj_bias.split([e, kv_dim, kv_dim])
+            q, k, v = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+
+        def heads(x: Tensor, n: int) -> Tensor:  # (B, N, n·Dh) -> (B, n, N, Dh)
+            return x.unflatten(-1, (n, self.head_dim)).transpose(1, 2)
+
+        return heads(q, self.num_heads), heads(k, self.num_kv_heads), heads(v, self.num_kv_heads)
+
+    def _linear_core(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, key_padding_mask: Tensor | None) -> Tensor:
+        """Linear / Performer attention; padded keys contribute nothing to S = Σ φ(k) vᵀ nor to z = Σ φ(k).
+
+        q (B, Hq, Nq, Dh), k/v (B, Hk, Nk, Dh) -> (B, Hq, Nq, Dh). GQA is native in linear_attention.
+        """
+        linear_attention, _ = _linear_api()
+        performer = self.attention == "performer"
+        # Performer approximates softmax(q kᵀ / √Dh), like the softmax families; the elementwise maps take
+        # q unscaled (their scale multiplies q before φ; the projections learn any scale).
+        scale = 1.0 / math.sqrt(self.head_dim) if performer else 1.0
+        if key_padding_mask is None:
+            return linear_attention(q, k, v, feature_map=self.feature_map, causal=causal, scale=scale)
+        # Zeroing k is not enough (elu+1 and FAVOR+ give φ(0) != 0): apply φ here, zero the padded rows of
+        # φ(K) and V, and run the kernel with the identity map on the features.
+        padded = key_padding_mask[:, None, :, None]  # (B, 1, Nk, 1)
+        # FAVOR+ subtracts one stabiliser per (batch, head), the max over all keys: give padded slots a copy
+        # of the first real key so they cannot move it (the result then equals the unpadded sequence's).
+        first_real = (~key_padding_mask).to(torch.uint8).argmax(dim=-1)  # (B,)
+        fill = k[torch.arange(k.shape[0], device=k.device), :, first_real][:, :, None]  # (B, Hk, 1, Dh)
+        k = torch.where(padded, fill, k)
+        if performer:
+            root = math.sqrt(scale)  # linear_attention's rule: q and k each times sqrt(scale)
+            phi_q, phi_k = self.feature_map(q * root, is_query=True), self.feature_map(k * root, is_query=False)
+        else:
+            phi_q, phi_k = _elementwise_feature_map(self.feature_map, q), _elementwise_feature_map(self.feature_map, k)
+        keep = (~padded).to(q.dtype)
+        return linear_attention(phi_q, phi_k * keep, v * keep, feature_map="identity", causal=causal, scale=1.0)
+
+
+def _elementwise_feature_map(name: str, x: Tensor) -> Tensor:
+    """φ(x) for the elementwise maps, as linear_attention applies them (scale 1)."""
+    if name == "elu":
+        return F.elu(x) + 1.0
+    if name == "relu":
+        return F.relu(x)
+    return x  # identity

@@ -1,0 +1,1 @@
+"""Command-line tools: the ahead-of-time GPU compile report, interleaved timing."""

@@ -1,0 +1,367 @@
+"""Ahead-of-time GPU compile gate: every Triton kernel config, for sm_80 and sm_90a, no GPU needed.
+
+    python -m attnkernels.tools.compile_report [--arch 80 90] [--json PATH] [--markdown]
+                                               [--quick] [--filter SUBSTR] [--jobs N]
+
+For each `KernelSpec` in the `AOT_SPECS` of the modules in `KERNEL_MODULES`, and each
+arch, it runs `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`, then
+reads from the result:
+- registers and spill bytes: `ptxas -v` (the binary shipped in the triton wheel) run on
+  the PTX with the flags Triton itself uses (the compiled kernel's `n_regs`/`n_spills`
+  stay None without a GPU);
+- shared memory: the launch's dynamic shared memory (`metadata.shared`);
+- tensor cores: `mma.sync` (sm_80) / `wgmma.mma_async` or `mma.sync` (sm_90a) in the PTX.
+
+Exit status 1 on any compile error, any spill, a spec with `uses_dot` whose PTX has no
+tensor-core instruction, or shared memory over the arch's per-block limit; 0 otherwise. A module of KERNEL_MODULES that does not exist
+(yet) is skipped with a note; an existing module that fails to import is an error.
+
+Triton's interpreter cannot compile for a GPU and must be chosen before triton is
+imported, so with TRITON_INTERPRET set the report re-runs itself in a child process
+without it.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import importlib
+import importlib.util
+import json
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+KERNEL_MODULES = [
+    "attnkernels.kernels.attention",
+    "attnkernels.kernels.linear_attention",
+]
+DEFAULT_ARCHS = (80, 90)
+# the most dynamic shared memory one block may use (A100: 163 KB, H100: 227 KB); a kernel
+# asking for more compiles but fails to launch ("out of resources")
+SMEM_LIMIT = {80: 166912, 90: 232448}
+
+# ----------------------------------------------------------------------------------------
+# Parsers (pure text; unit-tested on canned ptxas / PTX output)
+# ----------------------------------------------------------------------------------------
+
+_RE_REGS = re.compile(r"Used (\d+) registers")
+_RE_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_RE_STACK = re.compile(r"(\d+) bytes stack frame")
+# instructions, not comments or labels: the opcode starts a statement (after whitespace or
+# a predicate guard such as "@%p1 ")
+_RE_MMA = re.compile(r"^\s*(?:@!?%\w+\s+)?mma\.sync\.", re.MULTILINE)
+_RE_WGMMA = re.compile(r"^\s*(?:@!?%\w+\s+)?wgmma\.mma_async\.", re.MULTILINE)
+
+
+@dataclasses.dataclass
+class PtxasInfo:
+    registers: int | None  # the max over the entry functions in the log
+    spill_stores: int  # bytes, summed over functions
+    spill_loads: int
+    stack: int  # bytes of stack frame (local memory), summed
+
+    @property
+    def spills(self) -> int:
+        return self.spill_stores + self.spill_loads
+
+
+def parse_ptxas_log(log: str) -> PtxasInfo:
+    """Registers, spill bytes and stack frame from `ptxas -v` output (stderr)."""
+    regs = [int(m) for m in _RE_REGS.findall(log)]
+    spills = [(int(a), int(b)) for a, b in _RE_SPILL.findall(log)]
+    return PtxasInfo(
+        registers=max(regs) if regs else None,
+        spill_stores=sum(s for s, _ in spills),
+        spill_loads=sum(l for _, l in spills),
+        stack=sum(int(m) for m in _RE_STACK.findall(log)),
+    )
+
+
+def tensor_core_ops(ptx: str) -> dict[str, int]:
+    """Counts of tensor-core matmul instructions in PTX text: {"mma": n, "wgmma": n}.
+
+    `mma.sync` is the Ampere warp-level MMA (also valid on Hopper); `wgmma.mma_async`
+    the Hopper warpgroup MMA. Fences, commit and wait instructions are not counted.
+    """
+    return {"mma": len(_RE_MMA.findall(ptx)), "wgmma": len(_RE_WGMMA.findall(ptx))}
+
+
+def has_tensor_cores(ops: dict[str, int], arch: int) -> bool:
+    """sm_80 needs mma.sync; sm_90 accepts wgmma (preferred) or mma.sync."""
+    if arch >= 90:
+        return ops["wgmma"] > 0 or ops["mma"] > 0
+    return ops["mma"] > 0
+
+
+# ----------------------------------------------------------------------------------------
+# Collecting specs
+# ----------------------------------------------------------------------------------------
+
+
+def _spec_dtype(spec) -> str:
+    if getattr(spec, "dtype", ""):
+        return spec.dtype
+    for ty in spec.signature.values():
+        if isinstance(ty, str) and ty.startswith("*"):
+            return ty[1:]
+    return "?"
+
+
+def _kernel_name(spec) -> str:
+    return getattr(spec.fn, "__name__", None) or spec.name.split("-")[0]
+
+
+def collect_specs(modules=None, *, quick=False, filter_substr=None, log=print):
+    """[(module name, spec)], and the notes about skipped modules. Raises on import errors
+    of modules that exist."""
+    specs, notes = [], []
+    for mod_name in modules if modules is not None else KERNEL_MODULES:
+        try:
+            found = importlib.util.find_spec(mod_name) is not None
+        except ModuleNotFoundError:  # a parent package is missing
+            found = False
+        if not found:
+            note = f"{mod_name}: module not found, skipped (not written yet?)"
+            notes.append(note)
+            log(f"note: {note}")
+            continue
+        mod = importlib.import_module(mod_name)  # errors here must fail the gate
+        mod_specs = getattr(mod, "AOT_SPECS", None)
+        if mod_specs is None:
+            raise RuntimeError(f"{mod_name}: has no AOT_SPECS list (see attnkernels.kernels.aot)")
+        names = [s.name for s in mod_specs]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise RuntimeError(f"{mod_name}: duplicate AOT spec names {sorted(dup)}")
+        chosen = list(mod_specs)
+        if quick:
+            # one spec per (kernel, dtype): the one marked quick, else the first
+            groups: dict[tuple[str, str], list] = {}
+            for s in chosen:
+                groups.setdefault((_kernel_name(s), _spec_dtype(s)), []).append(s)
+            chosen = [next((s for s in group if getattr(s, "quick", False)), group[0]) for group in groups.values()]
+        if filter_substr:
+            chosen = [s for s in chosen if filter_substr in s.name]
+        specs += [(mod_name, s) for s in chosen]
+    return specs, notes
+
+
+# ----------------------------------------------------------------------------------------
+# Compiling one spec (runs in a worker process)
+# ----------------------------------------------------------------------------------------
+
+
+def ptxas_path() -> str:
+    """The ptxas that ships in the triton wheel (TRITON_PTXAS_PATH overrides it)."""
+    from triton import knobs
+
+    return knobs.nvidia.ptxas.path
+
+
+def ptxas_version() -> str:
+    try:
+        out = subprocess.run([ptxas_path(), "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        return f"unavailable ({exc})"
+    m = re.search(r"release ([\d.]+), V([\d.]+)", out)
+    return m.group(2) if m else out.strip().splitlines()[-1]
+
+
+def _run_ptxas(ptx: str, arch: int) -> str:
+    """`ptxas -v` on the PTX, with the options Triton's own compile passes, so the numbers
+    are those of the cubin Triton produced. Returns the log."""
+    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"  # Triton targets sm_90a on Hopper
+    with tempfile.TemporaryDirectory() as tmp:
+        src, obj = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+        with open(src, "w") as f:
+            f.write(ptx)
+        cmd = [ptxas_path(), "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu}", src, "-o", obj]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ptxas failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
+    return proc.stderr + proc.stdout
+
+
+def _config_str(spec) -> str:
+    c = spec.constexprs
+    parts = [f"{k.replace('BLOCK_', '')}{c[k]}" for k in sorted(c) if k.startswith("BLOCK_") and isinstance(c[k], int)]
+    return " ".join(parts + [f"w{spec.num_warps}", f"s{spec.num_stages}"])
+
+
+def _attrs(spec) -> dict:
+    """KernelSpec.attrs (by argument name) in ASTSource's form: {(arg index,): [[attr, value]]}."""
+    names = list(spec.signature)
+    return {(names.index(name),): value for name, value in getattr(spec, "attrs", {}).items()}
+
+
+def compile_one(mod_name: str, spec_name: str, arch: int) -> dict:
+    """Compile one spec for one arch; never raises (errors are reported in the row)."""
+    t0 = time.perf_counter()
+    row = dict(module=mod_name, name=spec_name, arch=arch, kernel="?", dtype="?", config="", uses_dot=None,
+               regs=None, spill_stores=None, spill_loads=None, spills=None, stack=None, smem=None,
+               mma=0, wgmma=0, tensor_cores=None, status="error", error=None)
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+
+        spec = next(s for s in importlib.import_module(mod_name).AOT_SPECS if s.name == spec_name)
+        row.update(kernel=_kernel_name(spec), dtype=_spec_dtype(spec), config=_config_str(spec), uses_dot=spec.uses_dot)
+        src = ASTSource(spec.fn, spec.signature, spec.constexprs, _attrs(spec))
+        kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                options=dict(num_warps=spec.num_warps, num_stages=spec.num_stages))
+        ptx = kernel.asm["ptx"]
+        info = parse_ptxas_log(_run_ptxas(ptx, arch))
+        ops = tensor_core_ops(ptx)
+        tc = has_tensor_cores(ops, arch)
+        row.update(regs=info.registers, spill_stores=info.spill_stores, spill_loads=info.spill_loads,
+                   spills=info.spills, stack=info.stack, smem=int(kernel.metadata.shared),
+                   mma=ops["mma"], wgmma=ops["wgmma"], tensor_cores=tc)
+        problems = []
+        if info.spills:
+            problems.append("spill")
+        if row["smem"] > SMEM_LIMIT.get(arch, row["smem"]):
+            problems.append("smem")
+        if spec.uses_dot and not tc:
+            problems.append("no-mma")
+        row["status"] = ",".join(problems) if problems else "ok"
+    except Exception as exc:  # noqa: BLE001 - a compile error is a result to report
+        row["error"] = f"{type(exc).__name__}: {str(exc).strip()[:800]}"
+    row["seconds"] = round(time.perf_counter() - t0, 2)
+    return row
+
+
+# ----------------------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------------------
+
+def _mma_cell(row) -> str:
+    if row["tensor_cores"] is None:
+        return "?"
+    kinds = "+".join(k for k in ("wgmma", "mma") if row[k])
+    if not row["uses_dot"]:
+        return f"({kinds})" if kinds else "-"  # not required: no dot, or exact-fp32 dots
+    return f"yes ({kinds})" if row["tensor_cores"] else "NO"
+
+
+def _cells(row) -> list[str]:
+    arch = f"sm_{row['arch']}" + ("a" if row["arch"] >= 90 else "")
+    fmt = lambda v: "?" if v is None else str(v)  # noqa: E731
+    spills = fmt(row["spills"]) if not row["spills"] else f"{row['spill_stores']}/{row['spill_loads']}B"
+    status = row["status"] if row["status"] != "error" else "ERROR"
+    return [row["name"], row["config"], arch, fmt(row["regs"]), spills, fmt(row["smem"]), _mma_cell(row), status]
+
+
+def format_table(rows, markdown=False) -> str:
+    header = ["kernel", "config", "arch", "regs", "spills", "smem (B)", "tensor cores", "status"]
+    body = [_cells(r) for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in body]
+        return "\n".join(lines)
+    widths = [max(len(h), *(len(c[i]) for c in body)) if body else len(h) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(c) for c in body])
+
+
+def summarize(rows) -> dict:
+    return dict(
+        compiles=len(rows),
+        specs=len({(r["module"], r["name"]) for r in rows}),
+        errors=sum(r["status"] == "error" for r in rows),
+        spills=sum(bool(r["spills"]) for r in rows),
+        missing_tensor_cores=sum("no-mma" in r["status"] for r in rows),
+        smem_over_limit=sum("smem" in r["status"] for r in rows),
+        max_regs=max((r["regs"] for r in rows if r["regs"] is not None), default=None),
+        max_smem=max((r["smem"] for r in rows if r["smem"] is not None), default=None),
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------
+
+
+def _parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m attnkernels.tools.compile_report", description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", type=int, nargs="+", default=list(DEFAULT_ARCHS), help="compute capabilities (80 90)")
+    p.add_argument("--json", metavar="PATH", help="also write every row and the summary as JSON")
+    p.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    p.add_argument("--quick", action="store_true", help="one spec per kernel per dtype")
+    p.add_argument("--filter", metavar="SUBSTR", help="only specs whose name contains SUBSTR")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (processes)")
+    return p.parse_args(argv)
+
+
+def _interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _rerun_without_interpreter(argv) -> int:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    print("note: TRITON_INTERPRET is set; re-running the compile report in a child process without it",
+          file=sys.stderr, flush=True)
+    return subprocess.call([sys.executable, "-m", "attnkernels.tools.compile_report", *argv], env=env)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parse_args(argv)
+    if _interpreter_on():
+        return _rerun_without_interpreter(argv)
+    out = sys.stdout
+    log = (lambda msg: print(msg, file=sys.stderr)) if args.markdown else print  # markdown stdout stays a table
+    path = ptxas_path()
+    if not os.path.exists(path):
+        print(f"compile_report: ptxas not found at {path}; the triton wheel ships it under backends/nvidia/bin",
+              file=sys.stderr)
+        return 2
+
+    t0 = time.perf_counter()
+    specs, notes = collect_specs(quick=args.quick, filter_substr=args.filter, log=log)
+    tasks = [(m, s.name, arch) for m, s in specs for arch in args.arch]
+    jobs = max(1, min(args.jobs, len(tasks) or 1))
+    log(f"compiling {len(specs)} specs x {len(args.arch)} archs = {len(tasks)} compiles with {jobs} processes")
+    rows = []
+    if jobs == 1:
+        rows = [compile_one(*t) for t in tasks]
+    else:
+        # fork shares the already imported modules; workers look the spec up by name, so a
+        # spawn context would work too (nothing unpicklable crosses the process boundary)
+        ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+            rows = list(pool.map(compile_one, *zip(*tasks))) if tasks else []
+    elapsed = time.perf_counter() - t0
+    summary = summarize(rows)
+    summary["seconds"] = round(elapsed, 1)
+    ok = not (summary["errors"] or summary["spills"] or summary["missing_tensor_cores"] or summary["smem_over_limit"])
+
+    import triton
+
+    print(format_table(rows, markdown=args.markdown), file=out)
+    for r in rows:
+        if r["error"]:
+            print(f"\nERROR {r['name']} sm_{r['arch']}: {r['error']}", file=out)
+    tail = (f"{summary['specs']} specs, {summary['compiles']} compiles (sm_{', sm_'.join(map(str, args.arch))}) "
+            f"in {elapsed:.0f} s: {summary['errors']} errors, {summary['spills']} with spills, "
+            f"{summary['missing_tensor_cores']} dot kernels without tensor cores, "
+            f"{summary['smem_over_limit']} over the shared-memory limit; max {summary['max_regs']} regs, "
+            f"max {summary['max_smem']} B shared. triton {triton.__version__}, ptxas {ptxas_version()}.")
+    print(("\n" if args.markdown else "\n") + tail + ("" if ok else " FAILED"), file=out)
+    for note in notes:
+        print(f"\nnote: {note}" if not args.markdown else f"\n_note: {note}_", file=out)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(ok=ok, summary=summary, archs=args.arch, quick=args.quick, filter=args.filter,
+                           skipped_modules=notes, triton=triton.__version__, ptxas=ptxas_version(),
+                           results=rows), f, indent=1)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

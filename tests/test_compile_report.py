@@ -1,0 +1,147 @@
+"""The ahead-of-time GPU compile gate (`python -m attnkernels.tools.compile_report`).
+
+The report compiles each kernel for sm_80 and sm_90a without a GPU, in its own process
+(the test session runs under TRITON_INTERPRET=1, which cannot compile for a GPU). Here:
+its `--quick` subset passes (no compile error, no spill, tensor cores wherever a kernel's
+matmuls must use them), and its parsers catch a spill and a missing mma on canned text.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from attnkernels.tools import compile_report as R
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _ptxas_missing() -> str | None:
+    try:
+        path = R.ptxas_path()
+    except Exception as exc:  # noqa: BLE001 - no triton / no nvidia backend
+        return f"cannot locate ptxas: {exc}"
+    return None if os.path.exists(path) else f"ptxas not found at {path}"
+
+
+# ----------------------------------------------------------------------------------------
+# parsers, on canned text
+# ----------------------------------------------------------------------------------------
+
+PTXAS_CLEAN = """\
+ptxas info    : 11 bytes gmem
+ptxas info    : Compiling entry function 'attn_fwd' for 'sm_80'
+ptxas info    : Function properties for attn_fwd
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 168 registers, used 1 barriers, 464 bytes cmem[0]
+ptxas info    : Compile time = 412.002 ms
+"""
+
+PTXAS_SPILL = """\
+ptxas info    : 11 bytes gmem
+ptxas info    : Compiling entry function 'attn_bwd_dkdv' for 'sm_90a'
+ptxas info    : Function properties for attn_bwd_dkdv
+    488 bytes stack frame, 508 bytes spill stores, 780 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 488 bytes cumulative stack size
+ptxas info    : Compile time = 624.376 ms
+"""
+
+PTX_MMA = """\
+.target sm_80
+	// begin inline asm
+	mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 { %r1, %r2, %r3, %r4 }, { %r5 }, { %r6 }, { %r7 };
+	@%p3 mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 { %r1, %r2, %r3, %r4 }, { %r5 }, { %r6 }, { %r7 };
+"""
+
+PTX_WGMMA = """\
+.target sm_90a
+	wgmma.fence.sync.aligned;
+	wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%f1}, %rd1, %rd2, 1, 1, 1, 0, 1;
+	wgmma.commit_group.sync.aligned;
+	wgmma.wait_group.sync.aligned 0;
+"""
+
+# a kernel whose dot was lowered to FMAs: no tensor-core instruction, only words that look like one
+PTX_NO_MMA = """\
+.target sm_80
+	// mma.sync would be here on a tensor-core path
+	fma.rn.f32 	%f3, %f1, %f2, %f3;
+	wgmma.fence.sync.aligned;
+$L__mma_sync_label:
+"""
+
+
+def test_ptxas_parser_reads_registers_and_spills():
+    clean = R.parse_ptxas_log(PTXAS_CLEAN)
+    assert (clean.registers, clean.spills, clean.stack) == (168, 0, 0)
+    spill = R.parse_ptxas_log(PTXAS_SPILL)
+    assert spill.registers == 255
+    assert (spill.spill_stores, spill.spill_loads, spill.spills, spill.stack) == (508, 780, 1288, 488)
+
+
+def test_tensor_core_parser():
+    assert R.tensor_core_ops(PTX_MMA) == {"mma": 2, "wgmma": 0}
+    assert R.tensor_core_ops(PTX_WGMMA) == {"mma": 0, "wgmma": 1}
+    assert R.tensor_core_ops(PTX_NO_MMA) == {"mma": 0, "wgmma": 0}
+    assert R.has_tensor_cores(R.tensor_core_ops(PTX_MMA), 80)
+    assert not R.has_tensor_cores(R.tensor_core_ops(PTX_WGMMA), 80)  # wgmma does not exist on sm_80
+    assert R.has_tensor_cores(R.tensor_core_ops(PTX_WGMMA), 90)
+    assert R.has_tensor_cores(R.tensor_core_ops(PTX_MMA), 90)  # mma.sync is valid on Hopper too
+    assert not R.has_tensor_cores(R.tensor_core_ops(PTX_NO_MMA), 90)
+
+
+def test_gate_fails_a_spill_and_a_missing_mma():
+    """The status a row gets, and the summary's verdict, from the parsed numbers."""
+    row = dict(status="spill", spills=12, spill_stores=8, spill_loads=4, regs=255, smem=0, arch=80, name="k",
+               config="", module="m", uses_dot=True, tensor_cores=True, mma=3, wgmma=0)
+    s = R.summarize([row, dict(row, status="no-mma", spills=0, tensor_cores=False, mma=0)])
+    assert s["spills"] == 1 and s["missing_tensor_cores"] == 1 and s["smem_over_limit"] == 0
+    assert "spill" in R.format_table([row]) and "NO" in R.format_table([dict(row, tensor_cores=False, mma=0)])
+
+
+def test_quick_subset_is_one_spec_per_kernel_and_dtype():
+    specs, notes = R.collect_specs(["attnkernels.kernels.attention", "attnkernels.kernels.not_a_module"],
+                                   quick=True, log=lambda msg: None)
+    keys = [(s.fn.__name__, s.dtype) for _, s in specs]
+    assert len(keys) == len(set(keys)) and len(keys) >= 12
+    assert any("not_a_module" in n for n in notes)  # a module not written yet is skipped, with a note
+
+
+# ----------------------------------------------------------------------------------------
+# the report itself, in a subprocess without the interpreter
+# ----------------------------------------------------------------------------------------
+
+
+def test_compile_report_quick(tmp_path):
+    reason = _ptxas_missing()
+    if reason:
+        print(f"skipping: {reason}")
+        pytest.skip(reason)
+    out_json = tmp_path / "report.json"
+    # TRITON_INTERPRET stays set on purpose: the report must re-run itself without it
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, "-m", "attnkernels.tools.compile_report", "--quick", "--jobs", "2", "--json", str(out_json)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, f"compile report failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+    report = json.loads(out_json.read_text())
+    rows = report["results"]
+    assert report["ok"] and rows
+    assert {r["arch"] for r in rows} == {80, 90}
+    for r in rows:
+        where = f"{r['name']} sm_{r['arch']}"
+        assert r["status"] == "ok" and r["error"] is None, where
+        assert r["spills"] == 0, where
+        assert r["regs"] is not None and 0 < r["regs"] <= 255, where
+        if r["uses_dot"]:
+            if r["arch"] == 80:
+                assert r["mma"] > 0, f"{where}: no mma.sync"
+            else:
+                assert r["wgmma"] > 0 or r["mma"] > 0, f"{where}: no wgmma/mma"
+    # every kernel of the attention module is represented, in each arch
+    kernels = {(r["kernel"], r["arch"]) for r in rows if r["module"] == "attnkernels.kernels.attention"}
+    assert kernels == {(k, a) for k in ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq", "attn_bwd_preprocess") for a in (80, 90)}

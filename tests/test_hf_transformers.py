@@ -1,0 +1,199 @@
+"""attn_implementation="attnkernels" in HF transformers: tiny random-init models, logits against SDPA/eager.
+
+Models are built from configs in code (no downloads). Left-padded rows are
+compared against SDPA only at real tokens: eager's fully masked padded rows put
+NaN into later layers in float64, and padded positions' outputs are undefined.
+"""
+import pytest
+import torch
+
+import attnkernels
+
+from .backend_params import BACKENDS, backend_feature_param
+
+transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers==5.23.0)")
+
+from attnkernels.integrations import transformers as hf_backend  # noqa: E402
+
+NAME = hf_backend.register()
+
+VOCAB = 128
+
+
+def _config(kind: str, **extra):
+    common = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                  num_hidden_layers=2, vocab_size=VOCAB, max_position_embeddings=64, **extra)
+    if kind == "llama":
+        return transformers.LlamaConfig(**common), transformers.LlamaForCausalLM
+    if kind == "mistral":  # every layer windowed: W = 5 keys including the query itself
+        return transformers.MistralConfig(sliding_window=5, **common), transformers.MistralForCausalLM
+    if kind == "qwen2":  # MQA (one kv head), biased q/k/v projections
+        common["num_key_value_heads"] = 1
+        return transformers.Qwen2Config(**common), transformers.Qwen2ForCausalLM
+    raise ValueError(kind)
+
+
+def _model(kind: str, dtype):
+    torch.manual_seed(0)
+    config, cls = _config(kind)
+    return cls(config).to(dtype).eval()
+
+
+class _Spy:
+    """Counts calls of the registered function, so a test cannot pass on another implementation."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        inner = transformers.AttentionInterface._global_mapping[NAME]
+
+        def spy(*args, **kwargs):
+            self.calls += 1
+            return inner(*args, **kwargs)
+
+        monkeypatch.setitem(transformers.AttentionInterface._global_mapping, NAME, spy)
+
+
+def _inputs(batch=2, length=13, left_pad=()):
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (batch, length), generator=gen)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    for b, p in enumerate(left_pad):
+        mask[b, :p] = 0
+    return ids, mask
+
+
+def _logits(model, impl, ids, mask, backend="reference"):
+    model.set_attn_implementation(impl)
+    with attnkernels.backend(backend):
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+# The Triton interpreter run is kept to float32 (and these tiny shapes).
+DTYPE_BACKENDS = [(torch.float64, b) for b in BACKENDS if b != "triton"] + [(torch.float32, b) for b in BACKENDS]
+
+
+@pytest.mark.parametrize("dtype,backend", DTYPE_BACKENDS,
+                         ids=[f"{'f64' if d == torch.float64 else 'f32'}-{b}" for d, b in DTYPE_BACKENDS])
+@pytest.mark.parametrize("pad", [(0, 0), (4, 0)], ids=["nopad", "leftpad4"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+def test_logits_match_sdpa_B2_N13(kind, pad, dtype, backend, monkeypatch):
+    backend_feature_param(backend, *(["key_padding_mask"] if any(pad) else []))
+    model = _model(kind, dtype)
+    ids, mask = _inputs(left_pad=pad)
+    expected = _logits(model, "sdpa", ids, mask)
+    spy = _Spy(monkeypatch)
+    got = _logits(model, NAME, ids, mask, backend)
+    assert spy.calls == model.config.num_hidden_layers
+    real = mask.bool()
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[real], expected[real], **tol)
+    if not any(pad):  # and against eager (no NaN problem without padding; its softmax runs in float32)
+        torch.testing.assert_close(got, _logits(model, "eager", ids, mask), rtol=1e-4, atol=1e-5)
+
+
+def test_padding_is_not_ignored_B2_N13():
+    """The mask reaches the kernel: the real tokens' logits change when the pads are unmasked."""
+    model = _model("llama", torch.float64)
+    ids, mask = _inputs(left_pad=(5, 0))
+    padded = _logits(model, NAME, ids, mask)
+    unmasked = _logits(model, NAME, ids, torch.ones_like(mask))
+    assert not torch.allclose(unmasked[0, 5:], padded[0, 5:]), "padding must change the real tokens' logits"
+    torch.testing.assert_close(unmasked[1], padded[1], rtol=1e-12, atol=1e-12)  # the unpadded row is unchanged
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_gradients_match_sdpa_B2_N11_leftpad3(kind):
+    model = _model(kind, torch.float64)
+    ids, mask = _inputs(length=11, left_pad=(3, 0))
+    labels = ids.masked_fill(mask == 0, -100)
+    grads = {}
+    for impl in ("sdpa", NAME):
+        model.zero_grad()
+        model.set_attn_implementation(impl)
+        with attnkernels.backend("reference"):
+            model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        grads[impl] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads[NAME].keys() == grads["sdpa"].keys() and len(grads[NAME]) > 0
+    for name, g in grads["sdpa"].items():
+        torch.testing.assert_close(grads[NAME][name], g, rtol=1e-8, atol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("kind,cache", [("llama", "dynamic"), ("mistral", "dynamic"), ("qwen2", "dynamic"),
+                                        ("llama", "static"), ("mistral", "static")])
+def test_generate_with_kv_cache_matches_sdpa_B2_N9_new6(kind, cache):
+    """Greedy decoding: prefill, then Nq=1 steps against the cache (bottom-right causal, padded keys).
+
+    A static cache hands all max_cache_len slots to attention; the unfilled ones must be cut off.
+    """
+    model = _model(kind, torch.float64)
+    ids, mask = _inputs(length=9, left_pad=(3, 0))
+    out = {}
+    for impl in ("sdpa", NAME):
+        model.set_attn_implementation(impl)
+        with attnkernels.backend("reference"):
+            out[impl] = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                       pad_token_id=0, use_cache=True, cache_implementation=cache)
+    assert torch.equal(out[NAME], out["sdpa"])
+    assert out[NAME].shape == (2, 15)
+
+
+def test_static_cache_trailing_slots_are_cut_B1_N6():
+    """A static cache hands keys for all max_cache_len slots; the unfilled ones are never seen."""
+    q = torch.randn(1, 4, 3, 16, dtype=torch.float64)
+    k = torch.randn(1, 2, 10, 16, dtype=torch.float64)
+    # queries at positions 3, 4, 5 of a 10-slot cache (top-left causal over the slots); slot 0 is padding
+    pos_q, pos_k = torch.arange(3, 6)[:, None], torch.arange(10)[None, :]
+    visible = ((pos_k <= pos_q) & (pos_k >= 1))[None, None]
+    key, value, padding = hf_backend.padding_from_hf_mask(visible, q, k, k, (-1, 0))
+    assert key.shape[2] == 6 and value.shape[2] == 6
+    assert padding.tolist() == [[True, False, False, False, False, False]]
+
+
+def test_encoder_bidirectional_with_padding_B2_N10():
+    """A BERT encoder (is_causal=False) with right padding: the padding mask alone."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2,
+                                     vocab_size=VOCAB, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0)
+    model = transformers.BertModel(config).double().eval()
+    ids, _ = _inputs(length=10)
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, 6:] = 0
+    out = {}
+    for impl in ("sdpa", NAME):
+        model.set_attn_implementation(impl)
+        with attnkernels.backend("reference"):
+            out[impl] = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    torch.testing.assert_close(out[NAME][real], out["sdpa"][real], rtol=1e-10, atol=1e-10)
+
+
+def test_unexpressible_mask_raises_B1_N8():
+    """A 4-D mask that is not band + padding must raise, never be dropped."""
+    model = _model("llama", torch.float64)
+    model.set_attn_implementation(NAME)
+    ids, _ = _inputs(batch=1, length=8)
+    doc = torch.zeros(8, 8, dtype=torch.bool)
+    doc[:4, :4] = doc[4:, 4:] = True  # two packed documents
+    mask = (doc & torch.ones(8, 8, dtype=torch.bool).tril())[None, None]
+    with attnkernels.backend("reference"), pytest.raises(ValueError, match="attention_mask"):
+        model(input_ids=ids, attention_mask=mask)
+
+
+def test_additive_bias_mask_raises():
+    q = torch.randn(1, 2, 4, 16)
+    bias = torch.randn(1, 1, 4, 4)
+    with pytest.raises(ValueError, match="additive bias"):
+        hf_backend.padding_from_hf_mask(bias, q, q, q, (-1, 0))
+
+
+def test_dropout_in_training_raises():
+    model = _model("llama", torch.float32)
+    model.config.attention_dropout = 0.1
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.1
+    model.train()
+    model.set_attn_implementation(NAME)
+    ids, mask = _inputs(batch=1, length=5)
+    with attnkernels.backend("reference"), pytest.raises(NotImplementedError, match="dropout"):
+        model(input_ids=ids, attention_mask=mask)

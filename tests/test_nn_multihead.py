@@ -1,0 +1,309 @@
+"""attnkernels.nn.MultiheadAttention: parity with torch's module, each family, padding, bad input."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attnkernels
+from attnkernels.nn import MultiheadAttention
+
+from .backend_params import BACKENDS, backend_feature_param, backend_param
+
+# Head dim 16: the smallest the Triton kernels take (tl.dot dims >= 16).
+E, H = 64, 4
+
+
+def _dtype_tol(backend):
+    # Triton runs under the interpreter here: keep it to float32 (and tiny shapes).
+    if backend == "triton":
+        return torch.float32, dict(rtol=2e-5, atol=2e-5)
+    return torch.float64, dict(rtol=1e-10, atol=1e-10)
+
+
+def _torch_pair(dtype, bias=True, batch_first=True):
+    ref = torch.nn.MultiheadAttention(E, H, bias=bias, batch_first=batch_first, dtype=dtype)
+    ours = MultiheadAttention(E, H, bias=bias, batch_first=batch_first, dtype=dtype)
+    ours.load_state_dict(ref.state_dict())  # torch's parameter names and shapes, unchanged
+    return ref.eval(), ours.eval()
+
+
+def _padding(batch, length, pads):
+    mask = torch.zeros(batch, length, dtype=torch.bool)
+    for b, p in enumerate(pads):
+        if p > 0:
+            mask[b, :p] = True  # left padding
+    return mask
+
+
+PARITY_CASES = {
+    "self-B2-N13": dict(nq=13, nk=None),
+    "self-causal-B2-N13": dict(nq=13, nk=None, causal=True),
+    "self-causalmask-B2-N13": dict(nq=13, nk=None, attn_mask=True),
+    "self-pad-B2-N13": dict(nq=13, nk=None, pads=(3, 0)),
+    "self-causal-pad-B2-N13": dict(nq=13, nk=None, causal=True, pads=(0, 5)),
+    "cross-pad-B2-Nq7-Nk19": dict(nq=7, nk=19, pads=(4, 1)),
+    "self-nobias-seqfirst-B2-N9": dict(nq=9, nk=None, bias=False, batch_first=False),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=str)
+@pytest.mark.parametrize("case", list(PARITY_CASES), ids=str)
+def test_matches_torch_multihead_attention(backend, case):
+    spec = PARITY_CASES[case]
+    backend_feature_param(backend, *(["key_padding_mask"] if "pads" in spec else []))
+    dtype, tol = _dtype_tol(backend)
+    ref, ours = _torch_pair(dtype, bias=spec.get("bias", True), batch_first=spec.get("batch_first", True))
+    batch, nq, nk = 2, spec["nq"], spec["nk"] or spec["nq"]
+    x = torch.randn(batch, nq, E, dtype=dtype)
+    mem = x if spec["nk"] is None else torch.randn(batch, nk, E, dtype=dtype)
+    kpm = _padding(batch, nk, spec["pads"]) if "pads" in spec else None
+    causal_mask = torch.nn.Transformer.generate_square_subsequent_mask(nq, dtype=torch.bool) if (
+        spec.get("causal") or spec.get("attn_mask")) else None  # bool, True = blocked
+    if not spec.get("batch_first", True):
+        x, mem = x.transpose(0, 1), mem.transpose(0, 1)
+    expected, _ = ref(x, mem, mem, key_padding_mask=kpm, attn_mask=causal_mask, need_weights=False,
+                      is_causal=causal_mask is not None)
+    kwargs = {"attn_mask": causal_mask} if spec.get("attn_mask") else {"is_causal": bool(spec.get("causal"))}
+    with attnkernels.backend(backend):
+        got, weights = ours(x, mem, mem, key_padding_mask=kpm, **kwargs)
+    assert weights is None
+    torch.testing.assert_close(got, expected, **tol)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"], ids=str)
+def test_gradients_match_torch_B2_N11_causal_pad(backend):
+    backend_feature_param(backend, "key_padding_mask")
+    ref, ours = _torch_pair(torch.float64)
+    x = torch.randn(2, 11, E, dtype=torch.float64)
+    kpm = _padding(2, 11, (2, 0))
+    causal_mask = torch.nn.Transformer.generate_square_subsequent_mask(11, dtype=torch.bool)
+    expected, _ = ref(x, x, x, key_padding_mask=kpm, attn_mask=causal_mask, need_weights=False, is_causal=True)
+    expected.square().sum().backward()
+    with attnkernels.backend(backend):
+        got, _ = ours(x, key_padding_mask=kpm, is_causal=True)  # key/value default to query
+        got.square().sum().backward()  # the backend is chosen when the backward op runs, too
+    for (name, p_ref), (_, p_ours) in zip(ref.named_parameters(), ours.named_parameters()):
+        torch.testing.assert_close(p_ours.grad, p_ref.grad, rtol=1e-9, atol=1e-9, msg=lambda m: f"{name}: {m}")
+
+
+def test_float32_matches_torch_B2_N13_causal_pad():
+    """fp32 in, fp32 out: within fp32 tolerance of torch's module (issue 6's bar)."""
+    ref, ours = _torch_pair(torch.float32)
+    x = torch.randn(2, 13, E)
+    kpm = _padding(2, 13, (3, 0))
+    causal_mask = torch.nn.Transformer.generate_square_subsequent_mask(13, dtype=torch.bool)
+    expected, _ = ref(x, x, x, key_padding_mask=kpm, attn_mask=causal_mask, need_weights=False, is_causal=True)
+    with attnkernels.backend("reference"):
+        got, _ = ours(x, key_padding_mask=kpm, is_causal=True)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_unbatched_input_matches_batched_N6():
+    ours = MultiheadAttention(E, H, dtype=torch.float64).eval()
+    x = torch.randn(6, E, dtype=torch.float64)
+    with attnkernels.backend("reference"):
+        single, _ = ours(x, key_padding_mask=torch.tensor([True, False, False, False, False, False]))
+        batched, _ = ours(x[None], key_padding_mask=torch.tensor([[True, False, False, False, False, False]]))
+    assert single.shape == (6, E)
+    torch.testing.assert_close(single, batched[0])
+
+
+# ---- the other families, against an independent masked-SDPA computation ------------------------
+def _manual(module, x, mask):
+    """Project with the module's weights and run torch SDPA with an explicit bool mask (True = attend)."""
+    hk, dh = module.num_kv_heads, module.head_dim
+    q, k, v = F.linear(x, module.in_proj_weight, module.in_proj_bias).split([E, hk * dh, hk * dh], dim=-1)
+    q = q.unflatten(-1, (H, dh)).transpose(1, 2)
+    k, v = (t.unflatten(-1, (hk, dh)).transpose(1, 2).repeat_interleave(H // hk, dim=1) for t in (k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return module.out_proj(out.transpose(1, 2).flatten(2))
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=str)
+@pytest.mark.parametrize("window,causal", [((3, 2), False), ((4, 0), True), (2, False)], ids=["L3R2", "L4-causal", "w2"])
+def test_window_family_B2_N17_Hk2(backend, window, causal):
+    backend_param(backend)
+    dtype, tol = _dtype_tol(backend)
+    module = MultiheadAttention(E, H, num_kv_heads=2, attention="window", window_size=window, causal=causal, dtype=dtype).eval()
+    x = torch.randn(2, 17, E, dtype=dtype)
+    left, right = (window, window) if isinstance(window, int) else window
+    i, j = torch.arange(17)[:, None], torch.arange(17)[None, :]
+    band = (j >= i - left) & (j <= i + (0 if causal else right))
+    with attnkernels.backend(backend):
+        got, _ = module(x)
+    torch.testing.assert_close(got, _manual(module, x, band), **tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=str)
+@pytest.mark.parametrize("kv_heads", [1, 2], ids=["Hk1", "Hk2"])
+def test_dense_gqa_causal_B2_N15(backend, kv_heads):
+    backend_param(backend)
+    dtype, tol = _dtype_tol(backend)
+    module = MultiheadAttention(E, H, num_kv_heads=kv_heads, causal=True, dtype=dtype).eval()
+    assert module.in_proj_weight.shape == (E + 2 * kv_heads * (E // H), E)
+    x = torch.randn(2, 15, E, dtype=dtype)
+    with attnkernels.backend(backend):
+        got, _ = module(x)
+    torch.testing.assert_close(got, _manual(module, x, torch.ones(15, 15, dtype=torch.bool).tril()), **tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=str)
+def test_bigbird_family_B2_N112_bs16(backend):
+    backend_feature_param(backend, "block_mask")
+    dtype, tol = _dtype_tol(backend)
+    module = MultiheadAttention(E, H, attention="bigbird", block_size=16, num_random_blocks=1, seed=3, dtype=dtype).eval()
+    x = torch.randn(1 if backend == "triton" else 2, 112, E, dtype=dtype)  # the interpreter is slow
+    with attnkernels.backend(backend):
+        got, _ = module(x)
+    layout = module.block_mask(112)
+    assert module.block_mask(112) is layout, "the layout for one length is drawn once and cached"
+    element = layout.element_mask(112, 112)  # (1, H, N, N)
+    assert not element.all(), "the test needs a layout that is actually sparse"
+    torch.testing.assert_close(got, _manual(module, x, element), **tol)
+
+
+def test_bigbird_seed_reproducible_and_redraw_changes_layout_N128_bs16():
+    a = MultiheadAttention(E, H, attention="bigbird", block_size=16, num_random_blocks=2, seed=11)
+    b = MultiheadAttention(E, H, attention="bigbird", block_size=16, num_random_blocks=2, seed=11)
+    first = a.block_mask(128).to_dense()
+    assert torch.equal(first, b.block_mask(128).to_dense())
+    a.redraw()
+    assert not torch.equal(first, a.block_mask(128).to_dense())
+
+
+def test_bigbird_rejects_cross_attention_lengths():
+    module = MultiheadAttention(E, H, attention="bigbird", block_size=16).eval()
+    with pytest.raises(ValueError, match="bigbird"):
+        module(torch.randn(1, 32, E), torch.randn(1, 48, E))
+
+
+@pytest.mark.parametrize("attention,options", [
+    ("dense", {}), ("dense", {"causal": True}), ("window", {"window_size": (4, 4)}),
+    ("bigbird", {"block_size": 16, "num_random_blocks": 1, "seed": 0}),
+], ids=["dense", "causal", "window", "bigbird"])
+def test_padded_keys_do_not_change_output_B2_N48(attention, options):
+    module = MultiheadAttention(E, H, attention=attention, dtype=torch.float64, **options).eval()
+    x = torch.randn(2, 48, E, dtype=torch.float64)
+    mem = torch.randn(2, 48, E, dtype=torch.float64)
+    kpm = _padding(2, 48, (5, 2))
+    scrambled = mem.clone()
+    scrambled[kpm] = 1e3 * torch.randn(int(kpm.sum()), E, dtype=torch.float64)  # garbage in padded slots
+    with attnkernels.backend("reference"):
+        a, _ = module(x, mem, key_padding_mask=kpm)
+        b, _ = module(x, scrambled, key_padding_mask=kpm)
+        c, _ = module(x, mem)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(a, c), "padding must change the output"
+
+
+# ---- linear families ------------------------------------------------------------------------------
+def _contract_linear_attention(q, k, v, *, feature_map="elu", causal=False, normalize=True, eps=1e-6, scale=None, **_):
+    """The linear-attention contract written plainly (non-causal and causal), for the plumbing tests."""
+    phi = {"elu": lambda t: F.elu(t) + 1, "relu": F.relu, "identity": lambda t: t}[feature_map]
+    group = q.shape[1] // k.shape[1]  # GQA: query head h reads kv head h // group
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    q, k = phi(q * (1.0 if scale is None else scale)), phi(k)
+    if causal:
+        scores = torch.einsum("bhid,bhjd->bhij", q, k).tril()
+        num, den = scores @ v, scores.sum(-1, keepdim=True)
+    else:
+        num, den = q @ (k.transpose(-1, -2) @ v), q @ k.sum(-2, keepdim=True).transpose(-1, -2)
+    return num / (den + eps) if normalize else num
+
+
+@pytest.fixture
+def linear_attention_impl(request, monkeypatch):
+    """The real attnkernels.linear_attention when merged; else the plain contract, patched in."""
+    if request.param == "merged":
+        if not hasattr(attnkernels, "linear_attention"):
+            pytest.skip("attnkernels.linear_attention is not merged yet")
+    else:
+        monkeypatch.setattr(attnkernels, "linear_attention", _contract_linear_attention, raising=False)
+    return request.param
+
+
+@pytest.mark.parametrize("linear_attention_impl", ["merged", "contract-stub"], indirect=True)
+@pytest.mark.parametrize("feature_map", ["elu", "relu"])
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_linear_padded_keys_are_removed_B2_N20(linear_attention_impl, feature_map, causal):
+    module = MultiheadAttention(E, H, num_kv_heads=2, attention="linear", feature_map=feature_map, causal=causal,
+                                dtype=torch.float64).eval()
+    x = torch.randn(2, 20, E, dtype=torch.float64)
+    kpm = _padding(2, 20, (6, 0))
+    scrambled = x.clone()
+    scrambled[kpm] = 50 * torch.randn(int(kpm.sum()), E, dtype=torch.float64)
+    keep = ~kpm
+    a, _ = module(x, key_padding_mask=kpm)
+    b, _ = module(x, scrambled, scrambled, key_padding_mask=kpm)  # only the padded keys/values differ
+    torch.testing.assert_close(a[keep], b[keep], rtol=1e-9, atol=1e-9)
+    # the pre-featurised path (taken with a mask) agrees with the fused feature map (taken without one)
+    no_pad = torch.zeros(2, 20, dtype=torch.bool)
+    torch.testing.assert_close(module(x, key_padding_mask=no_pad)[0], module(x)[0], rtol=1e-9, atol=1e-9)
+    # and removing the padded tokens altogether gives the same rows
+    short, _ = module(x[1:, :], key_padding_mask=None)
+    torch.testing.assert_close(a[1], short[0], rtol=1e-9, atol=1e-9)
+    trimmed, _ = module(x[:1, 6:])
+    torch.testing.assert_close(a[0, 6:], trimmed[0], rtol=1e-9, atol=1e-9)
+
+
+def test_performer_padding_and_redraw_B2_N20():
+    if not hasattr(attnkernels, "PerformerFeatures"):
+        pytest.skip("attnkernels.PerformerFeatures (linear attention) is not merged yet")
+    module = MultiheadAttention(E, H, attention="performer", num_features=32, seed=0, dtype=torch.float64).eval()
+    x = torch.randn(2, 20, E, dtype=torch.float64)
+    kpm = _padding(2, 20, (4, 0))
+    trimmed, _ = module(x[:1, 4:])
+    padded, _ = module(x, key_padding_mask=kpm)
+    torch.testing.assert_close(padded[0, 4:], trimmed[0], rtol=1e-8, atol=1e-8)
+    module.redraw(generator=torch.Generator().manual_seed(1))
+    assert not torch.allclose(module(x[:1, 4:])[0], trimmed)
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"embed_dim": 30, "num_heads": 4}, ValueError, "embed_dim"),
+    ({"embed_dim": 32, "num_heads": 4, "num_kv_heads": 3}, ValueError, "num_kv_heads"),
+    ({"embed_dim": 32, "num_heads": 4, "attention": "longformer"}, ValueError, "attention"),
+    ({"embed_dim": 32, "num_heads": 4, "attention": "window"}, ValueError, "window_size"),
+    ({"embed_dim": 32, "num_heads": 4, "window_size": 3}, ValueError, "window_size"),
+    ({"embed_dim": 32, "num_heads": 4, "attention": "bigbird", "num_window_blocks": 2}, ValueError, "num_window_blocks"),
+    ({"embed_dim": 32, "num_heads": 4, "dropout": 1.5}, ValueError, "dropout"),
+], ids=["E-not-divisible", "bad-kv-heads", "unknown-family", "window-missing", "window-unused", "even-window-blocks", "dropout-range"])
+def test_constructor_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        MultiheadAttention(**kwargs)
+
+
+def test_forward_errors_name_the_argument():
+    module = MultiheadAttention(32, 4).eval()
+    x = torch.randn(2, 5, 32)
+    with attnkernels.backend("reference"):
+        _check_forward_errors(module, x)
+
+
+def _check_forward_errors(module, x):
+    with pytest.raises(ValueError, match="need_weights"):
+        module(x, need_weights=True)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        module(x, key_padding_mask=torch.zeros(2, 4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="key_padding_mask"):
+        module(x, key_padding_mask=torch.zeros(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="attn_mask"):
+        module(x, attn_mask=torch.rand(5, 5) > 0.5)
+    with pytest.raises(ValueError, match="query"):
+        module(torch.randn(2, 5, 31))
+    module.train()
+    module.dropout = 0.1
+    with pytest.raises(NotImplementedError, match="dropout"):
+        module(x)
+    module.eval()
+    assert module(x)[0].shape == x.shape  # eval mode with dropout set is fine
+
+
+def test_float_key_padding_mask_is_converted_B1_N5():
+    module = MultiheadAttention(32, 4, dtype=torch.float64).eval()
+    x = torch.randn(1, 5, 32, dtype=torch.float64)
+    as_bool = torch.tensor([[True, False, False, True, False]])
+    as_float = torch.zeros(1, 5, dtype=torch.float64).masked_fill(as_bool, float("-inf"))
+    with attnkernels.backend("reference"):
+        torch.testing.assert_close(module(x, key_padding_mask=as_float)[0], module(x, key_padding_mask=as_bool)[0])
