@@ -25,6 +25,7 @@
 // same bits for any thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
@@ -62,6 +63,7 @@ struct Problem {
   int64_t B = 0, Hq = 0, Hk = 0, Nq = 0, Nk = 0, D = 0, Dv = 0, group = 1;
   int64_t left = -1, right = -1;  // window, -1 = unbounded side
   int64_t off = 0;                // Nk - Nq: the bottom-right diagonal shift
+  int64_t nQt = 0, nKt = 0;       // ceil(Nq / BLOCK_M), ceil(Nk / BLOCK_N): packed operand tiles
   // Block-sparse tables (nullptr when absent), leading dims (tb_B, tb_H) broadcast.
   int64_t sbs = 0, tb_B = 1, tb_H = 1, nQb = 0, nKb = 0;
   const int32_t* kv_num = nullptr;  // [tb_B, tb_H, nQb]
@@ -175,6 +177,28 @@ std::vector<std::pair<int64_t, int64_t>> make_tiles(int64_t n, int64_t tile, int
 }
 
 // ---------------------------------------------------------------------------
+// Transposed operands, packed tile by tile
+// ---------------------------------------------------------------------------
+// Kᵀ, Vᵀ (forward, dQ) and Qᵀ, dOᵀ (dK/dV) are GEMM B operands. Stored as a
+// plain [D, N] transpose, a tile's B rows would sit N floats apart: at N =
+// 1024, 2048, ... that is a multiple of 4 KiB, every row maps to the same L1
+// set and the micro-kernel thrashes. So they are packed per tile:
+// [B, H, n_tiles, D, tile], each tile's B a dense [D, tile] block (ld = tile),
+// zero-padded past N. A tile piece [a, e) never crosses a multiple of `tile`
+// (split_segment), so it is the columns [a % tile, e % tile) of tile a / tile.
+at::Tensor pack_transposed(const at::Tensor& x, int64_t tile) {  // [B, H, N, D] -> [B, H, nT, D, tile]
+  const int64_t n = x.size(2), n_tiles = (n + tile - 1) / tile;
+  at::Tensor padded = n_tiles * tile == n ? x : at::constant_pad_nd(x, {0, 0, 0, n_tiles * tile - n});
+  return padded.view({x.size(0), x.size(1), n_tiles, tile, x.size(3)}).transpose(-1, -2).contiguous();
+}
+
+// Start of the piece at sequence position `a` in one head's packed [nT, D, tile] operand.
+template <typename T>
+inline const T* packed_piece(const T* head, int64_t a, int64_t depth, int64_t tile) {
+  return head + (a / tile) * depth * tile + a % tile;
+}
+
+// ---------------------------------------------------------------------------
 // Element masks, only on tiles that window_cuts / padding_cuts flag
 // ---------------------------------------------------------------------------
 template <typename T>
@@ -265,23 +289,42 @@ inline void scale_row(T* x, int64_t n, T a) {
   for (; i < n; ++i) x[i] *= a;
 }
 
-// x <- x * a; returns max(x) (one pass instead of two).
+// Horizontal reductions of one vector: a shuffle tree (log2 lanes steps), not a
+// serial chain of scalar ops, which per row and tile cost as much as the exps.
+template <typename T>
+inline T hmax(const at::vec::Vectorized<T>& v) {
+  using Vec = at::vec::Vectorized<T>;
+  return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, v);
+}
+template <typename T>
+inline T hsum(const at::vec::Vectorized<T>& v) {
+  using Vec = at::vec::Vectorized<T>;
+  return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, v);
+}
+
+// x <- x * a; returns max(x) (one pass; two accumulators to overlap latencies).
 template <typename T>
 inline T scale_max(T* x, int64_t n, T a) {
   using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t W = Vec::size();
   const Vec va(a);
   T m = -std::numeric_limits<T>::infinity();
   int64_t i = 0;
-  if (n >= Vec::size()) {
-    Vec vm(m);
-    for (; i + Vec::size() <= n; i += Vec::size()) {
+  if (n >= W) {
+    Vec m0(m), m1(m);
+    for (; i + 2 * W <= n; i += 2 * W) {
+      const Vec y0 = Vec::loadu(x + i) * va, y1 = Vec::loadu(x + i + W) * va;
+      y0.store(x + i);
+      y1.store(x + i + W);
+      m0 = at::vec::maximum(m0, y0);
+      m1 = at::vec::maximum(m1, y1);
+    }
+    for (; i + W <= n; i += W) {
       const Vec y = Vec::loadu(x + i) * va;
       y.store(x + i);
-      vm = at::vec::maximum(vm, y);
+      m0 = at::vec::maximum(m0, y);
     }
-    T lanes[Vec::size()];
-    vm.store(lanes);
-    for (int64_t l = 0; l < Vec::size(); ++l) m = std::max(m, lanes[l]);
+    m = hmax<T>(at::vec::maximum(m0, m1));
   }
   for (; i < n; ++i) {
     x[i] *= a;
@@ -298,30 +341,33 @@ inline T row_max(const T* x, int64_t n) {
   if (n >= Vec::size()) {
     Vec vm(m);
     for (; i + Vec::size() <= n; i += Vec::size()) vm = at::vec::maximum(vm, Vec::loadu(x + i));
-    T lanes[Vec::size()];
-    vm.store(lanes);
-    for (int64_t l = 0; l < Vec::size(); ++l) m = std::max(m, lanes[l]);
+    m = hmax<T>(vm);
   }
   for (; i < n; ++i) m = std::max(m, x[i]);
   return m;
 }
 
-// x <- exp(x - m); returns the sum (fixed order: lanes, then tail).
+// x <- exp(x - m); returns the sum (fixed order: two lane accumulators, tree, then tail).
 template <typename T>
 inline T exp_sub_sum(T* x, int64_t n, T m) {
   using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t W = Vec::size();
   const Vec vm(m);
-  Vec acc(T(0));
+  Vec s0(T(0)), s1(T(0));
   int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    Vec e = vexp(Vec::loadu(x + i) - vm);
-    e.store(x + i);
-    acc = acc + e;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    const Vec e0 = vexp(Vec::loadu(x + i) - vm), e1 = vexp(Vec::loadu(x + i + W) - vm);
+    e0.store(x + i);
+    e1.store(x + i + W);
+    s0 = s0 + e0;
+    s1 = s1 + e1;
   }
-  T lanes[Vec::size()];
-  acc.store(lanes);
-  T s = 0;
-  for (int64_t l = 0; l < Vec::size(); ++l) s += lanes[l];
+  for (; i + W <= n; i += W) {
+    const Vec e = vexp(Vec::loadu(x + i) - vm);
+    e.store(x + i);
+    s0 = s0 + e;
+  }
+  T s = hsum<T>(s0 + s1);
   for (; i < n; ++i) {
     x[i] = std::exp(x[i] - m);
     s += x[i];
@@ -382,14 +428,15 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, T sca
       const auto [i0, i1] = qtiles[task % nt];
       const int64_t M = i1 - i0;
       const T* q_t = q + (bh * p.Nq + i0) * p.D;          // [M, D]
-      const T* kT_h = kT + (b * p.Hk + hk) * p.D * p.Nk;  // [D, Nk]
+      const T* kT_h = kT + (b * p.Hk + hk) * p.nKt * p.D * kBlockN;  // packed [nKt, D, BLOCK_N]
       const T* v_h = v + (b * p.Hk + hk) * p.Nk * p.Dv;   // [Nk, Dv]
       fill(acc.data(), M * p.Dv, T(0));
       fill(m.data(), M, neg_inf);
       fill(l.data(), M, T(0));
       for_each_kv_tile(p, b, h, i0, i1, [&](int64_t j0, int64_t j1) {
         const int64_t N = j1 - j0;
-        tile_gemm<T>(M, N, p.D, q_t, p.D, kT_h + j0, p.Nk, s.data(), kBlockN, false);  // S = Q Kᵀ [M, N]
+        const T* kT_t = packed_piece(kT_h, j0, p.D, kBlockN);                             // [D, N], ld BLOCK_N
+        tile_gemm<T>(M, N, p.D, q_t, p.D, kT_t, kBlockN, s.data(), kBlockN, false);  // S = Q Kᵀ [M, N]
         const bool masked = window_cuts(p, i0, i1, j0, j1) || padding_cuts(p, b, j0, j1);
         for (int64_t r = 0; r < M; ++r) {
           T* sr = s.data() + r * kBlockN;
@@ -445,15 +492,17 @@ void dq_kernel(const Problem& p, const T* q, const T* k, const T* kT, const T* v
       const T* q_t = q + (bh * p.Nq + i0) * p.D;            // [M, D]
       const T* do_t = dout + (bh * p.Nq + i0) * p.Dv;       // [M, Dv]
       const T* k_h = k + (b * p.Hk + hk) * p.Nk * p.D;      // [Nk, D]
-      const T* kT_h = kT + (b * p.Hk + hk) * p.D * p.Nk;    // [D, Nk]
-      const T* vT_h = vT + (b * p.Hk + hk) * p.Dv * p.Nk;   // [Dv, Nk]
+      const T* kT_h = kT + (b * p.Hk + hk) * p.nKt * p.D * kBlockN;   // packed [nKt, D, BLOCK_N]
+      const T* vT_h = vT + (b * p.Hk + hk) * p.nKt * p.Dv * kBlockN;  // packed [nKt, Dv, BLOCK_N]
       const T* lse_t = lse_use + bh * p.Nq + i0;
       const T* delta_t = delta + bh * p.Nq + i0;
       fill(acc.data(), M * p.D, T(0));
       for_each_kv_tile(p, b, h, i0, i1, [&](int64_t j0, int64_t j1) {
         const int64_t N = j1 - j0;
-        tile_gemm<T>(M, N, p.D, q_t, p.D, kT_h + j0, p.Nk, s.data(), kBlockN, false);       // S = Q Kᵀ
-        tile_gemm<T>(M, N, p.Dv, do_t, p.Dv, vT_h + j0, p.Nk, dp.data(), kBlockN, false);   // dP = dO Vᵀ
+        tile_gemm<T>(M, N, p.D, q_t, p.D, packed_piece(kT_h, j0, p.D, kBlockN), kBlockN, s.data(), kBlockN,
+                     false);  // S = Q Kᵀ
+        tile_gemm<T>(M, N, p.Dv, do_t, p.Dv, packed_piece(vT_h, j0, p.Dv, kBlockN), kBlockN, dp.data(), kBlockN,
+                     false);  // dP = dO Vᵀ
         const bool masked = window_cuts(p, i0, i1, j0, j1) || padding_cuts(p, b, j0, j1);
         for (int64_t r = 0; r < M; ++r) {
           T* sr = s.data() + r * kBlockN;
@@ -495,15 +544,17 @@ void dkdv_kernel(const Problem& p, const T* q, const T* qT, const T* k, const T*
       for (int64_t h = hk * p.group; h < (hk + 1) * p.group; ++h) {
         const int64_t bh = b * p.Hq + h;
         const T* q_h = q + bh * p.Nq * p.D;        // [Nq, D]
-        const T* qT_h = qT + bh * p.D * p.Nq;      // [D, Nq]
+        const T* qT_h = qT + bh * p.nQt * p.D * kBlockM;      // packed [nQt, D, BLOCK_M]
         const T* do_h = dout + bh * p.Nq * p.Dv;   // [Nq, Dv]
-        const T* doT_h = doT + bh * p.Dv * p.Nq;   // [Dv, Nq]
+        const T* doT_h = doT + bh * p.nQt * p.Dv * kBlockM;   // packed [nQt, Dv, BLOCK_M]
         const T* lse_h = lse_use + bh * p.Nq;
         const T* delta_h = delta + bh * p.Nq;
         for_each_q_tile(p, b, h, j0, j1, [&](int64_t i0, int64_t i1) {
           const int64_t M = i1 - i0;
-          tile_gemm<T>(N, M, p.D, k_t, p.D, qT_h + i0, p.Nq, st.data(), kBlockM, false);       // Sᵀ = K Qᵀ
-          tile_gemm<T>(N, M, p.Dv, v_t, p.Dv, doT_h + i0, p.Nq, dpt.data(), kBlockM, false);  // dPᵀ = V dOᵀ
+          tile_gemm<T>(N, M, p.D, k_t, p.D, packed_piece(qT_h, i0, p.D, kBlockM), kBlockM, st.data(), kBlockM,
+                       false);  // Sᵀ = K Qᵀ
+          tile_gemm<T>(N, M, p.Dv, v_t, p.Dv, packed_piece(doT_h, i0, p.Dv, kBlockM), kBlockM, dpt.data(), kBlockM,
+                       false);  // dPᵀ = V dOᵀ
           const bool masked = padded || window_cuts(p, i0, i1, j0, j1);
           for (int64_t r = 0; r < N; ++r) {
             T* row = st.data() + r * kBlockM;
@@ -565,6 +616,8 @@ Problem check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, cons
   p.left = left;
   p.right = right;
   p.off = p.Nk - p.Nq;
+  p.nQt = (p.Nq + kBlockM - 1) / kBlockM;
+  p.nKt = (p.Nk + kBlockN - 1) / kBlockN;
   return p;
 }
 
@@ -697,7 +750,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
                                 key_padding_mask, false);
   const auto ct = compute_type(q.scalar_type());
   at::Tensor qc = q.to(ct).contiguous();
-  at::Tensor kT = k.to(ct).transpose(-1, -2).contiguous();  // [B, Hk, D, Nk]
+  at::Tensor kT = pack_transposed(k.to(ct), kBlockN);  // [B, Hk, nKt, D, BLOCK_N]
   at::Tensor vc = v.to(ct).contiguous();
   at::Tensor out = at::empty({p.B, p.Hq, p.Nq, p.Dv}, qc.options());
   at::Tensor lse = at::empty({p.B, p.Hq, p.Nq}, qc.options());
@@ -736,10 +789,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   const auto ct = compute_type(q.scalar_type());
   at::Tensor qc = q.to(ct).contiguous(), kc = k.to(ct).contiguous(), vc = v.to(ct).contiguous();
   at::Tensor doc = dout.to(ct).contiguous();
-  at::Tensor qT = qc.transpose(-1, -2).contiguous();    // [B, Hq, D, Nq]
-  at::Tensor kT = kc.transpose(-1, -2).contiguous();    // [B, Hk, D, Nk]
-  at::Tensor vT = vc.transpose(-1, -2).contiguous();    // [B, Hk, Dv, Nk]
-  at::Tensor doT = doc.transpose(-1, -2).contiguous();  // [B, Hq, Dv, Nq]
+  at::Tensor qT = pack_transposed(qc, kBlockM);    // [B, Hq, nQt, D, BLOCK_M]
+  at::Tensor kT = pack_transposed(kc, kBlockN);    // [B, Hk, nKt, D, BLOCK_N]
+  at::Tensor vT = pack_transposed(vc, kBlockN);    // [B, Hk, nKt, Dv, BLOCK_N]
+  at::Tensor doT = pack_transposed(doc, kBlockM);  // [B, Hq, nQt, Dv, BLOCK_M]
   at::Tensor dq = at::empty_like(qc), dk = at::empty_like(kc), dv = at::empty_like(vc);
   if (p.Nq > 0 && p.Nk > 0 && p.B > 0 && p.Hq > 0) {
     // lse_use: +inf where a row sees nothing, so exp(s - lse_use) is 0 there, never NaN.
