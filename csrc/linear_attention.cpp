@@ -464,47 +464,47 @@ void backward_causal(const Dims& d, const Args<scalar_t, acc_t>& a, const scalar
 }
 
 template <typename scalar_t, typename acc_t>
-void backward_noncausal(const Dims& d, const Args<scalar_t, acc_t>& a, const scalar_t* dout, scalar_t* dq, scalar_t* dk, scalar_t* dv, acc_t* states, acc_t* dN_all) {
-  // Phase 1: full state per kv head.
+void backward_noncausal(const Dims& d, const Args<scalar_t, acc_t>& a, const scalar_t* dout, scalar_t* dq, scalar_t* dk, scalar_t* dv, acc_t* states, acc_t* head_dS) {
+  // Phase 1: full state per kv head. states: [B*Hk, MP, DvP].
   at::parallel_for(0, d.B * d.Hk, grain_for(d.Nk * d.MP * d.DvP), [&](int64_t begin, int64_t end) {
     Scratch<acc_t> w(d);
     for (int64_t bg = begin; bg < end; ++bg) reduce_state(d, a, bg / d.Hk, bg % d.Hk, w, states + bg * d.MP * d.DvP);
   });
-  // Phase 2: per (b, query head, row chunk): num', dN' (kept), dQ̃ = dN' S'ᵀ.
-  const int64_t chunks = (d.Nq + kChunk - 1) / kChunk;
-  at::parallel_for(0, d.B * d.Hq * chunks, grain_for(2 * kChunk * d.MP * d.DvP), [&](int64_t begin, int64_t end) {
+  // Phase 2: per (b, query head): for each row chunk num', dN', dQ̃ = dN' S'ᵀ, and the
+  // head's share of dS' = Σ_i q̃_i dn'_iᵀ into head_dS [B*Hq, MP, DvP]. dN' lives only
+  // for its chunk, so no (N, Dv) buffer is written and read back.
+  at::parallel_for(0, d.B * d.Hq, grain_for(3 * d.Nq * d.MP * d.DvP), [&](int64_t begin, int64_t end) {
     Scratch<acc_t> w(d);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / chunks, t0 = (task % chunks) * kChunk;
+    for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / d.Hq, h = bh % d.Hq, g = h / d.G;
-      const int64_t L = std::min(kChunk, d.Nq - t0);
-      const int64_t row = bh * d.Nq + t0;
       const acc_t* S = states + (b * d.Hk + g) * d.MP * d.DvP;
+      acc_t* dS = head_dS + bh * d.MP * d.DvP;
+      std::fill(dS, dS + d.MP * d.DvP, acc_t(0));
       transpose(d.MP, d.DvP, S, d.DvP, w.ST.data(), d.MP);
-      load_features(a.q_head(d, b, h, t0), L, d, a.scale, a.f, w.Qc.data());
-      gemm(L, d.DvP, d.D, w.Qc.data(), d.MP, S, d.DvP, w.num.data(), d.DvP, false);
-      acc_t* dN = dN_all + row * d.DvP;
-      output_grad(dout + row * d.Dv, w.num.data(), L, d, a.normalize, a.eps, dN);
-      gemm(L, d.MP, d.Dv + 1, dN, d.DvP, w.ST.data(), d.MP, w.dQ.data(), d.MP, false);
-      store_input_grad(w.dQ.data(), w.Qc.data(), L, d, a.scale, a.f, dq + row * d.D);
+      for (int64_t t0 = 0; t0 < d.Nq; t0 += kChunk) {
+        const int64_t L = std::min(kChunk, d.Nq - t0);
+        const int64_t row = bh * d.Nq + t0;
+        load_features(a.q_head(d, b, h, t0), L, d, a.scale, a.f, w.Qc.data());
+        gemm(L, d.DvP, d.D, w.Qc.data(), d.MP, S, d.DvP, w.num.data(), d.DvP, false);
+        output_grad(dout + row * d.Dv, w.num.data(), L, d, a.normalize, a.eps, w.dN.data());
+        gemm(L, d.MP, d.Dv + 1, w.dN.data(), d.DvP, w.ST.data(), d.MP, w.dQ.data(), d.MP, false);
+        store_input_grad(w.dQ.data(), w.Qc.data(), L, d, a.scale, a.f, dq + row * d.D);
+        transpose(kChunk, d.MP, w.Qc.data(), d.MP, w.QcT.data(), kChunk);
+        add_product(d.D, d.DvP, L, w.QcT.data(), kChunk, w.dN.data(), d.DvP, dS, d.DvP, w.tmp.data());
+      }
     }
   });
-  // Phase 3: per kv head, dS' = Σ_h Q̃_hᵀ dN'_h, then dK̃ = V' dS'ᵀ, dV' = K̃ dS'.
-  at::parallel_for(0, d.B * d.Hk, grain_for((d.G * d.Nq + 2 * d.Nk) * d.MP * d.DvP), [&](int64_t begin, int64_t end) {
+  // Phase 3: per kv head, dS' = Σ_h (its heads' shares, in head order), then
+  // dK̃ = V' dS'ᵀ and dV' = K̃ dS'.
+  at::parallel_for(0, d.B * d.Hk, grain_for(2 * d.Nk * d.MP * d.DvP), [&](int64_t begin, int64_t end) {
     Scratch<acc_t> w(d);
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t b = bg / d.Hk, g = bg % d.Hk;
       acc_t* dS = w.dS.data();
       std::fill(dS, dS + d.MP * d.DvP, acc_t(0));
       for (int64_t hh = 0; hh < d.G; ++hh) {
-        const int64_t h = g * d.G + hh;
-        for (int64_t t0 = 0; t0 < d.Nq; t0 += kChunk) {
-          const int64_t L = std::min(kChunk, d.Nq - t0);
-          load_features(a.q_head(d, b, h, t0), L, d, a.scale, a.f, w.Qc.data());
-          transpose(kChunk, d.MP, w.Qc.data(), d.MP, w.QcT.data(), kChunk);
-          add_product(d.D, d.DvP, L, w.QcT.data(), kChunk, dN_all + ((b * d.Hq + h) * d.Nq + t0) * d.DvP, d.DvP, dS, d.DvP,
-                      w.tmp.data());
-        }
+        const acc_t* part = head_dS + (b * d.Hq + g * d.G + hh) * d.MP * d.DvP;
+        for (int64_t i = 0; i < d.MP * d.DvP; ++i) dS[i] += part[i];
       }
       transpose(d.MP, d.DvP, dS, d.DvP, w.dST.data(), d.MP);
       for (int64_t t0 = 0; t0 < d.Nk; t0 += kChunk) {
@@ -603,9 +603,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_attention_bwd(
       backward_causal(d, a, dout.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
     } else {
       at::Tensor states = at::empty({d.B * d.Hk, d.MP, d.DvP}, q.options().dtype(acc));
-      at::Tensor dN = at::empty({d.B * d.Hq * d.Nq, d.DvP}, q.options().dtype(acc));
+      at::Tensor head_dS = at::empty({d.B * d.Hq, d.MP, d.DvP}, q.options().dtype(acc));
       backward_noncausal(d, a, dout.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(),
-                         states.data_ptr<acc_t>(), dN.data_ptr<acc_t>());
+                         states.data_ptr<acc_t>(), head_dS.data_ptr<acc_t>());
     }
   });
   return {dq, dk, dv};
