@@ -1,8 +1,9 @@
 // Softmax attention on the CPU, forward and backward, flash style.
 //
 // One file, one idea: tile the (Nq, Nk) score matrix, never store it, and
-// visit only the tiles a query tile can see. The same tile iterator serves the
-// forward, the dQ pass and (transposed) the dK/dV pass:
+// visit only the tiles a query tile can see. The same tile iterators serve the
+// forward (key tiles per query tile) and, transposed, the backward (query
+// tiles per key tile):
 //   * dense / causal / sliding window: the key band [lo, hi) of a query tile is
 //     computed from indices (bottom-right aligned, FlashAttention's rule), so a
 //     window of width w costs O(N·w) and causal skips the upper triangle;
@@ -304,46 +305,21 @@ inline T hsum(const at::vec::Vectorized<T>& v) {
   return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, v);
 }
 
-// x <- x * a; returns max(x) (one pass; two accumulators to overlap latencies).
+// max(x): read-only, two accumulators to overlap the max latencies, tree at the end.
 template <typename T>
-inline T scale_max(T* x, int64_t n, T a) {
+inline T row_max(const T* x, int64_t n) {
   using Vec = at::vec::Vectorized<T>;
   constexpr int64_t W = Vec::size();
-  const Vec va(a);
   T m = -std::numeric_limits<T>::infinity();
   int64_t i = 0;
   if (n >= W) {
     Vec m0(m), m1(m);
     for (; i + 2 * W <= n; i += 2 * W) {
-      const Vec y0 = Vec::loadu(x + i) * va, y1 = Vec::loadu(x + i + W) * va;
-      y0.store(x + i);
-      y1.store(x + i + W);
-      m0 = at::vec::maximum(m0, y0);
-      m1 = at::vec::maximum(m1, y1);
+      m0 = at::vec::maximum(m0, Vec::loadu(x + i));
+      m1 = at::vec::maximum(m1, Vec::loadu(x + i + W));
     }
-    for (; i + W <= n; i += W) {
-      const Vec y = Vec::loadu(x + i) * va;
-      y.store(x + i);
-      m0 = at::vec::maximum(m0, y);
-    }
+    for (; i + W <= n; i += W) m0 = at::vec::maximum(m0, Vec::loadu(x + i));
     m = hmax<T>(at::vec::maximum(m0, m1));
-  }
-  for (; i < n; ++i) {
-    x[i] *= a;
-    m = std::max(m, x[i]);
-  }
-  return m;
-}
-
-template <typename T>
-inline T row_max(const T* x, int64_t n) {
-  using Vec = at::vec::Vectorized<T>;
-  T m = -std::numeric_limits<T>::infinity();
-  int64_t i = 0;
-  if (n >= Vec::size()) {
-    Vec vm(m);
-    for (; i + Vec::size() <= n; i += Vec::size()) vm = at::vec::maximum(vm, Vec::loadu(x + i));
-    m = hmax<T>(vm);
   }
   for (; i < n; ++i) m = std::max(m, x[i]);
   return m;
@@ -372,6 +348,35 @@ inline T exp_sub_sum(T* x, int64_t n, T m) {
   T s = hsum<T>(s0 + s1);
   for (; i < n; ++i) {
     x[i] = std::exp(x[i] - m);
+    s += x[i];
+  }
+  return s;
+}
+
+// x <- exp(x * a - b) (one FMA before the exp); returns the sum, in the same fixed order.
+template <typename T>
+inline T exp_fma_sum(T* x, int64_t n, T a, T b) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const Vec va(a), vnb(-b);
+  Vec s0(T(0)), s1(T(0));
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    const Vec e0 = vexp(at::vec::fmadd(Vec::loadu(x + i), va, vnb));
+    const Vec e1 = vexp(at::vec::fmadd(Vec::loadu(x + i + W), va, vnb));
+    e0.store(x + i);
+    e1.store(x + i + W);
+    s0 = s0 + e0;
+    s1 = s1 + e1;
+  }
+  for (; i + W <= n; i += W) {
+    const Vec e = vexp(at::vec::fmadd(Vec::loadu(x + i), va, vnb));
+    e.store(x + i);
+    s0 = s0 + e;
+  }
+  T s = hsum<T>(s0 + s1);
+  for (; i < n; ++i) {
+    x[i] = std::exp(x[i] * a - b);
     s += x[i];
   }
   return s;
@@ -442,18 +447,20 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, T sca
         const bool masked = window_cuts(p, i0, i1, j0, j1) || padding_cuts(p, b, j0, j1);
         for (int64_t r = 0; r < M; ++r) {
           T* sr = s.data() + r * kBlockN;
-          T tile_max = scale_max(sr, N, scale);
-          if (masked) {
-            mask_query_row(p, b, i0 + r, j0, j1, sr, neg_inf);
-            tile_max = row_max(sr, N);
-          }
+          // scale > 0 (the usual case): the max of the raw scores, read-only, and
+          // the scale folded into the exp's FMA (-inf · scale stays -inf). Else
+          // scale first, so that a masked -inf never meets a zero scale.
+          const bool positive = scale > T(0);
+          if (!positive) scale_row(sr, N, scale);
+          if (masked) mask_query_row(p, b, i0 + r, j0, j1, sr, neg_inf);
+          const T tile_max = positive ? row_max(sr, N) * scale : row_max(sr, N);
           const T m_new = std::max(m[r], tile_max);
           if (m_new == neg_inf) {  // this row has seen no key yet: P = 0
             fill(sr, N, T(0));
             continue;
           }
           const T alpha = std::exp(m[r] - m_new);  // 0 on the first visible tile
-          l[r] = l[r] * alpha + exp_sub_sum(sr, N, m_new);
+          l[r] = l[r] * alpha + (positive ? exp_fma_sum(sr, N, scale, m_new) : exp_sub_sum(sr, N, m_new));
           m[r] = m_new;
           if (alpha != T(1)) scale_row(acc.data() + r * p.Dv, p.Dv, alpha);
         }

@@ -228,6 +228,20 @@ def test_window_wider_than_sequence_equals_dense():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("scale", [0.0, -0.3, 2.0], ids=lambda s: f"scale{s}")
+def test_non_default_scales(scale):
+    """scale > 0 folds the scale into the exp; 0 and negative scales take the scale-first path."""
+    q, k, v, dout = make_inputs((1, 2, 1, 97, 300, 32, 32), torch.float64)
+    out, lse, dq, dk, dv = run_kernels(q, k, v, dout, scale, (17, 40))
+    ref_out, ref_lse = attention_reference(q, k, v, window_size=(17, 40), scale=scale)
+    ref = attention_reference_backward(dout, q, k, v, window_size=(17, 40), scale=scale)
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(fin, torch.isfinite(lse))
+    assert (out - ref_out).abs().max() < FP64_ATOL and (lse[fin] - ref_lse[fin]).abs().max() < FP64_ATOL
+    for got, want in zip((dq, dk, dv), ref):
+        assert (got - want).abs().max() < FP64_ATOL
+
+
 # ----------------------------------------------------------------------------------------
 # rows that see no key: out 0, lse -inf, zero finite gradients
 # ----------------------------------------------------------------------------------------
