@@ -18,28 +18,27 @@ sum taken in a fixed order)
   registers: per chunk C, out = φ(Q) S + tril(φ(Q) φ(K)ᵀ) V (and the same for the
   denominator), then S += φ(K)ᵀ V. No per-token state is ever formed; the carried state is
   [M, Dv tile], and the final state is written by the group's first query head.
-- `linear_bwd_dq`: one program per (query chunk, batch*query head) (causal: one per
-  batch*query head walking the chunks in order). It recomputes the forward of its rows with
-  the full Dv, so it has den_i and o_i, and forms
-      g_i = do_i / den_i,  c_i = -(do_i · o_i) / den_i   (normalize=False: g = do, c = 0)
-      dφq_i = S_i g_i + c_i z_i   (S_i, z_i: the causal prefix, or the full state)
-  It stores den and c (float32, (B, Hq, Nq)) for the dK/dV kernel.
-- `linear_bwd_dkdv`: one program per batch*kv head. With dS = Σ_i φ(q_i) g_iᵀ and
-  dz = Σ_i c_i φ(q_i) over the queries that see key j (all GQA query heads of the group):
-      dφk_j = dS v_j + dz,   dv_j = dSᵀ φ(k_j).
-  Causal: walks the chunks in reverse carrying dS, dz (the queries of later chunks) plus an
-  intra-chunk masked term. Non-causal: reduces dS, dz over all query chunks first, then
-  writes every key chunk.
-Then dq = dφq ∘ φ'(scale q) · scale and dk = dφk ∘ φ'(k).
+  DEN_ONLY (for the backward): only den = φ(q)ᵀ z + eps per row, carrying z alone.
+- Backward. With g_i = do_i / den_i and c_i = -(do_i · o_i) / den_i (normalize=False:
+  g = do, c = 0; o and den are recomputed by `linear_fwd`):
+      dφq_i = S_i g_i + c_i z_i                          (`linear_bwd_dq`, per D tile)
+      dφk_j = dS_j v_j + dz_j,  dv_j = dS_jᵀ φ(k_j)       (`linear_bwd_dk` per D tile,
+                                                         `linear_bwd_dv` per Dv tile)
+  with dS_j = Σ_i φ(q_i) g_iᵀ and dz_j = Σ_i c_i φ(q_i) over the queries i that see key j
+  (all query heads of the GQA group, in order). Causal: dq walks the chunks forward carrying
+  S, z; dk and dv walk them in reverse carrying dS, dz, each plus an intra-chunk masked
+  term. Non-causal: dq uses the full state; dk/dv reduce dS, dz over all queries first.
+  Then dq = dφq ∘ φ'(scale q) · scale and dk = dφk ∘ φ'(k). Splitting dk (D tiles) from dv
+  (Dv tiles) keeps each program's carried state a [tile, full] slice, which is what keeps
+  D = 128 free of register spills.
 
-Precision: every tl.dot takes float32 operands with `input_precision=DOT_PREC`: "tf32" for
-fp16/bf16 inputs (a 16-bit value is exact in TF32, and TF32's 8-bit exponent keeps the
-carried state, which grows with N, and the 1/den-scaled weights, which shrink with N, away
-from fp16 overflow/underflow), and "ieee" for fp32 inputs unless TF32 matmuls are enabled,
-like torch. The 16-bit kernels therefore run TF32 tensor-core MMAs (half the fp16 rate);
-accumulation is float32 throughout. (A side effect: bf16 gives correct results under the
-Triton interpreter too, since no 16-bit tl.dot is issued.) Float64 is not supported here:
-the C++ kernels handle it on CPU.
+Precision: dots that touch a carried state (S, dS) or a 1/den-scaled weight run on float32
+operands with `input_precision=DOT_PREC`: "tf32" for fp16/bf16 inputs (a 16-bit value is
+exact in TF32, and TF32's 8-bit exponent keeps the state, which grows with N, and the
+weights, which shrink with N, away from fp16 overflow/underflow), and "ieee" for fp32
+inputs unless TF32 matmuls are enabled, like torch. Dots of raw inputs in the backward
+(do·vᵀ, φ(k)·φ(q)ᵀ) use the input dtype. Accumulation is float32 throughout. Float64 is not
+supported here: the C++ kernels handle it on CPU.
 
 Padding: D and Dv are padded to powers of two >= 16 (every tl.dot dimension >= 16). Padded
 feature columns and rows past the sequence are forced to φ = 0 (elu+1 of a masked-out 0
@@ -128,14 +127,18 @@ def _store_rows(base, stride_n, n0, N, o_c, o_col, m_col, b_x):
 def linear_state(K, V, S_IN, Z_IN, S_OUT, Z_OUT,
                  stride_kb, stride_kh, stride_kn,
                  stride_vb, stride_vh, stride_vn,
-                 Hk, Nk,
+                 Hk, Nk, chunks_per_split,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                  BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                  FEATURE_MAP: tl.constexpr, HAS_STATE_IN: tl.constexpr, DOT_PREC: tl.constexpr):
-    """S_OUT = S_IN + φ(K)ᵀ V, Z_OUT = Z_IN + Σ φ(K) for one (batch, kv head) and one Dv tile.
-    States are contiguous float32 (B, Hk, HEAD_DIM, HEAD_DIM_V) and (B, Hk, HEAD_DIM)."""
+    """Partial sums of S = S_IN + φ(K)ᵀ V, z = Z_IN + Σ φ(K) for one (batch, kv head), one Dv
+    tile and one split program_id(2) of the key chunks (split s: chunks
+    [s * chunks_per_split, (s + 1) * chunks_per_split); split 0 adds the initial state).
+    Split s stores into S_OUT[s], Z_OUT[s]; the launcher adds the splits in order. States are
+    contiguous float32 (B, Hk, HEAD_DIM, HEAD_DIM_V) and (B, Hk, HEAD_DIM)."""
     i_bh = tl.program_id(0)
     i_v = tl.program_id(1)
+    i_s = tl.program_id(2)
     i_b = i_bh // Hk
     i_hk = i_bh % Hk
     o_c = tl.arange(0, BLOCK_C)
@@ -151,13 +154,15 @@ def linear_state(K, V, S_IN, Z_IN, S_OUT, Z_OUT,
     p_s = o_d[:, None] * HEAD_DIM_V + o_v[None, :]
     m_s = m_d[:, None] & m_v[None, :]
     if HAS_STATE_IN:
-        b_s = tl.load(S_IN + s_off + p_s, mask=m_s, other=0.0)  # [BLOCK_D, BLOCK_DV]
-        b_z = tl.load(Z_IN + z_off + o_d, mask=m_d, other=0.0)  # [BLOCK_D]
+        b_s = tl.load(S_IN + s_off + p_s, mask=m_s & (i_s == 0), other=0.0)  # [BLOCK_D, BLOCK_DV]
+        b_z = tl.load(Z_IN + z_off + o_d, mask=m_d & (i_s == 0), other=0.0)  # [BLOCK_D]
     else:
         b_s = tl.zeros([BLOCK_D, BLOCK_DV], dtype=tl.float32)
         b_z = tl.zeros([BLOCK_D], dtype=tl.float32)
 
-    for i_t in range(0, tl.cdiv(Nk, BLOCK_C)):
+    i_lo = i_s * chunks_per_split
+    i_hi = tl.minimum(i_lo + chunks_per_split, tl.cdiv(Nk, BLOCK_C))
+    for i_t in range(i_lo, i_hi):
         n0 = i_t * BLOCK_C
         b_k, m_n = _load_rows(K, stride_kn, n0, Nk, o_c, o_d, m_d)  # [BLOCK_C, BLOCK_D]
         b_fk = tl.where(m_n[:, None] & m_d[None, :], _phi(b_k.to(tl.float32), FEATURE_MAP), 0.0)
@@ -166,13 +171,14 @@ def linear_state(K, V, S_IN, Z_IN, S_OUT, Z_OUT,
         b_s = tl.dot(tl.trans(b_fk), b_v, b_s, input_precision=DOT_PREC)  # [BLOCK_D, BLOCK_DV]
         b_z += tl.sum(b_fk, 0)
 
-    tl.store(S_OUT + s_off + p_s, b_s, mask=m_s)
+    n_bh = tl.num_programs(0).to(tl.int64)
+    tl.store(S_OUT + i_s * n_bh * HEAD_DIM * HEAD_DIM_V + s_off + p_s, b_s, mask=m_s)
     if i_v == 0:
-        tl.store(Z_OUT + z_off + o_d, b_z, mask=m_d)
+        tl.store(Z_OUT + i_s * n_bh * HEAD_DIM + z_off + o_d, b_z, mask=m_d)
 
 
 @triton.jit
-def linear_fwd(Q, K, V, O, S_IN, Z_IN, S_OUT, Z_OUT, DO, DEN, CPART,
+def linear_fwd(Q, K, V, O, S_IN, Z_IN, S_OUT, Z_OUT, DEN,
                stride_qb, stride_qh, stride_qn,
                stride_kb, stride_kh, stride_kn,
                stride_vb, stride_vh, stride_vn,
@@ -181,15 +187,15 @@ def linear_fwd(Q, K, V, O, S_IN, Z_IN, S_OUT, Z_OUT, DO, DEN, CPART,
                HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                FEATURE_MAP: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr,
-               HAS_STATE_IN: tl.constexpr, AUX: tl.constexpr, DOT_PREC: tl.constexpr):
+               HAS_STATE_IN: tl.constexpr, DEN_ONLY: tl.constexpr, DOT_PREC: tl.constexpr):
     """Output of query chunk program_id(0) (causal: of all chunks, in order) for one
     (batch, query head) and one Dv tile. N = Nq. S_IN/Z_IN: the initial state (causal) or
     the full state (non-causal). Causal programs of a group's first head store the final
     state in S_OUT/Z_OUT.
 
-    AUX (the backward's recompute, with NORMALIZE): instead of out and the state, store per
-    query row den (DEN, (B, Hq, N), by Dv tile 0) and this Dv tile's share of
-    c = -(do · o) / den (CPART, (n Dv tiles, B, Hq, N)); DO has O's strides."""
+    DEN_ONLY (the backward's recompute, with NORMALIZE; one Dv tile): store only
+    den = φ(q)ᵀ z + eps per query row (DEN, float32 (B, Hq, N)); no S, V or out, so it
+    carries z alone and stays light."""
     i_c = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_v = tl.program_id(2)
@@ -207,14 +213,15 @@ def linear_fwd(Q, K, V, O, S_IN, Z_IN, S_OUT, Z_OUT, DO, DEN, CPART,
     K = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
     V = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
     O = O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
-    if AUX:
-        DO = DO + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
     s_off = i_bhk.to(tl.int64) * HEAD_DIM * HEAD_DIM_V
     z_off = i_bhk.to(tl.int64) * HEAD_DIM
     p_s = o_d[:, None] * HEAD_DIM_V + o_v[None, :]
     m_s = m_d[:, None] & m_v[None, :]
     if HAS_STATE_IN:
-        b_s = tl.load(S_IN + s_off + p_s, mask=m_s, other=0.0)  # [BLOCK_D, BLOCK_DV]
+        if DEN_ONLY:
+            b_s = tl.zeros([BLOCK_D, BLOCK_DV], dtype=tl.float32)  # unused
+        else:
+            b_s = tl.load(S_IN + s_off + p_s, mask=m_s, other=0.0)  # [BLOCK_D, BLOCK_DV]
         b_z = tl.load(Z_IN + z_off + o_d, mask=m_d, other=0.0)  # [BLOCK_D]
     else:
         b_s = tl.zeros([BLOCK_D, BLOCK_DV], dtype=tl.float32)
@@ -227,41 +234,47 @@ def linear_fwd(Q, K, V, O, S_IN, Z_IN, S_OUT, Z_OUT, DO, DEN, CPART,
         i_lo = i_c
         i_hi = i_c + 1
     m_causal = o_c[:, None] >= o_c[None, :]  # [BLOCK_C, BLOCK_C], key j <= query i
-    for i_t in range(i_lo, i_hi):
-        n0 = i_t * BLOCK_C
-        b_q, m_n = _load_rows(Q, stride_qn, n0, N, o_c, o_d, m_d)  # [BLOCK_C, BLOCK_D]
-        b_fq = tl.where(m_n[:, None] & m_d[None, :], _phi(b_q.to(tl.float32) * scale, FEATURE_MAP), 0.0)
-        # inter-chunk: the state carried from the previous chunks (or the full state)
-        b_num = tl.dot(b_fq, b_s, input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_DV]
-        b_den = tl.sum(b_fq * b_z[None, :], 1)  # [BLOCK_C]
-        if CAUSAL:
-            b_k, m_n = _load_rows(K, stride_kn, n0, N, o_c, o_d, m_d)  # [BLOCK_C, BLOCK_D]
-            b_fk = tl.where(m_n[:, None] & m_d[None, :], _phi(b_k.to(tl.float32), FEATURE_MAP), 0.0)
-            b_v, m_n = _load_rows(V, stride_vn, n0, N, o_c, o_v, m_v)  # [BLOCK_C, BLOCK_DV]
-            b_v = b_v.to(tl.float32)
-            # intra-chunk: masked φ(Q) φ(K)ᵀ, [BLOCK_C, BLOCK_C]
-            b_a = tl.dot(b_fq, tl.trans(b_fk), input_precision=DOT_PREC)
-            b_a = tl.where(m_causal, b_a, 0.0)
-            b_num = tl.dot(b_a, b_v, b_num, input_precision=DOT_PREC)
-            b_den += tl.sum(b_a, 1)
-            # carry the chunk into the state
-            b_s = tl.dot(tl.trans(b_fk), b_v, b_s, input_precision=DOT_PREC)  # [BLOCK_D, BLOCK_DV]
-            b_z += tl.sum(b_fk, 0)
-        if NORMALIZE:
-            b_o = b_num / (b_den + eps)[:, None]
-        else:
-            b_o = b_num
-        if AUX:
-            b_do, m_n = _load_rows(DO, stride_on, n0, N, o_c, o_v, m_v)  # [BLOCK_C, BLOCK_DV]
-            o_r = i_bh.to(tl.int64) * N + n0 + o_c
-            tl.store(CPART + i_v.to(tl.int64) * tl.num_programs(1) * N + o_r,
-                     -tl.sum(b_do.to(tl.float32) * b_o, 1) / (b_den + eps), mask=m_n)
-            if i_v == 0:
-                tl.store(DEN + o_r, b_den + eps, mask=m_n)
-        else:
+    if DEN_ONLY:
+        for i_t in range(i_lo, i_hi):
+            n0 = i_t * BLOCK_C
+            b_q, m_n = _load_rows(Q, stride_qn, n0, N, o_c, o_d, m_d)  # [BLOCK_C, BLOCK_D]
+            b_fq = tl.where(m_n[:, None] & m_d[None, :], _phi(b_q.to(tl.float32) * scale, FEATURE_MAP), 0.0)
+            b_den = tl.sum(b_fq * b_z[None, :], 1)  # [BLOCK_C]
+            if CAUSAL:
+                b_k, m_n = _load_rows(K, stride_kn, n0, N, o_c, o_d, m_d)  # [BLOCK_C, BLOCK_D]
+                b_fk = tl.where(m_n[:, None] & m_d[None, :], _phi(b_k.to(tl.float32), FEATURE_MAP), 0.0)
+                b_a = tl.where(m_causal, tl.dot(b_fq, tl.trans(b_fk), input_precision=DOT_PREC), 0.0)
+                b_den += tl.sum(b_a, 1)
+                b_z += tl.sum(b_fk, 0)
+            tl.store(DEN + i_bh.to(tl.int64) * N + n0 + o_c, b_den + eps, mask=n0 + o_c < N)
+    else:
+        for i_t in range(i_lo, i_hi):
+            n0 = i_t * BLOCK_C
+            b_q, m_n = _load_rows(Q, stride_qn, n0, N, o_c, o_d, m_d)  # [BLOCK_C, BLOCK_D]
+            b_fq = tl.where(m_n[:, None] & m_d[None, :], _phi(b_q.to(tl.float32) * scale, FEATURE_MAP), 0.0)
+            # inter-chunk: the state carried from the previous chunks (or the full state)
+            b_num = tl.dot(b_fq, b_s, input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_DV]
+            b_den = tl.sum(b_fq * b_z[None, :], 1)  # [BLOCK_C]
+            if CAUSAL:
+                b_k, m_n = _load_rows(K, stride_kn, n0, N, o_c, o_d, m_d)  # [BLOCK_C, BLOCK_D]
+                b_fk = tl.where(m_n[:, None] & m_d[None, :], _phi(b_k.to(tl.float32), FEATURE_MAP), 0.0)
+                b_v, m_n = _load_rows(V, stride_vn, n0, N, o_c, o_v, m_v)  # [BLOCK_C, BLOCK_DV]
+                b_v = b_v.to(tl.float32)
+                # intra-chunk: masked φ(Q) φ(K)ᵀ, [BLOCK_C, BLOCK_C]
+                b_a = tl.dot(b_fq, tl.trans(b_fk), input_precision=DOT_PREC)
+                b_a = tl.where(m_causal, b_a, 0.0)
+                b_num = tl.dot(b_a, b_v, b_num, input_precision=DOT_PREC)
+                b_den += tl.sum(b_a, 1)
+                # carry the chunk into the state
+                b_s = tl.dot(tl.trans(b_fk), b_v, b_s, input_precision=DOT_PREC)  # [BLOCK_D, BLOCK_DV]
+                b_z += tl.sum(b_fk, 0)
+            if NORMALIZE:
+                b_o = b_num / (b_den + eps)[:, None]
+            else:
+                b_o = b_num
             _store_rows(O, stride_on, n0, N, o_c, o_v, m_v, b_o)
 
-    if CAUSAL and not AUX:
+    if CAUSAL and not DEN_ONLY:
         if i_h % group == 0:  # every head of the group carries the same state: one writes it
             tl.store(S_OUT + s_off + p_s, b_s, mask=m_s)
             if i_v == 0:
@@ -541,6 +554,7 @@ def _pad_dim(d: int) -> int:
 
 
 _CHUNK_OVERRIDE: int | None = None
+STATE_SPLIT_MIN_CHUNKS = 4  # fewest key chunks one `linear_state` program sums
 
 
 @contextlib.contextmanager
@@ -555,23 +569,31 @@ def override_chunk(block_c: int):
         _CHUNK_OVERRIDE = previous
 
 
-def chunk_config(kernel: str, head_dim: int, head_dim_v: int) -> ChunkConfig:
+def chunk_config(kernel: str, head_dim: int, head_dim_v: int, dtype: torch.dtype = torch.float16) -> ChunkConfig:
     """GPU launch config per kernel ("state", "fwd", "dq", "dk", "dv") and padded dims.
 
     Every program keeps a state tile in registers across its chunk loop ([D, Dv tile] for
     state/fwd/dv, [D tile, Dv] for dq/dk) next to the chunk's [C, D] / [C, Dv] tiles, and
     mma.sync (sm_80) holds each dot's whole-K operands in registers, float32 ones for the
     state products. So the chunk is short (16-32) and the tiles narrow; chosen so that
-    nothing spills on sm_80/sm_90a (`python -m attnkernels.tools.compile_report`).
+    nothing spills on sm_80/sm_90a (`python -m attnkernels.tools.compile_report`). fp32
+    inputs also keep the raw-input dot operands in 4 bytes, and an exact fp32 dot runs as
+    FMAs, so their tiles are narrower.
     """
     d, dv = _pad_dim(head_dim), _pad_dim(head_dim_v)
     big = max(d, dv)
+    wide = dtype == torch.float32
+    tile = 32 if big <= 32 or (big <= 64 and not wide) else 16
     if kernel in ("state", "fwd"):
-        cfg = ChunkConfig(32 if big <= 32 else 16, min(dv, 32 if big <= 64 else 16), 8, 1)
-    elif kernel in ("dq", "dk"):
-        cfg = ChunkConfig(16, min(d, 32 if big <= 64 else 16), 8, 1)
+        cfg = ChunkConfig(32 if big <= 32 else 16, min(dv, tile), 8, 1)
+    elif kernel == "dq":
+        cfg = ChunkConfig(16, min(d, tile), 8, 1)
+    # the warp counts below are empirical: ptxas sometimes spills a few bytes at 8 warps
+    # where 4 fit (fp32 D=64 dK, fp16 D=64 non-causal dV), and the reverse for fp32 dV
+    elif kernel == "dk":
+        cfg = ChunkConfig(16, min(d, tile), 4 if wide and big <= 64 else 8, 1)
     elif kernel == "dv":
-        cfg = ChunkConfig(16, min(dv, 32 if big <= 64 else 16), 8, 1)
+        cfg = ChunkConfig(16, min(dv, tile), 8 if wide and big >= 64 else 4, 1)
     else:
         raise ValueError(f"chunk_config: unknown kernel {kernel!r}")
     if _CHUNK_OVERRIDE is not None:
@@ -637,37 +659,50 @@ def _full_state(k, v, fm, initial_s, initial_z, prec):
     z = torch.empty(batch, kv_heads, head_dim, dtype=torch.float32, device=k.device)
     if s.numel() == 0:
         return s, z
-    cfg = chunk_config("state", head_dim, head_dim_v)
+    cfg = chunk_config("state", head_dim, head_dim_v, k.dtype)
     has_in = initial_s is not None
-    linear_state[(batch * kv_heads, _cdiv(head_dim_v, cfg.block_t))](
-        k, v, initial_s if has_in else s, initial_z if has_in else z, s, z,
+    n_dv = _cdiv(head_dim_v, cfg.block_t)
+    n_chunks = _cdiv(kv_len, cfg.block_c)
+    # chunk-parallel: enough programs to fill a GPU (~2 per SM of a 132-SM part), each summing
+    # a run of >= STATE_SPLIT_MIN_CHUNKS chunks; the partials are added in split order
+    n_split = max(1, min(_cdiv(n_chunks, STATE_SPLIT_MIN_CHUNKS), _cdiv(264, batch * kv_heads * n_dv)))
+    per_split = _cdiv(n_chunks, n_split) if n_chunks else 1
+    n_split = _cdiv(n_chunks, per_split) if n_chunks else 1
+    if n_split > 1:
+        s_part = torch.empty(n_split, *s.shape, dtype=torch.float32, device=k.device)
+        z_part = torch.empty(n_split, *z.shape, dtype=torch.float32, device=k.device)
+    else:
+        s_part, z_part = s, z
+    linear_state[(batch * kv_heads, n_dv, n_split)](
+        k, v, initial_s if has_in else s, initial_z if has_in else z, s_part, z_part,
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        kv_heads, kv_len,
+        kv_heads, kv_len, per_split,
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_C=cfg.block_c, BLOCK_D=_pad_dim(head_dim),
         BLOCK_DV=cfg.block_t, FEATURE_MAP=fm, HAS_STATE_IN=has_in, DOT_PREC=prec,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if n_split > 1:
+        torch.sum(s_part, 0, out=s)
+        torch.sum(z_part, 0, out=z)
     return s, z
 
 
 def _launch_fwd(q, k, v, out, fm, causal, normalize, eps, scale, initial_s, initial_z, prec, full_state=None,
-                dout=None):
-    """Runs `linear_fwd`: out and, causal, the final state (returned), or with `dout` (the
-    backward's recompute, NORMALIZE) den and c per query row (returned)."""
+                den_only=False):
+    """Runs `linear_fwd`: out and, causal, the final state (returned as (S, z)); or, with
+    `den_only` (the backward's recompute), only den per query row (returned)."""
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, head_dim_v = k.shape[1], v.shape[-1]
-    cfg = chunk_config("fwd", head_dim, head_dim_v)
-    n_dv = _cdiv(head_dim_v, cfg.block_t)
-    aux = dout is not None
+    cfg = chunk_config("fwd", head_dim, head_dim_v, q.dtype)
     f32 = dict(dtype=torch.float32, device=q.device)
-    if aux:
+    if den_only:
+        n_dv = 1  # den does not depend on Dv
         den = torch.empty(batch, q_heads, q_len, **f32)
-        cpart = torch.empty(n_dv, batch, q_heads, q_len, **f32)  # c per Dv tile, summed below
-        out = dout  # linear_fwd reads dout with out's strides and stores no out
-        s_out = z_out = den  # unused
+        out = s_out = z_out = den  # unused
     else:
-        den = cpart = out  # unused
+        n_dv = _cdiv(head_dim_v, cfg.block_t)
+        den = out  # unused
         s_out = torch.empty(batch, kv_heads, head_dim, head_dim_v, **f32)
         z_out = torch.empty(batch, kv_heads, head_dim, **f32)
     if causal:
@@ -680,19 +715,18 @@ def _launch_fwd(q, k, v, out, fm, causal, normalize, eps, scale, initial_s, init
         grid = (_cdiv(q_len, cfg.block_c), batch * q_heads, n_dv)
     if grid[0] * grid[1] > 0:
         linear_fwd[grid](
-            q, k, v, out, s_in, z_in, s_out, z_out, out, den, cpart,
+            q, k, v, out, s_in, z_in, s_out, z_out, den,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
+            0 if den_only else out.stride(0), 0 if den_only else out.stride(1), 0 if den_only else out.stride(2),
             q_heads, q_len, q_heads // kv_heads, scale, float(eps),
             HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_C=cfg.block_c, BLOCK_D=_pad_dim(head_dim),
             BLOCK_DV=cfg.block_t, FEATURE_MAP=fm, CAUSAL=causal, NORMALIZE=normalize,
-            HAS_STATE_IN=has_in, AUX=aux, DOT_PREC=prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            HAS_STATE_IN=has_in, DEN_ONLY=den_only, DOT_PREC=prec, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
         )
-    if aux:
-        return den, cpart.sum(0)  # a fixed-order sum over the Dv tiles
-    return s_out, z_out
+    return den if den_only else (s_out, z_out)
 
 
 def linear_attention_forward(q, k, v, feature_map: str, causal: bool, normalize: bool, eps: float,
@@ -714,8 +748,8 @@ def linear_attention_backward(dout, q, k, v, feature_map: str, causal: bool, nor
                               scale: float, initial_s, initial_z):
     """(dq, dk, dv) in the inputs' dtypes; the forward is recomputed (no gradient to the state).
 
-    With normalize, `linear_fwd` (AUX) first recomputes den and c = -(do · o) / den per query
-    row; then `linear_bwd_dq` (per D tile), `linear_bwd_dk` (per D tile) and `linear_bwd_dv`
+    With normalize, `linear_fwd` first recomputes out and (DEN_ONLY) den, giving
+    c = -(do · o) / den per query row; then `linear_bwd_dq` (per D tile), `linear_bwd_dk` (per D tile) and `linear_bwd_dv`
     (per Dv tile) run independently."""
     q, k, v, scale, initial_s, initial_z = _prepare(q, k, v, feature_map, causal, scale, initial_s, initial_z)
     dout = _last_dim_contiguous(dout.to(q.dtype))
@@ -728,8 +762,12 @@ def linear_attention_backward(dout, q, k, v, feature_map: str, causal: bool, nor
         return dq, dk, dv
     full_state = None if causal else _full_state(k, v, fm, initial_s, initial_z, prec)
     if normalize:
-        den, cc = _launch_fwd(q, k, v, None, fm, causal, True, eps, scale, initial_s, initial_z, prec,
-                              full_state=full_state, dout=dout)
+        # recompute out, then den; c = -(do · o) / den per query row (float32, (B, Hq, Nq))
+        out = torch.empty(batch, q_heads, q_len, head_dim_v, dtype=q.dtype, device=q.device)
+        _launch_fwd(q, k, v, out, fm, causal, True, eps, scale, initial_s, initial_z, prec, full_state=full_state)
+        den = _launch_fwd(q, k, v, None, fm, causal, True, eps, scale, initial_s, initial_z, prec,
+                          full_state=full_state, den_only=True)
+        cc = -(dout.float() * out.float()).sum(-1) / den
     else:
         den = cc = torch.zeros(1, dtype=torch.float32, device=q.device)  # unused
     common = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, FEATURE_MAP=fm, CAUSAL=causal, NORMALIZE=normalize,
@@ -741,7 +779,7 @@ def linear_attention_backward(dout, q, k, v, feature_map: str, causal: bool, nor
         s_in, z_in = (initial_s, initial_z) if has_in else (den, den)  # unused without a state
     else:
         (s_in, z_in), has_in = full_state, True
-    cfg = chunk_config("dq", head_dim, head_dim_v)
+    cfg = chunk_config("dq", head_dim, head_dim_v, q.dtype)
     grid = (1 if causal else _cdiv(q_len, cfg.block_c), batch * q_heads, _cdiv(head_dim, cfg.block_t))
     if grid[0] * grid[1] > 0:
         linear_bwd_dq[grid](
@@ -757,7 +795,7 @@ def linear_attention_backward(dout, q, k, v, feature_map: str, causal: bool, nor
         )
     if kv_len == 0:
         return dq, dk, dv
-    cfg = chunk_config("dk", head_dim, head_dim_v)
+    cfg = chunk_config("dk", head_dim, head_dim_v, q.dtype)
     linear_bwd_dk[(batch * kv_heads, _cdiv(head_dim, cfg.block_t))](
         q, k, v, dout, dk, den, cc,
         q.stride(0), q.stride(1), q.stride(2),
@@ -769,7 +807,7 @@ def linear_attention_backward(dout, q, k, v, feature_map: str, causal: bool, nor
         BLOCK_C=cfg.block_c, BLOCK_DT=cfg.block_t, BLOCK_DV=pad_dv,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
     )
-    cfg = chunk_config("dv", head_dim, head_dim_v)
+    cfg = chunk_config("dv", head_dim, head_dim_v, q.dtype)
     linear_bwd_dv[(batch * kv_heads, _cdiv(head_dim_v, cfg.block_t))](
         q, k, dout, dv, den,
         q.stride(0), q.stride(1), q.stride(2),
@@ -789,7 +827,7 @@ def linear_attention_backward(dout, q, k, v, feature_map: str, causal: bool, nor
 
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _FP32_ARGS = {"S_IN", "Z_IN", "S_OUT", "Z_OUT", "DEN", "CC"}
-_INT_ARGS = {"Hq", "Hk", "N", "Nq", "Nk", "group"}
+_INT_ARGS = {"Hq", "Hk", "N", "Nq", "Nk", "group", "chunks_per_split"}
 
 
 def _signature(fn, dtype: str, constexprs: dict) -> dict:
@@ -827,17 +865,17 @@ _AOT_DTYPES = [
 _AOT_MAPS = [("elu", True), ("relu", True), ("identity", True), ("elu", False)]
 
 
-def _kernel_constexprs(kernel: str, d: int, fm: str, causal: bool, normalize: bool, prec: str) -> tuple:
+def _kernel_constexprs(kernel: str, d: int, fm: str, causal: bool, normalize: bool, dtype, prec: str) -> tuple:
     """(fn, constexprs, config) of one kernel as the launchers call it, for D = Dv = d."""
-    cfg = chunk_config("fwd" if kernel == "fwd-aux" else kernel, d, d)
+    cfg = chunk_config("fwd" if kernel == "fwd-den" else kernel, d, d, dtype)
     pad = _pad_dim(d)
     const = dict(HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_C=cfg.block_c, FEATURE_MAP=FEATURE_MAPS[fm], DOT_PREC=prec)
     if kernel == "state":
         return linear_state, dict(const, BLOCK_D=pad, BLOCK_DV=cfg.block_t, HAS_STATE_IN=True), cfg
     const.update(CAUSAL=causal, NORMALIZE=normalize)
-    if kernel in ("fwd", "fwd-aux"):
+    if kernel in ("fwd", "fwd-den"):
         return linear_fwd, dict(const, BLOCK_D=pad, BLOCK_DV=cfg.block_t, HAS_STATE_IN=True,
-                                AUX=kernel == "fwd-aux"), cfg
+                                DEN_ONLY=kernel == "fwd-den"), cfg
     if kernel == "dq":
         return linear_bwd_dq, dict(const, BLOCK_DT=cfg.block_t, BLOCK_DV=pad, HAS_STATE_IN=True), cfg
     if kernel == "dk":
@@ -857,14 +895,16 @@ def _build_aot_specs() -> list[KernelSpec]:
                 for fm, normalize in maps:
                     variants += [(kernel, fm, causal, normalize) for kernel in ("fwd", "dq", "dk", "dv")]
                     if normalize:
-                        variants.append(("fwd-aux", fm, causal, normalize))
+                        variants.append(("fwd-den", fm, causal, normalize))
             for kernel, fm, causal, normalize in variants:
-                fn, const, cfg = _kernel_constexprs(kernel, d, fm, causal, normalize, prec)
+                fn, const, cfg = _kernel_constexprs(kernel, d, fm, causal, normalize, dtype, prec)
                 mode = "" if kernel == "state" else ("-causal" if causal else "-full")
                 norm = "" if normalize else "-nonorm"
                 name = f"linear_{kernel}-{label}-D{d}{mode}-{fm}{norm}-C{cfg.block_c}-T{cfg.block_t}"
+                # the non-causal den pass is φ(q) · z alone: no dot
+                has_dot = uses_tc and not (kernel == "fwd-den" and not causal)
                 specs.append(KernelSpec(name, fn, _signature(fn, tdt, const), const, num_warps=cfg.num_warps,
-                                        num_stages=cfg.num_stages, uses_dot=uses_tc))
+                                        num_stages=cfg.num_stages, uses_dot=has_dot))
     return specs
 
 

@@ -190,7 +190,8 @@ def _run_ptxas(ptx: str, arch: int) -> str:
 def _config_str(spec) -> str:
     c = spec.constexprs
     parts = [f"{k.replace('BLOCK_', '')}{c[k]}" for k in sorted(c) if k.startswith("BLOCK_") and isinstance(c[k], int)]
-    return " ".join(parts + [f"w{spec.num_warps}", f"s{spec.num_stages}"])
+    extra = [f"r{spec.maxnreg}"] if getattr(spec, "maxnreg", None) else []
+    return " ".join(parts + [f"w{spec.num_warps}", f"s{spec.num_stages}"] + extra)
 
 
 def _attrs(spec) -> dict:
@@ -213,8 +214,10 @@ def compile_one(mod_name: str, spec_name: str, arch: int) -> dict:
         spec = next(s for s in importlib.import_module(mod_name).AOT_SPECS if s.name == spec_name)
         row.update(kernel=_kernel_name(spec), dtype=_spec_dtype(spec), config=_config_str(spec), uses_dot=spec.uses_dot)
         src = ASTSource(spec.fn, spec.signature, spec.constexprs, _attrs(spec))
-        kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                options=dict(num_warps=spec.num_warps, num_stages=spec.num_stages))
+        options = dict(num_warps=spec.num_warps, num_stages=spec.num_stages)
+        if getattr(spec, "maxnreg", None):
+            options["maxnreg"] = spec.maxnreg
+        kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
         ptx = kernel.asm["ptx"]
         info = parse_ptxas_log(_run_ptxas(ptx, arch))
         ops = tensor_core_ops(ptx)
