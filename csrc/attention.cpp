@@ -305,6 +305,13 @@ inline T hsum(const at::vec::Vectorized<T>& v) {
   return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, v);
 }
 
+// max that keeps a NaN (std::max(a, NaN) returns a): a NaN score must poison its row
+// as it does in the reference, not vanish. at::vec::maximum already propagates NaN.
+template <typename T>
+inline T max_keep_nan(T a, T b) {
+  return (std::isnan(a) || std::isnan(b)) ? std::numeric_limits<T>::quiet_NaN() : std::max(a, b);
+}
+
 // max(x): read-only, two accumulators to overlap the max latencies, tree at the end.
 template <typename T>
 inline T row_max(const T* x, int64_t n) {
@@ -321,7 +328,7 @@ inline T row_max(const T* x, int64_t n) {
     for (; i + W <= n; i += W) m0 = at::vec::maximum(m0, Vec::loadu(x + i));
     m = hmax<T>(at::vec::maximum(m0, m1));
   }
-  for (; i < n; ++i) m = std::max(m, x[i]);
+  for (; i < n; ++i) m = max_keep_nan(m, x[i]);
   return m;
 }
 
@@ -454,7 +461,7 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, T sca
           if (!positive) scale_row(sr, N, scale);
           if (masked) mask_query_row(p, b, i0 + r, j0, j1, sr, neg_inf);
           const T tile_max = positive ? row_max(sr, N) * scale : row_max(sr, N);
-          const T m_new = std::max(m[r], tile_max);
+          const T m_new = max_keep_nan(m[r], tile_max);
           if (m_new == neg_inf) {  // this row has seen no key yet: P = 0
             fill(sr, N, T(0));
             continue;
@@ -469,7 +476,7 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, T sca
       T* out_t = out + (bh * p.Nq + i0) * p.Dv;
       T* lse_t = lse + bh * p.Nq + i0;
       for (int64_t r = 0; r < M; ++r) {
-        const bool seen = l[r] > T(0);
+        const bool seen = !(l[r] == T(0));  // NaN (a poisoned row) counts as seen
         std::copy(acc.data() + r * p.Dv, acc.data() + (r + 1) * p.Dv, out_t + r * p.Dv);
         if (seen)
           scale_row(out_t + r * p.Dv, p.Dv, T(1) / l[r]);
