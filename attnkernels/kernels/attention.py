@@ -696,7 +696,7 @@ _CONFIGS = {
     ("fwd", 256): (BlockConfig(64, 32, 8, 2), BlockConfig(32, 16, 8, 2, _FP32_REGS)),
     # dK/dV: BLOCK_N key rows resident, BLOCK_M query rows stream
     ("dkdv", 64): (BlockConfig(16, 64, 8, 2), BlockConfig(16, 16, 4, 2, _FP32_REGS)),
-    ("dkdv", 128): (BlockConfig(16, 64, 8, 2), BlockConfig(16, 16, 8, 2, _FP32_REGS)),
+    ("dkdv", 128): (BlockConfig(16, 32, 8, 2), BlockConfig(16, 16, 8, 2, _FP32_REGS)),
     ("dkdv", 256): (BlockConfig(16, 16, 8, 1), BlockConfig(16, 16, 8, 2, _FP32_REGS)),
     # dQ: BLOCK_M query rows resident, BLOCK_N key rows stream
     ("dq", 64): (BlockConfig(64, 32, 4, 3), BlockConfig(32, 16, 4, 2, _FP32_REGS)),

@@ -330,15 +330,25 @@ def main(argv=None) -> int:
     tasks = [(m, s.name, arch) for m, s in specs for arch in args.arch]
     jobs = max(1, min(args.jobs, len(tasks) or 1))
     log(f"compiling {len(specs)} specs x {len(args.arch)} archs = {len(tasks)} compiles with {jobs} processes")
-    rows = []
+    rows = [None] * len(tasks)
+
+    def progress(i, row):
+        rows[i] = row
+        done = sum(r is not None for r in rows)
+        print(f"[{done}/{len(tasks)}] {row['name']} sm_{row['arch']}: {row['status']} ({row['seconds']} s)",
+              file=sys.stderr, flush=True)
+
     if jobs == 1:
-        rows = [compile_one(*t) for t in tasks]
+        for i, t in enumerate(tasks):
+            progress(i, compile_one(*t))
     else:
         # fork shares the already imported modules; workers look the spec up by name, so a
         # spawn context would work too (nothing unpicklable crosses the process boundary)
         ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-            rows = list(pool.map(compile_one, *zip(*tasks))) if tasks else []
+            futures = {pool.submit(compile_one, *t): i for i, t in enumerate(tasks)}
+            for fut in concurrent.futures.as_completed(futures):
+                progress(futures[fut], fut.result())
     elapsed = time.perf_counter() - t0
     summary = summarize(rows)
     summary["seconds"] = round(elapsed, 1)
