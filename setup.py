@@ -73,7 +73,27 @@ def extensions():
     return exts
 
 
+class PerCapabilityBuildExt(BuildExtension):
+    """Every capability compiles the same csrc/*.cpp with other flags: give each variant its
+    own object directory, or one variant's objects (and ninja file) would be linked into
+    another's library — a parallel `-j` build then produced an AVX-512 .so with no ops.
+    The variants are built one after another (the object directory is per-call state);
+    ninja still compiles each variant's files in parallel."""
+
+    def build_extensions(self):
+        self.parallel = None
+        super().build_extensions()
+
+    def build_extension(self, ext):
+        shared_temp = self.build_temp
+        self.build_temp = os.path.join(shared_temp, ext.name.rsplit(".", 1)[-1])
+        try:
+            super().build_extension(ext)
+        finally:
+            self.build_temp = shared_temp
+
+
 setup(
     ext_modules=extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": PerCapabilityBuildExt.with_options(use_ninja=True)},
 )

@@ -99,7 +99,8 @@ def linear_cases(batch: int, heads: int, seq_len: int, head_dim: int):
 
         def fla_causal():
             qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-            return naive_chunk_linear_attn(F.elu(qt) + 1, F.elu(kt) + 1, vt, scale=1.0, normalize=True)[0]
+            out = naive_chunk_linear_attn(F.elu(qt) + 1, F.elu(kt) + 1, vt, scale=1.0, normalize=True)
+            return out.transpose(1, 2)  # fla 0.6 returns the output alone, (B, N, H, Dv)
 
         yield ("linear elu+1 causal", lambda: attnkernels.linear_attention(q, k, v, causal=True),
                "fla naive_chunk", fla_causal,

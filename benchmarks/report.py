@@ -17,6 +17,7 @@ gradients) matched the float64 reference at a small size.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime
 import gc
@@ -245,8 +246,14 @@ def correctness_gate() -> dict:
                 lambda q, k, v: linear_attention(q, k, v, causal=causal),
                 lambda q, k, v: linear_attention_reference(q, k, v, causal=causal)[0], t)
         features = PerformerFeatures(32, num_features=64, generator=torch.Generator().manual_seed(0))
-        errors["favor+"] = _check(lambda q, k, v: linear_attention(q, k, v, feature_map=features),
-                                  lambda q, k, v: linear_attention_reference(q, k, v, feature_map=features.double())[0], t)
+        features64 = copy.deepcopy(features).double()  # .double() converts in place: keep ours fp32
+
+        def favor_reference(q, k, v):
+            # The same FAVOR+ features, then the float64 literal sums of the reference backend.
+            with attnkernels.backend("reference"):
+                return linear_attention(q, k, v, feature_map=features64)
+
+        errors["favor+"] = _check(lambda q, k, v: linear_attention(q, k, v, feature_map=features), favor_reference, t)
     return errors
 
 

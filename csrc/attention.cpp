@@ -1,8 +1,9 @@
 // Softmax attention on the CPU, forward and backward, flash style.
 //
 // One file, one idea: tile the (Nq, Nk) score matrix, never store it, and
-// visit only the tiles a query tile can see. The same tile iterator serves the
-// forward, the dQ pass and (transposed) the dK/dV pass:
+// visit only the tiles a query tile can see. The same tile iterators serve the
+// forward (key tiles per query tile) and, transposed, the backward (query
+// tiles per key tile):
 //   * dense / causal / sliding window: the key band [lo, hi) of a query tile is
 //     computed from indices (bottom-right aligned, FlashAttention's rule), so a
 //     window of width w costs O(N·w) and causal skips the upper triangle;
@@ -19,12 +20,14 @@
 // accumulation is float32 as in FlashAttention; float64 stays float64.
 //
 // Backward (FA2): P is recomputed from the saved LSE, delta = rowsum(dO ∘ O),
-// dS = P ∘ (dP − delta). dQ iterates key tiles per query tile; dK/dV iterate
-// query tiles per key tile, over the GQA group's query heads in a fixed order.
-// Every output element is written by exactly one task, so the result is the
-// same bits for any thread count.
+// dS = P ∘ (dP − delta); one pass per (batch, query head, chunk of key tiles)
+// iterates the query tiles that see each key tile and does the five tile GEMMs
+// (Sᵀ, dPᵀ, dV, dK, dQᵀ). dK/dV of the GQA group's query heads are summed in a
+// fixed order, dQ partials of the chunks likewise: every output element has
+// one owner, so the result is the same bits for any thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
@@ -40,10 +43,12 @@
 
 namespace {
 
-// Query rows x keys per tile. 64 x 128 keeps S, dP and the accumulators of a
-// tile in L2 and gives the GEMM micro-kernel enough work per call.
+// Query rows x keys per tile. 64 x 256 keeps S [64, 256] and the accumulators
+// in L2, gives the GEMM micro-kernel enough work per call, and halves the
+// per-tile online-softmax bookkeeping of 64 x 128 (measured: fp32 GEMMs run
+// near this core's peak either way; the rest is softmax overhead).
 constexpr int64_t kBlockM = 64;
-constexpr int64_t kBlockN = 128;
+constexpr int64_t kBlockN = 256;
 constexpr int64_t kMaxHeadDim = 256;
 // Below this much work per thread a parallel region costs more than it saves
 // (waking threads is ~10 us, far more on a loaded host): small calls run inline.
@@ -62,6 +67,7 @@ struct Problem {
   int64_t B = 0, Hq = 0, Hk = 0, Nq = 0, Nk = 0, D = 0, Dv = 0, group = 1;
   int64_t left = -1, right = -1;  // window, -1 = unbounded side
   int64_t off = 0;                // Nk - Nq: the bottom-right diagonal shift
+  int64_t nQt = 0, nKt = 0;       // ceil(Nq / BLOCK_M), ceil(Nk / BLOCK_N): packed operand tiles
   // Block-sparse tables (nullptr when absent), leading dims (tb_B, tb_H) broadcast.
   int64_t sbs = 0, tb_B = 1, tb_H = 1, nQb = 0, nKb = 0;
   const int32_t* kv_num = nullptr;  // [tb_B, tb_H, nQb]
@@ -162,16 +168,37 @@ void for_each_q_tile(const Problem& p, int64_t b, int64_t h, int64_t j0, int64_t
   }
 }
 
-// Tiles [start, end) of a length-n axis: multiples of `tile`, also cut at
-// sparse block boundaries so that a tile never spans two table rows.
+// Tiles [start, end) of a length-n axis: cut at multiples of `tile` (so a tile
+// is one packed operand tile, or part of it) and at sparse block boundaries (so
+// a tile never spans two table rows).
 std::vector<std::pair<int64_t, int64_t>> make_tiles(int64_t n, int64_t tile, int64_t sbs) {
   std::vector<std::pair<int64_t, int64_t>> tiles;
   const int64_t block = sbs > 0 ? sbs : n;
-  for (int64_t s = 0; s < n; s += block) {
-    const int64_t e = std::min(n, s + block);
-    for (int64_t t = s; t < e; t += tile) tiles.emplace_back(t, std::min(e, t + tile));
-  }
+  for (int64_t s = 0; s < n; s += block)
+    split_segment(s, std::min(n, s + block), tile, [&](int64_t a, int64_t e) { tiles.emplace_back(a, e); });
   return tiles;
+}
+
+// ---------------------------------------------------------------------------
+// Transposed operands, packed tile by tile
+// ---------------------------------------------------------------------------
+// Kᵀ, Vᵀ (forward, dQ) and Qᵀ, dOᵀ (dK/dV) are GEMM B operands. Stored as a
+// plain [D, N] transpose, a tile's B rows would sit N floats apart: at N =
+// 1024, 2048, ... that is a multiple of 4 KiB, every row maps to the same L1
+// set and the micro-kernel thrashes. So they are packed per tile:
+// [B, H, n_tiles, D, tile], each tile's B a dense [D, tile] block (ld = tile),
+// zero-padded past N. A tile piece [a, e) never crosses a multiple of `tile`
+// (split_segment), so it is the columns [a % tile, e % tile) of tile a / tile.
+at::Tensor pack_transposed(const at::Tensor& x, int64_t tile) {  // [B, H, N, D] -> [B, H, nT, D, tile]
+  const int64_t n = x.size(2), n_tiles = (n + tile - 1) / tile;
+  at::Tensor padded = n_tiles * tile == n ? x : at::constant_pad_nd(x, {0, 0, 0, n_tiles * tile - n});
+  return padded.view({x.size(0), x.size(1), n_tiles, tile, x.size(3)}).transpose(-1, -2).contiguous();
+}
+
+// Start of the piece at sequence position `a` in one head's packed [nT, D, tile] operand.
+template <typename T>
+inline const T* packed_piece(const T* head, int64_t a, int64_t depth, int64_t tile) {
+  return head + (a / tile) * depth * tile + a % tile;
 }
 
 // ---------------------------------------------------------------------------
@@ -265,65 +292,98 @@ inline void scale_row(T* x, int64_t n, T a) {
   for (; i < n; ++i) x[i] *= a;
 }
 
-// x <- x * a; returns max(x) (one pass instead of two).
+// Horizontal reductions of one vector: a shuffle tree (log2 lanes steps), not a
+// serial chain of scalar ops, which per row and tile cost as much as the exps.
 template <typename T>
-inline T scale_max(T* x, int64_t n, T a) {
+inline T hmax(const at::vec::Vectorized<T>& v) {
   using Vec = at::vec::Vectorized<T>;
-  const Vec va(a);
-  T m = -std::numeric_limits<T>::infinity();
-  int64_t i = 0;
-  if (n >= Vec::size()) {
-    Vec vm(m);
-    for (; i + Vec::size() <= n; i += Vec::size()) {
-      const Vec y = Vec::loadu(x + i) * va;
-      y.store(x + i);
-      vm = at::vec::maximum(vm, y);
-    }
-    T lanes[Vec::size()];
-    vm.store(lanes);
-    for (int64_t l = 0; l < Vec::size(); ++l) m = std::max(m, lanes[l]);
-  }
-  for (; i < n; ++i) {
-    x[i] *= a;
-    m = std::max(m, x[i]);
-  }
-  return m;
+  return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, v);
+}
+template <typename T>
+inline T hsum(const at::vec::Vectorized<T>& v) {
+  using Vec = at::vec::Vectorized<T>;
+  return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, v);
 }
 
+// max that keeps a NaN (std::max(a, NaN) returns a): a NaN score must poison its row
+// as it does in the reference, not vanish. at::vec::maximum already propagates NaN.
+template <typename T>
+inline T max_keep_nan(T a, T b) {
+  return (std::isnan(a) || std::isnan(b)) ? std::numeric_limits<T>::quiet_NaN() : std::max(a, b);
+}
+
+// max(x): read-only, two accumulators to overlap the max latencies, tree at the end.
 template <typename T>
 inline T row_max(const T* x, int64_t n) {
   using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t W = Vec::size();
   T m = -std::numeric_limits<T>::infinity();
   int64_t i = 0;
-  if (n >= Vec::size()) {
-    Vec vm(m);
-    for (; i + Vec::size() <= n; i += Vec::size()) vm = at::vec::maximum(vm, Vec::loadu(x + i));
-    T lanes[Vec::size()];
-    vm.store(lanes);
-    for (int64_t l = 0; l < Vec::size(); ++l) m = std::max(m, lanes[l]);
+  if (n >= W) {
+    Vec m0(m), m1(m);
+    for (; i + 2 * W <= n; i += 2 * W) {
+      m0 = at::vec::maximum(m0, Vec::loadu(x + i));
+      m1 = at::vec::maximum(m1, Vec::loadu(x + i + W));
+    }
+    for (; i + W <= n; i += W) m0 = at::vec::maximum(m0, Vec::loadu(x + i));
+    m = hmax<T>(at::vec::maximum(m0, m1));
   }
-  for (; i < n; ++i) m = std::max(m, x[i]);
+  for (; i < n; ++i) m = max_keep_nan(m, x[i]);
   return m;
 }
 
-// x <- exp(x - m); returns the sum (fixed order: lanes, then tail).
+// x <- exp(x - m); returns the sum (fixed order: two lane accumulators, tree, then tail).
 template <typename T>
 inline T exp_sub_sum(T* x, int64_t n, T m) {
   using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t W = Vec::size();
   const Vec vm(m);
-  Vec acc(T(0));
+  Vec s0(T(0)), s1(T(0));
   int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    Vec e = vexp(Vec::loadu(x + i) - vm);
-    e.store(x + i);
-    acc = acc + e;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    const Vec e0 = vexp(Vec::loadu(x + i) - vm), e1 = vexp(Vec::loadu(x + i + W) - vm);
+    e0.store(x + i);
+    e1.store(x + i + W);
+    s0 = s0 + e0;
+    s1 = s1 + e1;
   }
-  T lanes[Vec::size()];
-  acc.store(lanes);
-  T s = 0;
-  for (int64_t l = 0; l < Vec::size(); ++l) s += lanes[l];
+  for (; i + W <= n; i += W) {
+    const Vec e = vexp(Vec::loadu(x + i) - vm);
+    e.store(x + i);
+    s0 = s0 + e;
+  }
+  T s = hsum<T>(s0 + s1);
   for (; i < n; ++i) {
     x[i] = std::exp(x[i] - m);
+    s += x[i];
+  }
+  return s;
+}
+
+// x <- exp(x * a - b) (one FMA before the exp); returns the sum, in the same fixed order.
+template <typename T>
+inline T exp_fma_sum(T* x, int64_t n, T a, T b) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const Vec va(a), vnb(-b);
+  Vec s0(T(0)), s1(T(0));
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    const Vec e0 = vexp(at::vec::fmadd(Vec::loadu(x + i), va, vnb));
+    const Vec e1 = vexp(at::vec::fmadd(Vec::loadu(x + i + W), va, vnb));
+    e0.store(x + i);
+    e1.store(x + i + W);
+    s0 = s0 + e0;
+    s1 = s1 + e1;
+  }
+  for (; i + W <= n; i += W) {
+    const Vec e = vexp(at::vec::fmadd(Vec::loadu(x + i), va, vnb));
+    e.store(x + i);
+    s0 = s0 + e;
+  }
+  T s = hsum<T>(s0 + s1);
+  for (; i < n; ++i) {
+    x[i] = std::exp(x[i] * a - b);
     s += x[i];
   }
   return s;
@@ -382,29 +442,32 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, T sca
       const auto [i0, i1] = qtiles[task % nt];
       const int64_t M = i1 - i0;
       const T* q_t = q + (bh * p.Nq + i0) * p.D;          // [M, D]
-      const T* kT_h = kT + (b * p.Hk + hk) * p.D * p.Nk;  // [D, Nk]
+      const T* kT_h = kT + (b * p.Hk + hk) * p.nKt * p.D * kBlockN;  // packed [nKt, D, BLOCK_N]
       const T* v_h = v + (b * p.Hk + hk) * p.Nk * p.Dv;   // [Nk, Dv]
       fill(acc.data(), M * p.Dv, T(0));
       fill(m.data(), M, neg_inf);
       fill(l.data(), M, T(0));
       for_each_kv_tile(p, b, h, i0, i1, [&](int64_t j0, int64_t j1) {
         const int64_t N = j1 - j0;
-        tile_gemm<T>(M, N, p.D, q_t, p.D, kT_h + j0, p.Nk, s.data(), kBlockN, false);  // S = Q Kᵀ [M, N]
+        const T* kT_t = packed_piece(kT_h, j0, p.D, kBlockN);                             // [D, N], ld BLOCK_N
+        tile_gemm<T>(M, N, p.D, q_t, p.D, kT_t, kBlockN, s.data(), kBlockN, false);  // S = Q Kᵀ [M, N]
         const bool masked = window_cuts(p, i0, i1, j0, j1) || padding_cuts(p, b, j0, j1);
         for (int64_t r = 0; r < M; ++r) {
           T* sr = s.data() + r * kBlockN;
-          T tile_max = scale_max(sr, N, scale);
-          if (masked) {
-            mask_query_row(p, b, i0 + r, j0, j1, sr, neg_inf);
-            tile_max = row_max(sr, N);
-          }
-          const T m_new = std::max(m[r], tile_max);
+          // scale > 0 (the usual case): the max of the raw scores, read-only, and
+          // the scale folded into the exp's FMA (-inf · scale stays -inf). Else
+          // scale first, so that a masked -inf never meets a zero scale.
+          const bool positive = scale > T(0);
+          if (!positive) scale_row(sr, N, scale);
+          if (masked) mask_query_row(p, b, i0 + r, j0, j1, sr, neg_inf);
+          const T tile_max = positive ? row_max(sr, N) * scale : row_max(sr, N);
+          const T m_new = max_keep_nan(m[r], tile_max);
           if (m_new == neg_inf) {  // this row has seen no key yet: P = 0
             fill(sr, N, T(0));
             continue;
           }
           const T alpha = std::exp(m[r] - m_new);  // 0 on the first visible tile
-          l[r] = l[r] * alpha + exp_sub_sum(sr, N, m_new);
+          l[r] = l[r] * alpha + (positive ? exp_fma_sum(sr, N, scale, m_new) : exp_sub_sum(sr, N, m_new));
           m[r] = m_new;
           if (alpha != T(1)) scale_row(acc.data() + r * p.Dv, p.Dv, alpha);
         }
@@ -413,7 +476,7 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, T sca
       T* out_t = out + (bh * p.Nq + i0) * p.Dv;
       T* lse_t = lse + bh * p.Nq + i0;
       for (int64_t r = 0; r < M; ++r) {
-        const bool seen = l[r] > T(0);
+        const bool seen = !(l[r] == T(0));  // NaN (a poisoned row) counts as seen
         std::copy(acc.data() + r * p.Dv, acc.data() + (r + 1) * p.Dv, out_t + r * p.Dv);
         if (seen)
           scale_row(out_t + r * p.Dv, p.Dv, T(1) / l[r]);
@@ -426,84 +489,72 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, T sca
 }
 
 // ---------------------------------------------------------------------------
-// Backward pass 1: dQ per (b, h, query tile), iterating its key tiles
+// Backward: one pass, five tile GEMMs (as FA2), no races
 // ---------------------------------------------------------------------------
-template <typename T>
-void dq_kernel(const Problem& p, const T* q, const T* k, const T* kT, const T* vT, const T* dout, const T* lse_use,
-               const T* delta, T scale, T* dq) {
-  const auto qtiles = make_tiles(p.Nq, kBlockM, p.sbs);
-  const int64_t nt = int64_t(qtiles.size());
-  const int64_t grain = grain_for(2.0 * kBlockM * std::min<int64_t>(p.Nk, 4 * kBlockN) * (2 * p.D + p.Dv));
-  at::parallel_for(0, p.B * p.Hq * nt, grain, [&](int64_t begin, int64_t end) {
-    std::vector<T> s(kBlockM * kBlockN);   // [BLOCK_M, BLOCK_N] S, then P, then dS
-    std::vector<T> dp(kBlockM * kBlockN);  // [BLOCK_M, BLOCK_N] dP = dO Vᵀ
-    std::vector<T> acc(kBlockM * p.D);     // [BLOCK_M, D] dQ
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / nt, b = bh / p.Hq, h = bh % p.Hq, hk = h / p.group;
-      const auto [i0, i1] = qtiles[task % nt];
-      const int64_t M = i1 - i0;
-      const T* q_t = q + (bh * p.Nq + i0) * p.D;            // [M, D]
-      const T* do_t = dout + (bh * p.Nq + i0) * p.Dv;       // [M, Dv]
-      const T* k_h = k + (b * p.Hk + hk) * p.Nk * p.D;      // [Nk, D]
-      const T* kT_h = kT + (b * p.Hk + hk) * p.D * p.Nk;    // [D, Nk]
-      const T* vT_h = vT + (b * p.Hk + hk) * p.Dv * p.Nk;   // [Dv, Nk]
-      const T* lse_t = lse_use + bh * p.Nq + i0;
-      const T* delta_t = delta + bh * p.Nq + i0;
-      fill(acc.data(), M * p.D, T(0));
-      for_each_kv_tile(p, b, h, i0, i1, [&](int64_t j0, int64_t j1) {
-        const int64_t N = j1 - j0;
-        tile_gemm<T>(M, N, p.D, q_t, p.D, kT_h + j0, p.Nk, s.data(), kBlockN, false);       // S = Q Kᵀ
-        tile_gemm<T>(M, N, p.Dv, do_t, p.Dv, vT_h + j0, p.Nk, dp.data(), kBlockN, false);   // dP = dO Vᵀ
-        const bool masked = window_cuts(p, i0, i1, j0, j1) || padding_cuts(p, b, j0, j1);
-        for (int64_t r = 0; r < M; ++r) {
-          T* sr = s.data() + r * kBlockN;
-          exp_scaled_minus(sr, N, scale, lse_t + r, false);  // P
-          if (masked) mask_query_row(p, b, i0 + r, j0, j1, sr, T(0));
-          softmax_grad(sr, dp.data() + r * kBlockN, N, delta_t + r, false, scale);  // dS · scale
-        }
-        tile_gemm<T>(M, p.D, N, s.data(), kBlockN, k_h + j0 * p.D, p.D, acc.data(), p.D, true);  // dQ += dS K
-      });
-      std::copy(acc.data(), acc.data() + M * p.D, dq + (bh * p.Nq + i0) * p.D);
-    }
-  });
+// Task (b, h, c): query head h, chunk c of its key tiles. For each key tile
+// [j0, j1) of the chunk it walks the query tiles that see it (the transposed
+// band / q_* tables), in transposed orientation (rows = keys) so that every
+// GEMM operand is either a plain row-major tile or a packed transposed one:
+//   Sᵀ  = K Qᵀ            [N, M]      (packed Qᵀ)
+//   dPᵀ = V dOᵀ           [N, M]      (packed dOᵀ)
+//   Pᵀ  = exp(Sᵀ·scale − lse), dSᵀ = Pᵀ ∘ (dPᵀ − delta) · scale
+//   dV += Pᵀ dO           [N, Dv]
+//   dK += dSᵀ Q           [N, D]
+//   dQᵀ += Kᵀ dSᵀ         [D, M]      (packed Kᵀ; dQ kept transposed, per task)
+// Ownership, hence determinism for any thread count: dK/dV rows of a key tile
+// belong to one task per query head (GQA heads are summed afterwards in head
+// order); dQ of head h is split into n_chunks partials (a count fixed by the
+// shapes, never by the thread count) summed afterwards in chunk order.
+int64_t backward_chunks(const Problem& p, int64_t n_kv_tiles) {
+  constexpr int64_t kTargetTasks = 16;  // enough to keep a few threads busy when B·Hq is small
+  const int64_t bh = std::max<int64_t>(1, p.B * p.Hq);
+  return std::clamp<int64_t>((kTargetTasks + bh - 1) / bh, 1, std::max<int64_t>(1, n_kv_tiles));
 }
 
-// ---------------------------------------------------------------------------
-// Backward pass 2: dK, dV per (b, kv head, key tile), iterating query tiles of
-// each query head of the GQA group in order (transposed tiles: rows = keys)
-// ---------------------------------------------------------------------------
 template <typename T>
-void dkdv_kernel(const Problem& p, const T* q, const T* qT, const T* k, const T* v, const T* dout, const T* doT,
-                 const T* lse_use, const T* delta, T scale, T* dk, T* dv) {
+void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, const T* kT, const T* v, const T* dout,
+                     const T* doT, const T* lse_use, const T* delta, T scale, int64_t n_chunks,
+                     T* dqT_part,  // [n_chunks, B, Hq, nQt, D, BLOCK_M]
+                     T* dk_out,    // [B, Hq or Hk, Nk, D]: per query head when group > 1
+                     T* dv_out) {  // [B, Hq or Hk, Nk, Dv]
   const auto ktiles = make_tiles(p.Nk, kBlockN, p.sbs);
   const int64_t nt = int64_t(ktiles.size());
+  const int64_t per_chunk = (nt + n_chunks - 1) / n_chunks;
+  const int64_t out_heads = p.group > 1 ? p.Hq : p.Hk;
+  const int64_t dqT_head = p.nQt * p.D * kBlockM;  // elements of one head's packed dQᵀ
   const int64_t grain =
-      grain_for(2.0 * kBlockN * p.group * std::min<int64_t>(p.Nq, 4 * kBlockM) * (2 * p.D + 2 * p.Dv));
-  at::parallel_for(0, p.B * p.Hk * nt, grain, [&](int64_t begin, int64_t end) {
+      grain_for(2.0 * per_chunk * kBlockN * std::min<int64_t>(p.Nq, 4 * kBlockM) * (3 * p.D + 2 * p.Dv));
+  at::parallel_for(0, p.B * p.Hq * n_chunks, grain, [&](int64_t begin, int64_t end) {
     std::vector<T> st(kBlockN * kBlockM);   // [BLOCK_N, BLOCK_M] Sᵀ, then Pᵀ, then dSᵀ
     std::vector<T> dpt(kBlockN * kBlockM);  // [BLOCK_N, BLOCK_M] dPᵀ = V dOᵀ
     std::vector<T> dk_acc(kBlockN * p.D), dv_acc(kBlockN * p.Dv);  // [BLOCK_N, D], [BLOCK_N, Dv]
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bhk = task / nt, b = bhk / p.Hk, hk = bhk % p.Hk;
-      const auto [j0, j1] = ktiles[task % nt];
-      const int64_t N = j1 - j0;
-      const T* k_t = k + (bhk * p.Nk + j0) * p.D;   // [N, D]
-      const T* v_t = v + (bhk * p.Nk + j0) * p.Dv;  // [N, Dv]
-      const bool padded = padding_cuts(p, b, j0, j1);
-      fill(dk_acc.data(), N * p.D, T(0));
-      fill(dv_acc.data(), N * p.Dv, T(0));
-      for (int64_t h = hk * p.group; h < (hk + 1) * p.group; ++h) {
-        const int64_t bh = b * p.Hq + h;
-        const T* q_h = q + bh * p.Nq * p.D;        // [Nq, D]
-        const T* qT_h = qT + bh * p.D * p.Nq;      // [D, Nq]
-        const T* do_h = dout + bh * p.Nq * p.Dv;   // [Nq, Dv]
-        const T* doT_h = doT + bh * p.Dv * p.Nq;   // [Dv, Nq]
-        const T* lse_h = lse_use + bh * p.Nq;
-        const T* delta_h = delta + bh * p.Nq;
+      const int64_t c = task % n_chunks, bh = task / n_chunks, b = bh / p.Hq, h = bh % p.Hq, hk = h / p.group;
+      const int64_t bhk = b * p.Hk + hk;
+      const T* q_h = q + bh * p.Nq * p.D;           // [Nq, D]
+      const T* qT_h = qT + bh * dqT_head;           // packed [nQt, D, BLOCK_M]
+      const T* do_h = dout + bh * p.Nq * p.Dv;      // [Nq, Dv]
+      const T* doT_h = doT + bh * p.nQt * p.Dv * kBlockM;  // packed [nQt, Dv, BLOCK_M]
+      const T* kT_h = kT + bhk * p.nKt * p.D * kBlockN;    // packed [nKt, D, BLOCK_N]
+      const T* lse_h = lse_use + bh * p.Nq;
+      const T* delta_h = delta + bh * p.Nq;
+      T* dqT = dqT_part + (c * p.B * p.Hq + bh) * dqT_head;
+      fill(dqT, dqT_head, T(0));
+      for (int64_t t = c * per_chunk; t < std::min(nt, (c + 1) * per_chunk); ++t) {
+        const auto [j0, j1] = ktiles[t];
+        const int64_t N = j1 - j0;
+        const T* k_t = k + (bhk * p.Nk + j0) * p.D;   // [N, D]
+        const T* v_t = v + (bhk * p.Nk + j0) * p.Dv;  // [N, Dv]
+        const T* kT_t = packed_piece(kT_h, j0, p.D, kBlockN);  // [D, N], ld BLOCK_N
+        const bool padded = padding_cuts(p, b, j0, j1);
+        fill(dk_acc.data(), N * p.D, T(0));
+        fill(dv_acc.data(), N * p.Dv, T(0));
         for_each_q_tile(p, b, h, j0, j1, [&](int64_t i0, int64_t i1) {
           const int64_t M = i1 - i0;
-          tile_gemm<T>(N, M, p.D, k_t, p.D, qT_h + i0, p.Nq, st.data(), kBlockM, false);       // Sᵀ = K Qᵀ
-          tile_gemm<T>(N, M, p.Dv, v_t, p.Dv, doT_h + i0, p.Nq, dpt.data(), kBlockM, false);  // dPᵀ = V dOᵀ
+          tile_gemm<T>(N, M, p.D, k_t, p.D, packed_piece(qT_h, i0, p.D, kBlockM), kBlockM, st.data(), kBlockM,
+                       false);  // Sᵀ = K Qᵀ
+          tile_gemm<T>(N, M, p.Dv, v_t, p.Dv, packed_piece(doT_h, i0, p.Dv, kBlockM), kBlockM, dpt.data(), kBlockM,
+                       false);  // dPᵀ = V dOᵀ
           const bool masked = padded || window_cuts(p, i0, i1, j0, j1);
           for (int64_t r = 0; r < N; ++r) {
             T* row = st.data() + r * kBlockM;
@@ -514,10 +565,51 @@ void dkdv_kernel(const Problem& p, const T* q, const T* qT, const T* k, const T*
           for (int64_t r = 0; r < N; ++r)
             softmax_grad(st.data() + r * kBlockM, dpt.data() + r * kBlockM, M, delta_h + i0, true, scale);  // dSᵀ
           tile_gemm<T>(N, p.D, M, st.data(), kBlockM, q_h + i0 * p.D, p.D, dk_acc.data(), p.D, true);  // dK += dSᵀ Q
+          T* dqT_t = dqT + (i0 / kBlockM) * p.D * kBlockM + i0 % kBlockM;                        // [D, M], ld BLOCK_M
+          tile_gemm<T>(p.D, M, N, kT_t, kBlockN, st.data(), kBlockM, dqT_t, kBlockM, true);  // dQᵀ += Kᵀ dSᵀ
         });
+        const int64_t oh = b * out_heads + (p.group > 1 ? h : hk);
+        std::copy(dk_acc.data(), dk_acc.data() + N * p.D, dk_out + (oh * p.Nk + j0) * p.D);
+        std::copy(dv_acc.data(), dv_acc.data() + N * p.Dv, dv_out + (oh * p.Nk + j0) * p.Dv);
       }
-      std::copy(dk_acc.data(), dk_acc.data() + N * p.D, dk + (bhk * p.Nk + j0) * p.D);
-      std::copy(dv_acc.data(), dv_acc.data() + N * p.Dv, dv + (bhk * p.Nk + j0) * p.Dv);
+    }
+  });
+}
+
+// dq[b, h, i, :] = Σ_c dqT_part[c, b, h, i / BLOCK_M, :, i % BLOCK_M], chunks in order.
+template <typename T>
+void gather_dq(const Problem& p, const T* dqT_part, int64_t n_chunks, T* dq) {
+  const int64_t head = p.nQt * p.D * kBlockM;
+  at::parallel_for(0, p.B * p.Hq * p.nQt, grain_for(double(n_chunks) * p.D * kBlockM), [&](int64_t begin, int64_t end) {
+    std::vector<T> sum(p.D * kBlockM);  // [D, BLOCK_M]
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / p.nQt, t = task % p.nQt;
+      const int64_t rows = std::min(kBlockM, p.Nq - t * kBlockM);
+      const T* part = dqT_part + bh * head + t * p.D * kBlockM;
+      std::copy(part, part + p.D * kBlockM, sum.data());
+      for (int64_t c = 1; c < n_chunks; ++c) {
+        const T* pc = part + c * p.B * p.Hq * head;
+        for (int64_t e = 0; e < p.D * kBlockM; ++e) sum[e] += pc[e];
+      }
+      T* out = dq + (bh * p.Nq + t * kBlockM) * p.D;  // [rows, D]
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t d = 0; d < p.D; ++d) out[r * p.D + d] = sum[d * kBlockM + r];
+    }
+  });
+}
+
+// dk[b, hk] = Σ_g part[b, hk·group + g], query heads of the group in order.
+template <typename T>
+void fold_group(const Problem& p, const T* part, int64_t width, T* out) {
+  const int64_t n = p.Nk * width;
+  at::parallel_for(0, p.B * p.Hk, grain_for(double(p.group) * n), [&](int64_t begin, int64_t end) {
+    for (int64_t bhk = begin; bhk < end; ++bhk) {
+      const int64_t b = bhk / p.Hk, hk = bhk % p.Hk;
+      const T* first = part + (b * p.Hq + hk * p.group) * n;
+      T* o = out + bhk * n;
+      std::copy(first, first + n, o);
+      for (int64_t g = 1; g < p.group; ++g)
+        for (int64_t e = 0; e < n; ++e) o[e] += first[g * n + e];
     }
   });
 }
@@ -565,6 +657,8 @@ Problem check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, cons
   p.left = left;
   p.right = right;
   p.off = p.Nk - p.Nq;
+  p.nQt = (p.Nq + kBlockM - 1) / kBlockM;
+  p.nKt = (p.Nk + kBlockN - 1) / kBlockN;
   return p;
 }
 
@@ -697,7 +791,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
                                 key_padding_mask, false);
   const auto ct = compute_type(q.scalar_type());
   at::Tensor qc = q.to(ct).contiguous();
-  at::Tensor kT = k.to(ct).transpose(-1, -2).contiguous();  // [B, Hk, D, Nk]
+  at::Tensor kT = pack_transposed(k.to(ct), kBlockN);  // [B, Hk, nKt, D, BLOCK_N]
   at::Tensor vc = v.to(ct).contiguous();
   at::Tensor out = at::empty({p.B, p.Hq, p.Nq, p.Dv}, qc.options());
   at::Tensor lse = at::empty({p.B, p.Hq, p.Nq}, qc.options());
@@ -736,10 +830,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   const auto ct = compute_type(q.scalar_type());
   at::Tensor qc = q.to(ct).contiguous(), kc = k.to(ct).contiguous(), vc = v.to(ct).contiguous();
   at::Tensor doc = dout.to(ct).contiguous();
-  at::Tensor qT = qc.transpose(-1, -2).contiguous();    // [B, Hq, D, Nq]
-  at::Tensor kT = kc.transpose(-1, -2).contiguous();    // [B, Hk, D, Nk]
-  at::Tensor vT = vc.transpose(-1, -2).contiguous();    // [B, Hk, Dv, Nk]
-  at::Tensor doT = doc.transpose(-1, -2).contiguous();  // [B, Hq, Dv, Nq]
+  at::Tensor qT = pack_transposed(qc, kBlockM);    // [B, Hq, nQt, D, BLOCK_M]
+  at::Tensor kT = pack_transposed(kc, kBlockN);    // [B, Hk, nKt, D, BLOCK_N]
+  at::Tensor doT = pack_transposed(doc, kBlockM);  // [B, Hq, nQt, Dv, BLOCK_M]
   at::Tensor dq = at::empty_like(qc), dk = at::empty_like(kc), dv = at::empty_like(vc);
   if (p.Nq > 0 && p.Nk > 0 && p.B > 0 && p.Hq > 0) {
     // lse_use: +inf where a row sees nothing, so exp(s - lse_use) is 0 there, never NaN.
@@ -761,12 +854,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
           dl[r] = acc;
         }
       });
-      const scalar_t s = scalar_t(scale);
-      dq_kernel<scalar_t>(p, qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(), kT.data_ptr<scalar_t>(),
-                          vT.data_ptr<scalar_t>(), g, lu, dl, s, dq.data_ptr<scalar_t>());
-      dkdv_kernel<scalar_t>(p, qc.data_ptr<scalar_t>(), qT.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(),
-                            vc.data_ptr<scalar_t>(), g, doT.data_ptr<scalar_t>(), lu, dl, s, dk.data_ptr<scalar_t>(),
-                            dv.data_ptr<scalar_t>());
+      const int64_t n_chunks = backward_chunks(p, p.nKt);
+      at::Tensor dqT_part = at::empty({n_chunks, p.B, p.Hq, p.nQt, p.D, kBlockM}, qc.options());
+      at::Tensor dk_part = p.group > 1 ? at::empty({p.B, p.Hq, p.Nk, p.D}, qc.options()) : dk;
+      at::Tensor dv_part = p.group > 1 ? at::empty({p.B, p.Hq, p.Nk, p.Dv}, qc.options()) : dv;
+      backward_kernel<scalar_t>(p, qc.data_ptr<scalar_t>(), qT.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(),
+                                kT.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(), g, doT.data_ptr<scalar_t>(), lu, dl,
+                                scalar_t(scale), n_chunks, dqT_part.data_ptr<scalar_t>(),
+                                dk_part.data_ptr<scalar_t>(), dv_part.data_ptr<scalar_t>());
+      gather_dq<scalar_t>(p, dqT_part.data_ptr<scalar_t>(), n_chunks, dq.data_ptr<scalar_t>());
+      if (p.group > 1) {
+        fold_group<scalar_t>(p, dk_part.data_ptr<scalar_t>(), p.D, dk.data_ptr<scalar_t>());
+        fold_group<scalar_t>(p, dv_part.data_ptr<scalar_t>(), p.Dv, dv.data_ptr<scalar_t>());
+      }
     });
   } else {
     dq.zero_();

@@ -81,29 +81,53 @@ inline void gemm_tile(int64_t k, const T* A, int64_t lda, const T* B, int64_t ld
 
 constexpr int kRows = 6;  // 6 × 2 accumulators + 2 B vectors + 1 broadcast fit in 16 AVX2 registers
 
+// Triangular structure a GEMM can exploit, in (row, column) of its matrix:
+// Lower = zero above the diagonal (column > row), Upper = zero below it.
+// Masked intra-chunk products are triangular, so half their work can be skipped.
+enum class Tri { None, Lower, Upper };
+
 template <typename T, int NV>
-inline void gemm_column_block(int64_t m, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate) {
-  int64_t i = 0;
-  for (; i + kRows <= m; i += kRows) gemm_tile<T, kRows, NV>(k, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);
-  const T* a = A + i * lda;
-  T* c = C + i * ldc;
-  switch (m - i) {
-    case 5: gemm_tile<T, 5, NV>(k, a, lda, B, ldb, c, ldc, accumulate); break;
-    case 4: gemm_tile<T, 4, NV>(k, a, lda, B, ldb, c, ldc, accumulate); break;
-    case 3: gemm_tile<T, 3, NV>(k, a, lda, B, ldb, c, ldc, accumulate); break;
-    case 2: gemm_tile<T, 2, NV>(k, a, lda, B, ldb, c, ldc, accumulate); break;
-    case 1: gemm_tile<T, 1, NV>(k, a, lda, B, ldb, c, ldc, accumulate); break;
+inline void gemm_row_tile(int64_t rm, int64_t p0, int64_t p1, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+  const T* a = A + p0;
+  const T* b = B + p0 * ldb;
+  const int64_t k = std::max<int64_t>(0, p1 - p0);
+  switch (rm) {
+    case 6: gemm_tile<T, 6, NV>(k, a, lda, b, ldb, C, ldc, accumulate); break;
+    case 5: gemm_tile<T, 5, NV>(k, a, lda, b, ldb, C, ldc, accumulate); break;
+    case 4: gemm_tile<T, 4, NV>(k, a, lda, b, ldb, C, ldc, accumulate); break;
+    case 3: gemm_tile<T, 3, NV>(k, a, lda, b, ldb, C, ldc, accumulate); break;
+    case 2: gemm_tile<T, 2, NV>(k, a, lda, b, ldb, C, ldc, accumulate); break;
+    case 1: gemm_tile<T, 1, NV>(k, a, lda, b, ldb, C, ldc, accumulate); break;
     default: break;
   }
 }
 
+// One column block [j, j + NV·W) of C, row tiles of kRows. a_tri: A's zeros bound
+// the k range of a row tile. c_tri: tiles of C entirely in the zero triangle are
+// not computed at all (left for the caller's mask to zero).
+template <typename T, int NV>
+inline void gemm_column_block(int64_t m, int64_t j, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc,
+                              bool accumulate, Tri a_tri, Tri c_tri) {
+  constexpr int64_t width = NV * at::vec::Vectorized<T>::size();
+  static_assert(kRows == 6, "gemm_row_tile dispatches up to 6 rows");
+  for (int64_t i = 0; i < m; i += kRows) {
+    const int64_t rm = std::min<int64_t>(kRows, m - i);
+    if (c_tri == Tri::Lower && j > i + rm - 1) continue;    // every column > every row
+    if (c_tri == Tri::Upper && j + width - 1 < i) continue;  // every column < every row
+    const int64_t p0 = a_tri == Tri::Upper ? std::min(i, k) : 0;
+    const int64_t p1 = a_tri == Tri::Lower ? std::min(k, i + rm) : k;
+    gemm_row_tile<T, NV>(rm, p0, p1, A + i * lda, lda, B + j, ldb, C + i * ldc + j, ldc, accumulate);
+  }
+}
+
 template <typename T>
-void gemm(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+void gemm(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate,
+          Tri a_tri = Tri::None, Tri c_tri = Tri::None) {
   constexpr int64_t W = at::vec::Vectorized<T>::size();
   if (m == 0 || n == 0) return;
   int64_t j = 0;
-  for (; j + 2 * W <= n; j += 2 * W) gemm_column_block<T, 2>(m, k, A, lda, B + j, ldb, C + j, ldc, accumulate);
-  for (; j < n; j += W) gemm_column_block<T, 1>(m, k, A, lda, B + j, ldb, C + j, ldc, accumulate);
+  for (; j + 2 * W <= n; j += 2 * W) gemm_column_block<T, 2>(m, j, k, A, lda, B, ldb, C, ldc, accumulate, a_tri, c_tri);
+  for (; j < n; j += W) gemm_column_block<T, 1>(m, j, k, A, lda, B, ldb, C, ldc, accumulate, a_tri, c_tri);
 }
 
 // dst[c, r] = src[r, c] for r < rows, c < cols.
@@ -336,11 +360,11 @@ void forward_causal(const Dims& d, const Args<scalar_t, acc_t>& a, scalar_t* out
         for (int64_t hh = 0; hh < d.G; ++hh) {
           const int64_t h = g * d.G + hh;
           load_features(a.q_head(d, b, h, t0), L, d, a.scale, a.f, w.Qc.data());          // [C, MP]
-          gemm(L, kChunk, d.D, w.Qc.data(), d.MP, w.KcT.data(), kChunk, w.P.data(), kChunk, false);  // P = Q̃K̃ᵀ [L, C]
+          gemm(L, kChunk, d.D, w.Qc.data(), d.MP, w.KcT.data(), kChunk, w.P.data(), kChunk, false, Tri::None, Tri::Lower);  // P = Q̃K̃ᵀ [L, C]
           mask_lower(L, w.P.data(), kChunk);
           // intra (P V') and inter (Q̃ S') are summed separately, then added: adding the
           // 64 small intra terms onto the large carried part would round each at its scale.
-          gemm(L, d.DvP, L, w.P.data(), kChunk, w.Vc.data(), d.DvP, w.num.data(), d.DvP, false);  // intra
+          gemm(L, d.DvP, L, w.P.data(), kChunk, w.Vc.data(), d.DvP, w.num.data(), d.DvP, false, Tri::Lower);  // intra
           add_product(L, d.DvP, d.D, w.Qc.data(), d.MP, S, d.DvP, w.num.data(), d.DvP, w.tmp.data());  // inter
           store_output(w.num.data(), L, d, a.normalize, a.eps, out + ((b * d.Hq + h) * d.Nq + t0) * d.Dv);
         }
@@ -404,16 +428,16 @@ void backward_causal(const Dims& d, const Args<scalar_t, acc_t>& a, const scalar
           const int64_t h = g * d.G + hh;
           const int64_t row = (b * d.Hq + h) * d.Nq + t0;
           load_features(a.q_head(d, b, h, t0), L, d, a.scale, a.f, w.Qc.data());
-          gemm(L, kChunk, d.D, w.Qc.data(), d.MP, w.KcT.data(), kChunk, w.P.data(), kChunk, false);
+          gemm(L, kChunk, d.D, w.Qc.data(), d.MP, w.KcT.data(), kChunk, w.P.data(), kChunk, false, Tri::None, Tri::Lower);
           mask_lower(L, w.P.data(), kChunk);
-          gemm(L, d.DvP, L, w.P.data(), kChunk, w.Vc.data(), d.DvP, w.num.data(), d.DvP, false);
+          gemm(L, d.DvP, L, w.P.data(), kChunk, w.Vc.data(), d.DvP, w.num.data(), d.DvP, false, Tri::Lower);
           add_product(L, d.DvP, d.D, w.Qc.data(), d.MP, S, d.DvP, w.num.data(), d.DvP, w.tmp.data());
           acc_t* dN = dN_all.data() + (hh * d.Nq + t0) * d.DvP;  // [L, DvP]
           output_grad(dout + row * d.Dv, w.num.data(), L, d, a.normalize, a.eps, dN);
           // P2[i, j] = dn'_i · v'_j (j <= i); dQ̃ = P2 K̃ + dN' S'ᵀ.
-          gemm(L, kChunk, d.Dv + 1, dN, d.DvP, w.VcT.data(), kChunk, w.P.data(), kChunk, false);
+          gemm(L, kChunk, d.Dv + 1, dN, d.DvP, w.VcT.data(), kChunk, w.P.data(), kChunk, false, Tri::None, Tri::Lower);
           mask_lower(L, w.P.data(), kChunk);
-          gemm(L, d.MP, L, w.P.data(), kChunk, w.Kc.data(), d.MP, w.dQ.data(), d.MP, false);
+          gemm(L, d.MP, L, w.P.data(), kChunk, w.Kc.data(), d.MP, w.dQ.data(), d.MP, false, Tri::Lower);
           add_product(L, d.MP, d.Dv + 1, dN, d.DvP, w.ST.data(), d.MP, w.dQ.data(), d.MP, w.tmp.data());
           store_input_grad(w.dQ.data(), w.Qc.data(), L, d, a.scale, a.f, dq + row * d.D);
         }
@@ -443,13 +467,13 @@ void backward_causal(const Dims& d, const Args<scalar_t, acc_t>& a, const scalar
           std::fill(w.dNT.begin(), w.dNT.end(), acc_t(0));
           transpose(L, d.DvP, dN, d.DvP, w.dNT.data(), kChunk);             // [DvP, C]
           // Pᵀ[j, i] = v'_j · dn'_i (i >= j); dK̃ += Pᵀ Q̃.
-          gemm(L, kChunk, d.Dv + 1, w.Vc.data(), d.DvP, w.dNT.data(), kChunk, w.P.data(), kChunk, false);
+          gemm(L, kChunk, d.Dv + 1, w.Vc.data(), d.DvP, w.dNT.data(), kChunk, w.P.data(), kChunk, false, Tri::None, Tri::Upper);
           mask_upper(L, w.P.data(), kChunk);
-          gemm(L, d.MP, L, w.P.data(), kChunk, w.Qc.data(), d.MP, w.dK.data(), d.MP, true);
+          gemm(L, d.MP, L, w.P.data(), kChunk, w.Qc.data(), d.MP, w.dK.data(), d.MP, true, Tri::Upper);
           // Aᵀ[j, i] = k̃_j · q̃_i (i >= j); dV' += Aᵀ dN'.
-          gemm(L, kChunk, d.D, w.Kc.data(), d.MP, w.QcT.data(), kChunk, w.P.data(), kChunk, false);
+          gemm(L, kChunk, d.D, w.Kc.data(), d.MP, w.QcT.data(), kChunk, w.P.data(), kChunk, false, Tri::None, Tri::Upper);
           mask_upper(L, w.P.data(), kChunk);
-          gemm(L, d.DvP, L, w.P.data(), kChunk, dN, d.DvP, w.dV.data(), d.DvP, true);
+          gemm(L, d.DvP, L, w.P.data(), kChunk, dN, d.DvP, w.dV.data(), d.DvP, true, Tri::Upper);
           add_product(d.D, d.DvP, L, w.QcT.data(), kChunk, dN, d.DvP, dS, d.DvP, w.tmp.data());  // dS' += Q̃ᵀ dN'
         }
         for (int64_t i = 0; i < L * d.MP; ++i) w.dK[i] += w.dQ[i];
@@ -464,47 +488,47 @@ void backward_causal(const Dims& d, const Args<scalar_t, acc_t>& a, const scalar
 }
 
 template <typename scalar_t, typename acc_t>
-void backward_noncausal(const Dims& d, const Args<scalar_t, acc_t>& a, const scalar_t* dout, scalar_t* dq, scalar_t* dk, scalar_t* dv, acc_t* states, acc_t* dN_all) {
-  // Phase 1: full state per kv head.
+void backward_noncausal(const Dims& d, const Args<scalar_t, acc_t>& a, const scalar_t* dout, scalar_t* dq, scalar_t* dk, scalar_t* dv, acc_t* states, acc_t* head_dS) {
+  // Phase 1: full state per kv head. states: [B*Hk, MP, DvP].
   at::parallel_for(0, d.B * d.Hk, grain_for(d.Nk * d.MP * d.DvP), [&](int64_t begin, int64_t end) {
     Scratch<acc_t> w(d);
     for (int64_t bg = begin; bg < end; ++bg) reduce_state(d, a, bg / d.Hk, bg % d.Hk, w, states + bg * d.MP * d.DvP);
   });
-  // Phase 2: per (b, query head, row chunk): num', dN' (kept), dQ̃ = dN' S'ᵀ.
-  const int64_t chunks = (d.Nq + kChunk - 1) / kChunk;
-  at::parallel_for(0, d.B * d.Hq * chunks, grain_for(2 * kChunk * d.MP * d.DvP), [&](int64_t begin, int64_t end) {
+  // Phase 2: per (b, query head): for each row chunk num', dN', dQ̃ = dN' S'ᵀ, and the
+  // head's share of dS' = Σ_i q̃_i dn'_iᵀ into head_dS [B*Hq, MP, DvP]. dN' lives only
+  // for its chunk, so no (N, Dv) buffer is written and read back.
+  at::parallel_for(0, d.B * d.Hq, grain_for(3 * d.Nq * d.MP * d.DvP), [&](int64_t begin, int64_t end) {
     Scratch<acc_t> w(d);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / chunks, t0 = (task % chunks) * kChunk;
+    for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / d.Hq, h = bh % d.Hq, g = h / d.G;
-      const int64_t L = std::min(kChunk, d.Nq - t0);
-      const int64_t row = bh * d.Nq + t0;
       const acc_t* S = states + (b * d.Hk + g) * d.MP * d.DvP;
+      acc_t* dS = head_dS + bh * d.MP * d.DvP;
+      std::fill(dS, dS + d.MP * d.DvP, acc_t(0));
       transpose(d.MP, d.DvP, S, d.DvP, w.ST.data(), d.MP);
-      load_features(a.q_head(d, b, h, t0), L, d, a.scale, a.f, w.Qc.data());
-      gemm(L, d.DvP, d.D, w.Qc.data(), d.MP, S, d.DvP, w.num.data(), d.DvP, false);
-      acc_t* dN = dN_all + row * d.DvP;
-      output_grad(dout + row * d.Dv, w.num.data(), L, d, a.normalize, a.eps, dN);
-      gemm(L, d.MP, d.Dv + 1, dN, d.DvP, w.ST.data(), d.MP, w.dQ.data(), d.MP, false);
-      store_input_grad(w.dQ.data(), w.Qc.data(), L, d, a.scale, a.f, dq + row * d.D);
+      for (int64_t t0 = 0; t0 < d.Nq; t0 += kChunk) {
+        const int64_t L = std::min(kChunk, d.Nq - t0);
+        const int64_t row = bh * d.Nq + t0;
+        load_features(a.q_head(d, b, h, t0), L, d, a.scale, a.f, w.Qc.data());
+        gemm(L, d.DvP, d.D, w.Qc.data(), d.MP, S, d.DvP, w.num.data(), d.DvP, false);
+        output_grad(dout + row * d.Dv, w.num.data(), L, d, a.normalize, a.eps, w.dN.data());
+        gemm(L, d.MP, d.Dv + 1, w.dN.data(), d.DvP, w.ST.data(), d.MP, w.dQ.data(), d.MP, false);
+        store_input_grad(w.dQ.data(), w.Qc.data(), L, d, a.scale, a.f, dq + row * d.D);
+        transpose(kChunk, d.MP, w.Qc.data(), d.MP, w.QcT.data(), kChunk);
+        add_product(d.D, d.DvP, L, w.QcT.data(), kChunk, w.dN.data(), d.DvP, dS, d.DvP, w.tmp.data());
+      }
     }
   });
-  // Phase 3: per kv head, dS' = Σ_h Q̃_hᵀ dN'_h, then dK̃ = V' dS'ᵀ, dV' = K̃ dS'.
-  at::parallel_for(0, d.B * d.Hk, grain_for((d.G * d.Nq + 2 * d.Nk) * d.MP * d.DvP), [&](int64_t begin, int64_t end) {
+  // Phase 3: per kv head, dS' = Σ_h (its heads' shares, in head order), then
+  // dK̃ = V' dS'ᵀ and dV' = K̃ dS'.
+  at::parallel_for(0, d.B * d.Hk, grain_for(2 * d.Nk * d.MP * d.DvP), [&](int64_t begin, int64_t end) {
     Scratch<acc_t> w(d);
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t b = bg / d.Hk, g = bg % d.Hk;
       acc_t* dS = w.dS.data();
       std::fill(dS, dS + d.MP * d.DvP, acc_t(0));
       for (int64_t hh = 0; hh < d.G; ++hh) {
-        const int64_t h = g * d.G + hh;
-        for (int64_t t0 = 0; t0 < d.Nq; t0 += kChunk) {
-          const int64_t L = std::min(kChunk, d.Nq - t0);
-          load_features(a.q_head(d, b, h, t0), L, d, a.scale, a.f, w.Qc.data());
-          transpose(kChunk, d.MP, w.Qc.data(), d.MP, w.QcT.data(), kChunk);
-          add_product(d.D, d.DvP, L, w.QcT.data(), kChunk, dN_all + ((b * d.Hq + h) * d.Nq + t0) * d.DvP, d.DvP, dS, d.DvP,
-                      w.tmp.data());
-        }
+        const acc_t* part = head_dS + (b * d.Hq + g * d.G + hh) * d.MP * d.DvP;
+        for (int64_t i = 0; i < d.MP * d.DvP; ++i) dS[i] += part[i];
       }
       transpose(d.MP, d.DvP, dS, d.DvP, w.dST.data(), d.MP);
       for (int64_t t0 = 0; t0 < d.Nk; t0 += kChunk) {
@@ -603,9 +627,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_attention_bwd(
       backward_causal(d, a, dout.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
     } else {
       at::Tensor states = at::empty({d.B * d.Hk, d.MP, d.DvP}, q.options().dtype(acc));
-      at::Tensor dN = at::empty({d.B * d.Hq * d.Nq, d.DvP}, q.options().dtype(acc));
+      at::Tensor head_dS = at::empty({d.B * d.Hq, d.MP, d.DvP}, q.options().dtype(acc));
       backward_noncausal(d, a, dout.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(),
-                         states.data_ptr<acc_t>(), dN.data_ptr<acc_t>());
+                         states.data_ptr<acc_t>(), head_dS.data_ptr<acc_t>());
     }
   });
   return {dq, dk, dv};

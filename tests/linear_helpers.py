@@ -4,7 +4,12 @@ import torch
 
 from attnkernels.linear.reference import linear_attention_reference
 
+from .backend_params import BACKENDS
 from .tolerance import FACTOR, FLOOR
+
+# Backends for the linear tests; Triton runs under the interpreter here (seconds per
+# call), so its cases carry the `slow` mark: `-m "not slow"` leaves them out.
+LINEAR_BACKENDS = [pytest.param(b, marks=pytest.mark.slow) if b == "triton" else b for b in BACKENDS]
 
 
 def case_id(b, hq, hk, nq, nk, d, dv, causal):

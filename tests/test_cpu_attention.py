@@ -112,13 +112,14 @@ def make_inputs(shape, dtype, seed=0):
     return q, k, v, dout
 
 
-def run_kernels(q, k, v, dout, scale, window, tables=None, kpm=None, q_tables=True):
-    """(out, lse, dq, dk, dv) from the C++ ops."""
+def run_kernels(q, k, v, dout, scale, window, tables=None, kpm=None, q_tables=True, kernels=None):
+    """(out, lse, dq, dk, dv) from the C++ ops (`kernels`: a torch.ops namespace, default the chosen build)."""
+    kernels = kernels or ops()
     kv = (tables.kv_num_blocks, tables.kv_indices) if tables is not None else (None, None)
     qt = (tables.q_num_blocks, tables.q_indices) if tables is not None and q_tables else (None, None)
     sbs = tables.block_size if tables is not None else 0
-    out, lse = ops().attention_fwd(q, k, v, scale, window[0], window[1], *kv, sbs, kpm)
-    dq, dk, dv = ops().attention_bwd(dout, q, k, v, out, lse, scale, window[0], window[1], *kv, *qt, sbs, kpm)
+    out, lse = kernels.attention_fwd(q, k, v, scale, window[0], window[1], *kv, sbs, kpm)
+    dq, dk, dv = kernels.attention_bwd(dout, q, k, v, out, lse, scale, window[0], window[1], *kv, *qt, sbs, kpm)
     return out, lse, dq, dk, dv
 
 
@@ -227,6 +228,20 @@ def test_window_wider_than_sequence_equals_dense():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("scale", [0.0, -0.3, 2.0], ids=lambda s: f"scale{s}")
+def test_non_default_scales(scale):
+    """scale > 0 folds the scale into the exp; 0 and negative scales take the scale-first path."""
+    q, k, v, dout = make_inputs((1, 2, 1, 97, 300, 32, 32), torch.float64)
+    out, lse, dq, dk, dv = run_kernels(q, k, v, dout, scale, (17, 40))
+    ref_out, ref_lse = attention_reference(q, k, v, window_size=(17, 40), scale=scale)
+    ref = attention_reference_backward(dout, q, k, v, window_size=(17, 40), scale=scale)
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(fin, torch.isfinite(lse))
+    assert (out - ref_out).abs().max() < FP64_ATOL and (lse[fin] - ref_lse[fin]).abs().max() < FP64_ATOL
+    for got, want in zip((dq, dk, dv), ref):
+        assert (got - want).abs().max() < FP64_ATOL
+
+
 # ----------------------------------------------------------------------------------------
 # rows that see no key: out 0, lse -inf, zero finite gradients
 # ----------------------------------------------------------------------------------------
@@ -280,6 +295,7 @@ SPARSE_CASES = [
     ((1, 2, 2, 300, 300, 32, 32), 128, (1, 1), 0.5, DENSE),  # blocks larger than the 64-row tile: sub-tiles
     ((1, 2, 1, 300, 300, 32, 32), 32, (1, 2), 0.05, DENSE),  # very sparse
     ((1, 2, 1, 97, 300, 32, 32), 48, (1, 2), 0.4, DENSE),  # block size not a power of two, Nq != Nk
+    ((1, 2, 1, 600, 600, 16, 16), 512, (1, 2), 0.7, DENSE),  # blocks larger than the 256-key tile
     ((1, 2, 1, 300, 300, 32, 32), 32, (1, 2), 0.5, CAUSAL),  # tables plus the causal element rule
     ((1, 2, 1, 300, 300, 32, 32), 64, (1, 2), 0.5, (17, 17)),  # tables plus a window
 ]
@@ -512,3 +528,33 @@ def test_error_bad_tables():
         _fwd(q, q, q, kpm=torch.zeros(1, 99, dtype=torch.bool))
     with pytest.raises(RuntimeError, match="key_padding_mask must be bool"):
         _fwd(q, q, q, kpm=torch.zeros(1, 100))
+
+
+# ----------------------------------------------------------------------------------------
+# every built capability (default / AVX2 / AVX512) computes the same thing
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
+def test_each_capability_build_matches_reference(capability):
+    from attnkernels import _cpu_backend
+
+    try:
+        kernels = _cpu_backend.load(capability).ops
+    except ValueError as exc:  # pragma: no cover
+        pytest.skip(str(exc))
+    if kernels is None:
+        pytest.skip(f"the {capability} build is not present")
+    if capability not in _cpu_backend._cpu_supported():
+        pytest.skip(f"this CPU does not support {capability}")
+    shape, window = (1, 4, 2, 300, 97, 40, 24), (17, 0)
+    layout = random_layout(1, 4, 10, 4, 0.5, seed=6)
+    for dtype in (torch.float64, torch.float32):
+        q, k, v, dout = make_inputs(shape, dtype)
+        got = run_kernels(q, k, v, dout, 0.15, window, Tables(layout, 32), kernels=kernels)
+        chosen = run_kernels(q, k, v, dout, 0.15, window, Tables(layout, 32))
+        tol = FP64_ATOL if dtype == torch.float64 else 1e-4
+        for a, b in zip(got, chosen):
+            assert torch.equal(torch.isfinite(a), torch.isfinite(b))
+            fin = torch.isfinite(b)
+            assert (a[fin].double() - b[fin].double()).abs().max() <= tol

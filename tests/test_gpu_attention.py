@@ -52,3 +52,40 @@ def test_triton_on_gpu_matches_reference(case, dtype):
     baseline = run_reference(False)
     for name, got, exp, base in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, dq, dk, dv), expected, baseline):
         assert_within_rule(name, got, exp, base, dtype)
+
+
+SPARSE_CASES = [
+    # (B, Hq, Hk, N, D, block, causal, padded)
+    (2, 8, 2, 1000, 64, 64, False, False),
+    (1, 4, 4, 777, 128, 128, True, True),
+    (2, 4, 1, 300, 64, 32, False, True),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", SPARSE_CASES, ids=lambda c: f"B{c[0]}-Hq{c[1]}-Hk{c[2]}-N{c[3]}-D{c[4]}-bigbird{c[5]}"
+                         + ("-causal" if c[6] else "") + ("-padded" if c[7] else ""))
+def test_triton_bigbird_and_padding_on_gpu_match_reference(case, dtype):
+    from attnkernels import masks
+
+    b, hq, hk, n, d, block, causal, padded = case
+    torch.manual_seed(0)
+    mask = masks.bigbird(n, block_size=block, num_heads=hq, seed=1, causal=causal).to("cuda")
+    padding = (torch.rand(b, n, device="cuda") < 0.2) if padded else None
+    q = torch.randn(b, hq, n, d, device="cuda", dtype=dtype, requires_grad=True)
+    k = torch.randn(b, hk, n, d, device="cuda", dtype=dtype, requires_grad=True)
+    v = torch.randn(b, hk, n, d, device="cuda", dtype=dtype, requires_grad=True)
+    dout = torch.randn(b, hq, n, d, device="cuda", dtype=dtype)
+    out, lse = attnkernels.attention(q, k, v, block_mask=mask, key_padding_mask=padding, return_lse=True)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+
+    def run_reference(upcast):
+        inputs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        ref_out, ref_lse = attention_reference(*inputs, block_mask=mask, key_padding_mask=padding, upcast=upcast)
+        grads = torch.autograd.grad(ref_out, inputs, dout.to(ref_out.dtype))
+        return (ref_out, ref_lse, *grads)
+
+    expected = run_reference(True)
+    baseline = run_reference(False)
+    for name, got, exp, base in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, dq, dk, dv), expected, baseline):
+        assert_within_rule(name, got, exp, base, dtype)

@@ -22,6 +22,7 @@ class KernelSpec:
     attrs: dict = dataclasses.field(default_factory=dict)
     num_warps: int = 4
     num_stages: int = 2
+    maxnreg: int | None = None  # compile option: registers per thread ptxas may use
     # The kernel's matmuls must reach tensor cores: its PTX must show mma (sm_80) or
     # wgmma/mma (sm_90a). False for kernels without tl.dot, and for exact-fp32 ("ieee")
     # dots, which run on CUDA cores by design.

@@ -652,6 +652,9 @@ class BlockConfig(NamedTuple):
     block_n: int
     num_warps: int
     num_stages: int
+    # registers per thread ptxas may use (None: its own choice). ptxas otherwise aims at an
+    # occupancy (e.g. 168 regs = 3 blocks of 128 threads) and spills to get there.
+    maxnreg: int | None = None
 
 
 def _pad_dim(d: int) -> int:
@@ -674,54 +677,57 @@ def override_blocks(block_m: int, block_n: int):
         _BLOCK_OVERRIDE = previous
 
 
+# (kernel, padded head dim class) -> (config for 16-bit inputs, config for fp32 inputs).
+# Found with `python -m attnkernels.tools.compile_report`: each is the largest tile tried
+# that compiles without a spill and within shared memory on both sm_80 and sm_90a, for
+# every mask variant (the masked/sparse loops are the register-hungry ones). Why the
+# tiles shrink with D: the accumulators ([BLOCK_M, D] in fwd/dQ, two [BLOCK_N, D] in
+# dK/dV) and, on sm_80, each warp's full copy of the mma B operand ([D, BLOCK_N] k^T in
+# fwd/dQ, [D, BLOCK_M] q^T in dK/dV) grow with D; more warps split the accumulators.
+# fp32 inputs double every operand tile, and exact fp32 dots ("ieee") run on FMA units
+# with operands spread over registers, hence the small fp32 tiles; at those sizes ptxas
+# would rather spill a few bytes than drop below 2-3 blocks per SM, so the fp32 configs
+# let it use all 255 registers per thread (`maxnreg`).
+_FP32_REGS = 255
+_CONFIGS = {
+    # forward: BLOCK_M query rows resident, BLOCK_N key rows stream
+    ("fwd", 64): (BlockConfig(128, 64, 4, 3), BlockConfig(32, 16, 4, 2, _FP32_REGS)),
+    ("fwd", 128): (BlockConfig(128, 64, 8, 3), BlockConfig(16, 16, 4, 2, _FP32_REGS)),
+    ("fwd", 256): (BlockConfig(64, 32, 8, 2), BlockConfig(32, 16, 8, 2, _FP32_REGS)),
+    # dK/dV: BLOCK_N key rows resident, BLOCK_M query rows stream
+    ("dkdv", 64): (BlockConfig(16, 64, 8, 2), BlockConfig(16, 16, 4, 2, _FP32_REGS)),
+    ("dkdv", 128): (BlockConfig(16, 32, 8, 2), BlockConfig(16, 16, 8, 2, _FP32_REGS)),
+    ("dkdv", 256): (BlockConfig(16, 16, 8, 1), BlockConfig(16, 16, 8, 2, _FP32_REGS)),
+    # dQ: BLOCK_M query rows resident, BLOCK_N key rows stream
+    ("dq", 64): (BlockConfig(64, 32, 4, 3), BlockConfig(32, 16, 4, 2, _FP32_REGS)),
+    ("dq", 128): (BlockConfig(64, 32, 4, 2), BlockConfig(16, 16, 4, 2, _FP32_REGS)),
+    ("dq", 256): (BlockConfig(32, 16, 4, 2), BlockConfig(16, 16, 4, 2, _FP32_REGS)),
+}
+
+
 def block_config(kernel: str, head_dim: int, head_dim_v: int, dtype: torch.dtype,
                  sparse_block_size: int = 0) -> BlockConfig:
-    """GPU launch config per kernel ("fwd", "dkdv", "dq"), padded head dim and dtype.
-
-    Chosen so that nothing spills on sm_80/sm_90a (see `python -m
-    attnkernels.tools.compile_report`): the register tiles are q/acc [BLOCK_M, D] in the
-    forward, k/v/dk/dv [BLOCK_N, D] in dK/dV, q/do/dq [BLOCK_M, D] in dQ; 4-byte inputs
-    double the operand tiles, so fp32 halves a block. With a block-sparse table the blocks
-    must divide `sparse_block_size` (all are powers of two, so min() does it).
-    """
-    d = max(_pad_dim(head_dim), _pad_dim(head_dim_v))
-    wide = dtype == torch.float32
-    if kernel == "fwd":
-        if d <= 64:
-            cfg = BlockConfig(128, 64, 4, 3)
-        elif d <= 128:
-            cfg = BlockConfig(128, 64, 8, 3)
-        else:
-            cfg = BlockConfig(64, 32, 4, 2)
-        if wide:
-            cfg = cfg._replace(block_m=max(16, cfg.block_m // 2))
-    elif kernel == "dkdv":
-        # BLOCK_N key rows stay resident; BLOCK_M query rows stream
-        if d <= 64:
-            cfg = BlockConfig(32, 128, 4, 3)
-        elif d <= 128:
-            cfg = BlockConfig(32, 64, 4, 2)
-        else:
-            cfg = BlockConfig(16, 32, 4, 2)
-        if wide:
-            cfg = cfg._replace(block_n=max(16, cfg.block_n // 2))
-    elif kernel == "dq":
-        # BLOCK_M query rows stay resident; BLOCK_N key rows stream
-        if d <= 64:
-            cfg = BlockConfig(128, 32, 4, 3)
-        elif d <= 128:
-            cfg = BlockConfig(64, 32, 4, 2)
-        else:
-            cfg = BlockConfig(32, 16, 4, 2)
-        if wide:
-            cfg = cfg._replace(block_m=max(16, cfg.block_m // 2))
-    else:
+    """GPU launch config per kernel ("fwd", "dkdv", "dq"), padded head dim and dtype (see
+    `_CONFIGS`). With a block-sparse table the blocks must divide `sparse_block_size` (all
+    are powers of two, so min() does it)."""
+    if kernel not in ("fwd", "dkdv", "dq"):
         raise ValueError(f"block_config: unknown kernel {kernel!r}")
+    d = max(_pad_dim(head_dim), _pad_dim(head_dim_v))
+    d_class = 64 if d <= 64 else 128 if d <= 128 else 256
+    cfg = _CONFIGS[kernel, d_class][1 if dtype == torch.float32 else 0]
     if _BLOCK_OVERRIDE is not None:
         cfg = cfg._replace(block_m=_BLOCK_OVERRIDE[0], block_n=_BLOCK_OVERRIDE[1])
     if sparse_block_size:
         cfg = cfg._replace(block_m=min(cfg.block_m, sparse_block_size), block_n=min(cfg.block_n, sparse_block_size))
     return cfg
+
+
+def _launch_options(cfg: BlockConfig) -> dict:
+    """Compile options of a launch; maxnreg only when set."""
+    opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.maxnreg is not None:
+        opts["maxnreg"] = cfg.maxnreg
+    return opts
 
 
 PREPROCESS_BLOCK_M = 64
@@ -822,7 +828,7 @@ def attention_forward(q, k, v, scale, window_left, window_right,
         HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
         IS_SPARSE=is_sparse, SPARSE_BLOCK=sparse_block_size if is_sparse else 0,
         HAS_KPM=kpm is not None, DOT_PREC=_dot_precision(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **_launch_options(cfg),
     )
     return out, lse
 
@@ -885,8 +891,7 @@ def attention_backward(dout, q, k, v, out, lse, scale, window_left, window_right
             dv.stride(0), dv.stride(1), dv.stride(2),
             *t_strides, kpm_stride,
             q_heads, kv_heads, q_len, kv_len, group, window_left, window_right, scale * LOG2E, scale,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            **common,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **_launch_options(cfg), **common,
         )
     cfg = block_config("dq", head_dim, head_dim_v, q.dtype, sparse_block_size if is_sparse else 0)
     t_strides = (_table_strides(kv_num_blocks)[:2] + _table_strides(kv_indices)[:3]) if is_sparse else [0] * 5
@@ -900,8 +905,7 @@ def attention_backward(dout, q, k, v, out, lse, scale, window_left, window_right
         dq.stride(0), dq.stride(1), dq.stride(2),
         *t_strides, kpm_stride,
         q_heads, q_len, kv_len, group, window_left, window_right, scale * LOG2E, scale,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **common,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **_launch_options(cfg), **common,
     )
     return dq, dk, dv
 
@@ -995,7 +999,7 @@ def _build_aot_specs() -> list[KernelSpec]:
                     name = f"{fn.__name__}-{label}-D{d}-{variant}-M{cfg.block_m}-N{cfg.block_n}"
                     sig = _signature(fn, tdt, const)
                     specs.append(KernelSpec(name, fn, sig, const, attrs=_divisibility(sig),
-                                            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                                            num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
                                             uses_dot=uses_tc, dtype=label,
                                             quick=d == _AOT_QUICK_HEAD_DIM and variant == _AOT_QUICK_VARIANT))
     return specs

@@ -7,7 +7,7 @@ loads unchanged when `num_kv_heads == num_heads`. With GQA
 ((Hq + 2·Hk)·Dh, E): rows [q | k | v], and the kernels read the kv heads
 natively (no repeat).
 
-Conventions, chosen once (see README_SECTION.md):
+Conventions, chosen once (see the README section "Drop-in modules"):
 - `key_padding_mask` is bool (B, Nk), True = the key is ignored (torch's rule);
   a float mask holding only 0 / -inf is accepted and converted.
 - Attention-probability dropout is refused in training (NotImplementedError):

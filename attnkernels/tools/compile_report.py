@@ -190,7 +190,8 @@ def _run_ptxas(ptx: str, arch: int) -> str:
 def _config_str(spec) -> str:
     c = spec.constexprs
     parts = [f"{k.replace('BLOCK_', '')}{c[k]}" for k in sorted(c) if k.startswith("BLOCK_") and isinstance(c[k], int)]
-    return " ".join(parts + [f"w{spec.num_warps}", f"s{spec.num_stages}"])
+    extra = [f"r{spec.maxnreg}"] if getattr(spec, "maxnreg", None) else []
+    return " ".join(parts + [f"w{spec.num_warps}", f"s{spec.num_stages}"] + extra)
 
 
 def _attrs(spec) -> dict:
@@ -213,8 +214,10 @@ def compile_one(mod_name: str, spec_name: str, arch: int) -> dict:
         spec = next(s for s in importlib.import_module(mod_name).AOT_SPECS if s.name == spec_name)
         row.update(kernel=_kernel_name(spec), dtype=_spec_dtype(spec), config=_config_str(spec), uses_dot=spec.uses_dot)
         src = ASTSource(spec.fn, spec.signature, spec.constexprs, _attrs(spec))
-        kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                options=dict(num_warps=spec.num_warps, num_stages=spec.num_stages))
+        options = dict(num_warps=spec.num_warps, num_stages=spec.num_stages)
+        if getattr(spec, "maxnreg", None):
+            options["maxnreg"] = spec.maxnreg
+        kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
         ptx = kernel.asm["ptx"]
         info = parse_ptxas_log(_run_ptxas(ptx, arch))
         ops = tensor_core_ops(ptx)
@@ -327,15 +330,25 @@ def main(argv=None) -> int:
     tasks = [(m, s.name, arch) for m, s in specs for arch in args.arch]
     jobs = max(1, min(args.jobs, len(tasks) or 1))
     log(f"compiling {len(specs)} specs x {len(args.arch)} archs = {len(tasks)} compiles with {jobs} processes")
-    rows = []
+    rows = [None] * len(tasks)
+
+    def progress(i, row):
+        rows[i] = row
+        done = sum(r is not None for r in rows)
+        print(f"[{done}/{len(tasks)}] {row['name']} sm_{row['arch']}: {row['status']} ({row['seconds']} s)",
+              file=sys.stderr, flush=True)
+
     if jobs == 1:
-        rows = [compile_one(*t) for t in tasks]
+        for i, t in enumerate(tasks):
+            progress(i, compile_one(*t))
     else:
         # fork shares the already imported modules; workers look the spec up by name, so a
         # spawn context would work too (nothing unpicklable crosses the process boundary)
         ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-            rows = list(pool.map(compile_one, *zip(*tasks))) if tasks else []
+            futures = {pool.submit(compile_one, *t): i for i, t in enumerate(tasks)}
+            for fut in concurrent.futures.as_completed(futures):
+                progress(futures[fut], fut.result())
     elapsed = time.perf_counter() - t0
     summary = summarize(rows)
     summary["seconds"] = round(elapsed, 1)
