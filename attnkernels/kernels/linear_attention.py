@@ -547,6 +547,8 @@ class ChunkConfig(NamedTuple):
     block_t: int  # the tiled dim: Dv for "state"/"fwd"/"dv", D for "dq"/"dk" (the other is whole)
     num_warps: int
     num_stages: int
+    # all 255 registers per thread: else ptxas may spill a few bytes to keep 2 blocks per SM
+    maxnreg: int = 255
 
 
 def _pad_dim(d: int) -> int:
@@ -684,7 +686,7 @@ def _full_state(k, v, fm, initial_s, initial_z, prec):
         kv_heads, kv_len, per_split,
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_C=cfg.block_c, BLOCK_D=_pad_dim(head_dim),
         BLOCK_DV=cfg.block_t, FEATURE_MAP=fm, HAS_STATE_IN=has_in, DOT_PREC=prec,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
     )
     if n_split > 1:
         torch.sum(s_part, 0, out=s)
@@ -728,7 +730,7 @@ def _launch_fwd(q, k, v, out, fm, causal, normalize, eps, scale, initial_s, init
             HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_C=cfg.block_c, BLOCK_D=_pad_dim(head_dim),
             BLOCK_DV=cfg.block_t, FEATURE_MAP=fm, CAUSAL=causal, NORMALIZE=normalize,
             HAS_STATE_IN=has_in, DEN_ONLY=den_only, DOT_PREC=prec, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
+            num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
         )
     return den if den_only else (s_out, z_out)
 
@@ -795,7 +797,7 @@ def linear_attention_backward(dout, q, k, v, feature_map: str, causal: bool, nor
             dq.stride(0), dq.stride(1), dq.stride(2),
             q_heads, q_len, group, scale,
             BLOCK_C=cfg.block_c, BLOCK_DT=cfg.block_t, BLOCK_DV=pad_dv, HAS_STATE_IN=has_in,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg, **common,
         )
     if kv_len == 0:
         return dq, dk, dv
@@ -809,7 +811,7 @@ def linear_attention_backward(dout, q, k, v, feature_map: str, causal: bool, nor
         dk.stride(0), dk.stride(1), dk.stride(2),
         kv_heads, q_len, kv_len, group, scale,
         BLOCK_C=cfg.block_c, BLOCK_DT=cfg.block_t, BLOCK_DV=pad_dv,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg, **common,
     )
     cfg = chunk_config("dv", head_dim, head_dim_v, q.dtype, causal)
     linear_bwd_dv[(batch * kv_heads, _cdiv(head_dim_v, cfg.block_t))](
@@ -820,7 +822,7 @@ def linear_attention_backward(dout, q, k, v, feature_map: str, causal: bool, nor
         dv.stride(0), dv.stride(1), dv.stride(2),
         kv_heads, q_len, kv_len, group, scale,
         BLOCK_C=cfg.block_c, BLOCK_D=pad_d, BLOCK_DVT=cfg.block_t,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg, **common,
     )
     return dq, dk, dv
 
@@ -919,7 +921,8 @@ def _build_aot_specs() -> list[KernelSpec]:
                 quick = kernel != "fwd-den" and (d, causal or kernel == "state", fm, normalize) == _AOT_QUICK
                 sig = _signature(fn, tdt, const)
                 specs.append(KernelSpec(name, fn, sig, const, attrs=_divisibility(sig), num_warps=cfg.num_warps,
-                                        num_stages=cfg.num_stages, uses_dot=has_dot, dtype=label, quick=quick))
+                                        num_stages=cfg.num_stages, maxnreg=cfg.maxnreg, uses_dot=has_dot,
+                                        dtype=label, quick=quick))
     return specs
 
 
