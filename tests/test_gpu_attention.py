@@ -39,12 +39,17 @@ def test_triton_on_gpu_matches_reference(case, dtype):
     k = torch.randn(b, hk, nk, d, device="cuda", dtype=dtype, requires_grad=True)
     v = torch.randn(b, hk, nk, d, device="cuda", dtype=dtype, requires_grad=True)
     dout = torch.randn(b, hq, nq, d, device="cuda", dtype=dtype)
-    out, lse = attnkernels.attention(q, k, v, causal=causal, window_size=window, return_lse=True)
+    _check_against_reference(q, k, v, dout, dtype, causal=causal, window_size=window)
+
+
+def _check_against_reference(q, k, v, dout, dtype, **options):
+    """Triton out, lse and grads vs the float64 reference, by FlashAttention's rule."""
+    out, lse = attnkernels.attention(q, k, v, return_lse=True, **options)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
 
     def run_reference(upcast):
         inputs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-        ref_out, ref_lse = attention_reference(*inputs, causal=causal, window_size=window, upcast=upcast)
+        ref_out, ref_lse = attention_reference(*inputs, upcast=upcast, **options)
         grads = torch.autograd.grad(ref_out, inputs, dout.to(ref_out.dtype))
         return (ref_out, ref_lse, *grads)
 
@@ -76,16 +81,4 @@ def test_triton_bigbird_and_padding_on_gpu_match_reference(case, dtype):
     k = torch.randn(b, hk, n, d, device="cuda", dtype=dtype, requires_grad=True)
     v = torch.randn(b, hk, n, d, device="cuda", dtype=dtype, requires_grad=True)
     dout = torch.randn(b, hq, n, d, device="cuda", dtype=dtype)
-    out, lse = attnkernels.attention(q, k, v, block_mask=mask, key_padding_mask=padding, return_lse=True)
-    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
-
-    def run_reference(upcast):
-        inputs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-        ref_out, ref_lse = attention_reference(*inputs, block_mask=mask, key_padding_mask=padding, upcast=upcast)
-        grads = torch.autograd.grad(ref_out, inputs, dout.to(ref_out.dtype))
-        return (ref_out, ref_lse, *grads)
-
-    expected = run_reference(True)
-    baseline = run_reference(False)
-    for name, got, exp, base in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, dq, dk, dv), expected, baseline):
-        assert_within_rule(name, got, exp, base, dtype)
+    _check_against_reference(q, k, v, dout, dtype, block_mask=mask, key_padding_mask=padding)

@@ -25,21 +25,8 @@ FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3}
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16"}
 
 
-@pytest.fixture(autouse=True)
-def _poison_empty(monkeypatch):
-    """Uninitialised float outputs are NaN, so an element the kernels never write fails loudly."""
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    def empty_like(*args, **kwargs):
-        t = real_empty_like(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", empty)
-    monkeypatch.setattr(torch, "empty_like", empty_like)
+# Outputs the kernels allocate are NaN until written (fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("poison_empty")
 
 
 # ----------------------------------------------------------------------------------------
