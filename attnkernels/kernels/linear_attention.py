@@ -358,21 +358,31 @@ def linear_bwd_dq(Q, K, V, DO, DQ, S_IN, Z_IN, DEN, CC,
         b_q = b_q.to(tl.float32) * scale
         b_do, m_n = _load_rows(DO, stride_don, n0, N, o_c, o_v, m_v)  # [BLOCK_C, BLOCK_DV], input dtype
         b_rden, b_cc = _row_scalars(DEN, CC, n0, N, o_c, BLOCK_C, NORMALIZE)
-        b_g = b_do.to(tl.float32) * b_rden[:, None]  # g = do / den
-        # dφq = g Sᵀ + c zᵀ with the carried (causal) or full state
-        b_dfq = tl.dot(b_g, tl.trans(b_s), input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_DT]
         if NORMALIZE:
-            b_dfq += b_cc[:, None] * b_z[None, :]
+            b_g = b_do.to(tl.float32) * b_rden[:, None]  # g = do / den
+        else:
+            b_g = b_do.to(tl.float32)
+        # dφq = g Sᵀ + c zᵀ with the carried (causal) or full state (+ the intra-chunk term)
+        if NORMALIZE:
+            b_dfq = b_cc[:, None] * b_z[None, :]  # [BLOCK_C, BLOCK_DT]
+        else:
+            b_dfq = tl.zeros([BLOCK_C, BLOCK_DT], dtype=tl.float32)
         if CAUSAL:
             b_k, m_n = _load_rows(K, stride_kn, n0, N, o_c, o_d, m_d)  # [BLOCK_C, BLOCK_DT]
             b_fk = tl.where(m_n[:, None] & m_d[None, :], _phi(b_k.to(tl.float32), FEATURE_MAP), 0.0)
             b_v, m_n = _load_rows(V, stride_vn, n0, N, o_c, o_v, m_v)  # [BLOCK_C, BLOCK_DV], input dtype
             # intra-chunk: P[i, j] = g_i · v_j + c_i for j <= i; do and v are exact in the input dtype
             b_p = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_C]
-            b_p = tl.where(m_causal, b_p * b_rden[:, None] + b_cc[:, None], 0.0)
+            if NORMALIZE:
+                b_p = tl.where(m_causal, b_p * b_rden[:, None] + b_cc[:, None], 0.0)
+            else:
+                b_p = tl.where(m_causal, b_p, 0.0)
             b_dfq = tl.dot(b_p, b_fk, b_dfq, input_precision=DOT_PREC)
+            b_dfq = tl.dot(b_g, tl.trans(b_s), b_dfq, input_precision=DOT_PREC)  # before S takes the chunk
             b_s = tl.dot(tl.trans(b_fk), b_v.to(tl.float32), b_s, input_precision=DOT_PREC)
             b_z += tl.sum(b_fk, 0)
+        else:
+            b_dfq = tl.dot(b_g, tl.trans(b_s), b_dfq, input_precision=DOT_PREC)
         b_dq = b_dfq * _dphi(b_q, FEATURE_MAP) * scale
         _store_rows(DQ, stride_dqn, n0, N, o_c, o_d, m_d, b_dq)
 
