@@ -108,6 +108,66 @@ def test_unbatched_input_matches_batched_N6():
     torch.testing.assert_close(single, batched[0])
 
 
+# ---- need_weights: the reference-path weights ---------------------------------------------------
+@pytest.mark.parametrize("average", [True, False], ids=["avg", "per-head"])
+@pytest.mark.parametrize("spec", [dict(nq=9, nk=None), dict(nq=9, nk=None, causal=True, pads=(2, 0)),
+                                  dict(nq=6, nk=11, pads=(0, 3)), dict(nq=7, nk=None, batch_first=False, pads=(1, 2))],
+                         ids=["self", "self-causal-pad", "cross-pad", "seqfirst-pad"])
+def test_need_weights_match_torch_float64(spec, average):
+    ref, ours = _torch_pair(torch.float64, batch_first=spec.get("batch_first", True))
+    batch, nq, nk = 2, spec["nq"], spec["nk"] or spec["nq"]
+    x = torch.randn(batch, nq, E, dtype=torch.float64)
+    mem = x if spec["nk"] is None else torch.randn(batch, nk, E, dtype=torch.float64)
+    kpm = _padding(batch, nk, spec["pads"]) if "pads" in spec else None
+    if kpm is not None and spec.get("causal"):
+        kpm = kpm.flip(-1)  # right padding: left padding leaves causal rows with no key (torch: NaN weights)
+    causal_mask = torch.nn.Transformer.generate_square_subsequent_mask(nq, dtype=torch.bool) if spec.get("causal") else None
+    if not spec.get("batch_first", True):
+        x, mem = x.transpose(0, 1), mem.transpose(0, 1)
+    expected, expected_w = ref(x, mem, mem, key_padding_mask=kpm, attn_mask=causal_mask, need_weights=True,
+                               average_attn_weights=average)
+    with attnkernels.backend("reference"):
+        got, got_w = ours(x, mem, mem, key_padding_mask=kpm, is_causal=bool(spec.get("causal")), need_weights=True,
+                          average_attn_weights=average)
+    assert got_w.shape == expected_w.shape == ((batch, nq, nk) if average else (batch, H, nq, nk))
+    torch.testing.assert_close(got_w, expected_w, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    if kpm is not None:
+        padded_b = int(kpm.any(-1).nonzero()[0])
+        assert got_w.amax() > 0 and bool(got_w[padded_b][..., kpm[padded_b]].eq(0).all())
+
+
+def test_need_weights_unbatched_and_empty_rows_N5():
+    ref, ours = _torch_pair(torch.float64)
+    x = torch.randn(5, E, dtype=torch.float64)
+    _, expected_w = ref(x, x, x, need_weights=True, average_attn_weights=False)
+    with attnkernels.backend("reference"):
+        _, got_w = ours(x, need_weights=True, average_attn_weights=False)
+        _, all_padded = ours(x[None], key_padding_mask=torch.ones(1, 5, dtype=torch.bool), need_weights=True)
+    torch.testing.assert_close(got_w, expected_w, rtol=1e-12, atol=1e-12)
+    assert torch.equal(all_padded, torch.zeros(1, 5, 5, dtype=torch.float64)), "rows with no key: weights 0, not NaN"
+
+
+def test_need_weights_window_family_matches_band_softmax_N12():
+    module = MultiheadAttention(E, H, num_kv_heads=2, attention="window", window_size=(2, 1), dtype=torch.float64).eval()
+    x = torch.randn(1, 12, E, dtype=torch.float64)
+    with attnkernels.backend("reference"):
+        _, w = module(x, need_weights=True, average_attn_weights=False)
+    q, k, _ = F.linear(x, module.in_proj_weight, module.in_proj_bias).split([E, E // 2, E // 2], dim=-1)
+    q = q.unflatten(-1, (H, E // H)).transpose(1, 2)
+    k = k.unflatten(-1, (2, E // H)).transpose(1, 2).repeat_interleave(2, dim=1)
+    i, j = torch.arange(12)[:, None], torch.arange(12)[None, :]
+    band = (j >= i - 2) & (j <= i + 1)
+    expected = torch.softmax((q @ k.transpose(-1, -2) / (E // H) ** 0.5).masked_fill(~band, float("-inf")), dim=-1)
+    torch.testing.assert_close(w, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_need_weights_refused_for_linear_families():
+    module = MultiheadAttention(32, 4, attention="linear").eval()
+    with pytest.raises(ValueError, match="need_weights: attention='linear'"):
+        module(torch.randn(1, 5, 32), need_weights=True)
+
+
 # ---- the other families, against an independent masked-SDPA computation ------------------------
 def _manual(module, x, mask):
     """Project with the module's weights and run torch SDPA with an explicit bool mask (True = attend)."""
@@ -160,6 +220,10 @@ def test_bigbird_family_B2_N112_bs16(backend):
     element = layout.element_mask(112, 112)  # (1, H, N, N)
     assert not element.all(), "the test needs a layout that is actually sparse"
     torch.testing.assert_close(got, _manual(module, x, element), **tol)
+    with attnkernels.backend(backend):
+        _, weights = module(x, need_weights=True, average_attn_weights=False)  # (B, H, N, N)
+    assert bool(weights[~element.expand_as(weights)].eq(0).all()) and bool(weights[element.expand_as(weights)].gt(0).all())
+    torch.testing.assert_close(weights.sum(-1), torch.ones_like(weights[..., 0]), **tol)
 
 
 def test_bigbird_seed_reproducible_and_redraw_changes_layout_N128_bs16():
@@ -282,8 +346,8 @@ def test_forward_errors_name_the_argument():
 
 
 def _check_forward_errors(module, x):
-    with pytest.raises(ValueError, match="need_weights"):
-        module(x, need_weights=True)
+    with pytest.raises(TypeError, match="need_weights"):
+        module(x, need_weights="yes")
     with pytest.raises(ValueError, match="key_padding_mask"):
         module(x, key_padding_mask=torch.zeros(2, 4, dtype=torch.bool))
     with pytest.raises(TypeError, match="key_padding_mask"):

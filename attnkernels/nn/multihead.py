@@ -13,7 +13,10 @@ Conventions, chosen once (see the README section "Drop-in modules"):
 - Attention-probability dropout is refused in training (NotImplementedError):
   the fused kernels have no dropout. `dropout=` is accepted so that configs
   built for torch's module construct, and eval mode is fine.
-- `need_weights=True` is refused: the kernels never form the (Nq, Nk) matrix.
+- `need_weights=True` returns the attention weights computed by a separate
+  reference path (softmax families only): slow, it materialises (Nq, Nk) per
+  head. The default stays `need_weights=False` (torch's is True) so that a
+  plain call never pays for it.
 - `causal` is bottom-right aligned (FlashAttention's rule); for self-attention
   (Nq == Nk) that is the same as torch's top-left `is_causal`.
 """
@@ -32,6 +35,7 @@ from ..windows import resolve_window
 
 ATTENTION_FAMILIES = ("dense", "window", "bigbird", "linear", "performer")
 _LINEAR_FAMILIES = ("linear", "performer")
+_NO_WEIGHTS_FAMILIES = ("linear", "performer")
 _FEATURE_MAPS = ("elu", "relu", "identity")
 
 
@@ -221,8 +225,8 @@ class MultiheadAttention(nn.Module):
         attn_mask: Tensor | None = None,
         average_attn_weights: bool = True,
         is_causal: bool | None = None,
-    ) -> tuple[Tensor, None]:
-        """Returns `(out, None)` like torch's module with `need_weights=False`.
+    ) -> tuple[Tensor, Tensor | None]:
+        """Returns `(out, None)`, or `(out, weights)` with `need_weights=True`.
 
         query (B, Nq, E) (or (Nq, B, E) when not batch_first, or unbatched
         (Nq, E)); key/value likewise with Nk; key defaults to query (self-
@@ -230,11 +234,20 @@ class MultiheadAttention(nn.Module):
         is_causal: None uses the constructor's `causal`. attn_mask: only the
         plain causal mask (bool True = blocked, or float -inf above the
         diagonal) with Nq == Nk is accepted; use `causal`/`window_size` instead.
+        need_weights: also return the attention weights, computed by a plain
+            torch reference path (slow: materialises (B, Hq, Nq, Nk)); softmax
+            families only. Shape (B, Nq, Nk) averaged over heads when
+            `average_attn_weights`, else (B, Hq, Nq, Nk); unbatched input drops
+            B. A query row that sees no key gets weights 0 (torch gives NaN).
         """
-        if need_weights:
+        if not isinstance(need_weights, bool):
+            raise TypeError(f"need_weights: expected a bool, got {need_weights!r}")
+        if not isinstance(average_attn_weights, bool):
+            raise TypeError(f"average_attn_weights: expected a bool, got {average_attn_weights!r}")
+        if need_weights and self.attention in _NO_WEIGHTS_FAMILIES:
             raise ValueError(
-                "need_weights: attnkernels.nn.MultiheadAttention never forms the attention matrix; "
-                "pass need_weights=False (use torch.nn.MultiheadAttention to inspect weights)"
+                f"need_weights: attention={self.attention!r} never forms softmax attention weights over the keys; "
+                "pass need_weights=False (weights are available for the dense, window, bigbird and block_sparse families)"
             )
         if self.dropout > 0.0 and self.training:
             raise NotImplementedError(
@@ -264,6 +277,7 @@ class MultiheadAttention(nn.Module):
             causal = True
 
         q, k, v = self._project(query, key, value, self_attention)  # (B, H, N, Dh) each
+        weights = None
         if self.attention in _LINEAR_FAMILIES:
             out = self._linear_core(q, k, v, causal, key_padding_mask)
         else:
@@ -276,13 +290,44 @@ class MultiheadAttention(nn.Module):
                 q, k, v, causal=causal, window_size=self.window_size, block_mask=block_mask,
                 key_padding_mask=key_padding_mask,
             )  # (B, Hq, Nq, Dh)
+            if need_weights:
+                weights = self._reference_weights(q, k, causal, block_mask, key_padding_mask)  # (B, Hq, Nq, Nk)
+                if average_attn_weights:
+                    weights = weights.mean(dim=1)
+                if unbatched:
+                    weights = weights[0]
         out = out.transpose(1, 2).reshape(batch, q_len, self.embed_dim)  # (B, Nq, E)
         out = self.out_proj(out)
         if unbatched:
             out = out[0]
         elif not self.batch_first:
             out = out.transpose(0, 1)
-        return out, None
+        return out, weights
+
+    def _reference_weights(self, q: Tensor, k: Tensor, causal: bool, block_mask, key_padding_mask) -> Tensor:
+        """softmax(q kᵀ / √Dh) over the keys each query sees, in plain torch: (B, Hq, Nq, Nk). Slow (Nq×Nk)."""
+        q_len, kv_len = q.shape[2], k.shape[2]
+        k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)  # GQA
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)  # (B, Hq, Nq, Nk)
+        rows = torch.arange(q_len, device=q.device)[:, None] + (kv_len - q_len)  # bottom-right alignment
+        cols = torch.arange(kv_len, device=q.device)[None, :]
+        visible = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device)
+        if self.window_size is not None:
+            left, right = resolve_window(self.window_size, causal)
+            if left >= 0:
+                visible = visible & (cols >= rows - left)
+            if right >= 0:
+                visible = visible & (cols <= rows + right)
+        if causal:
+            visible = visible & (cols <= rows)
+        visible = visible[None, None]  # (1, 1, Nq, Nk)
+        if block_mask is not None:
+            visible = visible & block_mask.element_mask(q_len, kv_len)  # (Bm, Hm, Nq, Nk); applies its own causal
+        if key_padding_mask is not None:
+            visible = visible & ~key_padding_mask[:, None, None, :]
+        scores = scores.masked_fill(~visible, float("-inf"))
+        weights = torch.softmax(scores, dim=-1)
+        return torch.where(visible.any(dim=-1, keepdim=True), weights, torch.zeros_like(weights))  # empty rows: 0
 
     def _to_batch_first(self, name: str, x, unbatched: bool) -> Tensor:
         if not isinstance(x, Tensor):
