@@ -260,6 +260,81 @@ def test_padded_keys_do_not_change_output_B2_N48(attention, options):
     assert not torch.allclose(a, c), "padding must change the output"
 
 
+# ---- linformer -----------------------------------------------------------------------------------
+def _plain_linformer(module, x, mem, kpm=None):
+    """Linformer written plainly in torch with the module's parameters: project K, V along the sequence, softmax."""
+    hk, dh, n = module.num_kv_heads, module.head_dim, mem.shape[1]
+    w_q, w_k, w_v = module.in_proj_weight.split([E, hk * dh, hk * dh])
+    b_q, b_k, b_v = module.in_proj_bias.split([E, hk * dh, hk * dh])
+    q = (x @ w_q.T + b_q).unflatten(-1, (H, dh)).transpose(1, 2)
+    k = (mem @ w_k.T + b_k).unflatten(-1, (hk, dh)).transpose(1, 2)
+    v = (mem @ w_v.T + b_v).unflatten(-1, (hk, dh)).transpose(1, 2)
+    if kpm is not None:
+        k = k * (~kpm)[:, None, :, None]
+        v = v * (~kpm)[:, None, :, None]
+    e = module.linformer_E[:, :n]
+    f = e if module.share_kv else module.linformer_F[:, :n]
+    k = torch.einsum("kn,bhnd->bhkd", e, k).repeat_interleave(H // hk, dim=1)
+    v = torch.einsum("kn,bhnd->bhkd", f, v).repeat_interleave(H // hk, dim=1)
+    p = torch.softmax(q @ k.transpose(-1, -2) / dh ** 0.5, dim=-1)
+    return module.out_proj((p @ v).transpose(1, 2).flatten(2))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"], ids=str)
+@pytest.mark.parametrize("share_kv,kv_heads", [(False, 4), (True, 2)], ids=["EF-H4", "shared-Hk2"])
+def test_linformer_matches_plain_torch_B2(backend, share_kv, kv_heads):
+    backend_param(backend)
+    module = MultiheadAttention(E, H, num_kv_heads=kv_heads, attention="linformer", linformer_k=8, max_seq_len=32,
+                                share_kv=share_kv, dtype=torch.float64).eval()
+    assert module.linformer_E.shape == (8, 32) and (module.linformer_F is None) == share_kv
+    assert abs(float(module.linformer_E.detach().std()) - 8 ** -0.5) < 0.15, "Linformer init: normal, std 1/sqrt(k)"
+    x = torch.randn(2, 20, E, dtype=torch.float64)  # shorter than max_seq_len: E[:, :20]
+    mem = torch.randn(2, 27, E, dtype=torch.float64)
+    with attnkernels.backend(backend):
+        self_out, _ = module(x)
+        cross_out, _ = module(x, mem)
+    torch.testing.assert_close(self_out, _plain_linformer(module, x, x), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(cross_out, _plain_linformer(module, x, mem), rtol=1e-10, atol=1e-10)
+    # gradients reach E and F
+    cross_out.square().sum().backward()
+    assert module.linformer_E.grad is not None and module.linformer_E.grad[:, :27].abs().sum() > 0
+    assert module.linformer_E.grad[:, 27:].abs().sum() == 0
+
+
+def test_linformer_padding_B2_N24():
+    module = MultiheadAttention(E, H, attention="linformer", linformer_k=6, max_seq_len=24, dtype=torch.float64).eval()
+    x = torch.randn(2, 24, E, dtype=torch.float64)
+    kpm = _padding(2, 24, (5, 0))
+    scrambled = x.clone()
+    scrambled[kpm] = 1e3 * torch.randn(int(kpm.sum()), E, dtype=torch.float64)
+    with attnkernels.backend("reference"):
+        a, _ = module(x, key_padding_mask=kpm)
+        b, _ = module(x, scrambled, key_padding_mask=kpm)
+        c, _ = module(x)
+    torch.testing.assert_close(a, _plain_linformer(module, x, x, kpm), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)  # padded keys/values contribute nothing
+    assert not torch.allclose(a[0], c[0]), "padding must change the padded row"
+    torch.testing.assert_close(a[1], c[1], rtol=1e-10, atol=1e-10)
+
+
+def test_linformer_errors():
+    with pytest.raises(ValueError, match="max_seq_len"):
+        MultiheadAttention(E, H, attention="linformer")
+    with pytest.raises(ValueError, match="causal"):
+        MultiheadAttention(E, H, attention="linformer", max_seq_len=16, causal=True)
+    with pytest.raises(ValueError, match="linformer_k"):
+        MultiheadAttention(E, H, attention="linformer", max_seq_len=16, linformer_k=0)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        MultiheadAttention(E, H, max_seq_len=16)  # only for linformer
+    module = MultiheadAttention(E, H, attention="linformer", linformer_k=4, max_seq_len=16).eval()
+    with pytest.raises(ValueError, match="max_seq_len"):
+        module(torch.randn(1, 17, E))
+    with pytest.raises(ValueError, match="causal"):
+        module(torch.randn(1, 8, E), is_causal=True)
+    with pytest.raises(ValueError, match="need_weights"):
+        module(torch.randn(1, 8, E), need_weights=True)
+
+
 # ---- linear families ------------------------------------------------------------------------------
 def _contract_linear_attention(q, k, v, *, feature_map="elu", causal=False, normalize=True, eps=1e-6, scale=None, **_):
     """The linear-attention contract written plainly (non-causal and causal), for the plumbing tests."""

@@ -33,9 +33,9 @@ from .. import masks as _masks
 from ..api import attention as _attention
 from ..windows import resolve_window
 
-ATTENTION_FAMILIES = ("dense", "window", "bigbird", "linear", "performer")
+ATTENTION_FAMILIES = ("dense", "window", "bigbird", "linear", "performer", "linformer")
 _LINEAR_FAMILIES = ("linear", "performer")
-_NO_WEIGHTS_FAMILIES = ("linear", "performer")
+_NO_WEIGHTS_FAMILIES = ("linear", "performer", "linformer")
 _FEATURE_MAPS = ("elu", "relu", "identity")
 
 
@@ -76,6 +76,11 @@ class MultiheadAttention(nn.Module):
         seed: makes BigBird layouts (and Performer features) reproducible.
         feature_map: for "linear": "elu" (elu+1), "relu" or "identity".
         num_features: for "performer": random features M.
+        linformer_k, max_seq_len, share_kv: for "linformer" (non-causal):
+            keys and values are projected along the sequence by learned
+            E, F (linformer_k, max_seq_len) (shared by all heads; F = E when
+            `share_kv`), then the dense kernel runs on the k projected slots.
+            `max_seq_len` is required; longer inputs raise.
         bias: biases on the input and output projections.
         dropout: accepted for signature compatibility; > 0 raises
             NotImplementedError in training mode (no dropout in the kernels).
@@ -98,6 +103,9 @@ class MultiheadAttention(nn.Module):
         num_random_blocks: int = 3,
         feature_map: str = "elu",
         num_features: int = 256,
+        linformer_k: int = 256,
+        max_seq_len: int | None = None,
+        share_kv: bool = False,
         bias: bool = True,
         dropout: float = 0.0,
         batch_first: bool = True,
@@ -173,6 +181,29 @@ class MultiheadAttention(nn.Module):
             self.feature_map = performer_features(
                 self.head_dim, _check_positive_int("num_features", num_features), orthogonal=True, generator=generator
             )
+
+        self.linformer_k = self.max_seq_len = None
+        self.share_kv = False
+        if attention == "linformer":
+            if causal:
+                raise ValueError("causal: attention='linformer' is non-causal (its projection mixes all positions); use causal=False")
+            if max_seq_len is None:
+                raise ValueError("max_seq_len: attention='linformer' needs max_seq_len, the longest key sequence (E, F are (k, max_seq_len))")
+            if not isinstance(share_kv, bool):
+                raise TypeError(f"share_kv: expected a bool, got {share_kv!r}")
+            self.linformer_k = _check_positive_int("linformer_k", linformer_k)
+            self.max_seq_len = _check_positive_int("max_seq_len", max_seq_len)
+            self.share_kv = share_kv
+            self.linformer_E = nn.Parameter(torch.empty(self.linformer_k, self.max_seq_len, **factory))
+            if share_kv:
+                self.register_parameter("linformer_F", None)
+            else:
+                self.linformer_F = nn.Parameter(torch.empty(self.linformer_k, self.max_seq_len, **factory))
+        else:
+            for name, value, default in (("linformer_k", linformer_k, 256), ("max_seq_len", max_seq_len, None),
+                                         ("share_kv", share_kv, False)):
+                if value != default:
+                    raise ValueError(f"{name}: only used with attention='linformer', got attention={attention!r}")
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
@@ -181,10 +212,16 @@ class MultiheadAttention(nn.Module):
         if self.in_proj_bias is not None:
             nn.init.zeros_(self.in_proj_bias)
             nn.init.zeros_(self.out_proj.bias)
+        if self.attention == "linformer":  # Linformer's: normal, std 1/sqrt(k)
+            for proj in (self.linformer_E, self.linformer_F):
+                if proj is not None:
+                    nn.init.normal_(proj, std=1.0 / math.sqrt(self.linformer_k))
 
     def extra_repr(self) -> str:
         extra = {"window": f", window_size={self.window_size}", "bigbird": f", {self.bigbird_options}",
-                 "linear": f", feature_map={self.feature_map!r}"}.get(self.attention, "")
+                 "linear": f", feature_map={self.feature_map!r}",
+                 "linformer": f", linformer_k={self.linformer_k}, max_seq_len={self.max_seq_len}, share_kv={self.share_kv}",
+                 }.get(self.attention, "")
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
                 f"attention={self.attention!r}, causal={self.causal}{extra}, batch_first={self.batch_first}")
 
@@ -276,10 +313,19 @@ class MultiheadAttention(nn.Module):
             self._check_attn_mask_is_causal(attn_mask, q_len, kv_len, query.device)
             causal = True
 
+        if self.attention == "linformer":
+            if causal:
+                raise ValueError("causal: attention='linformer' is non-causal; pass is_causal=False and no causal attn_mask")
+            if kv_len > self.max_seq_len:
+                raise ValueError(f"max_seq_len: the key sequence has Nk={kv_len} > max_seq_len={self.max_seq_len} "
+                                 "(E, F were built for at most max_seq_len positions)")
+
         q, k, v = self._project(query, key, value, self_attention)  # (B, H, N, Dh) each
         weights = None
         if self.attention in _LINEAR_FAMILIES:
             out = self._linear_core(q, k, v, causal, key_padding_mask)
+        elif self.attention == "linformer":
+            out = self._linformer_core(q, k, v, key_padding_mask)
         else:
             block_mask = None
             if self.attention == "bigbird":
@@ -394,6 +440,21 @@ class MultiheadAttention(nn.Module):
             return x.unflatten(-1, (n, self.head_dim)).transpose(1, 2)
 
         return heads(q, self.num_heads), heads(k, self.num_kv_heads), heads(v, self.num_kv_heads)
+
+    def _linformer_core(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+        """Linformer: K' = E[:, :Nk] K, V' = F[:, :Nk] V per head -> (B, Hk, k, Dh), then the dense kernel.
+
+        Padded keys/values are zeroed before the projection, so they add nothing to K' and V'.
+        """
+        kv_len = k.shape[2]
+        if key_padding_mask is not None:
+            keep = ~key_padding_mask[:, None, :, None]  # (B, 1, Nk, 1)
+            k, v = torch.where(keep, k, torch.zeros_like(k)), torch.where(keep, v, torch.zeros_like(v))
+        proj_e = self.linformer_E[:, :kv_len]
+        proj_f = proj_e if self.linformer_F is None else self.linformer_F[:, :kv_len]
+        k = torch.matmul(proj_e, k)  # (k, Nk) @ (B, Hk, Nk, Dh) -> (B, Hk, k, Dh)
+        v = torch.matmul(proj_f, v)
+        return _attention(q, k, v)
 
     def _linear_core(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, key_padding_mask: Tensor | None) -> Tensor:
         """Linear / Performer attention; padded keys contribute nothing to S = Σ φ(k) vᵀ nor to z = Σ φ(k).
