@@ -107,6 +107,8 @@ def _cases():
          ValueError, r"max_seq_len: the key sequence has Nk=5 > max_seq_len=4"),
         ("mha-linformer-causal", lambda: attn_nn.MultiheadAttention(32, 4, attention="linformer", max_seq_len=8, causal=True),
          ValueError, r"causal: attention='linformer' is non-causal"),
+        ("mha-block-sparse-no-mask", lambda: attn_nn.MultiheadAttention(32, 4, attention="block_sparse")(x), ValueError,
+         r"block_mask: attention='block_sparse' needs an attnkernels.masks.BlockMask"),
         ("mha-input-width", lambda: mha(torch.randn(2, 5, 31)), ValueError, r"query: last dim 31 must equal embed_dim=32"),
         ("mha-padding-shape", lambda: mha(x, key_padding_mask=torch.zeros(2, 4, dtype=torch.bool)), ValueError,
          r"key_padding_mask: expected shape \(B, Nk\)"),

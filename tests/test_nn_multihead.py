@@ -226,6 +226,47 @@ def test_bigbird_family_B2_N112_bs16(backend):
     torch.testing.assert_close(weights.sum(-1), torch.ones_like(weights[..., 0]), **tol)
 
 
+def _random_block_mask(n_blocks, heads, seed, block_size=16, q_len=None, kv_len=None):
+    layout = torch.rand(heads, n_blocks, n_blocks, generator=torch.Generator().manual_seed(seed)) < 0.4
+    layout |= torch.eye(n_blocks, dtype=torch.bool)  # every query block sees a key block: no empty rows
+    return attnkernels.masks.from_dense(layout, block_size=block_size, q_len=q_len, kv_len=kv_len)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"], ids=str)
+def test_block_sparse_family_B2_N60_bs16(backend):
+    backend_feature_param(backend, "block_mask")
+    mask_a = _random_block_mask(4, H, seed=0, q_len=60, kv_len=60)  # partial last block
+    mask_b = _random_block_mask(4, 1, seed=1, q_len=60, kv_len=60)
+    module = MultiheadAttention(E, H, attention="block_sparse", block_mask=mask_a, dtype=torch.float64).eval()
+    x = torch.randn(2, 60, E, dtype=torch.float64)
+    kpm = _padding(2, 60, (0, 3))
+    with attnkernels.backend(backend):
+        got_a, _ = module(x)
+        got_b, w_b = module(x, block_mask=mask_b, need_weights=True, average_attn_weights=False)  # per-call override
+        got_pad, _ = module(x, key_padding_mask=kpm)
+    element_a, element_b = mask_a.element_mask(60, 60), mask_b.element_mask(60, 60)
+    assert not element_a.all() and not element_b.all() and not torch.equal(element_a, element_b.expand_as(element_a))
+    torch.testing.assert_close(got_a, _manual(module, x, element_a), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got_b, _manual(module, x, element_b), rtol=1e-10, atol=1e-10)
+    assert bool(w_b[~element_b.expand_as(w_b)].eq(0).all())
+    with_pad = element_a & ~kpm[:, None, None, :]
+    torch.testing.assert_close(got_pad, _manual(module, x, with_pad), rtol=1e-10, atol=1e-10)
+
+
+def test_block_sparse_errors():
+    with pytest.raises(ValueError, match="block_mask"):
+        MultiheadAttention(E, H, attention="block_sparse")(torch.randn(1, 32, E))
+    with pytest.raises(TypeError, match="block_mask"):
+        MultiheadAttention(E, H, attention="block_sparse", block_mask=torch.ones(2, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="block_mask"):
+        MultiheadAttention(E, H, block_mask=_random_block_mask(2, 1, seed=0))
+    with pytest.raises(ValueError, match="block_mask"):
+        MultiheadAttention(E, H)(torch.randn(1, 32, E), block_mask=_random_block_mask(2, 1, seed=0))
+    module = MultiheadAttention(E, H, attention="block_sparse", block_mask=_random_block_mask(2, 1, seed=0))
+    with pytest.raises(ValueError, match="q_len"):
+        module(torch.randn(1, 48, E))  # the mask was built for 32
+
+
 def test_bigbird_seed_reproducible_and_redraw_changes_layout_N128_bs16():
     a = MultiheadAttention(E, H, attention="bigbird", block_size=16, num_random_blocks=2, seed=11)
     b = MultiheadAttention(E, H, attention="bigbird", block_size=16, num_random_blocks=2, seed=11)

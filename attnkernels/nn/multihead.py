@@ -33,7 +33,7 @@ from .. import masks as _masks
 from ..api import attention as _attention
 from ..windows import resolve_window
 
-ATTENTION_FAMILIES = ("dense", "window", "bigbird", "linear", "performer", "linformer")
+ATTENTION_FAMILIES = ("dense", "window", "bigbird", "block_sparse", "linear", "performer", "linformer")
 _LINEAR_FAMILIES = ("linear", "performer")
 _NO_WEIGHTS_FAMILIES = ("linear", "performer", "linformer")
 _FEATURE_MAPS = ("elu", "relu", "identity")
@@ -73,6 +73,9 @@ class MultiheadAttention(nn.Module):
         block_size, num_global_blocks, num_window_blocks, num_random_blocks:
             BigBird layout (see `attnkernels.masks.bigbird`). The layout is drawn
             once per sequence length and cached; `redraw()` draws new ones.
+        block_mask: for "block_sparse": the user's `attnkernels.masks.BlockMask`
+            layout (not saved in the state dict); `forward(..., block_mask=)`
+            overrides it per call. One of the two is required.
         seed: makes BigBird layouts (and Performer features) reproducible.
         feature_map: for "linear": "elu" (elu+1), "relu" or "identity".
         num_features: for "performer": random features M.
@@ -101,6 +104,7 @@ class MultiheadAttention(nn.Module):
         num_global_blocks: int = 1,
         num_window_blocks: int = 3,
         num_random_blocks: int = 3,
+        block_mask: "_masks.BlockMask | None" = None,
         feature_map: str = "elu",
         num_features: int = 256,
         linformer_k: int = 256,
@@ -165,6 +169,12 @@ class MultiheadAttention(nn.Module):
                 "num_random_blocks": num_random_blocks,
             }
             _masks.bigbird(block_size, **self.bigbird_options, num_heads=1, seed=0)  # validates the options
+
+        if block_mask is not None:
+            if attention != "block_sparse":
+                raise ValueError(f"block_mask: only used with attention='block_sparse', got attention={attention!r}")
+            _check_block_mask_type(block_mask)
+        self.user_block_mask = block_mask  # for "block_sparse"; a plain attribute, not in the state dict
 
         self.feature_map = None
         if attention == "linear":
@@ -262,6 +272,7 @@ class MultiheadAttention(nn.Module):
         attn_mask: Tensor | None = None,
         average_attn_weights: bool = True,
         is_causal: bool | None = None,
+        block_mask: "_masks.BlockMask | None" = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Returns `(out, None)`, or `(out, weights)` with `need_weights=True`.
 
@@ -276,11 +287,24 @@ class MultiheadAttention(nn.Module):
             families only. Shape (B, Nq, Nk) averaged over heads when
             `average_attn_weights`, else (B, Hq, Nq, Nk); unbatched input drops
             B. A query row that sees no key gets weights 0 (torch gives NaN).
+        block_mask: for attention="block_sparse", a `BlockMask` for this call
+            (overrides the constructor's).
         """
         if not isinstance(need_weights, bool):
             raise TypeError(f"need_weights: expected a bool, got {need_weights!r}")
         if not isinstance(average_attn_weights, bool):
             raise TypeError(f"average_attn_weights: expected a bool, got {average_attn_weights!r}")
+        if block_mask is not None:
+            if self.attention != "block_sparse":
+                raise ValueError(f"block_mask: only used with attention='block_sparse', this module has attention={self.attention!r}")
+            _check_block_mask_type(block_mask)
+        elif self.attention == "block_sparse":
+            block_mask = self.user_block_mask
+            if block_mask is None:
+                raise ValueError(
+                    "block_mask: attention='block_sparse' needs an attnkernels.masks.BlockMask, given at construction "
+                    "(MultiheadAttention(..., block_mask=)) or per call (forward(..., block_mask=))"
+                )
         if need_weights and self.attention in _NO_WEIGHTS_FAMILIES:
             raise ValueError(
                 f"need_weights: attention={self.attention!r} never forms softmax attention weights over the keys; "
@@ -327,8 +351,9 @@ class MultiheadAttention(nn.Module):
         elif self.attention == "linformer":
             out = self._linformer_core(q, k, v, key_padding_mask)
         else:
-            block_mask = None
-            if self.attention == "bigbird":
+            if self.attention == "block_sparse" and block_mask.device != q.device:
+                block_mask = block_mask.to(q.device)
+            elif self.attention == "bigbird":
                 if q_len != kv_len:
                     raise ValueError(f"key: attention='bigbird' needs Nq == Nk (self-attention), got Nq={q_len}, Nk={kv_len}")
                 block_mask = self.block_mask(q_len, q.device)
@@ -483,6 +508,11 @@ class MultiheadAttention(nn.Module):
             phi_q, phi_k = _elementwise_feature_map(self.feature_map, q), _elementwise_feature_map(self.feature_map, k)
         keep = (~padded).to(q.dtype)
         return linear_attention(phi_q, phi_k * keep, v * keep, feature_map="identity", causal=causal, scale=1.0)
+
+
+def _check_block_mask_type(block_mask) -> None:
+    if not isinstance(block_mask, _masks.BlockMask):
+        raise TypeError(f"block_mask: expected an attnkernels.masks.BlockMask, got {type(block_mask).__name__}")
 
 
 def _elementwise_feature_map(name: str, x: Tensor) -> Tensor:
