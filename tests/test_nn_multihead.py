@@ -98,6 +98,33 @@ def test_float32_matches_torch_B2_N13_causal_pad():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"], ids=str)
+@pytest.mark.parametrize("kdim,vdim,causal,batch_first", [(24, 40, False, True), (48, None, True, False)],
+                         ids=["k24-v40-pad", "k48-causal-seqfirst-pad"])
+def test_kdim_vdim_match_torch_float64(backend, kdim, vdim, causal, batch_first):
+    backend_feature_param(backend, "key_padding_mask")
+    ref = torch.nn.MultiheadAttention(E, H, kdim=kdim, vdim=vdim, batch_first=batch_first, dtype=torch.float64).eval()
+    ours = MultiheadAttention(E, H, kdim=kdim, vdim=vdim, batch_first=batch_first, dtype=torch.float64).eval()
+    assert ours.in_proj_weight is None and ours.k_proj_weight.shape == (E, kdim)
+    assert set(ours.state_dict()) == set(ref.state_dict())
+    ours.load_state_dict(ref.state_dict())  # torch's separate q/k/v weights, unchanged
+    n = 10
+    x = torch.randn(2, n, E, dtype=torch.float64)
+    key = torch.randn(2, n, kdim, dtype=torch.float64)
+    value = torch.randn(2, n, vdim or E, dtype=torch.float64)
+    kpm = _padding(2, n, (0, 3)).flip(-1)  # right padding: no causal row is left without a key
+    mask = torch.nn.Transformer.generate_square_subsequent_mask(n, dtype=torch.bool) if causal else None
+    if not batch_first:
+        x, key, value = x.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+    expected, expected_w = ref(x, key, value, key_padding_mask=kpm, attn_mask=mask, need_weights=True)
+    with attnkernels.backend(backend):
+        got, got_w = ours(x, key, value, key_padding_mask=kpm, is_causal=causal, need_weights=True)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got_w, expected_w, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="key: last dim"):
+        ours(x)  # key defaults to query, whose width is embed_dim, not kdim
+
+
 def test_unbatched_input_matches_batched_N6():
     ours = MultiheadAttention(E, H, dtype=torch.float64).eval()
     x = torch.randn(6, E, dtype=torch.float64)

@@ -84,6 +84,10 @@ class MultiheadAttention(nn.Module):
             E, F (linformer_k, max_seq_len) (shared by all heads; F = E when
             `share_kv`), then the dense kernel runs on the k projected slots.
             `max_seq_len` is required; longer inputs raise.
+        kdim, vdim: widths of key / value inputs (None = embed_dim). When either
+            differs from embed_dim the q/k/v projections are separate
+            parameters `q_proj_weight` (E, E), `k_proj_weight` (Hk·Dh, kdim),
+            `v_proj_weight` (Hk·Dh, vdim) and `in_proj_weight` is None, as in torch.
         bias: biases on the input and output projections.
         dropout: accepted for signature compatibility; > 0 raises
             NotImplementedError in training mode (no dropout in the kernels).
@@ -111,6 +115,8 @@ class MultiheadAttention(nn.Module):
         max_seq_len: int | None = None,
         share_kv: bool = False,
         bias: bool = True,
+        kdim: int | None = None,
+        vdim: int | None = None,
         dropout: float = 0.0,
         batch_first: bool = True,
         seed: int | None = None,
@@ -139,9 +145,20 @@ class MultiheadAttention(nn.Module):
         self.seed = seed
         factory = {"device": device, "dtype": dtype}
 
-        # Packed [q | k | v] projection, torch's parameter names.
+        # Packed [q | k | v] projection, torch's parameter names (separate q/k/v weights when kdim/vdim differ).
+        self.kdim = embed_dim if kdim is None else _check_positive_int("kdim", kdim)
+        self.vdim = embed_dim if vdim is None else _check_positive_int("vdim", vdim)
+        self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
         kv_dim = num_kv_heads * self.head_dim
-        self.in_proj_weight = nn.Parameter(torch.empty(embed_dim + 2 * kv_dim, embed_dim, **factory))
+        if self._qkv_same_embed_dim:
+            self.in_proj_weight = nn.Parameter(torch.empty(embed_dim + 2 * kv_dim, embed_dim, **factory))
+            for name in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
+                self.register_parameter(name, None)
+        else:
+            self.q_proj_weight = nn.Parameter(torch.empty(embed_dim, embed_dim, **factory))
+            self.k_proj_weight = nn.Parameter(torch.empty(kv_dim, self.kdim, **factory))
+            self.v_proj_weight = nn.Parameter(torch.empty(kv_dim, self.vdim, **factory))
+            self.register_parameter("in_proj_weight", None)
         if bias:
             self.in_proj_bias = nn.Parameter(torch.empty(embed_dim + 2 * kv_dim, **factory))
         else:
@@ -218,7 +235,11 @@ class MultiheadAttention(nn.Module):
 
     def _reset_parameters(self) -> None:
         # torch.nn.MultiheadAttention's initialisation.
-        nn.init.xavier_uniform_(self.in_proj_weight)
+        if self._qkv_same_embed_dim:
+            nn.init.xavier_uniform_(self.in_proj_weight)
+        else:
+            for weight in (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight):
+                nn.init.xavier_uniform_(weight)
         if self.in_proj_bias is not None:
             nn.init.zeros_(self.in_proj_bias)
             nn.init.zeros_(self.out_proj.bias)
@@ -233,7 +254,8 @@ class MultiheadAttention(nn.Module):
                  "linformer": f", linformer_k={self.linformer_k}, max_seq_len={self.max_seq_len}, share_kv={self.share_kv}",
                  }.get(self.attention, "")
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
-                f"attention={self.attention!r}, causal={self.causal}{extra}, batch_first={self.batch_first}")
+                f"attention={self.attention!r}, causal={self.causal}{extra}, batch_first={self.batch_first}"
+                + ("" if self._qkv_same_embed_dim else f", kdim={self.kdim}, vdim={self.vdim}"))
 
     # ---- BigBird layouts ------------------------------------------------------------------------
     def block_mask(self, seq_len: int, device=None) -> "_masks.BlockMask":
@@ -317,10 +339,11 @@ class MultiheadAttention(nn.Module):
             )
         key = query if key is None else key
         value = key if value is None else value
-        self_attention = key is query and value is query
+        self_attention = key is query and value is query and self._qkv_same_embed_dim
 
         unbatched = query.dim() == 2
-        query, key, value = (self._to_batch_first(name, t, unbatched) for name, t in (("query", query), ("key", key), ("value", value)))
+        query, key, value = (self._to_batch_first(name, t, unbatched, width) for name, t, width in
+                             (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim)))
         batch, q_len, kv_len = query.shape[0], query.shape[1], key.shape[1]
         if key.shape[0] != batch or value.shape[0] != batch:
             raise ValueError(f"key/value: batch size must match query's {batch}; got {key.shape[0]} and {value.shape[0]}")
@@ -400,14 +423,15 @@ class MultiheadAttention(nn.Module):
         weights = torch.softmax(scores, dim=-1)
         return torch.where(visible.any(dim=-1, keepdim=True), weights, torch.zeros_like(weights))  # empty rows: 0
 
-    def _to_batch_first(self, name: str, x, unbatched: bool) -> Tensor:
+    def _to_batch_first(self, name: str, x, unbatched: bool, width: int) -> Tensor:
         if not isinstance(x, Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
         if x.dim() != (2 if unbatched else 3):
             layout = "(N, E) like query" if unbatched else ("(B, N, E)" if self.batch_first else "(N, B, E)")
             raise ValueError(f"{name}: expected a {2 if unbatched else 3}-D tensor {layout}, got shape {tuple(x.shape)}")
-        if x.shape[-1] != self.embed_dim:
-            raise ValueError(f"{name}: last dim {x.shape[-1]} must equal embed_dim={self.embed_dim}")
+        if x.shape[-1] != width:
+            what = {"query": "embed_dim", "key": "kdim", "value": "vdim"}[name]
+            raise ValueError(f"{name}: last dim {x.shape[-1]} must equal {what}={width}")
         if unbatched:
             return x[None]
         return x if self.batch_first else x.transpose(0, 1)
@@ -455,7 +479,10 @@ class MultiheadAttention(nn.Module):
         if self_attention:  # one matmul for all three
             q, k, v = F.linear(query, self.in_proj_weight, self.in_proj_bias).split([e, kv_dim, kv_dim], dim=-1)
         else:
-            w_q, w_k, w_v = self.in_proj_weight.split([e, kv_dim, kv_dim])
+            if self._qkv_same_embed_dim:
+                w_q, w_k, w_v = self.in_proj_weight.split([e, kv_dim, kv_dim])
+            else:
+                w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
             b_q = b_k = b_v = None
             if self.in_proj_bias is not None:
                 b_q, b_k, b_v = self.in_proj_bias.split([e, kv_dim, kv_dim])
