@@ -83,6 +83,8 @@ def _cases():
          ValueError, r"causal: causal linear attention needs as many queries as keys"),
         ("linear-negative-features", lambda: attnkernels.linear_attention(lq, lk, lv, feature_map="identity"), ValueError,
          r"feature_map: identity gave negative q features with normalize=True"),
+        ("linear-padding-mask", lambda: attnkernels.linear_attention(lq, lk, lv, key_padding_mask=torch.zeros(2, 13, dtype=torch.long)),
+         TypeError, r"key_padding_mask: expected dtype torch.bool"),
         ("linear-state-shape", lambda: attnkernels.linear_attention(
             lq, lk, lv, initial_state=(torch.zeros(2, 2, 16, 8), torch.zeros(2, 2, 16))),
          ValueError, r"initial_state.S: expected shape \(2, 2, 16, 16\)"),

@@ -279,3 +279,70 @@ def test_triton_refusal_names_the_missing_module():
 def test_public_exports():
     for name in ("linear_attention", "linear_attention_step", "LinearAttentionState", "PerformerFeatures"):
         assert hasattr(attnkernels, name) and name in attnkernels.__all__
+
+
+# --- key_padding_mask: padded keys add nothing to S nor z
+
+def _padding_feature_map(name):
+    if name == "performer":
+        return PerformerFeatures(8, num_features=24, seed=0).double()
+    if name == "callable":
+        return lambda x: torch.nn.functional.softplus(x)
+    return name
+
+
+def _scramble(k, v, mask):
+    """Garbage in the padded key/value slots (B, H, N, D): must not reach any output."""
+    k, v = k.clone(), v.clone()
+    k[mask[:, None, :].expand(k.shape[:3])] = 100.0
+    v[mask[:, None, :].expand(v.shape[:3])] = -1e4
+    return k, v
+
+
+@pytest.mark.parametrize("feature_map", ["elu", "relu", "performer", "callable"])
+def test_key_padding_mask_noncausal_equals_trimmed_keys(feature_map):
+    fm = _padding_feature_map(feature_map)
+    q, k, v = make_qkv(2, 4, 2, 7, 12, 8, 5)
+    mask = torch.zeros(2, 12, dtype=torch.bool)
+    mask[0, :3] = True  # left padding
+    mask[1, 9:] = True  # right padding
+    k_bad, v_bad = _scramble(k, v, mask)
+    out = linear_attention(q, k_bad, v_bad, feature_map=fm, key_padding_mask=mask)
+    for b, keep in enumerate((slice(3, None), slice(None, 9))):
+        trimmed = linear_attention(q[b:b + 1], k[b:b + 1, :, keep], v[b:b + 1, :, keep], feature_map=fm)
+        torch.testing.assert_close(out[b:b + 1], trimmed, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(out, linear_attention(q, k, v, feature_map=fm)), "the mask must change the output"
+
+
+@pytest.mark.parametrize("feature_map", ["elu", "performer"])
+def test_key_padding_mask_causal_padded_positions_contribute_nothing(feature_map):
+    fm = _padding_feature_map(feature_map)
+    q, k, v = (t.requires_grad_() for t in make_qkv(2, 2, 2, 11, 11, 8, 5))
+    mask = torch.zeros(2, 11, dtype=torch.bool)
+    mask[0, :4] = True  # left padding
+    mask[1, [2, 5, 6]] = True  # holes in the middle
+    out = linear_attention(q, k, v, feature_map=fm, causal=True, key_padding_mask=mask)
+    k_bad, v_bad = _scramble(k.detach(), v.detach(), mask)
+    torch.testing.assert_close(linear_attention(q, k_bad, v_bad, feature_map=fm, causal=True, key_padding_mask=mask), out,
+                               rtol=1e-10, atol=1e-10)
+    # left padding: the rows after it are those of the trimmed sequence
+    trimmed = linear_attention(q[:1, :, 4:], k[:1, :, 4:], v[:1, :, 4:], feature_map=fm, causal=True)
+    torch.testing.assert_close(out[:1, :, 4:], trimmed, rtol=1e-10, atol=1e-10)
+    # holes: each row equals the plain causal sum over the real keys j <= i
+    if feature_map == "elu":
+        phi_q, phi_k = torch.nn.functional.elu(q[1]) + 1, (torch.nn.functional.elu(k[1]) + 1) * (~mask[1])[None, :, None]
+        scores = (phi_q @ phi_k.transpose(-1, -2)).tril()
+        expected = (scores @ v[1]) / (scores.sum(-1, keepdim=True) + 1e-6)
+        torch.testing.assert_close(out[1], expected, rtol=1e-10, atol=1e-10)
+    out.sum().backward()
+    assert k.grad[mask[:, None, :].expand(k.shape[:3])].abs().max() == 0
+    assert v.grad[mask[:, None, :].expand(v.shape[:3])].abs().max() == 0
+    assert k.grad.abs().sum() > 0
+
+
+def test_key_padding_mask_without_padding_matches_fused_path():
+    q, k, v = make_qkv(1, 2, 2, 9, 9, 8, 4)
+    none_padded = torch.zeros(1, 9, dtype=torch.bool)
+    for causal in (False, True):
+        torch.testing.assert_close(linear_attention(q, k, v, causal=causal, scale=0.7, key_padding_mask=none_padded),
+                                   linear_attention(q, k, v, causal=causal, scale=0.7), rtol=1e-10, atol=1e-10)

@@ -18,7 +18,7 @@ from torch import Tensor
 from .. import _checks
 from . import ops
 from .features import PerformerFeatures
-from .reference import FEATURE_MAPS
+from .reference import FEATURE_MAPS, apply_feature_map
 
 FeatureMap = Union[str, PerformerFeatures, Callable[[Tensor], Tensor]]
 
@@ -45,6 +45,7 @@ def linear_attention(
     scale: float | None = None,
     initial_state: LinearAttentionState | tuple[Tensor, Tensor] | None = None,
     return_final_state: bool = False,
+    key_padding_mask: Tensor | None = None,
 ):
     """Linear attention out_i = φ(q_i)ᵀ S_i / (φ(q_i)ᵀ z_i + eps), in time and memory linear in N.
 
@@ -67,6 +68,16 @@ def linear_attention(
         initial_state: (S0, z0) from a previous call's `return_final_state`;
             lets a long sequence be processed in pieces.
         return_final_state: also return the state after every key (causal or not).
+        key_padding_mask: bool (B, Nk), True = the key is ignored (torch's
+            convention): padded keys add nothing to S nor to z (causal: nor to
+            any later row), so a padded sequence gives the rows of the trimmed
+            one. Implemented in torch, O(N·D), never N×N: φ is applied here,
+            the padded rows of φ(K) and V are zeroed, and the op runs with
+            "identity" — the fused feature-map path is bypassed when a mask is
+            given. Padded slots get a copy of the row's first real key before a
+            PerformerFeatures/callable map, so they cannot move FAVOR+'s
+            per-head key stabiliser. Queries at padded positions still get an
+            output (from the real keys they see).
 
     Returns:
         out (B, Hq, Nq, Dv) in q's dtype, or (out, LinearAttentionState) when
@@ -84,9 +95,19 @@ def linear_attention(
             "(stream a prefix with initial_state instead)"
         )
     eps = _check_eps(eps)
+    _checks.check_key_padding_mask(key_padding_mask, q, k)
+    if key_padding_mask is not None and not isinstance(feature_map, str):
+        k = _fill_padded_keys(k, key_padding_mask)
     name, q_features, k_features, scale = _resolve_features(feature_map, q, k, scale, normalize, initial_state, return_final_state)
     if name == "identity" and normalize and not isinstance(feature_map, PerformerFeatures):  # FAVOR+ is > 0 by construction
         _check_nonnegative(q_features, k_features, feature_map)
+    if key_padding_mask is not None:
+        if name != "identity":  # an elementwise map: apply φ here; the kernel then sees identity features
+            q_features, k_features = apply_feature_map(q * scale, name), apply_feature_map(k, name)
+            name, scale = "identity", 1.0
+        keep = ~key_padding_mask[:, None, :, None]  # (B, 1, Nk, 1)
+        k_features = torch.where(keep, k_features, torch.zeros_like(k_features))
+        v = torch.where(keep, v, torch.zeros_like(v))
     initial_s, initial_z = _check_state(initial_state, q_features, k_features, v)
     out, final_s, final_z = torch.ops.attnkernels.linear_attention_fwd(
         q_features, k_features, v, name, causal, normalize, eps, scale, initial_s, initial_z
@@ -122,6 +143,17 @@ def linear_attention_step(
         q_t, k_t, v_t, feature_map=feature_map, causal=True, normalize=normalize, eps=eps, scale=scale,
         initial_state=state, return_final_state=True,
     )
+
+
+def _fill_padded_keys(k: Tensor, key_padding_mask: Tensor) -> Tensor:
+    """k with each padded slot replaced by its batch row's first real key (B, Hk, Nk, D).
+
+    A non-elementwise map (FAVOR+ subtracts the max over all keys of a head) then cannot be moved by
+    whatever the padded slots hold; their features are zeroed afterwards anyway.
+    """
+    first_real = (~key_padding_mask).to(torch.uint8).argmax(dim=-1)  # (B,); 0 when a row is all padding
+    fill = k[torch.arange(k.shape[0], device=k.device), :, first_real][:, :, None]  # (B, Hk, 1, D)
+    return torch.where(key_padding_mask[:, None, :, None], fill, k)
 
 
 def _check_eps(eps) -> float:
