@@ -404,12 +404,16 @@ def test_linformer_errors():
 
 
 # ---- linear families ------------------------------------------------------------------------------
-def _contract_linear_attention(q, k, v, *, feature_map="elu", causal=False, normalize=True, eps=1e-6, scale=None, **_):
+def _contract_linear_attention(q, k, v, *, feature_map="elu", causal=False, normalize=True, eps=1e-6, scale=None,
+                               key_padding_mask=None, **_):
     """The linear-attention contract written plainly (non-causal and causal), for the plumbing tests."""
     phi = {"elu": lambda t: F.elu(t) + 1, "relu": F.relu, "identity": lambda t: t}[feature_map]
     group = q.shape[1] // k.shape[1]  # GQA: query head h reads kv head h // group
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     q, k = phi(q * (1.0 if scale is None else scale)), phi(k)
+    if key_padding_mask is not None:  # padded keys add nothing to S nor z
+        keep = (~key_padding_mask)[:, None, :, None].to(k.dtype)
+        k, v = k * keep, v * keep
     if causal:
         scores = torch.einsum("bhid,bhjd->bhij", q, k).tril()
         num, den = scores @ v, scores.sum(-1, keepdim=True)

@@ -518,34 +518,12 @@ class MultiheadAttention(nn.Module):
         # Performer approximates softmax(q kᵀ / √Dh), like the softmax families; the elementwise maps take
         # q unscaled (their scale multiplies q before φ; the projections learn any scale).
         scale = 1.0 / math.sqrt(self.head_dim) if performer else 1.0
-        if key_padding_mask is None:
-            return linear_attention(q, k, v, feature_map=self.feature_map, causal=causal, scale=scale)
-        # Zeroing k is not enough (elu+1 and FAVOR+ give φ(0) != 0): apply φ here, zero the padded rows of
-        # φ(K) and V, and run the kernel with the identity map on the features.
-        padded = key_padding_mask[:, None, :, None]  # (B, 1, Nk, 1)
-        # FAVOR+ subtracts one stabiliser per (batch, head), the max over all keys: give padded slots a copy
-        # of the first real key so they cannot move it (the result then equals the unpadded sequence's).
-        first_real = (~key_padding_mask).to(torch.uint8).argmax(dim=-1)  # (B,)
-        fill = k[torch.arange(k.shape[0], device=k.device), :, first_real][:, :, None]  # (B, Hk, 1, Dh)
-        k = torch.where(padded, fill, k)
-        if performer:
-            root = math.sqrt(scale)  # linear_attention's rule: q and k each times sqrt(scale)
-            phi_q, phi_k = self.feature_map(q * root, is_query=True), self.feature_map(k * root, is_query=False)
-        else:
-            phi_q, phi_k = _elementwise_feature_map(self.feature_map, q), _elementwise_feature_map(self.feature_map, k)
-        keep = (~padded).to(q.dtype)
-        return linear_attention(phi_q, phi_k * keep, v * keep, feature_map="identity", causal=causal, scale=1.0)
+        # With a mask, linear_attention applies φ in torch and zeroes the padded rows of φ(K) and V (zeroing k
+        # alone is not enough: elu+1 and FAVOR+ give φ(0) != 0), keeping padded slots off FAVOR+'s stabiliser.
+        return linear_attention(q, k, v, feature_map=self.feature_map, causal=causal, scale=scale,
+                                key_padding_mask=key_padding_mask)
 
 
 def _check_block_mask_type(block_mask) -> None:
     if not isinstance(block_mask, _masks.BlockMask):
         raise TypeError(f"block_mask: expected an attnkernels.masks.BlockMask, got {type(block_mask).__name__}")
-
-
-def _elementwise_feature_map(name: str, x: Tensor) -> Tensor:
-    """φ(x) for the elementwise maps, as linear_attention applies them (scale 1)."""
-    if name == "elu":
-        return F.elu(x) + 1.0
-    if name == "relu":
-        return F.relu(x)
-    return x  # identity
