@@ -688,14 +688,18 @@ def override_blocks(block_m: int, block_n: int):
 # with operands spread over registers, hence the small fp32 tiles; at those sizes ptxas
 # would rather spill a few bytes than drop below 2-3 blocks per SM, so the fp32 configs
 # let it use all 255 registers per thread (`maxnreg`).
+# On an H200 (benchmarks/gpu_tune.py, docs/gpu_tune_h200.json) larger dK/dV tiles ran up to
+# 3x faster at D=128 (32x128: 1.8 ms vs 5.9 ms causal fwd+bwd), but Triton 3.8's ptxas
+# spills them on sm_80/sm_90a, so the gate keeps the small ones; the D<=64 16-bit fwd and
+# dK/dV tiles below are the fastest spill-free ones of that sweep.
 _FP32_REGS = 255
 _CONFIGS = {
     # forward: BLOCK_M query rows resident, BLOCK_N key rows stream
-    ("fwd", 64): (BlockConfig(128, 64, 4, 3), BlockConfig(32, 16, 4, 2, _FP32_REGS)),
+    ("fwd", 64): (BlockConfig(64, 64, 4, 3), BlockConfig(32, 16, 4, 2, _FP32_REGS)),
     ("fwd", 128): (BlockConfig(128, 64, 8, 3), BlockConfig(16, 16, 4, 2, _FP32_REGS)),
     ("fwd", 256): (BlockConfig(64, 32, 8, 2), BlockConfig(32, 16, 8, 2, _FP32_REGS)),
     # dK/dV: BLOCK_N key rows resident, BLOCK_M query rows stream
-    ("dkdv", 64): (BlockConfig(16, 64, 8, 2), BlockConfig(16, 16, 4, 2, _FP32_REGS)),
+    ("dkdv", 64): (BlockConfig(16, 128, 8, 2), BlockConfig(16, 16, 4, 2, _FP32_REGS)),
     ("dkdv", 128): (BlockConfig(16, 32, 8, 2), BlockConfig(16, 16, 8, 2, _FP32_REGS)),
     ("dkdv", 256): (BlockConfig(16, 16, 8, 1), BlockConfig(16, 16, 8, 2, _FP32_REGS)),
     # dQ: BLOCK_M query rows resident, BLOCK_N key rows stream
