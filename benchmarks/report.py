@@ -26,6 +26,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import tempfile
@@ -341,6 +342,22 @@ def markdown(meta, gate, rows, compile_section, plots) -> str:
     return "\n".join(out) + "\n"
 
 
+# Per-SM limits of the two targets (CUDA occupancy calculator's numbers).
+_SM_LIMITS = {80: dict(smem=167936, regs=65536, warps=64, blocks=32),
+              90: dict(smem=233472, regs=65536, warps=64, blocks=32)}
+
+
+def theoretical_occupancy(arch: int, regs: int, smem: int, num_warps: int) -> float:
+    """Resident warps / max warps per SM that registers and shared memory allow
+    (registers allocated per warp in units of 256)."""
+    limits = _SM_LIMITS[arch]
+    regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    blocks = min(limits["regs"] // (regs_per_warp * num_warps),
+                 limits["smem"] // smem if smem else limits["blocks"], limits["blocks"],
+                 limits["warps"] // num_warps)
+    return blocks * num_warps / limits["warps"]
+
+
 def compile_report_section() -> str:
     """Runs the GPU compile gate in its own process (no TRITON_INTERPRET) and summarises it:
     one row per kernel and arch, then every spec that failed (all rows: its --json)."""
@@ -348,7 +365,8 @@ def compile_report_section() -> str:
     head = ["## GPU compile report (ahead of time)", "",
             "Each Triton kernel config (`AOT_SPECS`) is compiled ahead of time for sm_80 and sm_90a with no GPU: "
             "registers and spills from `ptxas -v`, shared memory from the launch metadata, tensor-core use from "
-            "`mma`/`wgmma` in the PTX (`python -m attnkernels.tools.compile_report`). Exact-fp32 (`ieee`) "
+            "`mma`/`wgmma` in the PTX (`python -m attnkernels.tools.compile_report`); theoretical occupancy = resident warps / 64 "
+            "that those registers and that shared memory allow per SM. Exact-fp32 (`ieee`) "
             "configs have no tensor-core requirement.", ""]
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "compile.json")
@@ -364,16 +382,18 @@ def compile_report_section() -> str:
                 f"{summary['errors']} errors, **{summary['spills']} with spills**, {summary['missing_tensor_cores']} "
                 f"dot kernels without tensor cores, {summary['smem_over_limit']} over the shared-memory limit. "
                 + ("Gate: passed." if report["ok"] else "Gate: **failed** (listed below)."))
-    head += ["", "| kernel | arch | configs | max regs | max smem (B) | tensor cores where required | with spills |",
-             "|---|---|---|---|---|---|---|"]
+    head += ["", "| kernel | arch | configs | max regs | max smem (B) | theoretical occupancy (min–max) "
+             "| tensor cores where required | with spills |", "|---|---|---|---|---|---|---|---|"]
     groups: dict = {}
     for r in results:
         groups.setdefault((r["kernel"], r["arch"]), []).append(r)
     for (kernel, arch), rs in sorted(groups.items()):
         dots = [r for r in rs if r["uses_dot"]]
+        occupancy = [theoretical_occupancy(arch, r["regs"] or 0, r["smem"] or 0,
+                                           int(re.search(r"\bw(\d+)", r["config"]).group(1))) for r in rs]
         head.append(f"| {kernel} | sm_{arch} | {len(rs)} | {max(r['regs'] or 0 for r in rs)} | "
-                    f"{max(r['smem'] or 0 for r in rs)} | {sum(r['tensor_cores'] for r in dots)}/{len(dots)} | "
-                    f"{sum(1 for r in rs if r['spills'])} |")
+                    f"{max(r['smem'] or 0 for r in rs)} | {min(occupancy):.0%}–{max(occupancy):.0%} | "
+                    f"{sum(r['tensor_cores'] for r in dots)}/{len(dots)} | {sum(1 for r in rs if r['spills'])} |")
     failed = [r for r in results if r["status"] != "ok"]
     if failed:
         head += ["", "Failing configs:", "", "| spec | arch | regs | spill bytes | status |", "|---|---|---|---|---|"]
