@@ -877,19 +877,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   return {dq.to(dt), dk.to(dt), dv.to(dt)};
 }
 
-// Per query tile (the forward / dQ grid), [first_kv_tile, end_kv_tile) visited
-// under the window, int64 (n_query_tiles, 2); (0, 0) for a tile that sees nothing.
-at::Tensor attention_kv_block_ranges(int64_t q_len, int64_t kv_len, int64_t window_left, int64_t window_right) {
-  TORCH_CHECK(q_len >= 0 && kv_len >= 0, "attention_kv_block_ranges: lengths must be >= 0");
-  const Problem p = window_problem(q_len, kv_len, window_left, window_right);
-  const auto tiles = make_tiles(q_len, kBlockM, 0);
+// For each tile of `tiles`, the [first, end) range of the other side's tiles (of size
+// `other_tile`) that `for_each_other(tile_lo, tile_hi, visit)` visits, int64 (n_tiles, 2);
+// (0, 0) for a tile that sees nothing. Exposes the kernels' own loop bounds to tests.
+template <typename ForEach>
+at::Tensor visited_tile_ranges(const std::vector<std::pair<int64_t, int64_t>>& tiles, int64_t other_tile,
+                               ForEach for_each_other) {
   at::Tensor r = at::zeros({int64_t(tiles.size()), 2}, at::kLong);
   auto a = r.accessor<int64_t, 2>();
   for (size_t t = 0; t < tiles.size(); ++t) {
     int64_t first = -1, last = -1;
-    for_each_kv_tile(p, 0, 0, tiles[t].first, tiles[t].second, [&](int64_t j0, int64_t) {
-      if (first < 0) first = j0 / kBlockN;
-      last = j0 / kBlockN;
+    for_each_other(tiles[t].first, tiles[t].second, [&](int64_t start, int64_t) {
+      if (first < 0) first = start / other_tile;
+      last = start / other_tile;
     });
     a[t][0] = first < 0 ? 0 : first;
     a[t][1] = first < 0 ? 0 : last + 1;
@@ -897,23 +897,22 @@ at::Tensor attention_kv_block_ranges(int64_t q_len, int64_t kv_len, int64_t wind
   return r;
 }
 
-// Per key tile (the dK/dV grid), [first_q_tile, end_q_tile) visited, int64 (n_key_tiles, 2).
+// Per query tile (the forward / dQ grid), the key tiles visited under the window.
+at::Tensor attention_kv_block_ranges(int64_t q_len, int64_t kv_len, int64_t window_left, int64_t window_right) {
+  TORCH_CHECK(q_len >= 0 && kv_len >= 0, "attention_kv_block_ranges: lengths must be >= 0");
+  const Problem p = window_problem(q_len, kv_len, window_left, window_right);
+  return visited_tile_ranges(make_tiles(q_len, kBlockM, 0), kBlockN, [&](int64_t lo, int64_t hi, auto visit) {
+    for_each_kv_tile(p, 0, 0, lo, hi, visit);
+  });
+}
+
+// Per key tile (the dK/dV grid), the query tiles visited.
 at::Tensor attention_q_block_ranges(int64_t q_len, int64_t kv_len, int64_t window_left, int64_t window_right) {
   TORCH_CHECK(q_len >= 0 && kv_len >= 0, "attention_q_block_ranges: lengths must be >= 0");
   const Problem p = window_problem(q_len, kv_len, window_left, window_right);
-  const auto tiles = make_tiles(kv_len, kBlockN, 0);
-  at::Tensor r = at::zeros({int64_t(tiles.size()), 2}, at::kLong);
-  auto a = r.accessor<int64_t, 2>();
-  for (size_t t = 0; t < tiles.size(); ++t) {
-    int64_t first = -1, last = -1;
-    for_each_q_tile(p, 0, 0, tiles[t].first, tiles[t].second, [&](int64_t i0, int64_t) {
-      if (first < 0) first = i0 / kBlockM;
-      last = i0 / kBlockM;
-    });
-    a[t][0] = first < 0 ? 0 : first;
-    a[t][1] = first < 0 ? 0 : last + 1;
-  }
-  return r;
+  return visited_tile_ranges(make_tiles(kv_len, kBlockN, 0), kBlockM, [&](int64_t lo, int64_t hi, auto visit) {
+    for_each_q_tile(p, 0, 0, lo, hi, visit);
+  });
 }
 
 std::vector<int64_t> attention_tile_sizes() { return {kBlockM, kBlockN}; }

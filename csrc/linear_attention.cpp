@@ -576,6 +576,15 @@ std::pair<at::Tensor, at::Tensor> initial_state(const at::Tensor& q, const at::T
   return {s0->to(acc).contiguous(), z0->to(acc).contiguous()};
 }
 
+// The kernels' raw arguments (the initial state is optional: nullptr when absent).
+template <typename scalar_t, typename acc_t>
+Args<scalar_t, acc_t> make_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& s0,
+                                const at::Tensor& z0, FeatureMap f, bool normalize, double eps, double scale) {
+  return {q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+          s0.defined() ? s0.data_ptr<acc_t>() : nullptr, z0.defined() ? z0.data_ptr<acc_t>() : nullptr,
+          f, normalize, static_cast<acc_t>(eps), static_cast<acc_t>(scale)};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_attention_fwd(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, std::string feature_map, bool causal,
     bool normalize, double eps, double scale, const std::optional<at::Tensor>& initial_s,
@@ -591,9 +600,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_attention_fwd(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "linear_attention_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Dims d = make_dims<acc_t>(q, k, v);
-    Args<scalar_t, acc_t> a{q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-                            s0.defined() ? s0.data_ptr<acc_t>() : nullptr, z0.defined() ? z0.data_ptr<acc_t>() : nullptr,
-                            f, normalize, static_cast<acc_t>(eps), static_cast<acc_t>(scale)};
+    const auto a = make_args<scalar_t, acc_t>(q, k, v, s0, z0, f, normalize, eps, scale);
     if (causal) {
       forward_causal(d, a, out.data_ptr<scalar_t>(), s_out.data_ptr<acc_t>(), z_out.data_ptr<acc_t>());
     } else {
@@ -620,9 +627,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_attention_bwd(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "linear_attention_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Dims d = make_dims<acc_t>(q, k, v);
-    Args<scalar_t, acc_t> a{q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-                            s0.defined() ? s0.data_ptr<acc_t>() : nullptr, z0.defined() ? z0.data_ptr<acc_t>() : nullptr,
-                            f, normalize, static_cast<acc_t>(eps), static_cast<acc_t>(scale)};
+    const auto a = make_args<scalar_t, acc_t>(q, k, v, s0, z0, f, normalize, eps, scale);
     if (causal) {
       backward_causal(d, a, dout.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
     } else {

@@ -58,6 +58,13 @@ def _select(q: Tensor) -> str:
     return name
 
 
+def _fused_backend(q: Tensor, k: Tensor) -> str:
+    """"cpu", "triton" or "reference" for this call: an empty sequence (Nq or Nk = 0) has
+    nothing to fuse, so the reference handles it whatever the backend."""
+    name = _select(q)
+    return name if q.shape[2] > 0 and k.shape[2] > 0 else "reference"
+
+
 def _initial_state(initial_s, initial_z):
     return None if initial_s is None else (initial_s.double(), initial_z.double())
 
@@ -75,13 +82,12 @@ def linear_attention_fwd(
     initial_s: Optional[Tensor],
     initial_z: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    name = _select(q)
-    # An empty sequence (Nq or Nk = 0) has nothing to fuse: the reference handles it.
-    if name == "cpu" and q.shape[2] > 0 and k.shape[2] > 0:
+    name = _fused_backend(q, k)
+    if name == "cpu":
         return backends.cpu_kernels().linear_attention_fwd(
             q.contiguous(), k.contiguous(), v.contiguous(), feature_map, causal, normalize, eps, scale, initial_s, initial_z
         )
-    if name == "triton" and q.shape[2] > 0 and k.shape[2] > 0:
+    if name == "triton":
         from ..kernels import linear_attention as triton_linear
 
         return triton_linear.linear_attention_forward(
@@ -120,13 +126,13 @@ def linear_attention_bwd(
     initial_s: Optional[Tensor],
     initial_z: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    name = _select(q)
-    if name == "cpu" and q.shape[2] > 0 and k.shape[2] > 0:
+    name = _fused_backend(q, k)
+    if name == "cpu":
         return backends.cpu_kernels().linear_attention_bwd(
             dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), feature_map, causal, normalize,
             eps, scale, initial_s, initial_z,
         )
-    if name == "triton" and q.shape[2] > 0 and k.shape[2] > 0:
+    if name == "triton":
         from ..kernels import linear_attention as triton_linear
 
         return triton_linear.linear_attention_backward(
