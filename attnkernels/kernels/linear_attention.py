@@ -301,6 +301,23 @@ def _row_scalars(DEN, CC, n0, N, o_c, BLOCK_C: tl.constexpr, NORMALIZE: tl.const
 
 
 @triton.jit
+def _query_chunk(Q, DO, DEN, CC, i_b, i_h, Hq, Nq, n0, scale,
+                 stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don,
+                 o_c, o_d, m_d, o_v, m_v,
+                 FEATURE_MAP: tl.constexpr, BLOCK_C: tl.constexpr, NORMALIZE: tl.constexpr):
+    """What the backward kernels read of query rows [n0, n0 + C) of head (i_b, i_h):
+    φ(scale·q) [BLOCK_C, cols of o_d] (0 outside), dO [BLOCK_C, cols of o_v], 1/den and c."""
+    Qh = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
+    DOh = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
+    off_r = (i_b * Hq + i_h).to(tl.int64) * Nq
+    b_q, m_q = _load_rows(Qh, stride_qn, n0, Nq, o_c, o_d, m_d)
+    b_fq = tl.where(m_q[:, None] & m_d[None, :], _phi(b_q.to(tl.float32) * scale, FEATURE_MAP), 0.0)
+    b_do, m_q = _load_rows(DOh, stride_don, n0, Nq, o_c, o_v, m_v)
+    b_rden, b_cc = _row_scalars(DEN + off_r, CC + off_r, n0, Nq, o_c, BLOCK_C, NORMALIZE)
+    return b_fq, b_do, b_rden, b_cc
+
+
+@triton.jit
 def linear_bwd_dq(Q, K, V, DO, DQ, S_IN, Z_IN, DEN, CC,
                   stride_qb, stride_qh, stride_qn,
                   stride_kb, stride_kh, stride_kn,
@@ -430,13 +447,9 @@ def linear_bwd_dk(Q, K, V, DO, DK, DEN, CC,
                 b_dfk += b_dz[None, :]
             for i_g in range(0, group):
                 i_h = i_hk * group + i_g
-                Qh = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
-                DOh = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
-                off_r = (i_b * Hq + i_h).to(tl.int64) * Nq
-                b_q, m_q = _load_rows(Qh, stride_qn, n0, Nq, o_c, o_d, m_d)  # [BLOCK_C, BLOCK_DT]
-                b_fq = tl.where(m_q[:, None] & m_d[None, :], _phi(b_q.to(tl.float32) * scale, FEATURE_MAP), 0.0)
-                b_do, m_q = _load_rows(DOh, stride_don, n0, Nq, o_c, o_v, m_v)  # [BLOCK_C, BLOCK_DV]
-                b_rden, b_cc = _row_scalars(DEN + off_r, CC + off_r, n0, Nq, o_c, BLOCK_C, NORMALIZE)
+                b_fq, b_do, b_rden, b_cc = _query_chunk(Q, DO, DEN, CC, i_b, i_h, Hq, Nq, n0, scale,
+                                                        stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don,
+                                                        o_c, o_d, m_d, o_v, m_v, FEATURE_MAP, BLOCK_C, NORMALIZE)
                 # intra-chunk: Pᵀ[j, i] = v_j · g_i + c_i for j <= i
                 b_pt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_C]
                 b_pt = tl.where(m_causal_t, b_pt * b_rden[None, :] + b_cc[None, :], 0.0)
@@ -451,15 +464,11 @@ def linear_bwd_dk(Q, K, V, DO, DK, DEN, CC,
         # every key sees every query: reduce dS, dz over all queries of the group first
         for i_g in range(0, group):
             i_h = i_hk * group + i_g
-            Qh = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
-            DOh = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
-            off_r = (i_b * Hq + i_h).to(tl.int64) * Nq
             for i_t in range(0, tl.cdiv(Nq, BLOCK_C)):
                 n0 = i_t * BLOCK_C
-                b_q, m_q = _load_rows(Qh, stride_qn, n0, Nq, o_c, o_d, m_d)
-                b_fq = tl.where(m_q[:, None] & m_d[None, :], _phi(b_q.to(tl.float32) * scale, FEATURE_MAP), 0.0)
-                b_do, m_q = _load_rows(DOh, stride_don, n0, Nq, o_c, o_v, m_v)
-                b_rden, b_cc = _row_scalars(DEN + off_r, CC + off_r, n0, Nq, o_c, BLOCK_C, NORMALIZE)
+                b_fq, b_do, b_rden, b_cc = _query_chunk(Q, DO, DEN, CC, i_b, i_h, Hq, Nq, n0, scale,
+                                                        stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don,
+                                                        o_c, o_d, m_d, o_v, m_v, FEATURE_MAP, BLOCK_C, NORMALIZE)
                 b_g = b_do.to(tl.float32) * b_rden[:, None]
                 b_ds = tl.dot(tl.trans(b_fq), b_g, b_ds, input_precision=DOT_PREC)
                 b_dz += tl.sum(b_fq * b_cc[:, None], 0)
@@ -511,13 +520,9 @@ def linear_bwd_dv(Q, K, DO, DV, DEN,
             b_dv = tl.dot(b_fk, b_ds, input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_DVT]
             for i_g in range(0, group):
                 i_h = i_hk * group + i_g
-                Qh = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
-                DOh = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
-                off_r = (i_b * Hq + i_h).to(tl.int64) * Nq
-                b_q, m_q = _load_rows(Qh, stride_qn, n0, Nq, o_c, o_d, m_d)  # [BLOCK_C, BLOCK_D]
-                b_fq = tl.where(m_q[:, None] & m_d[None, :], _phi(b_q.to(tl.float32) * scale, FEATURE_MAP), 0.0)
-                b_do, m_q = _load_rows(DOh, stride_don, n0, Nq, o_c, o_v, m_v)  # [BLOCK_C, BLOCK_DVT]
-                b_rden, b_cc = _row_scalars(DEN + off_r, DEN + off_r, n0, Nq, o_c, BLOCK_C, NORMALIZE)
+                b_fq, b_do, b_rden, b_cc = _query_chunk(Q, DO, DEN, DEN, i_b, i_h, Hq, Nq, n0, scale,
+                                                        stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don,
+                                                        o_c, o_d, m_d, o_v, m_v, FEATURE_MAP, BLOCK_C, NORMALIZE)
                 b_g = b_do.to(tl.float32) * b_rden[:, None]  # [BLOCK_C, BLOCK_DVT]
                 # intra-chunk: Aᵀ[j, i] = φ(k_j) · φ(q_i) for j <= i
                 b_at = tl.dot(b_fk.to(K.dtype.element_ty), tl.trans(b_fq.to(K.dtype.element_ty)),
@@ -529,15 +534,11 @@ def linear_bwd_dv(Q, K, DO, DV, DEN,
     else:
         for i_g in range(0, group):
             i_h = i_hk * group + i_g
-            Qh = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
-            DOh = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
-            off_r = (i_b * Hq + i_h).to(tl.int64) * Nq
             for i_t in range(0, tl.cdiv(Nq, BLOCK_C)):
                 n0 = i_t * BLOCK_C
-                b_q, m_q = _load_rows(Qh, stride_qn, n0, Nq, o_c, o_d, m_d)
-                b_fq = tl.where(m_q[:, None] & m_d[None, :], _phi(b_q.to(tl.float32) * scale, FEATURE_MAP), 0.0)
-                b_do, m_q = _load_rows(DOh, stride_don, n0, Nq, o_c, o_v, m_v)
-                b_rden, b_cc = _row_scalars(DEN + off_r, DEN + off_r, n0, Nq, o_c, BLOCK_C, NORMALIZE)
+                b_fq, b_do, b_rden, b_cc = _query_chunk(Q, DO, DEN, DEN, i_b, i_h, Hq, Nq, n0, scale,
+                                                        stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don,
+                                                        o_c, o_d, m_d, o_v, m_v, FEATURE_MAP, BLOCK_C, NORMALIZE)
                 b_ds = tl.dot(tl.trans(b_fq), b_do.to(tl.float32) * b_rden[:, None], b_ds, input_precision=DOT_PREC)
         for i_t in range(0, tl.cdiv(Nk, BLOCK_C)):
             n0 = i_t * BLOCK_C
