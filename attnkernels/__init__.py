@@ -1,15 +1,19 @@
 """attnkernels: fused dense, windowed, block-sparse and linear attention for PyTorch.
 
-CPU tensors run C++ kernels, CUDA tensors Triton kernels; `reference.py` is the
-float64 oracle both are tested against.
+CPU tensors run C++ kernels, CUDA tensors Triton kernels; each family's
+`reference.py` is the float64 oracle both are tested against. One folder per
+family (`softmax/`, `linear/`), the same file names in each.
 """
-from . import masks
-from .api import attention, sparse_attention, window_attention
+import sys as _sys
+
 from .backends import backend
+from .softmax import BlockMask, attention, attention_reference, masks, sparse_attention, window_attention, windows
 from .linear import LinearAttentionState, PerformerFeatures, linear_attention, linear_attention_step
-from .masks import BlockMask
-from .reference import attention_reference
 from . import nn  # noqa: E402  (drop-in modules; imports only the modules above)
+
+# `attnkernels.masks` and `attnkernels.windows` are public module paths (README); they are the softmax family's.
+_sys.modules[__name__ + ".masks"] = masks
+_sys.modules[__name__ + ".windows"] = windows
 
 __version__ = "0.1.0"
 
@@ -24,6 +28,7 @@ __all__ = [
     "PerformerFeatures",
     "backend",
     "masks",
+    "windows",
     "BlockMask",
     "nn",
 ]

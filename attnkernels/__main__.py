@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 import attnkernels
 from attnkernels import backends
-from attnkernels.reference import attention_reference, window_visibility
+from attnkernels.conventions import window_visibility
+from attnkernels.softmax.reference import attention_reference
 from attnkernels.tools.timing import median_ratio, time_interleaved
 
 

@@ -1,12 +1,10 @@
-"""Input validation shared by the public entry points.
+"""Validation of the user's arguments, shared by the families' call builders (softmax/call.py,
+linear/call.py): the one place user-facing checks live.
 
 Every check raises before any kernel runs, with a message that names the
-argument and says what was expected.
+argument and says what was expected (README's bad-input table lists them).
 """
 from __future__ import annotations
-
-import math
-import numbers
 
 import torch
 
@@ -35,7 +33,7 @@ def check_same_dtype_and_device(**tensors) -> None:
 
 
 def check_qkv(q, k, v) -> None:
-    """Shapes per DESIGN.md: q (B, Hq, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv)."""
+    """Shapes (README, Conventions): q (B, Hq, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv)."""
     for name, tensor in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, tensor)
     check_same_dtype_and_device(q=q, k=k, v=v)
@@ -58,15 +56,9 @@ def check_qkv(q, k, v) -> None:
             raise ValueError(f"{name}: expected 1 <= D <= {MAX_HEAD_DIM}, got {dim}")
 
 
-def resolve_scale(scale, head_dim: int) -> float:
-    if scale is None:
-        return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale: expected a float or None, got {type(scale).__name__}")
-    scale = float(scale)
-    if not math.isfinite(scale) or scale < 0:
-        raise ValueError(f"scale: expected a finite, non-negative float (None = 1/sqrt(D)), got {scale}")
-    return scale
+def check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
 
 
 def check_key_padding_mask(key_padding_mask, q, k) -> None:

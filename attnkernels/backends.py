@@ -1,22 +1,49 @@
-"""Which implementation runs a call: "cpu" (C++), "triton", or "reference".
+"""Which implementation runs a call: a registry {family: {backend: Backend}}.
 
-By default CPU tensors go to the C++ kernels and CUDA tensors to Triton.
+Each family's ops.py registers its backends ("cpu" = the C++ kernels, "triton",
+"reference" = the float64 oracle) with a forward, a backward and a `declines`
+function that says why that backend cannot run a call (device, build, dtype), or
+None. By default CPU tensors go to "cpu" and CUDA tensors to "triton";
 `with attnkernels.backend("reference"):` forces one for the calls made in that
-block, on this thread. The choice is read when an op runs (not when it is
-traced), so compiled graphs honour it too.
+block, on this thread. The choice is read when an op runs (not when it is traced),
+so compiled graphs honour it too. When the chosen backend declines, one error
+lists every backend of the family and why each declined (as xFormers does).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import threading
+from typing import Callable, Optional
 
 import torch
 
 BACKENDS = ("cpu", "triton", "reference")
 
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    name: str
+    forward: Callable  # (call, *data tensors) -> the op's outputs
+    backward: Callable  # (call, grad outputs and saved tensors) -> input grads
+    declines: Callable[[torch.device], Optional[str]]  # why it cannot run on this device, or None
+
+
+class BackendUnavailable(ValueError, RuntimeError):
+    """No backend can run the call: a ValueError when the tensors' device rules it out, a RuntimeError when
+    the build lacks it; one class for both, so a caller catches either (the message says which)."""
+
+
+_REGISTRY: dict[str, dict[str, Backend]] = {}
 _state = threading.local()
+
+
+def register(family: str, backend: Backend) -> None:
+    if backend.name not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend.name!r}")
+    _REGISTRY.setdefault(family, {})[backend.name] = backend
 
 
 @contextlib.contextmanager
@@ -36,6 +63,38 @@ def forced_backend() -> str | None:
     return getattr(_state, "forced", None)
 
 
+def default_backend(device: torch.device) -> str | None:
+    return {"cuda": "triton", "cpu": "cpu"}.get(device.type)
+
+
+def select(family: str, device: torch.device) -> Backend:
+    """The backend that runs a `family` call on tensors of `device`, or an error saying why none can."""
+    backends = _REGISTRY[family]
+    name = forced_backend() or default_backend(device)
+    if name is None:
+        raise ValueError(
+            f"device: attnkernels runs on CPU (C++ kernels) and CUDA (Triton kernels); got tensors on {device}. "
+            "Use `attnkernels.backend('reference')` for a plain-PyTorch path on other devices."
+        )
+    chosen = backends[name]
+    why = chosen.declines(device)
+    if why is None:
+        return chosen
+    others = "; ".join(
+        f"{other.name}: {other.declines(device) or 'available'}" for other in backends.values() if other is not chosen
+    )
+    how = "forced by attnkernels.backend()" if forced_backend() else f"the default for {device.type} tensors"
+    raise BackendUnavailable(f"backend {name!r} ({how}) cannot run this {family} call: {why}. Backends: {others}")
+
+
+def why_not(family: str, name: str, device: torch.device) -> str | None:
+    """None if backend `name` can run `family` calls on `device` here, else the reason."""
+    return _REGISTRY[family][name].declines(device)
+
+
+# --- what each backend needs, shared by the families --------------------------------------
+
+
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -50,6 +109,18 @@ def triton_status() -> tuple[bool, str]:
     return True, ""
 
 
+def triton_declines(device: torch.device) -> str | None:
+    ok, why = triton_status()
+    if not ok:
+        return why
+    if device.type == "cpu" and not triton_interpreted():
+        return ("it needs CUDA tensors; on CPU tensors it runs only under the Triton interpreter "
+                "(set TRITON_INTERPRET=1 before triton is first imported)")
+    if device.type not in ("cpu", "cuda"):
+        return f"it needs CUDA tensors, got tensors on {device}"
+    return None
+
+
 def cpu_status() -> tuple[bool, str]:
     from . import _cpu_backend
 
@@ -57,37 +128,15 @@ def cpu_status() -> tuple[bool, str]:
     return kernels.available, kernels.error or ""
 
 
-def select(device: torch.device) -> str:
-    """The backend that runs a call on tensors of `device`, or a ValueError saying why none can."""
-    name = forced_backend()
-    if name is None:
-        name = "triton" if device.type == "cuda" else "cpu" if device.type == "cpu" else None
-        if name is None:
-            raise ValueError(
-                f"device: attnkernels runs on CPU (C++ kernels) and CUDA (Triton kernels); got tensors on {device}. "
-                "Use `attnkernels.backend('reference')` for a plain-PyTorch path on other devices."
-            )
-    if name == "reference":
-        return name
-    if name == "cpu":
-        if device.type != "cpu":
-            raise ValueError(f"backend 'cpu' runs the C++ kernels on CPU tensors; got tensors on {device}")
-        ok, why = cpu_status()
-        if not ok:
-            raise RuntimeError(f"backend 'cpu' is unavailable: {why}")
-        return name
-    # triton
-    ok, why = triton_status()
-    if not ok:
-        raise RuntimeError(f"backend 'triton' is unavailable: {why}")
-    if device.type == "cpu" and not triton_interpreted():
-        raise ValueError(
-            "backend 'triton' needs CUDA tensors; on CPU tensors it runs only under the Triton interpreter "
-            "(set TRITON_INTERPRET=1 before triton is first imported)"
-        )
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"backend 'triton' needs CUDA tensors; got tensors on {device}")
-    return name
+def cpu_declines(device: torch.device) -> str | None:
+    if device.type != "cpu":
+        return f"it runs the C++ kernels on CPU tensors, got tensors on {device}"
+    ok, why = cpu_status()
+    return None if ok else why
+
+
+def reference_declines(device: torch.device) -> str | None:
+    return None
 
 
 def cpu_kernels():

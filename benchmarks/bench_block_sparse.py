@@ -12,7 +12,7 @@ import attnkernels
 from attnkernels import masks
 
 from . import peers
-from .common import compare, fwd_bwd, sizes, softmax_attention_flops
+from .common import compare, sizes, softmax_attention_flops, timed_call
 
 SEQ_LENS = sizes(full=[1024, 4096, 16384], quick=[768])  # HF BigBird needs N >= (5 + 2·random)·block
 HEADS, HEAD_DIM, BLOCK = 8, 64, 64
@@ -32,17 +32,13 @@ def test_bigbird(benchmark, direction, seq_len):
         peer_fns["masked_sdpa"] = peers.masked_sdpa_fn(mask.element_mask())
     if not backward:
         peer_fns["flex_block64"] = peers.flex_from_block_mask(mask)
-    if backward:
-        ours_fn = fwd_bwd(ours, q, k, v)
-        peer_calls = {name: fwd_bwd(fn, q, k, v) for name, fn in peer_fns.items()}
-    else:
-        ours_fn = lambda: ours(q, k, v)  # noqa: E731
-        peer_calls = {name: (lambda fn=fn: fn(q, k, v)) for name, fn in peer_fns.items()}
+    ours_fn = timed_call(ours, (q, k, v), backward)
+    peer_calls = {name: timed_call(fn, (q, k, v), backward) for name, fn in peer_fns.items()}
     hf = peers.hf_bigbird_fn(seq_len, HEADS, HEAD_DIM, block_size=BLOCK, num_random_blocks=3)
     if hf is not None:
         hf_fn, hidden = hf
         hidden_states = torch.randn(1, seq_len, hidden, requires_grad=backward)
-        peer_calls["hf_bigbird"] = fwd_bwd(hf_fn, hidden_states) if backward else (lambda: hf_fn(hidden_states))
+        peer_calls["hf_bigbird"] = timed_call(hf_fn, [hidden_states], backward)
     flops = softmax_attention_flops(1, HEADS, seq_len, seq_len, HEAD_DIM, visible_fraction=mask.density(), backward=backward)
     benchmark.group = f"bigbird-{direction}-N{seq_len}"
     with torch.enable_grad() if backward else torch.no_grad():

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import attnkernels
 
-from .common import compare, fwd_bwd, sizes, softmax_attention_flops
+from .common import compare, sizes, softmax_attention_flops, timed_call
 
 SEQ_LENS = sizes(full=[1024, 4096], quick=[128])
 HEADS, HEAD_DIM = 8, 64
@@ -24,10 +24,7 @@ def test_dense_vs_sdpa(benchmark, direction, seq_len, causal):
     q, k, v = (torch.randn(1, HEADS, seq_len, HEAD_DIM, requires_grad=backward) for _ in range(3))
     ours = lambda q, k, v: attnkernels.attention(q, k, v, causal=causal)  # noqa: E731
     sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
-    if backward:
-        ours_fn, peers = fwd_bwd(ours, q, k, v), {"sdpa": fwd_bwd(sdpa, q, k, v)}
-    else:
-        ours_fn, peers = (lambda: ours(q, k, v)), {"sdpa": lambda: sdpa(q, k, v)}
+    ours_fn, peers = timed_call(ours, (q, k, v), backward), {"sdpa": timed_call(sdpa, (q, k, v), backward)}
     flops = softmax_attention_flops(1, HEADS, seq_len, seq_len, HEAD_DIM, visible_fraction=0.5 if causal else 1.0, backward=backward)
     benchmark.group = f"dense-{direction}-N{seq_len}"
     with torch.no_grad() if not backward else torch.enable_grad():

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from . import peers
-from .common import compare, fwd_bwd, sizes
+from .common import compare, sizes, timed_call
 
 SEQ_LENS = sizes(full=[1024, 4096, 16384, 65536], quick=[256])
 HEADS, HEAD_DIM, NUM_FEATURES = 8, 64, 256
@@ -25,12 +25,8 @@ def linear_flops(seq_len: int, feat_dim: int, backward: bool) -> float:
 
 
 def _run(benchmark, ours, peer_fns, inputs, flops, backward):
-    if backward:
-        ours_fn = fwd_bwd(ours, *inputs)
-        peer_calls = {name: fwd_bwd(fn, *inputs) for name, fn in peer_fns.items()}
-    else:
-        ours_fn = lambda: ours(*inputs)  # noqa: E731
-        peer_calls = {name: (lambda fn=fn: fn(*inputs)) for name, fn in peer_fns.items()}
+    ours_fn = timed_call(ours, inputs, backward)
+    peer_calls = {name: timed_call(fn, inputs, backward) for name, fn in peer_fns.items()}
     with torch.enable_grad() if backward else torch.no_grad():
         return compare(benchmark, ours_fn, peer_calls, flops)
 

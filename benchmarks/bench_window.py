@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import attnkernels
-from attnkernels.reference import window_visibility
+from attnkernels.conventions import window_visibility
 
 from . import peers
-from .common import compare, fwd_bwd, sizes, softmax_attention_flops
+from .common import compare, sizes, softmax_attention_flops, timed_call
 
 SEQ_LENS = sizes(full=[1024, 4096, 16384], quick=[320])
 HEADS, HEAD_DIM, WINDOW = 8, 64, 256
@@ -40,12 +40,8 @@ def test_window(benchmark, direction, seq_len, causal):
             lambda b, h, q_idx, kv_idx: (q_idx - kv_idx <= window[0]) & (kv_idx - q_idx <= window[1]),
             None, None, seq_len, seq_len,
         )
-    if backward:
-        ours_fn = fwd_bwd(ours, q, k, v)
-        peer_calls = {name: fwd_bwd(fn, q, k, v) for name, fn in peer_fns.items()}
-    else:
-        ours_fn = lambda: ours(q, k, v)  # noqa: E731
-        peer_calls = {name: (lambda fn=fn: fn(q, k, v)) for name, fn in peer_fns.items()}
+    ours_fn = timed_call(ours, (q, k, v), backward)
+    peer_calls = {name: timed_call(fn, (q, k, v), backward) for name, fn in peer_fns.items()}
     flops = softmax_attention_flops(1, HEADS, seq_len, seq_len, HEAD_DIM, visible_fraction=band.double().mean().item(), backward=backward)
     benchmark.group = f"window-{direction}-N{seq_len}"
     with torch.enable_grad() if backward else torch.no_grad():

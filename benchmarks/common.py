@@ -46,6 +46,11 @@ def fwd_bwd(fn, *inputs):
     return run
 
 
+def timed_call(fn, inputs, backward: bool):
+    """A callable running fn(*inputs): forward only, or forward and backward (see fwd_bwd)."""
+    return fwd_bwd(fn, *inputs) if backward else (lambda: fn(*inputs))
+
+
 def compare(benchmark, ours, peers: dict, flops: float, *, rounds: int | None = None) -> dict:
     """Time `ours` with pytest-benchmark, then interleave ours/peers/mm and record the ratios."""
     rounds = rounds or ROUNDS

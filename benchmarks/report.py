@@ -38,7 +38,8 @@ import torch.nn.functional as F
 
 import attnkernels
 from attnkernels import masks
-from attnkernels.reference import attention_reference, window_visibility
+from attnkernels.softmax.reference import attention_reference
+from attnkernels.conventions import window_visibility
 from attnkernels.tools.timing import time_interleaved
 
 from . import peers

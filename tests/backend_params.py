@@ -1,6 +1,5 @@
 """Which backends a test can run here, and a skip that says why when one cannot."""
 import functools
-import importlib.util
 
 import pytest
 import torch
@@ -9,30 +8,11 @@ from attnkernels import backends
 
 BACKENDS = ("reference", "cpu", "triton")
 
-# The Triton kernels of each family live in their own module; a family whose
-# module is not merged yet skips its Triton tests with that reason.
-TRITON_MODULES = {"softmax": "attnkernels.kernels.attention", "linear": "attnkernels.kernels.linear_attention"}
-
 
 def backend_unavailable(name: str, family: str = "softmax") -> str | None:
-    """None if `name` can run `family`'s kernels on CPU tensors in this process, else the reason."""
-    if name == "cpu":
-        ok, why = backends.cpu_status()
-        if not ok:
-            return why
-        # The module can load before its kernels register their ops.
-        if not hasattr(backends.cpu_kernels(), "attention_fwd"):
-            return "the C++ extension loaded but registers no attention_fwd op"
-        return None
-    if name == "triton":
-        ok, why = backends.triton_status()
-        if not ok:
-            return why
-        if not backends.triton_interpreted():
-            return "TRITON_INTERPRET=1 was not set before triton was imported"
-        if importlib.util.find_spec(TRITON_MODULES[family]) is None:
-            return f"{TRITON_MODULES[family]} is missing"
-    return None
+    """None if `name` can run `family`'s kernels on CPU tensors in this process, else the reason
+    (the registry's own answer, so a test skips for exactly the reason a user call would fail)."""
+    return backends.why_not(family, name, torch.device("cpu"))
 
 
 def backend_param(name: str, family: str = "softmax") -> None:

@@ -10,7 +10,7 @@ import torch
 
 import attnkernels
 from attnkernels import backends
-from attnkernels.reference import attention_reference, attention_reference_backward
+from attnkernels.softmax.reference import attention_reference, attention_reference_backward
 
 from .backend_params import BACKENDS, backend_param
 
@@ -109,9 +109,10 @@ def test_non_contiguous_inputs(backend):
 
 def test_default_dispatch_picks_cpu_kernels_for_cpu_tensors():
     assert backends.forced_backend() is None
-    assert backends.select(torch.device("cpu")) == "cpu"
-    with attnkernels.backend("reference"):
-        assert backends.select(torch.device("cpu")) == "reference"
+    for family in ("softmax", "linear"):
+        assert backends.select(family, torch.device("cpu")).name == "cpu"
+        with attnkernels.backend("reference"):
+            assert backends.select(family, torch.device("cpu")).name == "reference"
     assert backends.forced_backend() is None
 
 
@@ -124,7 +125,7 @@ def test_backend_context_rejects_unknown_names():
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with attnkernels.backend("triton"), pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
-        backends.select(torch.device("cpu"))
+        backends.select("softmax", torch.device("cpu"))
 
 
 # --- bad input: each error names the argument -------------------------------------------------

@@ -20,7 +20,8 @@ import torch
 
 import attnkernels
 from attnkernels import backends, masks
-from attnkernels.reference import TableLayout, attention_reference, attention_reference_backward, window_visibility
+from attnkernels.softmax.reference import TableLayout, attention_reference, attention_reference_backward
+from attnkernels.conventions import window_visibility
 
 from .backend_params import backend_unavailable
 from .tolerance import assert_within_rule

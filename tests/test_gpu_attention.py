@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import attnkernels
-from attnkernels.reference import attention_reference
+from attnkernels.softmax.reference import attention_reference
 
 from .tolerance import assert_within_rule
 

@@ -12,7 +12,7 @@ import torch
 import attnkernels
 from attnkernels.linear import LinearAttentionState, PerformerFeatures, linear_attention, linear_attention_step
 from attnkernels.linear.reference import linear_attention_reference
-from attnkernels.linear.reference_backward import linear_attention_reference_backward
+from attnkernels.linear.reference import linear_attention_reference_backward
 
 from .backend_params import backend_param
 from .linear_helpers import LINEAR_BACKENDS, make_qkv, make_state, one_torch_thread  # noqa: F401
@@ -265,15 +265,15 @@ def test_identity_with_negative_values_is_fine_without_normalization():
     torch.testing.assert_close(out, expected)
 
 
-def test_triton_refusal_names_the_missing_module():
-    from attnkernels.linear import ops
-
-    ok, why = ops.triton_status()
-    if ok:
-        pytest.skip("the Triton linear-attention kernels are present")
+def test_refusal_lists_every_backend_and_why(monkeypatch):
+    """A forced backend that cannot run the call: one error naming it, why, and every other backend's state."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     q, k, v = make_qkv(1, 1, 1, 3, 3, 4, 4, dtype=torch.float32)
-    with attnkernels.backend("triton"), pytest.raises(RuntimeError, match=re.escape(ops.TRITON_MODULE)):
+    with attnkernels.backend("triton"), pytest.raises(ValueError) as info:
         linear_attention(q, k, v)
+    message = str(info.value)
+    assert "backend 'triton'" in message and "TRITON_INTERPRET=1" in message
+    assert "reference: available" in message and "cpu: " in message
 
 
 def test_public_exports():

@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 from attnkernels import masks
 from attnkernels.masks import BlockMask
-from attnkernels.reference import attention_reference, window_visibility
+from attnkernels.softmax.reference import attention_reference
+from attnkernels.conventions import window_visibility
 
 
 # --------------------------------------------------------------------------

@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attnkernels.reference import attention_reference, window_visibility
+from attnkernels.softmax.reference import attention_reference
+from attnkernels.conventions import window_visibility
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["dense", "causal"])

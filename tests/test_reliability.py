@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import attnkernels
 from attnkernels import masks
-from attnkernels.reference import attention_reference, attention_reference_backward
+from attnkernels.softmax.reference import attention_reference, attention_reference_backward
 
 from .backend_params import backend_param
 from .tolerance import assert_within_rule

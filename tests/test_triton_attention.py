@@ -19,7 +19,8 @@ import torch
 import attnkernels
 from attnkernels import masks
 from attnkernels.kernels import attention as A
-from attnkernels.reference import attention_reference, window_visibility
+from attnkernels.softmax.reference import attention_reference
+from attnkernels.conventions import window_visibility
 
 FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3}
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16"}

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from attnkernels import windows
-from attnkernels.reference import attention_reference, window_visibility
+from attnkernels.softmax.reference import attention_reference
+from attnkernels.conventions import window_visibility
 
 
 def test_resolve_window_forms():

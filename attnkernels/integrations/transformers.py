@@ -25,9 +25,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..api import attention
-from ..reference import window_visibility
-from ..windows import from_hf_sliding_window, resolve_window
+from ..softmax.api import attention
+from ..conventions import window_visibility
+from ..softmax.windows import from_hf_sliding_window, resolve_window
 
 DEFAULT_NAME = "attnkernels"
 

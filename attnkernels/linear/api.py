@@ -1,26 +1,21 @@
 """Public entry points: linear_attention(), linear_attention_step(), LinearAttentionState.
 
-They validate the inputs, resolve the options (feature map, scale, state) to
-the op's conventions and call `torch.ops.attnkernels.linear_attention_fwd`.
+They build a `LinearCall` (call.py: the inputs validated once, the options — feature
+map, scale, state — resolved to the op's conventions) and run it through
+`torch.ops.attnkernels.linear_attention_fwd` (ops.py).
 Elementwise feature maps ("elu", "relu", "identity") are fused into the
 kernels; PerformerFeatures (or any callable) are applied here in torch, and the
 kernels then see them as "identity" features of width M.
 """
 from __future__ import annotations
 
-import math
-import numbers
-from typing import Callable, NamedTuple, Union
+from typing import NamedTuple
 
-import torch
 from torch import Tensor
 
 from .. import _checks
 from . import ops
-from .features import PerformerFeatures
-from .reference import FEATURE_MAPS, apply_feature_map
-
-FeatureMap = Union[str, PerformerFeatures, Callable[[Tensor], Tensor]]
+from .call import FeatureMap, LinearCall
 
 
 class LinearAttentionState(NamedTuple):
@@ -84,34 +79,11 @@ def linear_attention(
         return_final_state. Gradients flow to q, k, v (and through
         PerformerFeatures); the state carries none.
     """
-    _checks.check_qkv(q, k, v)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
-    if not isinstance(normalize, bool):
-        raise TypeError(f"normalize: expected a bool, got {type(normalize).__name__}")
-    if causal and q.shape[2] != k.shape[2]:
-        raise ValueError(
-            f"causal: causal linear attention needs as many queries as keys, got Nq={q.shape[2]}, Nk={k.shape[2]} "
-            "(stream a prefix with initial_state instead)"
-        )
-    eps = _check_eps(eps)
-    _checks.check_key_padding_mask(key_padding_mask, q, k)
-    if key_padding_mask is not None and not isinstance(feature_map, str):
-        k = _fill_padded_keys(k, key_padding_mask)
-    name, q_features, k_features, scale = _resolve_features(feature_map, q, k, scale, normalize, initial_state, return_final_state)
-    if name == "identity" and normalize and not isinstance(feature_map, PerformerFeatures):  # FAVOR+ is > 0 by construction
-        _check_nonnegative(q_features, k_features, feature_map)
-    if key_padding_mask is not None:
-        if name != "identity":  # an elementwise map: apply φ here; the kernel then sees identity features
-            q_features, k_features = apply_feature_map(q * scale, name), apply_feature_map(k, name)
-            name, scale = "identity", 1.0
-        keep = ~key_padding_mask[:, None, :, None]  # (B, 1, Nk, 1)
-        k_features = torch.where(keep, k_features, torch.zeros_like(k_features))
-        v = torch.where(keep, v, torch.zeros_like(v))
-    initial_s, initial_z = _check_state(initial_state, q_features, k_features, v)
-    out, final_s, final_z = torch.ops.attnkernels.linear_attention_fwd(
-        q_features, k_features, v, name, causal, normalize, eps, scale, initial_s, initial_z
+    call, q_features, k_features, v = LinearCall.build(
+        q, k, v, feature_map=feature_map, causal=causal, normalize=normalize, eps=eps, scale=scale,
+        initial_state=initial_state, return_final_state=return_final_state, key_padding_mask=key_padding_mask,
     )
+    out, final_s, final_z = ops.run(call, q_features, k_features, v)
     if return_final_state:
         return out, LinearAttentionState(final_s.detach(), final_z.detach())
     return out
@@ -143,109 +115,3 @@ def linear_attention_step(
         q_t, k_t, v_t, feature_map=feature_map, causal=True, normalize=normalize, eps=eps, scale=scale,
         initial_state=state, return_final_state=True,
     )
-
-
-def _fill_padded_keys(k: Tensor, key_padding_mask: Tensor) -> Tensor:
-    """k with each padded slot replaced by its batch row's first real key (B, Hk, Nk, D).
-
-    A non-elementwise map (FAVOR+ subtracts the max over all keys of a head) then cannot be moved by
-    whatever the padded slots hold; their features are zeroed afterwards anyway.
-    """
-    first_real = (~key_padding_mask).to(torch.uint8).argmax(dim=-1)  # (B,); 0 when a row is all padding
-    fill = k[torch.arange(k.shape[0], device=k.device), :, first_real][:, :, None]  # (B, Hk, 1, D)
-    return torch.where(key_padding_mask[:, None, :, None], fill, k)
-
-
-def _check_eps(eps) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"eps: expected a positive float, got {type(eps).__name__}")
-    eps = float(eps)
-    if not (math.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps: expected a finite float > 0 (it keeps the denominator away from 0), got {eps}")
-    return eps
-
-
-def _resolve_scale(scale, default: float) -> float:
-    if scale is None:
-        return default
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale: expected a float or None, got {type(scale).__name__}")
-    scale = float(scale)
-    if not (math.isfinite(scale) and scale >= 0):
-        raise ValueError(f"scale: expected a finite, non-negative float, got {scale}")
-    return scale
-
-
-def _resolve_features(feature_map, q, k, scale, normalize, initial_state, return_final_state):
-    """(kernel feature-map name, q for the op, k for the op, scale for the op)."""
-    if isinstance(feature_map, str):
-        if feature_map not in FEATURE_MAPS:
-            raise ValueError(
-                f"feature_map: unknown name {feature_map!r}; expected one of {FEATURE_MAPS}, "
-                "a PerformerFeatures or a callable"
-            )
-        return feature_map, q, k, _resolve_scale(scale, 1.0)
-    if isinstance(feature_map, PerformerFeatures):
-        if not normalize:
-            raise ValueError(
-                "normalize: PerformerFeatures needs normalize=True; its stabilisers (a per-row max for queries, "
-                "a per-head max for keys) cancel only in the normalised output"
-            )
-        if initial_state is not None or return_final_state:
-            raise ValueError(
-                "initial_state/return_final_state: not supported with PerformerFeatures; the key stabiliser is "
-                "recomputed per call, so states of different calls are on different scales"
-            )
-        if feature_map.head_dim != q.shape[-1]:
-            raise ValueError(f"feature_map: PerformerFeatures was built for head_dim {feature_map.head_dim}, q has D={q.shape[-1]}")
-        root = math.sqrt(_resolve_scale(scale, 1.0 / math.sqrt(q.shape[-1])))
-        return "identity", feature_map(q * root, is_query=True), feature_map(k * root, is_query=False), 1.0
-    if callable(feature_map):
-        scale = _resolve_scale(scale, 1.0)
-        q_features, k_features = feature_map(q * scale), feature_map(k)
-        for what, t in (("q", q_features), ("k", k_features)):
-            if not isinstance(t, Tensor) or t.dim() != 4 or t.shape[:3] != (q if what == "q" else k).shape[:3]:
-                raise ValueError(f"feature_map: the callable must map {what} (B, H, N, D) to (B, H, N, M)")
-        if q_features.shape[-1] != k_features.shape[-1]:
-            raise ValueError("feature_map: the callable gave q and k features of different widths")
-        return "identity", q_features, k_features, 1.0
-    raise TypeError(f"feature_map: expected a name {FEATURE_MAPS}, a PerformerFeatures or a callable, got {type(feature_map).__name__}")
-
-
-def _check_nonnegative(q_features: Tensor, k_features: Tensor, feature_map) -> None:
-    """Refuse negative features with normalize=True: the denominator could cross 0."""
-    if torch.compiler.is_compiling():
-        return  # a data-dependent check would break the graph; documented in the README
-    for what, t in (("q", q_features), ("k", k_features)):
-        if t.numel() and bool((t.detach() < 0).any()):
-            raise ValueError(
-                f"feature_map: {feature_map if isinstance(feature_map, str) else 'the callable'} gave negative "
-                f"{what} features with normalize=True; the denominator φ(q)ᵀz + eps can then reach 0. "
-                "Use a positive map ('elu', PerformerFeatures) or normalize=False"
-            )
-
-
-def _check_state(initial_state, q_features: Tensor, k_features: Tensor, v: Tensor):
-    """(S0, z0) checked against (B, Hk, M, Dv), (B, Hk, M), dtype and device; or (None, None)."""
-    if initial_state is None:
-        return None, None
-    if not isinstance(initial_state, tuple) or len(initial_state) != 2:
-        raise TypeError(f"initial_state: expected a LinearAttentionState (S, z), got {type(initial_state).__name__}")
-    s0, z0 = initial_state
-    batch, kv_heads, feat_dim, value_dim = k_features.shape[0], k_features.shape[1], k_features.shape[-1], v.shape[-1]
-    dtype = ops.state_dtype(q_features.dtype)
-    for what, t, shape in (("S", s0, (batch, kv_heads, feat_dim, value_dim)), ("z", z0, (batch, kv_heads, feat_dim))):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"initial_state.{what}: expected a torch.Tensor, got {type(t).__name__}")
-        if tuple(t.shape) != shape:
-            raise ValueError(f"initial_state.{what}: expected shape {shape} (B, Hk, M{', Dv' if what == 'S' else ''}), got {tuple(t.shape)}")
-        if t.dtype != dtype:
-            raise TypeError(f"initial_state.{what}: expected dtype {dtype} for {q_features.dtype} inputs, got {t.dtype}")
-        if t.device != q_features.device:
-            raise ValueError(f"initial_state.{what}: device {t.device} differs from q's {q_features.device}")
-        if t.requires_grad:
-            raise ValueError(
-                f"initial_state.{what}: requires grad, but gradients do not flow into the carried state; "
-                "pass state.S.detach(), state.z.detach()"
-            )
-    return s0, z0

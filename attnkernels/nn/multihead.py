@@ -29,9 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import masks as _masks
-from ..api import attention as _attention
-from ..windows import resolve_window
+from ..conventions import visibility_mask
+from ..softmax import masks as _masks
+from ..softmax.api import attention as _attention
+from ..softmax.windows import resolve_window
+from . import linformer
 
 ATTENTION_FAMILIES = ("dense", "window", "bigbird", "block_sparse", "linear", "performer", "linformer")
 _LINEAR_FAMILIES = ("linear", "performer")
@@ -212,25 +214,16 @@ class MultiheadAttention(nn.Module):
         self.linformer_k = self.max_seq_len = None
         self.share_kv = False
         if attention == "linformer":
-            if causal:
-                raise ValueError("causal: attention='linformer' is non-causal (its projection mixes all positions); use causal=False")
-            if max_seq_len is None:
-                raise ValueError("max_seq_len: attention='linformer' needs max_seq_len, the longest key sequence (E, F are (k, max_seq_len))")
-            if not isinstance(share_kv, bool):
-                raise TypeError(f"share_kv: expected a bool, got {share_kv!r}")
-            self.linformer_k = _check_positive_int("linformer_k", linformer_k)
-            self.max_seq_len = _check_positive_int("max_seq_len", max_seq_len)
-            self.share_kv = share_kv
-            self.linformer_E = nn.Parameter(torch.empty(self.linformer_k, self.max_seq_len, **factory))
-            if share_kv:
+            self.linformer_k, self.max_seq_len, self.share_kv = linformer.check_options(
+                causal, linformer_k, max_seq_len, share_kv)
+            self.linformer_E, linformer_F = linformer.make_projections(
+                self.linformer_k, self.max_seq_len, self.share_kv, **factory)
+            if linformer_F is None:
                 self.register_parameter("linformer_F", None)
             else:
-                self.linformer_F = nn.Parameter(torch.empty(self.linformer_k, self.max_seq_len, **factory))
+                self.linformer_F = linformer_F
         else:
-            for name, value, default in (("linformer_k", linformer_k, 256), ("max_seq_len", max_seq_len, None),
-                                         ("share_kv", share_kv, False)):
-                if value != default:
-                    raise ValueError(f"{name}: only used with attention='linformer', got attention={attention!r}")
+            linformer.check_unused(attention, linformer_k=linformer_k, max_seq_len=max_seq_len, share_kv=share_kv)
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
@@ -243,10 +236,8 @@ class MultiheadAttention(nn.Module):
         if self.in_proj_bias is not None:
             nn.init.zeros_(self.in_proj_bias)
             nn.init.zeros_(self.out_proj.bias)
-        if self.attention == "linformer":  # Linformer's: normal, std 1/sqrt(k)
-            for proj in (self.linformer_E, self.linformer_F):
-                if proj is not None:
-                    nn.init.normal_(proj, std=1.0 / math.sqrt(self.linformer_k))
+        if self.attention == "linformer":
+            linformer.reset_projections(self.linformer_E, self.linformer_F)
 
     def extra_repr(self) -> str:
         extra = {"window": f", window_size={self.window_size}", "bigbird": f", {self.bigbird_options}",
@@ -361,18 +352,14 @@ class MultiheadAttention(nn.Module):
             causal = True
 
         if self.attention == "linformer":
-            if causal:
-                raise ValueError("causal: attention='linformer' is non-causal; pass is_causal=False and no causal attn_mask")
-            if kv_len > self.max_seq_len:
-                raise ValueError(f"max_seq_len: the key sequence has Nk={kv_len} > max_seq_len={self.max_seq_len} "
-                                 "(E, F were built for at most max_seq_len positions)")
+            linformer.check_call(causal, kv_len, self.max_seq_len)
 
         q, k, v = self._project(query, key, value, self_attention)  # (B, H, N, Dh) each
         weights = None
         if self.attention in _LINEAR_FAMILIES:
             out = self._linear_core(q, k, v, causal, key_padding_mask)
         elif self.attention == "linformer":
-            out = self._linformer_core(q, k, v, key_padding_mask)
+            out = linformer.linformer_attention(q, k, v, self.linformer_E, self.linformer_F, key_padding_mask)
         else:
             if self.attention == "block_sparse" and block_mask.device != q.device:
                 block_mask = block_mask.to(q.device)
@@ -403,22 +390,9 @@ class MultiheadAttention(nn.Module):
         q_len, kv_len = q.shape[2], k.shape[2]
         k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)  # GQA
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)  # (B, Hq, Nq, Nk)
-        rows = torch.arange(q_len, device=q.device)[:, None] + (kv_len - q_len)  # bottom-right alignment
-        cols = torch.arange(kv_len, device=q.device)[None, :]
-        visible = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device)
-        if self.window_size is not None:
-            left, right = resolve_window(self.window_size, causal)
-            if left >= 0:
-                visible = visible & (cols >= rows - left)
-            if right >= 0:
-                visible = visible & (cols <= rows + right)
-        if causal:
-            visible = visible & (cols <= rows)
-        visible = visible[None, None]  # (1, 1, Nq, Nk)
-        if block_mask is not None:
-            visible = visible & block_mask.element_mask(q_len, kv_len)  # (Bm, Hm, Nq, Nk); applies its own causal
-        if key_padding_mask is not None:
-            visible = visible & ~key_padding_mask[:, None, None, :]
+        window = resolve_window(self.window_size, causal)
+        visible = visibility_mask(q_len, kv_len, window=window, block_mask=block_mask,
+                                  key_padding_mask=key_padding_mask, device=q.device)  # (B|1, Hq|1, Nq, Nk)
         scores = scores.masked_fill(~visible, float("-inf"))
         weights = torch.softmax(scores, dim=-1)
         return torch.where(visible.any(dim=-1, keepdim=True), weights, torch.zeros_like(weights))  # empty rows: 0
@@ -492,21 +466,6 @@ class MultiheadAttention(nn.Module):
             return x.unflatten(-1, (n, self.head_dim)).transpose(1, 2)
 
         return heads(q, self.num_heads), heads(k, self.num_kv_heads), heads(v, self.num_kv_heads)
-
-    def _linformer_core(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
-        """Linformer: K' = E[:, :Nk] K, V' = F[:, :Nk] V per head -> (B, Hk, k, Dh), then the dense kernel.
-
-        Padded keys/values are zeroed before the projection, so they add nothing to K' and V'.
-        """
-        kv_len = k.shape[2]
-        if key_padding_mask is not None:
-            keep = ~key_padding_mask[:, None, :, None]  # (B, 1, Nk, 1)
-            k, v = torch.where(keep, k, torch.zeros_like(k)), torch.where(keep, v, torch.zeros_like(v))
-        proj_e = self.linformer_E[:, :kv_len]
-        proj_f = proj_e if self.linformer_F is None else self.linformer_F[:, :kv_len]
-        k = torch.matmul(proj_e, k)  # (k, Nk) @ (B, Hk, Nk, Dh) -> (B, Hk, k, Dh)
-        v = torch.matmul(proj_f, v)
-        return _attention(q, k, v)
 
     def _linear_core(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, key_padding_mask: Tensor | None) -> Tensor:
         """Linear / Performer attention; padded keys contribute nothing to S = Σ φ(k) vᵀ nor to z = Σ φ(k).

@@ -7,42 +7,35 @@ entry point uses it unless `attnkernels.backend("reference")` asks for it.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .windows import UNBOUNDED, resolve_window
+from ..conventions import default_softmax_scale, visibility_mask
+from .windows import resolve_window
 
 
-def window_visibility(q_len: int, kv_len: int, window: tuple[int, int], device=None) -> torch.Tensor:
-    """Bool (Nq, Nk): query i sees key j iff i+Nk-Nq-left <= j <= i+Nk-Nq+right."""
-    left, right = window
-    rows = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)  # diagonal position of each query
-    cols = torch.arange(kv_len, device=device)[None, :]
-    visible = torch.ones(q_len, kv_len, dtype=torch.bool, device=device)
-    if left != UNBOUNDED:
-        visible &= cols >= rows - left
-    if right != UNBOUNDED:
-        visible &= cols <= rows + right
-    return visible
+def _scores(q, k, v, causal, window_size, block_mask, key_padding_mask, scale):
+    """(scores (B, Hq, Nq, Nk), row_has_key (B, Hq, Nq, 1), v per query head (B, Hq, Nk, Dv)).
 
-
-def visibility_mask(
-    q_len: int,
-    kv_len: int,
-    *,
-    window: tuple[int, int] = (UNBOUNDED, UNBOUNDED),
-    block_mask=None,
-    key_padding_mask: torch.Tensor | None = None,
-    device=None,
-) -> torch.Tensor:
-    """Bool mask broadcastable to (B, Hq, Nq, Nk): True where a query sees a key."""
-    visible = window_visibility(q_len, kv_len, window, device)[None, None]
-    if block_mask is not None:
-        visible = visible & block_mask.element_mask(q_len, kv_len).to(device)
-    if key_padding_mask is not None:  # (B, Nk), True = ignore (torch's convention)
-        visible = visible & ~key_padding_mask.to(device)[:, None, None, :]
-    return visible
+    Scores are scale·q·kᵀ, -inf where a key is not visible; rows with no visible key
+    hold zeros instead, so that logsumexp and its gradient stay finite (their
+    probabilities are zeroed by the callers through row_has_key).
+    """
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    scale = default_softmax_scale(head_dim) if scale is None else scale  # any float: the spec, unchecked
+    if block_mask is not None and getattr(block_mask, "causal", False):
+        causal = True
+    group = q_heads // kv_heads
+    k = k.repeat_interleave(group, dim=1)  # query head h reads kv head h // group
+    v = v.repeat_interleave(group, dim=1)
+    visible = visibility_mask(
+        q_len, kv_len, window=resolve_window(window_size, causal), block_mask=block_mask,
+        key_padding_mask=key_padding_mask, device=q.device,
+    ).expand(batch, q_heads, q_len, kv_len)
+    row_has_key = visible.any(dim=-1, keepdim=True)  # (B, Hq, Nq, 1)
+    scores = (torch.matmul(q, k.transpose(-1, -2)) * scale).masked_fill(~visible, float("-inf"))
+    scores = torch.where(row_has_key, scores, torch.zeros((), dtype=scores.dtype, device=scores.device))
+    return scores, row_has_key, v
 
 
 def attention_reference(
@@ -63,29 +56,9 @@ def attention_reference(
     zero, never NaN. `upcast=False` computes in the input dtype: the "same-dtype
     PyTorch computation" of FlashAttention's tolerance rule.
     """
-    batch, q_heads, q_len, head_dim = q.shape
-    kv_heads, kv_len = k.shape[1], k.shape[2]
-    if scale is None:
-        scale = 1.0 / math.sqrt(head_dim)
-    if block_mask is not None and getattr(block_mask, "causal", False):
-        causal = True
-    window = resolve_window(window_size, causal)
     compute_dtype = torch.float64 if upcast else q.dtype
     q, k, v = (t.to(compute_dtype) for t in (q, k, v))
-    group = q_heads // kv_heads
-    k = k.repeat_interleave(group, dim=1)  # query head h reads kv head h // group
-    v = v.repeat_interleave(group, dim=1)
-
-    visible = visibility_mask(
-        q_len, kv_len, window=window, block_mask=block_mask, key_padding_mask=key_padding_mask, device=q.device
-    ).expand(batch, q_heads, q_len, kv_len)
-    row_has_key = visible.any(dim=-1, keepdim=True)  # (B, Hq, Nq, 1)
-
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, Hq, Nq, Nk)
-    scores = scores.masked_fill(~visible, float("-inf"))
-    # Rows with no visible key are replaced by zeros so that logsumexp and its
-    # gradient stay finite; their probabilities are then zeroed explicitly.
-    scores = torch.where(row_has_key, scores, torch.zeros((), dtype=scores.dtype, device=scores.device))
+    scores, row_has_key, v = _scores(q, k, v, causal, window_size, block_mask, key_padding_mask, scale)
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
     probs = torch.exp(scores - lse) * row_has_key
     out = torch.matmul(probs, v)
@@ -146,20 +119,11 @@ def attention_reference_backward(
     """
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
-    if scale is None:
-        scale = 1.0 / math.sqrt(head_dim)
-    if block_mask is not None and getattr(block_mask, "causal", False):
-        causal = True
-    window = resolve_window(window_size, causal)
-    dout, q, k, v = (t.to(torch.float64) for t in (dout, q, k, v))
     group = q_heads // kv_heads
-    k_rep, v_rep = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    visible = visibility_mask(
-        q_len, kv_len, window=window, block_mask=block_mask, key_padding_mask=key_padding_mask, device=q.device
-    ).expand(batch, q_heads, q_len, kv_len)
-    scores = (torch.matmul(q, k_rep.transpose(-1, -2)) * scale).masked_fill(~visible, float("-inf"))
-    row_has_key = visible.any(dim=-1, keepdim=True)
-    scores = torch.where(row_has_key, scores, torch.zeros((), dtype=scores.dtype))
+    scale = default_softmax_scale(head_dim) if scale is None else scale  # any float: the spec, unchecked
+    dout, q, k, v = (t.to(torch.float64) for t in (dout, q, k, v))
+    scores, row_has_key, v_rep = _scores(q, k, v, causal, window_size, block_mask, key_padding_mask, scale)
+    k_rep = k.repeat_interleave(group, dim=1)
     probs = torch.softmax(scores, dim=-1) * row_has_key  # (B, Hq, Nq, Nk)
     out = torch.matmul(probs, v_rep)
     dv = torch.matmul(probs.transpose(-1, -2), dout)

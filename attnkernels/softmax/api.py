@@ -1,17 +1,16 @@
 """Public entry points for softmax attention: attention(), window_attention(), sparse_attention().
 
-They validate the inputs (see _checks.py), resolve the options to the kernels'
-conventions — scale, a (left, right) window, block tables — and call the
-`torch.ops.attnkernels.attention_fwd` custom op.
+They build a `SoftmaxCall` (call.py: the inputs validated once, the options resolved
+to the kernels' conventions — scale, a (left, right) window, block tables) and run
+it through the `torch.ops.attnkernels.attention_fwd` custom op (ops.py).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from . import _checks
-from . import ops  # noqa: F401  (registers torch.ops.attnkernels.*)
-from .windows import resolve_window
+from . import ops
+from .call import SoftmaxCall
 
 
 def attention(
@@ -47,18 +46,9 @@ def attention(
     Returns:
         out (B, Hq, Nq, Dv) in q's dtype, or (out, lse) when return_lse.
     """
-    _checks.check_qkv(q, k, v)
-    scale = _checks.resolve_scale(scale, q.shape[-1])
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
-    _checks.check_key_padding_mask(key_padding_mask, q, k)
-    tables = _block_tables(block_mask, q, k)
-    if block_mask is not None and block_mask.causal:
-        causal = True
-    window_left, window_right = resolve_window(window_size, causal)
-    out, lse = torch.ops.attnkernels.attention_fwd(
-        q, k, v, scale, window_left, window_right, *tables, key_padding_mask
-    )
+    call = SoftmaxCall.build(q, k, v, causal=causal, scale=scale, window_size=window_size,
+                             block_mask=block_mask, key_padding_mask=key_padding_mask)
+    out, lse = ops.run(call, q, k, v)
     return (out, lse.detach()) if return_lse else out
 
 
@@ -79,17 +69,3 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_mask, *, causal: boo
         raise TypeError("block_mask: expected an attnkernels.masks.BlockMask, got None (use attention() for dense)")
     return attention(q, k, v, causal=causal, scale=scale, block_mask=block_mask, return_lse=return_lse)
 
-
-def _block_tables(block_mask, q: Tensor, k: Tensor):
-    """(kv_num_blocks, kv_indices, q_num_blocks, q_indices, sparse_block_size) for the op."""
-    if block_mask is None:
-        return None, None, None, None, 0
-    from .masks import BlockMask
-
-    if not isinstance(block_mask, BlockMask):
-        raise TypeError(f"block_mask: expected an attnkernels.masks.BlockMask, got {type(block_mask).__name__}")
-    block_mask.check_compatible(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-    if block_mask.kv_indices.device != q.device:
-        block_mask = block_mask.to(q.device)
-    return (block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.q_num_blocks, block_mask.q_indices,
-            block_mask.block_size)

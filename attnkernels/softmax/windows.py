@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numbers
 
-UNBOUNDED = -1
+from ..conventions import UNBOUNDED
 
 
 def resolve_window(window_size, causal: bool) -> tuple[int, int]:

@@ -1,6 +1,6 @@
 """Speed of the C++ linear-attention kernels against fla's pure-PyTorch chunked code.
 
-    python -m attnkernels.linear.measure [--threads 1] [--rounds 5]
+    python -m benchmarks.linear_measure [--threads 1] [--rounds 5]
 
 fp32, B=1, H=8, D=64, elu+1. Causal: ours vs flash-linear-attention's
 `naive_chunk_linear_attn` (elu+1 applied by the caller, layout (B, T, H, D),
@@ -17,8 +17,8 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from ..tools.timing import median_ratio, time_interleaved
-from .api import linear_attention
+from attnkernels.tools.timing import median_ratio, time_interleaved
+from attnkernels import linear_attention
 
 HEADS, HEAD_DIM = 8, 64
 

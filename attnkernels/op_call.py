@@ -1,0 +1,83 @@
+"""The call contract: one frozen dataclass per family carries a call from the public API to a kernel.
+
+A family's call class (`softmax.call.SoftmaxCall`, `linear.call.LinearCall`) lists, as
+dataclass fields in order, every argument its custom ops take after the data tensors.
+From that one list come the ops' schema, the argument tuple of an op call, the call
+rebuilt inside the op, the tensors saved for backward and the None-gradients, so adding
+a feature is adding a field here (plus the reference and the kernels), not editing a
+dozen signatures.
+
+The public API builds a call with the class's `build(...)`, which validates the user's
+arguments once; rebuilding it from op arguments (`from_op_args`) does not validate again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+# Python field type -> torch.library schema type.
+_SCHEMA_TYPES = {
+    float: "float",
+    int: "int",
+    bool: "bool",
+    str: "str",
+    Tensor: "Tensor",
+    Optional[Tensor]: "Tensor?",
+}
+
+
+class OpCall:
+    """Base of the per-family call dataclasses (subclasses are `@dataclass(frozen=True)`)."""
+
+    @classmethod
+    def _fields(cls) -> tuple[tuple[str, object], ...]:
+        hints = typing.get_type_hints(cls)
+        return tuple((f.name, hints[f.name]) for f in dataclasses.fields(cls))
+
+    @classmethod
+    def schema_args(cls) -> str:
+        """The fields as torch.library schema arguments: "float scale, int window_left, ..."."""
+        return ", ".join(f"{_SCHEMA_TYPES[kind]} {name}" for name, kind in cls._fields())
+
+    @classmethod
+    def tensor_fields(cls) -> tuple[str, ...]:
+        return tuple(name for name, kind in cls._fields() if kind in (Tensor, Optional[Tensor]))
+
+    @classmethod
+    def from_op_args(cls, args: Sequence) -> "OpCall":
+        return cls(*args)
+
+    @classmethod
+    def none_grads(cls) -> tuple[None, ...]:
+        """One None per field: no argument of a call carries a gradient."""
+        return (None,) * len(dataclasses.fields(cls))
+
+    def op_args(self) -> tuple:
+        """The field values in schema order (what follows the data tensors in an op call)."""
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
+    def saved_tensors(self) -> tuple[Optional[Tensor], ...]:
+        """The call's tensor fields, for ctx.save_for_backward."""
+        return tuple(getattr(self, name) for name in self.tensor_fields())
+
+    def with_saved(self, tensors: Sequence[Optional[Tensor]]) -> "OpCall":
+        """This call with its tensor fields replaced by `tensors` (ctx.saved_tensors, in order)."""
+        return dataclasses.replace(self, **dict(zip(self.tensor_fields(), tensors)))
+
+    def without_tensors(self) -> "OpCall":
+        """This call with its tensor fields set to None (what ctx keeps besides the saved tensors)."""
+        return dataclasses.replace(self, **{name: None for name in self.tensor_fields()})
+
+
+def op_schema(call_cls: type[OpCall], data: str, returns: str) -> str:
+    """"(Tensor q, ..., <the call's fields>) -> returns" for torch.library.custom_op."""
+    return f"({data}, {call_cls.schema_args()}) -> {returns}"
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 inputs, float32 for fp16/bf16/fp32 (DESIGN.md's precision rule)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
