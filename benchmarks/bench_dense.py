@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import attnkernels
 
-from .common import compare, sizes, softmax_attention_flops, timed_call
+from .common import DTYPES, compare, sizes, softmax_attention_flops, timed_call
 
 SEQ_LENS = sizes(full=[1024, 4096], quick=[128])
 HEADS, HEAD_DIM = 8, 64
@@ -17,16 +17,17 @@ HEADS, HEAD_DIM = 8, 64
 
 @pytest.mark.parametrize("causal", [False, True], ids=["dense", "causal"])
 @pytest.mark.parametrize("seq_len", SEQ_LENS, ids=lambda n: f"N{n}")
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("direction", ["fwd", "fwd+bwd"])
-def test_dense_vs_sdpa(benchmark, direction, seq_len, causal):
+def test_dense_vs_sdpa(benchmark, direction, seq_len, causal, dtype):
     torch.manual_seed(0)
     backward = direction == "fwd+bwd"
-    q, k, v = (torch.randn(1, HEADS, seq_len, HEAD_DIM, requires_grad=backward) for _ in range(3))
+    q, k, v = (torch.randn(1, HEADS, seq_len, HEAD_DIM, dtype=dtype, requires_grad=backward) for _ in range(3))
     ours = lambda q, k, v: attnkernels.attention(q, k, v, causal=causal)  # noqa: E731
     sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
     ours_fn, peers = timed_call(ours, (q, k, v), backward), {"sdpa": timed_call(sdpa, (q, k, v), backward)}
     flops = softmax_attention_flops(1, HEADS, seq_len, seq_len, HEAD_DIM, visible_fraction=0.5 if causal else 1.0, backward=backward)
-    benchmark.group = f"dense-{direction}-N{seq_len}"
+    benchmark.group = f"dense-{direction}-N{seq_len}-{dtype}"
     with torch.no_grad() if not backward else torch.enable_grad():
-        info = compare(benchmark, ours_fn, peers, flops)
+        info = compare(benchmark, ours_fn, peers, flops, dtype=dtype)
     assert info["ours_ms"] > 0

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from . import peers
-from .common import compare, sizes, timed_call
+from .common import DTYPES, compare, sizes, timed_call
 
 SEQ_LENS = sizes(full=[1024, 4096, 16384, 65536], quick=[256])
 HEADS, HEAD_DIM, NUM_FEATURES = 8, 64, 256
@@ -25,22 +25,24 @@ def linear_flops(seq_len: int, feat_dim: int, backward: bool) -> float:
 
 
 def _run(benchmark, ours, peer_fns, inputs, flops, backward):
+    dtype = inputs[0].dtype
     ours_fn = timed_call(ours, inputs, backward)
     peer_calls = {name: timed_call(fn, inputs, backward) for name, fn in peer_fns.items()}
     with torch.enable_grad() if backward else torch.no_grad():
-        return compare(benchmark, ours_fn, peer_calls, flops)
+        return compare(benchmark, ours_fn, peer_calls, flops, dtype=dtype)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 @pytest.mark.parametrize("seq_len", SEQ_LENS, ids=lambda n: f"N{n}")
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("direction", ["fwd", "fwd+bwd"])
-def test_linear_elu(benchmark, direction, seq_len, causal):
+def test_linear_elu(benchmark, direction, seq_len, causal, dtype):
     attnkernels = pytest.importorskip("attnkernels")
     if not hasattr(attnkernels, "linear_attention"):
         pytest.skip("attnkernels.linear_attention is not available in this build")
     torch.manual_seed(0)
     backward = direction == "fwd+bwd"
-    inputs = [torch.randn(1, HEADS, seq_len, HEAD_DIM, requires_grad=backward) for _ in range(3)]
+    inputs = [torch.randn(1, HEADS, seq_len, HEAD_DIM, dtype=dtype, requires_grad=backward) for _ in range(3)]
     ours = lambda q, k, v: attnkernels.linear_attention(q, k, v, feature_map="elu", causal=causal)  # noqa: E731
     peer_fns = {}
     fla = peers.fla_naive_linear_fn(causal)
@@ -49,26 +51,27 @@ def test_linear_elu(benchmark, direction, seq_len, causal):
     performer = peers.performer_linear_fn(causal)
     if performer is not None and (not causal or seq_len <= PERFORMER_CAUSAL_MAX_N):
         peer_fns["performer"] = performer
-    benchmark.group = f"linear-{'causal' if causal else 'noncausal'}-{direction}-N{seq_len}"
+    benchmark.group = f"linear-{'causal' if causal else 'noncausal'}-{direction}-N{seq_len}-{inputs[0].dtype}"
     info = _run(benchmark, ours, peer_fns, inputs, linear_flops(seq_len, HEAD_DIM, backward), backward)
     assert info["ours_ms"] > 0
 
 
 @pytest.mark.parametrize("seq_len", SEQ_LENS, ids=lambda n: f"N{n}")
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("direction", ["fwd", "fwd+bwd"])
-def test_favor_plus(benchmark, direction, seq_len):
+def test_favor_plus(benchmark, direction, seq_len, dtype):
     attnkernels = pytest.importorskip("attnkernels")
     if not hasattr(attnkernels, "PerformerFeatures"):
         pytest.skip("attnkernels.PerformerFeatures is not available in this build")
     torch.manual_seed(0)
     backward = direction == "fwd+bwd"
-    inputs = [torch.randn(1, HEADS, seq_len, HEAD_DIM, requires_grad=backward) for _ in range(3)]
-    features = attnkernels.PerformerFeatures(HEAD_DIM, num_features=NUM_FEATURES, generator=torch.Generator().manual_seed(0))
+    inputs = [torch.randn(1, HEADS, seq_len, HEAD_DIM, dtype=dtype, requires_grad=backward) for _ in range(3)]
+    features = attnkernels.PerformerFeatures(HEAD_DIM, num_features=NUM_FEATURES, generator=torch.Generator().manual_seed(0)).to(dtype)
     ours = lambda q, k, v: attnkernels.linear_attention(q, k, v, feature_map=features)  # noqa: E731
     peer_fns = {}
-    performer = peers.performer_fast_attention_fn(HEAD_DIM, NUM_FEATURES)
+    performer = peers.performer_fast_attention_fn(HEAD_DIM, NUM_FEATURES, dtype=dtype)
     if performer is not None:
         peer_fns["performer_fast_attention"] = performer
-    benchmark.group = f"favor+-{direction}-N{seq_len}"
+    benchmark.group = f"favor+-{direction}-N{seq_len}-{dtype}"
     info = _run(benchmark, ours, peer_fns, inputs, linear_flops(seq_len, NUM_FEATURES, backward), backward)
     assert info["ours_ms"] > 0

@@ -12,7 +12,7 @@ import attnkernels
 from attnkernels.conventions import window_visibility
 
 from . import peers
-from .common import compare, sizes, softmax_attention_flops, timed_call
+from .common import DTYPES, compare, sizes, softmax_attention_flops, timed_call
 
 SEQ_LENS = sizes(full=[1024, 4096, 16384], quick=[320])
 HEADS, HEAD_DIM, WINDOW = 8, 64, 256
@@ -21,12 +21,13 @@ MASKED_SDPA_MAX_N = 4096
 
 @pytest.mark.parametrize("causal", [False, True], ids=["w256_256", "causal-w256"])
 @pytest.mark.parametrize("seq_len", SEQ_LENS, ids=lambda n: f"N{n}")
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("direction", ["fwd", "fwd+bwd"])
-def test_window(benchmark, direction, seq_len, causal):
+def test_window(benchmark, direction, seq_len, causal, dtype):
     torch.manual_seed(0)
     backward = direction == "fwd+bwd"
     window = (WINDOW, 0) if causal else (WINDOW, WINDOW)
-    q, k, v = (torch.randn(1, HEADS, seq_len, HEAD_DIM, requires_grad=backward) for _ in range(3))
+    q, k, v = (torch.randn(1, HEADS, seq_len, HEAD_DIM, dtype=dtype, requires_grad=backward) for _ in range(3))
     band = window_visibility(seq_len, seq_len, window)
     ours = lambda q, k, v: attnkernels.attention(q, k, v, window_size=window)  # noqa: E731
     peer_fns = {}
@@ -43,7 +44,7 @@ def test_window(benchmark, direction, seq_len, causal):
     ours_fn = timed_call(ours, (q, k, v), backward)
     peer_calls = {name: timed_call(fn, (q, k, v), backward) for name, fn in peer_fns.items()}
     flops = softmax_attention_flops(1, HEADS, seq_len, seq_len, HEAD_DIM, visible_fraction=band.double().mean().item(), backward=backward)
-    benchmark.group = f"window-{direction}-N{seq_len}"
+    benchmark.group = f"window-{direction}-N{seq_len}-{dtype}"
     with torch.enable_grad() if backward else torch.no_grad():
-        info = compare(benchmark, ours_fn, peer_calls, flops)
+        info = compare(benchmark, ours_fn, peer_calls, flops, dtype=dtype)
     assert info["ours_ms"] > 0

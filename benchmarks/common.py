@@ -20,8 +20,12 @@ from attnkernels.tools.timing import time_interleaved
 FULL = os.environ.get("ATTNKERNELS_BENCH", "quick") == "full"
 ROUNDS = 7 if FULL else 1
 
-MM_SIZE = 1024  # torch.mm of two (MM_SIZE, MM_SIZE) fp32 matrices: the machine's yardstick
+MM_SIZE = 1024  # torch.mm of two (MM_SIZE, MM_SIZE) matrices in the case's dtype: the machine's yardstick
 MM_FLOPS = 2 * MM_SIZE**3
+
+
+# Every benchmark runs in both: fp32 (AVX-512 FMA) and bf16 (AMX through oneDNN for torch's peers).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def sizes(full: list, quick: list) -> list:
@@ -51,12 +55,12 @@ def timed_call(fn, inputs, backward: bool):
     return fwd_bwd(fn, *inputs) if backward else (lambda: fn(*inputs))
 
 
-def compare(benchmark, ours, peers: dict, flops: float, *, rounds: int | None = None) -> dict:
-    """Time `ours` with pytest-benchmark, then interleave ours/peers/mm and record the ratios."""
+def compare(benchmark, ours, peers: dict, flops: float, *, dtype=torch.float32, rounds: int | None = None) -> dict:
+    """Time `ours` with pytest-benchmark, then interleave ours/peers/mm (in `dtype`) and record the ratios."""
     rounds = rounds or ROUNDS
     benchmark.pedantic(ours, rounds=rounds, iterations=1, warmup_rounds=1)
-    a = torch.randn(MM_SIZE, MM_SIZE)
-    b = torch.randn(MM_SIZE, MM_SIZE)
+    a = torch.randn(MM_SIZE, MM_SIZE, dtype=dtype)
+    b = torch.randn(MM_SIZE, MM_SIZE, dtype=dtype)
     fns = [ours, *peers.values(), lambda: torch.mm(a, b)]
     samples = time_interleaved(fns, rounds=rounds, warmup=0)
     ours_t, mm_t = samples[0], samples[-1]

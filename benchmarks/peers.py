@@ -45,7 +45,7 @@ def local_attention_fn(window_size: int, causal: bool):
     return lambda q, k, v: module(q, k, v)
 
 
-def hf_bigbird_fn(seq_len, heads, head_dim, *, block_size, num_random_blocks):
+def hf_bigbird_fn(seq_len, heads, head_dim, *, block_size, num_random_blocks, dtype=torch.float32):
     """HF transformers' BigBirdBlockSparseAttention (pure PyTorch), random-init config, no downloads.
 
     Takes (B, N, H·D) hidden states and does its own q/k/v projections, so its
@@ -64,8 +64,8 @@ def hf_bigbird_fn(seq_len, heads, head_dim, *, block_size, num_random_blocks):
         hidden_size=hidden, num_attention_heads=heads, attention_type="block_sparse", block_size=block_size,
         num_random_blocks=num_random_blocks, max_position_embeddings=max(seq_len, 4096), use_bias=True,
     )
-    module = BigBirdBlockSparseAttention(config, seed=0).train()
-    attention_mask = torch.ones(1, seq_len)
+    module = BigBirdBlockSparseAttention(config, seed=0).train().to(dtype)
+    attention_mask = torch.ones(1, seq_len, dtype=dtype)
     blocked, band, from_mask, to_mask = BigBirdModel.create_masks_for_block_sparse_attn(attention_mask, block_size)
 
     def run(hidden_states):
@@ -110,12 +110,12 @@ def performer_linear_fn(causal: bool):
     return lambda q, k, v: attend(_elu_plus_one(q), _elu_plus_one(k), v)
 
 
-def performer_fast_attention_fn(head_dim: int, num_features: int):
+def performer_fast_attention_fn(head_dim: int, num_features: int, dtype=torch.float32):
     """performer-pytorch's FastAttention (FAVOR+ softmax kernel, non-causal)."""
     if importlib.util.find_spec("performer_pytorch") is None:
         print("performer-pytorch is not installed: peer skipped")
         return None
     from performer_pytorch import FastAttention
 
-    module = FastAttention(dim_heads=head_dim, nb_features=num_features, causal=False)
+    module = FastAttention(dim_heads=head_dim, nb_features=num_features, causal=False).to(dtype)
     return lambda q, k, v: module(q, k, v)

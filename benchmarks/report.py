@@ -23,7 +23,6 @@ import datetime
 import gc
 import importlib.util
 import json
-import math
 import os
 import platform
 import re
@@ -93,10 +92,15 @@ class Case:
     ours: Callable[[], object]
     peers: dict  # name -> callable
     flops: float  # useful FLOPs of one call
+    dtype: torch.dtype = torch.float32  # of the inputs, ours and the peers alike
 
 
-def _inputs(seq_len, backward, heads=HEADS, head_dim=HEAD_DIM):
-    return [torch.randn(1, heads, seq_len, head_dim, requires_grad=backward) for _ in range(3)]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def _inputs(seq_len, backward, dtype, heads=HEADS, head_dim=HEAD_DIM):
+    return [torch.randn(1, heads, seq_len, head_dim, dtype=dtype, requires_grad=backward) for _ in range(3)]
 
 
 def _calls(fn, tensors, backward):
@@ -120,23 +124,23 @@ def _softmax_flops(seq_len, visible, backward):
     return 4.0 * HEADS * seq_len * seq_len * HEAD_DIM * visible * (3.5 if backward else 1.0)
 
 
-def dense_cases(seq_lens, causal):
+def dense_cases(seq_lens, causal, dtype=torch.float32):
     family = "causal" if causal else "dense"
     for n in seq_lens:
         for backward in (False, True):
-            t = _inputs(n, backward)
+            t = _inputs(n, backward, dtype)
             ours = _calls(lambda q, k, v: attnkernels.attention(q, k, v, causal=causal), t, backward)
             sdpa = _calls(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal), t, backward)
             yield Case(family, f"N={n}", n, "fwd+bwd" if backward else "fwd", ours, {"sdpa": sdpa},
-                       _softmax_flops(n, 0.5 if causal else 1.0, backward))
+                       _softmax_flops(n, 0.5 if causal else 1.0, backward), dtype)
 
 
-def window_cases(seq_lens, windows, *, masked_max_n=4096, flex=True):
+def window_cases(seq_lens, windows, *, masked_max_n=4096, flex=True, dtype=torch.float32):
     for n in seq_lens:
         for w in windows:
             visible = window_visibility(n, n, (w, w)).double().mean().item() if n <= 16384 else min(1.0, (2 * w + 1) / n)
             for backward in (False, True):
-                t = _inputs(n, backward)
+                t = _inputs(n, backward, dtype)
                 ours = _calls(lambda q, k, v, w=w: attnkernels.attention(q, k, v, window_size=(w, w)), t, backward)
                 peer_calls = {}
                 if n <= masked_max_n:
@@ -148,30 +152,31 @@ def window_cases(seq_lens, windows, *, masked_max_n=4096, flex=True):
                     peer_calls["flex"] = _calls(peers.flex_attention_fn(
                         lambda b, h, qi, ki, w=w: (qi - ki <= w) & (ki - qi <= w), None, None, n, n), t, False)
                 yield Case("window", f"N={n} w={w}", n, "fwd+bwd" if backward else "fwd", ours, peer_calls,
-                           _softmax_flops(n, visible, backward))
+                           _softmax_flops(n, visible, backward), dtype)
 
 
-def bigbird_cases(seq_lens, random_blocks, *, masked_max_n=4096):
+def bigbird_cases(seq_lens, random_blocks, *, masked_max_n=4096, dtype=torch.float32):
     for n in seq_lens:
         for r in random_blocks:
             mask = masks.bigbird(n, block_size=64, num_global_blocks=1, num_window_blocks=3, num_random_blocks=r, num_heads=HEADS, seed=0)
             for backward in (False, True):
-                t = _inputs(n, backward)
+                t = _inputs(n, backward, dtype)
                 ours = _calls(lambda q, k, v, mask=mask: attnkernels.sparse_attention(q, k, v, mask), t, backward)
                 peer_calls = {}
                 if n <= masked_max_n:
                     peer_calls["masked_sdpa"] = _calls(peers.masked_sdpa_fn(mask.element_mask()), t, backward)
                 if not backward and n <= 16384:
                     peer_calls["flex"] = _calls(peers.flex_from_block_mask(mask), t, False)
-                hf = peers.hf_bigbird_fn(n, HEADS, HEAD_DIM, block_size=64, num_random_blocks=r) if n <= 8192 else None
+                hf = peers.hf_bigbird_fn(n, HEADS, HEAD_DIM, block_size=64, num_random_blocks=r, dtype=dtype) if n <= 8192 else None
                 if hf is not None:
                     hf_fn, hidden = hf
-                    peer_calls["hf_bigbird"] = _calls(hf_fn, [torch.randn(1, n, hidden, requires_grad=backward)], backward)
+                    peer_calls["hf_bigbird"] = _calls(
+                        hf_fn, [torch.randn(1, n, hidden, dtype=dtype, requires_grad=backward)], backward)
                 yield Case("bigbird", f"N={n} r={r}", n, "fwd+bwd" if backward else "fwd", ours, peer_calls,
-                           _softmax_flops(n, mask.density(), backward))
+                           _softmax_flops(n, mask.density(), backward), dtype)
 
 
-def linear_cases(seq_lens, causal):
+def linear_cases(seq_lens, causal, dtype=torch.float32):
     if importlib.util.find_spec("attnkernels.linear") is None:
         print("attnkernels.linear is not built yet: linear rows skipped")
         return
@@ -180,7 +185,7 @@ def linear_cases(seq_lens, causal):
     family = "linear-causal" if causal else "linear"
     for n in seq_lens:
         for backward in (False, True):
-            t = _inputs(n, backward)
+            t = _inputs(n, backward, dtype)
             ours = _calls(lambda q, k, v: linear_attention(q, k, v, feature_map="elu", causal=causal), t, backward)
             peer_calls = {}
             fla = peers.fla_naive_linear_fn(causal)
@@ -191,25 +196,25 @@ def linear_cases(seq_lens, causal):
                 peer_calls["performer"] = _calls(performer, t, backward)
             # φ(q)(φ(k)ᵀv): 2 products of N·D·D multiply-adds (+ the normaliser), ×2 flops
             flops = 4.0 * HEADS * n * HEAD_DIM * HEAD_DIM * (3.5 if backward else 1.0)
-            yield Case(family, f"N={n}", n, "fwd+bwd" if backward else "fwd", ours, peer_calls, flops)
+            yield Case(family, f"N={n}", n, "fwd+bwd" if backward else "fwd", ours, peer_calls, flops, dtype)
 
 
-def favor_cases(seq_lens, num_features=256):
+def favor_cases(seq_lens, num_features=256, dtype=torch.float32):
     if importlib.util.find_spec("attnkernels.linear") is None:
         return
     from attnkernels import PerformerFeatures, linear_attention
 
-    features = PerformerFeatures(HEAD_DIM, num_features=num_features, generator=torch.Generator().manual_seed(0))
+    features = PerformerFeatures(HEAD_DIM, num_features=num_features, generator=torch.Generator().manual_seed(0)).to(dtype)
     for n in seq_lens:
         for backward in (False, True):
-            t = _inputs(n, backward)
+            t = _inputs(n, backward, dtype)
             ours = _calls(lambda q, k, v: linear_attention(q, k, v, feature_map=features), t, backward)
             peer_calls = {}
-            performer = peers.performer_fast_attention_fn(HEAD_DIM, num_features)
+            performer = peers.performer_fast_attention_fn(HEAD_DIM, num_features, dtype=dtype)
             if performer is not None:
                 peer_calls["performer"] = _calls(performer, t, backward)
             flops = 4.0 * HEADS * n * (HEAD_DIM * num_features * 2) * (3.5 if backward else 1.0)
-            yield Case("favor+", f"N={n}", n, "fwd+bwd" if backward else "fwd", ours, peer_calls, flops)
+            yield Case("favor+", f"N={n}", n, "fwd+bwd" if backward else "fwd", ours, peer_calls, flops, dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -268,7 +273,8 @@ GATE_TOLERANCE = 1e-3
 # --------------------------------------------------------------------------------------
 
 def measure(case: Case, rounds: int) -> dict:
-    a, b = torch.randn(MM_SIZE, MM_SIZE), torch.randn(MM_SIZE, MM_SIZE)
+    # The yardstick runs on the unit the case's dtype uses (fp32: AVX-512 FMA; bf16: AMX through oneDNN).
+    a, b = torch.randn(MM_SIZE, MM_SIZE, dtype=case.dtype), torch.randn(MM_SIZE, MM_SIZE, dtype=case.dtype)
     mm = lambda: torch.mm(a, b)  # noqa: E731
     names = list(case.peers)
     samples = time_interleaved([case.ours, *case.peers.values(), mm], rounds=rounds, warmup=1)
@@ -276,6 +282,7 @@ def measure(case: Case, rounds: int) -> dict:
     mm_flops = 2 * MM_SIZE**3
     row = dict(
         family=case.family, label=case.label, seq_len=case.seq_len, direction=case.direction,
+        dtype=DTYPE_NAMES[case.dtype],
         ours_ms=statistics.median(ours_t) * 1e3, ours_min_ms=min(ours_t) * 1e3, ours_max_ms=max(ours_t) * 1e3,
         gflops=case.flops / statistics.median(ours_t) / 1e9,
         fraction_of_mm=statistics.median((case.flops / o) / (mm_flops / m) for o, m in zip(ours_t, mm_t)),
@@ -298,6 +305,11 @@ def _fmt_mem(mb):
     return "n/a" if mb is None else f"{mb:.0f}"
 
 
+def _per_dtype(mm_gflops) -> dict:
+    """meta's torch.mm GFLOP/s per dtype (runs saved before the dtype axis hold one fp32 number)."""
+    return mm_gflops if isinstance(mm_gflops, dict) else {"fp32": mm_gflops}
+
+
 def markdown(meta, gate, rows, compile_section, plots) -> str:
     out = [
         "# Benchmarks",
@@ -308,8 +320,9 @@ def markdown(meta, gate, rows, compile_section, plots) -> str:
         f"- machine: {meta['machine']}, {meta['cores']} cores; torch threads {meta['threads']}",
         f"- torch {meta['torch']}, triton {meta['triton']}, python {meta['python']}; CPU capability {meta['capability']} "
         f"(C++ build used: {meta['build']})",
-        f"- torch.mm fp32 {MM_SIZE}³ in the same rounds: median {meta['mm_gflops']:.0f} GFLOP/s over all rows",
-        "- all rows CPU, float32, B=1, H=8, D=64 unless stated; times are medians of interleaved rounds, spread = min–max;",
+        f"- torch.mm {MM_SIZE}³ in the row's dtype, in the same rounds (the peak of the unit that dtype uses): median "
+        + ", ".join(f"{d} {g:.0f}" for d, g in _per_dtype(meta["mm_gflops"]).items()) + " GFLOP/s over the rows; `of mm` is against it",
+        "- all rows CPU, B=1, H=8, D=64, peers in the row's dtype; times are medians of interleaved rounds, spread = min–max;",
         "  speed-up = median over rounds of (peer time / our time); memory = peak resident memory a call adds (MB).",
         "- FLOPs: softmax forward 4·H·N²·D × visible fraction, forward+backward 3.5×; linear 4·H·N·D·M.",
         "",
@@ -320,15 +333,15 @@ def markdown(meta, gate, rows, compile_section, plots) -> str:
     ]
     for family, error in gate.items():
         out.append(f"| {family} | {error:.2e} | {'yes' if error < GATE_TOLERANCE else 'NO'} |")
-    families = []
+    sections = []
     for r in rows:
-        if r["family"] not in families:
-            families.append(r["family"])
-    for family in families:
-        out += ["", f"## {family}", "",
+        if (r["family"], r.get("dtype", "fp32")) not in sections:
+            sections.append((r["family"], r.get("dtype", "fp32")))
+    for family, dtype in sections:
+        out += ["", f"## {family}, {dtype}", "",
                 "| case | dir | ours ms (spread) | GFLOP/s | of mm | ours MB | peers: ms (speed-up, MB) | vs best |",
                 "|---|---|---|---|---|---|---|---|"]
-        for r in (r for r in rows if r["family"] == family):
+        for r in (r for r in rows if r["family"] == family and r.get("dtype", "fp32") == dtype):
             peer_text = "; ".join(
                 f"{n} {p['ms']:.1f} ({p['speedup']:.2f}x, {_fmt_mem(p['mem_mb'])})" for n, p in r["peers"].items()
             ) or "none installed"
@@ -427,6 +440,16 @@ def gpu_run_section(directory: str) -> str:
 
 
 def plots(rows, directory) -> list:
+    """Time vs N per family (fp32 rows, and bf16 rows when there are any) and peak memory vs N."""
+    written = []
+    for dtype in ("fp32", "bf16"):
+        dtype_rows = [r for r in rows if r.get("dtype", "fp32") == dtype]
+        if dtype_rows:
+            written += _time_plots(dtype_rows, directory, dtype)
+    return written + _memory_plot([r for r in rows if r.get("dtype", "fp32") == "fp32"], directory)
+
+
+def _pyplot():
     try:
         import matplotlib
 
@@ -434,6 +457,13 @@ def plots(rows, directory) -> list:
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: no plots")
+        return None
+    return plt
+
+
+def _time_plots(rows, directory, dtype) -> list:
+    plt = _pyplot()
+    if plt is None:
         return []
     os.makedirs(directory, exist_ok=True)
     written = []
@@ -456,13 +486,23 @@ def plots(rows, directory) -> list:
             ax.set_xlabel("N")
             ax.set_ylabel("ms")
             ax.legend(fontsize=7)
-        fig.suptitle(f"CPU fp32 time vs N ({direction})")
+        fig.suptitle(f"CPU {dtype} time vs N ({direction})")
         fig.tight_layout()
-        path = os.path.join(directory, f"bench_time_{direction.replace('+', '_')}.png")
+        suffix = "" if dtype == "fp32" else f"_{dtype}"
+        path = os.path.join(directory, f"bench_time_{direction.replace('+', '_')}{suffix}.png")
         fig.savefig(path, dpi=90)
         plt.close(fig)
-        written.append((f"time vs N, {direction}", path))
-    # memory: fused kernels vs the materialising baseline (masked SDPA / performer)
+        written.append((f"time vs N, {dtype}, {direction}", path))
+    return written
+
+
+def _memory_plot(rows, directory) -> list:
+    """Peak memory: fused kernels vs the materialising baselines (masked SDPA / performer / HF BigBird)."""
+    plt = _pyplot()
+    if plt is None or not rows:
+        return []
+    os.makedirs(directory, exist_ok=True)
+    families = sorted({r["family"] for r in rows})
     fig, ax = plt.subplots(figsize=(6, 4))
     for family in families:
         family_rows = [r for r in rows if r["family"] == family and r["direction"] == "fwd+bwd" and r["ours_mem_mb"] is not None]
@@ -484,8 +524,7 @@ def plots(rows, directory) -> list:
     path = os.path.join(directory, "bench_memory.png")
     fig.savefig(path, dpi=90)
     plt.close(fig)
-    written.append(("peak memory vs N", path))
-    return written
+    return [("peak memory vs N", path)]
 
 
 def main(argv=None) -> int:
@@ -495,6 +534,7 @@ def main(argv=None) -> int:
     parser.add_argument("--plots-dir", default="docs")
     parser.add_argument("--json", help="also write the raw rows here")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--dtypes", default="fp32,bf16", help=f"comma-separated, of {list(DTYPES)} (peers run in the same dtype)")
     parser.add_argument("--render", metavar="JSON",
                         help="re-write BENCHMARKS.md and the plots from the rows a run saved with --json (no timing)")
     args = parser.parse_args(argv)
@@ -515,19 +555,24 @@ def main(argv=None) -> int:
 
     gate = correctness_gate()
     print("correctness gate:", json.dumps({k: f"{v:.1e}" for k, v in gate.items()}))
-    if args.quick:
-        rounds = 3
-        plan = [dense_cases([512, 1024], False), dense_cases([512, 1024], True),
-                window_cases([1024, 2048], [128]), bigbird_cases([1024, 2048], [3]),
-                linear_cases([1024, 4096], True), linear_cases([1024, 4096], False), favor_cases([1024, 4096])]
-    else:
-        rounds = 7
-        plan = [dense_cases([1024, 2048, 4096], False), dense_cases([1024, 2048, 4096], True),
-                window_cases([1024, 4096, 16384], [256]), window_cases([4096], [64, 1024]),
-                window_cases([65536], [256], flex=False),
-                bigbird_cases([1024, 4096, 16384], [3]), bigbird_cases([4096], [1, 8]),
-                linear_cases([1024, 4096, 16384, 65536], True), linear_cases([1024, 4096, 16384, 65536], False),
-                favor_cases([1024, 4096, 16384])]
+    dtypes = [DTYPES[d.strip()] for d in args.dtypes.split(",") if d.strip()]
+    plan = []
+    rounds = 3 if args.quick else 7
+    for dtype in dtypes:
+        if args.quick:
+            plan += [dense_cases([512, 1024], False, dtype), dense_cases([512, 1024], True, dtype),
+                     window_cases([1024, 2048], [128], dtype=dtype), bigbird_cases([1024, 2048], [3], dtype=dtype),
+                     linear_cases([1024, 4096], True, dtype), linear_cases([1024, 4096], False, dtype),
+                     favor_cases([1024, 4096], dtype=dtype)]
+        else:
+            plan += [dense_cases([1024, 4096, 16384] if dtype != torch.float32 else [1024, 2048, 4096], False, dtype),
+                     dense_cases([1024, 4096, 16384] if dtype != torch.float32 else [1024, 2048, 4096], True, dtype),
+                     window_cases([1024, 4096, 16384], [256], dtype=dtype), window_cases([4096], [64, 1024], dtype=dtype),
+                     window_cases([65536], [256], flex=False, dtype=dtype),
+                     bigbird_cases([1024, 4096, 16384], [3], dtype=dtype), bigbird_cases([4096], [1, 8], dtype=dtype),
+                     linear_cases([1024, 4096, 16384, 65536], True, dtype),
+                     linear_cases([1024, 4096, 16384, 65536], False, dtype),
+                     favor_cases([1024, 4096, 16384], dtype=dtype)]
     cases = [c for gen in plan for c in gen]
     rows = []
     for case in tqdm(cases, desc="benchmarks", unit="case"):
@@ -544,7 +589,8 @@ def main(argv=None) -> int:
         cores=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__, triton=triton.__version__,
         python=platform.python_version(), capability=torch.backends.cpu.get_cpu_capability(),
         build=_cpu_backend.load().capability,
-        mm_gflops=statistics.median(r["mm_gflops"] for r in rows) if rows else math.nan,
+        mm_gflops={d: statistics.median(r["mm_gflops"] for r in rows if r["dtype"] == d)
+                   for d in dict.fromkeys(r["dtype"] for r in rows)},
     )
     written = plots(rows, args.plots_dir)
     with open(args.output, "w") as f:
