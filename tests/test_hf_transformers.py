@@ -197,3 +197,49 @@ def test_dropout_in_training_raises():
     ids, mask = _inputs(batch=1, length=5)
     with attnkernels.backend("reference"), pytest.raises(NotImplementedError, match="dropout"):
         model(input_ids=ids, attention_mask=mask)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt_neox"])
+def test_static_cache_unpadded_generate_matches_eager_B2_N7_new5(kind):
+    """Regression: an unpadded batch into a static cache arrives with no mask and all max_cache_len slots;
+    the unfilled slots must not be attended (they were: prefill logits off by up to 0.17, other tokens)."""
+    torch.manual_seed(0)
+    if kind == "gpt_neox":
+        config = transformers.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                            num_hidden_layers=2, vocab_size=VOCAB, max_position_embeddings=64)
+        model = transformers.GPTNeoXForCausalLM(config).double().eval()
+    else:
+        model = _model(kind, torch.float64)
+    ids, mask = _inputs(length=7)
+    out, calls = {}, {}
+    for impl in ("eager", NAME):
+        model.set_attn_implementation(impl)
+        with attnkernels.backend("reference"):
+            gen = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0, use_cache=True,
+                                 cache_implementation="static", output_scores=True, return_dict_in_generate=True)
+        out[impl] = gen
+    assert torch.equal(out[NAME].sequences, out["eager"].sequences)
+    for ours, eager in zip(out[NAME].scores, out["eager"].scores):
+        torch.testing.assert_close(ours, eager, rtol=1e-5, atol=1e-6)  # generate hands back float32 scores
+
+
+def test_modernbert_bidirectional_window_N140_matches_eager():
+    """ModernBERT's local layers pass a two-sided sliding_window=W meaning |i - j| < W; on inputs longer
+    than the window the backend once mapped it to (W, W) and the mask check raised."""
+    torch.manual_seed(0)
+    config = transformers.ModernBertConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                           num_hidden_layers=3, vocab_size=VOCAB, max_position_embeddings=256,
+                                           local_attention=16, global_attn_every_n_layers=3,
+                                           attention_dropout=0.0, mlp_dropout=0.0, embedding_dropout=0.0,
+                                           pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
+    model = transformers.ModernBertModel(config).double().eval()
+    ids, _ = _inputs(batch=2, length=140)
+    mask = torch.ones(2, 140, dtype=torch.long)
+    mask[1, 135:] = 0  # 5 padded keys: every row still sees a real key (eager NaNs on fully masked rows)
+    out = {}
+    for impl in ("eager", NAME):
+        model.set_attn_implementation(impl)
+        with attnkernels.backend("reference"):
+            out[impl] = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    torch.testing.assert_close(out[NAME][real], out["eager"][real], rtol=1e-8, atol=1e-8)

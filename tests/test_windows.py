@@ -107,3 +107,20 @@ def test_local_attention_exact_windowsize(causal, look_backward):
 def test_conversions_reject_bad_sizes(call):
     with pytest.raises(ValueError, match="expected a"):
         call()
+
+
+@pytest.mark.parametrize("sliding_window", [1, 4, 16])
+def test_hf_bidirectional_sliding_window(sliding_window):
+    """The sliding_window=W that HF hands a two-sided attention function (ModernBERT, Gemma3 bidirectional)
+    means |i - j| < W: (W-1, W-1). ModernBERT passes W = config.sliding_window + 1 and builds its mask with
+    `sliding_window_bidirectional_mask_function(config.sliding_window)` (|i - j| <= config value)."""
+    if importlib.util.find_spec("transformers") is None:
+        idx = torch.arange(20)
+        hf_mask = (idx[:, None] - idx[None, :]).abs() < sliding_window  # the documented rule
+    else:
+        from transformers.masking_utils import sliding_window_bidirectional_mask_function
+
+        mask_fn = sliding_window_bidirectional_mask_function(sliding_window - 1)
+        idx = torch.arange(20)
+        hf_mask = mask_fn(torch.tensor(0), torch.tensor(0), idx[:, None], idx[None, :]).expand(20, 20)
+    assert torch.equal(window_visibility(20, 20, windows.from_hf_bidirectional_window(sliding_window)), hf_mask)

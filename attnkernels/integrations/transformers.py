@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..softmax.api import attention
 from ..conventions import window_visibility
-from ..softmax.windows import from_hf_sliding_window, resolve_window
+from ..softmax.windows import from_hf_bidirectional_window, from_hf_sliding_window, resolve_window
 
 DEFAULT_NAME = "attnkernels"
 
@@ -72,8 +72,8 @@ def attnkernels_attention_forward(
 
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     if sliding_window:
-        # HF: causal `kv > q - W` -> (W - 1, 0); bidirectional `|q - kv| <= W` -> (W, W).
-        window = from_hf_sliding_window(int(sliding_window)) if causal else (int(sliding_window), int(sliding_window))
+        # HF: causal `kv > q - W` -> (W - 1, 0); bidirectional `|q - kv| < W` -> (W - 1, W - 1).
+        window = (from_hf_sliding_window if causal else from_hf_bidirectional_window)(int(sliding_window))
     else:
         window = None
     band = resolve_window(window, causal)  # (left, right), what the kernel will apply
@@ -81,6 +81,11 @@ def attnkernels_attention_forward(
     key_padding_mask = None
     if attention_mask is not None:
         key, value, key_padding_mask = padding_from_hf_mask(attention_mask, query, key, value, band)
+    elif causal and query.shape[2] > 1 and key.shape[2] > query.shape[2]:
+        # No mask, causal, more key slots than queries: transformers does this only for a prefill into an
+        # empty static cache, whose slots past the prompt are unfilled zeros. Its sdpa path keeps the first
+        # Nq keys (top-left causal); bottom-right causal over all slots would attend to the empty ones.
+        key, value = key[:, :, : query.shape[2]], value[:, :, : query.shape[2]]
 
     out = attention(query, key, value, causal=causal, scale=scaling, window_size=window, key_padding_mask=key_padding_mask)
     return out.transpose(1, 2).contiguous(), None  # (B, Hq, Nq, D) -> (B, Nq, Hq, D)

@@ -53,6 +53,12 @@ def from_hf_sliding_window(sliding_window: int) -> tuple[int, int]:
     return sliding_window - 1, 0
 
 
+def from_hf_bidirectional_window(sliding_window: int) -> tuple[int, int]:
+    """HF transformers' two-sided `sliding_window = W` (ModernBERT, Gemma3 bidirectional): |i - j| < W."""
+    _positive("sliding_window", sliding_window)
+    return sliding_window - 1, sliding_window - 1
+
+
 def from_flex_sliding_window(window: int) -> tuple[int, int]:
     """FlexAttention / attention-gym mask_mod `causal & (q_idx - kv_idx <= window)`."""
     _non_negative("window", window)
