@@ -415,6 +415,37 @@ def compile_report_section() -> str:
     return "\n".join(head) + "\n"
 
 
+def gpu_sections(directory: str) -> str:
+    return compile_report_section() + "\n" + gpu_check_section(directory) + "\n" + gpu_run_section(directory)
+
+
+def gpu_check_section(directory: str) -> str:
+    """The last `python -m benchmarks.gpu_check` run on a lent GPU (its JSON under `directory`), or why none."""
+    path = os.path.join(directory, "gpu_check.json")
+    out = ["## GPU check (`python -m benchmarks.gpu_check` on a lent GPU)", ""]
+    if not os.path.exists(path):
+        return "\n".join(out + ["No gpu_check run is recorded: no GPU was lent since the script exists "
+                                "(its flow is tested on CPU under the Triton interpreter: tests/test_gpu_check.py).", ""])
+    with open(path) as f:
+        check = json.load(f)
+    ver = check["versions"]
+    out += [f"{ver['date']} on {ver['device']} (sm {ver.get('capability')}), torch {ver['torch']}, triton {ver['triton']}, "
+            f"ptxas {ver['ptxas']}, CUDA {ver.get('cuda')}; bf16, B=2, H=16; medians of `triton.testing.do_bench`; "
+            "ratio = peer time / ours.", ""]
+    if "tests" in check:
+        out += [f"GPU tests: {check['tests']['summary']}", ""]
+    out += ["| case | N | D | dir | ours ms | TFLOP/s | peers: ms (ratio, max diff) |", "|---|---|---|---|---|---|---|"]
+    for r in check["rows"]:
+        peers_text = "; ".join(f"{n} {p['ms']:.3f} ({p['ratio']:.2f}x, "
+                               f"{'n/a' if p['max_diff'] is None else format(p['max_diff'], '.1e')})"
+                               for n, p in r["peers"].items()) or "-"
+        out.append(f"| {r['case']} | {r['n']} | {r['d']} | {r['direction']} | {r['ours_ms']:.3f} | "
+                   f"{r['ours_tflops']:.1f} | {peers_text} |")
+    for name, kernels in check.get("kernels", {}).items():
+        out += ["", f"Per-kernel device time ({name}): " + ", ".join(f"{k} {ms:.3f} ms" for k, ms in kernels.items())]
+    return "\n".join(out) + "\n"
+
+
 def gpu_run_section(directory: str) -> str:
     """The last borrowed-GPU run, as `benchmarks/gpu_bench.py` and the GPU tests printed it (if any)."""
     bench_path = os.path.join(directory, "gpu_bench_h200.json")
@@ -544,7 +575,7 @@ def main(argv=None) -> int:
         written = plots(saved["rows"], args.plots_dir)
         with open(args.output, "w") as f:
             f.write(markdown(saved["meta"], saved["gate"], saved["rows"],
-                             compile_report_section() + "\n" + gpu_run_section(args.plots_dir), written))
+                             gpu_sections(args.plots_dir), written))
         print(f"re-wrote {args.output} from {args.render}")
         return 0
     if args.threads:
@@ -594,7 +625,7 @@ def main(argv=None) -> int:
     )
     written = plots(rows, args.plots_dir)
     with open(args.output, "w") as f:
-        f.write(markdown(meta, gate, rows, compile_report_section() + "\n" + gpu_run_section(args.plots_dir), written))
+        f.write(markdown(meta, gate, rows, gpu_sections(args.plots_dir), written))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, gate=gate, rows=rows), f, indent=1)
