@@ -12,7 +12,7 @@ import attnkernels
 from attnkernels import masks
 
 from . import peers
-from .common import DTYPES, compare, sizes, softmax_attention_flops, timed_call
+from .common import compare, qkv, sizes, softmax_attention_flops, sweep_direction_and_dtype, timed_call
 
 SEQ_LENS = sizes(full=[1024, 4096, 16384], quick=[768])  # HF BigBird needs N >= (5 + 2·random)·block
 HEADS, HEAD_DIM, BLOCK = 8, 64, 64
@@ -20,13 +20,11 @@ MASKED_SDPA_MAX_N = 4096
 
 
 @pytest.mark.parametrize("seq_len", SEQ_LENS, ids=lambda n: f"N{n}")
-@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-@pytest.mark.parametrize("direction", ["fwd", "fwd+bwd"])
+@sweep_direction_and_dtype
 def test_bigbird(benchmark, direction, seq_len, dtype):
-    torch.manual_seed(0)
     backward = direction == "fwd+bwd"
     mask = masks.bigbird(seq_len, block_size=BLOCK, num_global_blocks=1, num_window_blocks=3, num_random_blocks=3, num_heads=HEADS, seed=0)
-    q, k, v = (torch.randn(1, HEADS, seq_len, HEAD_DIM, dtype=dtype, requires_grad=backward) for _ in range(3))
+    q, k, v = qkv(seq_len, HEADS, HEAD_DIM, dtype, backward)
     ours = lambda q, k, v: attnkernels.sparse_attention(q, k, v, mask)  # noqa: E731
     peer_fns = {}
     if seq_len <= MASKED_SDPA_MAX_N:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import attnkernels
 
-from .common import DTYPES, compare, sizes, softmax_attention_flops, timed_call
+from .common import compare, qkv, sizes, softmax_attention_flops, sweep_direction_and_dtype, timed_call
 
 SEQ_LENS = sizes(full=[1024, 4096], quick=[128])
 HEADS, HEAD_DIM = 8, 64
@@ -17,12 +17,10 @@ HEADS, HEAD_DIM = 8, 64
 
 @pytest.mark.parametrize("causal", [False, True], ids=["dense", "causal"])
 @pytest.mark.parametrize("seq_len", SEQ_LENS, ids=lambda n: f"N{n}")
-@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-@pytest.mark.parametrize("direction", ["fwd", "fwd+bwd"])
+@sweep_direction_and_dtype
 def test_dense_vs_sdpa(benchmark, direction, seq_len, causal, dtype):
-    torch.manual_seed(0)
     backward = direction == "fwd+bwd"
-    q, k, v = (torch.randn(1, HEADS, seq_len, HEAD_DIM, dtype=dtype, requires_grad=backward) for _ in range(3))
+    q, k, v = qkv(seq_len, HEADS, HEAD_DIM, dtype, backward)
     ours = lambda q, k, v: attnkernels.attention(q, k, v, causal=causal)  # noqa: E731
     sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
     ours_fn, peers = timed_call(ours, (q, k, v), backward), {"sdpa": timed_call(sdpa, (q, k, v), backward)}

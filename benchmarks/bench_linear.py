@@ -11,8 +11,10 @@ performer-pytorch's causal path is skipped above N=4096 (about 9 GB at 4096 fwd+
 import pytest
 import torch
 
+import attnkernels
+
 from . import peers
-from .common import DTYPES, compare, sizes, timed_call
+from .common import compare, qkv, sizes, sweep_direction_and_dtype, timed_call
 
 SEQ_LENS = sizes(full=[1024, 4096, 16384, 65536], quick=[256])
 HEADS, HEAD_DIM, NUM_FEATURES = 8, 64, 256
@@ -34,15 +36,10 @@ def _run(benchmark, ours, peer_fns, inputs, flops, backward):
 
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 @pytest.mark.parametrize("seq_len", SEQ_LENS, ids=lambda n: f"N{n}")
-@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-@pytest.mark.parametrize("direction", ["fwd", "fwd+bwd"])
+@sweep_direction_and_dtype
 def test_linear_elu(benchmark, direction, seq_len, causal, dtype):
-    attnkernels = pytest.importorskip("attnkernels")
-    if not hasattr(attnkernels, "linear_attention"):
-        pytest.skip("attnkernels.linear_attention is not available in this build")
-    torch.manual_seed(0)
     backward = direction == "fwd+bwd"
-    inputs = [torch.randn(1, HEADS, seq_len, HEAD_DIM, dtype=dtype, requires_grad=backward) for _ in range(3)]
+    inputs = qkv(seq_len, HEADS, HEAD_DIM, dtype, backward)
     ours = lambda q, k, v: attnkernels.linear_attention(q, k, v, feature_map="elu", causal=causal)  # noqa: E731
     peer_fns = {}
     fla = peers.fla_naive_linear_fn(causal)
@@ -57,15 +54,10 @@ def test_linear_elu(benchmark, direction, seq_len, causal, dtype):
 
 
 @pytest.mark.parametrize("seq_len", SEQ_LENS, ids=lambda n: f"N{n}")
-@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-@pytest.mark.parametrize("direction", ["fwd", "fwd+bwd"])
+@sweep_direction_and_dtype
 def test_favor_plus(benchmark, direction, seq_len, dtype):
-    attnkernels = pytest.importorskip("attnkernels")
-    if not hasattr(attnkernels, "PerformerFeatures"):
-        pytest.skip("attnkernels.PerformerFeatures is not available in this build")
-    torch.manual_seed(0)
     backward = direction == "fwd+bwd"
-    inputs = [torch.randn(1, HEADS, seq_len, HEAD_DIM, dtype=dtype, requires_grad=backward) for _ in range(3)]
+    inputs = qkv(seq_len, HEADS, HEAD_DIM, dtype, backward)
     features = attnkernels.PerformerFeatures(HEAD_DIM, num_features=NUM_FEATURES, generator=torch.Generator().manual_seed(0)).to(dtype)
     ours = lambda q, k, v: attnkernels.linear_attention(q, k, v, feature_map=features)  # noqa: E731
     peer_fns = {}

@@ -12,7 +12,7 @@ import attnkernels
 from attnkernels.conventions import window_visibility
 
 from . import peers
-from .common import DTYPES, compare, sizes, softmax_attention_flops, timed_call
+from .common import compare, qkv, sizes, softmax_attention_flops, sweep_direction_and_dtype, timed_call
 
 SEQ_LENS = sizes(full=[1024, 4096, 16384], quick=[320])
 HEADS, HEAD_DIM, WINDOW = 8, 64, 256
@@ -21,13 +21,11 @@ MASKED_SDPA_MAX_N = 4096
 
 @pytest.mark.parametrize("causal", [False, True], ids=["w256_256", "causal-w256"])
 @pytest.mark.parametrize("seq_len", SEQ_LENS, ids=lambda n: f"N{n}")
-@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-@pytest.mark.parametrize("direction", ["fwd", "fwd+bwd"])
+@sweep_direction_and_dtype
 def test_window(benchmark, direction, seq_len, causal, dtype):
-    torch.manual_seed(0)
     backward = direction == "fwd+bwd"
     window = (WINDOW, 0) if causal else (WINDOW, WINDOW)
-    q, k, v = (torch.randn(1, HEADS, seq_len, HEAD_DIM, dtype=dtype, requires_grad=backward) for _ in range(3))
+    q, k, v = qkv(seq_len, HEADS, HEAD_DIM, dtype, backward)
     band = window_visibility(seq_len, seq_len, window)
     ours = lambda q, k, v: attnkernels.attention(q, k, v, window_size=window)  # noqa: E731
     peer_fns = {}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import statistics
 
+import pytest
 import torch
 
 from attnkernels.tools.timing import time_interleaved
@@ -28,6 +29,18 @@ MM_FLOPS = 2 * MM_SIZE**3
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def sweep_direction_and_dtype(test):
+    """The axes every benchmark sweeps: fwd / fwd+bwd, and each dtype of DTYPES."""
+    test = pytest.mark.parametrize("direction", ["fwd", "fwd+bwd"])(test)
+    return pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())(test)
+
+
+def qkv(seq_len: int, heads: int, head_dim: int, dtype, backward: bool) -> list:
+    """Seeded q, k, v (1, H, N, D), requiring grad for a forward+backward benchmark."""
+    torch.manual_seed(0)
+    return [torch.randn(1, heads, seq_len, head_dim, dtype=dtype, requires_grad=backward) for _ in range(3)]
+
+
 def sizes(full: list, quick: list) -> list:
     return full if FULL else quick
 
@@ -40,19 +53,22 @@ def softmax_attention_flops(batch, heads, q_len, kv_len, head_dim, *, visible_fr
     return forward * (3.5 if backward else 1.0)
 
 
-def fwd_bwd(fn, *inputs):
-    """A callable running fn(*inputs) forward and backward with a fixed upstream gradient."""
-    def run():
+def timed_call(fn, inputs, backward: bool):
+    """A no-argument callable running fn(*inputs): forward only (no autograd graph), or forward and
+    backward with a fixed upstream gradient. Returns the output."""
+    if not backward:
+        def forward():
+            with torch.no_grad():
+                return fn(*inputs)
+        return forward
+
+    def forward_backward():
         for t in inputs:
             t.grad = None
         out = fn(*inputs)
         out.backward(torch.ones_like(out))
-    return run
-
-
-def timed_call(fn, inputs, backward: bool):
-    """A callable running fn(*inputs): forward only, or forward and backward (see fwd_bwd)."""
-    return fwd_bwd(fn, *inputs) if backward else (lambda: fn(*inputs))
+        return out
+    return forward_backward
 
 
 def compare(benchmark, ours, peers: dict, flops: float, *, dtype=torch.float32, rounds: int | None = None) -> dict:

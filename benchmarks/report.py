@@ -42,6 +42,7 @@ from attnkernels.conventions import window_visibility
 from attnkernels.tools.timing import time_interleaved
 
 from . import peers
+from .common import timed_call
 
 HEADS, HEAD_DIM = 8, 64
 MM_SIZE = 1024
@@ -103,23 +104,6 @@ def _inputs(seq_len, backward, dtype, heads=HEADS, head_dim=HEAD_DIM):
     return [torch.randn(1, heads, seq_len, head_dim, dtype=dtype, requires_grad=backward) for _ in range(3)]
 
 
-def _calls(fn, tensors, backward):
-    """A no-argument callable that runs fn(*tensors), with backward when asked."""
-    if not backward:
-        def forward():
-            with torch.no_grad():
-                return fn(*tensors)
-        return forward
-
-    def forward_backward():
-        for t in tensors:
-            t.grad = None
-        out = fn(*tensors)
-        out.backward(torch.ones_like(out))
-        return out
-    return forward_backward
-
-
 def _softmax_flops(seq_len, visible, backward):
     return 4.0 * HEADS * seq_len * seq_len * HEAD_DIM * visible * (3.5 if backward else 1.0)
 
@@ -129,8 +113,8 @@ def dense_cases(seq_lens, causal, dtype=torch.float32):
     for n in seq_lens:
         for backward in (False, True):
             t = _inputs(n, backward, dtype)
-            ours = _calls(lambda q, k, v: attnkernels.attention(q, k, v, causal=causal), t, backward)
-            sdpa = _calls(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal), t, backward)
+            ours = timed_call(lambda q, k, v: attnkernels.attention(q, k, v, causal=causal), t, backward)
+            sdpa = timed_call(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal), t, backward)
             yield Case(family, f"N={n}", n, "fwd+bwd" if backward else "fwd", ours, {"sdpa": sdpa},
                        _softmax_flops(n, 0.5 if causal else 1.0, backward), dtype)
 
@@ -141,15 +125,15 @@ def window_cases(seq_lens, windows, *, masked_max_n=4096, flex=True, dtype=torch
             visible = window_visibility(n, n, (w, w)).double().mean().item() if n <= 16384 else min(1.0, (2 * w + 1) / n)
             for backward in (False, True):
                 t = _inputs(n, backward, dtype)
-                ours = _calls(lambda q, k, v, w=w: attnkernels.attention(q, k, v, window_size=(w, w)), t, backward)
+                ours = timed_call(lambda q, k, v, w=w: attnkernels.attention(q, k, v, window_size=(w, w)), t, backward)
                 peer_calls = {}
                 if n <= masked_max_n:
-                    peer_calls["masked_sdpa"] = _calls(peers.masked_sdpa_fn(window_visibility(n, n, (w, w))), t, backward)
+                    peer_calls["masked_sdpa"] = timed_call(peers.masked_sdpa_fn(window_visibility(n, n, (w, w))), t, backward)
                 local = peers.local_attention_fn(w, causal=False)
                 if local is not None and n % w == 0 and n <= 16384:
-                    peer_calls["local_attention"] = _calls(local, t, backward)
+                    peer_calls["local_attention"] = timed_call(local, t, backward)
                 if flex and not backward and n <= 16384:
-                    peer_calls["flex"] = _calls(peers.flex_attention_fn(
+                    peer_calls["flex"] = timed_call(peers.flex_attention_fn(
                         lambda b, h, qi, ki, w=w: (qi - ki <= w) & (ki - qi <= w), None, None, n, n), t, False)
                 yield Case("window", f"N={n} w={w}", n, "fwd+bwd" if backward else "fwd", ours, peer_calls,
                            _softmax_flops(n, visible, backward), dtype)
@@ -161,16 +145,16 @@ def bigbird_cases(seq_lens, random_blocks, *, masked_max_n=4096, dtype=torch.flo
             mask = masks.bigbird(n, block_size=64, num_global_blocks=1, num_window_blocks=3, num_random_blocks=r, num_heads=HEADS, seed=0)
             for backward in (False, True):
                 t = _inputs(n, backward, dtype)
-                ours = _calls(lambda q, k, v, mask=mask: attnkernels.sparse_attention(q, k, v, mask), t, backward)
+                ours = timed_call(lambda q, k, v, mask=mask: attnkernels.sparse_attention(q, k, v, mask), t, backward)
                 peer_calls = {}
                 if n <= masked_max_n:
-                    peer_calls["masked_sdpa"] = _calls(peers.masked_sdpa_fn(mask.element_mask()), t, backward)
+                    peer_calls["masked_sdpa"] = timed_call(peers.masked_sdpa_fn(mask.element_mask()), t, backward)
                 if not backward and n <= 16384:
-                    peer_calls["flex"] = _calls(peers.flex_from_block_mask(mask), t, False)
+                    peer_calls["flex"] = timed_call(peers.flex_from_block_mask(mask), t, False)
                 hf = peers.hf_bigbird_fn(n, HEADS, HEAD_DIM, block_size=64, num_random_blocks=r, dtype=dtype) if n <= 8192 else None
                 if hf is not None:
                     hf_fn, hidden = hf
-                    peer_calls["hf_bigbird"] = _calls(
+                    peer_calls["hf_bigbird"] = timed_call(
                         hf_fn, [torch.randn(1, n, hidden, dtype=dtype, requires_grad=backward)], backward)
                 yield Case("bigbird", f"N={n} r={r}", n, "fwd+bwd" if backward else "fwd", ours, peer_calls,
                            _softmax_flops(n, mask.density(), backward), dtype)
@@ -186,14 +170,14 @@ def linear_cases(seq_lens, causal, dtype=torch.float32):
     for n in seq_lens:
         for backward in (False, True):
             t = _inputs(n, backward, dtype)
-            ours = _calls(lambda q, k, v: linear_attention(q, k, v, feature_map="elu", causal=causal), t, backward)
+            ours = timed_call(lambda q, k, v: linear_attention(q, k, v, feature_map="elu", causal=causal), t, backward)
             peer_calls = {}
             fla = peers.fla_naive_linear_fn(causal)
             if fla is not None:
-                peer_calls["fla_naive"] = _calls(fla, t, backward)
+                peer_calls["fla_naive"] = timed_call(fla, t, backward)
             performer = peers.performer_linear_fn(causal)
             if performer is not None and (not causal or n <= 8192):
-                peer_calls["performer"] = _calls(performer, t, backward)
+                peer_calls["performer"] = timed_call(performer, t, backward)
             # φ(q)(φ(k)ᵀv): 2 products of N·D·D multiply-adds (+ the normaliser), ×2 flops
             flops = 4.0 * HEADS * n * HEAD_DIM * HEAD_DIM * (3.5 if backward else 1.0)
             yield Case(family, f"N={n}", n, "fwd+bwd" if backward else "fwd", ours, peer_calls, flops, dtype)
@@ -208,11 +192,11 @@ def favor_cases(seq_lens, num_features=256, dtype=torch.float32):
     for n in seq_lens:
         for backward in (False, True):
             t = _inputs(n, backward, dtype)
-            ours = _calls(lambda q, k, v: linear_attention(q, k, v, feature_map=features), t, backward)
+            ours = timed_call(lambda q, k, v: linear_attention(q, k, v, feature_map=features), t, backward)
             peer_calls = {}
             performer = peers.performer_fast_attention_fn(HEAD_DIM, num_features, dtype=dtype)
             if performer is not None:
-                peer_calls["performer"] = _calls(performer, t, backward)
+                peer_calls["performer"] = timed_call(performer, t, backward)
             flops = 4.0 * HEADS * n * (HEAD_DIM * num_features * 2) * (3.5 if backward else 1.0)
             yield Case("favor+", f"N={n}", n, "fwd+bwd" if backward else "fwd", ours, peer_calls, flops, dtype)
 
@@ -447,7 +431,7 @@ def gpu_check_section(directory: str) -> str:
 
 
 def gpu_run_section(directory: str) -> str:
-    """The last borrowed-GPU run, as `benchmarks/gpu_bench.py` and the GPU tests printed it (if any)."""
+    """The first borrowed-GPU run (before gpu_check existed), as its script and the GPU tests printed it."""
     bench_path = os.path.join(directory, "gpu_bench_h200.json")
     tests_path = os.path.join(directory, "gpu_tests_h200.log")
     out = ["## GPU runs (a borrowed H200, by hand)", ""]
@@ -460,7 +444,7 @@ def gpu_run_section(directory: str) -> str:
             last = [line.strip() for line in f if line.strip()][-1]
         out += [f"`pytest tests/test_gpu_attention.py tests/test_gpu_linear.py` on the GPU: {last} "
                 f"(log: `{tests_path}`).", ""]
-    out += [f"`python -m benchmarks.gpu_bench` on {bench['device']}, torch {bench['torch']}; bf16, B=2, H=16, D=128; "
+    out += [f"The first H200 run's script (replaced by gpu_check) on {bench['device']}, torch {bench['torch']}; bf16, B=2, H=16, D=128; "
             "`triton.testing.do_bench` medians; ratio = peer time / our time (below 1: we are slower). "
             "The linear row's peer is FlashAttention-2 (SDPA) causal, for scale only.", "",
             "| case | N | dir | ours ms | peer | peer ms | ratio | max abs diff vs peer |", "|---|---|---|---|---|---|---|---|"]

@@ -68,6 +68,16 @@ def _logits(model, impl, ids, mask, backend="reference"):
         return model(input_ids=ids, attention_mask=mask).logits
 
 
+def _hidden_states(model, impls, ids, mask) -> dict:
+    """impl -> last hidden state of an encoder on (ids, mask), our backend on the reference kernels."""
+    out = {}
+    for impl in impls:
+        model.set_attn_implementation(impl)
+        with attnkernels.backend("reference"):
+            out[impl] = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    return out
+
+
 # The Triton interpreter run is kept to float32 (and these tiny shapes).
 DTYPE_BACKENDS = [(torch.float64, b) for b in BACKENDS if b != "triton"] + [(torch.float32, b) for b in BACKENDS]
 
@@ -159,11 +169,7 @@ def test_encoder_bidirectional_with_padding_B2_N10():
     ids, _ = _inputs(length=10)
     mask = torch.ones(2, 10, dtype=torch.long)
     mask[1, 6:] = 0
-    out = {}
-    for impl in ("sdpa", NAME):
-        model.set_attn_implementation(impl)
-        with attnkernels.backend("reference"):
-            out[impl] = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    out = _hidden_states(model, ("sdpa", NAME), ids, mask)
     real = mask.bool()
     torch.testing.assert_close(out[NAME][real], out["sdpa"][real], rtol=1e-10, atol=1e-10)
 
@@ -236,10 +242,6 @@ def test_modernbert_bidirectional_window_N140_matches_eager():
     ids, _ = _inputs(batch=2, length=140)
     mask = torch.ones(2, 140, dtype=torch.long)
     mask[1, 135:] = 0  # 5 padded keys: every row still sees a real key (eager NaNs on fully masked rows)
-    out = {}
-    for impl in ("eager", NAME):
-        model.set_attn_implementation(impl)
-        with attnkernels.backend("reference"):
-            out[impl] = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    out = _hidden_states(model, ("eager", NAME), ids, mask)
     real = mask.bool()
     torch.testing.assert_close(out[NAME][real], out["eager"][real], rtol=1e-8, atol=1e-8)

@@ -120,16 +120,8 @@ def feature_map_derivative(x: Tensor, feature_map: str) -> Tensor:
 
 
 def linear_attention_reference_backward(
-    dout: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    feature_map: str = "elu",
-    causal: bool = False,
-    normalize: bool = True,
-    eps: float = 1e-6,
-    scale: float | None = None,
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, *, feature_map: str = "elu", causal: bool = False,
+    normalize: bool = True, eps: float = 1e-6, scale: float | None = None,
     initial_state: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of `linear_attention_reference(q, k, v, ...)[0]` for the cotangent dout."""

@@ -40,18 +40,8 @@ class SoftmaxCall(OpCall):
     key_padding_mask: Optional[Tensor] = None
 
     @classmethod
-    def build(
-        cls,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        *,
-        causal: bool = False,
-        scale: float | None = None,
-        window_size=None,
-        block_mask=None,
-        key_padding_mask: Tensor | None = None,
-    ) -> "SoftmaxCall":
+    def build(cls, q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None,
+              window_size=None, block_mask=None, key_padding_mask: Tensor | None = None) -> "SoftmaxCall":
         """The user's arguments checked (errors name the argument) and resolved to kernel form."""
         _checks.check_qkv(q, k, v)
         scale = softmax_scale(scale, q.shape[-1])

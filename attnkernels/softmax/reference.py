@@ -98,16 +98,8 @@ class TableLayout:
 
 
 def attention_reference_backward(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool = False,
-    window_size=None,
-    block_mask=None,
-    key_padding_mask: torch.Tensor | None = None,
-    scale: float | None = None,
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, window_size=None,
+    block_mask=None, key_padding_mask: torch.Tensor | None = None, scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) in float64, written out as the kernels compute them.
 
