@@ -13,9 +13,12 @@
 //     only on tiles it cuts.
 //
 // Shapes: q (B, Hq, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv), query head h
-// reads kv head h / (Hq / Hk). Tile matmuls go through torch's CPU GEMM
+// reads kv head h / (Hq / Hk). Tile matmuls go through common/tile_gemm.h
 // (at::native::cpublas::brgemm, oneDNN's micro-kernel, for float; a
-// vectorised loop for double, the test path); softmax/exp through at::vec::Vectorized.
+// register-tiled vectorised loop for double, the test path); softmax/exp through
+// the at::vec row helpers of common/row_math.h. Arguments arrive validated by the
+// Python API; the op entry points check only the invariants that keep a direct
+// torch.ops call in bounds (common/checks.h, check_table, prepare_masks).
 // bf16/fp16 inputs are upcast once to float32 (O(N·D), never O(N²)), so the
 // accumulation is float32 as in FlashAttention; float64 stays float64.
 //
@@ -27,9 +30,6 @@
 // one owner, so the result is the same bits for any thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
-#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -41,7 +41,23 @@
 #include <utility>
 #include <vector>
 
+#include "common/checks.h"
+#include "common/parallel.h"
+#include "common/row_math.h"
+#include "common/tile_gemm.h"
+
 namespace {
+
+namespace common = ATTNKERNELS_NS::common;
+using common::exp_fma_sum;
+using common::exp_scaled_minus;
+using common::exp_sub_sum;
+using common::fill;
+using common::max_keep_nan;
+using common::row_max;
+using common::scale_row;
+using common::softmax_grad;
+using common::tile_gemm;
 
 // Query rows x keys per tile. 64 x 256 keeps S [64, 256] and the accumulators
 // in L2, gives the GEMM micro-kernel enough work per call, and halves the
@@ -49,16 +65,10 @@ namespace {
 // near this core's peak either way; the rest is softmax overhead).
 constexpr int64_t kBlockM = 64;
 constexpr int64_t kBlockN = 256;
-constexpr int64_t kMaxHeadDim = 256;
-// Below this much work per thread a parallel region costs more than it saves
-// (waking threads is ~10 us, far more on a loaded host): small calls run inline.
+// Below this many flops per thread a parallel region costs more than it saves.
 constexpr double kMinParallelFlops = 4e6;
 
-// Grain for at::parallel_for over `tasks` tasks of about `flops_per_task` each.
-// Only the partition changes with it, never the result (each task owns its outputs).
-int64_t grain_for(double flops_per_task) {
-  return std::max<int64_t>(1, int64_t(std::ceil(kMinParallelFlops / std::max(flops_per_task, 1.0))));
-}
+inline int64_t grain_for(double flops_per_task) { return common::grain_for(flops_per_task, kMinParallelFlops); }
 
 // ---------------------------------------------------------------------------
 // Problem description shared by the three passes
@@ -204,11 +214,6 @@ inline const T* packed_piece(const T* head, int64_t a, int64_t depth, int64_t ti
 // ---------------------------------------------------------------------------
 // Element masks, only on tiles that window_cuts / padding_cuts flag
 // ---------------------------------------------------------------------------
-template <typename T>
-inline void fill(T* x, int64_t n, T value) {
-  std::fill(x, x + n, value);
-}
-
 // Row i (a query) of a tile over keys [j0, j1): mask keys outside the band or padded.
 template <typename T>
 void mask_query_row(const Problem& p, int64_t b, int64_t i, int64_t j0, int64_t j1, T* row, T value) {
@@ -236,192 +241,6 @@ void mask_key_row(const Problem& p, int64_t b, int64_t j, int64_t i0, int64_t i1
   hi = std::max(hi, lo);
   fill(row, lo - i0, value);
   fill(row + (hi - i0), i1 - hi, value);
-}
-
-// ---------------------------------------------------------------------------
-// Tile GEMM: row-major C[M, N] (+)= A[M, K] · B[K, N]
-// ---------------------------------------------------------------------------
-template <typename T>
-void tile_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
-               int64_t ldc, bool accumulate);
-
-template <>
-void tile_gemm<float>(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
-                      float* C, int64_t ldc, bool accumulate) {
-  // oneDNN's brgemm micro-kernel: single-threaded and deterministic per shape.
-  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, /*is_vnni=*/false);
-}
-
-template <>
-void tile_gemm<double>(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B,
-                       int64_t ldb, double* C, int64_t ldc, bool accumulate) {
-  // brgemm has no double overload and the cpublas gemm stub does not link from
-  // an extension, so float64 (the gradcheck / test path) uses this vectorised
-  // rank-1-update loop: C[i, :] += A[i, kk] * B[kk, :], in a fixed order.
-  using Vec = at::vec::Vectorized<double>;
-  for (int64_t i = 0; i < M; ++i) {
-    double* c = C + i * ldc;
-    if (!accumulate) fill(c, N, 0.0);
-    for (int64_t kk = 0; kk < K; ++kk) {
-      const double a = A[i * lda + kk];
-      const double* b = B + kk * ldb;
-      const Vec va(a);
-      int64_t j = 0;
-      for (; j + Vec::size() <= N; j += Vec::size()) (Vec::loadu(c + j) + va * Vec::loadu(b + j)).store(c + j);
-      for (; j < N; ++j) c[j] += a * b[j];
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------
-// Vectorised row helpers (tails in scalar code: loadu(ptr, n) pads with zeros,
-// which would corrupt a max or a sum)
-// ---------------------------------------------------------------------------
-// exp on a vector: float uses ATen's exp_u20 (the polynomial torch's own CPU
-// flash attention uses, ~2 ulp, about twice as fast as Sleef's 1-ulp exp);
-// double keeps the 1-ulp exp so the float64 path stays a tight oracle check.
-inline at::vec::Vectorized<float> vexp(const at::vec::Vectorized<float>& x) { return x.exp_u20(); }
-inline at::vec::Vectorized<double> vexp(const at::vec::Vectorized<double>& x) { return x.exp(); }
-
-template <typename T>
-inline void scale_row(T* x, int64_t n, T a) {
-  using Vec = at::vec::Vectorized<T>;
-  const Vec va(a);
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) (Vec::loadu(x + i) * va).store(x + i);
-  for (; i < n; ++i) x[i] *= a;
-}
-
-// Horizontal reductions of one vector: a shuffle tree (log2 lanes steps), not a
-// serial chain of scalar ops, which per row and tile cost as much as the exps.
-template <typename T>
-inline T hmax(const at::vec::Vectorized<T>& v) {
-  using Vec = at::vec::Vectorized<T>;
-  return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, v);
-}
-template <typename T>
-inline T hsum(const at::vec::Vectorized<T>& v) {
-  using Vec = at::vec::Vectorized<T>;
-  return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, v);
-}
-
-// max that keeps a NaN (std::max(a, NaN) returns a): a NaN score must poison its row
-// as it does in the reference, not vanish. at::vec::maximum already propagates NaN.
-template <typename T>
-inline T max_keep_nan(T a, T b) {
-  return (std::isnan(a) || std::isnan(b)) ? std::numeric_limits<T>::quiet_NaN() : std::max(a, b);
-}
-
-// max(x): read-only, two accumulators to overlap the max latencies, tree at the end.
-template <typename T>
-inline T row_max(const T* x, int64_t n) {
-  using Vec = at::vec::Vectorized<T>;
-  constexpr int64_t W = Vec::size();
-  T m = -std::numeric_limits<T>::infinity();
-  int64_t i = 0;
-  if (n >= W) {
-    Vec m0(m), m1(m);
-    for (; i + 2 * W <= n; i += 2 * W) {
-      m0 = at::vec::maximum(m0, Vec::loadu(x + i));
-      m1 = at::vec::maximum(m1, Vec::loadu(x + i + W));
-    }
-    for (; i + W <= n; i += W) m0 = at::vec::maximum(m0, Vec::loadu(x + i));
-    m = hmax<T>(at::vec::maximum(m0, m1));
-  }
-  for (; i < n; ++i) m = max_keep_nan(m, x[i]);
-  return m;
-}
-
-// x <- exp(x - m); returns the sum (fixed order: two lane accumulators, tree, then tail).
-template <typename T>
-inline T exp_sub_sum(T* x, int64_t n, T m) {
-  using Vec = at::vec::Vectorized<T>;
-  constexpr int64_t W = Vec::size();
-  const Vec vm(m);
-  Vec s0(T(0)), s1(T(0));
-  int64_t i = 0;
-  for (; i + 2 * W <= n; i += 2 * W) {
-    const Vec e0 = vexp(Vec::loadu(x + i) - vm), e1 = vexp(Vec::loadu(x + i + W) - vm);
-    e0.store(x + i);
-    e1.store(x + i + W);
-    s0 = s0 + e0;
-    s1 = s1 + e1;
-  }
-  for (; i + W <= n; i += W) {
-    const Vec e = vexp(Vec::loadu(x + i) - vm);
-    e.store(x + i);
-    s0 = s0 + e;
-  }
-  T s = hsum<T>(s0 + s1);
-  for (; i < n; ++i) {
-    x[i] = std::exp(x[i] - m);
-    s += x[i];
-  }
-  return s;
-}
-
-// x <- exp(x * a - b) (one FMA before the exp); returns the sum, in the same fixed order.
-template <typename T>
-inline T exp_fma_sum(T* x, int64_t n, T a, T b) {
-  using Vec = at::vec::Vectorized<T>;
-  constexpr int64_t W = Vec::size();
-  const Vec va(a), vnb(-b);
-  Vec s0(T(0)), s1(T(0));
-  int64_t i = 0;
-  for (; i + 2 * W <= n; i += 2 * W) {
-    const Vec e0 = vexp(at::vec::fmadd(Vec::loadu(x + i), va, vnb));
-    const Vec e1 = vexp(at::vec::fmadd(Vec::loadu(x + i + W), va, vnb));
-    e0.store(x + i);
-    e1.store(x + i + W);
-    s0 = s0 + e0;
-    s1 = s1 + e1;
-  }
-  for (; i + W <= n; i += W) {
-    const Vec e = vexp(at::vec::fmadd(Vec::loadu(x + i), va, vnb));
-    e.store(x + i);
-    s0 = s0 + e;
-  }
-  T s = hsum<T>(s0 + s1);
-  for (; i < n; ++i) {
-    x[i] = std::exp(x[i] * a - b);
-    s += x[i];
-  }
-  return s;
-}
-
-// x <- exp(x * scale - lse[c]) per column c (lse = +inf for a row that sees nothing -> 0).
-template <typename T>
-inline void exp_scaled_minus(T* x, int64_t n, T scale, const T* lse, bool lse_per_column) {
-  using Vec = at::vec::Vectorized<T>;
-  const Vec vs(scale);
-  int64_t i = 0;
-  if (lse_per_column) {
-    for (; i + Vec::size() <= n; i += Vec::size())
-      vexp(Vec::loadu(x + i) * vs - Vec::loadu(lse + i)).store(x + i);
-    for (; i < n; ++i) x[i] = std::exp(x[i] * scale - lse[i]);
-  } else {
-    const Vec vl(lse[0]);
-    for (; i + Vec::size() <= n; i += Vec::size()) vexp(Vec::loadu(x + i) * vs - vl).store(x + i);
-    for (; i < n; ++i) x[i] = std::exp(x[i] * scale - lse[0]);
-  }
-}
-
-// ds <- p * (dp - delta) * scale, delta per column or one per row.
-template <typename T>
-inline void softmax_grad(T* p, const T* dp, int64_t n, const T* delta, bool delta_per_column, T scale) {
-  using Vec = at::vec::Vectorized<T>;
-  const Vec vs(scale);
-  int64_t i = 0;
-  if (delta_per_column) {
-    for (; i + Vec::size() <= n; i += Vec::size())
-      (Vec::loadu(p + i) * (Vec::loadu(dp + i) - Vec::loadu(delta + i)) * vs).store(p + i);
-    for (; i < n; ++i) p[i] = p[i] * (dp[i] - delta[i]) * scale;
-  } else {
-    const Vec vd(delta[0]);
-    for (; i + Vec::size() <= n; i += Vec::size())
-      (Vec::loadu(p + i) * (Vec::loadu(dp + i) - vd) * vs).store(p + i);
-    for (; i < n; ++i) p[i] = p[i] * (dp[i] - delta[0]) * scale;
-  }
 }
 
 // ---------------------------------------------------------------------------
@@ -615,45 +434,22 @@ void fold_group(const Problem& p, const T* part, int64_t width, T* out) {
 }
 
 // ---------------------------------------------------------------------------
-// Validation (defensive: the Python API validates too) and table plumbing
+// Op-boundary invariants (the Python API validates user arguments; these only keep a
+// direct torch.ops call in bounds) and table plumbing
 // ---------------------------------------------------------------------------
-void check_float_tensor(const char* op, const char* name, const at::Tensor& t, int64_t dim) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
-  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got shape ", t.sizes());
-  const auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf, op, ": ", name,
-              " must be float32, float64, bfloat16 or float16, got ", st);
-}
-
-Problem check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t left,
-                  int64_t right) {
-  check_float_tensor(op, "q", q, 4);
-  check_float_tensor(op, "k", k, 4);
-  check_float_tensor(op, "v", v, 4);
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
-              ": q, k, v must share one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
+// Problem of a call: the shared shape invariants plus the window.
+Problem make_problem(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t left,
+                     int64_t right) {
+  const common::QKVShape s = common::check_qkv(op, q, k, v);
   Problem p;
-  p.B = q.size(0);
-  p.Hq = q.size(1);
-  p.Nq = q.size(2);
-  p.D = q.size(3);
-  p.Hk = k.size(1);
-  p.Nk = k.size(2);
-  p.Dv = v.size(3);
-  TORCH_CHECK(k.size(0) == p.B && v.size(0) == p.B, op, ": k and v must have q's batch size ", p.B, ", got ",
-              k.size(0), " and ", v.size(0));
-  TORCH_CHECK(k.size(3) == p.D, op, ": k's head dim ", k.size(3), " must equal q's head dim ", p.D);
-  TORCH_CHECK(v.size(1) == p.Hk && v.size(2) == p.Nk, op, ": v must be (B, Hk, Nk, Dv) with Hk=", p.Hk,
-              ", Nk=", p.Nk, " like k, got ", v.sizes());
-  TORCH_CHECK(p.Hk > 0 && p.Hq % p.Hk == 0, op, ": the number of query heads (", p.Hq,
-              ") must be a multiple of the number of key/value heads (", p.Hk, ")");
-  TORCH_CHECK(p.D >= 1 && p.D <= kMaxHeadDim, op, ": head dim D of q/k must be in [1, ", kMaxHeadDim, "], got ",
-              p.D);
-  TORCH_CHECK(p.Dv >= 1 && p.Dv <= kMaxHeadDim, op, ": head dim Dv of v must be in [1, ", kMaxHeadDim, "], got ",
-              p.Dv);
-  TORCH_CHECK(left >= -1 && right >= -1, op, ": window_left/window_right must be >= 0 or -1 (unbounded), got (",
-              left, ", ", right, ")");
-  p.group = p.Hq / p.Hk;
+  p.B = s.B;
+  p.Hq = s.Hq;
+  p.Hk = s.Hk;
+  p.Nq = s.Nq;
+  p.Nk = s.Nk;
+  p.D = s.D;
+  p.Dv = s.Dv;
+  p.group = s.group;
   p.left = left;
   p.right = right;
   p.off = p.Nk - p.Nq;
@@ -662,7 +458,11 @@ Problem check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, cons
   return p;
 }
 
-// Checks a (num, indices) table pair and returns contiguous copies.
+// Checks a (num, indices) table pair and returns contiguous copies. The scan of the
+// entries is the one check a kernel cannot do without: every listed block must be
+// < the block count (else a tile would read past the sequence), and the blocks of a
+// row ascending and distinct (transpose_tables writes one slot per (row, block)).
+// It is O(table), negligible next to the attention itself.
 std::pair<at::Tensor, at::Tensor> check_table(const char* op, const char* num_name, const char* idx_name,
                                               const at::Tensor& num, const at::Tensor& idx, const Problem& p,
                                               int64_t rows, int64_t cols) {
@@ -785,8 +585,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
                                                  int64_t sparse_block_size,
                                                  const std::optional<at::Tensor>& key_padding_mask) {
   const char* op = "attention_fwd";
-  Problem p = check_qkv(op, q, k, v, window_left, window_right);
-  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  Problem p = make_problem(op, q, k, v, window_left, window_right);
   Prepared prep = prepare_masks(op, p, kv_num_blocks, kv_indices, std::nullopt, std::nullopt, sparse_block_size,
                                 key_padding_mask, false);
   const auto ct = compute_type(q.scalar_type());
@@ -814,10 +613,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const std::optional<at::Tensor>& q_num_blocks, const std::optional<at::Tensor>& q_indices,
     int64_t sparse_block_size, const std::optional<at::Tensor>& key_padding_mask) {
   const char* op = "attention_bwd";
-  Problem p = check_qkv(op, q, k, v, window_left, window_right);
-  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
-  check_float_tensor(op, "dout", dout, 4);
-  check_float_tensor(op, "out", out, 4);
+  Problem p = make_problem(op, q, k, v, window_left, window_right);
+  common::check_float_tensor(op, "dout", dout, 4);
+  common::check_float_tensor(op, "out", out, 4);
   TORCH_CHECK(dout.sizes() == out.sizes() && out.sizes() == at::IntArrayRef({p.B, p.Hq, p.Nq, p.Dv}), op,
               ": dout and out must be (B, Hq, Nq, Dv) = (", p.B, ", ", p.Hq, ", ", p.Nq, ", ", p.Dv, "), got ",
               dout.sizes(), " and ", out.sizes());
