@@ -168,4 +168,120 @@ inline void softmax_grad(T* p, const T* dp, int64_t n, const T* delta, bool delt
   }
 }
 
+// out[i] = T(exp(x[i] * a - b)) for i < n, T a 16-bit type: the exp, the row sum and the
+// rounding in one pass (P never goes back to memory in float). Returns the float sum of
+// the unrounded exps, in a fixed order.
+template <typename T>
+inline float exp_fma_sum_round(const float* x, int64_t n, float a, float b, T* out) {
+  using Vec = at::vec::Vectorized<float>;
+  constexpr int64_t W = Vec::size();
+  const Vec va(a), vnb(-b);
+  Vec s0(0.f), s1(0.f);
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    const Vec e0 = vexp(at::vec::fmadd(Vec::loadu(x + i), va, vnb));
+    const Vec e1 = vexp(at::vec::fmadd(Vec::loadu(x + i + W), va, vnb));
+    s0 = s0 + e0;
+    s1 = s1 + e1;
+    at::vec::convert_from_float<T>(e0, e1).store(out + i);
+  }
+  float s = hsum<float>(s0 + s1);
+  for (; i < n; ++i) {
+    const float e = std::exp(x[i] * a - b);
+    out[i] = T(e);
+    s += e;
+  }
+  return s;
+}
+
+#if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__) && !defined(__clang__)
+#define ATTNKERNELS_NATIVE_BF16 1
+// The same for bf16 with AVX512-BF16's vcvtne2ps2bf16 (one instruction per 32 values,
+// round to nearest even, as the software rounding): this TU is built for plain AVX-512,
+// so only this function is compiled for the extension, and it runs only where the CPU
+// has it (bf16_native_ok; every CPU with AMX-BF16 does).
+__attribute__((target("avx512bf16"))) inline float exp_fma_sum_round_bf16(const float* x, int64_t n, float a,
+                                                                           float b, at::BFloat16* out) {
+  using Vec = at::vec::Vectorized<float>;
+  constexpr int64_t W = Vec::size();
+  const Vec va(a), vnb(-b);
+  Vec s0(0.f), s1(0.f);
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    const Vec e0 = vexp(at::vec::fmadd(Vec::loadu(x + i), va, vnb));
+    const Vec e1 = vexp(at::vec::fmadd(Vec::loadu(x + i + W), va, vnb));
+    s0 = s0 + e0;
+    s1 = s1 + e1;
+    _mm512_storeu_si512(reinterpret_cast<void*>(out + i), reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e1, e0)));
+  }
+  float s = hsum<float>(s0 + s1);
+  for (; i < n; ++i) {
+    const float e = std::exp(x[i] * a - b);
+    out[i] = at::BFloat16(e);
+    s += e;
+  }
+  return s;
+}
+
+inline bool bf16_native_ok() {
+  static const bool ok = __builtin_cpu_supports("avx512bf16");
+  return ok;
+}
+
+template <>
+inline float exp_fma_sum_round<at::BFloat16>(const float* x, int64_t n, float a, float b, at::BFloat16* out) {
+  if (bf16_native_ok()) return exp_fma_sum_round_bf16(x, n, a, b, out);
+  using Vec = at::vec::Vectorized<float>;
+  constexpr int64_t W = Vec::size();
+  const Vec va(a), vnb(-b);
+  Vec s0(0.f), s1(0.f);
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    const Vec e0 = vexp(at::vec::fmadd(Vec::loadu(x + i), va, vnb));
+    const Vec e1 = vexp(at::vec::fmadd(Vec::loadu(x + i + W), va, vnb));
+    s0 = s0 + e0;
+    s1 = s1 + e1;
+    at::vec::convert_from_float<at::BFloat16>(e0, e1).store(out + i);
+  }
+  float s = hsum<float>(s0 + s1);
+  for (; i < n; ++i) {
+    const float e = std::exp(x[i] * a - b);
+    out[i] = at::BFloat16(e);
+    s += e;
+  }
+  return s;
+}
+#endif
+
+// max(x) without NaN propagation in the vector part (plain vmaxps: a third cheaper than
+// at::vec::maximum), for callers that do not need it: a NaN score still poisons its row
+// through exp and the row sum, unless every other score is -inf, which the caller checks
+// (row_max_fast == -inf -> recompute with row_max).
+inline float row_max_fast(const float* x, int64_t n) {
+#if defined(CPU_CAPABILITY_AVX512)
+  constexpr int64_t W = 16;
+  float m = -std::numeric_limits<float>::infinity();
+  int64_t i = 0;
+  if (n >= W) {
+    __m512 m0 = _mm512_set1_ps(m), m1 = m0;
+    for (; i + 2 * W <= n; i += 2 * W) {
+      m0 = _mm512_max_ps(m0, _mm512_loadu_ps(x + i));
+      m1 = _mm512_max_ps(m1, _mm512_loadu_ps(x + i + W));
+    }
+    for (; i + W <= n; i += W) m0 = _mm512_max_ps(m0, _mm512_loadu_ps(x + i));
+    m = _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
+  }
+  for (; i < n; ++i) m = max_keep_nan(m, x[i]);
+  return m;
+#else
+  return row_max(x, n);
+#endif
+}
+
+// dst[0, n) = src[0, n) converted (rounded to nearest even for bf16 / fp16).
+template <typename S, typename D>
+inline void convert_row(const S* src, D* dst, int64_t n) {
+  at::vec::convert(src, dst, n);
+}
+
 ATTNKERNELS_COMMON_END

@@ -10,13 +10,18 @@
 // linear kernels' triangular intra-chunk products in float: it can skip the
 // zero triangle of A or of C (Tri), which a dense brgemm call cannot, and on
 // their 64-row chunks that halves the work (measured in csrc/linear.cpp).
+// vnni_gemm is the bf16 / fp16 engine on the matrix units (below).
 #pragma once
 
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/native/CPUBlas.h>
 
+#include <ATen/ATen.h>
+
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <vector>
 
 #include "common/ns.h"
 #include "common/row_math.h"
@@ -120,6 +125,57 @@ template <>
 inline void tile_gemm<float>(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
                              int64_t ldb, float* C, int64_t ldc, bool accumulate) {
   at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, /*is_vnni=*/false);
+}
+
+// ---------------------------------------------------------------------------
+// Matrix units (AMX-BF16 / AMX-FP16): 16-bit operands, float accumulation
+// ---------------------------------------------------------------------------
+// C[M, N] float (+)= A[M, K] · B[K, N] with A row-major (lda) in T = BFloat16 or
+// Half and B in the VNNI layout the tile units read: pairs of K rows interleaved,
+// element (k, n) at B[(k / 2) * 2 * ldb + 2 * n + k % 2], so a column offset c is
+// a pointer offset 2c and ldb may be any value >= N (checked on this CPU: 16..256,
+// odd offsets). K must be even: callers pad a pair with a zero row.
+template <typename T>
+inline void vnni_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, float* C,
+                      int64_t ldc, bool accumulate) {
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, /*is_vnni=*/true);
+}
+
+// Give the tile registers back (AMX keeps per-thread tile state); after a sequence of
+// vnni_gemm calls, on the thread that made them.
+inline void vnni_release() { at::native::cpublas::brgemm_release(/*is_vnni=*/true); }
+
+// Whether this CPU's oneDNN runs 16-bit operands on the matrix units (cpublas::could_pack:
+// AMX for bf16, AMX-FP16 for fp16), unless ATTNKERNELS_CPU_NO_AMX is set to a non-empty
+// value other than "0" (read at every call, so tests can cover the fp32-upcast path).
+inline bool matrix_units_disabled_by_env() {
+  const char* v = std::getenv("ATTNKERNELS_CPU_NO_AMX");
+  return v != nullptr && v[0] != '\0' && !(v[0] == '0' && v[1] == '\0');
+}
+
+inline bool matrix_units_available(at::ScalarType t) {
+  if (t != at::kBFloat16 && t != at::kHalf) return false;
+  return !matrix_units_disabled_by_env() && at::native::cpublas::could_pack(t);
+}
+
+// x [..., R, C] (C even) -> VNNI pairs of rows [..., ceil(R / 2), C, 2], a zero row padding odd R.
+inline at::Tensor vnni_rows(const at::Tensor& x) {
+  const int64_t R = x.size(-2), C = x.size(-1), Re = R + (R & 1);
+  at::Tensor padded = Re == R ? x.contiguous() : at::constant_pad_nd(x, {0, 0, 0, 1});
+  std::vector<int64_t> pairs(x.sizes().begin(), x.sizes().end() - 2), out = pairs;
+  pairs.insert(pairs.end(), {Re / 2, 2, C});  // [..., R / 2, 2, C]
+  out.insert(out.end(), {Re / 2, C, 2});      // [..., R / 2, C, 2]
+  return padded.view(pairs).transpose(-1, -2).contiguous().view(out);
+}
+
+// x [B, H, N, D] (D even) -> per tile of `tile` rows, the transposed tile in VNNI layout:
+// [B, H, nT, D / 2, tile, 2], element (d, n) of tile t at [t][d / 2][n][d % 2]; zero past N.
+// Each (d, d + 1) pair of a row of x is one 32-bit word, so this is a 32-bit transpose.
+inline at::Tensor vnni_transposed_tiles(const at::Tensor& x, int64_t tile) {
+  const int64_t n = x.size(2), D = x.size(3), n_tiles = (n + tile - 1) / tile;
+  at::Tensor padded = n_tiles * tile == n ? x.contiguous() : at::constant_pad_nd(x, {0, 0, 0, n_tiles * tile - n});
+  at::Tensor words = padded.view({x.size(0), x.size(1), n_tiles, tile, D}).view(at::kInt);  // [.., tile, D/2]
+  return words.transpose(-1, -2).contiguous().view(x.scalar_type()).view({x.size(0), x.size(1), n_tiles, D / 2, tile, 2});
 }
 
 ATTNKERNELS_COMMON_END
