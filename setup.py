@@ -55,6 +55,9 @@ def extensions():
     if unknown:
         sys.exit(f"ATTNKERNELS_CPU_CAPABILITIES: unknown capability {unknown}; expected a subset of {list(CAPABILITIES)}")
     sources = sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "csrc", "*.cpp")))
+    # The shared headers (csrc/common/*.h): setuptools skips an extension whose sources
+    # and `depends` are all older than its library, so a header-only change must be listed.
+    headers = sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "csrc", "common", "*.h")))
     exts = []
     for name in names:
         suffix, isa_flags = CAPABILITIES[name]
@@ -62,6 +65,7 @@ def extensions():
             CppExtension(
                 name=f"attnkernels.{suffix}",
                 sources=sources,
+                depends=headers,
                 include_dirs=[os.path.join(HERE, "csrc")],
                 # Each variant registers its ops under its own namespace so that
                 # two variants can never collide if both get loaded.

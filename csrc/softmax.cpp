@@ -13,9 +13,12 @@
 //     only on tiles it cuts.
 //
 // Shapes: q (B, Hq, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv), query head h
-// reads kv head h / (Hq / Hk). Tile matmuls go through torch's CPU GEMM
+// reads kv head h / (Hq / Hk). Tile matmuls go through common/tile_gemm.h
 // (at::native::cpublas::brgemm, oneDNN's micro-kernel, for float; a
-// vectorised loop for double, the test path); softmax/exp through at::vec::Vectorized.
+// register-tiled vectorised loop for double, the test path); softmax/exp through
+// the at::vec row helpers of common/row_math.h. Arguments arrive validated by the
+// Python API; the op entry points check only the invariants that keep a direct
+// torch.ops call in bounds (common/checks.h, check_table, prepare_masks).
 // bf16/fp16 inputs are upcast once to float32 (O(N·D), never O(N²)), so the
 // accumulation is float32 as in FlashAttention; float64 stays float64.
 //
@@ -26,10 +29,9 @@
 // fixed order, dQ partials of the chunks likewise: every output element has
 // one owner, so the result is the same bits for any thread count.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
-#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -37,11 +39,28 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <string>
+#include <type_traits>
 #include <tuple>
 #include <utility>
 #include <vector>
 
+#include "common/checks.h"
+#include "common/parallel.h"
+#include "common/row_math.h"
+#include "common/tile_gemm.h"
+
 namespace {
+
+namespace common = ATTNKERNELS_NS::common;
+using common::exp_fma_sum;
+using common::exp_scaled_minus;
+using common::fill;
+using common::max_keep_nan;
+using common::row_max;
+using common::scale_row;
+using common::softmax_grad;
+using common::tile_gemm;
 
 // Query rows x keys per tile. 64 x 256 keeps S [64, 256] and the accumulators
 // in L2, gives the GEMM micro-kernel enough work per call, and halves the
@@ -49,16 +68,10 @@ namespace {
 // near this core's peak either way; the rest is softmax overhead).
 constexpr int64_t kBlockM = 64;
 constexpr int64_t kBlockN = 256;
-constexpr int64_t kMaxHeadDim = 256;
-// Below this much work per thread a parallel region costs more than it saves
-// (waking threads is ~10 us, far more on a loaded host): small calls run inline.
+// Below this many flops per thread a parallel region costs more than it saves.
 constexpr double kMinParallelFlops = 4e6;
 
-// Grain for at::parallel_for over `tasks` tasks of about `flops_per_task` each.
-// Only the partition changes with it, never the result (each task owns its outputs).
-int64_t grain_for(double flops_per_task) {
-  return std::max<int64_t>(1, int64_t(std::ceil(kMinParallelFlops / std::max(flops_per_task, 1.0))));
-}
+inline int64_t grain_for(double flops_per_task) { return common::grain_for(flops_per_task, kMinParallelFlops); }
 
 // ---------------------------------------------------------------------------
 // Problem description shared by the three passes
@@ -202,13 +215,148 @@ inline const T* packed_piece(const T* head, int64_t a, int64_t depth, int64_t ti
 }
 
 // ---------------------------------------------------------------------------
-// Element masks, only on tiles that window_cuts / padding_cuts flag
+// The tile GEMM steps, by operand type. One kernel template serves every dtype;
+// only these steps (and the operands' layout) change with the precision:
+//   * T = float / double: operands in T, products in T (tile_gemm);
+//   * T = BFloat16 / Half on the matrix units: 16-bit operands, float products
+//     (vnni_gemm). The GEMM B operands are in the VNNI layout (pairs of K rows
+//     interleaved): the packed transposed tiles are [nT, D / 2, tile, 2] (same
+//     element count and head stride as [nT, D, tile]) and the row operands V, Q,
+//     dO are [ceil(N / 2), width, 2]. P and dS, computed in float, are rounded to
+//     T for their products, as FlashAttention does; the softmax state stays float.
 // ---------------------------------------------------------------------------
 template <typename T>
-inline void fill(T* x, int64_t n, T value) {
-  std::fill(x, x + n, value);
+constexpr bool kMatrixUnits = std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>;
+
+template <typename T>
+using acc_type = at::opmath_type<T>;  // float for float / bf16 / fp16, double for double
+
+// Padded leading dimension of the 16-bit copies of P / dS tiles: room for the
+// one-column shift that aligns an odd sequence start to a VNNI pair.
+constexpr int64_t kLowpLd = std::max(kBlockM, kBlockN) + 2;
+
+// C[M, N] = A[M, K] · X[K, a : a + N], X one head's packed transposed operand.
+template <typename T>
+inline void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* head, int64_t a,
+                        int64_t tile, acc_type<T>* C, int64_t ldc) {
+  const T* piece = head + (a / tile) * K * tile;
+  if constexpr (kMatrixUnits<T>) {
+    constexpr int64_t kCols = 64;  // C in column blocks of 64: one [M, 64] float block stays in L1
+    for (int64_t c = 0; c < N; c += kCols)
+      common::vnni_gemm(M, std::min(kCols, N - c), K, A, lda, piece + 2 * (a % tile + c), tile, C + c, ldc, false);
+  } else
+    tile_gemm<T>(M, N, K, A, lda, piece + a % tile, tile, C, ldc, false);
 }
 
+// C[M, n] += X[M, 0 : e - a] · Y[a : e, :], where the K axis [a, e) is a sequence range:
+// X is a float tile (P or dS, ld ldx), Y one head's rows ([N, n], or VNNI pairs of rows).
+// On the matrix units X is rounded into `buf` shifted so that the range starts on a
+// pair: a0 = a rounded down to even; the padding column(s) are zero.
+// rounded: `buf` already holds X rounded and shifted (as exp_row leaves it), so only the
+// GEMM runs.
+template <typename T>
+inline void gemm_seq(int64_t M, int64_t n, int64_t a, int64_t e, const acc_type<T>* X, int64_t ldx, const T* Y,
+                     T* buf, acc_type<T>* C, int64_t ldc, bool rounded = false) {
+  if constexpr (kMatrixUnits<T>) {
+    const int64_t a0 = a & ~int64_t(1), sh = a - a0, K = (e - a0 + 1) & ~int64_t(1);
+    for (int64_t r = 0; r < M && !rounded; ++r) {
+      T* row = buf + r * kLowpLd;
+      if (sh) row[0] = T(0);
+      common::convert_row(X + r * ldx, row + sh, e - a);
+      if (e - a0 < K) row[K - 1] = T(0);
+    }
+    common::vnni_gemm(M, n, K, buf, kLowpLd, Y + a0 * n, n, C, ldc, true);
+  } else {
+    tile_gemm<T>(M, n, e - a, X, ldx, Y + a * n, n, C, ldc, true);
+  }
+}
+
+// alpha[r] = exp(m[r] - m_new[r]) for the rows of a tile (rows with m_new = -inf are
+// skipped by the caller). On the matrix units in one vector pass (exp_u20); the float32
+// and float64 paths keep the scalar libm exp.
+template <typename T>
+inline void rescale_factors(const acc_type<T>* m, const acc_type<T>* m_new, acc_type<T>* alpha, int64_t M) {
+  int64_t r = 0;
+  if constexpr (kMatrixUnits<T>) {
+    using Vec = at::vec::Vectorized<float>;
+    for (; r + Vec::size() <= M; r += Vec::size())
+      common::vexp(Vec::loadu(m + r) - Vec::loadu(m_new + r)).store(alpha + r);
+  }
+  for (; r < M; ++r) alpha[r] = std::exp(m[r] - m_new[r]);
+}
+
+// Max of a row of scores. On the matrix units the vector part skips NaN propagation
+// (see common::row_max_fast; -inf, where a NaN could hide, is recomputed exactly).
+template <typename T>
+inline acc_type<T> max_row(const acc_type<T>* x, int64_t n) {
+  if constexpr (kMatrixUnits<T>) {
+    const float m = common::row_max_fast(x, n);
+    return m == -std::numeric_limits<float>::infinity() ? row_max(x, n) : m;
+  } else {
+    return row_max(x, n);
+  }
+}
+
+// One row of P: x[0, n) <- exp(x * a - b) and returns its sum. On the matrix units P is
+// written only rounded, into `prow` at the pair-aligned offset gemm_seq expects for a
+// sequence range starting at `start` (padding columns zero), and x is left as it was.
+template <typename T>
+inline acc_type<T> exp_row(acc_type<T>* x, int64_t n, acc_type<T> a, acc_type<T> b, T* prow, int64_t start) {
+  if constexpr (kMatrixUnits<T>) {
+    const int64_t sh = start & 1, K = (n + sh + 1) & ~int64_t(1);
+    if (sh) prow[0] = T(0);
+    const float sum = common::exp_fma_sum_round(x, n, a, b, prow + sh);
+    if (n + sh < K) prow[K - 1] = T(0);
+    return sum;
+  } else {
+    (void)prow;
+    (void)start;
+    return exp_fma_sum(x, n, a, b);
+  }
+}
+
+// dQᵀ[D, M] += Kᵀ[D, j0 : j1] · dSᵀ[N, M]: kT_h one head's packed transposed K (plain
+// layout for every T), dst the float dSᵀ tile (ld BLOCK_M). On the matrix units dSᵀ
+// becomes the B operand: its rows are rounded to T (into `tmp`, 2 x BLOCK_M) and
+// interleaved by key pairs into `buf` (the pair (r, r + 1) of column c is one 32-bit
+// word), the key range aligned to a pair as in gemm_seq.
+template <typename T>
+inline void gemm_dqT(int64_t D, int64_t M, int64_t j0, int64_t j1, const T* kT_h, const acc_type<T>* dst, T* buf,
+                     T* tmp, acc_type<T>* dqT, int64_t ld_dqT) {
+  if constexpr (kMatrixUnits<T>) {
+    const int64_t a0 = j0 & ~int64_t(1), sh = j0 - a0, K = (j1 - a0 + 1) & ~int64_t(1), N = j1 - j0;
+    auto round_row = [&](int64_t r, T* out) {  // source row r of dSᵀ, zero outside [0, N)
+      if (r < 0 || r >= N)
+        std::fill(out, out + M, T(0));
+      else
+        common::convert_row(dst + r * kBlockM, out, M);
+    };
+    const uint16_t* lo = reinterpret_cast<const uint16_t*>(tmp);
+    const uint16_t* hi = lo + kBlockM;
+    uint32_t* words = reinterpret_cast<uint32_t*>(buf);
+    for (int64_t pr = 0; pr < K / 2; ++pr) {
+      round_row(2 * pr - sh, tmp);
+      round_row(2 * pr + 1 - sh, tmp + kBlockM);
+      uint32_t* w = words + pr * kBlockM;
+      for (int64_t c = 0; c < M; ++c) w[c] = uint32_t(lo[c]) | (uint32_t(hi[c]) << 16);
+    }
+    common::vnni_gemm(D, M, K, packed_piece(kT_h, a0, D, kBlockN), kBlockN, buf, kBlockM, dqT, ld_dqT, true);
+  } else {
+    (void)buf;
+    (void)tmp;
+    tile_gemm<T>(D, M, j1 - j0, packed_piece(kT_h, j0, D, kBlockN), kBlockN, dst, kBlockM, dqT, ld_dqT, true);
+  }
+}
+
+// After a parallel task's sequence of matrix-unit GEMMs.
+template <typename T>
+inline void release_gemm() {
+  if constexpr (kMatrixUnits<T>) common::vnni_release();
+}
+
+// ---------------------------------------------------------------------------
+// Element masks, only on tiles that window_cuts / padding_cuts flag
+// ---------------------------------------------------------------------------
 // Row i (a query) of a tile over keys [j0, j1): mask keys outside the band or padded.
 template <typename T>
 void mask_query_row(const Problem& p, int64_t b, int64_t i, int64_t j0, int64_t j1, T* row, T value) {
@@ -239,252 +387,83 @@ void mask_key_row(const Problem& p, int64_t b, int64_t j, int64_t i0, int64_t i1
 }
 
 // ---------------------------------------------------------------------------
-// Tile GEMM: row-major C[M, N] (+)= A[M, K] · B[K, N]
-// ---------------------------------------------------------------------------
-template <typename T>
-void tile_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
-               int64_t ldc, bool accumulate);
-
-template <>
-void tile_gemm<float>(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
-                      float* C, int64_t ldc, bool accumulate) {
-  // oneDNN's brgemm micro-kernel: single-threaded and deterministic per shape.
-  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, /*is_vnni=*/false);
-}
-
-template <>
-void tile_gemm<double>(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B,
-                       int64_t ldb, double* C, int64_t ldc, bool accumulate) {
-  // brgemm has no double overload and the cpublas gemm stub does not link from
-  // an extension, so float64 (the gradcheck / test path) uses this vectorised
-  // rank-1-update loop: C[i, :] += A[i, kk] * B[kk, :], in a fixed order.
-  using Vec = at::vec::Vectorized<double>;
-  for (int64_t i = 0; i < M; ++i) {
-    double* c = C + i * ldc;
-    if (!accumulate) fill(c, N, 0.0);
-    for (int64_t kk = 0; kk < K; ++kk) {
-      const double a = A[i * lda + kk];
-      const double* b = B + kk * ldb;
-      const Vec va(a);
-      int64_t j = 0;
-      for (; j + Vec::size() <= N; j += Vec::size()) (Vec::loadu(c + j) + va * Vec::loadu(b + j)).store(c + j);
-      for (; j < N; ++j) c[j] += a * b[j];
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------
-// Vectorised row helpers (tails in scalar code: loadu(ptr, n) pads with zeros,
-// which would corrupt a max or a sum)
-// ---------------------------------------------------------------------------
-// exp on a vector: float uses ATen's exp_u20 (the polynomial torch's own CPU
-// flash attention uses, ~2 ulp, about twice as fast as Sleef's 1-ulp exp);
-// double keeps the 1-ulp exp so the float64 path stays a tight oracle check.
-inline at::vec::Vectorized<float> vexp(const at::vec::Vectorized<float>& x) { return x.exp_u20(); }
-inline at::vec::Vectorized<double> vexp(const at::vec::Vectorized<double>& x) { return x.exp(); }
-
-template <typename T>
-inline void scale_row(T* x, int64_t n, T a) {
-  using Vec = at::vec::Vectorized<T>;
-  const Vec va(a);
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) (Vec::loadu(x + i) * va).store(x + i);
-  for (; i < n; ++i) x[i] *= a;
-}
-
-// Horizontal reductions of one vector: a shuffle tree (log2 lanes steps), not a
-// serial chain of scalar ops, which per row and tile cost as much as the exps.
-template <typename T>
-inline T hmax(const at::vec::Vectorized<T>& v) {
-  using Vec = at::vec::Vectorized<T>;
-  return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, v);
-}
-template <typename T>
-inline T hsum(const at::vec::Vectorized<T>& v) {
-  using Vec = at::vec::Vectorized<T>;
-  return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, v);
-}
-
-// max that keeps a NaN (std::max(a, NaN) returns a): a NaN score must poison its row
-// as it does in the reference, not vanish. at::vec::maximum already propagates NaN.
-template <typename T>
-inline T max_keep_nan(T a, T b) {
-  return (std::isnan(a) || std::isnan(b)) ? std::numeric_limits<T>::quiet_NaN() : std::max(a, b);
-}
-
-// max(x): read-only, two accumulators to overlap the max latencies, tree at the end.
-template <typename T>
-inline T row_max(const T* x, int64_t n) {
-  using Vec = at::vec::Vectorized<T>;
-  constexpr int64_t W = Vec::size();
-  T m = -std::numeric_limits<T>::infinity();
-  int64_t i = 0;
-  if (n >= W) {
-    Vec m0(m), m1(m);
-    for (; i + 2 * W <= n; i += 2 * W) {
-      m0 = at::vec::maximum(m0, Vec::loadu(x + i));
-      m1 = at::vec::maximum(m1, Vec::loadu(x + i + W));
-    }
-    for (; i + W <= n; i += W) m0 = at::vec::maximum(m0, Vec::loadu(x + i));
-    m = hmax<T>(at::vec::maximum(m0, m1));
-  }
-  for (; i < n; ++i) m = max_keep_nan(m, x[i]);
-  return m;
-}
-
-// x <- exp(x - m); returns the sum (fixed order: two lane accumulators, tree, then tail).
-template <typename T>
-inline T exp_sub_sum(T* x, int64_t n, T m) {
-  using Vec = at::vec::Vectorized<T>;
-  constexpr int64_t W = Vec::size();
-  const Vec vm(m);
-  Vec s0(T(0)), s1(T(0));
-  int64_t i = 0;
-  for (; i + 2 * W <= n; i += 2 * W) {
-    const Vec e0 = vexp(Vec::loadu(x + i) - vm), e1 = vexp(Vec::loadu(x + i + W) - vm);
-    e0.store(x + i);
-    e1.store(x + i + W);
-    s0 = s0 + e0;
-    s1 = s1 + e1;
-  }
-  for (; i + W <= n; i += W) {
-    const Vec e = vexp(Vec::loadu(x + i) - vm);
-    e.store(x + i);
-    s0 = s0 + e;
-  }
-  T s = hsum<T>(s0 + s1);
-  for (; i < n; ++i) {
-    x[i] = std::exp(x[i] - m);
-    s += x[i];
-  }
-  return s;
-}
-
-// x <- exp(x * a - b) (one FMA before the exp); returns the sum, in the same fixed order.
-template <typename T>
-inline T exp_fma_sum(T* x, int64_t n, T a, T b) {
-  using Vec = at::vec::Vectorized<T>;
-  constexpr int64_t W = Vec::size();
-  const Vec va(a), vnb(-b);
-  Vec s0(T(0)), s1(T(0));
-  int64_t i = 0;
-  for (; i + 2 * W <= n; i += 2 * W) {
-    const Vec e0 = vexp(at::vec::fmadd(Vec::loadu(x + i), va, vnb));
-    const Vec e1 = vexp(at::vec::fmadd(Vec::loadu(x + i + W), va, vnb));
-    e0.store(x + i);
-    e1.store(x + i + W);
-    s0 = s0 + e0;
-    s1 = s1 + e1;
-  }
-  for (; i + W <= n; i += W) {
-    const Vec e = vexp(at::vec::fmadd(Vec::loadu(x + i), va, vnb));
-    e.store(x + i);
-    s0 = s0 + e;
-  }
-  T s = hsum<T>(s0 + s1);
-  for (; i < n; ++i) {
-    x[i] = std::exp(x[i] * a - b);
-    s += x[i];
-  }
-  return s;
-}
-
-// x <- exp(x * scale - lse[c]) per column c (lse = +inf for a row that sees nothing -> 0).
-template <typename T>
-inline void exp_scaled_minus(T* x, int64_t n, T scale, const T* lse, bool lse_per_column) {
-  using Vec = at::vec::Vectorized<T>;
-  const Vec vs(scale);
-  int64_t i = 0;
-  if (lse_per_column) {
-    for (; i + Vec::size() <= n; i += Vec::size())
-      vexp(Vec::loadu(x + i) * vs - Vec::loadu(lse + i)).store(x + i);
-    for (; i < n; ++i) x[i] = std::exp(x[i] * scale - lse[i]);
-  } else {
-    const Vec vl(lse[0]);
-    for (; i + Vec::size() <= n; i += Vec::size()) vexp(Vec::loadu(x + i) * vs - vl).store(x + i);
-    for (; i < n; ++i) x[i] = std::exp(x[i] * scale - lse[0]);
-  }
-}
-
-// ds <- p * (dp - delta) * scale, delta per column or one per row.
-template <typename T>
-inline void softmax_grad(T* p, const T* dp, int64_t n, const T* delta, bool delta_per_column, T scale) {
-  using Vec = at::vec::Vectorized<T>;
-  const Vec vs(scale);
-  int64_t i = 0;
-  if (delta_per_column) {
-    for (; i + Vec::size() <= n; i += Vec::size())
-      (Vec::loadu(p + i) * (Vec::loadu(dp + i) - Vec::loadu(delta + i)) * vs).store(p + i);
-    for (; i < n; ++i) p[i] = p[i] * (dp[i] - delta[i]) * scale;
-  } else {
-    const Vec vd(delta[0]);
-    for (; i + Vec::size() <= n; i += Vec::size())
-      (Vec::loadu(p + i) * (Vec::loadu(dp + i) - vd) * vs).store(p + i);
-    for (; i < n; ++i) p[i] = p[i] * (dp[i] - delta[0]) * scale;
-  }
-}
-
-// ---------------------------------------------------------------------------
 // Forward: per (b, h, query tile), online softmax over its key tiles
 // ---------------------------------------------------------------------------
+// Rows of a head's row operand: N, or N rounded up to a VNNI pair on the matrix units.
 template <typename T>
-void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, T scale, T* out, T* lse) {
+constexpr int64_t operand_rows(int64_t n) {
+  return kMatrixUnits<T> ? n + (n & 1) : n;
+}
+
+// T: the operand type. q [B, Hq, Nq, D]; kT packed transposed per key tile; v rows
+// [B, Hk, Nk, Dv] (VNNI pairs on the matrix units); out in T (written once, rounded
+// from the float accumulator), lse in acc_type<T>.
+template <typename T>
+void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_type<T> scale, T* out,
+                    acc_type<T>* lse) {
+  using A = acc_type<T>;
   const auto qtiles = make_tiles(p.Nq, kBlockM, p.sbs);
   const int64_t nt = int64_t(qtiles.size());
-  const T neg_inf = -std::numeric_limits<T>::infinity();
+  const A neg_inf = -std::numeric_limits<A>::infinity();
   const int64_t grain = grain_for(2.0 * kBlockM * std::min<int64_t>(p.Nk, 4 * kBlockN) * (p.D + p.Dv));
   at::parallel_for(0, p.B * p.Hq * nt, grain, [&](int64_t begin, int64_t end) {
-    std::vector<T> s(kBlockM * kBlockN);  // [BLOCK_M, BLOCK_N] scores, then probabilities
-    std::vector<T> acc(kBlockM * p.Dv);   // [BLOCK_M, Dv] unnormalised output
-    std::vector<T> m(kBlockM), l(kBlockM);  // running row max and row sum
+    std::vector<A> s(kBlockM * kBlockN);    // [BLOCK_M, BLOCK_N] scores, then probabilities
+    std::vector<A> acc(kBlockM * p.Dv);     // [BLOCK_M, Dv] unnormalised output
+    std::vector<A> m(kBlockM), l(kBlockM);  // running row max and row sum
+    std::vector<A> m_new(kBlockM), alpha(kBlockM);  // per tile: new max, rescale factor
+    std::vector<T> p_lowp(kMatrixUnits<T> ? kBlockM * kLowpLd : 0);  // P rounded to T
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / nt, b = bh / p.Hq, h = bh % p.Hq, hk = h / p.group;
       const auto [i0, i1] = qtiles[task % nt];
       const int64_t M = i1 - i0;
-      const T* q_t = q + (bh * p.Nq + i0) * p.D;          // [M, D]
-      const T* kT_h = kT + (b * p.Hk + hk) * p.nKt * p.D * kBlockN;  // packed [nKt, D, BLOCK_N]
-      const T* v_h = v + (b * p.Hk + hk) * p.Nk * p.Dv;   // [Nk, Dv]
-      fill(acc.data(), M * p.Dv, T(0));
+      const T* q_t = q + (bh * p.Nq + i0) * p.D;                          // [M, D]
+      const T* kT_h = kT + (b * p.Hk + hk) * p.nKt * p.D * kBlockN;       // packed [nKt, D, BLOCK_N]
+      const T* v_h = v + (b * p.Hk + hk) * operand_rows<T>(p.Nk) * p.Dv;  // [Nk, Dv]
+      fill(acc.data(), M * p.Dv, A(0));
       fill(m.data(), M, neg_inf);
-      fill(l.data(), M, T(0));
+      fill(l.data(), M, A(0));
       for_each_kv_tile(p, b, h, i0, i1, [&](int64_t j0, int64_t j1) {
         const int64_t N = j1 - j0;
-        const T* kT_t = packed_piece(kT_h, j0, p.D, kBlockN);                             // [D, N], ld BLOCK_N
-        tile_gemm<T>(M, N, p.D, q_t, p.D, kT_t, kBlockN, s.data(), kBlockN, false);  // S = Q Kᵀ [M, N]
+        gemm_packed<T>(M, N, p.D, q_t, p.D, kT_h, j0, kBlockN, s.data(), kBlockN);  // S = Q Kᵀ [M, N]
         const bool masked = window_cuts(p, i0, i1, j0, j1) || padding_cuts(p, b, j0, j1);
-        for (int64_t r = 0; r < M; ++r) {
-          T* sr = s.data() + r * kBlockN;
-          // scale > 0 (the usual case): the max of the raw scores, read-only, and
-          // the scale folded into the exp's FMA (-inf · scale stays -inf). Else
-          // scale first, so that a masked -inf never meets a zero scale.
-          const bool positive = scale > T(0);
+        // scale > 0 (the usual case): the max of the raw scores, read-only, and the
+        // scale folded into the exp's FMA (-inf · scale stays -inf). Else scale first,
+        // so that a masked -inf never meets a zero scale.
+        const bool positive = scale > A(0);
+        for (int64_t r = 0; r < M; ++r) {  // masks, then the tile's row max and the new running max
+          A* sr = s.data() + r * kBlockN;
           if (!positive) scale_row(sr, N, scale);
           if (masked) mask_query_row(p, b, i0 + r, j0, j1, sr, neg_inf);
-          const T tile_max = positive ? row_max(sr, N) * scale : row_max(sr, N);
-          const T m_new = max_keep_nan(m[r], tile_max);
-          if (m_new == neg_inf) {  // this row has seen no key yet: P = 0
-            fill(sr, N, T(0));
+          m_new[r] = max_keep_nan(m[r], max_row<T>(sr, N) * (positive ? scale : A(1)));
+        }
+        rescale_factors<T>(m.data(), m_new.data(), alpha.data(), M);  // exp(m - m_new): 0 on the first visible tile
+        for (int64_t r = 0; r < M; ++r) {
+          A* sr = s.data() + r * kBlockN;
+          if (m_new[r] == neg_inf) {  // this row has seen no key yet: P = 0
+            fill(sr, N, A(0));
+            if constexpr (kMatrixUnits<T>) fill(p_lowp.data() + r * kLowpLd, kLowpLd, T(0));
             continue;
           }
-          const T alpha = std::exp(m[r] - m_new);  // 0 on the first visible tile
-          l[r] = l[r] * alpha + (positive ? exp_fma_sum(sr, N, scale, m_new) : exp_sub_sum(sr, N, m_new));
-          m[r] = m_new;
-          if (alpha != T(1)) scale_row(acc.data() + r * p.Dv, p.Dv, alpha);
+          l[r] = l[r] * alpha[r] + exp_row<T>(sr, N, positive ? scale : A(1), m_new[r], p_lowp.data() + r * kLowpLd, j0);
+          m[r] = m_new[r];
+          if (alpha[r] != A(1)) scale_row(acc.data() + r * p.Dv, p.Dv, alpha[r]);
         }
-        tile_gemm<T>(M, p.Dv, N, s.data(), kBlockN, v_h + j0 * p.Dv, p.Dv, acc.data(), p.Dv, true);  // O += P V
+        gemm_seq<T>(M, p.Dv, j0, j1, s.data(), kBlockN, v_h, p_lowp.data(), acc.data(), p.Dv, true);  // O += P V
       });
       T* out_t = out + (bh * p.Nq + i0) * p.Dv;
-      T* lse_t = lse + bh * p.Nq + i0;
+      A* lse_t = lse + bh * p.Nq + i0;
       for (int64_t r = 0; r < M; ++r) {
-        const bool seen = !(l[r] == T(0));  // NaN (a poisoned row) counts as seen
-        std::copy(acc.data() + r * p.Dv, acc.data() + (r + 1) * p.Dv, out_t + r * p.Dv);
+        const bool seen = !(l[r] == A(0));  // NaN (a poisoned row) counts as seen
+        A* acc_r = acc.data() + r * p.Dv;
         if (seen)
-          scale_row(out_t + r * p.Dv, p.Dv, T(1) / l[r]);
+          scale_row(acc_r, p.Dv, A(1) / l[r]);
         else
-          fill(out_t + r * p.Dv, p.Dv, T(0));
+          fill(acc_r, p.Dv, A(0));
+        common::convert_row(acc_r, out_t + r * p.Dv, p.Dv);
         lse_t[r] = seen ? m[r] + std::log(l[r]) : neg_inf;
       }
     }
+    release_gemm<T>();
   });
 }
 
@@ -511,68 +490,75 @@ int64_t backward_chunks(const Problem& p, int64_t n_kv_tiles) {
   return std::clamp<int64_t>((kTargetTasks + bh - 1) / bh, 1, std::max<int64_t>(1, n_kv_tiles));
 }
 
+// T: the operand type. q, dout: rows [B, Hq, Nq, *] (VNNI pairs on the matrix units);
+// qT, doT: packed transposed per query tile; k, v: plain rows; kT: packed transposed
+// per key tile, plain layout (the A operand of dQᵀ). Everything else in acc_type<T>.
 template <typename T>
 void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, const T* kT, const T* v, const T* dout,
-                     const T* doT, const T* lse_use, const T* delta, T scale, int64_t n_chunks,
-                     T* dqT_part,  // [n_chunks, B, Hq, nQt, D, BLOCK_M]
-                     T* dk_out,    // [B, Hq or Hk, Nk, D]: per query head when group > 1
-                     T* dv_out) {  // [B, Hq or Hk, Nk, Dv]
+                     const T* doT, const acc_type<T>* lse_use, const acc_type<T>* delta, acc_type<T> scale,
+                     int64_t n_chunks,
+                     acc_type<T>* dqT_part,  // [n_chunks, B, Hq, nQt, D, BLOCK_M]
+                     acc_type<T>* dk_out,    // [B, Hq or Hk, Nk, D]: per query head when group > 1
+                     acc_type<T>* dv_out) {  // [B, Hq or Hk, Nk, Dv]
+  using A = acc_type<T>;
   const auto ktiles = make_tiles(p.Nk, kBlockN, p.sbs);
   const int64_t nt = int64_t(ktiles.size());
   const int64_t per_chunk = (nt + n_chunks - 1) / n_chunks;
   const int64_t out_heads = p.group > 1 ? p.Hq : p.Hk;
   const int64_t dqT_head = p.nQt * p.D * kBlockM;  // elements of one head's packed dQᵀ
+  const int64_t q_rows = operand_rows<T>(p.Nq);
   const int64_t grain =
       grain_for(2.0 * per_chunk * kBlockN * std::min<int64_t>(p.Nq, 4 * kBlockM) * (3 * p.D + 2 * p.Dv));
   at::parallel_for(0, p.B * p.Hq * n_chunks, grain, [&](int64_t begin, int64_t end) {
-    std::vector<T> st(kBlockN * kBlockM);   // [BLOCK_N, BLOCK_M] Sᵀ, then Pᵀ, then dSᵀ
-    std::vector<T> dpt(kBlockN * kBlockM);  // [BLOCK_N, BLOCK_M] dPᵀ = V dOᵀ
-    std::vector<T> dk_acc(kBlockN * p.D), dv_acc(kBlockN * p.Dv);  // [BLOCK_N, D], [BLOCK_N, Dv]
+    std::vector<A> st(kBlockN * kBlockM);   // [BLOCK_N, BLOCK_M] Sᵀ, then Pᵀ, then dSᵀ
+    std::vector<A> dpt(kBlockN * kBlockM);  // [BLOCK_N, BLOCK_M] dPᵀ = V dOᵀ
+    std::vector<A> dk_acc(kBlockN * p.D), dv_acc(kBlockN * p.Dv);  // [BLOCK_N, D], [BLOCK_N, Dv]
+    // Matrix units: Pᵀ / dSᵀ rounded to T (A operands), dSᵀ in VNNI pairs (dQᵀ's B operand).
+    std::vector<T> a_lowp(kMatrixUnits<T> ? kBlockN * kLowpLd : 0);
+    std::vector<T> b_lowp(kMatrixUnits<T> ? (kBlockN + 2) * kBlockM : 0), tmp_lowp(kMatrixUnits<T> ? 2 * kBlockM : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c = task % n_chunks, bh = task / n_chunks, b = bh / p.Hq, h = bh % p.Hq, hk = h / p.group;
       const int64_t bhk = b * p.Hk + hk;
-      const T* q_h = q + bh * p.Nq * p.D;           // [Nq, D]
-      const T* qT_h = qT + bh * dqT_head;           // packed [nQt, D, BLOCK_M]
-      const T* do_h = dout + bh * p.Nq * p.Dv;      // [Nq, Dv]
+      const T* q_h = q + bh * q_rows * p.D;                // [Nq, D]
+      const T* qT_h = qT + bh * dqT_head;                  // packed [nQt, D, BLOCK_M]
+      const T* do_h = dout + bh * q_rows * p.Dv;           // [Nq, Dv]
       const T* doT_h = doT + bh * p.nQt * p.Dv * kBlockM;  // packed [nQt, Dv, BLOCK_M]
       const T* kT_h = kT + bhk * p.nKt * p.D * kBlockN;    // packed [nKt, D, BLOCK_N]
-      const T* lse_h = lse_use + bh * p.Nq;
-      const T* delta_h = delta + bh * p.Nq;
-      T* dqT = dqT_part + (c * p.B * p.Hq + bh) * dqT_head;
-      fill(dqT, dqT_head, T(0));
+      const A* lse_h = lse_use + bh * p.Nq;
+      const A* delta_h = delta + bh * p.Nq;
+      A* dqT = dqT_part + (c * p.B * p.Hq + bh) * dqT_head;
+      fill(dqT, dqT_head, A(0));
       for (int64_t t = c * per_chunk; t < std::min(nt, (c + 1) * per_chunk); ++t) {
         const auto [j0, j1] = ktiles[t];
         const int64_t N = j1 - j0;
         const T* k_t = k + (bhk * p.Nk + j0) * p.D;   // [N, D]
         const T* v_t = v + (bhk * p.Nk + j0) * p.Dv;  // [N, Dv]
-        const T* kT_t = packed_piece(kT_h, j0, p.D, kBlockN);  // [D, N], ld BLOCK_N
         const bool padded = padding_cuts(p, b, j0, j1);
-        fill(dk_acc.data(), N * p.D, T(0));
-        fill(dv_acc.data(), N * p.Dv, T(0));
+        fill(dk_acc.data(), N * p.D, A(0));
+        fill(dv_acc.data(), N * p.Dv, A(0));
         for_each_q_tile(p, b, h, j0, j1, [&](int64_t i0, int64_t i1) {
           const int64_t M = i1 - i0;
-          tile_gemm<T>(N, M, p.D, k_t, p.D, packed_piece(qT_h, i0, p.D, kBlockM), kBlockM, st.data(), kBlockM,
-                       false);  // Sᵀ = K Qᵀ
-          tile_gemm<T>(N, M, p.Dv, v_t, p.Dv, packed_piece(doT_h, i0, p.Dv, kBlockM), kBlockM, dpt.data(), kBlockM,
-                       false);  // dPᵀ = V dOᵀ
+          gemm_packed<T>(N, M, p.D, k_t, p.D, qT_h, i0, kBlockM, st.data(), kBlockM);     // Sᵀ = K Qᵀ
+          gemm_packed<T>(N, M, p.Dv, v_t, p.Dv, doT_h, i0, kBlockM, dpt.data(), kBlockM);  // dPᵀ = V dOᵀ
           const bool masked = padded || window_cuts(p, i0, i1, j0, j1);
           for (int64_t r = 0; r < N; ++r) {
-            T* row = st.data() + r * kBlockM;
+            A* row = st.data() + r * kBlockM;
             exp_scaled_minus(row, M, scale, lse_h + i0, true);  // Pᵀ
-            if (masked) mask_key_row(p, b, j0 + r, i0, i1, row, T(0));
+            if (masked) mask_key_row(p, b, j0 + r, i0, i1, row, A(0));
           }
-          tile_gemm<T>(N, p.Dv, M, st.data(), kBlockM, do_h + i0 * p.Dv, p.Dv, dv_acc.data(), p.Dv, true);  // dV += Pᵀ dO
+          gemm_seq<T>(N, p.Dv, i0, i1, st.data(), kBlockM, do_h, a_lowp.data(), dv_acc.data(), p.Dv);  // dV += Pᵀ dO
           for (int64_t r = 0; r < N; ++r)
             softmax_grad(st.data() + r * kBlockM, dpt.data() + r * kBlockM, M, delta_h + i0, true, scale);  // dSᵀ
-          tile_gemm<T>(N, p.D, M, st.data(), kBlockM, q_h + i0 * p.D, p.D, dk_acc.data(), p.D, true);  // dK += dSᵀ Q
-          T* dqT_t = dqT + (i0 / kBlockM) * p.D * kBlockM + i0 % kBlockM;                        // [D, M], ld BLOCK_M
-          tile_gemm<T>(p.D, M, N, kT_t, kBlockN, st.data(), kBlockM, dqT_t, kBlockM, true);  // dQᵀ += Kᵀ dSᵀ
+          gemm_seq<T>(N, p.D, i0, i1, st.data(), kBlockM, q_h, a_lowp.data(), dk_acc.data(), p.D);  // dK += dSᵀ Q
+          A* dqT_t = dqT + (i0 / kBlockM) * p.D * kBlockM + i0 % kBlockM;  // [D, M], ld BLOCK_M
+          gemm_dqT<T>(p.D, M, j0, j1, kT_h, st.data(), b_lowp.data(), tmp_lowp.data(), dqT_t, kBlockM);  // dQᵀ += Kᵀ dSᵀ
         });
         const int64_t oh = b * out_heads + (p.group > 1 ? h : hk);
         std::copy(dk_acc.data(), dk_acc.data() + N * p.D, dk_out + (oh * p.Nk + j0) * p.D);
         std::copy(dv_acc.data(), dv_acc.data() + N * p.Dv, dv_out + (oh * p.Nk + j0) * p.Dv);
       }
     }
+    release_gemm<T>();
   });
 }
 
@@ -615,45 +601,22 @@ void fold_group(const Problem& p, const T* part, int64_t width, T* out) {
 }
 
 // ---------------------------------------------------------------------------
-// Validation (defensive: the Python API validates too) and table plumbing
+// Op-boundary invariants (the Python API validates user arguments; these only keep a
+// direct torch.ops call in bounds) and table plumbing
 // ---------------------------------------------------------------------------
-void check_float_tensor(const char* op, const char* name, const at::Tensor& t, int64_t dim) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
-  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got shape ", t.sizes());
-  const auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf, op, ": ", name,
-              " must be float32, float64, bfloat16 or float16, got ", st);
-}
-
-Problem check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t left,
-                  int64_t right) {
-  check_float_tensor(op, "q", q, 4);
-  check_float_tensor(op, "k", k, 4);
-  check_float_tensor(op, "v", v, 4);
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
-              ": q, k, v must share one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
+// Problem of a call: the shared shape invariants plus the window.
+Problem make_problem(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t left,
+                     int64_t right) {
+  const common::QKVShape s = common::check_qkv(op, q, k, v);
   Problem p;
-  p.B = q.size(0);
-  p.Hq = q.size(1);
-  p.Nq = q.size(2);
-  p.D = q.size(3);
-  p.Hk = k.size(1);
-  p.Nk = k.size(2);
-  p.Dv = v.size(3);
-  TORCH_CHECK(k.size(0) == p.B && v.size(0) == p.B, op, ": k and v must have q's batch size ", p.B, ", got ",
-              k.size(0), " and ", v.size(0));
-  TORCH_CHECK(k.size(3) == p.D, op, ": k's head dim ", k.size(3), " must equal q's head dim ", p.D);
-  TORCH_CHECK(v.size(1) == p.Hk && v.size(2) == p.Nk, op, ": v must be (B, Hk, Nk, Dv) with Hk=", p.Hk,
-              ", Nk=", p.Nk, " like k, got ", v.sizes());
-  TORCH_CHECK(p.Hk > 0 && p.Hq % p.Hk == 0, op, ": the number of query heads (", p.Hq,
-              ") must be a multiple of the number of key/value heads (", p.Hk, ")");
-  TORCH_CHECK(p.D >= 1 && p.D <= kMaxHeadDim, op, ": head dim D of q/k must be in [1, ", kMaxHeadDim, "], got ",
-              p.D);
-  TORCH_CHECK(p.Dv >= 1 && p.Dv <= kMaxHeadDim, op, ": head dim Dv of v must be in [1, ", kMaxHeadDim, "], got ",
-              p.Dv);
-  TORCH_CHECK(left >= -1 && right >= -1, op, ": window_left/window_right must be >= 0 or -1 (unbounded), got (",
-              left, ", ", right, ")");
-  p.group = p.Hq / p.Hk;
+  p.B = s.B;
+  p.Hq = s.Hq;
+  p.Hk = s.Hk;
+  p.Nq = s.Nq;
+  p.Nk = s.Nk;
+  p.D = s.D;
+  p.Dv = s.Dv;
+  p.group = s.group;
   p.left = left;
   p.right = right;
   p.off = p.Nk - p.Nq;
@@ -662,7 +625,11 @@ Problem check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, cons
   return p;
 }
 
-// Checks a (num, indices) table pair and returns contiguous copies.
+// Checks a (num, indices) table pair and returns contiguous copies. The scan of the
+// entries is the one check a kernel cannot do without: every listed block must be
+// < the block count (else a tile would read past the sequence), and the blocks of a
+// row ascending and distinct (transpose_tables writes one slot per (row, block)).
+// It is O(table), negligible next to the attention itself.
 std::pair<at::Tensor, at::Tensor> check_table(const char* op, const char* num_name, const char* idx_name,
                                               const at::Tensor& num, const at::Tensor& idx, const Problem& p,
                                               int64_t rows, int64_t cols) {
@@ -775,6 +742,20 @@ Prepared prepare_masks(const char* op, Problem& p, const std::optional<at::Tenso
 
 at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+// bf16 / fp16 calls run on the matrix units when this CPU has them (and the
+// ATTNKERNELS_CPU_NO_AMX override is off) and the head dims are even (the VNNI
+// pairs run along D in Q Kᵀ and dP); otherwise they are upcast to float32 once.
+bool on_matrix_units(const Problem& p, at::ScalarType t) {
+  return common::matrix_units_available(t) && p.D % 2 == 0 && p.Dv % 2 == 0;
+}
+
+// The operand type of the kernels: the input dtype on the matrix units, else float / double.
+at::ScalarType operand_type(const Problem& p, at::ScalarType t) {
+  return on_matrix_units(p, t) ? t : compute_type(t);
+}
+
+bool nonempty(const Problem& p) { return p.Nq > 0 && p.Nk > 0 && p.B > 0 && p.Hq > 0; }
+
 // ---------------------------------------------------------------------------
 // Ops
 // ---------------------------------------------------------------------------
@@ -785,20 +766,24 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
                                                  int64_t sparse_block_size,
                                                  const std::optional<at::Tensor>& key_padding_mask) {
   const char* op = "attention_fwd";
-  Problem p = check_qkv(op, q, k, v, window_left, window_right);
-  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  Problem p = make_problem(op, q, k, v, window_left, window_right);
   Prepared prep = prepare_masks(op, p, kv_num_blocks, kv_indices, std::nullopt, std::nullopt, sparse_block_size,
                                 key_padding_mask, false);
-  const auto ct = compute_type(q.scalar_type());
-  at::Tensor qc = q.to(ct).contiguous();
-  at::Tensor kT = pack_transposed(k.to(ct), kBlockN);  // [B, Hk, nKt, D, BLOCK_N]
-  at::Tensor vc = v.to(ct).contiguous();
-  at::Tensor out = at::empty({p.B, p.Hq, p.Nq, p.Dv}, qc.options());
-  at::Tensor lse = at::empty({p.B, p.Hq, p.Nq}, qc.options());
-  if (p.Nq > 0 && p.Nk > 0 && p.B > 0 && p.Hq > 0) {
-    AT_DISPATCH_FLOATING_TYPES(ct, "attention_fwd", [&] {
+  const bool mu = on_matrix_units(p, q.scalar_type());
+  const auto ot = operand_type(p, q.scalar_type());
+  const auto at_ = compute_type(q.scalar_type());
+  at::Tensor qc = q.to(ot).contiguous();
+  at::Tensor kc = k.to(ot).contiguous();
+  // [B, Hk, nKt, D, BLOCK_N], in VNNI pairs of D on the matrix units
+  at::Tensor kT = mu ? common::vnni_transposed_tiles(kc, kBlockN) : pack_transposed(kc, kBlockN);
+  at::Tensor vc = mu ? common::vnni_rows(v.contiguous()) : v.to(ot).contiguous();
+  at::Tensor out = at::empty({p.B, p.Hq, p.Nq, p.Dv}, q.options().dtype(ot));
+  at::Tensor lse = at::empty({p.B, p.Hq, p.Nq}, q.options().dtype(at_));
+  if (nonempty(p)) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, ot, "attention_fwd", [&] {
+      using A = acc_type<scalar_t>;
       forward_kernel<scalar_t>(p, qc.data_ptr<scalar_t>(), kT.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(),
-                               scalar_t(scale), out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>());
+                               A(scale), out.data_ptr<scalar_t>(), lse.data_ptr<A>());
     });
   } else {
     out.zero_();
@@ -814,10 +799,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const std::optional<at::Tensor>& q_num_blocks, const std::optional<at::Tensor>& q_indices,
     int64_t sparse_block_size, const std::optional<at::Tensor>& key_padding_mask) {
   const char* op = "attention_bwd";
-  Problem p = check_qkv(op, q, k, v, window_left, window_right);
-  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
-  check_float_tensor(op, "dout", dout, 4);
-  check_float_tensor(op, "out", out, 4);
+  Problem p = make_problem(op, q, k, v, window_left, window_right);
+  common::check_float_tensor(op, "dout", dout, 4);
+  common::check_float_tensor(op, "out", out, 4);
   TORCH_CHECK(dout.sizes() == out.sizes() && out.sizes() == at::IntArrayRef({p.B, p.Hq, p.Nq, p.Dv}), op,
               ": dout and out must be (B, Hq, Nq, Dv) = (", p.B, ", ", p.Hq, ", ", p.Nq, ", ", p.Dv, "), got ",
               dout.sizes(), " and ", out.sizes());
@@ -827,45 +811,54 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
               ": lse must be float32 or float64, got ", lse.scalar_type());
   Prepared prep = prepare_masks(op, p, kv_num_blocks, kv_indices, q_num_blocks, q_indices, sparse_block_size,
                                 key_padding_mask, true);
+  const bool mu = on_matrix_units(p, q.scalar_type());
+  const auto ot = operand_type(p, q.scalar_type());
   const auto ct = compute_type(q.scalar_type());
-  at::Tensor qc = q.to(ct).contiguous(), kc = k.to(ct).contiguous(), vc = v.to(ct).contiguous();
-  at::Tensor doc = dout.to(ct).contiguous();
-  at::Tensor qT = pack_transposed(qc, kBlockM);    // [B, Hq, nQt, D, BLOCK_M]
-  at::Tensor kT = pack_transposed(kc, kBlockN);    // [B, Hk, nKt, D, BLOCK_N]
-  at::Tensor doT = pack_transposed(doc, kBlockM);  // [B, Hq, nQt, Dv, BLOCK_M]
-  at::Tensor dq = at::empty_like(qc), dk = at::empty_like(kc), dv = at::empty_like(vc);
-  if (p.Nq > 0 && p.Nk > 0 && p.B > 0 && p.Hq > 0) {
+  at::Tensor qc = q.to(ot).contiguous(), kc = k.to(ot).contiguous(), vc = v.to(ot).contiguous();
+  at::Tensor doc = dout.to(ot).contiguous();
+  // Row operands of dK += dSᵀ Q and dV += Pᵀ dO: VNNI pairs of query rows on the matrix units.
+  at::Tensor q_rows = mu ? common::vnni_rows(qc) : qc;
+  at::Tensor do_rows = mu ? common::vnni_rows(doc) : doc;
+  at::Tensor qT = mu ? common::vnni_transposed_tiles(qc, kBlockM) : pack_transposed(qc, kBlockM);     // [B, Hq, nQt, D, BLOCK_M]
+  at::Tensor doT = mu ? common::vnni_transposed_tiles(doc, kBlockM) : pack_transposed(doc, kBlockM);  // [B, Hq, nQt, Dv, BLOCK_M]
+  at::Tensor kT = pack_transposed(kc, kBlockN);  // [B, Hk, nKt, D, BLOCK_N], plain: dQᵀ's A operand
+  const auto acc_opts = q.options().dtype(ct);
+  at::Tensor dq = at::empty({p.B, p.Hq, p.Nq, p.D}, acc_opts), dk = at::empty({p.B, p.Hk, p.Nk, p.D}, acc_opts),
+             dv = at::empty({p.B, p.Hk, p.Nk, p.Dv}, acc_opts);
+  if (nonempty(p)) {
     // lse_use: +inf where a row sees nothing, so exp(s - lse_use) is 0 there, never NaN.
-    // delta: rowsum(dO ∘ O) [B, Hq, Nq], in a fixed order per row.
+    // delta: rowsum(dO ∘ O) [B, Hq, Nq], in a fixed order per row, in the accumulation type.
     at::Tensor lse_use = lse.to(ct).contiguous().clone();
     at::Tensor outc = out.to(ct).contiguous();
-    at::Tensor delta = at::empty({p.B, p.Hq, p.Nq}, qc.options());
-    AT_DISPATCH_FLOATING_TYPES(ct, "attention_bwd", [&] {
-      scalar_t* lu = lse_use.data_ptr<scalar_t>();
-      scalar_t* dl = delta.data_ptr<scalar_t>();
-      const scalar_t* o = outc.data_ptr<scalar_t>();
-      const scalar_t* g = doc.data_ptr<scalar_t>();
+    at::Tensor doacc = dout.to(ct).contiguous();
+    at::Tensor delta = at::empty({p.B, p.Hq, p.Nq}, acc_opts);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, ot, "attention_bwd", [&] {
+      using A = acc_type<scalar_t>;
+      A* lu = lse_use.data_ptr<A>();
+      A* dl = delta.data_ptr<A>();
+      const A* o = outc.data_ptr<A>();
+      const A* g = doacc.data_ptr<A>();
       const int64_t rows = p.B * p.Hq * p.Nq, Dv = p.Dv;
       at::parallel_for(0, rows, grain_for(2.0 * Dv), [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
-          if (lu[r] == -std::numeric_limits<scalar_t>::infinity()) lu[r] = std::numeric_limits<scalar_t>::infinity();
-          scalar_t acc = 0;
+          if (lu[r] == -std::numeric_limits<A>::infinity()) lu[r] = std::numeric_limits<A>::infinity();
+          A acc = 0;
           for (int64_t c = 0; c < Dv; ++c) acc += o[r * Dv + c] * g[r * Dv + c];
           dl[r] = acc;
         }
       });
       const int64_t n_chunks = backward_chunks(p, p.nKt);
-      at::Tensor dqT_part = at::empty({n_chunks, p.B, p.Hq, p.nQt, p.D, kBlockM}, qc.options());
-      at::Tensor dk_part = p.group > 1 ? at::empty({p.B, p.Hq, p.Nk, p.D}, qc.options()) : dk;
-      at::Tensor dv_part = p.group > 1 ? at::empty({p.B, p.Hq, p.Nk, p.Dv}, qc.options()) : dv;
-      backward_kernel<scalar_t>(p, qc.data_ptr<scalar_t>(), qT.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(),
-                                kT.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(), g, doT.data_ptr<scalar_t>(), lu, dl,
-                                scalar_t(scale), n_chunks, dqT_part.data_ptr<scalar_t>(),
-                                dk_part.data_ptr<scalar_t>(), dv_part.data_ptr<scalar_t>());
-      gather_dq<scalar_t>(p, dqT_part.data_ptr<scalar_t>(), n_chunks, dq.data_ptr<scalar_t>());
+      at::Tensor dqT_part = at::empty({n_chunks, p.B, p.Hq, p.nQt, p.D, kBlockM}, acc_opts);
+      at::Tensor dk_part = p.group > 1 ? at::empty({p.B, p.Hq, p.Nk, p.D}, acc_opts) : dk;
+      at::Tensor dv_part = p.group > 1 ? at::empty({p.B, p.Hq, p.Nk, p.Dv}, acc_opts) : dv;
+      backward_kernel<scalar_t>(p, q_rows.data_ptr<scalar_t>(), qT.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(),
+                                kT.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(), do_rows.data_ptr<scalar_t>(),
+                                doT.data_ptr<scalar_t>(), lu, dl, A(scale), n_chunks, dqT_part.data_ptr<A>(),
+                                dk_part.data_ptr<A>(), dv_part.data_ptr<A>());
+      gather_dq<A>(p, dqT_part.data_ptr<A>(), n_chunks, dq.data_ptr<A>());
       if (p.group > 1) {
-        fold_group<scalar_t>(p, dk_part.data_ptr<scalar_t>(), p.D, dk.data_ptr<scalar_t>());
-        fold_group<scalar_t>(p, dv_part.data_ptr<scalar_t>(), p.Dv, dv.data_ptr<scalar_t>());
+        fold_group<A>(p, dk_part.data_ptr<A>(), p.D, dk.data_ptr<A>());
+        fold_group<A>(p, dv_part.data_ptr<A>(), p.Dv, dv.data_ptr<A>());
       }
     });
   } else {
@@ -875,6 +868,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   }
   const auto dt = q.scalar_type();
   return {dq.to(dt), dk.to(dt), dv.to(dt)};
+}
+
+// Which GEMM engine a softmax call of `dtype` runs on, for `python -m attnkernels` and the
+// tests: "amx-bf16" / "amx-fp16" (16-bit operands on the matrix units, float accumulation),
+// "fp32-upcast" (bf16 / fp16 converted to float32 at entry), "fp32-brgemm", "fp64-vector".
+// Assumes even head dims (odd ones take the upcast path).
+std::string gemm_path(std::string dtype) {
+  if (dtype == "bfloat16" || dtype == "float16") {
+    const auto t = dtype == "bfloat16" ? at::kBFloat16 : at::kHalf;
+    if (common::matrix_units_available(t)) return dtype == "bfloat16" ? "amx-bf16" : "amx-fp16";
+    return "fp32-upcast";
+  }
+  if (dtype == "float32") return "fp32-brgemm";
+  if (dtype == "float64") return "fp64-vector";
+  TORCH_CHECK(false, "gemm_path: dtype must be 'bfloat16', 'float16', 'float32' or 'float64', got '", dtype, "'");
 }
 
 // For each tile of `tiles`, the [first, end) range of the other side's tiles (of size
@@ -934,6 +942,7 @@ TORCH_LIBRARY_FRAGMENT(ATTNKERNELS_NS, m) {
   m.def("attention_q_block_ranges(int q_len, int kv_len, int window_left, int window_right) -> Tensor",
         &attention_q_block_ranges);
   m.def("attention_tile_sizes() -> int[]", &attention_tile_sizes);
+  m.def("gemm_path(str dtype='bfloat16') -> str", &gemm_path);
 }
 
 TORCH_LIBRARY_IMPL(ATTNKERNELS_NS, CPU, m) {

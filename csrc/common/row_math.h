@@ -1,0 +1,287 @@
+// SIMD row math on at::vec::Vectorized, shared by the softmax and the linear kernels.
+//
+// Every helper works on one contiguous row x[0, n) and keeps a fixed summation
+// order (lane accumulators, a shuffle tree, then the scalar tail), so results do
+// not depend on how rows are split between threads. Tails run in scalar code:
+// loadu(ptr, n) pads with zeros, which would corrupt a max or a sum.
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "common/ns.h"
+
+ATTNKERNELS_COMMON_BEGIN
+
+template <typename T>
+inline void fill(T* x, int64_t n, T value) {
+  std::fill(x, x + n, value);
+}
+
+// exp on a vector: float uses ATen's exp_u20 (the polynomial torch's own CPU
+// flash attention uses, ~2 ulp, about twice as fast as Sleef's 1-ulp exp);
+// double keeps the 1-ulp exp so the float64 path stays a tight oracle check.
+inline at::vec::Vectorized<float> vexp(const at::vec::Vectorized<float>& x) { return x.exp_u20(); }
+inline at::vec::Vectorized<double> vexp(const at::vec::Vectorized<double>& x) { return x.exp(); }
+
+template <typename T>
+inline void scale_row(T* x, int64_t n, T a) {
+  using Vec = at::vec::Vectorized<T>;
+  const Vec va(a);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) (Vec::loadu(x + i) * va).store(x + i);
+  for (; i < n; ++i) x[i] *= a;
+}
+
+// Horizontal reductions of one vector: a shuffle tree (log2 lanes steps), not a
+// serial chain of scalar ops, which per row and tile cost as much as the exps.
+template <typename T>
+inline T hmax(const at::vec::Vectorized<T>& v) {
+  using Vec = at::vec::Vectorized<T>;
+  return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, v);
+}
+template <typename T>
+inline T hsum(const at::vec::Vectorized<T>& v) {
+  using Vec = at::vec::Vectorized<T>;
+  return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, v);
+}
+
+// max that keeps a NaN (std::max(a, NaN) returns a): a NaN score must poison its row
+// as it does in the reference, not vanish. at::vec::maximum already propagates NaN.
+template <typename T>
+inline T max_keep_nan(T a, T b) {
+  return (std::isnan(a) || std::isnan(b)) ? std::numeric_limits<T>::quiet_NaN() : std::max(a, b);
+}
+
+// max(x): read-only, two accumulators to overlap the max latencies, tree at the end.
+template <typename T>
+inline T row_max(const T* x, int64_t n) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  T m = -std::numeric_limits<T>::infinity();
+  int64_t i = 0;
+  if (n >= W) {
+    Vec m0(m), m1(m);
+    for (; i + 2 * W <= n; i += 2 * W) {
+      m0 = at::vec::maximum(m0, Vec::loadu(x + i));
+      m1 = at::vec::maximum(m1, Vec::loadu(x + i + W));
+    }
+    for (; i + W <= n; i += W) m0 = at::vec::maximum(m0, Vec::loadu(x + i));
+    m = hmax<T>(at::vec::maximum(m0, m1));
+  }
+  for (; i < n; ++i) m = max_keep_nan(m, x[i]);
+  return m;
+}
+
+// x <- exp(x - m); returns the sum (fixed order: two lane accumulators, tree, then tail).
+template <typename T>
+inline T exp_sub_sum(T* x, int64_t n, T m) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const Vec vm(m);
+  Vec s0(T(0)), s1(T(0));
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    const Vec e0 = vexp(Vec::loadu(x + i) - vm), e1 = vexp(Vec::loadu(x + i + W) - vm);
+    e0.store(x + i);
+    e1.store(x + i + W);
+    s0 = s0 + e0;
+    s1 = s1 + e1;
+  }
+  for (; i + W <= n; i += W) {
+    const Vec e = vexp(Vec::loadu(x + i) - vm);
+    e.store(x + i);
+    s0 = s0 + e;
+  }
+  T s = hsum<T>(s0 + s1);
+  for (; i < n; ++i) {
+    x[i] = std::exp(x[i] - m);
+    s += x[i];
+  }
+  return s;
+}
+
+// x <- exp(x * a - b) (one FMA before the exp); returns the sum, in the same fixed order.
+template <typename T>
+inline T exp_fma_sum(T* x, int64_t n, T a, T b) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const Vec va(a), vnb(-b);
+  Vec s0(T(0)), s1(T(0));
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    const Vec e0 = vexp(at::vec::fmadd(Vec::loadu(x + i), va, vnb));
+    const Vec e1 = vexp(at::vec::fmadd(Vec::loadu(x + i + W), va, vnb));
+    e0.store(x + i);
+    e1.store(x + i + W);
+    s0 = s0 + e0;
+    s1 = s1 + e1;
+  }
+  for (; i + W <= n; i += W) {
+    const Vec e = vexp(at::vec::fmadd(Vec::loadu(x + i), va, vnb));
+    e.store(x + i);
+    s0 = s0 + e;
+  }
+  T s = hsum<T>(s0 + s1);
+  for (; i < n; ++i) {
+    x[i] = std::exp(x[i] * a - b);
+    s += x[i];
+  }
+  return s;
+}
+
+// x <- exp(x * scale - lse[c]) per column c (lse = +inf for a row that sees nothing -> 0).
+template <typename T>
+inline void exp_scaled_minus(T* x, int64_t n, T scale, const T* lse, bool lse_per_column) {
+  using Vec = at::vec::Vectorized<T>;
+  const Vec vs(scale);
+  int64_t i = 0;
+  if (lse_per_column) {
+    for (; i + Vec::size() <= n; i += Vec::size()) vexp(Vec::loadu(x + i) * vs - Vec::loadu(lse + i)).store(x + i);
+    for (; i < n; ++i) x[i] = std::exp(x[i] * scale - lse[i]);
+  } else {
+    const Vec vl(lse[0]);
+    for (; i + Vec::size() <= n; i += Vec::size()) vexp(Vec::loadu(x + i) * vs - vl).store(x + i);
+    for (; i < n; ++i) x[i] = std::exp(x[i] * scale - lse[0]);
+  }
+}
+
+// ds <- p * (dp - delta) * scale, delta per column or one per row.
+template <typename T>
+inline void softmax_grad(T* p, const T* dp, int64_t n, const T* delta, bool delta_per_column, T scale) {
+  using Vec = at::vec::Vectorized<T>;
+  const Vec vs(scale);
+  int64_t i = 0;
+  if (delta_per_column) {
+    for (; i + Vec::size() <= n; i += Vec::size())
+      (Vec::loadu(p + i) * (Vec::loadu(dp + i) - Vec::loadu(delta + i)) * vs).store(p + i);
+    for (; i < n; ++i) p[i] = p[i] * (dp[i] - delta[i]) * scale;
+  } else {
+    const Vec vd(delta[0]);
+    for (; i + Vec::size() <= n; i += Vec::size()) (Vec::loadu(p + i) * (Vec::loadu(dp + i) - vd) * vs).store(p + i);
+    for (; i < n; ++i) p[i] = p[i] * (dp[i] - delta[0]) * scale;
+  }
+}
+
+// out[i] = T(exp(x[i] * a - b)) for i < n, T a 16-bit type: the exp, the row sum and the
+// rounding in one pass (P never goes back to memory in float). Returns the float sum of
+// the unrounded exps, in a fixed order.
+template <typename T>
+inline float exp_fma_sum_round(const float* x, int64_t n, float a, float b, T* out) {
+  using Vec = at::vec::Vectorized<float>;
+  constexpr int64_t W = Vec::size();
+  const Vec va(a), vnb(-b);
+  Vec s0(0.f), s1(0.f);
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    const Vec e0 = vexp(at::vec::fmadd(Vec::loadu(x + i), va, vnb));
+    const Vec e1 = vexp(at::vec::fmadd(Vec::loadu(x + i + W), va, vnb));
+    s0 = s0 + e0;
+    s1 = s1 + e1;
+    at::vec::convert_from_float<T>(e0, e1).store(out + i);
+  }
+  float s = hsum<float>(s0 + s1);
+  for (; i < n; ++i) {
+    const float e = std::exp(x[i] * a - b);
+    out[i] = T(e);
+    s += e;
+  }
+  return s;
+}
+
+#if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__) && !defined(__clang__)
+#define ATTNKERNELS_NATIVE_BF16 1
+// The same for bf16 with AVX512-BF16's vcvtne2ps2bf16 (one instruction per 32 values,
+// round to nearest even, as the software rounding): this TU is built for plain AVX-512,
+// so only this function is compiled for the extension, and it runs only where the CPU
+// has it (bf16_native_ok; every CPU with AMX-BF16 does).
+__attribute__((target("avx512bf16"))) inline float exp_fma_sum_round_bf16(const float* x, int64_t n, float a,
+                                                                           float b, at::BFloat16* out) {
+  using Vec = at::vec::Vectorized<float>;
+  constexpr int64_t W = Vec::size();
+  const Vec va(a), vnb(-b);
+  Vec s0(0.f), s1(0.f);
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    const Vec e0 = vexp(at::vec::fmadd(Vec::loadu(x + i), va, vnb));
+    const Vec e1 = vexp(at::vec::fmadd(Vec::loadu(x + i + W), va, vnb));
+    s0 = s0 + e0;
+    s1 = s1 + e1;
+    _mm512_storeu_si512(reinterpret_cast<void*>(out + i), reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e1, e0)));
+  }
+  float s = hsum<float>(s0 + s1);
+  for (; i < n; ++i) {
+    const float e = std::exp(x[i] * a - b);
+    out[i] = at::BFloat16(e);
+    s += e;
+  }
+  return s;
+}
+
+inline bool bf16_native_ok() {
+  static const bool ok = __builtin_cpu_supports("avx512bf16");
+  return ok;
+}
+
+template <>
+inline float exp_fma_sum_round<at::BFloat16>(const float* x, int64_t n, float a, float b, at::BFloat16* out) {
+  if (bf16_native_ok()) return exp_fma_sum_round_bf16(x, n, a, b, out);
+  using Vec = at::vec::Vectorized<float>;
+  constexpr int64_t W = Vec::size();
+  const Vec va(a), vnb(-b);
+  Vec s0(0.f), s1(0.f);
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    const Vec e0 = vexp(at::vec::fmadd(Vec::loadu(x + i), va, vnb));
+    const Vec e1 = vexp(at::vec::fmadd(Vec::loadu(x + i + W), va, vnb));
+    s0 = s0 + e0;
+    s1 = s1 + e1;
+    at::vec::convert_from_float<at::BFloat16>(e0, e1).store(out + i);
+  }
+  float s = hsum<float>(s0 + s1);
+  for (; i < n; ++i) {
+    const float e = std::exp(x[i] * a - b);
+    out[i] = at::BFloat16(e);
+    s += e;
+  }
+  return s;
+}
+#endif
+
+// max(x) without NaN propagation in the vector part (plain vmaxps: a third cheaper than
+// at::vec::maximum), for callers that do not need it: a NaN score still poisons its row
+// through exp and the row sum, unless every other score is -inf, which the caller checks
+// (row_max_fast == -inf -> recompute with row_max).
+inline float row_max_fast(const float* x, int64_t n) {
+#if defined(CPU_CAPABILITY_AVX512)
+  constexpr int64_t W = 16;
+  float m = -std::numeric_limits<float>::infinity();
+  int64_t i = 0;
+  if (n >= W) {
+    __m512 m0 = _mm512_set1_ps(m), m1 = m0;
+    for (; i + 2 * W <= n; i += 2 * W) {
+      m0 = _mm512_max_ps(m0, _mm512_loadu_ps(x + i));
+      m1 = _mm512_max_ps(m1, _mm512_loadu_ps(x + i + W));
+    }
+    for (; i + W <= n; i += W) m0 = _mm512_max_ps(m0, _mm512_loadu_ps(x + i));
+    m = _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
+  }
+  for (; i < n; ++i) m = max_keep_nan(m, x[i]);
+  return m;
+#else
+  return row_max(x, n);
+#endif
+}
+
+// dst[0, n) = src[0, n) converted (rounded to nearest even for bf16 / fp16).
+template <typename S, typename D>
+inline void convert_row(const S* src, D* dst, int64_t n) {
+  at::vec::convert(src, dst, n);
+}
+
+ATTNKERNELS_COMMON_END

@@ -1,0 +1,181 @@
+// Tile GEMMs, row-major C[M, N] (+)= A[M, K] · B[K, N], shared by both kernel families.
+//
+// tile_gemm<T> picks the engine by type:
+//   * float: at::native::cpublas::brgemm, oneDNN's brgemm micro-kernel (JIT for
+//     the shape, cached); single-threaded and deterministic per shape;
+//   * double: brgemm has no double overload and the cpublas gemm stub does not
+//     link from an extension, so float64 (the gradcheck / oracle path) runs the
+//     register-tiled loop below.
+// register_gemm<T> is that loop, for any vectorisable T. It also serves the
+// linear kernels' triangular intra-chunk products in float: it can skip the
+// zero triangle of A or of C (Tri), which a dense brgemm call cannot, and on
+// their 64-row chunks that halves the work (measured in csrc/linear.cpp).
+// vnni_gemm is the bf16 / fp16 engine on the matrix units (below).
+#pragma once
+
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/native/CPUBlas.h>
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <vector>
+
+#include "common/ns.h"
+#include "common/row_math.h"
+
+ATTNKERNELS_COMMON_BEGIN
+
+// Triangular structure a GEMM can exploit, in (row, column) of its matrix:
+// Lower = zero above the diagonal (column > row), Upper = zero below it.
+enum class Tri { None, Lower, Upper };
+
+// Register tile of RM rows x NV vectors: the B strip of a column block stays in
+// L1 while the rows stream past it. kTail: the block is one partial vector of
+// `tail` lanes (masked loads and stores).
+template <typename T, int RM, int NV, bool kTail>
+inline void register_tile(int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc,
+                          bool accumulate, int64_t tail) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  static_assert(!kTail || NV == 1, "a tail block is one vector wide");
+  Vec acc[RM][NV];
+  for (int r = 0; r < RM; ++r)
+    for (int v = 0; v < NV; ++v) {
+      if (!accumulate)
+        acc[r][v] = Vec(T(0));
+      else
+        acc[r][v] = kTail ? Vec::loadu(C + r * ldc, tail) : Vec::loadu(C + r * ldc + v * W);
+    }
+  for (int64_t p = 0; p < k; ++p) {
+    Vec b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = kTail ? Vec::loadu(B + p * ldb, tail) : Vec::loadu(B + p * ldb + v * W);
+    for (int r = 0; r < RM; ++r) {
+      const Vec a(A[r * lda + p]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(a, b[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < RM; ++r)
+    for (int v = 0; v < NV; ++v) {
+      if (kTail)
+        acc[r][v].store(C + r * ldc, tail);
+      else
+        acc[r][v].store(C + r * ldc + v * W);
+    }
+}
+
+constexpr int kRegisterRows = 6;  // 6 x 2 accumulators + 2 B vectors + 1 broadcast fit in 16 AVX2 registers
+
+template <typename T, int NV, bool kTail>
+inline void register_row_tile(int64_t rm, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+                              int64_t ldc, bool accumulate, int64_t tail) {
+  static_assert(kRegisterRows == 6, "register_row_tile dispatches up to 6 rows");
+  switch (rm) {
+    case 6: register_tile<T, 6, NV, kTail>(k, A, lda, B, ldb, C, ldc, accumulate, tail); break;
+    case 5: register_tile<T, 5, NV, kTail>(k, A, lda, B, ldb, C, ldc, accumulate, tail); break;
+    case 4: register_tile<T, 4, NV, kTail>(k, A, lda, B, ldb, C, ldc, accumulate, tail); break;
+    case 3: register_tile<T, 3, NV, kTail>(k, A, lda, B, ldb, C, ldc, accumulate, tail); break;
+    case 2: register_tile<T, 2, NV, kTail>(k, A, lda, B, ldb, C, ldc, accumulate, tail); break;
+    case 1: register_tile<T, 1, NV, kTail>(k, A, lda, B, ldb, C, ldc, accumulate, tail); break;
+    default: break;
+  }
+}
+
+// Columns [j, j + width) of C, row tiles of kRegisterRows. a_tri: A's zeros bound the
+// k range of a row tile. c_tri: row tiles of C entirely in its zero triangle are
+// not computed at all (left for the caller's mask to zero).
+template <typename T, int NV, bool kTail>
+inline void register_column_block(int64_t m, int64_t j, int64_t width, int64_t k, const T* A, int64_t lda,
+                                  const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate, Tri a_tri,
+                                  Tri c_tri) {
+  for (int64_t i = 0; i < m; i += kRegisterRows) {
+    const int64_t rm = std::min<int64_t>(kRegisterRows, m - i);
+    if (c_tri == Tri::Lower && j > i + rm - 1) continue;    // every column > every row
+    if (c_tri == Tri::Upper && j + width - 1 < i) continue;  // every column < every row
+    const int64_t p0 = a_tri == Tri::Upper ? std::min(i, k) : 0;
+    const int64_t p1 = a_tri == Tri::Lower ? std::min(k, i + rm) : k;
+    register_row_tile<T, NV, kTail>(rm, std::max<int64_t>(0, p1 - p0), A + i * lda + p0, lda, B + p0 * ldb + j, ldb,
+                                    C + i * ldc + j, ldc, accumulate, width);
+  }
+}
+
+template <typename T>
+void register_gemm(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+                   int64_t ldc, bool accumulate, Tri a_tri = Tri::None, Tri c_tri = Tri::None) {
+  constexpr int64_t W = at::vec::Vectorized<T>::size();
+  if (m == 0 || n == 0) return;
+  int64_t j = 0;
+  for (; j + 2 * W <= n; j += 2 * W)
+    register_column_block<T, 2, false>(m, j, 2 * W, k, A, lda, B, ldb, C, ldc, accumulate, a_tri, c_tri);
+  for (; j + W <= n; j += W)
+    register_column_block<T, 1, false>(m, j, W, k, A, lda, B, ldb, C, ldc, accumulate, a_tri, c_tri);
+  if (j < n) register_column_block<T, 1, true>(m, j, n - j, k, A, lda, B, ldb, C, ldc, accumulate, a_tri, c_tri);
+}
+
+// C[M, N] (+)= A[M, K] · B[K, N], all row-major with leading dimensions lda, ldb, ldc.
+template <typename T>
+inline void tile_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+                      int64_t ldc, bool accumulate) {
+  register_gemm<T>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+}
+
+template <>
+inline void tile_gemm<float>(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+                             int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, /*is_vnni=*/false);
+}
+
+// ---------------------------------------------------------------------------
+// Matrix units (AMX-BF16 / AMX-FP16): 16-bit operands, float accumulation
+// ---------------------------------------------------------------------------
+// C[M, N] float (+)= A[M, K] · B[K, N] with A row-major (lda) in T = BFloat16 or
+// Half and B in the VNNI layout the tile units read: pairs of K rows interleaved,
+// element (k, n) at B[(k / 2) * 2 * ldb + 2 * n + k % 2], so a column offset c is
+// a pointer offset 2c and ldb may be any value >= N (checked on this CPU: 16..256,
+// odd offsets). K must be even: callers pad a pair with a zero row.
+template <typename T>
+inline void vnni_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, float* C,
+                      int64_t ldc, bool accumulate) {
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, /*is_vnni=*/true);
+}
+
+// Give the tile registers back (AMX keeps per-thread tile state); after a sequence of
+// vnni_gemm calls, on the thread that made them.
+inline void vnni_release() { at::native::cpublas::brgemm_release(/*is_vnni=*/true); }
+
+// Whether this CPU's oneDNN runs 16-bit operands on the matrix units (cpublas::could_pack:
+// AMX for bf16, AMX-FP16 for fp16), unless ATTNKERNELS_CPU_NO_AMX is set to a non-empty
+// value other than "0" (read at every call, so tests can cover the fp32-upcast path).
+inline bool matrix_units_disabled_by_env() {
+  const char* v = std::getenv("ATTNKERNELS_CPU_NO_AMX");
+  return v != nullptr && v[0] != '\0' && !(v[0] == '0' && v[1] == '\0');
+}
+
+inline bool matrix_units_available(at::ScalarType t) {
+  if (t != at::kBFloat16 && t != at::kHalf) return false;
+  return !matrix_units_disabled_by_env() && at::native::cpublas::could_pack(t);
+}
+
+// x [..., R, C] (C even) -> VNNI pairs of rows [..., ceil(R / 2), C, 2], a zero row padding odd R.
+inline at::Tensor vnni_rows(const at::Tensor& x) {
+  const int64_t R = x.size(-2), C = x.size(-1), Re = R + (R & 1);
+  at::Tensor padded = Re == R ? x.contiguous() : at::constant_pad_nd(x, {0, 0, 0, 1});
+  std::vector<int64_t> pairs(x.sizes().begin(), x.sizes().end() - 2), out = pairs;
+  pairs.insert(pairs.end(), {Re / 2, 2, C});  // [..., R / 2, 2, C]
+  out.insert(out.end(), {Re / 2, C, 2});      // [..., R / 2, C, 2]
+  return padded.view(pairs).transpose(-1, -2).contiguous().view(out);
+}
+
+// x [B, H, N, D] (D even) -> per tile of `tile` rows, the transposed tile in VNNI layout:
+// [B, H, nT, D / 2, tile, 2], element (d, n) of tile t at [t][d / 2][n][d % 2]; zero past N.
+// Each (d, d + 1) pair of a row of x is one 32-bit word, so this is a 32-bit transpose.
+inline at::Tensor vnni_transposed_tiles(const at::Tensor& x, int64_t tile) {
+  const int64_t n = x.size(2), D = x.size(3), n_tiles = (n + tile - 1) / tile;
+  at::Tensor padded = n_tiles * tile == n ? x.contiguous() : at::constant_pad_nd(x, {0, 0, 0, n_tiles * tile - n});
+  at::Tensor words = padded.view({x.size(0), x.size(1), n_tiles, tile, D}).view(at::kInt);  // [.., tile, D/2]
+  return words.transpose(-1, -2).contiguous().view(x.scalar_type()).view({x.size(0), x.size(1), n_tiles, D / 2, tile, 2});
+}
+
+ATTNKERNELS_COMMON_END
