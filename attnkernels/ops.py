@@ -19,6 +19,7 @@ Argument conventions shared by every backend:
 """
 from __future__ import annotations
 
+import types
 from typing import Optional
 
 import torch
@@ -38,6 +39,16 @@ def _empty_outputs(q: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     out = q.new_zeros(batch, q_heads, q_len, v.shape[-1])
     lse = torch.full((batch, q_heads, q_len), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
     return out, lse
+
+
+def _call(scale, window_left, window_right, kv_num_blocks, kv_indices, q_num_blocks, q_indices,
+          sparse_block_size, key_padding_mask) -> types.SimpleNamespace:
+    """The call object the Triton launchers take (a stand-in for the SoftmaxCall to come)."""
+    return types.SimpleNamespace(
+        scale=scale, window_left=window_left, window_right=window_right, kv_num_blocks=kv_num_blocks,
+        kv_indices=kv_indices, q_num_blocks=q_num_blocks, q_indices=q_indices,
+        sparse_block_size=sparse_block_size, key_padding_mask=key_padding_mask,
+    )
 
 
 def _reference(q, k, v, scale, window_left, window_right, kv_num_blocks, kv_indices, sparse_block_size, key_padding_mask):
@@ -73,10 +84,11 @@ def attention_fwd(
             kv_num_blocks, kv_indices, sparse_block_size, key_padding_mask,
         )
     if name == "triton":
-        from .kernels import attention as triton_attention
+        from .softmax import triton_launch
 
-        return triton_attention.attention_forward(
-            q, k, v, scale, window_left, window_right, kv_num_blocks, kv_indices, sparse_block_size, key_padding_mask
+        return triton_launch.forward(
+            _call(scale, window_left, window_right, kv_num_blocks, kv_indices, q_num_blocks, q_indices,
+                  sparse_block_size, key_padding_mask), q, k, v
         )
     out, lse = _reference(q, k, v, scale, window_left, window_right, kv_num_blocks, kv_indices, sparse_block_size, key_padding_mask)
     return out.to(q.dtype), lse.to(lse_dtype(q.dtype))
@@ -119,11 +131,11 @@ def attention_bwd(
             sparse_block_size, key_padding_mask,
         )
     if name == "triton":
-        from .kernels import attention as triton_attention
+        from .softmax import triton_launch
 
-        return triton_attention.attention_backward(
-            dout, q, k, v, out, lse, scale, window_left, window_right, kv_num_blocks, kv_indices,
-            q_num_blocks, q_indices, sparse_block_size, key_padding_mask,
+        return triton_launch.backward(
+            _call(scale, window_left, window_right, kv_num_blocks, kv_indices, q_num_blocks, q_indices,
+                  sparse_block_size, key_padding_mask), dout, q, k, v, out, lse
         )
     layout = None if kv_num_blocks is None else TableLayout(kv_num_blocks, kv_indices, sparse_block_size)
     grads = attention_reference_backward(

@@ -22,6 +22,7 @@ Arguments shared by every backend:
 from __future__ import annotations
 
 import importlib.util
+import types
 from typing import Optional
 
 import torch
@@ -31,7 +32,7 @@ from .. import backends
 from .reference import linear_attention_reference
 from .reference_backward import linear_attention_reference_backward
 
-TRITON_MODULE = "attnkernels.kernels.linear_attention"
+TRITON_MODULE = "attnkernels.linear.triton_launch"
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -65,6 +66,12 @@ def _fused_backend(q: Tensor, k: Tensor) -> str:
     return name if q.shape[2] > 0 and k.shape[2] > 0 else "reference"
 
 
+def _call(feature_map, causal, normalize, eps, scale, initial_s, initial_z) -> types.SimpleNamespace:
+    """The call object the Triton launchers take (a stand-in for the LinearCall to come)."""
+    return types.SimpleNamespace(feature_map=feature_map, causal=causal, normalize=normalize, eps=eps, scale=scale,
+                                 initial_s=initial_s, initial_z=initial_z)
+
+
 def _initial_state(initial_s, initial_z):
     return None if initial_s is None else (initial_s.double(), initial_z.double())
 
@@ -88,11 +95,9 @@ def linear_attention_fwd(
             q.contiguous(), k.contiguous(), v.contiguous(), feature_map, causal, normalize, eps, scale, initial_s, initial_z
         )
     if name == "triton":
-        from ..kernels import linear_attention as triton_linear
+        from . import triton_launch
 
-        return triton_linear.linear_attention_forward(
-            q, k, v, feature_map, causal, normalize, eps, scale, initial_s, initial_z
-        )
+        return triton_launch.forward(_call(feature_map, causal, normalize, eps, scale, initial_s, initial_z), q, k, v)
     out, (s, z) = linear_attention_reference(
         q.double(), k.double(), v.double(), feature_map=feature_map, causal=causal, normalize=normalize,
         eps=eps, scale=scale, initial_state=_initial_state(initial_s, initial_z),
@@ -133,11 +138,10 @@ def linear_attention_bwd(
             eps, scale, initial_s, initial_z,
         )
     if name == "triton":
-        from ..kernels import linear_attention as triton_linear
+        from . import triton_launch
 
-        return triton_linear.linear_attention_backward(
-            dout, q, k, v, feature_map, causal, normalize, eps, scale, initial_s, initial_z
-        )
+        return triton_launch.backward(_call(feature_map, causal, normalize, eps, scale, initial_s, initial_z),
+                                      dout, q, k, v)
     grads = linear_attention_reference_backward(
         dout.double(), q.double(), k.double(), v.double(), feature_map=feature_map, causal=causal,
         normalize=normalize, eps=eps, scale=scale, initial_state=_initial_state(initial_s, initial_z),

@@ -1,0 +1,1 @@
+"""Softmax attention: dense, causal, sliding-window, block-sparse, key padding."""
