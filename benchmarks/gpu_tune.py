@@ -54,7 +54,7 @@ def _spills(fn, before: list) -> tuple:
 def main() -> int:
     import triton.testing
 
-    from attnkernels.kernels import attention as A
+    from attnkernels.softmax import triton_launch as A
     import attnkernels
 
     parser = argparse.ArgumentParser()

@@ -103,7 +103,7 @@ def test_gate_fails_a_spill_and_a_missing_mma():
 
 
 def test_quick_subset_is_one_spec_per_kernel_and_dtype():
-    specs, notes = R.collect_specs(["attnkernels.kernels.attention", "attnkernels.kernels.not_a_module"],
+    specs, notes = R.collect_specs(["attnkernels.softmax.triton_specs", "attnkernels.softmax.not_a_module"],
                                    quick=True, log=lambda msg: None)
     keys = [(s.fn.__name__, s.dtype) for _, s in specs]
     assert len(keys) == len(set(keys)) and len(keys) >= 12
@@ -143,5 +143,5 @@ def test_compile_report_quick(tmp_path):
             else:
                 assert r["wgmma"] > 0 or r["mma"] > 0, f"{where}: no wgmma/mma"
     # every kernel of the attention module is represented, in each arch
-    kernels = {(r["kernel"], r["arch"]) for r in rows if r["module"] == "attnkernels.kernels.attention"}
+    kernels = {(r["kernel"], r["arch"]) for r in rows if r["module"] == "attnkernels.softmax.triton_specs"}
     assert kernels == {(k, a) for k in ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq", "attn_bwd_preprocess") for a in (80, 90)}

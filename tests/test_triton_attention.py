@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import math
+import types
 
 import pytest
 import torch
 
 import attnkernels
 from attnkernels import masks
-from attnkernels.kernels import attention as A
+from attnkernels.softmax import triton_launch as A
 from attnkernels.softmax.reference import attention_reference
 from attnkernels.conventions import window_visibility
+from tests import triton_block_ranges as BR
 
 FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3}
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16"}
@@ -33,6 +35,23 @@ pytestmark = pytest.mark.usefixtures("poison_empty")
 # ----------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------
+
+
+def _call(scale, window_left, window_right, kv_num_blocks=None, kv_indices=None, q_num_blocks=None,
+          q_indices=None, sparse_block_size=0, key_padding_mask=None):
+    """The call object the launchers take (the ops build the same from their arguments)."""
+    return types.SimpleNamespace(scale=scale, window_left=window_left, window_right=window_right,
+                                 kv_num_blocks=kv_num_blocks, kv_indices=kv_indices, q_num_blocks=q_num_blocks,
+                                 q_indices=q_indices, sparse_block_size=sparse_block_size,
+                                 key_padding_mask=key_padding_mask)
+
+
+def attention_forward(q, k, v, scale, window_left, window_right, **tables_and_kpm):
+    return A.forward(_call(scale, window_left, window_right, **tables_and_kpm), q, k, v)
+
+
+def attention_backward(dout, q, k, v, out, lse, scale, window_left, window_right, **tables_and_kpm):
+    return A.backward(_call(scale, window_left, window_right, **tables_and_kpm), dout, q, k, v, out, lse)
 
 
 class TableMask:
@@ -102,7 +121,7 @@ def run_case(shape, window, dtype, block_mask=None, key_padding_mask=None, trans
     ref_kw = dict(window_size=window, scale=scale, block_mask=block_mask, key_padding_mask=key_padding_mask)
     sparse_kw = _sparse_kwargs(block_mask)
 
-    out, lse = A.attention_forward(q, k, v, scale, *window, key_padding_mask=key_padding_mask, **sparse_kw)
+    out, lse = attention_forward(q, k, v, scale, *window, key_padding_mask=key_padding_mask, **sparse_kw)
     assert out.dtype == dtype and out.shape == (b, hq, nq, dv)
 
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
@@ -119,7 +138,7 @@ def run_case(shape, window, dtype, block_mask=None, key_padding_mask=None, trans
     out_s.backward(dout)
     if block_mask is not None:
         sparse_kw.update(q_num_blocks=block_mask.q_num_blocks, q_indices=block_mask.q_indices)
-    dq, dk, dv_ = A.attention_backward(dout, q, k, v, out, lse, scale, *window,
+    dq, dk, dv_ = attention_backward(dout, q, k, v, out, lse, scale, *window,
                                        key_padding_mask=key_padding_mask, **sparse_kw)
     for name, got, g64, gs in (("dq", dq, q64.grad, qs.grad), ("dk", dk, k64.grad, ks.grad), ("dv", dv_, v64.grad, vs.grad)):
         assert got.dtype == dtype and got.shape == g64.shape, name
@@ -179,10 +198,10 @@ def test_non_contiguous_inputs():
 def test_fully_masked_rows_zero_and_finite():
     # Nq > Nk, causal: rows 0..Nq-Nk-1 see nothing
     q, k, v = torch.randn(1, 2, 40, 16), torch.randn(1, 2, 20, 16), torch.randn(1, 2, 20, 16)
-    out, lse = A.attention_forward(q, k, v, 0.25, -1, 0)
+    out, lse = attention_forward(q, k, v, 0.25, -1, 0)
     assert torch.equal(out[:, :, :20], torch.zeros_like(out[:, :, :20]))
     assert torch.isneginf(lse[:, :, :20]).all() and torch.isfinite(lse[:, :, 20:]).all()
-    dq, dk, dv = A.attention_backward(torch.randn_like(out), q, k, v, out, lse, 0.25, -1, 0)
+    dq, dk, dv = attention_backward(torch.randn_like(out), q, k, v, out, lse, 0.25, -1, 0)
     assert all(torch.isfinite(g).all() for g in (dq, dk, dv))
     assert torch.equal(dq[:, :, :20], torch.zeros_like(dq[:, :, :20]))
 
@@ -222,8 +241,8 @@ def _brute_force(block_m, block_n, nq, nk, left, right):
 def test_block_ranges(case):
     block_m, block_n, nq, nk, left, right = case
     tiles = _brute_force(*case)
-    kv = [A.kv_block_range(i, *case) for i in range(tiles.shape[0])]
-    qr = [A.q_block_range(j, *case) for j in range(tiles.shape[1])]
+    kv = [BR.kv_block_range(i, *case) for i in range(tiles.shape[0])]
+    qr = [BR.q_block_range(j, *case) for j in range(tiles.shape[1])]
     for i, r in enumerate(kv):  # forward / dQ: key blocks of query block i
         visited = set(range(r.start, r.end))
         assert visited == set(torch.nonzero(tiles[i, :, 0]).flatten().tolist()), (i, r)
@@ -237,13 +256,13 @@ def test_block_ranges(case):
         full = {i for i in range(tiles.shape[0]) if vis[i * block_m:(i + 1) * block_m].all()}
         assert set(range(r.full_start, r.full_end)) == full, (j, r)
     # the jitted helpers the kernels call give the same numbers
-    assert A.kernel_block_ranges("kv", *case) == kv
-    assert A.kernel_block_ranges("q", *case) == qr
+    assert BR.kernel_block_ranges("kv", *case) == kv
+    assert BR.kernel_block_ranges("q", *case) == qr
 
 
 def test_band_visits_few_blocks():
     # a (17, 17) window at N = 4096 with 64-wide blocks touches at most 3 key blocks per query block
-    counts = [A.kv_block_range(i, 64, 64, 4096, 4096, 17, 17).count for i in range(64)]
+    counts = [BR.kv_block_range(i, 64, 64, 4096, 4096, 17, 17).count for i in range(64)]
     assert max(counts) <= 3 and min(counts) >= 1
 
 
@@ -314,12 +333,12 @@ def test_sparse_full_layout_equals_dense():
     sparse_kw = _sparse_kwargs(full)
     for window in ((-1, -1), (10, 3)):
         with A.override_blocks(16, 16):
-            out, lse = A.attention_forward(q, k, v, 0.2, *window)
-            out_s, lse_s = A.attention_forward(q, k, v, 0.2, *window, **sparse_kw)
+            out, lse = attention_forward(q, k, v, 0.2, *window)
+            out_s, lse_s = attention_forward(q, k, v, 0.2, *window, **sparse_kw)
             assert torch.equal(out, out_s) and torch.equal(lse, lse_s), window
             dout = torch.randn_like(out)
-            grads = A.attention_backward(dout, q, k, v, out, lse, 0.2, *window)
-            grads_s = A.attention_backward(dout, q, k, v, out, lse, 0.2, *window, q_num_blocks=full.q_num_blocks,
+            grads = attention_backward(dout, q, k, v, out, lse, 0.2, *window)
+            grads_s = attention_backward(dout, q, k, v, out, lse, 0.2, *window, q_num_blocks=full.q_num_blocks,
                                            q_indices=full.q_indices, **sparse_kw)
             for name, g, g_s in zip(("dq", "dk", "dv"), grads, grads_s):
                 assert torch.equal(g, g_s), (window, name)
@@ -331,12 +350,12 @@ def test_sparse_empty_layout_rows_zero_and_finite():
     layout[0, 0, 1, 2] = True  # only query block 1 sees anything (key block 2)
     mask = TableMask(layout, 16)
     q, k, v = torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
-    out, lse = A.attention_forward(q, k, v, 0.25, -1, -1, **_sparse_kwargs(mask))
+    out, lse = attention_forward(q, k, v, 0.25, -1, -1, **_sparse_kwargs(mask))
     rows = torch.ones(40, dtype=torch.bool)
     rows[16:32] = False  # the rows of query block 1
     assert torch.equal(out[:, :, rows], torch.zeros_like(out[:, :, rows]))
     assert torch.isneginf(lse[:, :, rows]).all() and torch.isfinite(lse[:, :, ~rows]).all()
-    dq, dk, dv = A.attention_backward(torch.randn_like(out), q, k, v, out, lse, 0.25, -1, -1,
+    dq, dk, dv = attention_backward(torch.randn_like(out), q, k, v, out, lse, 0.25, -1, -1,
                                       q_num_blocks=mask.q_num_blocks, q_indices=mask.q_indices, **_sparse_kwargs(mask))
     assert all(torch.isfinite(g).all() for g in (dq, dk, dv))
     assert torch.equal(dq[:, :, rows], torch.zeros_like(dq[:, :, rows]))
@@ -412,10 +431,10 @@ def test_key_padding_fully_padded_batch_row():
     kpm = torch.zeros(2, 40, dtype=torch.bool)
     kpm[0, 30:] = True
     kpm[1] = True
-    out, lse = A.attention_forward(q, k, v, 0.25, -1, 0, key_padding_mask=kpm)
+    out, lse = attention_forward(q, k, v, 0.25, -1, 0, key_padding_mask=kpm)
     assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.isneginf(lse[1]).all()
     assert torch.isfinite(lse[0]).all()
-    dq, dk, dv = A.attention_backward(torch.randn_like(out), q, k, v, out, lse, 0.25, -1, 0, key_padding_mask=kpm)
+    dq, dk, dv = attention_backward(torch.randn_like(out), q, k, v, out, lse, 0.25, -1, 0, key_padding_mask=kpm)
     assert all(torch.isfinite(g).all() for g in (dq, dk, dv))
     for g in (dq[1], dk[1], dv[1], dk[0, :, 30:], dv[0, :, 30:]):
         assert torch.equal(g, torch.zeros_like(g))
@@ -425,18 +444,18 @@ def test_bad_tables_and_padding_raise():
     q = torch.randn(1, 2, 40, 16)
     num, idx = torch.ones(1, 1, 3, dtype=torch.int32), torch.zeros(1, 1, 3, 3, dtype=torch.int32)
     with pytest.raises(ValueError, match="kv_num_blocks and kv_indices"):
-        A.attention_forward(q, q, q, 0.25, -1, -1, kv_num_blocks=num, sparse_block_size=16)
+        attention_forward(q, q, q, 0.25, -1, -1, kv_num_blocks=num, sparse_block_size=16)
     with pytest.raises(ValueError, match="int32"):
-        A.attention_forward(q, q, q, 0.25, -1, -1, kv_num_blocks=num.long(), kv_indices=idx, sparse_block_size=16)
+        attention_forward(q, q, q, 0.25, -1, -1, kv_num_blocks=num.long(), kv_indices=idx, sparse_block_size=16)
     with pytest.raises(ValueError, match="expected shape"):  # 40 / 32 -> 2 query blocks, not 3
-        A.attention_forward(q, q, q, 0.25, -1, -1, kv_num_blocks=num, kv_indices=idx, sparse_block_size=32)
+        attention_forward(q, q, q, 0.25, -1, -1, kv_num_blocks=num, kv_indices=idx, sparse_block_size=32)
     with pytest.raises(ValueError, match="leading dims"):
-        A.attention_forward(q, q, q, 0.25, -1, -1, kv_num_blocks=num.expand(1, 3, 3), kv_indices=idx.expand(1, 3, 3, 3),
+        attention_forward(q, q, q, 0.25, -1, -1, kv_num_blocks=num.expand(1, 3, 3), kv_indices=idx.expand(1, 3, 3, 3),
                             sparse_block_size=16)
     with pytest.raises(ValueError, match="power of two"):
-        A.attention_forward(q, q, q, 0.25, -1, -1, kv_num_blocks=num, kv_indices=idx, sparse_block_size=24)
+        attention_forward(q, q, q, 0.25, -1, -1, kv_num_blocks=num, kv_indices=idx, sparse_block_size=24)
     with pytest.raises(ValueError, match="key_padding_mask"):
-        A.attention_forward(q, q, q, 0.25, -1, -1, key_padding_mask=torch.zeros(1, 39, dtype=torch.bool))
+        attention_forward(q, q, q, 0.25, -1, -1, key_padding_mask=torch.zeros(1, 39, dtype=torch.bool))
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,13 +1,302 @@
-"""Placeholder adapter until the split Triton launcher lands: runs the kernels in attnkernels.kernels."""
-from ..kernels import attention as _k
+"""Launchers of the Triton softmax-attention kernels (`triton_kernels.py`): tile configs,
+grids, the launcher's own invariants, and the two entry points the ops call:
+
+    forward(call, q, k, v) -> (out (B, Hq, Nq, Dv) in q's dtype, lse (B, Hq, Nq) float32)
+    backward(call, dout, q, k, v, out, lse) -> (dq, dk, dv) in the inputs' dtypes
+
+`call` carries scale, window_left, window_right, kv_num_blocks, kv_indices, q_num_blocks,
+q_indices, sparse_block_size, key_padding_mask with the op arguments' meanings, already
+validated by the public API; calls with Nq or Nk == 0 are answered by the ops. What is
+checked here is only what stops a kernel from reading out of bounds on a direct call
+(tensor ranks, table dtypes and shapes, the key padding mask's shape).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ..triton_common import Override, cdiv, dot_precision, launch_options, last_dim_contiguous, pad_dim
+from .triton_kernels import attn_bwd_dkdv, attn_bwd_dq, attn_bwd_preprocess, attn_fwd
+
+__all__ = ["forward", "backward", "block_config", "override_blocks", "BlockConfig", "PREPROCESS_BLOCK_M"]
+
+LOG2E = 1.4426950408889634
+PREPROCESS_BLOCK_M = 64
+
+# ----------------------------------------------------------------------------------------
+# Block configs
+# ----------------------------------------------------------------------------------------
+
+
+class BlockConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    # registers per thread ptxas may use (None: its own choice). ptxas otherwise aims at an
+    # occupancy (e.g. 168 regs = 3 blocks of 128 threads) and spills to get there.
+    maxnreg: int | None = None
+
+
+_BLOCKS = Override()
+
+
+def override_blocks(block_m: int, block_n: int):
+    """Test hook: launch every kernel with these BLOCK_M/BLOCK_N (powers of two >= 16), so
+    that small interpreter shapes still span many blocks and all three loop segments."""
+    return _BLOCKS.set((block_m, block_n))
+
+
+# (kernel, padded head dim class) -> (config for 16-bit inputs, config for fp32 inputs).
+# Found with `python -m attnkernels.tools.compile_report`: each is the largest tile tried
+# that compiles without a spill and within shared memory on both sm_80 and sm_90a, for
+# every mask variant (the masked/sparse loops are the register-hungry ones). Why the
+# tiles shrink with D: the accumulators ([BLOCK_M, D] in fwd/dQ, two [BLOCK_N, D] in
+# dK/dV) and, on sm_80, each warp's full copy of the mma B operand ([D, BLOCK_N] k^T in
+# fwd/dQ, [D, BLOCK_M] q^T in dK/dV) grow with D; more warps split the accumulators.
+# fp32 inputs double every operand tile, and exact fp32 dots ("ieee") run on FMA units
+# with operands spread over registers, hence the small fp32 tiles; at those sizes ptxas
+# would rather spill a few bytes than drop below 2-3 blocks per SM, so the fp32 configs
+# let it use all 255 registers per thread (`maxnreg`).
+# On an H200 (benchmarks/gpu_tune.py, docs/gpu_tune_h200.json) larger dK/dV tiles ran up to
+# 3x faster at D=128 (32x128: 1.8 ms vs 5.9 ms causal fwd+bwd), but Triton 3.8's ptxas
+# spills them on sm_80/sm_90a, so the gate keeps the small ones; the D<=64 16-bit fwd and
+# dK/dV tiles below are the fastest spill-free ones of that sweep.
+_FP32_REGS = 255
+_CONFIGS = {
+    # forward: BLOCK_M query rows resident, BLOCK_N key rows stream
+    ("fwd", 64): (BlockConfig(64, 64, 4, 3), BlockConfig(32, 16, 4, 2, _FP32_REGS)),
+    ("fwd", 128): (BlockConfig(128, 64, 8, 3), BlockConfig(16, 16, 4, 2, _FP32_REGS)),
+    ("fwd", 256): (BlockConfig(64, 32, 8, 2), BlockConfig(32, 16, 8, 2, _FP32_REGS)),
+    # dK/dV: BLOCK_N key rows resident, BLOCK_M query rows stream
+    ("dkdv", 64): (BlockConfig(16, 128, 8, 2), BlockConfig(16, 16, 4, 2, _FP32_REGS)),
+    ("dkdv", 128): (BlockConfig(16, 32, 8, 2), BlockConfig(16, 16, 8, 2, _FP32_REGS)),
+    ("dkdv", 256): (BlockConfig(16, 16, 8, 1), BlockConfig(16, 16, 8, 2, _FP32_REGS)),
+    # dQ: BLOCK_M query rows resident, BLOCK_N key rows stream
+    ("dq", 64): (BlockConfig(64, 32, 4, 3), BlockConfig(32, 16, 4, 2, _FP32_REGS)),
+    ("dq", 128): (BlockConfig(64, 32, 4, 2), BlockConfig(16, 16, 4, 2, _FP32_REGS)),
+    ("dq", 256): (BlockConfig(32, 16, 4, 2), BlockConfig(16, 16, 4, 2, _FP32_REGS)),
+}
+
+
+def block_config(kernel: str, head_dim: int, head_dim_v: int, dtype: torch.dtype,
+                 sparse_block_size: int = 0) -> BlockConfig:
+    """GPU launch config per kernel ("fwd", "dkdv", "dq"), padded head dim and dtype (see
+    `_CONFIGS`). With a block-sparse table the blocks must divide `sparse_block_size` (all
+    are powers of two, so min() does it)."""
+    if kernel not in ("fwd", "dkdv", "dq"):
+        raise ValueError(f"block_config: unknown kernel {kernel!r}")
+    d = max(pad_dim(head_dim), pad_dim(head_dim_v))
+    d_class = 64 if d <= 64 else 128 if d <= 128 else 256
+    cfg = _CONFIGS[kernel, d_class][1 if dtype == torch.float32 else 0]
+    if _BLOCKS.value is not None:
+        cfg = cfg._replace(block_m=_BLOCKS.value[0], block_n=_BLOCKS.value[1])
+    if sparse_block_size:
+        cfg = cfg._replace(block_m=min(cfg.block_m, sparse_block_size), block_n=min(cfg.block_n, sparse_block_size))
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------
+# The launcher's invariants (the user-facing checks are the public API's)
+# ----------------------------------------------------------------------------------------
+
+
+def _check_qkv(q, k, v):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name}: expected a 4-D tensor (B, H, N, D), got shape {tuple(t.shape)}")
+    batch, q_heads, _, head_dim = q.shape
+    _, kv_heads, kv_len, _ = k.shape
+    if (k.shape[0], k.shape[3]) != (batch, head_dim) or tuple(v.shape[:3]) != (batch, kv_heads, kv_len):
+        raise ValueError(f"q, k, v: shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)} do not fit "
+                         "(B, Hq, Nq, D), (B, Hk, Nk, D), (B, Hk, Nk, Dv)")
+    if kv_heads == 0 or q_heads % kv_heads:
+        raise ValueError(f"q, k: Hq={q_heads} must be a multiple of Hk={kv_heads}")
+
+
+def _table_strides(t: torch.Tensor) -> list[int]:
+    """Strides with 0 on broadcast (size-1) batch/head dims; the last dim must be contiguous."""
+    return [0 if t.shape[i] == 1 else t.stride(i) for i in range(t.dim() - 1)]
+
+
+def _check_tables(name_num: str, num, name_idx: str, idx, batch: int, q_heads: int, n_rows: int, n_cols: int):
+    if num is None or idx is None:
+        raise ValueError(f"{name_num} and {name_idx} must be given together")
+    for name, t, nd in ((name_num, num, 3), (name_idx, idx, 4)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != nd:
+            raise ValueError(f"{name}: expected an int32 tensor with {nd} dims, got "
+                             f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
+    bm, hm = num.shape[0], num.shape[1]
+    if bm not in (1, batch) or hm not in (1, q_heads):
+        raise ValueError(f"{name_num}: leading dims must be (1|B, 1|Hq) = (1|{batch}, 1|{q_heads}), got {tuple(num.shape)}")
+    if tuple(num.shape) != (bm, hm, n_rows):
+        raise ValueError(f"{name_num}: expected shape {(bm, hm, n_rows)}, got {tuple(num.shape)}")
+    if tuple(idx.shape) != (bm, hm, n_rows, n_cols):
+        raise ValueError(f"{name_idx}: expected shape {(bm, hm, n_rows, n_cols)}, got {tuple(idx.shape)}")
+    return num.contiguous(), idx.contiguous()
+
+
+def _check_sparse_block_size(sparse_block_size: int):
+    # the kernel tiles must divide the sparse block: both are powers of two >= 16
+    if not isinstance(sparse_block_size, int) or sparse_block_size < 16 or sparse_block_size & (sparse_block_size - 1):
+        raise ValueError(f"sparse_block_size: expected a power of two >= 16 with block-sparse tables, got {sparse_block_size!r}")
+
+
+def _check_kpm(key_padding_mask, batch: int, kv_len: int):
+    """The mask as the kernels read it: one byte per key, (B, Nk) contiguous; None stays None."""
+    if key_padding_mask is None:
+        return None
+    if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+        raise ValueError(f"key_padding_mask: expected a bool tensor (B, Nk), True = ignore; got {getattr(key_padding_mask, 'dtype', type(key_padding_mask))}")
+    if tuple(key_padding_mask.shape) != (batch, kv_len):
+        raise ValueError(f"key_padding_mask: expected shape {(batch, kv_len)}, got {tuple(key_padding_mask.shape)}")
+    return key_padding_mask.contiguous().view(torch.uint8)
+
+
+class _Tables(NamedTuple):
+    """The block tables of one call as the kernels take them (dummies without tables)."""
+
+    is_sparse: bool
+    sparse_block: int  # the SPARSE_BLOCK constexpr: 0 without tables
+    kv_num: torch.Tensor | None
+    kv_idx: torch.Tensor | None
+    q_num: torch.Tensor | None
+    q_idx: torch.Tensor | None
+
+
+def _tables(call, batch, q_heads, q_len, kv_len, backward: bool) -> _Tables:
+    names = ("kv_num_blocks", "kv_indices") + (("q_num_blocks", "q_indices") if backward else ())
+    if all(getattr(call, n) is None for n in names):
+        return _Tables(False, 0, None, None, None, None)
+    bs = call.sparse_block_size
+    _check_sparse_block_size(bs)
+    n_qb, n_kb = cdiv(q_len, bs), cdiv(kv_len, bs)
+    kv_num, kv_idx = _check_tables("kv_num_blocks", call.kv_num_blocks, "kv_indices", call.kv_indices,
+                                   batch, q_heads, n_qb, n_kb)
+    q_num = q_idx = None
+    if backward:
+        q_num, q_idx = _check_tables("q_num_blocks", call.q_num_blocks, "q_indices", call.q_indices,
+                                     batch, q_heads, n_kb, n_qb)
+    return _Tables(True, bs, kv_num, kv_idx, q_num, q_idx)
+
+
+def _table_args(num, idx, dummy) -> list:
+    """(num, idx, 5 table strides) for a launch; dummies and zeros without a table."""
+    if num is None:
+        return [dummy, dummy] + [0] * 5
+    return [num, idx] + _table_strides(num)[:2] + _table_strides(idx)[:3]
+
+
+# ----------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------
 
 
 def forward(call, q, k, v):
-    return _k.attention_forward(q, k, v, call.scale, call.window_left, call.window_right,
-                                call.kv_num_blocks, call.kv_indices, call.sparse_block_size, call.key_padding_mask)
+    """(out (B, Hq, Nq, Dv) in q's dtype, lse (B, Hq, Nq) float32 natural log)."""
+    _check_qkv(q, k, v)
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads, kv_len, head_dim_v = k.shape[1], k.shape[2], v.shape[-1]
+    tab = _tables(call, batch, q_heads, q_len, kv_len, backward=False)
+    kpm = _check_kpm(call.key_padding_mask, batch, kv_len)
+    window_left, window_right = call.window_left, call.window_right
+
+    out = torch.empty(batch, q_heads, q_len, head_dim_v, dtype=q.dtype, device=q.device)
+    lse = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=q.device)
+    if out.numel() == 0 and lse.numel() == 0:
+        return out, lse
+    cfg = block_config("fwd", head_dim, head_dim_v, q.dtype, tab.sparse_block)
+    table_num, table_idx, *t_strides = _table_args(tab.kv_num, tab.kv_idx, lse)  # lse: an unused dummy
+    grid = (cdiv(q_len, cfg.block_m), batch * q_heads)
+    attn_fwd[grid](
+        q, k, v, out, lse, table_num, table_idx, kpm if kpm is not None else lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        *t_strides,
+        kpm.stride(0) if kpm is not None else 0,
+        q_heads, q_len, kv_len, q_heads // kv_heads, window_left, window_right, call.scale * LOG2E,
+        HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_D=pad_dim(head_dim), BLOCK_DV=pad_dim(head_dim_v),
+        HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
+        IS_SPARSE=tab.is_sparse, SPARSE_BLOCK=tab.sparse_block,
+        HAS_KPM=kpm is not None, DOT_PREC=dot_precision(q.dtype),
+        **launch_options(cfg),
+    )
+    return out, lse
 
 
 def backward(call, dout, q, k, v, out, lse):
-    return _k.attention_backward(dout, q, k, v, out, lse, call.scale, call.window_left, call.window_right,
-                                 call.kv_num_blocks, call.kv_indices, call.q_num_blocks, call.q_indices,
-                                 call.sparse_block_size, call.key_padding_mask)
+    """(dq, dk, dv) in the inputs' dtype. Deterministic (see triton_kernels' docstring)."""
+    _check_qkv(q, k, v)
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads, kv_len, head_dim_v = k.shape[1], k.shape[2], v.shape[-1]
+    if tuple(out.shape) != (batch, q_heads, q_len, head_dim_v) or tuple(dout.shape) != tuple(out.shape):
+        raise ValueError(f"out, dout: expected shape {(batch, q_heads, q_len, head_dim_v)}, got "
+                         f"{tuple(out.shape)} and {tuple(dout.shape)}")
+    if tuple(lse.shape) != (batch, q_heads, q_len) or lse.dtype != torch.float32:
+        raise ValueError(f"lse: expected a float32 tensor {(batch, q_heads, q_len)}, got {lse.dtype} {tuple(lse.shape)}")
+    q, k, v, out, dout = (last_dim_contiguous(t) for t in (q, k, v, out, dout))
+    lse = lse.contiguous()
+    tab = _tables(call, batch, q_heads, q_len, kv_len, backward=True)
+    kpm = _check_kpm(call.key_padding_mask, batch, kv_len)
+    window_left, window_right, scale = call.window_left, call.window_right, call.scale
+
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    if q.numel() == 0 and k.numel() == 0 and v.numel() == 0:
+        return dq, dk, dv
+    if q_len == 0 or batch * q_heads == 0:  # no query: nothing flows back to k, v
+        dk.zero_()
+        dv.zero_()
+        return dq, dk, dv
+
+    delta = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=q.device)
+    pad_d, pad_dv = pad_dim(head_dim), pad_dim(head_dim_v)
+    attn_bwd_preprocess[(cdiv(q_len, PREPROCESS_BLOCK_M), batch * q_heads)](
+        out, dout, delta,
+        out.stride(0), out.stride(1), out.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        q_heads, q_len, HEAD_DIM_V=head_dim_v, BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_DV=pad_dv,
+    )
+    common = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_D=pad_d, BLOCK_DV=pad_dv,
+                  HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
+                  IS_SPARSE=tab.is_sparse, SPARSE_BLOCK=tab.sparse_block,
+                  HAS_KPM=kpm is not None, DOT_PREC=dot_precision(q.dtype))
+    kpm_arg = kpm if kpm is not None else delta
+    kpm_stride = kpm.stride(0) if kpm is not None else 0
+    group = q_heads // kv_heads
+
+    kv_tab = _table_args(tab.kv_num, tab.kv_idx, delta)  # delta: an unused dummy without tables
+    q_tab = _table_args(tab.q_num, tab.q_idx, delta)
+    if kv_len > 0:
+        cfg = block_config("dkdv", head_dim, head_dim_v, q.dtype, tab.sparse_block)
+        attn_bwd_dkdv[(cdiv(kv_len, cfg.block_n), batch * kv_heads)](
+            q, k, v, dout, lse, delta, dk, dv, *q_tab[:2], kpm_arg,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            dout.stride(0), dout.stride(1), dout.stride(2),
+            dk.stride(0), dk.stride(1), dk.stride(2),
+            dv.stride(0), dv.stride(1), dv.stride(2),
+            *q_tab[2:], kpm_stride,
+            q_heads, kv_heads, q_len, kv_len, group, window_left, window_right, scale * LOG2E, scale,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **launch_options(cfg), **common,
+        )
+    cfg = block_config("dq", head_dim, head_dim_v, q.dtype, tab.sparse_block)
+    attn_bwd_dq[(cdiv(q_len, cfg.block_m), batch * q_heads)](
+        q, k, v, dout, lse, delta, dq, *kv_tab[:2], kpm_arg,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        *kv_tab[2:], kpm_stride,
+        q_heads, q_len, kv_len, group, window_left, window_right, scale * LOG2E, scale,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **launch_options(cfg), **common,
+    )
+    return dq, dk, dv

@@ -37,8 +37,8 @@ import tempfile
 import time
 
 KERNEL_MODULES = [
-    "attnkernels.kernels.attention",
-    "attnkernels.kernels.linear_attention",
+    "attnkernels.softmax.triton_specs",
+    "attnkernels.linear.triton_specs",
 ]
 DEFAULT_ARCHS = (80, 90)
 # the most dynamic shared memory one block may use (A100: 163 KB, H100: 227 KB); a kernel
@@ -133,7 +133,7 @@ def collect_specs(modules=None, *, quick=False, filter_substr=None, log=print):
         mod = importlib.import_module(mod_name)  # errors here must fail the gate
         mod_specs = getattr(mod, "AOT_SPECS", None)
         if mod_specs is None:
-            raise RuntimeError(f"{mod_name}: has no AOT_SPECS list (see attnkernels.kernels.aot)")
+            raise RuntimeError(f"{mod_name}: has no AOT_SPECS list (see attnkernels.triton_common.KernelSpec)")
         names = [s.name for s in mod_specs]
         dup = {n for n in names if names.count(n) > 1}
         if dup:

@@ -1,1 +1,0 @@
-"""Triton kernels for CUDA tensors, one file per family."""

@@ -1,0 +1,74 @@
+"""Ahead-of-time compile declarations of the Triton softmax-attention kernels: `AOT_SPECS`,
+which `python -m attnkernels.tools.compile_report` compiles for sm_80 and sm_90a. Tiles come
+from the launcher's own `block_config`, so the gate compiles what ships."""
+from __future__ import annotations
+
+import torch
+
+from ..triton_common import TRITON_DTYPE, KernelSpec, divisibility, pad_dim, signature
+from .triton_kernels import attn_bwd_dkdv, attn_bwd_dq, attn_bwd_preprocess, attn_fwd
+from .triton_launch import PREPROCESS_BLOCK_M, block_config
+
+__all__ = ["AOT_SPECS"]
+
+# argument typing, by the naming convention of triton_kernels.py: data tensors upper-case,
+# LSE/DELTA float32, tables int32, KPM uint8; strides and sizes i32
+_TYPES = dict(int_args={"Hq", "Hk", "Nq", "Nk", "group", "window_left", "window_right"},
+              fp32_args={"qk_scale", "scale"}, fp32_ptrs={"LSE", "DELTA"},
+              i32_ptrs={"KV_NUM", "KV_IDX", "Q_NUM", "Q_IDX"}, u8_ptrs={"KPM"})
+# table and key-padding strides are arbitrary: no divisibility assumed for them
+_ARBITRARY_STRIDES = ("stride_t", "stride_kpm")
+
+# mask variants that ship: (name, HAS_LEFT, HAS_RIGHT, IS_SPARSE, HAS_KPM)
+_AOT_VARIANTS = [
+    ("dense", False, False, False, False),
+    ("causal", False, True, False, False),
+    ("window", True, True, False, False),
+    ("sparse-window-kpm", True, True, True, True),
+]
+_AOT_SPARSE_BLOCK = 128
+_AOT_HEAD_DIMS = (32, 64, 128, 256)
+# `--quick` compiles, per kernel and dtype, the variant with every feature on (all code paths)
+_AOT_QUICK_HEAD_DIM, _AOT_QUICK_VARIANT = 128, "sparse-window-kpm"
+# (label, torch dtype, dot precision); fp32 ships exact ("ieee", CUDA cores) and TF32
+_AOT_DTYPES = [
+    ("fp16", torch.float16, "tf32"),
+    ("bf16", torch.bfloat16, "tf32"),
+    ("fp32", torch.float32, "ieee"),
+    ("tf32", torch.float32, "tf32"),
+]
+
+
+def _spec(name, fn, dtype_label, tdt, const, **kw) -> KernelSpec:
+    sig = signature(fn, tdt, const, **_TYPES)
+    return KernelSpec(name, fn, sig, const, attrs=divisibility(sig, _ARBITRARY_STRIDES), dtype=dtype_label, **kw)
+
+
+def _build_aot_specs() -> list[KernelSpec]:
+    specs = []
+    for label, dtype, prec in _AOT_DTYPES:
+        tdt = TRITON_DTYPE[dtype]
+        # an fp32 "ieee" dot runs on CUDA cores (FMA), by design: no mma is expected there
+        uses_tc = prec != "ieee"
+        for d in _AOT_HEAD_DIMS:
+            if label != "tf32":  # the preprocess has no dot: one per storage dtype
+                const = dict(HEAD_DIM_V=d, BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_DV=pad_dim(d))
+                specs.append(_spec(f"attn_bwd_preprocess-{label}-D{d}", attn_bwd_preprocess, label, tdt, const,
+                                   num_warps=4, num_stages=1, uses_dot=False, quick=d == _AOT_QUICK_HEAD_DIM))
+            for variant, has_left, has_right, is_sparse, has_kpm in _AOT_VARIANTS:
+                for kernel, fn in (("fwd", attn_fwd), ("dkdv", attn_bwd_dkdv), ("dq", attn_bwd_dq)):
+                    cfg = block_config(kernel, d, d, dtype, _AOT_SPARSE_BLOCK if is_sparse else 0)
+                    const = dict(HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                                 BLOCK_D=pad_dim(d), BLOCK_DV=pad_dim(d),
+                                 HAS_LEFT=has_left, HAS_RIGHT=has_right, IS_SPARSE=is_sparse,
+                                 SPARSE_BLOCK=_AOT_SPARSE_BLOCK if is_sparse else 0,
+                                 HAS_KPM=has_kpm, DOT_PREC=prec)
+                    name = f"{fn.__name__}-{label}-D{d}-{variant}-M{cfg.block_m}-N{cfg.block_n}"
+                    specs.append(_spec(name, fn, label, tdt, const,
+                                       num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
+                                       uses_dot=uses_tc,
+                                       quick=d == _AOT_QUICK_HEAD_DIM and variant == _AOT_QUICK_VARIANT))
+    return specs
+
+
+AOT_SPECS: list[KernelSpec] = _build_aot_specs()
