@@ -10,10 +10,12 @@ from .backends import backend
 from .softmax import BlockMask, attention, attention_reference, masks, sparse_attention, window_attention, windows
 from .linear import LinearAttentionState, PerformerFeatures, linear_attention, linear_attention_step
 from . import nn  # noqa: E402  (drop-in modules; imports only the modules above)
+from .integrations import flash_attn_interface  # noqa: E402  (FlashAttention's API on our kernels)
 
 # `attnkernels.masks` and `attnkernels.windows` are public module paths (README); they are the softmax family's.
 _sys.modules[__name__ + ".masks"] = masks
 _sys.modules[__name__ + ".windows"] = windows
+_sys.modules[__name__ + ".flash_attn_interface"] = flash_attn_interface
 
 __version__ = "0.1.0"
 
@@ -31,4 +33,5 @@ __all__ = [
     "windows",
     "BlockMask",
     "nn",
+    "flash_attn_interface",
 ]

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from . import ops
 from .call import SoftmaxCall
+from .varlen import varlen_attention
 
 
 def attention(
@@ -24,6 +25,10 @@ def attention(
     block_mask=None,
     key_padding_mask: Tensor | None = None,
     return_lse: bool = False,
+    cu_seqlens_q: Tensor | None = None,
+    cu_seqlens_k: Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
 ):
     """Softmax attention softmax(q kᵀ · scale) v, fused: no (Nq, Nk) matrix is ever stored.
 
@@ -40,15 +45,34 @@ def attention(
         key_padding_mask: bool (B, Nk), True = the key is ignored.
         return_lse: also return the natural-log logsumexp of each row,
             (B, Hq, Nq), float32 (float64 for float64 inputs), detached.
+        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k: a packed
+            variable-length batch (FlashAttention's varlen layout, see varlen.py):
+            q (total_q, Hq, D), k/v (total_k, Hk, D); sequence i is rows
+            cu[i]:cu[i+1] and attends only to itself (causal and windows per
+            sequence); out (total_q, Hq, Dv), lse (Hq, total_q).
 
     A query row that sees no key gets output 0 (and LSE -inf), with zero gradients.
 
     Returns:
         out (B, Hq, Nq, Dv) in q's dtype, or (out, lse) when return_lse.
     """
-    call = SoftmaxCall.build(q, k, v, causal=causal, scale=scale, window_size=window_size,
-                             block_mask=block_mask, key_padding_mask=key_padding_mask)
-    out, lse = ops.run(call, q, k, v)
+    if cu_seqlens_q is not None or cu_seqlens_k is not None:
+        if cu_seqlens_q is None or cu_seqlens_k is None:
+            raise ValueError("cu_seqlens_q, cu_seqlens_k: a packed batch needs both")
+        for name, value in (("block_mask", block_mask), ("key_padding_mask", key_padding_mask)):
+            if value is not None:
+                raise ValueError(f"{name}: not supported with a packed (cu_seqlens) batch; each sequence is its own "
+                                 "batch row already")
+
+        def attend(q_i, k_i, v_i):
+            call = SoftmaxCall.build(q_i, k_i, v_i, causal=causal, scale=scale, window_size=window_size)
+            return ops.run(call, q_i, k_i, v_i)
+
+        out, lse = varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attend)
+    else:
+        call = SoftmaxCall.build(q, k, v, causal=causal, scale=scale, window_size=window_size,
+                                 block_mask=block_mask, key_padding_mask=key_padding_mask)
+        out, lse = ops.run(call, q, k, v)
     return (out, lse.detach()) if return_lse else out
 
 

@@ -1,0 +1,179 @@
+"""FlashAttention's Python interface on attnkernels' kernels: `from attnkernels import flash_attn_interface as flash_attn`.
+
+FlashAttention 2's names, argument order, defaults, `(B, N, H, D)` layout and return
+values, running on our kernels — CPU tensors included. The tensors are handed to the
+kernels as transposed `(B, H, N, D)` views (no copies on the Triton path; the C++
+launcher makes them contiguous).
+
+What differs, and what is refused:
+- `softmax_lse` of a row that sees no key is +inf, as FlashAttention returns it (ours is
+  -inf; converted here). With `return_attn_probs=True` the third value (FlashAttention's
+  dropout debugging matrix) is None.
+- `deterministic` is accepted and ignored: our backward kernels are always deterministic.
+- Not supported yet, refused with NotImplementedError naming the argument: `dropout_p > 0`,
+  `softcap != 0`, `alibi_slopes`, and in `flash_attn_with_kvcache` the rotary embedding
+  (`rotary_cos/sin`), `cache_batch_idx`, `cache_leftpad` and `num_splits` other than 0/1.
+- Varlen runs one fused-kernel call per sequence (softmax/varlen.py); the KV-cache entry
+  one call per batch row over that row's filled prefix (paged caches are gathered first).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..softmax.api import attention
+
+
+def _refuse(dropout_p=0.0, softcap=0.0, alibi_slopes=None, **others) -> None:
+    if dropout_p:
+        raise NotImplementedError(f"dropout_p: attention dropout ({dropout_p}) is not supported by attnkernels yet")
+    if softcap:
+        raise NotImplementedError(f"softcap: logit soft-capping ({softcap}) is not supported by attnkernels yet")
+    if alibi_slopes is not None:
+        raise NotImplementedError("alibi_slopes: ALiBi is not supported by attnkernels yet")
+    for name, value in others.items():
+        if value is not None:
+            raise NotImplementedError(f"{name}: not supported by attnkernels' flash_attn_interface yet")
+
+
+def _window(window_size) -> tuple[int, int]:
+    left, right = window_size
+    return int(left), int(right)
+
+
+def _fa_lse(lse: Tensor) -> Tensor:
+    """Ours (-inf for an empty row) -> FlashAttention's (+inf)."""
+    return torch.where(lse == float("-inf"), torch.full_like(lse, float("inf")), lse)
+
+
+def _returns(out: Tensor, lse: Tensor, return_attn_probs: bool):
+    return (out, _fa_lse(lse), None) if return_attn_probs else out
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """q (B, Nq, Hq, D), k/v (B, Nk, Hk, D) -> out (B, Nq, Hq, Dv) [, softmax_lse (B, Hq, Nq), None]."""
+    _refuse(dropout_p, softcap, alibi_slopes)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            raise ValueError(f"{name}: expected a 4-D tensor (B, N, H, D), got {getattr(t, 'shape', type(t).__name__)}")
+    out, lse = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal, scale=softmax_scale,
+                         window_size=_window(window_size), return_lse=True)
+    return _returns(out.transpose(1, 2), lse, return_attn_probs)
+
+
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                              alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """qkv (B, N, 3, H, D)."""
+    q, k, v = qkv.unbind(dim=2)
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs)
+
+
+def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                             alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """q (B, Nq, Hq, D), kv (B, Nk, 2, Hk, D)."""
+    k, v = kv.unbind(dim=2)
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs)
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           deterministic=False, return_attn_probs=False, block_table=None):
+    """q (total_q, Hq, D), k/v (total_k, Hk, D), cu_seqlens int32 (batch + 1,) -> out (total_q, Hq, Dv)
+    [, softmax_lse (Hq, total_q), None]."""
+    _refuse(dropout_p, softcap, alibi_slopes, block_table=block_table)
+    out, lse = attention(q, k, v, causal=causal, scale=softmax_scale, window_size=_window(window_size),
+                         return_lse=True, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+    return _returns(out, lse, return_attn_probs)
+
+
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
+                                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
+                                     return_attn_probs=False):
+    """qkv (total, 3, H, D)."""
+    q, k, v = qkv.unbind(dim=1)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale,
+                                  causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                                    softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """q (total_q, Hq, D), kv (total_k, 2, Hk, D)."""
+    k, v = kv.unbind(dim=1)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                                  softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs)
+
+
+def _cache_lengths(cache_seqlens, batch: int, capacity: int, device) -> list[int]:
+    if cache_seqlens is None:
+        return [capacity] * batch
+    if isinstance(cache_seqlens, int):
+        return [cache_seqlens] * batch
+    if not isinstance(cache_seqlens, Tensor) or cache_seqlens.dtype != torch.int32 or cache_seqlens.shape != (batch,):
+        raise ValueError(f"cache_seqlens: expected an int or an int32 tensor ({batch},), got "
+                         f"{getattr(cache_seqlens, 'dtype', type(cache_seqlens).__name__)} "
+                         f"{tuple(getattr(cache_seqlens, 'shape', ()))}")
+    return cache_seqlens.tolist()
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
+                            cache_batch_idx=None, cache_leftpad=None, block_table=None, softmax_scale=None,
+                            causal=False, window_size=(-1, -1), softcap=0.0, rotary_interleaved=True,
+                            alibi_slopes=None, num_splits=0, return_softmax_lse=False):
+    """q (B, Nq, Hq, D); k_cache/v_cache (B, Nc, Hk, D), or paged (num_blocks, page_size, Hk, D) with
+    block_table int32 (B, max_pages); k/v (B, Nnew, Hk, D) are written into the cache **in place** at
+    cache_seqlens, then each row attends to its first cache_seqlens + Nnew slots.
+    -> out (B, Nq, Hq, Dv) [, softmax_lse (B, Hq, Nq)]."""
+    _refuse(0.0, softcap, alibi_slopes, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+            cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad)
+    if num_splits not in (0, 1):
+        raise NotImplementedError(f"num_splits: {num_splits}; the split count is the kernels' choice here (pass 0)")
+    if (k is None) != (v is None):
+        raise ValueError("k, v: give both new keys and values, or neither")
+    batch = q.shape[0]
+    paged = block_table is not None
+    if paged:
+        if block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.shape[0] != batch:
+            raise ValueError(f"block_table: expected int32 (B={batch}, max_pages), got {block_table.dtype} "
+                             f"{tuple(block_table.shape)}")
+        page_size = k_cache.shape[1]
+        if page_size < 16 or page_size & (page_size - 1):
+            raise ValueError(f"k_cache: page size {page_size} must be a power of two >= 16")
+        if block_table.numel() and (int(block_table.min()) < 0 or int(block_table.max()) >= k_cache.shape[0]):
+            raise ValueError(f"block_table: page indices must lie in [0, {k_cache.shape[0]})")
+        capacity = block_table.shape[1] * page_size
+    else:
+        capacity = k_cache.shape[1]
+    lengths = _cache_lengths(cache_seqlens, batch, capacity, q.device)
+    n_new = 0 if k is None else k.shape[1]
+    for b, length in enumerate(lengths):
+        if length < 0 or length + n_new > capacity:
+            raise ValueError(f"cache_seqlens: row {b} holds {length} tokens + {n_new} new > the cache's {capacity} slots")
+
+    def slots(b: int, first: int, last: int) -> tuple[Tensor, Tensor]:
+        """(cache index into dim 0, index into dim 1) of row b's slots [first, last)."""
+        pos = torch.arange(first, last, device=q.device)
+        if not paged:
+            return torch.full_like(pos, b), pos
+        return block_table[b, pos // page_size].long(), pos % page_size
+
+    outs, lses = [], []
+    for b, length in enumerate(lengths):
+        if n_new:
+            with torch.no_grad():  # the cache is state, written in place (as FlashAttention does)
+                idx = slots(b, length, length + n_new)
+                k_cache[idx] = k[b].to(k_cache.dtype)
+                v_cache[idx] = v[b].to(v_cache.dtype)
+        idx = slots(b, 0, length + n_new)
+        k_b, v_b = k_cache[idx], v_cache[idx]  # (L, Hk, D)
+        out, lse = attention(q[b].transpose(0, 1)[None], k_b.transpose(0, 1)[None], v_b.transpose(0, 1)[None],
+                             causal=causal, scale=softmax_scale, window_size=_window(window_size), return_lse=True)
+        outs.append(out[0].transpose(0, 1))
+        lses.append(lse[0])
+    out, lse = torch.stack(outs), torch.stack(lses)
+    return (out, _fa_lse(lse)) if return_softmax_lse else out
