@@ -245,3 +245,24 @@ def test_modernbert_bidirectional_window_N140_matches_eager():
     out = _hidden_states(model, ("eager", NAME), ids, mask)
     real = mask.bool()
     torch.testing.assert_close(out[NAME][real], out["eager"][real], rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("how", ["position_ids", "cu_seq_lens"])
+def test_packed_batch_matches_each_sequence_alone_llama_N5_3_4(how):
+    """A packed batch (DataCollatorWithFlattening: position_ids restarting at 0, or cu_seq_lens_q/k
+    kwargs) goes to the varlen path: each sequence's logits equal the sequence run alone."""
+    model = _model("llama", torch.float64)
+    model.set_attn_implementation(NAME)
+    lengths = [5, 3, 4]
+    gen = torch.Generator().manual_seed(2)
+    seqs = [torch.randint(0, VOCAB, (1, n), generator=gen) for n in lengths]
+    ids = torch.cat(seqs, dim=1)
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    extra = {}
+    if how == "cu_seq_lens":
+        cu = torch.tensor([0, 5, 8, 12], dtype=torch.int32)
+        extra = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=5, max_length_k=5)
+    with attnkernels.backend("reference"):
+        packed = model(input_ids=ids, position_ids=position_ids, **extra).logits[0]
+        alone = [model(input_ids=s).logits[0] for s in seqs]
+    torch.testing.assert_close(packed, torch.cat(alone), rtol=1e-10, atol=1e-10)

@@ -78,6 +78,13 @@ def attnkernels_attention_forward(
         window = None
     band = resolve_window(window, causal)  # (left, right), what the kernel will apply
 
+    cu_seqlens = packed_boundaries(query, key, attention_mask, kwargs)
+    if cu_seqlens is not None:  # a packed batch: every sequence attends only to itself
+        cu_q, cu_k = cu_seqlens
+        out = attention(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), causal=causal,
+                        scale=scaling, window_size=window, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)  # (T, Hq, D)
+        return out[None], None
+
     key_padding_mask = None
     if attention_mask is not None:
         key, value, key_padding_mask = padding_from_hf_mask(attention_mask, query, key, value, band)
@@ -89,6 +96,31 @@ def attnkernels_attention_forward(
 
     out = attention(query, key, value, causal=causal, scale=scaling, window_size=window, key_padding_mask=key_padding_mask)
     return out.transpose(1, 2).contiguous(), None  # (B, Hq, Nq, D) -> (B, Nq, Hq, D)
+
+
+def packed_boundaries(query: Tensor, key: Tensor, attention_mask, kwargs: dict):
+    """(cu_seqlens_q, cu_seqlens_k) int32 of a packed batch, or None for an ordinary one.
+
+    transformers marks a packed batch (`DataCollatorWithFlattening`) either with `cu_seq_lens_q/k`
+    kwargs or, with no mask, with `position_ids` (1, T) that restart at 0 at each sequence start.
+    """
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is None and cu_k is None:
+        position_ids = kwargs.get("position_ids")
+        if attention_mask is not None or position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1:
+            return None
+        starts = (position_ids[0] == 0).nonzero().flatten()
+        if starts.numel() <= 1 or position_ids.shape[1] != query.shape[2] or key.shape[2] != query.shape[2]:
+            return None  # one sequence (or a decoding step against a cache): not packed
+        if int(starts[0]) != 0:
+            raise ValueError("position_ids: a packed batch must start a sequence at position 0")
+        ends = torch.tensor([query.shape[2]], device=starts.device)
+        cu_q = cu_k = torch.cat([starts, ends]).to(torch.int32)
+    if query.shape[0] != 1:
+        raise ValueError(f"cu_seq_lens_q: a packed batch has batch size 1, got {query.shape[0]}")
+    if attention_mask is not None:
+        raise ValueError("attention_mask: a packed batch (cu_seq_lens_q/k) with a mask as well is not supported")
+    return cu_q.to(device=query.device, dtype=torch.int32), cu_k.to(device=query.device, dtype=torch.int32)
 
 
 def padding_from_hf_mask(attention_mask, query: Tensor, key: Tensor, value: Tensor, band: tuple[int, int]):
