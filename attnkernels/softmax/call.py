@@ -24,6 +24,7 @@ from torch import Tensor
 from .. import _checks
 from ..conventions import UNBOUNDED, softmax_scale
 from ..op_call import OpCall
+from .masks import BlockMask
 from .windows import resolve_window
 
 
@@ -49,8 +50,6 @@ class SoftmaxCall(OpCall):
         _checks.check_key_padding_mask(key_padding_mask, q, k)
         tables = {}
         if block_mask is not None:
-            from .masks import BlockMask
-
             if not isinstance(block_mask, BlockMask):
                 raise TypeError(f"block_mask: expected an attnkernels.masks.BlockMask, got {type(block_mask).__name__}")
             block_mask.check_compatible(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
