@@ -183,6 +183,42 @@ def linear_cases(seq_lens, causal, dtype=torch.float32):
             yield Case(family, f"N={n}", n, "fwd+bwd" if backward else "fwd", ours, peer_calls, flops, dtype)
 
 
+def decode_cases(kv_lens, batches, dtype=torch.float32, q_heads=32, kv_heads=8, head_dim=128):
+    """One decode step (Nq=1) of a GQA model against a filled KV cache, vs SDPA(enable_gqa=True).
+
+    Memory-bound: the floor is reading K and V once. The "copy" peer clones K alone, which moves as
+    many bytes (read + write) as reading K and V: its ratio is the fraction of copy bandwidth we reach.
+    """
+    for n in kv_lens:
+        for b in batches:
+            q = torch.randn(b, q_heads, 1, head_dim, dtype=dtype)
+            k, v = (torch.randn(b, kv_heads, n, head_dim, dtype=dtype) for _ in range(2))
+            ours = timed_call(lambda q, k, v: attnkernels.attention(q, k, v), [q, k, v], False)
+            sdpa = timed_call(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), [q, k, v], False)
+            copy = timed_call(lambda k: k.clone(), [k], False)
+            yield Case("decode", f"B={b} Nk={n}", n, "fwd", ours, {"sdpa_gqa": sdpa, "copy_same_bytes": copy},
+                       4.0 * b * q_heads * n * head_dim, dtype)
+
+
+def varlen_cases(total, num_seqs, dtype=torch.float32, heads=HEADS, head_dim=HEAD_DIM):
+    """A packed causal training batch (random lengths summing to `total`), fwd+bwd, vs SDPA on the
+    same batch padded to the longest sequence (right padding: top-left causal keeps real rows exact)."""
+    gen = torch.Generator().manual_seed(0)
+    cuts = torch.sort(torch.randperm(total - 1, generator=gen)[: num_seqs - 1] + 1).values
+    bounds = torch.cat([torch.tensor([0]), cuts, torch.tensor([total])])
+    lengths = (bounds[1:] - bounds[:-1]).tolist()
+    cu = bounds.to(torch.int32)
+    longest = max(lengths)
+    packed = [torch.randn(total, heads, head_dim, dtype=dtype, requires_grad=True) for _ in range(3)]
+    padded = [torch.randn(num_seqs, heads, longest, head_dim, dtype=dtype, requires_grad=True) for _ in range(3)]
+    ours = timed_call(lambda q, k, v: attnkernels.attention(q, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu),
+                      packed, True)
+    sdpa = timed_call(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), padded, True)
+    useful = sum(n * (n + 1) / 2 for n in lengths) * 4.0 * heads * head_dim * 3.5
+    yield Case("varlen", f"{num_seqs} seqs, total {total}, longest {longest}", total, "fwd+bwd", ours,
+               {"sdpa_padded": sdpa}, useful, dtype)
+
+
 def favor_cases(seq_lens, num_features=256, dtype=torch.float32):
     if importlib.util.find_spec("attnkernels.linear") is None:
         return
@@ -308,7 +344,9 @@ def markdown(meta, gate, rows, compile_section, plots) -> str:
         + ", ".join(f"{d} {g:.0f}" for d, g in _per_dtype(meta["mm_gflops"]).items()) + " GFLOP/s over the rows; `of mm` is against it",
         "- all rows CPU, B=1, H=8, D=64, peers in the row's dtype; times are medians of interleaved rounds, spread = min–max;",
         "  speed-up = median over rounds of (peer time / our time); memory = peak resident memory a call adds (MB).",
-        "- FLOPs: softmax forward 4·H·N²·D × visible fraction, forward+backward 3.5×; linear 4·H·N·D·M.",
+        "- FLOPs: softmax forward 4·H·N²·D × visible fraction, forward+backward 3.5×; linear 4·H·N·D·M; decode 4·B·Hq·Nk·D "
+        "(memory-bound: its `copy_same_bytes` peer moves the bytes of reading K and V once, so that ratio is our "
+        "fraction of copy bandwidth); varlen Σ causal N_i² terms, vs SDPA on the batch padded to the longest sequence.",
         "",
         "## Correctness gate (fp32 kernel vs float64 reference, max |error| over output and gradients, N=300)",
         "",
@@ -578,7 +616,8 @@ def main(argv=None) -> int:
             plan += [dense_cases([512, 1024], False, dtype), dense_cases([512, 1024], True, dtype),
                      window_cases([1024, 2048], [128], dtype=dtype), bigbird_cases([1024, 2048], [3], dtype=dtype),
                      linear_cases([1024, 4096], True, dtype), linear_cases([1024, 4096], False, dtype),
-                     favor_cases([1024, 4096], dtype=dtype)]
+                     favor_cases([1024, 4096], dtype=dtype),
+                     decode_cases([4096], [1], dtype), varlen_cases(2048, 8, dtype)]
         else:
             plan += [dense_cases([1024, 4096, 16384] if dtype != torch.float32 else [1024, 2048, 4096], False, dtype),
                      dense_cases([1024, 4096, 16384] if dtype != torch.float32 else [1024, 2048, 4096], True, dtype),
@@ -587,7 +626,8 @@ def main(argv=None) -> int:
                      bigbird_cases([1024, 4096, 16384], [3], dtype=dtype), bigbird_cases([4096], [1, 8], dtype=dtype),
                      linear_cases([1024, 4096, 16384, 65536], True, dtype),
                      linear_cases([1024, 4096, 16384, 65536], False, dtype),
-                     favor_cases([1024, 4096, 16384], dtype=dtype)]
+                     favor_cases([1024, 4096, 16384], dtype=dtype),
+                     decode_cases([4096, 32768, 131072], [1, 8], dtype), varlen_cases(16384, 8, dtype)]
     cases = [c for gen in plan for c in gen]
     rows = []
     for case in tqdm(cases, desc="benchmarks", unit="case"):
