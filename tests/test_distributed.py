@@ -1,0 +1,120 @@
+"""Context parallelism on gloo: every method on 2 and 4 CPU processes against the single-process kernel
+on the gathered sequence (out, LSE, dq, dk, dv), float64 (tight) and float32.
+
+One spawn per world size runs every case (process start-up dominates); a hang fails the test after
+a timeout instead of blocking CI, and a rank that refuses a call makes every rank raise.
+"""
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+TIMEOUT_S = 240
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _full(seed, b, hq, hk, n, d, dtype):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, n, d, generator=gen, dtype=torch.float64).to(dtype)
+    k = torch.randn(b, hk, n, d, generator=gen, dtype=torch.float64).to(dtype)
+    v = torch.randn(b, hk, n, d, generator=gen, dtype=torch.float64).to(dtype)
+    g = torch.randn(b, hq, n, d, generator=gen, dtype=torch.float64).to(dtype)
+    return q, k, v, g
+
+
+def _check_case(rank, world, name, run, shard, full_kwargs, dtype, n=48):
+    import attnkernels
+
+    # GQA on 2 ranks (Hq=4, Hk=2); on 4 ranks Hk=4 so that Ulysses can split the kv heads too
+    q, k, v, g = _full(len(name) + world, 2, 4, 2 if world == 2 else 4, n, 8, dtype)
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_lse = attnkernels.attention(*ref_in, return_lse=True, **full_kwargs)
+    ref_grads = torch.autograd.grad(ref_out, ref_in, g)
+    mine = [shard(t).clone().requires_grad_() for t in (q, k, v)]
+    out, lse = run(*mine)
+    grads = torch.autograd.grad(out, mine, shard(g))
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
+    for what, got, expected in [("out", out, shard(ref_out)), ("dq", grads[0], shard(ref_grads[0])),
+                                ("dk", grads[1], shard(ref_grads[1])), ("dv", grads[2], shard(ref_grads[2]))] + (
+                               [("lse", lse, shard(ref_lse[..., None])[..., 0])] if lse is not None else []):
+        torch.testing.assert_close(got, expected, **tol, msg=lambda m: f"{name} rank {rank}/{world} {what}: {m}")
+
+
+def _worker(rank, world, port, errors):
+    try:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        from attnkernels import distributed as cp
+
+        def contiguous(t):
+            return t.chunk(world, dim=2)[rank]
+
+        def zigzag(t):
+            return cp.zigzag_shard(t, rank, world)
+
+        for dtype in (torch.float64, torch.float32):
+            for causal in (False, True):
+                _check_case(rank, world, f"ring-causal{causal}-{dtype}",
+                            lambda q, k, v: cp.ring_attention(q, k, v, causal=causal, return_lse=True),
+                            contiguous, dict(causal=causal), dtype)
+            _check_case(rank, world, f"zigzag-causal-{dtype}",
+                        lambda q, k, v: cp.ring_attention(q, k, v, causal=True, layout="zigzag", return_lse=True),
+                        zigzag, dict(causal=True), dtype)
+            for window in ((5, 0), (3, 4)):
+                _check_case(rank, world, f"halo-{window}-{dtype}",
+                            lambda q, k, v: cp.halo_window_attention(q, k, v, window, return_lse=True),
+                            contiguous, dict(window_size=window), dtype)
+            _check_case(rank, world, f"ulysses-causal-{dtype}",
+                        lambda q, k, v: (cp.ulysses_attention(q, k, v, causal=True), None),
+                        contiguous, dict(causal=True), dtype)
+        # a refusal on one rank (uneven shards) raises on every rank instead of leaving the others waiting
+        length = 8 if rank == 0 else 6
+        x = torch.randn(1, 2, length, 8)
+        try:
+            cp.ring_attention(x, x, x)
+        except ValueError as exc:
+            assert "shard lengths differ" in str(exc), str(exc)
+        else:
+            raise AssertionError("uneven shards were not refused")
+        dist.destroy_process_group()
+    except BaseException:  # report to the parent, which fails the test with the traceback
+        errors.put(f"rank {rank}: {traceback.format_exc()}")
+        raise
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_context_parallel_matches_single_process(world):
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    procs = mp.start_processes(_worker, args=(world, _free_port(), errors), nprocs=world, join=False,
+                               start_method="spawn")
+    import time
+
+    deadline = time.time() + TIMEOUT_S
+    try:
+        while not procs.join(timeout=5):
+            if time.time() > deadline:
+                pytest.fail(f"context-parallel processes hung for {TIMEOUT_S} s")
+    except mp.ProcessRaisedException:
+        pass
+    except mp.ProcessExitedException:
+        pass
+    finally:
+        for p in procs.processes:
+            if p.is_alive():
+                p.kill()
+    messages = []
+    while not errors.empty():
+        messages.append(errors.get())
+    assert not messages, "\n".join(messages)
+    assert all(p.exitcode == 0 for p in procs.processes)
