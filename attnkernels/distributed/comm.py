@@ -5,9 +5,16 @@ global ranks for the p2p calls. gloo (CPU) and NCCL (GPU) both run these calls.
 """
 from __future__ import annotations
 
+import contextlib
+import time
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+
+# What this process sent and how long it spent in kernels, for the benchmarks (reset by the caller).
+stats = {"bytes_sent": 0, "busy_s": 0.0}
 
 
 def rank_and_world(group) -> tuple[int, int]:
@@ -21,6 +28,7 @@ def _global(group, rank: int) -> int:
 def exchange(send: list[tuple[int, Tensor]], recv: list[tuple[int, Tensor]], group) -> list:
     """Start the isend of each (peer, tensor) in `send` and the irecv into each of `recv` (peers are group
     ranks, matched in order per peer pair); returns the requests to wait on."""
+    stats["bytes_sent"] += sum(t.numel() * t.element_size() for _, t in send)
     ops = [dist.P2POp(dist.isend, t, _global(group, peer), group) for peer, t in send if t.numel()]
     ops += [dist.P2POp(dist.irecv, t, _global(group, peer), group) for peer, t in recv if t.numel()]
     return dist.batch_isend_irecv(ops) if ops else []
@@ -29,6 +37,16 @@ def exchange(send: list[tuple[int, Tensor]], recv: list[tuple[int, Tensor]], gro
 def wait(requests: list) -> None:
     for request in requests:
         request.wait()
+
+
+@contextlib.contextmanager
+def busy():
+    """Counts the time inside the block as kernel work (the load-balance measure of the benchmarks)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        stats["busy_s"] += time.perf_counter() - start
 
 
 def agree(ok: bool, message: str, group) -> None:
@@ -59,5 +77,6 @@ def _all_to_all(x: Tensor, scatter_dim: int, gather_dim: int, group) -> Tensor:
     pieces = [p.contiguous() for p in x.chunk(world, dim=scatter_dim)]
     send = torch.stack(pieces)  # [world, ...piece]
     received = torch.empty_like(send)
+    stats["bytes_sent"] += send.numel() * send.element_size() * (world - 1) // world
     dist.all_to_all_single(received, send, group=group)
     return torch.cat(received.unbind(0), dim=gather_dim)

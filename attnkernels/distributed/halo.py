@@ -86,8 +86,9 @@ def halo_window_attention(q: Tensor, k: Tensor, v: Tensor, window_size, *, group
     k_ext, v_ext = _Halo.apply(k, left, right, group), _Halo.apply(v, left, right, group)
     got_next = right if rank < world - 1 else 0
     # keys [rL - got_prev, (r+1)L + got_next): the band i - left <= j - got_prev <= i + right, bottom-right form
-    return attention(q, k_ext, v_ext, window_size=(left + got_next, right - got_next), scale=scale,
-                     return_lse=return_lse)
+    with comm.busy():  # the forward's kernel time (its backward runs later, under autograd)
+        return attention(q, k_ext, v_ext, window_size=(left + got_next, right - got_next), scale=scale,
+                         return_lse=return_lse)
 
 
 def halo_bytes(k: Tensor, v: Tensor, window_size, causal: bool = False) -> int:

@@ -101,8 +101,9 @@ class _RingAttention(torch.autograd.Function):
                     if window is None:
                         continue
                     call = SoftmaxCall(scale, *window)
-                    out, lse = torch.ops.attnkernels.attention_fwd(q_piece, k_piece, v_piece, *call.op_args())
-                    acc[i] = _merge(*acc[i], out, lse)
+                    with comm.busy():
+                        out, lse = torch.ops.attnkernels.attention_fwd(q_piece, k_piece, v_piece, *call.op_args())
+                        acc[i] = _merge(*acc[i], out, lse)
             comm.wait(requests)
             if incoming is not None:
                 block = incoming
@@ -142,12 +143,13 @@ class _RingAttention(torch.autograd.Function):
                     if window is None:
                         continue
                     call = SoftmaxCall(scale, *window)
-                    dq_p, dk_p, dv_p = torch.ops.attnkernels.attention_bwd(
-                        do_pieces[i], q_pieces[i], k_b[:, :, rows], v_b[:, :, rows], o_pieces[i], lse_pieces[i],
-                        *call.op_args())
-                    dq[i] += dq_p
-                    dk_b[:, :, rows] += dk_p
-                    dv_b[:, :, rows] += dv_p
+                    with comm.busy():
+                        dq_p, dk_p, dv_p = torch.ops.attnkernels.attention_bwd(
+                            do_pieces[i], q_pieces[i], k_b[:, :, rows], v_b[:, :, rows], o_pieces[i], lse_pieces[i],
+                            *call.op_args())
+                        dq[i] += dq_p
+                        dk_b[:, :, rows] += dk_p
+                        dv_b[:, :, rows] += dv_p
             if step < world - 1:  # pass the block and its gradients on; receive the previous rank's
                 incoming, incoming_grads = torch.empty_like(block), torch.empty_like(grads)
                 comm.wait(comm.exchange([(nxt, block), (nxt, grads)], [(prev, incoming), (prev, incoming_grads)], group))
