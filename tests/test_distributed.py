@@ -49,6 +49,32 @@ def _check_case(rank, world, name, run, shard, full_kwargs, dtype, n=48):
         torch.testing.assert_close(got, expected, **tol, msg=lambda m: f"{name} rank {rank}/{world} {what}: {m}")
 
 
+def _check_module(rank, world, kind, options):
+    """nn.MultiheadAttention(process_group=): each rank's output shard and the summed parameter gradients
+    equal one process running the whole sequence."""
+    from attnkernels.nn import MultiheadAttention
+
+    torch.manual_seed(0)
+    whole = MultiheadAttention(32, 4, num_kv_heads=2, dtype=torch.float64, **options)
+    sharded = MultiheadAttention(32, 4, num_kv_heads=2, dtype=torch.float64, process_group=dist.group.WORLD, **options)
+    sharded.load_state_dict(whole.state_dict())
+    x = torch.randn(2, 40, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    g = torch.randn(2, 40, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    out, _ = whole(x)
+    out.backward(g)
+    x_mine = x.detach().chunk(world, dim=1)[rank].clone().requires_grad_()
+    out_mine, _ = sharded(x_mine)
+    out_mine.backward(g.chunk(world, dim=1)[rank])
+    torch.testing.assert_close(out_mine, out.chunk(world, dim=1)[rank], rtol=1e-10, atol=1e-10,
+                               msg=lambda m: f"module {kind} rank {rank}: out: {m}")
+    torch.testing.assert_close(x_mine.grad, x.grad.chunk(world, dim=1)[rank], rtol=1e-10, atol=1e-10)
+    for (name, p), (_, p_whole) in zip(sharded.named_parameters(), whole.named_parameters()):
+        grad = p.grad.clone()
+        dist.all_reduce(grad)  # what data parallelism over the shards would sum
+        torch.testing.assert_close(grad, p_whole.grad, rtol=1e-9, atol=1e-10,
+                                   msg=lambda m: f"module {kind} rank {rank}: {name}.grad: {m}")
+
+
 def _worker(rank, world, port, errors):
     try:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -77,6 +103,9 @@ def _worker(rank, world, port, errors):
             _check_case(rank, world, f"ulysses-causal-{dtype}",
                         lambda q, k, v: (cp.ulysses_attention(q, k, v, causal=True), None),
                         contiguous, dict(causal=True), dtype)
+        for kind, extra in (("dense-causal", dict(causal=True)),
+                            ("window", dict(attention="window", window_size=(6, 3)))):
+            _check_module(rank, world, kind, extra)
         # a refusal on one rank (uneven shards) raises on every rank instead of leaving the others waiting
         length = 8 if rank == 0 else 6
         x = torch.randn(1, 2, length, 8)

@@ -95,6 +95,12 @@ class MultiheadAttention(nn.Module):
             NotImplementedError in training mode (no dropout in the kernels).
         batch_first: (B, N, E) inputs when True (the default here; torch's
             default is False), else (N, B, E).
+        process_group: context parallelism (attnkernels.distributed): each rank
+            passes its shard of the sequence (self-attention, equal shard lengths)
+            and gets its shard of the output; "dense" runs ring attention,
+            "window" the halo exchange (ring when a side is unbounded). None = off.
+        context_parallel_layout: "contiguous" (rank r holds positions [rL, (r+1)L))
+            or "zigzag" (balanced causal; see attnkernels.distributed.zigzag_shard).
     """
 
     def __init__(
@@ -122,6 +128,8 @@ class MultiheadAttention(nn.Module):
         dropout: float = 0.0,
         batch_first: bool = True,
         seed: int | None = None,
+        process_group=None,
+        context_parallel_layout: str = "contiguous",
         device=None,
         dtype=None,
     ) -> None:
@@ -224,6 +232,16 @@ class MultiheadAttention(nn.Module):
                 self.linformer_F = linformer_F
         else:
             linformer.check_unused(attention, linformer_k=linformer_k, max_seq_len=max_seq_len, share_kv=share_kv)
+        self.process_group = process_group
+        self.context_parallel_layout = context_parallel_layout
+        if process_group is not None or context_parallel_layout != "contiguous":
+            from ..distributed.ring import LAYOUTS
+
+            if attention not in ("dense", "window"):
+                raise ValueError(f"process_group: context parallelism supports attention='dense' and 'window', "
+                                 f"got attention={attention!r}")
+            if context_parallel_layout not in LAYOUTS:
+                raise ValueError(f"context_parallel_layout: expected one of {LAYOUTS}, got {context_parallel_layout!r}")
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
@@ -367,10 +385,13 @@ class MultiheadAttention(nn.Module):
                 if q_len != kv_len:
                     raise ValueError(f"key: attention='bigbird' needs Nq == Nk (self-attention), got Nq={q_len}, Nk={kv_len}")
                 block_mask = self.block_mask(q_len, q.device)
-            out = _attention(
-                q, k, v, causal=causal, window_size=self.window_size, block_mask=block_mask,
-                key_padding_mask=key_padding_mask,
-            )  # (B, Hq, Nq, Dh)
+            if self.process_group is not None:
+                out = self._context_parallel_core(q, k, v, causal, key_padding_mask, need_weights, self_attention)
+            else:
+                out = _attention(
+                    q, k, v, causal=causal, window_size=self.window_size, block_mask=block_mask,
+                    key_padding_mask=key_padding_mask,
+                )  # (B, Hq, Nq, Dh)
             if need_weights:
                 weights = self._reference_weights(q, k, causal, block_mask, key_padding_mask)  # (B, Hq, Nq, Nk)
                 if average_attn_weights:
@@ -466,6 +487,26 @@ class MultiheadAttention(nn.Module):
             return x.unflatten(-1, (n, self.head_dim)).transpose(1, 2)
 
         return heads(q, self.num_heads), heads(k, self.num_kv_heads), heads(v, self.num_kv_heads)
+
+    def _context_parallel_core(self, q, k, v, causal, key_padding_mask, need_weights, self_attention) -> Tensor:
+        """This rank's shard of attention over the sequence sharded across `process_group`."""
+        from .. import distributed as cp
+
+        for name, bad in (("key_padding_mask", key_padding_mask is not None), ("need_weights", need_weights),
+                          ("key", not self_attention)):
+            if bad:
+                raise ValueError(f"{name}: not supported with process_group (context parallelism shards one "
+                                 "self-attention sequence; pass key=None, no padding mask, need_weights=False)")
+        window = None if self.window_size is None else resolve_window(self.window_size, causal)
+        if window is None or -1 in window:
+            if window is not None and window != (-1, 0 if causal else -1):
+                raise ValueError(f"window_size: {self.window_size} with one unbounded side is not supported with "
+                                 "process_group")
+            return cp.ring_attention(q, k, v, group=self.process_group, causal=causal,
+                                     layout=self.context_parallel_layout)
+        if self.context_parallel_layout != "contiguous":
+            raise ValueError("context_parallel_layout: the halo exchange of attention='window' needs 'contiguous'")
+        return cp.halo_window_attention(q, k, v, window, group=self.process_group)
 
     def _linear_core(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, key_padding_mask: Tensor | None) -> Tensor:
         """Linear / Performer attention; padded keys contribute nothing to S = Σ φ(k) vᵀ nor to z = Σ φ(k).
