@@ -22,6 +22,8 @@ HF's rule for prefill and for decoding with a KV cache.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -32,16 +34,30 @@ from ..softmax.windows import from_hf_bidirectional_window, from_hf_sliding_wind
 DEFAULT_NAME = "attnkernels"
 
 
-def register(name: str = DEFAULT_NAME) -> str:
-    """Register the attention function and its mask builder under `name`; returns `name`."""
+def register(name: str = DEFAULT_NAME, *, context_parallel=None, context_parallel_layout: str = "contiguous") -> str:
+    """Register the attention function and its mask builder under `name`; returns `name`.
+
+    context_parallel: a torch.distributed process group (or `True` for the default group): each rank
+    runs the model on its shard of the sequence (pass `position_ids` of the shard's global positions)
+    and attention runs as ring attention (causal / dense) or the halo exchange (sliding windows)
+    over the group (attnkernels.distributed). Register it under its own name, e.g. "attnkernels_cp".
+    """
     if not isinstance(name, str) or not name:
         raise ValueError(f"name: expected a non-empty str, got {name!r}")
+    forward = attnkernels_attention_forward
+    if context_parallel is not None:
+        from ..distributed.ring import LAYOUTS
+
+        if context_parallel_layout not in LAYOUTS:
+            raise ValueError(f"context_parallel_layout: expected one of {LAYOUTS}, got {context_parallel_layout!r}")
+        group = None if context_parallel is True else context_parallel
+        forward = functools.partial(context_parallel_attention_forward, group=group, layout=context_parallel_layout)
     try:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise ImportError(f"register: needs transformers>=5 (`pip install transformers`): {exc}") from exc
-    AttentionInterface.register(name, attnkernels_attention_forward)
+    AttentionInterface.register(name, forward)
     AttentionMaskInterface.register(name, sdpa_mask)
     return name
 
@@ -96,6 +112,32 @@ def attnkernels_attention_forward(
 
     out = attention(query, key, value, causal=causal, scale=scaling, window_size=window, key_padding_mask=key_padding_mask)
     return out.transpose(1, 2).contiguous(), None  # (B, Hq, Nq, D) -> (B, Nq, Hq, D)
+
+
+def context_parallel_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                                      sliding_window=None, is_causal=None, *, group, layout, **kwargs):
+    """The HF signature on this rank's shard of the sequence: ring attention or the halo exchange."""
+    from .. import distributed as cp
+
+    if dropout:
+        raise NotImplementedError(f"dropout: attention dropout ({dropout}) is not implemented by attnkernels")
+    for unsupported in ("softcap", "s_aux", "position_bias", "cache"):
+        if kwargs.get(unsupported) is not None:
+            raise NotImplementedError(f"{unsupported}: not supported by the attnkernels context-parallel backend")
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    window = None
+    if sliding_window:
+        window = (from_hf_sliding_window if causal else from_hf_bidirectional_window)(int(sliding_window))
+    band = resolve_window(window, causal)
+    if attention_mask is not None:  # only a mask that says "the shard's own band, no padding" is acceptable
+        _, _, padding = padding_from_hf_mask(attention_mask, query, key, value, band)
+        if padding is not None:
+            raise ValueError("attention_mask: padding is not supported with context parallelism (pack or trim)")
+    if window is None:
+        out = cp.ring_attention(query, key, value, group=group, causal=causal, scale=scaling, layout=layout)
+    else:
+        out = cp.halo_window_attention(query, key, value, window, group=group, causal=causal, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
 
 
 def packed_boundaries(query: Tensor, key: Tensor, attention_mask, kwargs: dict):
