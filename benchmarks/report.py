@@ -520,8 +520,10 @@ def _time_plots(rows, directory, dtype) -> list:
         return []
     os.makedirs(directory, exist_ok=True)
     written = []
-    families = sorted({r["family"] for r in rows})
     for direction in ("fwd", "fwd+bwd"):
+        families = sorted({r["family"] for r in rows if r["direction"] == direction})
+        if not families:
+            continue
         fig, axes = plt.subplots(1, len(families), figsize=(4 * len(families), 3.6), squeeze=False)
         for ax, family in zip(axes[0], families):
             family_rows = [r for r in rows if r["family"] == family and r["direction"] == direction]
@@ -647,12 +649,12 @@ def main(argv=None) -> int:
         mm_gflops={d: statistics.median(r["mm_gflops"] for r in rows if r["dtype"] == d)
                    for d in dict.fromkeys(r["dtype"] for r in rows)},
     )
+    if args.json:  # first, so that a failure below loses no measurement (--render rewrites from it)
+        with open(args.json, "w") as f:
+            json.dump(dict(meta=meta, gate=gate, rows=rows), f, indent=1)
     written = plots(rows, args.plots_dir)
     with open(args.output, "w") as f:
         f.write(markdown(meta, gate, rows, gpu_sections(args.plots_dir), written))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(meta=meta, gate=gate, rows=rows), f, indent=1)
     print(f"wrote {args.output} and {len(written)} plots under {args.plots_dir}/")
     return 0 if all(e < GATE_TOLERANCE for e in gate.values()) else 1
 
