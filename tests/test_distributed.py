@@ -103,6 +103,22 @@ def _worker(rank, world, port, errors):
             _check_case(rank, world, f"ulysses-causal-{dtype}",
                         lambda q, k, v: (cp.ulysses_attention(q, k, v, causal=True), None),
                         contiguous, dict(causal=True), dtype)
+            bigbird = __import__("attnkernels").masks.bigbird(96 if world == 2 else 128, block_size=16,
+                                                             num_random_blocks=1, num_heads=4, seed=world)
+            n_bb = bigbird.q_len
+            _check_case(rank, world, f"bigbird-{dtype}",
+                        lambda q, k, v: (cp.sharded_sparse_attention(q, k, v, bigbird), None),
+                        contiguous, dict(block_mask=bigbird), dtype, n=n_bb)
+        # a block band (each block sees its neighbours): a rank fetches one block from each neighbour, no more
+        band = torch.zeros(world * 2, world * 2, dtype=torch.bool)
+        for i in range(world * 2):
+            band[i, max(i - 1, 0):i + 2] = True
+        band_mask = __import__("attnkernels").masks.from_dense(band, block_size=16)
+        x = torch.randn(1, 2, 32, 8, dtype=torch.float64)
+        cp.comm.stats["bytes_sent"] = 0
+        cp.sharded_sparse_attention(x, x, x, band_mask)
+        neighbours = (rank > 0) + (rank < world - 1)
+        assert cp.comm.stats["bytes_sent"] == 2 * neighbours * 16 * 2 * 8 * 8, cp.comm.stats  # k and v, 1 block each
         for kind, extra in (("dense-causal", dict(causal=True)),
                             ("window", dict(attention="window", window_size=(6, 3)))):
             _check_module(rank, world, kind, extra)
