@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import attnkernels
-from attnkernels import masks
+from attnkernels import flash_attn_interface, masks
 from attnkernels import nn as attn_nn
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
@@ -36,6 +36,8 @@ def _cases():
     lq, lk, lv = _linear_inputs()
     mha = attn_nn.MultiheadAttention(32, 4)
     x = torch.randn(2, 5, 32)
+    vq, cu = torch.randn(5, 2, 16), torch.tensor([0, 5], dtype=torch.int32)  # a packed batch of one sequence
+    fq = torch.randn(1, 4, 2, 8)  # FlashAttention's (B, N, H, D)
     return [
         # (row id, call, exception type, message fragment)
         ("attention-rank", lambda: attnkernels.attention(q[0], k, v), ValueError, r"q: expected a 4-D tensor"),
@@ -116,6 +118,24 @@ def _cases():
          r"key_padding_mask: expected shape \(B, Nk\)"),
         ("mha-dropout-training", lambda: attn_nn.MultiheadAttention(32, 4, dropout=0.1).train()(x), NotImplementedError,
          r"dropout: attention dropout \(0.1\) is not implemented"),
+        ("varlen-cu-dtype", lambda: attnkernels.attention(vq, vq, vq, cu_seqlens_q=cu.long(), cu_seqlens_k=cu), TypeError,
+         r"cu_seqlens_q: expected dtype torch.int32"),
+        ("varlen-cu-start", lambda: attnkernels.attention(vq, vq, vq, cu_seqlens_q=torch.tensor([1, 5], dtype=torch.int32),
+                                                          cu_seqlens_k=cu), ValueError, r"cu_seqlens_q: must start at 0"),
+        ("varlen-cu-last", lambda: attnkernels.attention(vq, vq, vq, cu_seqlens_q=torch.tensor([0, 4], dtype=torch.int32),
+                                                         cu_seqlens_k=cu), ValueError, r"last entry 4 must equal the packed length 5"),
+        ("varlen-max-seqlen", lambda: attnkernels.attention(vq, vq, vq, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=3),
+         ValueError, r"max_seqlen_q: 3 is smaller than the longest sequence \(5\)"),
+        ("varlen-block-mask", lambda: attnkernels.attention(vq, vq, vq, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                                            block_mask=masks.causal(16, block_size=16)),
+         ValueError, r"block_mask: not supported with a packed"),
+        ("fa-dropout", lambda: flash_attn_interface.flash_attn_func(fq, fq, fq, dropout_p=0.1), NotImplementedError,
+         r"dropout_p: attention dropout \(0.1\)"),
+        ("fa-kvcache-full", lambda: flash_attn_interface.flash_attn_with_kvcache(
+            fq[:, :1], torch.zeros(1, 8, 2, 8), torch.zeros(1, 8, 2, 8), fq[:, :1], fq[:, :1], cache_seqlens=8),
+         ValueError, r"cache_seqlens: row 0 holds 8 tokens \+ 1 new > the cache's 8 slots"),
+        ("mha-context-parallel-family", lambda: attn_nn.MultiheadAttention(32, 4, attention="linear", process_group=object()),
+         ValueError, r"process_group: context parallelism supports attention='dense' and 'window'"),
     ]
 
 
