@@ -37,6 +37,9 @@ class BlockConfig(NamedTuple):
     # registers per thread ptxas may use (None: its own choice). ptxas otherwise aims at an
     # occupancy (e.g. 168 regs = 3 blocks of 128 threads) and spills to get there.
     maxnreg: int | None = None
+    # with block-sparse tables, run fully visible table blocks without the element mask
+    # (a second loop body); False where that body would make the config spill
+    table_skip: bool = True
 
 
 _BLOCKS = Override()
@@ -63,20 +66,23 @@ def override_blocks(block_m: int, block_n: int):
 # 3x faster at D=128 (32x128: 1.8 ms vs 5.9 ms causal fwd+bwd), but Triton 3.8's ptxas
 # spills them on sm_80/sm_90a, so the gate keeps the small ones; the D<=64 16-bit fwd and
 # dK/dV tiles below are the fastest spill-free ones of that sweep.
+# `table_skip=False` (every table block masked): the configs whose table walk spills on
+# sm_80 with the second, unmasked loop body (compile gate, Triton 3.8).
 _FP32_REGS = 255
+_NO_SKIP = dict(table_skip=False)
 _CONFIGS = {
     # forward: BLOCK_M query rows resident, BLOCK_N key rows stream
-    ("fwd", 64): (BlockConfig(64, 64, 4, 3), BlockConfig(32, 16, 4, 2, _FP32_REGS)),
+    ("fwd", 64): (BlockConfig(64, 64, 4, 3, **_NO_SKIP), BlockConfig(32, 16, 4, 2, _FP32_REGS)),
     ("fwd", 128): (BlockConfig(128, 64, 8, 3), BlockConfig(16, 16, 4, 2, _FP32_REGS)),
-    ("fwd", 256): (BlockConfig(64, 32, 8, 2), BlockConfig(32, 16, 8, 2, _FP32_REGS)),
+    ("fwd", 256): (BlockConfig(64, 32, 8, 2), BlockConfig(32, 16, 8, 2, _FP32_REGS, **_NO_SKIP)),
     # dK/dV: BLOCK_N key rows resident, BLOCK_M query rows stream
     ("dkdv", 64): (BlockConfig(16, 128, 8, 2), BlockConfig(16, 16, 4, 2, _FP32_REGS)),
     ("dkdv", 128): (BlockConfig(16, 32, 8, 2), BlockConfig(16, 16, 8, 2, _FP32_REGS)),
-    ("dkdv", 256): (BlockConfig(16, 16, 8, 1), BlockConfig(16, 16, 8, 2, _FP32_REGS)),
+    ("dkdv", 256): (BlockConfig(16, 16, 8, 1), BlockConfig(16, 16, 8, 2, _FP32_REGS, **_NO_SKIP)),
     # dQ: BLOCK_M query rows resident, BLOCK_N key rows stream
-    ("dq", 64): (BlockConfig(64, 32, 4, 3), BlockConfig(32, 16, 4, 2, _FP32_REGS)),
+    ("dq", 64): (BlockConfig(64, 32, 4, 3, **_NO_SKIP), BlockConfig(32, 16, 4, 2, _FP32_REGS)),
     ("dq", 128): (BlockConfig(64, 32, 4, 2), BlockConfig(16, 16, 4, 2, _FP32_REGS)),
-    ("dq", 256): (BlockConfig(32, 16, 4, 2), BlockConfig(16, 16, 4, 2, _FP32_REGS)),
+    ("dq", 256): (BlockConfig(32, 16, 4, 2), BlockConfig(16, 16, 4, 2, _FP32_REGS, **_NO_SKIP)),
 }
 
 
@@ -223,7 +229,7 @@ def forward(call, q, k, v):
         BLOCK_D=pad_dim(head_dim), BLOCK_DV=pad_dim(head_dim_v),
         HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
         IS_SPARSE=tab.is_sparse, SPARSE_BLOCK=tab.sparse_block,
-        HAS_KPM=kpm is not None, DOT_PREC=dot_precision(q.dtype),
+        HAS_KPM=kpm is not None, DOT_PREC=dot_precision(q.dtype), TABLE_SKIP=cfg.table_skip,
         **launch_options(cfg),
     )
     return out, lse
@@ -285,7 +291,7 @@ def backward(call, dout, q, k, v, out, lse):
             dv.stride(0), dv.stride(1), dv.stride(2),
             *q_tab[2:], kpm_stride,
             q_heads, kv_heads, q_len, kv_len, group, window_left, window_right, scale * LOG2E, scale,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **launch_options(cfg), **common,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TABLE_SKIP=cfg.table_skip, **launch_options(cfg), **common,
         )
     cfg = block_config("dq", head_dim, head_dim_v, q.dtype, tab.sparse_block)
     attn_bwd_dq[(cdiv(q_len, cfg.block_m), batch * q_heads)](
@@ -297,6 +303,6 @@ def backward(call, dout, q, k, v, out, lse):
         dq.stride(0), dq.stride(1), dq.stride(2),
         *kv_tab[2:], kpm_stride,
         q_heads, q_len, kv_len, group, window_left, window_right, scale * LOG2E, scale,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **launch_options(cfg), **common,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TABLE_SKIP=cfg.table_skip, **launch_options(cfg), **common,
     )
     return dq, dk, dv

@@ -62,7 +62,7 @@ def _build_aot_specs() -> list[KernelSpec]:
                                  BLOCK_D=pad_dim(d), BLOCK_DV=pad_dim(d),
                                  HAS_LEFT=has_left, HAS_RIGHT=has_right, IS_SPARSE=is_sparse,
                                  SPARSE_BLOCK=_AOT_SPARSE_BLOCK if is_sparse else 0,
-                                 HAS_KPM=has_kpm, DOT_PREC=prec)
+                                 HAS_KPM=has_kpm, DOT_PREC=prec, TABLE_SKIP=cfg.table_skip)
                     name = f"{fn.__name__}-{label}-D{d}-{variant}-M{cfg.block_m}-N{cfg.block_n}"
                     specs.append(_spec(name, fn, label, tdt, const,
                                        num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
