@@ -105,8 +105,13 @@ def test_gate_fails_a_spill_and_a_missing_mma():
 def test_quick_subset_is_one_spec_per_kernel_and_dtype():
     specs, notes = R.collect_specs(["attnkernels.softmax.triton_specs", "attnkernels.softmax.not_a_module"],
                                    quick=True, log=lambda msg: None)
-    keys = [(s.fn.__name__, s.dtype) for _, s in specs]
+    keys = [(s.fn.__name__, s.dtype, s.archs) for _, s in specs]
     assert len(keys) == len(set(keys)) and len(keys) >= 12
+    # a kernel whose tiles differ per arch has one spec per arch, each compiled for its own
+    archs = {(s.fn.__name__, s.dtype): set() for _, s in specs}
+    for _, s in specs:
+        archs[s.fn.__name__, s.dtype] |= set(s.archs or (80, 90))
+    assert all(a == {80, 90} for a in archs.values()), archs
     assert any("not_a_module" in n for n in notes)  # a module not written yet is skipped, with a note
 
 

@@ -12,9 +12,11 @@ Kernels
 - `attn_fwd`: one program per (query block, batch*query head). Online softmax in base 2
   (scale * log2(e) folded into the scores); stores out and the natural-log LSE.
 - `attn_bwd_preprocess`: delta = rowsum(dout * out), float32.
-- `attn_bwd_dkdv`: one program per (key block, batch*kv head). It loops over the query
-  heads of its GQA group and, per head, over the query blocks it visits, accumulating dK
-  and dV in registers, then writes them once.
+- `attn_bwd_dkdv`: one program per (key block, batch*kv head). It visits the query blocks
+  of every query head of its GQA group, accumulating dK and dV in registers, then writes
+  them once. Without tables each loop runs over (head, query block) pairs, so no runtime
+  loop over the group wraps the pipelined loops (that cost ~25 registers per thread and
+  made the large sm_90a tiles spill); with tables (per-head rows) it walks head by head.
 - `attn_bwd_dq`: one program per (query block, batch*query head), over the key blocks it
   visits, writes dQ once.
 
@@ -331,11 +333,14 @@ def attn_bwd_preprocess(O, DO, DELTA,
 
 @triton.jit
 def _dkdv_tiles(state, ctx, i_lo, i_hi, MASKED: tl.constexpr, C: tl.constexpr):
-    """Accumulate dK, dV (state) of key rows o_n over query tiles [i_lo, i_hi) of one query
-    head. Q, DO, LSE, DELTA point at that head's first row. Query rows >= Nq read lse = +inf
-    (p = 0); key rows >= Nk are never stored, so they need no mask here."""
+    """Accumulate dK, dV (state) of key rows o_n over query tiles [i_lo, i_hi) of each of G
+    query heads, in one loop over (head, tile), head-major: no runtime loop over the GQA
+    group wraps the pipelined loop. Q, DO point at the first head's first row (heads
+    stride_qh, stride_doh apart), LSE, DELTA at its row 0 (heads Nq apart). Query rows >= Nq
+    read lse = +inf (p = 0); key rows >= Nk are never stored, so they need no mask here."""
     b_dk, b_dv = state
-    b_k, b_v, Q, DO, LSE, DELTA, stride_qn, stride_don, o_n, Nq, Nk, window_left, window_right, qk_scale = ctx
+    (b_k, b_v, Q, DO, LSE, DELTA, G, stride_qh, stride_doh, stride_qn, stride_don, o_n, Nq, Nk,
+     window_left, window_right, qk_scale) = ctx
     HEAD_DIM: tl.constexpr = C[0]
     HEAD_DIM_V: tl.constexpr = C[1]
     BLOCK_M: tl.constexpr = C[2]
@@ -348,17 +353,21 @@ def _dkdv_tiles(state, ctx, i_lo, i_hi, MASKED: tl.constexpr, C: tl.constexpr):
     o_dv = tl.arange(0, BLOCK_DV)
     o_mb = tl.arange(0, BLOCK_M)
     off = Nk - Nq
-    for i_m in range(i_lo, i_hi):
-        m0 = i_m * BLOCK_M
+    n_tiles = i_hi - i_lo  # per head
+    n_div = tl.maximum(n_tiles, 1)
+    for i_t in range(0, G * n_tiles):
+        i_g = i_t // n_div
+        m0 = (i_lo + i_t - i_g * n_div) * BLOCK_M
         o_m = m0 + o_mb
         m_m = o_m < Nq
-        p_q = Q + m0.to(tl.int64) * stride_qn + o_mb[:, None] * stride_qn + o_d[None, :]
-        p_do = DO + m0.to(tl.int64) * stride_don + o_mb[:, None] * stride_don + o_dv[None, :]
+        p_q = Q + i_g.to(tl.int64) * stride_qh + m0.to(tl.int64) * stride_qn + o_mb[:, None] * stride_qn + o_d[None, :]
+        p_do = DO + i_g.to(tl.int64) * stride_doh + m0.to(tl.int64) * stride_don + o_mb[:, None] * stride_don + o_dv[None, :]
         b_q = _load_2d(p_q, m_m, o_d < HEAD_DIM, True, BLOCK_D != HEAD_DIM)  # [BLOCK_M, BLOCK_D]
         b_do = _load_2d(p_do, m_m, o_dv < HEAD_DIM_V, True, BLOCK_DV != HEAD_DIM_V)  # [BLOCK_M, BLOCK_DV]
-        b_lse = tl.load(LSE + o_m, mask=m_m, other=float("inf")) * 1.4426950408889634  # [BLOCK_M], log2 units
+        o_row = i_g.to(tl.int64) * Nq + o_m  # this head's rows of LSE, DELTA
+        b_lse = tl.load(LSE + o_row, mask=m_m, other=float("inf")) * 1.4426950408889634  # [BLOCK_M], log2 units
         b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse)  # row with no key: p = 0
-        b_delta = tl.load(DELTA + o_m, mask=m_m, other=0.0)  # [BLOCK_M]
+        b_delta = tl.load(DELTA + o_row, mask=m_m, other=0.0)  # [BLOCK_M]
         # transposed probabilities: [BLOCK_N, BLOCK_M]
         b_sT = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PREC).to(tl.float32) * qk_scale
         b_pT = tl.math.exp2(b_sT - b_lse[None, :])
@@ -411,21 +420,32 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, Q_NUM, Q_IDX, KPM,
     i_lo, i_full_lo, i_full_hi, i_hi = _q_bounds(n0, Nq, Nk, window_left, window_right,
                                                  BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     # the query heads of this kv head's group, summed in a fixed order (deterministic)
-    for i_g in range(0, group):
-        i_h = i_hk * group + i_g
+    C: tl.constexpr = (HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, DOT_PREC)
+    if IS_SPARSE:
+        # each head has its own table rows: one walk per head
+        for i_g in range(0, group):
+            i_h = i_hk * group + i_g
+            i_bhq = i_b * Hq + i_h
+            p_qh = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
+            p_doh = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
+            p_num, p_idx = _table_row(Q_NUM, Q_IDX, i_b, i_h, n0, stride_tnb, stride_tnh, stride_tib, stride_tih,
+                                      stride_tim, IS_SPARSE, SPARSE_BLOCK)
+            b_dk, b_dv = _walk(
+                (b_dk, b_dv),
+                (b_k, b_v, p_qh, p_doh, LSE + i_bhq.to(tl.int64) * Nq, DELTA + i_bhq.to(tl.int64) * Nq, 1,
+                 stride_qh, stride_doh, stride_qn, stride_don, o_n, Nq, Nk, window_left, window_right, qk_scale),
+                _dkdv_tiles, i_lo, i_full_lo, i_full_hi, i_hi, p_num, p_idx, IS_SPARSE, SPARSE_BLOCK // BLOCK_M, TABLE_SKIP, C)
+    else:
+        # the band is the same for every head: each segment's loop runs over (head, tile)
+        i_h = i_hk * group
         i_bhq = i_b * Hq + i_h
         p_qh = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
         p_doh = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
-        p_lse = LSE + i_bhq.to(tl.int64) * Nq
-        p_delta = DELTA + i_bhq.to(tl.int64) * Nq
-        p_num, p_idx = _table_row(Q_NUM, Q_IDX, i_b, i_h, n0, stride_tnb, stride_tnh, stride_tib, stride_tih,
-                                  stride_tim, IS_SPARSE, SPARSE_BLOCK)
         b_dk, b_dv = _walk(
             (b_dk, b_dv),
-            (b_k, b_v, p_qh, p_doh, p_lse, p_delta, stride_qn, stride_don, o_n, Nq, Nk,
-             window_left, window_right, qk_scale),
-            _dkdv_tiles, i_lo, i_full_lo, i_full_hi, i_hi, p_num, p_idx, IS_SPARSE, SPARSE_BLOCK // BLOCK_M, TABLE_SKIP,
-            (HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, DOT_PREC))
+            (b_k, b_v, p_qh, p_doh, LSE + i_bhq.to(tl.int64) * Nq, DELTA + i_bhq.to(tl.int64) * Nq, group,
+             stride_qh, stride_doh, stride_qn, stride_don, o_n, Nq, Nk, window_left, window_right, qk_scale),
+            _dkdv_tiles, i_lo, i_full_lo, i_full_hi, i_hi, Q_NUM, Q_IDX, IS_SPARSE, SPARSE_BLOCK // BLOCK_M, TABLE_SKIP, C)
 
     b_dk = b_dk * scale  # dS was taken w.r.t. the unscaled scores
     if HAS_KPM:

@@ -140,10 +140,10 @@ def collect_specs(modules=None, *, quick=False, filter_substr=None, log=print):
             raise RuntimeError(f"{mod_name}: duplicate AOT spec names {sorted(dup)}")
         chosen = list(mod_specs)
         if quick:
-            # one spec per (kernel, dtype): the one marked quick, else the first
-            groups: dict[tuple[str, str], list] = {}
+            # one spec per (kernel, dtype, archs): the one marked quick, else the first
+            groups: dict[tuple, list] = {}
             for s in chosen:
-                groups.setdefault((_kernel_name(s), _spec_dtype(s)), []).append(s)
+                groups.setdefault((_kernel_name(s), _spec_dtype(s), getattr(s, "archs", None)), []).append(s)
             chosen = [next((s for s in group if getattr(s, "quick", False)), group[0]) for group in groups.values()]
         if filter_substr:
             chosen = [s for s in chosen if filter_substr in s.name]
@@ -327,7 +327,8 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     specs, notes = collect_specs(quick=args.quick, filter_substr=args.filter, log=log)
-    tasks = [(m, s.name, arch) for m, s in specs for arch in args.arch]
+    tasks = [(m, s.name, arch) for m, s in specs for arch in args.arch
+             if getattr(s, "archs", None) is None or arch in s.archs]
     jobs = max(1, min(args.jobs, len(tasks) or 1))
     log(f"compiling {len(specs)} specs x {len(args.arch)} archs = {len(tasks)} compiles with {jobs} processes")
     rows = [None] * len(tasks)
