@@ -46,6 +46,9 @@ class KernelSpec:
     # The archs (compute capabilities) this spec is compiled for: None = every arch the gate
     # runs; (90,) for a config that only sm_90a launches.
     archs: tuple | None = None
+    # ((problem, reason), ...): gate problems this spec is known to have and why; the gate
+    # reports them instead of failing (only the WAIVABLE ones of compile_report)
+    waive: tuple = ()
 
 
 def pad_dim(d: int) -> int:

@@ -39,6 +39,16 @@ _AOT_DTYPES = [
 ]
 
 
+def _sm90_waiver(kernel: str, cfg, d: int) -> tuple:
+    """A wgmma needs >= 64 rows per warpgroup; the tiles that have fewer on sm_90a (the
+    D = 256 backward, whose larger tiles spill) run on mma.sync, said so in the gate."""
+    rows = cfg.block_n if kernel == "dkdv" else cfg.block_m  # the rows of the resident operand
+    if rows // max(1, cfg.num_warps // 4) >= 64:
+        return ()
+    return (("mma.sync-sm90", f"{rows}-row {kernel} tile on {cfg.num_warps} warps at D={d}: under 64 rows "
+             "per warpgroup (larger tiles spill)"),)
+
+
 def _spec(name, fn, dtype_label, tdt, const, **kw) -> KernelSpec:
     sig = signature(fn, tdt, const, **_TYPES)
     return KernelSpec(name, fn, sig, const, attrs=divisibility(sig, _ARBITRARY_STRIDES), dtype=dtype_label, **kw)
@@ -72,6 +82,7 @@ def _build_aot_specs() -> list[KernelSpec]:
                         specs.append(_spec(name, fn, label, tdt, const,
                                            num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
                                            uses_dot=uses_tc, archs=(arch,) if arch else None,
+                                           waive=_sm90_waiver(kernel, cfg, d) if arch in (None, 90) else (),
                                            quick=d == _AOT_QUICK_HEAD_DIM and variant == _AOT_QUICK_VARIANT))
     return specs
 
