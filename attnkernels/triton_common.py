@@ -40,9 +40,15 @@ class KernelSpec:
     # Compute dtype label ("fp16", "bf16", "fp32", "tf32", ...): `--quick` compiles one spec
     # per (kernel, dtype). Empty: taken from the first pointer argument's type.
     dtype: str = ""
-    # Marks the representative spec of its (kernel, dtype) group for `--quick`; a group
-    # with none marked is represented by its first spec.
+    # Marks the representative spec of its (kernel, dtype, archs) group for `--quick`; a
+    # group with none marked is represented by its first spec.
     quick: bool = False
+    # The archs (compute capabilities) this spec is compiled for: None = every arch the gate
+    # runs; (90,) for a config that only sm_90a launches.
+    archs: tuple | None = None
+    # ((problem, reason), ...): gate problems this spec is known to have and why; the gate
+    # reports them instead of failing (only the WAIVABLE ones of compile_report)
+    waive: tuple = ()
 
 
 def pad_dim(d: int) -> int:

@@ -61,6 +61,8 @@ def main() -> int:
     parser.add_argument("--json")
     args = parser.parse_args()
     results = []
+    # the launcher's config table for this GPU's arch (sm_80 or sm_90a)
+    table = A._CONFIGS_SM90 if A.config_arch(torch.device("cuda")) == 90 else A._CONFIGS
     for head_dim in (64, 128):
         torch.manual_seed(0)
         q, k, v = (torch.randn(2, 16, 4096, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -77,9 +79,9 @@ def main() -> int:
         ref_grads = forward_backward()
         for kernel, candidates in CANDIDATES.items():
             key = (kernel, head_dim)
-            original = A._CONFIGS[key]
+            original = table[key]
             for cand in candidates:
-                A._CONFIGS[key] = (A.BlockConfig(*cand), original[1])
+                table[key] = (A.BlockConfig(*cand), original[1])
                 fn = getattr(A, KERNEL_FN[kernel])
                 before = _compiled(fn)
                 row = dict(head_dim=head_dim, kernel=kernel, config=list(cand), current=cand == tuple(original[0][:4]))
@@ -97,7 +99,7 @@ def main() -> int:
                     row["error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
                 results.append(row)
                 print(json.dumps(row), flush=True)
-            A._CONFIGS[key] = original
+            table[key] = original
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=results), f, indent=1)

@@ -74,6 +74,27 @@ $L__mma_sync_label:
 """
 
 
+PTX_SHAPES = """\
+	wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%f1}, %rd1, %rd2, 1, 1, 1, 0, 1;
+	wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%f1}, %rd1, %rd2, 1, 1, 1, 0, 1;
+	mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 { %f1 }, { %r5 }, { %r6 }, { %f7 };
+	wgmma.mma_async.sync.aligned.m64n32k8.f32.tf32.tf32 {%f1}, %rd1, %rd2, 1, 1;
+"""
+
+
+def test_mma_shapes_and_the_checks_on_them():
+    shapes = R.mma_shapes(PTX_SHAPES)
+    assert shapes == {"mma.m16n8k8.tf32": 1, "wgmma.m64n128k16.bf16": 2, "wgmma.m64n32k8.tf32": 1}
+    assert R.mma_shapes(PTX_MMA) == {"mma.m16n8k16.f16": 2}
+    # mma.sync in a 16-bit sm_90a kernel, tf32 on 16-bit inputs; neither on fp32 / sm_80
+    assert R.mma_problems(shapes, 90, "bf16", True) == ["mma.sync-sm90", "tf32-16bit"]
+    assert R.mma_problems(R.mma_shapes(PTX_MMA), 80, "fp16", True) == []
+    assert R.mma_problems(shapes, 90, "tf32", True) == []
+    assert R.mma_problems({"wgmma.m64n128k16.bf16": 2}, 90, "bf16", True) == []
+    row = dict(module="m", name="k", status="mma.sync-sm90", spills=0, smem=0, regs=100, waived=[])
+    assert R.summarize([row])["mma_sync_sm90"] == 1
+
+
 def test_ptxas_parser_reads_registers_and_spills():
     clean = R.parse_ptxas_log(PTXAS_CLEAN)
     assert (clean.registers, clean.spills, clean.stack) == (168, 0, 0)
@@ -105,8 +126,13 @@ def test_gate_fails_a_spill_and_a_missing_mma():
 def test_quick_subset_is_one_spec_per_kernel_and_dtype():
     specs, notes = R.collect_specs(["attnkernels.softmax.triton_specs", "attnkernels.softmax.not_a_module"],
                                    quick=True, log=lambda msg: None)
-    keys = [(s.fn.__name__, s.dtype) for _, s in specs]
+    keys = [(s.fn.__name__, s.dtype, s.archs) for _, s in specs]
     assert len(keys) == len(set(keys)) and len(keys) >= 12
+    # a kernel whose tiles differ per arch has one spec per arch, each compiled for its own
+    archs = {(s.fn.__name__, s.dtype): set() for _, s in specs}
+    for _, s in specs:
+        archs[s.fn.__name__, s.dtype] |= set(s.archs or (80, 90))
+    assert all(a == {80, 90} for a in archs.values()), archs
     assert any("not_a_module" in n for n in notes)  # a module not written yet is skipped, with a note
 
 
@@ -134,7 +160,8 @@ def test_compile_report_quick(tmp_path):
     assert {r["arch"] for r in rows} == {80, 90}
     for r in rows:
         where = f"{r['name']} sm_{r['arch']}"
-        assert r["status"] == "ok" and r["error"] is None, where
+        assert r["status"] in ("ok", "ok (waived)") and r["error"] is None, where
+        assert r["tile"] and r["num_warps"] and r["num_stages"], where  # what the report shows per spec
         assert r["spills"] == 0, where
         assert r["regs"] is not None and 0 < r["regs"] <= 255, where
         if r["uses_dot"]:
@@ -142,6 +169,9 @@ def test_compile_report_quick(tmp_path):
                 assert r["mma"] > 0, f"{where}: no mma.sync"
             else:
                 assert r["wgmma"] > 0 or r["mma"] > 0, f"{where}: no wgmma/mma"
+                if r["dtype"] in ("fp16", "bf16") and not r["waived"]:
+                    assert r["mma"] == 0 and r["wgmma"] > 0, f"{where}: mma.sync in a 16-bit sm_90a kernel"
+    assert "ptxas" in proc.stderr.splitlines()[0] or "ptxas" in proc.stdout, "the versions are printed"
     # every kernel of the attention module is represented, in each arch
     kernels = {(r["kernel"], r["arch"]) for r in rows if r["module"] == "attnkernels.softmax.triton_specs"}
     assert kernels == {(k, a) for k in ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq", "attn_bwd_preprocess") for a in (80, 90)}

@@ -267,14 +267,26 @@ def test_band_visits_few_blocks():
 
 
 def test_configs_are_gpu_sized():
-    for d in (32, 64, 128, 256):
-        for dtype in (torch.float16, torch.bfloat16, torch.float32):
-            for kernel in ("fwd", "dkdv", "dq"):
-                cfg = A.block_config(kernel, d, d, dtype)
-                assert cfg.block_m >= 16 and cfg.block_n >= 16
-                assert cfg.block_m & (cfg.block_m - 1) == 0 and cfg.block_n & (cfg.block_n - 1) == 0
-                small = A.block_config(kernel, d, d, dtype, sparse_block_size=16)
-                assert small.block_m == 16 and small.block_n == 16
+    for arch in A.ARCHS:
+        for d in (32, 64, 128, 256):
+            for dtype in (torch.float16, torch.bfloat16, torch.float32):
+                for kernel in ("fwd", "dkdv", "dq"):
+                    for sparse in (0, 128):
+                        cfg = A.block_config(kernel, d, d, dtype, sparse, arch)
+                        assert cfg.block_m >= 16 and cfg.block_n >= 16
+                        assert cfg.block_m & (cfg.block_m - 1) == 0 and cfg.block_n & (cfg.block_n - 1) == 0
+                    small = A.block_config(kernel, d, d, dtype, sparse_block_size=16, arch=arch)
+                    assert small.block_m == 16 and small.block_n == 16
+    assert A.config_arch(torch.device("cpu")) == 80  # the interpreter launches the sm_80 tiles
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_sm90_dkdv_tiles_are_wgmma_sized(dtype):
+    """sm_90a dK/dV: 128 resident keys on 8 warps (a wgmma needs >= 64 rows per warpgroup),
+    >= 32 streamed queries at D = 128 and >= 64 at D = 64 (the gate checks wgmma, no spill)."""
+    for d, min_m in ((128, 32), (64, 64)):
+        cfg = A.block_config("dkdv", d, d, dtype, arch=90)
+        assert cfg.block_n >= 128 and cfg.block_m >= min_m and cfg.num_warps == 8, (d, cfg)
 
 
 # ----------------------------------------------------------------------------------------

@@ -88,6 +88,13 @@ def chunk_config(kernel: str, head_dim: int, head_dim_v: int, dtype: torch.dtype
 # ----------------------------------------------------------------------------------------
 
 
+def _feature_map_id(name: str) -> int:
+    """The kernels' constexpr for an elementwise map; a direct op call with another name is refused here."""
+    if name not in FEATURE_MAPS:
+        raise ValueError(f"feature_map: the Triton kernels fuse {sorted(FEATURE_MAPS)}, got {name!r}")
+    return FEATURE_MAPS[name]
+
+
 def _prepare(call, q, k, v):
     """The launcher's own invariants (the user-facing checks are the public API's), and the
     arguments as the kernels take them: (q, k, v, initial_s, initial_z)."""
@@ -202,7 +209,7 @@ def forward(call, q, k, v):
     q, k, v, initial_s, initial_z = _prepare(call, q, k, v)
     causal, normalize, eps, scale = call.causal, call.normalize, call.eps, float(call.scale)
     batch, q_heads, q_len, head_dim = q.shape
-    fm, prec = FEATURE_MAPS[call.feature_map], dot_precision(q.dtype)
+    fm, prec = _feature_map_id(call.feature_map), dot_precision(q.dtype)
     out = torch.empty(batch, q_heads, q_len, v.shape[-1], dtype=q.dtype, device=q.device)
     if causal:
         s_out, z_out = _launch_fwd(q, k, v, out, fm, True, normalize, eps, scale, initial_s, initial_z, prec)
@@ -225,7 +232,7 @@ def backward(call, dout, q, k, v):
     dout = last_dim_contiguous(dout.to(q.dtype))
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, kv_len, head_dim_v = k.shape[1], k.shape[2], v.shape[-1]
-    fm, prec = FEATURE_MAPS[call.feature_map], dot_precision(q.dtype)
+    fm, prec = _feature_map_id(call.feature_map), dot_precision(q.dtype)
     group = q_heads // kv_heads
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if dq.numel() == 0 and dk.numel() == 0 and dv.numel() == 0:

@@ -17,6 +17,10 @@ __all__ = ["AOT_SPECS"]
 _TYPES = dict(int_args={"Hq", "Hk", "N", "Nq", "Nk", "group", "chunks_per_split"}, fp32_args={"scale", "eps"},
               fp32_ptrs={"S_IN", "Z_IN", "S_OUT", "Z_OUT", "DEN", "CC"})
 
+# known, and the subject of issue 13 item 2 (the two-pass rewrite): 16-bit inputs dot on
+# float32 operands (TF32 MMAs) in 16-32-row chunks (mma.sync on sm_90a)
+_WAIVE_16BIT = (("tf32-16bit", "chunked linear kernels dot on fp32 state operands (issue 13 item 2)"),
+                ("mma.sync-sm90", "16-32-row chunks, under 64 rows per warpgroup (issue 13 item 2)"))
 _AOT_HEAD_DIMS = (32, 64, 128)
 _AOT_QUICK = (64, True, "elu", True)  # (D, causal, map, normalize) of each group's --quick spec
 # (label, torch dtype, dot precision): fp32 ships exact ("ieee": FMA on CUDA cores, no mma by
@@ -74,7 +78,8 @@ def _build_aot_specs() -> list[KernelSpec]:
                 sig = signature(fn, tdt, const, **_TYPES)
                 specs.append(KernelSpec(name, fn, sig, const, attrs=divisibility(sig), num_warps=cfg.num_warps,
                                         num_stages=cfg.num_stages, maxnreg=cfg.maxnreg, uses_dot=has_dot,
-                                        dtype=label, quick=quick))
+                                        dtype=label, quick=quick,
+                                        waive=_WAIVE_16BIT if label in ("fp16", "bf16") else ()))
     return specs
 
 

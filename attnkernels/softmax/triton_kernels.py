@@ -2,24 +2,32 @@
 block-sparse tables and key padding, forward and backward. The `@triton.jit` code only:
 configs and launches are in `triton_launch.py`, the compile gate's specs in `triton_specs.py`.
 
-Visibility (the contract of `attnkernels.conventions`): query i sees key j iff
-    i + Nk - Nq - window_left <= j <= i + Nk - Nq + window_right     (-1 = unbounded side)
+Visibility (the contract of `attnkernels.conventions`):
+    query i sees key j iff i + Nk - Nq - window_left <= j <= i + Nk - Nq + window_right
+    (-1 = unbounded side)
 and, when tables are given, block (i // sparse_block_size, j // sparse_block_size) is listed,
 and, with a key padding mask, `not key_padding_mask[b, j]`.
 
 Kernels
-- `attn_fwd`: one program per (query block, batch*query head). It walks only the key
-  blocks that intersect its window band (bounds computed from indices, no table), in
-  three segments: a masked left edge, unmasked full blocks, a masked right edge. With
-  tables it walks the listed key blocks (intersected with the band), always masked.
-  Online softmax in base 2 (scale * log2(e) folded into the scores); stores out and the
-  natural-log LSE.
+- `attn_fwd`: one program per (query block, batch*query head). Online softmax in base 2
+  (scale * log2(e) folded into the scores); stores out and the natural-log LSE.
 - `attn_bwd_preprocess`: delta = rowsum(dout * out), float32.
-- `attn_bwd_dkdv`: one program per (key block, batch*kv head). It loops over the query
-  heads of its GQA group and, per head, over the query blocks of the band (or the
-  `q_indices` table), accumulating dK and dV in registers, then writes them once.
-- `attn_bwd_dq`: one program per (query block, batch*query head), over the key blocks of
-  the band (or `kv_indices`), writes dQ once.
+- `attn_bwd_dkdv`: one program per (key block, batch*kv head). It visits the query blocks
+  of every query head of its GQA group, accumulating dK and dV in registers, then writes
+  them once. Without tables each loop runs over (head, query block) pairs, so no runtime
+  loop over the group wraps the pipelined loops (that cost ~25 registers per thread and
+  made the large sm_90a tiles spill); with tables (per-head rows) it walks head by head.
+- `attn_bwd_dq`: one program per (query block, batch*query head), over the key blocks it
+  visits, writes dQ once.
+
+Which tiles a program visits (`_walk`, one helper for the three kernels): the tiles that
+intersect its window band (`_kv_bounds` / `_q_bounds`, from indices, no table), or, with
+tables, the listed blocks cut to that band. The band walk runs three segments: a masked
+left edge, the unmasked interior, a masked right edge. The table walk decides per listed
+block, by a scalar test against the band's fully visible interval, whether it needs the
+element mask. Fully visible tiles skip the window/causal and sequence-end masks (the
+geometry decides; BlockMask's full_* tables are not read). Key padding, when given, is
+applied on every tile.
 
 The backward is deterministic: no atomics; every output element is written by exactly
 one program, and the sum over a GQA group's query heads happens in a fixed order inside
@@ -61,9 +69,8 @@ def _kv_bounds(m0, Nq, Nk, window_left, window_right,
                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     """Key blocks [start, end) that the query rows [m0, min(m0+BLOCK_M, Nq)) can see; the
     blocks [full_lo, full_hi) within them are fully visible to every row (no element mask).
-    Mirrored exactly by `kv_block_range` in
-    tests/triton_block_ranges.py. All divisions are of non-negative ints
-    (Triton's // truncates toward zero)."""
+    Mirrored exactly by `kv_block_range` in tests/triton_block_ranges.py. All divisions are
+    of non-negative ints (Triton's // truncates toward zero)."""
     off = Nk - Nq  # bottom-right alignment: row i's diagonal is key i + off
     m_last = tl.minimum(m0 + BLOCK_M, Nq) - 1
     if HAS_LEFT:
@@ -128,20 +135,78 @@ def _window_mask(o_q, o_k, off, window_left, window_right,
     return m_vis
 
 
+@triton.jit
+def _table_row(NUM, IDX, i_b, i_h, i0, stride_nb, stride_nh, stride_ib, stride_ih, stride_im,
+               IS_SPARSE: tl.constexpr, SPARSE_BLOCK: tl.constexpr):
+    """Pointers to the table row (count, indices) of the sparse block holding index i0, for
+    batch i_b and query head i_h (broadcast dims have stride 0); NUM, IDX unchanged without
+    a table."""
+    if IS_SPARSE:
+        i_row = i0 // SPARSE_BLOCK
+        p_num = NUM + i_b.to(tl.int64) * stride_nb + i_h.to(tl.int64) * stride_nh + i_row
+        p_idx = IDX + i_b.to(tl.int64) * stride_ib + i_h.to(tl.int64) * stride_ih + i_row.to(tl.int64) * stride_im
+    else:
+        p_num = NUM
+        p_idx = IDX
+    return p_num, p_idx
+
+
+@triton.jit
+def _walk(state, ctx, TILES: tl.constexpr, i_lo, i_full_lo, i_full_hi, i_hi, P_NUM, P_IDX,
+          IS_SPARSE: tl.constexpr, TILES_PER_SPARSE: tl.constexpr, TABLE_SKIP: tl.constexpr,
+          C: tl.constexpr):
+    """Run the inner loop `TILES(state, ctx, lo, hi, MASKED, C) -> state` over every tile
+    this program visits, and return the state. [i_lo, i_hi) are the tiles of the window band,
+    [i_full_lo, i_full_hi) those fully visible to the program's whole block (`_kv_bounds`,
+    `_q_bounds`); ctx (a tuple) and C (a constexpr tuple) are the inner loop's own.
+
+    Band: the masked left edge, the unmasked interior, the masked right edge.
+    Table (IS_SPARSE): P_NUM/P_IDX point at this program's row of the num/indices table;
+    each listed block (TILES_PER_SPARSE tiles) is cut to the band and run as one segment,
+    unmasked when the cut lies inside the fully visible interval (a scalar test), masked
+    otherwise. The two loop bodies cost registers: configs where that would spill set
+    TABLE_SKIP = False and mask every table block (`BlockConfig.table_skip`)."""
+    if IS_SPARSE:
+        n_listed = tl.load(P_NUM)
+        for i_t in range(0, n_listed):
+            i_sb = tl.load(P_IDX + i_t)
+            lo = tl.maximum(i_lo, i_sb * TILES_PER_SPARSE)
+            hi = tl.minimum(i_hi, (i_sb + 1) * TILES_PER_SPARSE)
+            if TABLE_SKIP:
+                if (lo >= i_full_lo) & (hi <= i_full_hi):
+                    state = TILES(state, ctx, lo, hi, False, C)
+                else:
+                    state = TILES(state, ctx, lo, hi, True, C)
+            else:
+                state = TILES(state, ctx, lo, hi, True, C)
+    else:
+        state = TILES(state, ctx, i_lo, i_full_lo, True, C)
+        state = TILES(state, ctx, i_full_lo, i_full_hi, False, C)
+        state = TILES(state, ctx, i_full_hi, i_hi, True, C)
+    return state
+
+
 # ----------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _fwd_kv_loop(b_acc, b_m, b_l, b_q, K, V, KPM, stride_kn, stride_vn,
-                 o_m, i_lo, i_hi, Nq, Nk, window_left, window_right, qk_scale,
-                 HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                 MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                 HAS_KPM: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Online softmax over key blocks [i_lo, i_hi). K, V, KPM point at this (batch, head)'s
-    first key. MASKED applies the window and key-range mask; unmasked blocks are full."""
+def _fwd_tiles(state, ctx, i_lo, i_hi, MASKED: tl.constexpr, C: tl.constexpr):
+    """Online softmax over key tiles [i_lo, i_hi). state = (acc, m, l); K, V, KPM point at this
+    (batch, head)'s first key. MASKED applies the window and key-range mask; unmasked tiles
+    are fully visible and inside Nk."""
+    b_acc, b_m, b_l = state
+    b_q, K, V, KPM, stride_kn, stride_vn, o_m, Nq, Nk, window_left, window_right, qk_scale = ctx
+    HEAD_DIM: tl.constexpr = C[0]
+    HEAD_DIM_V: tl.constexpr = C[1]
+    BLOCK_N: tl.constexpr = C[2]
+    BLOCK_D: tl.constexpr = C[3]
+    BLOCK_DV: tl.constexpr = C[4]
+    HAS_LEFT: tl.constexpr = C[5]
+    HAS_RIGHT: tl.constexpr = C[6]
+    HAS_KPM: tl.constexpr = C[7]
+    DOT_PREC: tl.constexpr = C[8]
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     o_nb = tl.arange(0, BLOCK_N)
@@ -190,7 +255,7 @@ def attn_fwd(Q, K, V, O, LSE, KV_NUM, KV_IDX, KPM,
              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
              IS_SPARSE: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
-             HAS_KPM: tl.constexpr, DOT_PREC: tl.constexpr):
+             HAS_KPM: tl.constexpr, DOT_PREC: tl.constexpr, TABLE_SKIP: tl.constexpr):
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // Hq
@@ -218,34 +283,13 @@ def attn_fwd(Q, K, V, O, LSE, KV_NUM, KV_IDX, KPM,
 
     i_lo, i_full_lo, i_full_hi, i_hi = _kv_bounds(m0, Nq, Nk, window_left, window_right,
                                                   BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    if IS_SPARSE:
-        # walk the listed key blocks of this query block's sparse row, each cut to the band
-        i_row = m0 // SPARSE_BLOCK
-        p_num = KV_NUM + i_b.to(tl.int64) * stride_tnb + i_h.to(tl.int64) * stride_tnh + i_row
-        p_idx = KV_IDX + i_b.to(tl.int64) * stride_tib + i_h.to(tl.int64) * stride_tih + i_row.to(tl.int64) * stride_tim
-        n_listed = tl.load(p_num)
-        for i_t in range(0, n_listed):
-            i_kb = tl.load(p_idx + i_t)
-            lo = tl.maximum(i_lo, i_kb * (SPARSE_BLOCK // BLOCK_N))
-            hi = tl.minimum(i_hi, (i_kb + 1) * (SPARSE_BLOCK // BLOCK_N))
-            b_acc, b_m, b_l = _fwd_kv_loop(b_acc, b_m, b_l, b_q, K, V, KPM, stride_kn, stride_vn,
-                                           o_m, lo, hi, Nq, Nk, window_left, window_right, qk_scale,
-                                           HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
-                                           True, HAS_LEFT, HAS_RIGHT, HAS_KPM, DOT_PREC)
-    else:
-        # left edge (masked), full blocks (no element mask), right edge (masked)
-        b_acc, b_m, b_l = _fwd_kv_loop(b_acc, b_m, b_l, b_q, K, V, KPM, stride_kn, stride_vn,
-                                       o_m, i_lo, i_full_lo, Nq, Nk, window_left, window_right, qk_scale,
-                                       HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
-                                       True, HAS_LEFT, HAS_RIGHT, HAS_KPM, DOT_PREC)
-        b_acc, b_m, b_l = _fwd_kv_loop(b_acc, b_m, b_l, b_q, K, V, KPM, stride_kn, stride_vn,
-                                       o_m, i_full_lo, i_full_hi, Nq, Nk, window_left, window_right, qk_scale,
-                                       HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
-                                       False, HAS_LEFT, HAS_RIGHT, HAS_KPM, DOT_PREC)
-        b_acc, b_m, b_l = _fwd_kv_loop(b_acc, b_m, b_l, b_q, K, V, KPM, stride_kn, stride_vn,
-                                       o_m, i_full_hi, i_hi, Nq, Nk, window_left, window_right, qk_scale,
-                                       HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
-                                       True, HAS_LEFT, HAS_RIGHT, HAS_KPM, DOT_PREC)
+    p_num, p_idx = _table_row(KV_NUM, KV_IDX, i_b, i_h, m0, stride_tnb, stride_tnh, stride_tib, stride_tih,
+                              stride_tim, IS_SPARSE, SPARSE_BLOCK)
+    b_acc, b_m, b_l = _walk(
+        (b_acc, b_m, b_l),
+        (b_q, K, V, KPM, stride_kn, stride_vn, o_m, Nq, Nk, window_left, window_right, qk_scale),
+        _fwd_tiles, i_lo, i_full_lo, i_full_hi, i_hi, p_num, p_idx, IS_SPARSE, SPARSE_BLOCK // BLOCK_N, TABLE_SKIP,
+        (HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, HAS_KPM, DOT_PREC))
 
     # rows that saw no key: l = 0 -> out 0, lse -inf
     m_seen = b_l > 0.0
@@ -288,30 +332,42 @@ def attn_bwd_preprocess(O, DO, DELTA,
 
 
 @triton.jit
-def _bwd_dkdv_loop(b_dk, b_dv, b_k, b_v, Q, DO, LSE, DELTA, stride_qn, stride_don,
-                   o_n, i_lo, i_hi, Nq, Nk, window_left, window_right, qk_scale,
-                   HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                   MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                   DOT_PREC: tl.constexpr):
-    """Accumulate dK, dV of key rows o_n over query blocks [i_lo, i_hi) of one query head.
-    Q, DO, LSE, DELTA point at that head's first row. Query rows >= Nq read lse = +inf (p = 0);
-    key rows >= Nk are never stored, so they need no mask here."""
+def _dkdv_tiles(state, ctx, i_lo, i_hi, MASKED: tl.constexpr, C: tl.constexpr):
+    """Accumulate dK, dV (state) of key rows o_n over query tiles [i_lo, i_hi) of each of G
+    query heads, in one loop over (head, tile), head-major: no runtime loop over the GQA
+    group wraps the pipelined loop. Q, DO point at the first head's first row (heads
+    stride_qh, stride_doh apart), LSE, DELTA at its row 0 (heads Nq apart). Query rows >= Nq
+    read lse = +inf (p = 0); key rows >= Nk are never stored, so they need no mask here."""
+    b_dk, b_dv = state
+    (b_k, b_v, Q, DO, LSE, DELTA, G, stride_qh, stride_doh, stride_qn, stride_don, o_n, Nq, Nk,
+     window_left, window_right, qk_scale) = ctx
+    HEAD_DIM: tl.constexpr = C[0]
+    HEAD_DIM_V: tl.constexpr = C[1]
+    BLOCK_M: tl.constexpr = C[2]
+    BLOCK_D: tl.constexpr = C[3]
+    BLOCK_DV: tl.constexpr = C[4]
+    HAS_LEFT: tl.constexpr = C[5]
+    HAS_RIGHT: tl.constexpr = C[6]
+    DOT_PREC: tl.constexpr = C[7]
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     o_mb = tl.arange(0, BLOCK_M)
     off = Nk - Nq
-    for i_m in range(i_lo, i_hi):
-        m0 = i_m * BLOCK_M
+    n_tiles = i_hi - i_lo  # per head
+    n_div = tl.maximum(n_tiles, 1)
+    for i_t in range(0, G * n_tiles):
+        i_g = i_t // n_div
+        m0 = (i_lo + i_t - i_g * n_div) * BLOCK_M
         o_m = m0 + o_mb
         m_m = o_m < Nq
-        p_q = Q + m0.to(tl.int64) * stride_qn + o_mb[:, None] * stride_qn + o_d[None, :]
-        p_do = DO + m0.to(tl.int64) * stride_don + o_mb[:, None] * stride_don + o_dv[None, :]
+        p_q = Q + i_g.to(tl.int64) * stride_qh + m0.to(tl.int64) * stride_qn + o_mb[:, None] * stride_qn + o_d[None, :]
+        p_do = DO + i_g.to(tl.int64) * stride_doh + m0.to(tl.int64) * stride_don + o_mb[:, None] * stride_don + o_dv[None, :]
         b_q = _load_2d(p_q, m_m, o_d < HEAD_DIM, True, BLOCK_D != HEAD_DIM)  # [BLOCK_M, BLOCK_D]
         b_do = _load_2d(p_do, m_m, o_dv < HEAD_DIM_V, True, BLOCK_DV != HEAD_DIM_V)  # [BLOCK_M, BLOCK_DV]
-        b_lse = tl.load(LSE + o_m, mask=m_m, other=float("inf")) * 1.4426950408889634  # [BLOCK_M], log2 units
+        o_row = i_g.to(tl.int64) * Nq + o_m  # this head's rows of LSE, DELTA
+        b_lse = tl.load(LSE + o_row, mask=m_m, other=float("inf")) * 1.4426950408889634  # [BLOCK_M], log2 units
         b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse)  # row with no key: p = 0
-        b_delta = tl.load(DELTA + o_m, mask=m_m, other=0.0)  # [BLOCK_M]
+        b_delta = tl.load(DELTA + o_row, mask=m_m, other=0.0)  # [BLOCK_M]
         # transposed probabilities: [BLOCK_N, BLOCK_M]
         b_sT = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PREC).to(tl.float32) * qk_scale
         b_pT = tl.math.exp2(b_sT - b_lse[None, :])
@@ -341,7 +397,7 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, Q_NUM, Q_IDX, KPM,
                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                   IS_SPARSE: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
-                  HAS_KPM: tl.constexpr, DOT_PREC: tl.constexpr):
+                  HAS_KPM: tl.constexpr, DOT_PREC: tl.constexpr, TABLE_SKIP: tl.constexpr):
     i_n = tl.program_id(0)
     i_bh = tl.program_id(1)  # batch * kv head
     i_b = i_bh // Hk
@@ -364,39 +420,32 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, Q_NUM, Q_IDX, KPM,
     i_lo, i_full_lo, i_full_hi, i_hi = _q_bounds(n0, Nq, Nk, window_left, window_right,
                                                  BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     # the query heads of this kv head's group, summed in a fixed order (deterministic)
-    for i_g in range(0, group):
-        i_h = i_hk * group + i_g
+    C: tl.constexpr = (HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, DOT_PREC)
+    if IS_SPARSE:
+        # each head has its own table rows: one walk per head
+        for i_g in range(0, group):
+            i_h = i_hk * group + i_g
+            i_bhq = i_b * Hq + i_h
+            p_qh = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
+            p_doh = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
+            p_num, p_idx = _table_row(Q_NUM, Q_IDX, i_b, i_h, n0, stride_tnb, stride_tnh, stride_tib, stride_tih,
+                                      stride_tim, IS_SPARSE, SPARSE_BLOCK)
+            b_dk, b_dv = _walk(
+                (b_dk, b_dv),
+                (b_k, b_v, p_qh, p_doh, LSE + i_bhq.to(tl.int64) * Nq, DELTA + i_bhq.to(tl.int64) * Nq, 1,
+                 stride_qh, stride_doh, stride_qn, stride_don, o_n, Nq, Nk, window_left, window_right, qk_scale),
+                _dkdv_tiles, i_lo, i_full_lo, i_full_hi, i_hi, p_num, p_idx, IS_SPARSE, SPARSE_BLOCK // BLOCK_M, TABLE_SKIP, C)
+    else:
+        # the band is the same for every head: each segment's loop runs over (head, tile)
+        i_h = i_hk * group
         i_bhq = i_b * Hq + i_h
         p_qh = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
         p_doh = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
-        p_lse = LSE + i_bhq.to(tl.int64) * Nq
-        p_delta = DELTA + i_bhq.to(tl.int64) * Nq
-        if IS_SPARSE:
-            i_col = n0 // SPARSE_BLOCK
-            p_num = Q_NUM + i_b.to(tl.int64) * stride_tnb + i_h.to(tl.int64) * stride_tnh + i_col
-            p_idx = Q_IDX + i_b.to(tl.int64) * stride_tib + i_h.to(tl.int64) * stride_tih + i_col.to(tl.int64) * stride_tim
-            n_listed = tl.load(p_num)
-            for i_t in range(0, n_listed):
-                i_qb = tl.load(p_idx + i_t)
-                lo = tl.maximum(i_lo, i_qb * (SPARSE_BLOCK // BLOCK_M))
-                hi = tl.minimum(i_hi, (i_qb + 1) * (SPARSE_BLOCK // BLOCK_M))
-                b_dk, b_dv = _bwd_dkdv_loop(b_dk, b_dv, b_k, b_v, p_qh, p_doh, p_lse, p_delta, stride_qn, stride_don,
-                                            o_n, lo, hi, Nq, Nk, window_left, window_right, qk_scale,
-                                            HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV,
-                                            True, HAS_LEFT, HAS_RIGHT, DOT_PREC)
-        else:
-            b_dk, b_dv = _bwd_dkdv_loop(b_dk, b_dv, b_k, b_v, p_qh, p_doh, p_lse, p_delta, stride_qn, stride_don,
-                                        o_n, i_lo, i_full_lo, Nq, Nk, window_left, window_right, qk_scale,
-                                        HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV,
-                                        True, HAS_LEFT, HAS_RIGHT, DOT_PREC)
-            b_dk, b_dv = _bwd_dkdv_loop(b_dk, b_dv, b_k, b_v, p_qh, p_doh, p_lse, p_delta, stride_qn, stride_don,
-                                        o_n, i_full_lo, i_full_hi, Nq, Nk, window_left, window_right, qk_scale,
-                                        HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV,
-                                        False, HAS_LEFT, HAS_RIGHT, DOT_PREC)
-            b_dk, b_dv = _bwd_dkdv_loop(b_dk, b_dv, b_k, b_v, p_qh, p_doh, p_lse, p_delta, stride_qn, stride_don,
-                                        o_n, i_full_hi, i_hi, Nq, Nk, window_left, window_right, qk_scale,
-                                        HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV,
-                                        True, HAS_LEFT, HAS_RIGHT, DOT_PREC)
+        b_dk, b_dv = _walk(
+            (b_dk, b_dv),
+            (b_k, b_v, p_qh, p_doh, LSE + i_bhq.to(tl.int64) * Nq, DELTA + i_bhq.to(tl.int64) * Nq, group,
+             stride_qh, stride_doh, stride_qn, stride_don, o_n, Nq, Nk, window_left, window_right, qk_scale),
+            _dkdv_tiles, i_lo, i_full_lo, i_full_hi, i_hi, Q_NUM, Q_IDX, IS_SPARSE, SPARSE_BLOCK // BLOCK_M, TABLE_SKIP, C)
 
     b_dk = b_dk * scale  # dS was taken w.r.t. the unscaled scores
     if HAS_KPM:
@@ -414,13 +463,19 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, Q_NUM, Q_IDX, KPM,
 
 
 @triton.jit
-def _bwd_dq_loop(b_dq, b_q, b_do, b_lse, b_delta, K, V, KPM, stride_kn, stride_vn,
-                 o_m, i_lo, i_hi, Nq, Nk, window_left, window_right, qk_scale,
-                 HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                 MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                 HAS_KPM: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Accumulate dQ of rows o_m over key blocks [i_lo, i_hi)."""
+def _dq_tiles(state, ctx, i_lo, i_hi, MASKED: tl.constexpr, C: tl.constexpr):
+    """Accumulate dQ (state) of rows o_m over key tiles [i_lo, i_hi)."""
+    b_dq, = state
+    b_q, b_do, b_lse, b_delta, K, V, KPM, stride_kn, stride_vn, o_m, Nq, Nk, window_left, window_right, qk_scale = ctx
+    HEAD_DIM: tl.constexpr = C[0]
+    HEAD_DIM_V: tl.constexpr = C[1]
+    BLOCK_N: tl.constexpr = C[2]
+    BLOCK_D: tl.constexpr = C[3]
+    BLOCK_DV: tl.constexpr = C[4]
+    HAS_LEFT: tl.constexpr = C[5]
+    HAS_RIGHT: tl.constexpr = C[6]
+    HAS_KPM: tl.constexpr = C[7]
+    DOT_PREC: tl.constexpr = C[8]
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     o_nb = tl.arange(0, BLOCK_N)
@@ -446,7 +501,7 @@ def _bwd_dq_loop(b_dq, b_q, b_do, b_lse, b_delta, K, V, KPM, stride_kn, stride_v
         b_dp = tl.dot(b_do, b_vT, input_precision=DOT_PREC).to(tl.float32)  # [BLOCK_M, BLOCK_N]
         b_ds = b_p * (b_dp - b_delta[:, None])
         b_dq = tl.dot(b_ds.to(b_kT.dtype), tl.trans(b_kT), b_dq, input_precision=DOT_PREC)  # [BLOCK_M, BLOCK_D]
-    return b_dq
+    return (b_dq,)
 
 
 @triton.jit
@@ -464,7 +519,7 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_NUM, KV_IDX, KPM,
                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                 IS_SPARSE: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
-                HAS_KPM: tl.constexpr, DOT_PREC: tl.constexpr):
+                HAS_KPM: tl.constexpr, DOT_PREC: tl.constexpr, TABLE_SKIP: tl.constexpr):
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // Hq
@@ -493,32 +548,13 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_NUM, KV_IDX, KPM,
 
     i_lo, i_full_lo, i_full_hi, i_hi = _kv_bounds(m0, Nq, Nk, window_left, window_right,
                                                   BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    if IS_SPARSE:
-        i_row = m0 // SPARSE_BLOCK
-        p_num = KV_NUM + i_b.to(tl.int64) * stride_tnb + i_h.to(tl.int64) * stride_tnh + i_row
-        p_idx = KV_IDX + i_b.to(tl.int64) * stride_tib + i_h.to(tl.int64) * stride_tih + i_row.to(tl.int64) * stride_tim
-        n_listed = tl.load(p_num)
-        for i_t in range(0, n_listed):
-            i_kb = tl.load(p_idx + i_t)
-            lo = tl.maximum(i_lo, i_kb * (SPARSE_BLOCK // BLOCK_N))
-            hi = tl.minimum(i_hi, (i_kb + 1) * (SPARSE_BLOCK // BLOCK_N))
-            b_dq = _bwd_dq_loop(b_dq, b_q, b_do, b_lse, b_delta, K, V, KPM, stride_kn, stride_vn,
-                                o_m, lo, hi, Nq, Nk, window_left, window_right, qk_scale,
-                                HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
-                                True, HAS_LEFT, HAS_RIGHT, HAS_KPM, DOT_PREC)
-    else:
-        b_dq = _bwd_dq_loop(b_dq, b_q, b_do, b_lse, b_delta, K, V, KPM, stride_kn, stride_vn,
-                            o_m, i_lo, i_full_lo, Nq, Nk, window_left, window_right, qk_scale,
-                            HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
-                            True, HAS_LEFT, HAS_RIGHT, HAS_KPM, DOT_PREC)
-        b_dq = _bwd_dq_loop(b_dq, b_q, b_do, b_lse, b_delta, K, V, KPM, stride_kn, stride_vn,
-                            o_m, i_full_lo, i_full_hi, Nq, Nk, window_left, window_right, qk_scale,
-                            HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
-                            False, HAS_LEFT, HAS_RIGHT, HAS_KPM, DOT_PREC)
-        b_dq = _bwd_dq_loop(b_dq, b_q, b_do, b_lse, b_delta, K, V, KPM, stride_kn, stride_vn,
-                            o_m, i_full_hi, i_hi, Nq, Nk, window_left, window_right, qk_scale,
-                            HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
-                            True, HAS_LEFT, HAS_RIGHT, HAS_KPM, DOT_PREC)
+    p_num, p_idx = _table_row(KV_NUM, KV_IDX, i_b, i_h, m0, stride_tnb, stride_tnh, stride_tib, stride_tih,
+                              stride_tim, IS_SPARSE, SPARSE_BLOCK)
+    b_dq, = _walk(
+        (b_dq,),
+        (b_q, b_do, b_lse, b_delta, K, V, KPM, stride_kn, stride_vn, o_m, Nq, Nk, window_left, window_right, qk_scale),
+        _dq_tiles, i_lo, i_full_lo, i_full_hi, i_hi, p_num, p_idx, IS_SPARSE, SPARSE_BLOCK // BLOCK_N, TABLE_SKIP,
+        (HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, HAS_KPM, DOT_PREC))
 
     b_dq = b_dq * scale
     p_dq = DQ + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh + m0.to(tl.int64) * stride_dqn

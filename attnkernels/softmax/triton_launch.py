@@ -19,7 +19,8 @@ import torch
 from ..triton_common import Override, cdiv, dot_precision, launch_options, last_dim_contiguous, pad_dim
 from .triton_kernels import attn_bwd_dkdv, attn_bwd_dq, attn_bwd_preprocess, attn_fwd
 
-__all__ = ["forward", "backward", "block_config", "override_blocks", "BlockConfig", "PREPROCESS_BLOCK_M"]
+__all__ = ["forward", "backward", "block_config", "config_arch", "override_blocks", "BlockConfig",
+           "PREPROCESS_BLOCK_M", "ARCHS"]
 
 LOG2E = 1.4426950408889634
 PREPROCESS_BLOCK_M = 64
@@ -37,6 +38,9 @@ class BlockConfig(NamedTuple):
     # registers per thread ptxas may use (None: its own choice). ptxas otherwise aims at an
     # occupancy (e.g. 168 regs = 3 blocks of 128 threads) and spills to get there.
     maxnreg: int | None = None
+    # with block-sparse tables, run fully visible table blocks without the element mask
+    # (a second loop body); False where that body would make the config spill
+    table_skip: bool = True
 
 
 _BLOCKS = Override()
@@ -60,36 +64,69 @@ def override_blocks(block_m: int, block_n: int):
 # would rather spill a few bytes than drop below 2-3 blocks per SM, so the fp32 configs
 # let it use all 255 registers per thread (`maxnreg`).
 # On an H200 (benchmarks/gpu_tune.py, docs/gpu_tune_h200.json) larger dK/dV tiles ran up to
-# 3x faster at D=128 (32x128: 1.8 ms vs 5.9 ms causal fwd+bwd), but Triton 3.8's ptxas
-# spills them on sm_80/sm_90a, so the gate keeps the small ones; the D<=64 16-bit fwd and
-# dK/dV tiles below are the fastest spill-free ones of that sweep.
+# 3x faster at D=128 (32x128: 1.8 ms vs 5.9 ms causal fwd+bwd); the D<=64 16-bit fwd and
+# dK/dV tiles below are the fastest spill-free ones of that sweep. sm_90a has its own dK/dV
+# tiles (`_CONFIGS_SM90`).
+# `table_skip=False` (every table block masked): the configs whose table walk spills on
+# sm_80 with the second, unmasked loop body (compile gate, Triton 3.8).
 _FP32_REGS = 255
+_NO_SKIP = dict(table_skip=False)
 _CONFIGS = {
     # forward: BLOCK_M query rows resident, BLOCK_N key rows stream
-    ("fwd", 64): (BlockConfig(64, 64, 4, 3), BlockConfig(32, 16, 4, 2, _FP32_REGS)),
+    ("fwd", 64): (BlockConfig(64, 64, 4, 3, **_NO_SKIP), BlockConfig(32, 16, 4, 2, _FP32_REGS)),
     ("fwd", 128): (BlockConfig(128, 64, 8, 3), BlockConfig(16, 16, 4, 2, _FP32_REGS)),
-    ("fwd", 256): (BlockConfig(64, 32, 8, 2), BlockConfig(32, 16, 8, 2, _FP32_REGS)),
+    ("fwd", 256): (BlockConfig(64, 32, 8, 2), BlockConfig(32, 16, 8, 2, _FP32_REGS, **_NO_SKIP)),
     # dK/dV: BLOCK_N key rows resident, BLOCK_M query rows stream
     ("dkdv", 64): (BlockConfig(16, 128, 8, 2), BlockConfig(16, 16, 4, 2, _FP32_REGS)),
     ("dkdv", 128): (BlockConfig(16, 32, 8, 2), BlockConfig(16, 16, 8, 2, _FP32_REGS)),
-    ("dkdv", 256): (BlockConfig(16, 16, 8, 1), BlockConfig(16, 16, 8, 2, _FP32_REGS)),
+    ("dkdv", 256): (BlockConfig(16, 16, 8, 1), BlockConfig(16, 16, 8, 1, _FP32_REGS, **_NO_SKIP)),
     # dQ: BLOCK_M query rows resident, BLOCK_N key rows stream
-    ("dq", 64): (BlockConfig(64, 32, 4, 3), BlockConfig(32, 16, 4, 2, _FP32_REGS)),
+    ("dq", 64): (BlockConfig(64, 32, 4, 3, **_NO_SKIP), BlockConfig(32, 16, 4, 2, _FP32_REGS)),
     ("dq", 128): (BlockConfig(64, 32, 4, 2), BlockConfig(16, 16, 4, 2, _FP32_REGS)),
-    ("dq", 256): (BlockConfig(32, 16, 4, 2), BlockConfig(16, 16, 4, 2, _FP32_REGS)),
+    ("dq", 256): (BlockConfig(32, 16, 4, 2), BlockConfig(16, 16, 4, 2, _FP32_REGS, **_NO_SKIP)),
 }
 
 
+# sm_90a (Hopper): a wgmma needs >= 64 rows per warpgroup, so the dK/dV programs hold 128
+# keys on 8 warps (two warpgroups; K, V in shared memory) and every dot of the loop runs on
+# wgmma; spill-free since the GQA group no longer wraps the loops in a runtime loop. With
+# block-sparse tables the walk keeps a loop over the group's heads and two loop bodies
+# (masked, unmasked), hence the shorter query tiles there.
+_CONFIGS_SM90 = dict(_CONFIGS)
+_CONFIGS_SM90.update({
+    ("dkdv", 64): (BlockConfig(64, 128, 8, 2), _CONFIGS["dkdv", 64][1]),
+    ("dkdv", 128): (BlockConfig(32, 128, 8, 2), _CONFIGS["dkdv", 128][1]),
+})
+_SPARSE_CONFIGS_SM90 = {
+    ("dkdv", 64): BlockConfig(32, 128, 8, 1),
+    ("dkdv", 128): BlockConfig(16, 128, 8, 2),
+}
+ARCHS = (80, 90)  # the config tables: sm_80 (Ampere and Ada) and sm_90a (Hopper and later)
+
+
+def config_arch(device: torch.device) -> int:
+    """The config table a launch on `device` uses: 90 on compute capability >= 9.0, else 80
+    (also for CPU tensors under the interpreter)."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
+        return 90
+    return 80
+
+
 def block_config(kernel: str, head_dim: int, head_dim_v: int, dtype: torch.dtype,
-                 sparse_block_size: int = 0) -> BlockConfig:
-    """GPU launch config per kernel ("fwd", "dkdv", "dq"), padded head dim and dtype (see
-    `_CONFIGS`). With a block-sparse table the blocks must divide `sparse_block_size` (all
-    are powers of two, so min() does it)."""
+                 sparse_block_size: int = 0, arch: int = 80) -> BlockConfig:
+    """GPU launch config per kernel ("fwd", "dkdv", "dq"), padded head dim, dtype and arch
+    (80 or 90, see `config_arch`; `_CONFIGS`, `_CONFIGS_SM90`). With a block-sparse table
+    the blocks must divide `sparse_block_size` (all are powers of two, so min() does it)."""
     if kernel not in ("fwd", "dkdv", "dq"):
         raise ValueError(f"block_config: unknown kernel {kernel!r}")
+    if arch not in ARCHS:
+        raise ValueError(f"block_config: arch must be one of {ARCHS}, got {arch!r}")
     d = max(pad_dim(head_dim), pad_dim(head_dim_v))
     d_class = 64 if d <= 64 else 128 if d <= 128 else 256
-    cfg = _CONFIGS[kernel, d_class][1 if dtype == torch.float32 else 0]
+    wide = dtype == torch.float32
+    cfg = (_CONFIGS_SM90 if arch == 90 else _CONFIGS)[kernel, d_class][1 if wide else 0]
+    if arch == 90 and sparse_block_size and not wide:
+        cfg = _SPARSE_CONFIGS_SM90.get((kernel, d_class), cfg)
     if _BLOCKS.value is not None:
         cfg = cfg._replace(block_m=_BLOCKS.value[0], block_n=_BLOCKS.value[1])
     if sparse_block_size:
@@ -207,7 +244,7 @@ def forward(call, q, k, v):
     lse = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=q.device)
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
-    cfg = block_config("fwd", head_dim, head_dim_v, q.dtype, tab.sparse_block)
+    cfg = block_config("fwd", head_dim, head_dim_v, q.dtype, tab.sparse_block, config_arch(q.device))
     table_num, table_idx, *t_strides = _table_args(tab.kv_num, tab.kv_idx, lse)  # lse: an unused dummy
     grid = (cdiv(q_len, cfg.block_m), batch * q_heads)
     attn_fwd[grid](
@@ -223,7 +260,7 @@ def forward(call, q, k, v):
         BLOCK_D=pad_dim(head_dim), BLOCK_DV=pad_dim(head_dim_v),
         HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
         IS_SPARSE=tab.is_sparse, SPARSE_BLOCK=tab.sparse_block,
-        HAS_KPM=kpm is not None, DOT_PREC=dot_precision(q.dtype),
+        HAS_KPM=kpm is not None, DOT_PREC=dot_precision(q.dtype), TABLE_SKIP=cfg.table_skip,
         **launch_options(cfg),
     )
     return out, lse
@@ -270,11 +307,12 @@ def backward(call, dout, q, k, v, out, lse):
     kpm_arg = kpm if kpm is not None else delta
     kpm_stride = kpm.stride(0) if kpm is not None else 0
     group = q_heads // kv_heads
+    arch = config_arch(q.device)
 
     kv_tab = _table_args(tab.kv_num, tab.kv_idx, delta)  # delta: an unused dummy without tables
     q_tab = _table_args(tab.q_num, tab.q_idx, delta)
     if kv_len > 0:
-        cfg = block_config("dkdv", head_dim, head_dim_v, q.dtype, tab.sparse_block)
+        cfg = block_config("dkdv", head_dim, head_dim_v, q.dtype, tab.sparse_block, arch)
         attn_bwd_dkdv[(cdiv(kv_len, cfg.block_n), batch * kv_heads)](
             q, k, v, dout, lse, delta, dk, dv, *q_tab[:2], kpm_arg,
             q.stride(0), q.stride(1), q.stride(2),
@@ -285,9 +323,9 @@ def backward(call, dout, q, k, v, out, lse):
             dv.stride(0), dv.stride(1), dv.stride(2),
             *q_tab[2:], kpm_stride,
             q_heads, kv_heads, q_len, kv_len, group, window_left, window_right, scale * LOG2E, scale,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **launch_options(cfg), **common,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TABLE_SKIP=cfg.table_skip, **launch_options(cfg), **common,
         )
-    cfg = block_config("dq", head_dim, head_dim_v, q.dtype, tab.sparse_block)
+    cfg = block_config("dq", head_dim, head_dim_v, q.dtype, tab.sparse_block, arch)
     attn_bwd_dq[(cdiv(q_len, cfg.block_m), batch * q_heads)](
         q, k, v, dout, lse, delta, dq, *kv_tab[:2], kpm_arg,
         q.stride(0), q.stride(1), q.stride(2),
@@ -297,6 +335,6 @@ def backward(call, dout, q, k, v, out, lse):
         dq.stride(0), dq.stride(1), dq.stride(2),
         *kv_tab[2:], kpm_stride,
         q_heads, q_len, kv_len, group, window_left, window_right, scale * LOG2E, scale,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **launch_options(cfg), **common,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TABLE_SKIP=cfg.table_skip, **launch_options(cfg), **common,
     )
     return dq, dk, dv

@@ -7,7 +7,7 @@ import torch
 
 from ..triton_common import TRITON_DTYPE, KernelSpec, divisibility, pad_dim, signature
 from .triton_kernels import attn_bwd_dkdv, attn_bwd_dq, attn_bwd_preprocess, attn_fwd
-from .triton_launch import PREPROCESS_BLOCK_M, block_config
+from .triton_launch import ARCHS, PREPROCESS_BLOCK_M, block_config
 
 __all__ = ["AOT_SPECS"]
 
@@ -39,6 +39,16 @@ _AOT_DTYPES = [
 ]
 
 
+def _sm90_waiver(kernel: str, cfg, d: int) -> tuple:
+    """A wgmma needs >= 64 rows per warpgroup; the tiles that have fewer on sm_90a (the
+    D = 256 backward, whose larger tiles spill) run on mma.sync, said so in the gate."""
+    rows = cfg.block_n if kernel == "dkdv" else cfg.block_m  # the rows of the resident operand
+    if rows // max(1, cfg.num_warps // 4) >= 64:
+        return ()
+    return (("mma.sync-sm90", f"{rows}-row {kernel} tile on {cfg.num_warps} warps at D={d}: under 64 rows "
+             "per warpgroup (larger tiles spill)"),)
+
+
 def _spec(name, fn, dtype_label, tdt, const, **kw) -> KernelSpec:
     sig = signature(fn, tdt, const, **_TYPES)
     return KernelSpec(name, fn, sig, const, attrs=divisibility(sig, _ARBITRARY_STRIDES), dtype=dtype_label, **kw)
@@ -57,17 +67,23 @@ def _build_aot_specs() -> list[KernelSpec]:
                                    num_warps=4, num_stages=1, uses_dot=False, quick=d == _AOT_QUICK_HEAD_DIM))
             for variant, has_left, has_right, is_sparse, has_kpm in _AOT_VARIANTS:
                 for kernel, fn in (("fwd", attn_fwd), ("dkdv", attn_bwd_dkdv), ("dq", attn_bwd_dq)):
-                    cfg = block_config(kernel, d, d, dtype, _AOT_SPARSE_BLOCK if is_sparse else 0)
-                    const = dict(HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                                 BLOCK_D=pad_dim(d), BLOCK_DV=pad_dim(d),
-                                 HAS_LEFT=has_left, HAS_RIGHT=has_right, IS_SPARSE=is_sparse,
-                                 SPARSE_BLOCK=_AOT_SPARSE_BLOCK if is_sparse else 0,
-                                 HAS_KPM=has_kpm, DOT_PREC=prec)
-                    name = f"{fn.__name__}-{label}-D{d}-{variant}-M{cfg.block_m}-N{cfg.block_n}"
-                    specs.append(_spec(name, fn, label, tdt, const,
-                                       num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
-                                       uses_dot=uses_tc,
-                                       quick=d == _AOT_QUICK_HEAD_DIM and variant == _AOT_QUICK_VARIANT))
+                    sparse_block = _AOT_SPARSE_BLOCK if is_sparse else 0
+                    cfgs = {arch: block_config(kernel, d, d, dtype, sparse_block, arch) for arch in ARCHS}
+                    # one spec for every arch where the config is shared, else one per arch
+                    per_arch = [(None, cfgs[ARCHS[0]])] if len(set(cfgs.values())) == 1 else list(cfgs.items())
+                    for arch, cfg in per_arch:
+                        const = dict(HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                                     BLOCK_D=pad_dim(d), BLOCK_DV=pad_dim(d),
+                                     HAS_LEFT=has_left, HAS_RIGHT=has_right, IS_SPARSE=is_sparse,
+                                     SPARSE_BLOCK=sparse_block, HAS_KPM=has_kpm, DOT_PREC=prec,
+                                     TABLE_SKIP=cfg.table_skip)
+                        name = f"{fn.__name__}-{label}-D{d}-{variant}-M{cfg.block_m}-N{cfg.block_n}"
+                        name += f"-sm{arch}" if arch else ""
+                        specs.append(_spec(name, fn, label, tdt, const,
+                                           num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
+                                           uses_dot=uses_tc, archs=(arch,) if arch else None,
+                                           waive=_sm90_waiver(kernel, cfg, d) if arch in (None, 90) else (),
+                                           quick=d == _AOT_QUICK_HEAD_DIM and variant == _AOT_QUICK_VARIANT))
     return specs
 
 

@@ -12,8 +12,13 @@ reads from the result:
 - shared memory: the launch's dynamic shared memory (`metadata.shared`);
 - tensor cores: `mma.sync` (sm_80) / `wgmma.mma_async` or `mma.sync` (sm_90a) in the PTX.
 
-Exit status 1 on any compile error, any spill, a spec with `uses_dot` whose PTX has no
-tensor-core instruction, or shared memory over the arch's per-block limit; 0 otherwise. A module of KERNEL_MODULES that does not exist
+Per spec and arch it reports the tile (constexpr BLOCK_* sizes), warps, stages, registers,
+spills, shared memory and the MMA instructions by kind and shape (e.g. "wgmma.m64n128k16.bf16
+x60"), and prints the triton and ptxas versions first. Exit status 1 on any compile error,
+any spill, a spec with `uses_dot` whose PTX has no tensor-core instruction, shared memory
+over the arch's per-block limit, `mma.sync` in a 16-bit sm_90a kernel with a dot (no
+wgmma), or TF32 MMAs in a kernel on 16-bit inputs; 0 otherwise. A spec may waive named
+problems (`KernelSpec.waive`, each with its reason): they are reported, not failed. A module of KERNEL_MODULES that does not exist
 (yet) is skipped with a note; an existing module that fails to import is an error.
 
 Triton's interpreter cannot compile for a GPU and must be chosen before triton is
@@ -56,6 +61,13 @@ _RE_STACK = re.compile(r"(\d+) bytes stack frame")
 # a predicate guard such as "@%p1 ")
 _RE_MMA = re.compile(r"^\s*(?:@!?%\w+\s+)?mma\.sync\.", re.MULTILINE)
 _RE_WGMMA = re.compile(r"^\s*(?:@!?%\w+\s+)?wgmma\.mma_async\.", re.MULTILINE)
+# kind, shape and the A operand type of an MMA instruction (mma.sync: .f32.<a>.<b>.f32;
+# wgmma: .f32.<a>.<b>)
+_RE_MMA_SHAPE = re.compile(r"^\s*(?:@!?%\w+\s+)?(mma\.sync|wgmma\.mma_async)\.\S*?\.(m\d+n\d+k\d+)\S*?"
+                           r"\.(?:f32|f16|s32)\.(f16|bf16|tf32|f64|e4m3|e5m2|s8|u8)\.", re.MULTILINE)
+SIXTEEN_BIT = ("fp16", "bf16")
+# problems a spec may waive with a reason (KernelSpec.waive); the others always fail
+WAIVABLE = ("mma.sync-sm90", "tf32-16bit")
 
 
 @dataclasses.dataclass
@@ -89,6 +101,28 @@ def tensor_core_ops(ptx: str) -> dict[str, int]:
     the Hopper warpgroup MMA. Fences, commit and wait instructions are not counted.
     """
     return {"mma": len(_RE_MMA.findall(ptx)), "wgmma": len(_RE_WGMMA.findall(ptx))}
+
+
+def mma_shapes(ptx: str) -> dict[str, int]:
+    """Counts of MMA instructions by kind, shape and operand type, e.g.
+    {"wgmma.m64n128k16.bf16": 60, "mma.m16n8k8.tf32": 24}."""
+    counts: dict[str, int] = {}
+    for kind, shape, ty in _RE_MMA_SHAPE.findall(ptx):
+        key = f"{'wgmma' if kind.startswith('wgmma') else 'mma'}.{shape}.{ty}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def mma_problems(shapes: dict[str, int], arch: int, dtype: str, uses_dot: bool) -> list[str]:
+    """What makes a kernel's MMAs slow: mma.sync in a 16-bit sm_90a kernel with a dot (a
+    tile under 64 rows per warpgroup), TF32 MMAs on 16-bit inputs (fp32 operands)."""
+    problems = []
+    if dtype in SIXTEEN_BIT and uses_dot:
+        if arch >= 90 and any(k.startswith("mma.") for k in shapes):
+            problems.append("mma.sync-sm90")
+        if any(k.endswith(".tf32") for k in shapes):
+            problems.append("tf32-16bit")
+    return problems
 
 
 def has_tensor_cores(ops: dict[str, int], arch: int) -> bool:
@@ -140,10 +174,10 @@ def collect_specs(modules=None, *, quick=False, filter_substr=None, log=print):
             raise RuntimeError(f"{mod_name}: duplicate AOT spec names {sorted(dup)}")
         chosen = list(mod_specs)
         if quick:
-            # one spec per (kernel, dtype): the one marked quick, else the first
-            groups: dict[tuple[str, str], list] = {}
+            # one spec per (kernel, dtype, archs): the one marked quick, else the first
+            groups: dict[tuple, list] = {}
             for s in chosen:
-                groups.setdefault((_kernel_name(s), _spec_dtype(s)), []).append(s)
+                groups.setdefault((_kernel_name(s), _spec_dtype(s), getattr(s, "archs", None)), []).append(s)
             chosen = [next((s for s in group if getattr(s, "quick", False)), group[0]) for group in groups.values()]
         if filter_substr:
             chosen = [s for s in chosen if filter_substr in s.name]
@@ -187,6 +221,13 @@ def _run_ptxas(ptx: str, arch: int) -> str:
     return proc.stderr + proc.stdout
 
 
+def _tile_str(spec) -> str:
+    """The constexpr tile sizes, e.g. "M32xN128" (BLOCK_D/BLOCK_DV, the padded head dims, not)."""
+    c = spec.constexprs
+    keys = [k for k in sorted(c) if k.startswith("BLOCK_") and isinstance(c[k], int) and k not in ("BLOCK_D", "BLOCK_DV")]
+    return "x".join(f"{k.replace('BLOCK_', '')}{c[k]}" for k in keys)
+
+
 def _config_str(spec) -> str:
     c = spec.constexprs
     parts = [f"{k.replace('BLOCK_', '')}{c[k]}" for k in sorted(c) if k.startswith("BLOCK_") and isinstance(c[k], int)]
@@ -205,14 +246,16 @@ def compile_one(mod_name: str, spec_name: str, arch: int) -> dict:
     t0 = time.perf_counter()
     row = dict(module=mod_name, name=spec_name, arch=arch, kernel="?", dtype="?", config="", uses_dot=None,
                regs=None, spill_stores=None, spill_loads=None, spills=None, stack=None, smem=None,
-               mma=0, wgmma=0, tensor_cores=None, status="error", error=None)
+               mma=0, wgmma=0, mma_shapes={}, tensor_cores=None, status="error", error=None, waived=[],
+               num_warps=None, num_stages=None, tile="")
     try:
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
 
         spec = next(s for s in importlib.import_module(mod_name).AOT_SPECS if s.name == spec_name)
-        row.update(kernel=_kernel_name(spec), dtype=_spec_dtype(spec), config=_config_str(spec), uses_dot=spec.uses_dot)
+        row.update(kernel=_kernel_name(spec), dtype=_spec_dtype(spec), config=_config_str(spec), uses_dot=spec.uses_dot,
+                   num_warps=spec.num_warps, num_stages=spec.num_stages, tile=_tile_str(spec))
         src = ASTSource(spec.fn, spec.signature, spec.constexprs, _attrs(spec))
         options = dict(num_warps=spec.num_warps, num_stages=spec.num_stages)
         if getattr(spec, "maxnreg", None):
@@ -222,9 +265,10 @@ def compile_one(mod_name: str, spec_name: str, arch: int) -> dict:
         info = parse_ptxas_log(_run_ptxas(ptx, arch))
         ops = tensor_core_ops(ptx)
         tc = has_tensor_cores(ops, arch)
+        shapes = mma_shapes(ptx)
         row.update(regs=info.registers, spill_stores=info.spill_stores, spill_loads=info.spill_loads,
                    spills=info.spills, stack=info.stack, smem=int(kernel.metadata.shared),
-                   mma=ops["mma"], wgmma=ops["wgmma"], tensor_cores=tc)
+                   mma=ops["mma"], wgmma=ops["wgmma"], mma_shapes=shapes, tensor_cores=tc)
         problems = []
         if info.spills:
             problems.append("spill")
@@ -232,7 +276,13 @@ def compile_one(mod_name: str, spec_name: str, arch: int) -> dict:
             problems.append("smem")
         if spec.uses_dot and not tc:
             problems.append("no-mma")
-        row["status"] = ",".join(problems) if problems else "ok"
+        waive = dict(getattr(spec, "waive", ()) or ())
+        for problem in mma_problems(shapes, arch, row["dtype"], spec.uses_dot):
+            if problem in waive:
+                row["waived"].append(f"{problem}: {waive[problem]}")
+            else:
+                problems.append(problem)
+        row["status"] = ",".join(problems) if problems else ("ok (waived)" if row["waived"] else "ok")
     except Exception as exc:  # noqa: BLE001 - a compile error is a result to report
         row["error"] = f"{type(exc).__name__}: {str(exc).strip()[:800]}"
     row["seconds"] = round(time.perf_counter() - t0, 2)
@@ -246,10 +296,11 @@ def compile_one(mod_name: str, spec_name: str, arch: int) -> dict:
 def _mma_cell(row) -> str:
     if row["tensor_cores"] is None:
         return "?"
-    kinds = "+".join(k for k in ("wgmma", "mma") if row[k])
+    kinds = " ".join(f"{k} x{n}" for k, n in row.get("mma_shapes", {}).items()) or \
+        "+".join(k for k in ("wgmma", "mma") if row[k])
     if not row["uses_dot"]:
         return f"({kinds})" if kinds else "-"  # not required: no dot, or exact-fp32 dots
-    return f"yes ({kinds})" if row["tensor_cores"] else "NO"
+    return kinds if row["tensor_cores"] else "NO"
 
 
 def _cells(row) -> list[str]:
@@ -261,7 +312,7 @@ def _cells(row) -> list[str]:
 
 
 def format_table(rows, markdown=False) -> str:
-    header = ["kernel", "config", "arch", "regs", "spills", "smem (B)", "tensor cores", "status"]
+    header = ["kernel", "config", "arch", "regs", "spills", "smem (B)", "MMA (kind.shape.type x count)", "status"]
     body = [_cells(r) for r in rows]
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -280,6 +331,9 @@ def summarize(rows) -> dict:
         spills=sum(bool(r["spills"]) for r in rows),
         missing_tensor_cores=sum("no-mma" in r["status"] for r in rows),
         smem_over_limit=sum("smem" in r["status"] for r in rows),
+        mma_sync_sm90=sum("mma.sync-sm90" in r["status"] for r in rows),
+        tf32_16bit=sum("tf32-16bit" in r["status"] for r in rows),
+        waived=sum(bool(r.get("waived")) for r in rows),
         max_regs=max((r["regs"] for r in rows if r["regs"] is not None), default=None),
         max_smem=max((r["smem"] for r in rows if r["smem"] is not None), default=None),
     )
@@ -325,9 +379,14 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
 
+    import triton
+
+    # the toolchain first: an H200 run once used a different one than CI, and nobody could tell
+    log(f"triton {triton.__version__}, ptxas {ptxas_version()} ({path})")
     t0 = time.perf_counter()
     specs, notes = collect_specs(quick=args.quick, filter_substr=args.filter, log=log)
-    tasks = [(m, s.name, arch) for m, s in specs for arch in args.arch]
+    tasks = [(m, s.name, arch) for m, s in specs for arch in args.arch
+             if getattr(s, "archs", None) is None or arch in s.archs]
     jobs = max(1, min(args.jobs, len(tasks) or 1))
     log(f"compiling {len(specs)} specs x {len(args.arch)} archs = {len(tasks)} compiles with {jobs} processes")
     rows = [None] * len(tasks)
@@ -352,9 +411,8 @@ def main(argv=None) -> int:
     elapsed = time.perf_counter() - t0
     summary = summarize(rows)
     summary["seconds"] = round(elapsed, 1)
-    ok = not (summary["errors"] or summary["spills"] or summary["missing_tensor_cores"] or summary["smem_over_limit"])
-
-    import triton
+    ok = not (summary["errors"] or summary["spills"] or summary["missing_tensor_cores"] or summary["smem_over_limit"]
+              or summary["mma_sync_sm90"] or summary["tf32_16bit"])
 
     print(format_table(rows, markdown=args.markdown), file=out)
     for r in rows:
@@ -363,9 +421,17 @@ def main(argv=None) -> int:
     tail = (f"{summary['specs']} specs, {summary['compiles']} compiles (sm_{', sm_'.join(map(str, args.arch))}) "
             f"in {elapsed:.0f} s: {summary['errors']} errors, {summary['spills']} with spills, "
             f"{summary['missing_tensor_cores']} dot kernels without tensor cores, "
-            f"{summary['smem_over_limit']} over the shared-memory limit; max {summary['max_regs']} regs, "
+            f"{summary['smem_over_limit']} over the shared-memory limit, "
+            f"{summary['mma_sync_sm90']} 16-bit sm_90a kernels on mma.sync, {summary['tf32_16bit']} with TF32 MMAs on "
+            f"16-bit inputs ({summary['waived']} waived); max {summary['max_regs']} regs, "
             f"max {summary['max_smem']} B shared. triton {triton.__version__}, ptxas {ptxas_version()}.")
     print(("\n" if args.markdown else "\n") + tail + ("" if ok else " FAILED"), file=out)
+    waived = {}
+    for r in rows:
+        for w in r.get("waived") or ():
+            waived.setdefault(w, []).append(f"{r['name']} sm_{r['arch']}")
+    for w, where in waived.items():
+        print(f"\nwaived {w} ({len(where)} compiles, e.g. {where[0]})", file=out)
     for note in notes:
         print(f"\nnote: {note}" if not args.markdown else f"\n_note: {note}_", file=out)
     if args.json:
