@@ -316,35 +316,71 @@ inline acc_type<T> exp_row(acc_type<T>* x, int64_t n, acc_type<T> a, acc_type<T>
 }
 
 // dQᵀ[D, M] += Kᵀ[D, j0 : j1] · dSᵀ[N, M]: kT_h one head's packed transposed K (plain
-// layout for every T), dst the float dSᵀ tile (ld BLOCK_M). On the matrix units dSᵀ
-// becomes the B operand: its rows are rounded to T (into `tmp`, 2 x BLOCK_M) and
-// interleaved by key pairs into `buf` (the pair (r, r + 1) of column c is one 32-bit
-// word), the key range aligned to a pair as in gemm_seq.
+// layout for every T). float / double: dSᵀ is the float tile dst (ld BLOCK_M). Matrix
+// units: dSᵀ is the B operand, taken from its rounded rows `low` (ld kLowpLd, column c
+// at c + qshift, as ds_row_bwd leaves them) and interleaved by key pairs into `buf`
+// (the pair (r, r + 1) of column c is one 32-bit word), the key range aligned to a
+// pair as in gemm_seq; rows outside [j0, j1) are zero.
 template <typename T>
-inline void gemm_dqT(int64_t D, int64_t M, int64_t j0, int64_t j1, const T* kT_h, const acc_type<T>* dst, T* buf,
-                     T* tmp, acc_type<T>* dqT, int64_t ld_dqT) {
+inline void gemm_dqT(int64_t D, int64_t M, int64_t j0, int64_t j1, int64_t qshift, const T* kT_h,
+                     const acc_type<T>* dst, const T* low, T* buf, acc_type<T>* dqT, int64_t ld_dqT) {
   if constexpr (kMatrixUnits<T>) {
     const int64_t a0 = j0 & ~int64_t(1), sh = j0 - a0, K = (j1 - a0 + 1) & ~int64_t(1), N = j1 - j0;
-    auto round_row = [&](int64_t r, T* out) {  // source row r of dSᵀ, zero outside [0, N)
-      if (r < 0 || r >= N)
-        std::fill(out, out + M, T(0));
-      else
-        common::convert_row(dst + r * kBlockM, out, M);
-    };
-    const uint16_t* lo = reinterpret_cast<const uint16_t*>(tmp);
-    const uint16_t* hi = lo + kBlockM;
     uint32_t* words = reinterpret_cast<uint32_t*>(buf);
+    const uint16_t* rows = reinterpret_cast<const uint16_t*>(low) + qshift;
     for (int64_t pr = 0; pr < K / 2; ++pr) {
-      round_row(2 * pr - sh, tmp);
-      round_row(2 * pr + 1 - sh, tmp + kBlockM);
+      const int64_t r0 = 2 * pr - sh, r1 = r0 + 1;
       uint32_t* w = words + pr * kBlockM;
-      for (int64_t c = 0; c < M; ++c) w[c] = uint32_t(lo[c]) | (uint32_t(hi[c]) << 16);
+      if (r0 >= 0 && r1 < N) {
+        const uint16_t* lo = rows + r0 * kLowpLd;
+        const uint16_t* hi = rows + r1 * kLowpLd;
+        for (int64_t c = 0; c < M; ++c) w[c] = uint32_t(lo[c]) | (uint32_t(hi[c]) << 16);
+      } else if (r0 >= 0 && r0 < N) {
+        const uint16_t* lo = rows + r0 * kLowpLd;
+        for (int64_t c = 0; c < M; ++c) w[c] = uint32_t(lo[c]);
+      } else {  // r0 = -1: only r1 is a row of the range
+        const uint16_t* hi = rows + r1 * kLowpLd;
+        for (int64_t c = 0; c < M; ++c) w[c] = uint32_t(hi[c]) << 16;
+      }
     }
+    (void)dst;
     common::vnni_gemm(D, M, K, packed_piece(kT_h, a0, D, kBlockN), kBlockN, buf, kBlockM, dqT, ld_dqT, true);
   } else {
+    (void)qshift;
+    (void)low;
     (void)buf;
-    (void)tmp;
     tile_gemm<T>(D, M, j1 - j0, packed_piece(kT_h, j0, D, kBlockN), kBlockN, dst, kBlockM, dqT, ld_dqT, true);
+  }
+}
+
+// Backward row of Pᵀ: x[0, n) <- exp(x * scale - lse) in float; on the matrix units also
+// rounded into `low` at the pair-aligned offset of a range starting at `start`.
+template <typename T>
+inline void p_row_bwd(acc_type<T>* x, int64_t n, acc_type<T> scale, const acc_type<T>* lse, T* low, int64_t start) {
+  if constexpr (kMatrixUnits<T>) {
+    const int64_t sh = start & 1, K = (n + sh + 1) & ~int64_t(1);
+    if (sh) low[0] = T(0);
+    common::exp_lse_round(x, n, scale, lse, low + sh);
+    if (n + sh < K) low[K - 1] = T(0);
+  } else {
+    (void)low;
+    (void)start;
+    exp_scaled_minus(x, n, scale, lse, true);
+  }
+}
+
+// Backward row of dSᵀ = Pᵀ ∘ (dPᵀ − delta) · scale: in place in float, or on the matrix
+// units only rounded into `low` (same offsets as p_row_bwd; the padding stays zero).
+template <typename T>
+inline void ds_row_bwd(acc_type<T>* p_row, const acc_type<T>* dp, int64_t n, const acc_type<T>* delta,
+                       acc_type<T> scale, T* low, int64_t start, acc_type<T>* tmp) {
+  if constexpr (kMatrixUnits<T>) {
+    common::softmax_grad_round(p_row, dp, n, delta, scale, low + (start & 1), tmp);
+  } else {
+    (void)low;
+    (void)start;
+    (void)tmp;
+    softmax_grad(p_row, dp, n, delta, true, scale);
   }
 }
 
@@ -515,7 +551,8 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
     std::vector<A> dk_acc(kBlockN * p.D), dv_acc(kBlockN * p.Dv);  // [BLOCK_N, D], [BLOCK_N, Dv]
     // Matrix units: Pᵀ / dSᵀ rounded to T (A operands), dSᵀ in VNNI pairs (dQᵀ's B operand).
     std::vector<T> a_lowp(kMatrixUnits<T> ? kBlockN * kLowpLd : 0);
-    std::vector<T> b_lowp(kMatrixUnits<T> ? (kBlockN + 2) * kBlockM : 0), tmp_lowp(kMatrixUnits<T> ? 2 * kBlockM : 0);
+    std::vector<T> b_lowp(kMatrixUnits<T> ? (kBlockN + 2) * kBlockM : 0);
+    std::vector<A> tmp_f(kMatrixUnits<T> ? kBlockM : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c = task % n_chunks, bh = task / n_chunks, b = bh / p.Hq, h = bh % p.Hq, hk = h / p.group;
       const int64_t bhk = b * p.Hk + hk;
@@ -541,17 +578,25 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
           gemm_packed<T>(N, M, p.D, k_t, p.D, qT_h, i0, kBlockM, st.data(), kBlockM);     // Sᵀ = K Qᵀ
           gemm_packed<T>(N, M, p.Dv, v_t, p.Dv, doT_h, i0, kBlockM, dpt.data(), kBlockM);  // dPᵀ = V dOᵀ
           const bool masked = padded || window_cuts(p, i0, i1, j0, j1);
-          for (int64_t r = 0; r < N; ++r) {
+          for (int64_t r = 0; r < N; ++r) {  // Pᵀ (in float, and rounded on the matrix units)
             A* row = st.data() + r * kBlockM;
-            exp_scaled_minus(row, M, scale, lse_h + i0, true);  // Pᵀ
-            if (masked) mask_key_row(p, b, j0 + r, i0, i1, row, A(0));
+            T* low = a_lowp.data() + r * kLowpLd;
+            p_row_bwd<T>(row, M, scale, lse_h + i0, low, i0);
+            if (masked) {
+              mask_key_row(p, b, j0 + r, i0, i1, row, A(0));
+              if constexpr (kMatrixUnits<T>) mask_key_row(p, b, j0 + r, i0, i1, low + (i0 & 1), T(0));
+            }
           }
-          gemm_seq<T>(N, p.Dv, i0, i1, st.data(), kBlockM, do_h, a_lowp.data(), dv_acc.data(), p.Dv);  // dV += Pᵀ dO
-          for (int64_t r = 0; r < N; ++r)
-            softmax_grad(st.data() + r * kBlockM, dpt.data() + r * kBlockM, M, delta_h + i0, true, scale);  // dSᵀ
-          gemm_seq<T>(N, p.D, i0, i1, st.data(), kBlockM, q_h, a_lowp.data(), dk_acc.data(), p.D);  // dK += dSᵀ Q
+          gemm_seq<T>(N, p.Dv, i0, i1, st.data(), kBlockM, do_h, a_lowp.data(), dv_acc.data(), p.Dv,
+                      kMatrixUnits<T>);  // dV += Pᵀ dO
+          for (int64_t r = 0; r < N; ++r)  // dSᵀ (in place in float, or only rounded on the matrix units)
+            ds_row_bwd<T>(st.data() + r * kBlockM, dpt.data() + r * kBlockM, M, delta_h + i0, scale,
+                          a_lowp.data() + r * kLowpLd, i0, tmp_f.data());
+          gemm_seq<T>(N, p.D, i0, i1, st.data(), kBlockM, q_h, a_lowp.data(), dk_acc.data(), p.D,
+                      kMatrixUnits<T>);  // dK += dSᵀ Q
           A* dqT_t = dqT + (i0 / kBlockM) * p.D * kBlockM + i0 % kBlockM;  // [D, M], ld BLOCK_M
-          gemm_dqT<T>(p.D, M, j0, j1, kT_h, st.data(), b_lowp.data(), tmp_lowp.data(), dqT_t, kBlockM);  // dQᵀ += Kᵀ dSᵀ
+          gemm_dqT<T>(p.D, M, j0, j1, i0 & 1, kT_h, st.data(), a_lowp.data(), b_lowp.data(), dqT_t,
+                      kBlockM);  // dQᵀ += Kᵀ dSᵀ
         });
         const int64_t oh = b * out_heads + (p.group > 1 ? h : hk);
         std::copy(dk_acc.data(), dk_acc.data() + N * p.D, dk_out + (oh * p.Nk + j0) * p.D);

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "common/ns.h"
 
@@ -240,6 +241,46 @@ __attribute__((target("avx512bf16"))) inline float exp_fma_sum_round_bf16(const 
   return s;
 }
 
+// Backward rows on the matrix units. x[i] <- exp(x[i] * scale - lse[i]) (P, kept in float
+// for dS) and out[i] = bf16 of it, one pass; lse = +inf (a row that sees nothing) gives 0.
+__attribute__((target("avx512bf16"))) inline void exp_lse_round_bf16(float* x, int64_t n, float scale,
+                                                                     const float* lse, at::BFloat16* out) {
+  constexpr int64_t W = 16;
+  constexpr float kLog2e = 1.4426950408889634f;
+  const __m512 va = _mm512_set1_ps(scale * kLog2e), vm = _mm512_set1_ps(-kLog2e);
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    const __m512 e0 = exp2_poly4(_mm512_fmadd_ps(_mm512_loadu_ps(x + i), va, _mm512_mul_ps(_mm512_loadu_ps(lse + i), vm)));
+    const __m512 e1 =
+        exp2_poly4(_mm512_fmadd_ps(_mm512_loadu_ps(x + i + W), va, _mm512_mul_ps(_mm512_loadu_ps(lse + i + W), vm)));
+    _mm512_storeu_ps(x + i, e0);
+    _mm512_storeu_ps(x + i + W, e1);
+    _mm512_storeu_si512(reinterpret_cast<void*>(out + i), reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e1, e0)));
+  }
+  for (; i < n; ++i) {
+    x[i] = std::exp(x[i] * scale - lse[i]);
+    out[i] = at::BFloat16(x[i]);
+  }
+}
+
+// out[i] = bf16(p[i] * (dp[i] - delta[i]) * scale) (dS, never stored in float).
+__attribute__((target("avx512bf16"))) inline void softmax_grad_round_bf16(const float* p, const float* dp, int64_t n,
+                                                                          const float* delta, float scale,
+                                                                          at::BFloat16* out) {
+  constexpr int64_t W = 16;
+  const __m512 vs = _mm512_set1_ps(scale);
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    const __m512 d0 = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(p + i),
+                                                  _mm512_sub_ps(_mm512_loadu_ps(dp + i), _mm512_loadu_ps(delta + i))), vs);
+    const __m512 d1 = _mm512_mul_ps(
+        _mm512_mul_ps(_mm512_loadu_ps(p + i + W), _mm512_sub_ps(_mm512_loadu_ps(dp + i + W), _mm512_loadu_ps(delta + i + W))),
+        vs);
+    _mm512_storeu_si512(reinterpret_cast<void*>(out + i), reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(d1, d0)));
+  }
+  for (; i < n; ++i) out[i] = at::BFloat16(p[i] * (dp[i] - delta[i]) * scale);
+}
+
 inline bool bf16_native_ok() {
   static const bool ok = __builtin_cpu_supports("avx512bf16");
   return ok;
@@ -293,6 +334,30 @@ inline float row_max_fast(const float* x, int64_t n) {
 #else
   return row_max(x, n);
 #endif
+}
+
+// Generic entry points of the two backward rows (T = BFloat16 / Half): the native bf16
+// version where the build and the CPU have it, else the float helpers and a rounding pass.
+template <typename T>
+inline void exp_lse_round(float* x, int64_t n, float scale, const float* lse, T* out) {
+#ifdef ATTNKERNELS_NATIVE_BF16
+  if constexpr (std::is_same_v<T, at::BFloat16>)
+    if (bf16_native_ok()) return exp_lse_round_bf16(x, n, scale, lse, out);
+#endif
+  exp_scaled_minus(x, n, scale, lse, true);
+  at::vec::convert(x, out, n);
+}
+
+template <typename T>
+inline void softmax_grad_round(const float* p, const float* dp, int64_t n, const float* delta, float scale, T* out,
+                               float* tmp) {
+#ifdef ATTNKERNELS_NATIVE_BF16
+  if constexpr (std::is_same_v<T, at::BFloat16>)
+    if (bf16_native_ok()) return softmax_grad_round_bf16(p, dp, n, delta, scale, out);
+#endif
+  std::copy(p, p + n, tmp);
+  softmax_grad(tmp, dp, n, delta, true, scale);
+  at::vec::convert(tmp, out, n);
 }
 
 // dst[0, n) = src[0, n) converted (rounded to nearest even for bf16 / fp16).
