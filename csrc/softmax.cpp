@@ -19,8 +19,13 @@
 // the at::vec row helpers of common/row_math.h. Arguments arrive validated by the
 // Python API; the op entry points check only the invariants that keep a direct
 // torch.ops call in bounds (common/checks.h, check_table, prepare_masks).
-// bf16/fp16 inputs are upcast once to float32 (O(N·D), never O(N²)), so the
-// accumulation is float32 as in FlashAttention; float64 stays float64.
+// Precision. bf16/fp16 on a CPU with the matrix units (AMX; cpublas::could_pack) and
+// even head dims: 16-bit GEMM operands (VNNI-packed where they are B operands), float32
+// accumulation; the softmax state (running max, sum, output accumulator, LSE) is
+// float32 and P (forward, dV) and dS (dK, dQ) are rounded to the input dtype for their
+// products, as FlashAttention does. Elsewhere (no AMX, ATTNKERNELS_CPU_NO_AMX=1, odd
+// D or Dv) bf16/fp16 are upcast once to float32 (O(N·D), never O(N²)) and run the
+// float32 path. float64 stays float64. gemm_path(dtype) names the path a dtype takes.
 //
 // Backward (FA2): P is recomputed from the saved LSE, delta = rowsum(dO ∘ O),
 // dS = P ∘ (dP − delta); one pass per (batch, query head, chunk of key tiles)
