@@ -79,34 +79,6 @@ inline T row_max(const T* x, int64_t n) {
   return m;
 }
 
-// x <- exp(x - m); returns the sum (fixed order: two lane accumulators, tree, then tail).
-template <typename T>
-inline T exp_sub_sum(T* x, int64_t n, T m) {
-  using Vec = at::vec::Vectorized<T>;
-  constexpr int64_t W = Vec::size();
-  const Vec vm(m);
-  Vec s0(T(0)), s1(T(0));
-  int64_t i = 0;
-  for (; i + 2 * W <= n; i += 2 * W) {
-    const Vec e0 = vexp(Vec::loadu(x + i) - vm), e1 = vexp(Vec::loadu(x + i + W) - vm);
-    e0.store(x + i);
-    e1.store(x + i + W);
-    s0 = s0 + e0;
-    s1 = s1 + e1;
-  }
-  for (; i + W <= n; i += W) {
-    const Vec e = vexp(Vec::loadu(x + i) - vm);
-    e.store(x + i);
-    s0 = s0 + e;
-  }
-  T s = hsum<T>(s0 + s1);
-  for (; i < n; ++i) {
-    x[i] = std::exp(x[i] - m);
-    s += x[i];
-  }
-  return s;
-}
-
 // x <- exp(x * a - b) (one FMA before the exp); returns the sum, in the same fixed order.
 template <typename T>
 inline T exp_fma_sum(T* x, int64_t n, T a, T b) {
