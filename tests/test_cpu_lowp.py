@@ -102,6 +102,7 @@ CASES = [
     ((1, 1, 1, 97, 97, 256, 256), DENSE),
     ((1, 2, 1, 97, 131, 64, 32), DENSE),  # Dv != D
     ((1, 2, 2, 67, 67, 33, 33), DENSE),  # odd D: the upcast path even where AMX runs
+    ((1, 2, 1, 300, 200, 64, 64), DENSE),  # dense forward tiles of 128 query rows, a partial last one
 ]
 
 
