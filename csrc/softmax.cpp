@@ -19,8 +19,13 @@
 // the at::vec row helpers of common/row_math.h. Arguments arrive validated by the
 // Python API; the op entry points check only the invariants that keep a direct
 // torch.ops call in bounds (common/checks.h, check_table, prepare_masks).
-// bf16/fp16 inputs are upcast once to float32 (O(N·D), never O(N²)), so the
-// accumulation is float32 as in FlashAttention; float64 stays float64.
+// Precision. bf16/fp16 on a CPU with the matrix units (AMX; cpublas::could_pack) and
+// even head dims: 16-bit GEMM operands (VNNI-packed where they are B operands), float32
+// accumulation; the softmax state (running max, sum, output accumulator, LSE) is
+// float32 and P (forward, dV) and dS (dK, dQ) are rounded to the input dtype for their
+// products, as FlashAttention does. Elsewhere (no AMX, ATTNKERNELS_CPU_NO_AMX=1, odd
+// D or Dv) bf16/fp16 are upcast once to float32 (O(N·D), never O(N²)) and run the
+// float32 path. float64 stays float64. gemm_path(dtype) names the path a dtype takes.
 //
 // Backward (FA2): P is recomputed from the saved LSE, delta = rowsum(dO ∘ O),
 // dS = P ∘ (dP − delta); one pass per (batch, query head, chunk of key tiles)
@@ -234,6 +239,8 @@ using acc_type = at::opmath_type<T>;  // float for float / bf16 / fp16, double f
 // Padded leading dimension of the 16-bit copies of P / dS tiles: room for the
 // one-column shift that aligns an odd sequence start to a VNNI pair.
 constexpr int64_t kLowpLd = std::max(kBlockM, kBlockN) + 2;
+// Query rows per forward task on the matrix units without a window (see forward_kernel).
+constexpr int64_t kLowpBlockM = 128;
 
 // C[M, N] = A[M, K] · X[K, a : a + N], X one head's packed transposed operand.
 template <typename T>
@@ -316,35 +323,71 @@ inline acc_type<T> exp_row(acc_type<T>* x, int64_t n, acc_type<T> a, acc_type<T>
 }
 
 // dQᵀ[D, M] += Kᵀ[D, j0 : j1] · dSᵀ[N, M]: kT_h one head's packed transposed K (plain
-// layout for every T), dst the float dSᵀ tile (ld BLOCK_M). On the matrix units dSᵀ
-// becomes the B operand: its rows are rounded to T (into `tmp`, 2 x BLOCK_M) and
-// interleaved by key pairs into `buf` (the pair (r, r + 1) of column c is one 32-bit
-// word), the key range aligned to a pair as in gemm_seq.
+// layout for every T). float / double: dSᵀ is the float tile dst (ld BLOCK_M). Matrix
+// units: dSᵀ is the B operand, taken from its rounded rows `low` (ld kLowpLd, column c
+// at c + qshift, as ds_row_bwd leaves them) and interleaved by key pairs into `buf`
+// (the pair (r, r + 1) of column c is one 32-bit word), the key range aligned to a
+// pair as in gemm_seq; rows outside [j0, j1) are zero.
 template <typename T>
-inline void gemm_dqT(int64_t D, int64_t M, int64_t j0, int64_t j1, const T* kT_h, const acc_type<T>* dst, T* buf,
-                     T* tmp, acc_type<T>* dqT, int64_t ld_dqT) {
+inline void gemm_dqT(int64_t D, int64_t M, int64_t j0, int64_t j1, int64_t qshift, const T* kT_h,
+                     const acc_type<T>* dst, const T* low, T* buf, acc_type<T>* dqT, int64_t ld_dqT) {
   if constexpr (kMatrixUnits<T>) {
     const int64_t a0 = j0 & ~int64_t(1), sh = j0 - a0, K = (j1 - a0 + 1) & ~int64_t(1), N = j1 - j0;
-    auto round_row = [&](int64_t r, T* out) {  // source row r of dSᵀ, zero outside [0, N)
-      if (r < 0 || r >= N)
-        std::fill(out, out + M, T(0));
-      else
-        common::convert_row(dst + r * kBlockM, out, M);
-    };
-    const uint16_t* lo = reinterpret_cast<const uint16_t*>(tmp);
-    const uint16_t* hi = lo + kBlockM;
     uint32_t* words = reinterpret_cast<uint32_t*>(buf);
+    const uint16_t* rows = reinterpret_cast<const uint16_t*>(low) + qshift;
     for (int64_t pr = 0; pr < K / 2; ++pr) {
-      round_row(2 * pr - sh, tmp);
-      round_row(2 * pr + 1 - sh, tmp + kBlockM);
+      const int64_t r0 = 2 * pr - sh, r1 = r0 + 1;
       uint32_t* w = words + pr * kBlockM;
-      for (int64_t c = 0; c < M; ++c) w[c] = uint32_t(lo[c]) | (uint32_t(hi[c]) << 16);
+      if (r0 >= 0 && r1 < N) {
+        const uint16_t* lo = rows + r0 * kLowpLd;
+        const uint16_t* hi = rows + r1 * kLowpLd;
+        for (int64_t c = 0; c < M; ++c) w[c] = uint32_t(lo[c]) | (uint32_t(hi[c]) << 16);
+      } else if (r0 >= 0 && r0 < N) {
+        const uint16_t* lo = rows + r0 * kLowpLd;
+        for (int64_t c = 0; c < M; ++c) w[c] = uint32_t(lo[c]);
+      } else {  // r0 = -1: only r1 is a row of the range
+        const uint16_t* hi = rows + r1 * kLowpLd;
+        for (int64_t c = 0; c < M; ++c) w[c] = uint32_t(hi[c]) << 16;
+      }
     }
+    (void)dst;
     common::vnni_gemm(D, M, K, packed_piece(kT_h, a0, D, kBlockN), kBlockN, buf, kBlockM, dqT, ld_dqT, true);
   } else {
+    (void)qshift;
+    (void)low;
     (void)buf;
-    (void)tmp;
     tile_gemm<T>(D, M, j1 - j0, packed_piece(kT_h, j0, D, kBlockN), kBlockN, dst, kBlockM, dqT, ld_dqT, true);
+  }
+}
+
+// Backward row of Pᵀ: x[0, n) <- exp(x * scale - lse) in float; on the matrix units also
+// rounded into `low` at the pair-aligned offset of a range starting at `start`.
+template <typename T>
+inline void p_row_bwd(acc_type<T>* x, int64_t n, acc_type<T> scale, const acc_type<T>* lse, T* low, int64_t start) {
+  if constexpr (kMatrixUnits<T>) {
+    const int64_t sh = start & 1, K = (n + sh + 1) & ~int64_t(1);
+    if (sh) low[0] = T(0);
+    common::exp_lse_round(x, n, scale, lse, low + sh);
+    if (n + sh < K) low[K - 1] = T(0);
+  } else {
+    (void)low;
+    (void)start;
+    exp_scaled_minus(x, n, scale, lse, true);
+  }
+}
+
+// Backward row of dSᵀ = Pᵀ ∘ (dPᵀ − delta) · scale: in place in float, or on the matrix
+// units only rounded into `low` (same offsets as p_row_bwd; the padding stays zero).
+template <typename T>
+inline void ds_row_bwd(acc_type<T>* p_row, const acc_type<T>* dp, int64_t n, const acc_type<T>* delta,
+                       acc_type<T> scale, T* low, int64_t start, acc_type<T>* tmp) {
+  if constexpr (kMatrixUnits<T>) {
+    common::softmax_grad_round(p_row, dp, n, delta, scale, low + (start & 1), tmp);
+  } else {
+    (void)low;
+    (void)start;
+    (void)tmp;
+    softmax_grad(p_row, dp, n, delta, true, scale);
   }
 }
 
@@ -402,16 +445,21 @@ template <typename T>
 void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_type<T> scale, T* out,
                     acc_type<T>* lse) {
   using A = acc_type<T>;
-  const auto qtiles = make_tiles(p.Nq, kBlockM, p.sbs);
+  // Query rows per task: 128 on the matrix units when no window bounds the keys (twice
+  // the GEMM work per call and per packed Kᵀ / V tile read: measured 1.065x, dense, 1
+  // thread, N=4096, interleaved); BLOCK_M otherwise (causal / windows: a taller tile
+  // wastes more of its diagonal, measured 0.98x for causal).
+  const int64_t bm = kMatrixUnits<T> && p.left < 0 && p.right < 0 ? kLowpBlockM : kBlockM;
+  const auto qtiles = make_tiles(p.Nq, bm, p.sbs);
   const int64_t nt = int64_t(qtiles.size());
   const A neg_inf = -std::numeric_limits<A>::infinity();
-  const int64_t grain = grain_for(2.0 * kBlockM * std::min<int64_t>(p.Nk, 4 * kBlockN) * (p.D + p.Dv));
+  const int64_t grain = grain_for(2.0 * bm * std::min<int64_t>(p.Nk, 4 * kBlockN) * (p.D + p.Dv));
   at::parallel_for(0, p.B * p.Hq * nt, grain, [&](int64_t begin, int64_t end) {
-    std::vector<A> s(kBlockM * kBlockN);    // [BLOCK_M, BLOCK_N] scores, then probabilities
-    std::vector<A> acc(kBlockM * p.Dv);     // [BLOCK_M, Dv] unnormalised output
-    std::vector<A> m(kBlockM), l(kBlockM);  // running row max and row sum
-    std::vector<A> m_new(kBlockM), alpha(kBlockM);  // per tile: new max, rescale factor
-    std::vector<T> p_lowp(kMatrixUnits<T> ? kBlockM * kLowpLd : 0);  // P rounded to T
+    std::vector<A> s(bm * kBlockN);         // [bm, BLOCK_N] scores, then probabilities
+    std::vector<A> acc(bm * p.Dv);          // [bm, Dv] unnormalised output
+    std::vector<A> m(bm), l(bm);            // running row max and row sum
+    std::vector<A> m_new(bm), alpha(bm);    // per tile: new max, rescale factor
+    std::vector<T> p_lowp(kMatrixUnits<T> ? bm * kLowpLd : 0);  // P rounded to T
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / nt, b = bh / p.Hq, h = bh % p.Hq, hk = h / p.group;
       const auto [i0, i1] = qtiles[task % nt];
@@ -515,7 +563,8 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
     std::vector<A> dk_acc(kBlockN * p.D), dv_acc(kBlockN * p.Dv);  // [BLOCK_N, D], [BLOCK_N, Dv]
     // Matrix units: Pᵀ / dSᵀ rounded to T (A operands), dSᵀ in VNNI pairs (dQᵀ's B operand).
     std::vector<T> a_lowp(kMatrixUnits<T> ? kBlockN * kLowpLd : 0);
-    std::vector<T> b_lowp(kMatrixUnits<T> ? (kBlockN + 2) * kBlockM : 0), tmp_lowp(kMatrixUnits<T> ? 2 * kBlockM : 0);
+    std::vector<T> b_lowp(kMatrixUnits<T> ? (kBlockN + 2) * kBlockM : 0);
+    std::vector<A> tmp_f(kMatrixUnits<T> ? kBlockM : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c = task % n_chunks, bh = task / n_chunks, b = bh / p.Hq, h = bh % p.Hq, hk = h / p.group;
       const int64_t bhk = b * p.Hk + hk;
@@ -541,17 +590,25 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
           gemm_packed<T>(N, M, p.D, k_t, p.D, qT_h, i0, kBlockM, st.data(), kBlockM);     // Sᵀ = K Qᵀ
           gemm_packed<T>(N, M, p.Dv, v_t, p.Dv, doT_h, i0, kBlockM, dpt.data(), kBlockM);  // dPᵀ = V dOᵀ
           const bool masked = padded || window_cuts(p, i0, i1, j0, j1);
-          for (int64_t r = 0; r < N; ++r) {
+          for (int64_t r = 0; r < N; ++r) {  // Pᵀ (in float, and rounded on the matrix units)
             A* row = st.data() + r * kBlockM;
-            exp_scaled_minus(row, M, scale, lse_h + i0, true);  // Pᵀ
-            if (masked) mask_key_row(p, b, j0 + r, i0, i1, row, A(0));
+            T* low = a_lowp.data() + r * kLowpLd;
+            p_row_bwd<T>(row, M, scale, lse_h + i0, low, i0);
+            if (masked) {
+              mask_key_row(p, b, j0 + r, i0, i1, row, A(0));
+              if constexpr (kMatrixUnits<T>) mask_key_row(p, b, j0 + r, i0, i1, low + (i0 & 1), T(0));
+            }
           }
-          gemm_seq<T>(N, p.Dv, i0, i1, st.data(), kBlockM, do_h, a_lowp.data(), dv_acc.data(), p.Dv);  // dV += Pᵀ dO
-          for (int64_t r = 0; r < N; ++r)
-            softmax_grad(st.data() + r * kBlockM, dpt.data() + r * kBlockM, M, delta_h + i0, true, scale);  // dSᵀ
-          gemm_seq<T>(N, p.D, i0, i1, st.data(), kBlockM, q_h, a_lowp.data(), dk_acc.data(), p.D);  // dK += dSᵀ Q
+          gemm_seq<T>(N, p.Dv, i0, i1, st.data(), kBlockM, do_h, a_lowp.data(), dv_acc.data(), p.Dv,
+                      kMatrixUnits<T>);  // dV += Pᵀ dO
+          for (int64_t r = 0; r < N; ++r)  // dSᵀ (in place in float, or only rounded on the matrix units)
+            ds_row_bwd<T>(st.data() + r * kBlockM, dpt.data() + r * kBlockM, M, delta_h + i0, scale,
+                          a_lowp.data() + r * kLowpLd, i0, tmp_f.data());
+          gemm_seq<T>(N, p.D, i0, i1, st.data(), kBlockM, q_h, a_lowp.data(), dk_acc.data(), p.D,
+                      kMatrixUnits<T>);  // dK += dSᵀ Q
           A* dqT_t = dqT + (i0 / kBlockM) * p.D * kBlockM + i0 % kBlockM;  // [D, M], ld BLOCK_M
-          gemm_dqT<T>(p.D, M, j0, j1, kT_h, st.data(), b_lowp.data(), tmp_lowp.data(), dqT_t, kBlockM);  // dQᵀ += Kᵀ dSᵀ
+          gemm_dqT<T>(p.D, M, j0, j1, i0 & 1, kT_h, st.data(), a_lowp.data(), b_lowp.data(), dqT_t,
+                      kBlockM);  // dQᵀ += Kᵀ dSᵀ
         });
         const int64_t oh = b * out_heads + (p.group > 1 ? h : hk);
         std::copy(dk_acc.data(), dk_acc.data() + N * p.D, dk_out + (oh * p.Nk + j0) * p.D);

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "common/ns.h"
 
@@ -76,34 +77,6 @@ inline T row_max(const T* x, int64_t n) {
   }
   for (; i < n; ++i) m = max_keep_nan(m, x[i]);
   return m;
-}
-
-// x <- exp(x - m); returns the sum (fixed order: two lane accumulators, tree, then tail).
-template <typename T>
-inline T exp_sub_sum(T* x, int64_t n, T m) {
-  using Vec = at::vec::Vectorized<T>;
-  constexpr int64_t W = Vec::size();
-  const Vec vm(m);
-  Vec s0(T(0)), s1(T(0));
-  int64_t i = 0;
-  for (; i + 2 * W <= n; i += 2 * W) {
-    const Vec e0 = vexp(Vec::loadu(x + i) - vm), e1 = vexp(Vec::loadu(x + i + W) - vm);
-    e0.store(x + i);
-    e1.store(x + i + W);
-    s0 = s0 + e0;
-    s1 = s1 + e1;
-  }
-  for (; i + W <= n; i += W) {
-    const Vec e = vexp(Vec::loadu(x + i) - vm);
-    e.store(x + i);
-    s0 = s0 + e;
-  }
-  T s = hsum<T>(s0 + s1);
-  for (; i < n; ++i) {
-    x[i] = std::exp(x[i] - m);
-    s += x[i];
-  }
-  return s;
 }
 
 // x <- exp(x * a - b) (one FMA before the exp); returns the sum, in the same fixed order.
@@ -200,27 +173,84 @@ inline float exp_fma_sum_round(const float* x, int64_t n, float a, float b, T* o
 // round to nearest even, as the software rounding): this TU is built for plain AVX-512,
 // so only this function is compiled for the extension, and it runs only where the CPU
 // has it (bf16_native_ok; every CPU with AMX-BF16 does).
+//
+// Its exp is 2^t with t = x * a·log2(e) - b·log2(e) (the FMA of the caller's exp(x·a - b)),
+// split t = n + f, |f| <= 1/2, and 2^f by a degree-4 polynomial (fitted here on Chebyshev
+// nodes, max relative error 3.1e-6: far below bf16's 2^-9 rounding of P, and the row sum
+// it feeds). 9 vector ops against exp_u20's ~15. t is clamped at -200 (2^-200 underflows
+// to exactly 0, so masked -inf scores give P = 0); vmaxps(c, t) keeps a NaN t.
+__attribute__((target("avx512bf16"))) inline __m512 exp2_poly4(__m512 t) {
+  t = _mm512_max_ps(_mm512_set1_ps(-200.f), t);
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.00960039533674717f), f, _mm512_set1_ps(0.05591689422726631f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24023719131946564f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931219696998596f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
 __attribute__((target("avx512bf16"))) inline float exp_fma_sum_round_bf16(const float* x, int64_t n, float a,
                                                                            float b, at::BFloat16* out) {
-  using Vec = at::vec::Vectorized<float>;
-  constexpr int64_t W = Vec::size();
-  const Vec va(a), vnb(-b);
-  Vec s0(0.f), s1(0.f);
+  constexpr int64_t W = 16;
+  constexpr float kLog2e = 1.4426950408889634f;
+  const __m512 va = _mm512_set1_ps(a * kLog2e), vnb = _mm512_set1_ps(-b * kLog2e);
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
   int64_t i = 0;
   for (; i + 2 * W <= n; i += 2 * W) {
-    const Vec e0 = vexp(at::vec::fmadd(Vec::loadu(x + i), va, vnb));
-    const Vec e1 = vexp(at::vec::fmadd(Vec::loadu(x + i + W), va, vnb));
-    s0 = s0 + e0;
-    s1 = s1 + e1;
+    const __m512 e0 = exp2_poly4(_mm512_fmadd_ps(_mm512_loadu_ps(x + i), va, vnb));
+    const __m512 e1 = exp2_poly4(_mm512_fmadd_ps(_mm512_loadu_ps(x + i + W), va, vnb));
+    s0 = _mm512_add_ps(s0, e0);
+    s1 = _mm512_add_ps(s1, e1);
     _mm512_storeu_si512(reinterpret_cast<void*>(out + i), reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e1, e0)));
   }
-  float s = hsum<float>(s0 + s1);
+  float s = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
   for (; i < n; ++i) {
     const float e = std::exp(x[i] * a - b);
     out[i] = at::BFloat16(e);
     s += e;
   }
   return s;
+}
+
+// Backward rows on the matrix units. x[i] <- exp(x[i] * scale - lse[i]) (P, kept in float
+// for dS) and out[i] = bf16 of it, one pass; lse = +inf (a row that sees nothing) gives 0.
+__attribute__((target("avx512bf16"))) inline void exp_lse_round_bf16(float* x, int64_t n, float scale,
+                                                                     const float* lse, at::BFloat16* out) {
+  constexpr int64_t W = 16;
+  constexpr float kLog2e = 1.4426950408889634f;
+  const __m512 va = _mm512_set1_ps(scale * kLog2e), vm = _mm512_set1_ps(-kLog2e);
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    const __m512 e0 = exp2_poly4(_mm512_fmadd_ps(_mm512_loadu_ps(x + i), va, _mm512_mul_ps(_mm512_loadu_ps(lse + i), vm)));
+    const __m512 e1 =
+        exp2_poly4(_mm512_fmadd_ps(_mm512_loadu_ps(x + i + W), va, _mm512_mul_ps(_mm512_loadu_ps(lse + i + W), vm)));
+    _mm512_storeu_ps(x + i, e0);
+    _mm512_storeu_ps(x + i + W, e1);
+    _mm512_storeu_si512(reinterpret_cast<void*>(out + i), reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e1, e0)));
+  }
+  for (; i < n; ++i) {
+    x[i] = std::exp(x[i] * scale - lse[i]);
+    out[i] = at::BFloat16(x[i]);
+  }
+}
+
+// out[i] = bf16(p[i] * (dp[i] - delta[i]) * scale) (dS, never stored in float).
+__attribute__((target("avx512bf16"))) inline void softmax_grad_round_bf16(const float* p, const float* dp, int64_t n,
+                                                                          const float* delta, float scale,
+                                                                          at::BFloat16* out) {
+  constexpr int64_t W = 16;
+  const __m512 vs = _mm512_set1_ps(scale);
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    const __m512 d0 = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(p + i),
+                                                  _mm512_sub_ps(_mm512_loadu_ps(dp + i), _mm512_loadu_ps(delta + i))), vs);
+    const __m512 d1 = _mm512_mul_ps(
+        _mm512_mul_ps(_mm512_loadu_ps(p + i + W), _mm512_sub_ps(_mm512_loadu_ps(dp + i + W), _mm512_loadu_ps(delta + i + W))),
+        vs);
+    _mm512_storeu_si512(reinterpret_cast<void*>(out + i), reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(d1, d0)));
+  }
+  for (; i < n; ++i) out[i] = at::BFloat16(p[i] * (dp[i] - delta[i]) * scale);
 }
 
 inline bool bf16_native_ok() {
@@ -276,6 +306,30 @@ inline float row_max_fast(const float* x, int64_t n) {
 #else
   return row_max(x, n);
 #endif
+}
+
+// Generic entry points of the two backward rows (T = BFloat16 / Half): the native bf16
+// version where the build and the CPU have it, else the float helpers and a rounding pass.
+template <typename T>
+inline void exp_lse_round(float* x, int64_t n, float scale, const float* lse, T* out) {
+#ifdef ATTNKERNELS_NATIVE_BF16
+  if constexpr (std::is_same_v<T, at::BFloat16>)
+    if (bf16_native_ok()) return exp_lse_round_bf16(x, n, scale, lse, out);
+#endif
+  exp_scaled_minus(x, n, scale, lse, true);
+  at::vec::convert(x, out, n);
+}
+
+template <typename T>
+inline void softmax_grad_round(const float* p, const float* dp, int64_t n, const float* delta, float scale, T* out,
+                               float* tmp) {
+#ifdef ATTNKERNELS_NATIVE_BF16
+  if constexpr (std::is_same_v<T, at::BFloat16>)
+    if (bf16_native_ok()) return softmax_grad_round_bf16(p, dp, n, delta, scale, out);
+#endif
+  std::copy(p, p + n, tmp);
+  softmax_grad(tmp, dp, n, delta, true, scale);
+  at::vec::convert(tmp, out, n);
 }
 
 // dst[0, n) = src[0, n) converted (rounded to nearest even for bf16 / fp16).
