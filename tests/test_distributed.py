@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 TIMEOUT_S = 240
+DEVICE = torch.device("cpu")  # each rank's device: cuda:rank under NCCL (set by _worker)
 
 
 def _free_port() -> int:
@@ -28,7 +29,7 @@ def _full(seed, b, hq, hk, n, d, dtype):
     k = torch.randn(b, hk, n, d, generator=gen, dtype=torch.float64).to(dtype)
     v = torch.randn(b, hk, n, d, generator=gen, dtype=torch.float64).to(dtype)
     g = torch.randn(b, hq, n, d, generator=gen, dtype=torch.float64).to(dtype)
-    return q, k, v, g
+    return tuple(t.to(DEVICE) for t in (q, k, v, g))
 
 
 def _check_case(rank, world, name, run, shard, full_kwargs, dtype, n=48):
@@ -49,37 +50,43 @@ def _check_case(rank, world, name, run, shard, full_kwargs, dtype, n=48):
         torch.testing.assert_close(got, expected, **tol, msg=lambda m: f"{name} rank {rank}/{world} {what}: {m}")
 
 
-def _check_module(rank, world, kind, options):
+def _check_module(rank, world, kind, options, dtype=torch.float64):
     """nn.MultiheadAttention(process_group=): each rank's output shard and the summed parameter gradients
     equal one process running the whole sequence."""
     from attnkernels.nn import MultiheadAttention
 
     torch.manual_seed(0)
-    whole = MultiheadAttention(32, 4, num_kv_heads=2, dtype=torch.float64, **options)
-    sharded = MultiheadAttention(32, 4, num_kv_heads=2, dtype=torch.float64, process_group=dist.group.WORLD, **options)
+    whole = MultiheadAttention(32, 4, num_kv_heads=2, dtype=dtype, device=DEVICE, **options)
+    sharded = MultiheadAttention(32, 4, num_kv_heads=2, dtype=dtype, process_group=dist.group.WORLD,
+                                 device=DEVICE, **options)
     sharded.load_state_dict(whole.state_dict())
-    x = torch.randn(2, 40, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(5), requires_grad=True)
-    g = torch.randn(2, 40, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    x = torch.randn(2, 40, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(5)).to(DEVICE, dtype).requires_grad_()
+    g = torch.randn(2, 40, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(6)).to(DEVICE, dtype)
     out, _ = whole(x)
     out.backward(g)
     x_mine = x.detach().chunk(world, dim=1)[rank].clone().requires_grad_()
     out_mine, _ = sharded(x_mine)
     out_mine.backward(g.chunk(world, dim=1)[rank])
-    torch.testing.assert_close(out_mine, out.chunk(world, dim=1)[rank], rtol=1e-10, atol=1e-10,
+    tol = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-5)
+    torch.testing.assert_close(out_mine, out.chunk(world, dim=1)[rank], **tol,
                                msg=lambda m: f"module {kind} rank {rank}: out: {m}")
-    torch.testing.assert_close(x_mine.grad, x.grad.chunk(world, dim=1)[rank], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(x_mine.grad, x.grad.chunk(world, dim=1)[rank], **tol)
     for (name, p), (_, p_whole) in zip(sharded.named_parameters(), whole.named_parameters()):
         grad = p.grad.clone()
         dist.all_reduce(grad)  # what data parallelism over the shards would sum
-        torch.testing.assert_close(grad, p_whole.grad, rtol=1e-9, atol=1e-10,
+        torch.testing.assert_close(grad, p_whole.grad, **tol,
                                    msg=lambda m: f"module {kind} rank {rank}: {name}.grad: {m}")
 
 
-def _worker(rank, world, port, errors):
+def _worker(rank, world, port, errors, backend="gloo"):
+    global DEVICE
     try:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         torch.set_num_threads(1)
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+        if backend == "nccl":
+            DEVICE = torch.device("cuda", rank)
+            torch.cuda.set_device(DEVICE)
+        dist.init_process_group(backend, rank=rank, world_size=world)
         from attnkernels import distributed as cp
 
         def contiguous(t):
@@ -88,7 +95,8 @@ def _worker(rank, world, port, errors):
         def zigzag(t):
             return cp.zigzag_shard(t, rank, world)
 
-        for dtype in (torch.float64, torch.float32):
+        # the Triton kernels (CUDA tensors, NCCL) have no float64
+        for dtype in ((torch.float32,) if backend == "nccl" else (torch.float64, torch.float32)):
             for causal in (False, True):
                 _check_case(rank, world, f"ring-causal{causal}-{dtype}",
                             lambda q, k, v: cp.ring_attention(q, k, v, causal=causal, return_lse=True),
@@ -114,17 +122,18 @@ def _worker(rank, world, port, errors):
         for i in range(world * 2):
             band[i, max(i - 1, 0):i + 2] = True
         band_mask = __import__("attnkernels").masks.from_dense(band, block_size=16)
-        x = torch.randn(1, 2, 32, 8, dtype=torch.float64)
+        x = torch.randn(1, 2, 32, 8, device=DEVICE)
         cp.comm.stats["bytes_sent"] = 0
         cp.sharded_sparse_attention(x, x, x, band_mask)
         neighbours = (rank > 0) + (rank < world - 1)
-        assert cp.comm.stats["bytes_sent"] == 2 * neighbours * 16 * 2 * 8 * 8, cp.comm.stats  # k and v, 1 block each
+        # k and v, one block (16 rows x 2 heads x 8 fp32) to each neighbour
+        assert cp.comm.stats["bytes_sent"] == 2 * neighbours * 16 * 2 * 8 * 4, cp.comm.stats
         for kind, extra in (("dense-causal", dict(causal=True)),
                             ("window", dict(attention="window", window_size=(6, 3)))):
-            _check_module(rank, world, kind, extra)
+            _check_module(rank, world, kind, extra, torch.float32 if backend == "nccl" else torch.float64)
         # a refusal on one rank (uneven shards) raises on every rank instead of leaving the others waiting
         length = 8 if rank == 0 else 6
-        x = torch.randn(1, 2, length, 8)
+        x = torch.randn(1, 2, length, 8, device=DEVICE)
         try:
             cp.ring_attention(x, x, x)
         except ValueError as exc:
@@ -137,11 +146,14 @@ def _worker(rank, world, port, errors):
         raise
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_context_parallel_matches_single_process(world):
+@pytest.mark.parametrize("backend,world", [("gloo", 2), ("gloo", 4), ("nccl", 2)])
+def test_context_parallel_matches_single_process(backend, world):
+    if backend == "nccl" and (not torch.cuda.is_available() or torch.cuda.device_count() < world):
+        pytest.skip(f"NCCL needs {world} CUDA devices; this machine has "
+                    f"{torch.cuda.device_count() if torch.cuda.is_available() else 0}")
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
-    procs = mp.start_processes(_worker, args=(world, _free_port(), errors), nprocs=world, join=False,
+    procs = mp.start_processes(_worker, args=(world, _free_port(), errors, backend), nprocs=world, join=False,
                                start_method="spawn")
     import time
 

@@ -77,11 +77,13 @@ def sharded_sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockM
     layout = block_mask.to_dense()[:, :, mine]  # [Bm, Hm, my query blocks, all key blocks]
     needed = layout.flatten(0, 2).any(0).nonzero().flatten()  # sorted global key blocks any of my rows lists
     # who needs what: every rank's list, padded to the longest, gathered everywhere
-    count = torch.tensor([needed.numel()])
+    device = comm.control_device(group)
+    needed = needed.to(device)
+    count = torch.tensor([needed.numel()], device=device)
     counts = [torch.zeros_like(count) for _ in range(world)]
     dist.all_gather(counts, count, group=group)
     longest = max(int(c) for c in counts)
-    padded = torch.full((longest,), -1, dtype=torch.long)
+    padded = torch.full((longest,), -1, dtype=torch.long, device=device)
     padded[: needed.numel()] = needed
     lists = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(lists, padded, group=group)
@@ -90,6 +92,6 @@ def sharded_sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockM
     recv_counts = [int(((needed >= s * per_rank) & (needed < (s + 1) * per_rank)).sum()) for s in range(world)]
     k_f = _FetchBlocks.apply(k.contiguous(), send_blocks, recv_counts, block, group)
     v_f = _FetchBlocks.apply(v.contiguous(), send_blocks, recv_counts, block, group)
-    local = from_dense(layout[..., needed], block_size=block)  # my query blocks x the fetched key blocks
+    local = from_dense(layout[..., needed.to(layout.device)], block_size=block)  # my query blocks x the fetched key blocks
     with comm.busy():
         return sparse_attention(q, k_f, v_f, local, scale=scale)

@@ -21,6 +21,13 @@ def rank_and_world(group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+def control_device(group) -> torch.device:
+    """Where small control tensors (flags, lengths) live: NCCL only moves CUDA tensors, gloo CPU ones."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _global(group, rank: int) -> int:
     return rank if group is None else dist.get_global_rank(group, rank)
 
@@ -51,7 +58,7 @@ def busy():
 
 def agree(ok: bool, message: str, group) -> None:
     """Every rank raises when any rank's check failed, so none is left waiting in a collective."""
-    flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int64, device=control_device(group))
     dist.all_reduce(flag, group=group)
     if int(flag) or not ok:
         raise ValueError(message if not ok else f"another rank refused this call ({int(flag)} rank(s) failed a check)")

@@ -178,8 +178,10 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, causal: bool 
     scale = softmax_scale(scale, q.shape[-1])
     _checks.check_bool("causal", causal)
     rank, world = comm.rank_and_world(group)
-    lengths = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
-    torch.distributed.all_gather(lengths, torch.tensor([q.shape[2] if q.shape[2] == k.shape[2] else -1]), group=group)
+    device = comm.control_device(group)
+    lengths = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+    mine = torch.tensor([q.shape[2] if q.shape[2] == k.shape[2] else -1], device=device)
+    torch.distributed.all_gather(lengths, mine, group=group)
     ok, why = True, ""
     if layout not in LAYOUTS:
         ok, why = False, f"layout: expected one of {LAYOUTS}, got {layout!r}"
