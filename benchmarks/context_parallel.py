@@ -65,6 +65,7 @@ def _worker(rank, world, port, n, rounds, queue):
         rows[name] = dict(ms=statistics.median(times) * 1e3, busy_ms=statistics.median(busy) * 1e3,
                           bytes_sent=statistics.median(sent))
     queue.put((rank, rows))
+    dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
 
 

@@ -70,6 +70,7 @@ def train(rank: int, world: int, steps: int, port: int | None = None) -> list[fl
         optimizer.step()
         losses.append(float(total))
     if world > 1:
+        dist.barrier()  # no rank tears gloo down while another still talks to it
         dist.destroy_process_group()
     return losses
 
