@@ -143,6 +143,16 @@ inline void widen_row(const T* src, A* dst, int64_t n) {
   }
 }
 
+// Fully unroll the fixed register-block loops, so the accumulator arrays live in registers
+// (without it GCC keeps the reduction's inputs on the stack).
+#if defined(__clang__)
+#define DECODE_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define DECODE_UNROLL _Pragma("GCC unroll 16")
+#else
+#define DECODE_UNROLL
+#endif
+
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr bool kAvx512 = true;
 #else
@@ -182,17 +192,17 @@ constexpr int64_t kDirectRows = kAvx512 ? 8 : 0;
 // The horizontal sums of 16 float vectors in one vector, by a transpose-and-add tree
 // (15 adds, 30 shuffles instead of 16 separate 4-step reductions). With the inputs in
 // order x[4·j + r], lane 4·r + j holds sum(x[4·j + r]). A fixed order: deterministic.
-inline __m512 reduce16(const at::vec::Vectorized<float>* x) {
+inline __m512 reduce16(const __m512* x) {
   __m512 y1[8], y2[4], y3[2];
-  for (int i = 0; i < 8; ++i) {
+  DECODE_UNROLL for (int i = 0; i < 8; ++i) {
     const __m512 a = x[2 * i], b = x[2 * i + 1];
     y1[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
   }
-  for (int i = 0; i < 4; ++i) {
+  DECODE_UNROLL for (int i = 0; i < 4; ++i) {
     const __m512 a = y1[2 * i], b = y1[2 * i + 1];
     y2[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xDD));
   }
-  for (int i = 0; i < 2; ++i) {
+  DECODE_UNROLL for (int i = 0; i < 2; ++i) {
     const __m512d a = _mm512_castps_pd(y2[2 * i]), b = _mm512_castps_pd(y2[2 * i + 1]);
     y3[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
   }
@@ -207,33 +217,21 @@ inline void dot_block(const A* q, int64_t D, const S* k, int64_t ks, A* out, int
   using Vec = at::vec::Vectorized<A>;
   constexpr int64_t W = Vec::size();
   Vec acc[KB * RB];  // [j][r]
-  for (int i = 0; i < KB * RB; ++i) acc[i] = Vec(A(0));
+  DECODE_UNROLL for (int i = 0; i < KB * RB; ++i) acc[i] = Vec(A(0));
   int64_t c = 0;
   for (; c + W <= D; c += W) {
     Vec kv[KB];
-    for (int j = 0; j < KB; ++j) kv[j] = load_row<A>(k + j * ks + c);
-    for (int r = 0; r < RB; ++r) {
+    DECODE_UNROLL for (int j = 0; j < KB; ++j) kv[j] = load_row<A>(k + j * ks + c);
+    DECODE_UNROLL for (int r = 0; r < RB; ++r) {
       const Vec qv = Vec::loadu(q + r * D + c);
-      for (int j = 0; j < KB; ++j) acc[j * RB + r] = at::vec::fmadd(qv, kv[j], acc[j * RB + r]);
+      DECODE_UNROLL for (int j = 0; j < KB; ++j) acc[j * RB + r] = at::vec::fmadd(qv, kv[j], acc[j * RB + r]);
     }
   }
-  bool reduced = false;
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<A, float> && RB == 4 && KB == 4) {
-    const __m512 y = reduce16(acc);
-    _mm_storeu_ps(out, _mm512_extractf32x4_ps(y, 0));
-    _mm_storeu_ps(out + os, _mm512_extractf32x4_ps(y, 1));
-    _mm_storeu_ps(out + 2 * os, _mm512_extractf32x4_ps(y, 2));
-    _mm_storeu_ps(out + 3 * os, _mm512_extractf32x4_ps(y, 3));
-    reduced = true;
-  }
-#endif
-  if (!reduced)
-    for (int r = 0; r < RB; ++r)
-      for (int j = 0; j < KB; ++j) out[r * os + j] = common::hsum<A>(acc[j * RB + r]);
+  DECODE_UNROLL for (int r = 0; r < RB; ++r)
+    DECODE_UNROLL for (int j = 0; j < KB; ++j) out[r * os + j] = common::hsum<A>(acc[j * RB + r]);
   if (c < D) {  // the head-dim tail, scalar
-    for (int r = 0; r < RB; ++r)
-      for (int j = 0; j < KB; ++j) {
+    DECODE_UNROLL for (int r = 0; r < RB; ++r)
+      DECODE_UNROLL for (int j = 0; j < KB; ++j) {
         A t = 0;
         for (int64_t d = c; d < D; ++d) t += q[r * D + d] * A(k[j * ks + d]);
         out[r * os + j] += t;
@@ -241,9 +239,38 @@ inline void dot_block(const A* q, int64_t D, const S* k, int64_t ks, A* out, int
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// dot_block<4, 4> for float on AVX-512 with D % 16 == 0: the 16 chains on raw registers and
+// the 16 reductions by reduce16 (GCC keeps a Vectorized array on the stack across it).
+template <typename S>
+inline void dot_4x4_avx512(const float* q, int64_t D, const S* k, int64_t ks, float* out, int64_t os) {
+  __m512 acc[16];  // [j][r]
+  DECODE_UNROLL for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < D; c += 16) {
+    __m512 kv[4];
+    DECODE_UNROLL for (int j = 0; j < 4; ++j) kv[j] = load_row<float>(k + j * ks + c);
+    DECODE_UNROLL for (int r = 0; r < 4; ++r) {
+      const __m512 qv = _mm512_loadu_ps(q + r * D + c);
+      DECODE_UNROLL for (int j = 0; j < 4; ++j) acc[j * 4 + r] = _mm512_fmadd_ps(qv, kv[j], acc[j * 4 + r]);
+    }
+  }
+  const __m512 y = reduce16(acc);
+  _mm_storeu_ps(out, _mm512_extractf32x4_ps(y, 0));
+  _mm_storeu_ps(out + os, _mm512_extractf32x4_ps(y, 1));
+  _mm_storeu_ps(out + 2 * os, _mm512_extractf32x4_ps(y, 2));
+  _mm_storeu_ps(out + 3 * os, _mm512_extractf32x4_ps(y, 3));
+}
+#endif
+
 template <int RB, typename A, typename S>
 inline void dot_rows(const A* q, int64_t D, const S* k, int64_t ks, int64_t n, A* out, int64_t os) {
   int64_t j = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (RB == 4 && std::is_same_v<A, float>) {
+    if (D % 16 == 0)
+      for (; j + 4 <= n; j += 4) dot_4x4_avx512(q, D, k + j * ks, ks, out + j, os);
+  }
+#endif
   for (; j + 4 <= n; j += 4) dot_block<RB, 4>(q, D, k + j * ks, ks, out + j, os);
   for (; j < n; ++j) dot_block<RB, 1>(q, D, k + j * ks, ks, out + j, os);
 }
@@ -268,20 +295,20 @@ inline void pv_block(const A* P, int64_t ps, int64_t n, const S* v, int64_t vs, 
   using Vec = at::vec::Vectorized<A>;
   constexpr int64_t W = Vec::size();
   Vec o[RB][CB];
-  for (int r = 0; r < RB; ++r) {
+  DECODE_UNROLL for (int r = 0; r < RB; ++r) {
     const Vec a(alpha[r]);
-    for (int c = 0; c < CB; ++c) o[r][c] = Vec::loadu(acc + r * as + c0 + c * W) * a;
+    DECODE_UNROLL for (int c = 0; c < CB; ++c) o[r][c] = Vec::loadu(acc + r * as + c0 + c * W) * a;
   }
   for (int64_t j = 0; j < n; ++j) {
     Vec vv[CB];
-    for (int c = 0; c < CB; ++c) vv[c] = load_row<A>(v + j * vs + c0 + c * W);
-    for (int r = 0; r < RB; ++r) {
+    DECODE_UNROLL for (int c = 0; c < CB; ++c) vv[c] = load_row<A>(v + j * vs + c0 + c * W);
+    DECODE_UNROLL for (int r = 0; r < RB; ++r) {
       const Vec pr(P[r * ps + j]);
-      for (int c = 0; c < CB; ++c) o[r][c] = at::vec::fmadd(pr, vv[c], o[r][c]);
+      DECODE_UNROLL for (int c = 0; c < CB; ++c) o[r][c] = at::vec::fmadd(pr, vv[c], o[r][c]);
     }
   }
-  for (int r = 0; r < RB; ++r)
-    for (int c = 0; c < CB; ++c) o[r][c].store(acc + r * as + c0 + c * W);
+  DECODE_UNROLL for (int r = 0; r < RB; ++r)
+    DECODE_UNROLL for (int c = 0; c < CB; ++c) o[r][c].store(acc + r * as + c0 + c * W);
 }
 
 template <int RB, typename A, typename S>
