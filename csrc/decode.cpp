@@ -7,16 +7,20 @@
 //     block of R = (Hq / Hk) · Nq rows that meets each K/V row together (a kernel per
 //     query head would stream the cache Hq / Hk times);
 //   * split-KV: the key range of each (batch, kv head) is cut into chunks, one task
-//     per (b, kv head, chunk) under at::parallel_for; each task keeps the online-
-//     softmax state (row max m, row sum l, unnormalised output acc) of its R rows and
-//     writes it as a partial, and a second pass merges the chunks' partials by their
-//     LSE in chunk order. The chunking depends only on the shapes (never on the
-//     thread count), so the result is the same bits on any number of threads;
+//     per (b, kv head, chunk); threads pull tasks from a counter (a descheduled thread on
+//     a loaded host delays the call by one task, not by its share). Each task keeps the
+//     online-softmax state (row max m, row sum l, unnormalised output acc) of its R rows
+//     and writes it as a partial; the chunk of a (b, kv head) that finishes last merges
+//     its partials by LSE in chunk order. The chunking depends only on the shapes (never
+//     on the thread count), so the result is the same bits on any number of threads;
 //   * inside a task, keys go in tiles of kTile: scores S = q·kᵀ (one vector dot per
 //     row and key, q pre-scaled), the online softmax on S, then acc = acc·α + P V with
-//     the rescale folded into the accumulator load of a register-blocked loop.
-// bf16 / fp16 K/V tiles are converted to float on the fly (a tile at a time, into a
-// buffer that stays in L1); float32 math for bf16 / fp16 / fp32, float64 for float64.
+//     the rescale folded into the accumulator load of a register-blocked loop; on
+//     AVX-512 the scores of 4 rows x 4 keys are 16 FMA chains reduced together by a
+//     transpose-and-add tree, and the next tile's rows are prefetched.
+// bf16 / fp16 K/V rows are widened to float in registers as they are read (AVX-512,
+// query blocks up to kDirectRows rows), else a tile at a time into a buffer that stays
+// in L1; float32 math for bf16 / fp16 / fp32, float64 for float64.
 //
 // Strided K/V: only the last dim must be contiguous; batch, head and row strides are
 // taken as they come, so a KV-cache prefix k_full[:, :, :n] or a (B, N, H, D) cache

@@ -1,12 +1,18 @@
 """The C++ softmax kernels (csrc/softmax.cpp, csrc/decode.cpp) run a SoftmaxCall: the call's fields as their arguments.
 
 The general ops (`attention_fwd` / `attention_bwd`) take contiguous (B, H, N, D) tensors.
-A forward with a few query rows (Nq <= DECODE_MAX_Q_LEN: a decode step, speculative
-decoding, a small prefill chunk) that needs no gradient and has no block tables runs the
-split-KV decode kernel (`attention_decode_fwd`, csrc/decode.cpp) instead, and takes k / v
-as strided views (a KV-cache prefix, a transposed (B, N, H, D) cache) without a copy when
-their last dim is contiguous. The ops check only the invariants that keep a direct call in
-bounds (the public API validated everything else).
+A forward with few query rows (Nq <= DECODE_MAX_Q_LEN: a decode step, speculative
+decoding, a small prefill chunk) and no block tables runs the split-KV decode kernel
+(`attention_decode_fwd`, csrc/decode.cpp) when no gradient is needed, and hands it k / v
+as they are when their last dim is contiguous (a KV-cache prefix `k_cache[:, :, :n]`, a
+(B, N, H, D) cache transposed to (B, H, N, D)): no copy. Note that this module runs inside
+the `attnkernels::attention_fwd` custom op, where autograd is already off
+(`torch.is_grad_enabled()` is False), so the gradient condition holds there for training
+forwards too; their backward (`attention_bwd`) recomputes P from the decode kernel's out
+and LSE, which are the same quantities the general forward saves (tests/test_cpu_decode.py
+checks those gradients). A build without the decode op (an older .so) takes the general
+path. The ops check only the invariants that keep a direct call in bounds (the public API
+validated everything else).
 """
 from __future__ import annotations
 
