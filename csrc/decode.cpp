@@ -7,8 +7,11 @@
 //     block of R = (Hq / Hk) · Nq rows that meets each K/V row together (a kernel per
 //     query head would stream the cache Hq / Hk times);
 //   * split-KV: the key range of each (batch, kv head) is cut into chunks, one task
-//     per (b, kv head, chunk); threads pull tasks from a counter (a descheduled thread on
-//     a loaded host delays the call by one task, not by its share). Each task keeps the
+//     per (b, kv head, chunk); the calling thread and torch.get_num_threads() - 1
+//     helpers from ATen's inter-op pool pull tasks from a counter, and the caller waits
+//     only for tasks a helper has taken (see run_shared: measured on this 2-core host,
+//     shared with other processes, an OpenMP team's join made 2-thread decode steps
+//     3-5x slower than this). Each task keeps the
 //     online-softmax state (row max m, row sum l, unnormalised output acc) of its R rows
 //     and writes it as a partial; the chunk of a (b, kv head) that finishes last merges
 //     its partials by LSE in chunk order. The chunking depends only on the shapes (never
@@ -44,6 +47,7 @@
 #include <limits>
 #include <memory>
 #include <optional>
+#include <thread>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -408,6 +412,50 @@ void merge_chunks(const Decode& p, int64_t bh, const acc_type<T>* part_ml, const
   }
 }
 
+// A shared task counter for one call. Threads take tasks until none is left; the caller
+// waits only for tasks already taken (`finish` counts them), never for a helper that has
+// not started: on a host whose cores are oversubscribed, an OpenMP team's join waits for
+// a descheduled thread (measured interleaved, 2 threads, B=1, Nk=4096: 7.4 ms with
+// at::parallel_for against 2.0 ms this way, 1.7 ms on one thread); here the caller
+// simply does the work itself. Every task owns its outputs: the same bits either way.
+struct TaskQueue {
+  explicit TaskQueue(int64_t n) : total(n) {}
+  int64_t take() {
+    const int64_t t = next.fetch_add(1);
+    return t < total ? t : -1;
+  }
+  void finish() { done.fetch_add(1, std::memory_order_release); }
+  const int64_t total;
+  std::atomic<int64_t> next{0}, done{0};
+  std::atomic<bool> failed{false};
+};
+
+// Runs work_on() on the calling thread and on workers - 1 helpers of ATen's inter-op pool
+// (at::launch). A helper that starts after the queue is empty returns at once without
+// touching anything but the queue (which it keeps alive), so the call may return before it.
+template <typename F>
+void run_shared(const std::shared_ptr<TaskQueue>& queue, int64_t workers, const F& work_on) {
+  for (int64_t w = 1; w < workers; ++w)
+    at::launch([queue, work_on] {
+      try {
+        work_on();
+      } catch (...) {  // at most the one task it held is unfinished: count it, report it
+        queue->failed.store(true);
+        queue->finish();
+      }
+    });
+  try {
+    work_on();
+  } catch (...) {  // cancel the tasks nobody took, wait for the helpers' in-flight ones
+    for (; queue->take() >= 0;) queue->finish();
+    queue->finish();
+    while (queue->done.load(std::memory_order_acquire) < queue->total) std::this_thread::yield();
+    throw;
+  }
+  while (queue->done.load(std::memory_order_acquire) < queue->total) std::this_thread::yield();
+  TORCH_CHECK(!queue->failed.load(), "attention_decode_fwd: a helper thread failed (out of memory?)");
+}
+
 // q: [B, Hq, Nq, D] contiguous, pre-scaled, in A; k, v strided in T; out [B, Hq, Nq, Dv] in T;
 // lse [B, Hq, Nq] in A. part_ml [B, Hk, n_chunks, R, 2] and part_acc [B, Hk, n_chunks, R, Dv]
 // hold the chunks' states when n_chunks > 1.
@@ -422,20 +470,23 @@ void decode_kernel(const Decode& p, const acc_type<T>* q, const T* k, const T* v
   const double work = 2.0 * double(R) * double(p.chunk) * double(D + Dv);
   const bool direct = !kWiden || R <= kDirectRows;
 
-  // Threads pull tasks from a counter rather than owning a fixed range: on a loaded host a
-  // descheduled thread then delays the call by one task, not by its share. Every task owns
-  // its outputs and the chunk of a (b, kv head) that finishes last merges it (chunk order),
-  // so who runs what never changes a bit.
+  // Threads pull tasks from a shared counter (run_shared). Every task owns its outputs and
+  // the chunk of a (b, kv head) that finishes last merges it (chunk order), so who runs
+  // what never changes a bit.
   const int64_t workers = std::min<int64_t>(
       tasks, std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(),
                                                     int64_t(work * double(tasks) / kMinParallelFlops))));
-  std::atomic<int64_t> next{0};
+  auto queue = std::make_shared<TaskQueue>(tasks);
   std::unique_ptr<std::atomic<int64_t>[]> left(nC > 1 ? new std::atomic<int64_t>[p.B * p.Hk] : nullptr);
   for (int64_t i = 0; nC > 1 && i < p.B * p.Hk; ++i) left[i].store(nC);
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+  auto work_on = [&, queue]() {
+    // Take a task before touching the call's state: a helper that gets none may run after
+    // the call returned; one that gets a task holds the call open until it finishes it.
+    int64_t task = queue->take();
+    if (task < 0) return;
     std::vector<A> S(R * kTile), m(R), l(R), alpha(R), acc(R * Dv), tmp(Dv);
     std::vector<A> kbuf(direct ? 0 : kTile * D), vbuf(direct ? 0 : kTile * Dv);
-    for (int64_t task = next.fetch_add(1); task < tasks; task = next.fetch_add(1)) {
+    for (; task >= 0; task = queue->take()) {
       const int64_t c = task % nC, bh = task / nC, hk = bh % p.Hk, b = bh / p.Hk;
       const A* qg = q + (b * p.Hq + hk * p.group) * Nq * D;  // the group's R rows
       const T* kb = k + b * p.sk_b + hk * p.sk_h;
@@ -511,8 +562,10 @@ void decode_kernel(const Decode& p, const acc_type<T>* q, const T* k, const T* v
         if (left[bh].fetch_sub(1) == 1)
           merge_chunks<T>(p, bh, part_ml, part_acc, out, lse, acc.data(), tmp.data());
       }
+      queue->finish();
     }
-  });
+  };
+  run_shared(queue, workers, work_on);
 }
 
 // ---------------------------------------------------------------------------
