@@ -20,7 +20,7 @@
 //     row and key, q pre-scaled), the online softmax on S, then acc = acc·α + P V with
 //     the rescale folded into the accumulator load of a register-blocked loop; on
 //     AVX-512 the scores of 4 rows x 4 keys are 16 FMA chains reduced together by a
-//     transpose-and-add tree, and the next tile's rows are prefetched.
+//     transpose-and-add tree, and, for large caches, the next tile's rows are prefetched.
 // bf16 / fp16 K/V rows are widened to float in registers as they are read (AVX-512,
 // query blocks up to kDirectRows rows), else a tile at a time into a buffer that stays
 // in L1; float32 math for bf16 / fp16 / fp32, float64 for float64.
@@ -71,9 +71,11 @@ constexpr int64_t kTile = 32;
 // kMinChunk keys, whose partials would cost more to merge than they save.
 constexpr int64_t kTargetTasks = 64;
 constexpr int64_t kMinChunk = 512;
-// Each tile prefetches the K / V rows of the next one into L1: measured 1.2-1.5x faster
-// when the cache streams from memory (Nk >= 8192 at Hk=8, D=128), within noise (+-10%)
-// when it sits in the L3.
+// When the call's K and V span more than kPrefetchBytes, each tile prefetches the rows
+// of the next one (measured here, interleaved, 1 thread: 1.3-1.45x faster at 134-268 MB,
+// e.g. B=1, Hk=8, D=128, Nk=32768; 10-20% slower at 16-64 MB, which this host's L3 holds
+// between calls). Shape-only, and it never changes a result.
+constexpr double kPrefetchBytes = 64.0 * (1 << 20);
 // Below this many flops per thread a parallel region costs more than it saves.
 constexpr double kMinParallelFlops = 2e6;
 
@@ -85,6 +87,7 @@ struct Decode {
   int64_t sk_b = 0, sk_h = 0, sk_n = 0;  // k strides (elements); the last dim is contiguous
   int64_t sv_b = 0, sv_h = 0, sv_n = 0;
   const bool* kpm = nullptr;            // [B, Nk], true = ignored
+  bool prefetch = true;
   std::vector<int64_t> row_lo, row_hi;  // per query row i: visible keys [row_lo, row_hi)
 };
 
@@ -499,7 +502,7 @@ void decode_kernel(const Decode& p, const acc_type<T>* q, const T* k, const T* v
 
       for (int64_t t0 = j0; t0 < j1; t0 += kTile) {
         const int64_t n = std::min(kTile, j1 - t0);
-        {  // the next tile's K and V rows (the hardware prefetcher alone leaves bandwidth unused)
+        if (p.prefetch) {  // the next tile's K and V rows (see kPrefetchBytes)
           const int64_t a = t0 + kTile, e = std::min(j1, a + kTile);
           for (int64_t j = a; j < e; ++j) {
             const char* kr = reinterpret_cast<const char*>(kb + j * p.sk_n);
@@ -615,6 +618,8 @@ std::tuple<at::Tensor, at::Tensor> attention_decode_fwd(const at::Tensor& q, con
     p.kpm = kpm.data_ptr<bool>();
   }
   plan_chunks(p);
+  p.prefetch = double(s.B) * double(s.Hk) * double(p.hi - p.lo) * double(s.D + s.Dv) * double(k.element_size()) >
+               kPrefetchBytes;
 
   const auto dt = q.scalar_type();
   const auto at_ = dt == at::kDouble ? at::kDouble : at::kFloat;
