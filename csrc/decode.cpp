@@ -1,0 +1,678 @@
+// Softmax attention for a few query rows against a long KV cache (decoding), forward only.
+//
+// One decode step reads every K/V row once and does ~4 flops per byte of it: it is
+// bound by memory bandwidth, not by the FMA units, so the kernel is built around
+// reading the cache once:
+//   * GQA: the Hq / Hk query heads of a kv head, times the Nq query rows, are one
+//     block of R = (Hq / Hk) · Nq rows that meets each K/V row together (a kernel per
+//     query head would stream the cache Hq / Hk times);
+//   * split-KV: the key range of each (batch, kv head) is cut into chunks, one task
+//     per (b, kv head, chunk); the calling thread and torch.get_num_threads() - 1
+//     helpers from ATen's inter-op pool pull tasks from a counter, and the caller waits
+//     only for tasks a helper has taken (see run_shared: measured on this 2-core host,
+//     shared with other processes, an OpenMP team's join made 2-thread decode steps
+//     3-5x slower than this). Each task keeps the
+//     online-softmax state (row max m, row sum l, unnormalised output acc) of its R rows
+//     and writes it as a partial; the chunk of a (b, kv head) that finishes last merges
+//     its partials by LSE in chunk order. The chunking depends only on the shapes (never
+//     on the thread count), so the result is the same bits on any number of threads;
+//   * inside a task, keys go in tiles of kTile: scores S = q·kᵀ (one vector dot per
+//     row and key, q pre-scaled), the online softmax on S, then acc = acc·α + P V with
+//     the rescale folded into the accumulator load of a register-blocked loop; on
+//     AVX-512 the scores of 4 rows x 4 keys are 16 FMA chains reduced together by a
+//     transpose-and-add tree, and, for large caches, the next tile's rows are prefetched.
+// bf16 / fp16 K/V rows are widened to float in registers as they are read (AVX-512,
+// query blocks up to kDirectRows rows), else a tile at a time into a buffer that stays
+// in L1; float32 math for bf16 / fp16 / fp32, float64 for float64.
+//
+// Strided K/V: only the last dim must be contiguous; batch, head and row strides are
+// taken as they come, so a KV-cache prefix k_full[:, :, :n] or a (B, N, H, D) cache
+// seen as (B, H, N, D) runs without a copy.
+//
+// Masks: bottom-right aligned causal / window (query i sees key j iff
+// i + Nk − Nq − left <= j <= i + Nk − Nq + right, −1 = unbounded) and a key padding
+// mask (B, Nk), True = ignored. A row that sees no key gets out 0 and LSE −inf.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <optional>
+#include <thread>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/parallel.h"
+#include "common/row_math.h"
+
+namespace {
+
+namespace common = ATTNKERNELS_NS::common;
+
+template <typename T>
+using acc_type = at::opmath_type<T>;  // float for float / bf16 / fp16, double for double
+
+// Keys per inner tile: S [R, kTile] and, for 16-bit inputs, the float copies of the
+// K and V tiles (kTile x 128 floats = 16 KB each) stay in L1.
+constexpr int64_t kTile = 32;
+// The chunking of the key range: enough tasks for the threads to balance (B · Hk ·
+// chunks >= kTargetTasks where the cache is long enough), but never chunks under
+// kMinChunk keys, whose partials would cost more to merge than they save.
+constexpr int64_t kTargetTasks = 64;
+constexpr int64_t kMinChunk = 512;
+// When the call's K and V span more than kPrefetchBytes, each tile prefetches the rows
+// of the next one (measured here, interleaved, 1 thread: 1.3-1.45x faster at 134-268 MB,
+// e.g. B=1, Hk=8, D=128, Nk=32768; 10-20% slower at 16-64 MB, which this host's L3 holds
+// between calls). Shape-only, and it never changes a result.
+constexpr double kPrefetchBytes = 64.0 * (1 << 20);
+// Below this many flops per thread a parallel region costs more than it saves.
+constexpr double kMinParallelFlops = 2e6;
+
+struct Decode {
+  int64_t B = 0, Hq = 0, Hk = 0, Nq = 0, Nk = 0, D = 0, Dv = 0, group = 1, R = 0;
+  int64_t left = -1, right = -1, off = 0;
+  int64_t lo = 0, hi = 0;               // keys seen by at least one query row
+  int64_t chunk = 0, n_chunks = 0;      // the split of [lo, hi)
+  int64_t sk_b = 0, sk_h = 0, sk_n = 0;  // k strides (elements); the last dim is contiguous
+  int64_t sv_b = 0, sv_h = 0, sv_n = 0;
+  const bool* kpm = nullptr;            // [B, Nk], true = ignored
+  bool prefetch = true;
+  std::vector<int64_t> row_lo, row_hi;  // per query row i: visible keys [row_lo, row_hi)
+};
+
+// Keys [lo, hi) that query row i sees under the window (hi <= lo: none).
+inline std::pair<int64_t, int64_t> row_band(const Decode& p, int64_t i) {
+  const int64_t lo = p.left < 0 ? 0 : std::max<int64_t>(0, i + p.off - p.left);
+  const int64_t hi = p.right < 0 ? p.Nk : std::min<int64_t>(p.Nk, i + p.off + p.right + 1);
+  return {lo, hi};
+}
+
+void plan_chunks(Decode& p) {
+  p.row_lo.resize(p.Nq);
+  p.row_hi.resize(p.Nq);
+  p.lo = p.Nk;
+  p.hi = 0;
+  for (int64_t i = 0; i < p.Nq; ++i) {
+    std::tie(p.row_lo[i], p.row_hi[i]) = row_band(p, i);
+    if (p.row_hi[i] > p.row_lo[i]) {
+      p.lo = std::min(p.lo, p.row_lo[i]);
+      p.hi = std::max(p.hi, p.row_hi[i]);
+    }
+  }
+  const int64_t band = p.hi > p.lo ? p.hi - p.lo : 0;
+  if (band == 0) {
+    p.lo = p.hi = 0;
+    p.chunk = kTile;
+    p.n_chunks = 0;
+    return;
+  }
+  const int64_t pairs = std::max<int64_t>(1, p.B * p.Hk);
+  const int64_t want = (kTargetTasks + pairs - 1) / pairs;
+  const int64_t most = std::max<int64_t>(1, band / kMinChunk);
+  const int64_t n = std::max<int64_t>(1, std::min(want, most));
+  p.chunk = ((band + n - 1) / n + kTile - 1) / kTile * kTile;
+  p.n_chunks = (band + p.chunk - 1) / p.chunk;
+}
+
+// ---------------------------------------------------------------------------
+// Row helpers
+// ---------------------------------------------------------------------------
+
+// dst[0, n) = A(src[0, n)): bf16 / fp16 widened to float, vectorised (at::vec::convert
+// has no vector path for this direction); a plain copy when the types agree.
+template <typename T, typename A>
+inline void widen_row(const T* src, A* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, A>) {
+    std::copy(src, src + n, dst);
+  } else {
+    static_assert(std::is_same_v<A, float>, "16-bit rows widen to float");
+    using VecT = at::vec::Vectorized<T>;
+    using Vec = at::vec::Vectorized<float>;
+    constexpr int64_t W = VecT::size();  // 2 float vectors
+    int64_t c = 0;
+    for (; c + W <= n; c += W) {
+      auto [a, b] = at::vec::convert_to_float<T>(VecT::loadu(src + c));
+      a.store(dst + c);
+      b.store(dst + c + Vec::size());
+    }
+    if (c < n) {
+      const int64_t rest = n - c;
+      auto [a, b] = at::vec::convert_to_float<T>(VecT::loadu(src + c, rest));
+      if (rest <= Vec::size()) {
+        a.store(dst + c, rest);
+      } else {
+        a.store(dst + c);
+        b.store(dst + c + Vec::size(), rest - Vec::size());
+      }
+    }
+  }
+}
+
+// Fully unroll the fixed register-block loops, so the accumulator arrays live in registers
+// (without it GCC keeps the reduction's inputs on the stack).
+#if defined(__clang__)
+#define DECODE_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define DECODE_UNROLL _Pragma("GCC unroll 16")
+#else
+#define DECODE_UNROLL
+#endif
+
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr bool kAvx512 = true;
+#else
+constexpr bool kAvx512 = false;
+#endif
+
+// One vector of a K / V row (Vectorized<A>::size() values from p) as A. bf16 / fp16 rows
+// are widened in registers on AVX-512 (a bf16 is the top half of a float; fp16 via F16C);
+// elsewhere they go through a float buffer first (see `direct_rows`), and this scalar
+// fallback only keeps the templates complete.
+template <typename A, typename S>
+inline at::vec::Vectorized<A> load_row(const S* p) {
+  using Vec = at::vec::Vectorized<A>;
+  if constexpr (std::is_same_v<A, S>) {
+    return Vec::loadu(p);
+  } else {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<A, float> && std::is_same_v<S, at::BFloat16>) {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    } else if constexpr (std::is_same_v<A, float> && std::is_same_v<S, at::Half>) {
+      return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    }
+#endif
+    A tmp[Vec::size()];
+    for (int64_t i = 0; i < Vec::size(); ++i) tmp[i] = A(p[i]);
+    return Vec::loadu(tmp);
+  }
+}
+
+// Rows of 16-bit K / V read in place (widened in registers) when the query block is small
+// enough that each K / V vector is widened at most twice; larger blocks first widen the
+// tile into a float buffer once. Without AVX-512, always the buffer.
+constexpr int64_t kDirectRows = kAvx512 ? 8 : 0;
+
+#if defined(CPU_CAPABILITY_AVX512)
+// The horizontal sums of 16 float vectors in one vector, by a transpose-and-add tree
+// (15 adds, 30 shuffles instead of 16 separate 4-step reductions). With the inputs in
+// order x[4·j + r], lane 4·r + j holds sum(x[4·j + r]). A fixed order: deterministic.
+inline __m512 reduce16(const __m512* x) {
+  __m512 y1[8], y2[4], y3[2];
+  DECODE_UNROLL for (int i = 0; i < 8; ++i) {
+    const __m512 a = x[2 * i], b = x[2 * i + 1];
+    y1[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  }
+  DECODE_UNROLL for (int i = 0; i < 4; ++i) {
+    const __m512 a = y1[2 * i], b = y1[2 * i + 1];
+    y2[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xDD));
+  }
+  DECODE_UNROLL for (int i = 0; i < 2; ++i) {
+    const __m512d a = _mm512_castps_pd(y2[2 * i]), b = _mm512_castps_pd(y2[2 * i + 1]);
+    y3[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  return _mm512_add_ps(_mm512_shuffle_ps(y3[0], y3[1], 0x88), _mm512_shuffle_ps(y3[0], y3[1], 0xDD));
+}
+#endif
+
+// S[r, j] = q_r · k_j for RB rows of q (row stride D) and KB keys (row stride ks): RB·KB
+// independent FMA chains over D, then one reduction per score.
+template <int RB, int KB, typename A, typename S>
+inline void dot_block(const A* q, int64_t D, const S* k, int64_t ks, A* out, int64_t os) {
+  using Vec = at::vec::Vectorized<A>;
+  constexpr int64_t W = Vec::size();
+  Vec acc[KB * RB];  // [j][r]
+  DECODE_UNROLL for (int i = 0; i < KB * RB; ++i) acc[i] = Vec(A(0));
+  int64_t c = 0;
+  for (; c + W <= D; c += W) {
+    Vec kv[KB];
+    DECODE_UNROLL for (int j = 0; j < KB; ++j) kv[j] = load_row<A>(k + j * ks + c);
+    DECODE_UNROLL for (int r = 0; r < RB; ++r) {
+      const Vec qv = Vec::loadu(q + r * D + c);
+      DECODE_UNROLL for (int j = 0; j < KB; ++j) acc[j * RB + r] = at::vec::fmadd(qv, kv[j], acc[j * RB + r]);
+    }
+  }
+  DECODE_UNROLL for (int r = 0; r < RB; ++r)
+    DECODE_UNROLL for (int j = 0; j < KB; ++j) out[r * os + j] = common::hsum<A>(acc[j * RB + r]);
+  if (c < D) {  // the head-dim tail, scalar
+    DECODE_UNROLL for (int r = 0; r < RB; ++r)
+      DECODE_UNROLL for (int j = 0; j < KB; ++j) {
+        A t = 0;
+        for (int64_t d = c; d < D; ++d) t += q[r * D + d] * A(k[j * ks + d]);
+        out[r * os + j] += t;
+      }
+  }
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// dot_block<4, 4> for float on AVX-512 with D % 16 == 0: the 16 chains on raw registers and
+// the 16 reductions by reduce16 (GCC keeps a Vectorized array on the stack across it).
+template <typename S>
+inline void dot_4x4_avx512(const float* q, int64_t D, const S* k, int64_t ks, float* out, int64_t os) {
+  __m512 acc[16];  // [j][r]
+  DECODE_UNROLL for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < D; c += 16) {
+    __m512 kv[4];
+    DECODE_UNROLL for (int j = 0; j < 4; ++j) kv[j] = load_row<float>(k + j * ks + c);
+    DECODE_UNROLL for (int r = 0; r < 4; ++r) {
+      const __m512 qv = _mm512_loadu_ps(q + r * D + c);
+      DECODE_UNROLL for (int j = 0; j < 4; ++j) acc[j * 4 + r] = _mm512_fmadd_ps(qv, kv[j], acc[j * 4 + r]);
+    }
+  }
+  const __m512 y = reduce16(acc);
+  _mm_storeu_ps(out, _mm512_extractf32x4_ps(y, 0));
+  _mm_storeu_ps(out + os, _mm512_extractf32x4_ps(y, 1));
+  _mm_storeu_ps(out + 2 * os, _mm512_extractf32x4_ps(y, 2));
+  _mm_storeu_ps(out + 3 * os, _mm512_extractf32x4_ps(y, 3));
+}
+#endif
+
+template <int RB, typename A, typename S>
+inline void dot_rows(const A* q, int64_t D, const S* k, int64_t ks, int64_t n, A* out, int64_t os) {
+  int64_t j = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (RB == 4 && std::is_same_v<A, float>) {
+    if (D % 16 == 0)
+      for (; j + 4 <= n; j += 4) dot_4x4_avx512(q, D, k + j * ks, ks, out + j, os);
+  }
+#endif
+  for (; j + 4 <= n; j += 4) dot_block<RB, 4>(q, D, k + j * ks, ks, out + j, os);
+  for (; j < n; ++j) dot_block<RB, 1>(q, D, k + j * ks, ks, out + j, os);
+}
+
+// S[r, j] = q_r · k_j for the R rows and n keys of a tile.
+template <typename A, typename S>
+inline void scores(const A* q, int64_t R, int64_t D, const S* k, int64_t ks, int64_t n, A* out, int64_t os) {
+  int64_t r = 0;
+  for (; r + 4 <= R; r += 4) dot_rows<4>(q + r * D, D, k, ks, n, out + r * os, os);
+  switch (R - r) {
+    case 3: dot_rows<3>(q + r * D, D, k, ks, n, out + r * os, os); break;
+    case 2: dot_rows<2>(q + r * D, D, k, ks, n, out + r * os, os); break;
+    case 1: dot_rows<1>(q + r * D, D, k, ks, n, out + r * os, os); break;
+    default: break;
+  }
+}
+
+// acc[r, c0 : c0 + CB·W) = alpha[r] · acc[r, ...] + Σ_j P[r, j] v[j, ...] for RB rows.
+template <int RB, int CB, typename A, typename S>
+inline void pv_block(const A* P, int64_t ps, int64_t n, const S* v, int64_t vs, const A* alpha, A* acc,
+                     int64_t as, int64_t c0) {
+  using Vec = at::vec::Vectorized<A>;
+  constexpr int64_t W = Vec::size();
+  Vec o[RB][CB];
+  DECODE_UNROLL for (int r = 0; r < RB; ++r) {
+    const Vec a(alpha[r]);
+    DECODE_UNROLL for (int c = 0; c < CB; ++c) o[r][c] = Vec::loadu(acc + r * as + c0 + c * W) * a;
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    Vec vv[CB];
+    DECODE_UNROLL for (int c = 0; c < CB; ++c) vv[c] = load_row<A>(v + j * vs + c0 + c * W);
+    DECODE_UNROLL for (int r = 0; r < RB; ++r) {
+      const Vec pr(P[r * ps + j]);
+      DECODE_UNROLL for (int c = 0; c < CB; ++c) o[r][c] = at::vec::fmadd(pr, vv[c], o[r][c]);
+    }
+  }
+  DECODE_UNROLL for (int r = 0; r < RB; ++r)
+    DECODE_UNROLL for (int c = 0; c < CB; ++c) o[r][c].store(acc + r * as + c0 + c * W);
+}
+
+template <int RB, typename A, typename S>
+inline void pv_rows(const A* P, int64_t ps, int64_t n, const S* v, int64_t vs, int64_t Dv, const A* alpha, A* acc,
+                    int64_t as) {
+  constexpr int64_t W = at::vec::Vectorized<A>::size();
+  int64_t c = 0;
+  for (; c + 4 * W <= Dv; c += 4 * W) pv_block<RB, 4>(P, ps, n, v, vs, alpha, acc, as, c);
+  for (; c + W <= Dv; c += W) pv_block<RB, 1>(P, ps, n, v, vs, alpha, acc, as, c);
+  for (; c < Dv; ++c) {
+    for (int r = 0; r < RB; ++r) {
+      A o = acc[r * as + c] * alpha[r];
+      for (int64_t j = 0; j < n; ++j) o += P[r * ps + j] * A(v[j * vs + c]);
+      acc[r * as + c] = o;
+    }
+  }
+}
+
+template <typename A, typename S>
+inline void accumulate_pv(const A* P, int64_t ps, int64_t R, int64_t n, const S* v, int64_t vs, int64_t Dv,
+                          const A* alpha, A* acc) {
+  int64_t r = 0;
+  for (; r + 4 <= R; r += 4) pv_rows<4>(P + r * ps, ps, n, v, vs, Dv, alpha + r, acc + r * Dv, Dv);
+  switch (R - r) {
+    case 3: pv_rows<3>(P + r * ps, ps, n, v, vs, Dv, alpha + r, acc + r * Dv, Dv); break;
+    case 2: pv_rows<2>(P + r * ps, ps, n, v, vs, Dv, alpha + r, acc + r * Dv, Dv); break;
+    case 1: pv_rows<1>(P + r * ps, ps, n, v, vs, Dv, alpha + r, acc + r * Dv, Dv); break;
+    default: break;
+  }
+}
+
+// out = acc / l in the output type, lse = m + log(l); a row that saw nothing (m = -inf) gets 0 / -inf.
+template <typename T, typename A>
+inline void finish_row(const A* acc, A m, A l, int64_t Dv, A* tmp, T* out, A* lse) {
+  if (m == -std::numeric_limits<A>::infinity()) {
+    std::fill(out, out + Dv, T(0));
+    *lse = m;
+    return;
+  }
+  const A inv = A(1) / l;
+  if constexpr (std::is_same_v<T, A>) {
+    std::copy(acc, acc + Dv, out);
+    common::scale_row(out, Dv, inv);
+  } else {
+    std::copy(acc, acc + Dv, tmp);
+    common::scale_row(tmp, Dv, inv);
+    at::vec::convert(tmp, out, Dv);
+  }
+  *lse = m + std::log(l);
+}
+
+// ---------------------------------------------------------------------------
+// The kernel
+// ---------------------------------------------------------------------------
+
+// Merges the n_chunks partial states of the R rows of one (batch, kv head) `bh` in chunk
+// order: M = max m_c, L = Σ l_c e^(m_c − M), out = Σ acc_c e^(m_c − M) / L, lse = M + log L.
+template <typename T>
+void merge_chunks(const Decode& p, int64_t bh, const acc_type<T>* part_ml, const acc_type<T>* part_acc, T* out,
+                  acc_type<T>* lse, acc_type<T>* o, acc_type<T>* tmp) {
+  using A = acc_type<T>;
+  using Vec = at::vec::Vectorized<A>;
+  constexpr A kNegInf = -std::numeric_limits<A>::infinity();
+  const int64_t R = p.R, Dv = p.Dv, nC = p.n_chunks;
+  for (int64_t r = 0; r < R; ++r) {
+    const A* ml = part_ml + bh * nC * R * 2 + r * 2;
+    const A* pa = part_acc + bh * nC * R * Dv + r * Dv;
+    A M = kNegInf;
+    for (int64_t c = 0; c < nC; ++c) M = common::max_keep_nan(M, ml[c * R * 2]);
+    const int64_t row = bh * R + r;  // (b, hk, r) -> (b, hk·group + r / Nq, r % Nq)
+    std::fill(o, o + Dv, A(0));
+    A L = 0;
+    if (M != kNegInf) {
+      for (int64_t c = 0; c < nC; ++c) {
+        const A mc = ml[c * R * 2];
+        if (mc == kNegInf) continue;
+        const A w = std::exp(mc - M);
+        L += ml[c * R * 2 + 1] * w;
+        const A* src = pa + c * R * Dv;
+        const Vec vw(w);
+        int64_t d = 0;
+        for (; d + Vec::size() <= Dv; d += Vec::size())
+          at::vec::fmadd(Vec::loadu(src + d), vw, Vec::loadu(o + d)).store(o + d);
+        for (; d < Dv; ++d) o[d] += src[d] * w;
+      }
+    }
+    finish_row<T, A>(o, M, L, Dv, tmp, out + row * Dv, lse + row);
+  }
+}
+
+// A shared task counter for one call. Threads take tasks until none is left; the caller
+// waits only for tasks already taken (`finish` counts them), never for a helper that has
+// not started: on a host whose cores are oversubscribed, an OpenMP team's join waits for
+// a descheduled thread (measured interleaved, 2 threads, B=1, Nk=4096: 7.4 ms with
+// at::parallel_for against 2.0 ms this way, 1.7 ms on one thread); here the caller
+// simply does the work itself. Every task owns its outputs: the same bits either way.
+struct TaskQueue {
+  explicit TaskQueue(int64_t n) : total(n) {}
+  int64_t take() {
+    const int64_t t = next.fetch_add(1);
+    return t < total ? t : -1;
+  }
+  void finish() { done.fetch_add(1, std::memory_order_release); }
+  const int64_t total;
+  std::atomic<int64_t> next{0}, done{0};
+  std::atomic<bool> failed{false};
+};
+
+// Runs work_on() on the calling thread and on workers - 1 helpers of ATen's inter-op pool
+// (at::launch). A helper that starts after the queue is empty returns at once without
+// touching anything but the queue (which it keeps alive), so the call may return before it.
+template <typename F>
+void run_shared(const std::shared_ptr<TaskQueue>& queue, int64_t workers, const F& work_on) {
+  for (int64_t w = 1; w < workers; ++w)
+    at::launch([queue, work_on] {
+      try {
+        work_on();
+      } catch (...) {  // at most the one task it held is unfinished: count it, report it
+        queue->failed.store(true);
+        queue->finish();
+      }
+    });
+  try {
+    work_on();
+  } catch (...) {  // cancel the tasks nobody took, wait for the helpers' in-flight ones
+    for (; queue->take() >= 0;) queue->finish();
+    queue->finish();
+    while (queue->done.load(std::memory_order_acquire) < queue->total) std::this_thread::yield();
+    throw;
+  }
+  while (queue->done.load(std::memory_order_acquire) < queue->total) std::this_thread::yield();
+  TORCH_CHECK(!queue->failed.load(), "attention_decode_fwd: a helper thread failed (out of memory?)");
+}
+
+// q: [B, Hq, Nq, D] contiguous, pre-scaled, in A; k, v strided in T; out [B, Hq, Nq, Dv] in T;
+// lse [B, Hq, Nq] in A. part_ml [B, Hk, n_chunks, R, 2] and part_acc [B, Hk, n_chunks, R, Dv]
+// hold the chunks' states when n_chunks > 1.
+template <typename T>
+void decode_kernel(const Decode& p, const acc_type<T>* q, const T* k, const T* v, T* out, acc_type<T>* lse,
+                   acc_type<T>* part_ml, acc_type<T>* part_acc) {
+  using A = acc_type<T>;
+  constexpr bool kWiden = !std::is_same_v<T, A>;
+  constexpr A kNegInf = -std::numeric_limits<A>::infinity();
+  const int64_t R = p.R, D = p.D, Dv = p.Dv, Nq = p.Nq, nC = p.n_chunks;
+  const int64_t tasks = p.B * p.Hk * nC;
+  const double work = 2.0 * double(R) * double(p.chunk) * double(D + Dv);
+  const bool direct = !kWiden || R <= kDirectRows;
+
+  // Threads pull tasks from a shared counter (run_shared). Every task owns its outputs and
+  // the chunk of a (b, kv head) that finishes last merges it (chunk order), so who runs
+  // what never changes a bit.
+  const int64_t workers = std::min<int64_t>(
+      tasks, std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(),
+                                                    int64_t(work * double(tasks) / kMinParallelFlops))));
+  auto queue = std::make_shared<TaskQueue>(tasks);
+  std::unique_ptr<std::atomic<int64_t>[]> left(nC > 1 ? new std::atomic<int64_t>[p.B * p.Hk] : nullptr);
+  for (int64_t i = 0; nC > 1 && i < p.B * p.Hk; ++i) left[i].store(nC);
+  auto work_on = [&, queue]() {
+    // Take a task before touching the call's state: a helper that gets none may run after
+    // the call returned; one that gets a task holds the call open until it finishes it.
+    int64_t task = queue->take();
+    if (task < 0) return;
+    std::vector<A> S(R * kTile), m(R), l(R), alpha(R), acc(R * Dv), tmp(Dv);
+    std::vector<A> kbuf(direct ? 0 : kTile * D), vbuf(direct ? 0 : kTile * Dv);
+    for (; task >= 0; task = queue->take()) {
+      const int64_t c = task % nC, bh = task / nC, hk = bh % p.Hk, b = bh / p.Hk;
+      const A* qg = q + (b * p.Hq + hk * p.group) * Nq * D;  // the group's R rows
+      const T* kb = k + b * p.sk_b + hk * p.sk_h;
+      const T* vb = v + b * p.sv_b + hk * p.sv_h;
+      const bool* pad = p.kpm ? p.kpm + b * p.Nk : nullptr;
+      const int64_t j0 = p.lo + c * p.chunk, j1 = std::min(p.hi, j0 + p.chunk);
+      std::fill(m.begin(), m.end(), kNegInf);
+      std::fill(l.begin(), l.end(), A(0));
+      std::fill(acc.begin(), acc.end(), A(0));
+
+      for (int64_t t0 = j0; t0 < j1; t0 += kTile) {
+        const int64_t n = std::min(kTile, j1 - t0);
+        if (p.prefetch) {  // the next tile's K and V rows (see kPrefetchBytes)
+          const int64_t a = t0 + kTile, e = std::min(j1, a + kTile);
+          for (int64_t j = a; j < e; ++j) {
+            const char* kr = reinterpret_cast<const char*>(kb + j * p.sk_n);
+            const char* vr = reinterpret_cast<const char*>(vb + j * p.sv_n);
+            for (int64_t x = 0; x < int64_t(D * sizeof(T)); x += 64) __builtin_prefetch(kr + x, 0, 3);
+            for (int64_t x = 0; x < int64_t(Dv * sizeof(T)); x += 64) __builtin_prefetch(vr + x, 0, 3);
+          }
+        }
+        if (direct) {
+          scores(qg, R, D, kb + t0 * p.sk_n, p.sk_n, n, S.data(), kTile);
+        } else {
+          for (int64_t j = 0; j < n; ++j) widen_row(kb + (t0 + j) * p.sk_n, kbuf.data() + j * D, D);
+          scores(qg, R, D, kbuf.data(), D, n, S.data(), kTile);
+        }
+
+        bool padded = false;
+        if (pad)
+          for (int64_t j = 0; j < n; ++j) padded |= pad[t0 + j];
+        for (int64_t r = 0; r < R; ++r) {
+          A* s = S.data() + r * kTile;
+          const int64_t i = r % Nq;
+          const int64_t vlo = p.row_lo[i], vhi = p.row_hi[i];
+          if (vlo > t0 || vhi < t0 + n || padded) {
+            for (int64_t j = 0; j < n; ++j) {
+              const int64_t key = t0 + j;
+              if (key < vlo || key >= vhi || (pad && pad[key])) s[j] = kNegInf;
+            }
+          }
+          const A m_new = common::max_keep_nan(m[r], common::row_max(s, n));
+          if (m_new == kNegInf) {  // nothing visible yet: P = 0, the state stays empty
+            std::fill(s, s + n, A(0));
+            alpha[r] = A(1);
+            continue;
+          }
+          alpha[r] = std::exp(m[r] - m_new);  // exp(-inf) = 0 on the first visible tile
+          l[r] = l[r] * alpha[r] + common::exp_sub_sum(s, n, m_new);
+          m[r] = m_new;
+        }
+
+        if (direct) {
+          accumulate_pv(S.data(), kTile, R, n, vb + t0 * p.sv_n, p.sv_n, Dv, alpha.data(), acc.data());
+        } else {
+          for (int64_t j = 0; j < n; ++j) widen_row(vb + (t0 + j) * p.sv_n, vbuf.data() + j * Dv, Dv);
+          accumulate_pv(S.data(), kTile, R, n, vbuf.data(), Dv, Dv, alpha.data(), acc.data());
+        }
+      }
+
+      if (nC == 1) {
+        for (int64_t r = 0; r < R; ++r) {
+          const int64_t row = (b * p.Hq + hk * p.group) * Nq + r;  // rows of a group are consecutive
+          finish_row<T, A>(acc.data() + r * Dv, m[r], l[r], Dv, tmp.data(), out + row * Dv, lse + row);
+        }
+      } else {
+        A* ml = part_ml + task * R * 2;
+        for (int64_t r = 0; r < R; ++r) {
+          ml[2 * r] = m[r];
+          ml[2 * r + 1] = l[r];
+        }
+        std::copy(acc.begin(), acc.end(), part_acc + task * R * Dv);
+        if (left[bh].fetch_sub(1) == 1)
+          merge_chunks<T>(p, bh, part_ml, part_acc, out, lse, acc.data(), tmp.data());
+      }
+      queue->finish();
+    }
+  };
+  run_shared(queue, workers, work_on);
+}
+
+// ---------------------------------------------------------------------------
+// The op
+// ---------------------------------------------------------------------------
+
+// A view with a contiguous last dim as it is, anything else copied.
+at::Tensor rows_contiguous(const at::Tensor& t) { return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous(); }
+
+std::tuple<at::Tensor, at::Tensor> attention_decode_fwd(const at::Tensor& q, const at::Tensor& k_in,
+                                                        const at::Tensor& v_in, double scale, int64_t window_left,
+                                                        int64_t window_right,
+                                                        const std::optional<at::Tensor>& key_padding_mask) {
+  const char* op = "attention_decode_fwd";
+  const common::QKVShape s = common::check_qkv(op, q, k_in, v_in);
+  TORCH_CHECK(window_left >= -1 && window_right >= -1, op, ": window sides must be >= -1 (-1 = unbounded), got (",
+              window_left, ", ", window_right, ")");
+  const at::Tensor k = rows_contiguous(k_in), v = rows_contiguous(v_in);
+  Decode p;
+  p.B = s.B;
+  p.Hq = s.Hq;
+  p.Hk = s.Hk;
+  p.Nq = s.Nq;
+  p.Nk = s.Nk;
+  p.D = s.D;
+  p.Dv = s.Dv;
+  p.group = s.group;
+  p.R = s.group * s.Nq;
+  p.left = window_left;
+  p.right = window_right;
+  p.off = s.Nk - s.Nq;
+  p.sk_b = k.stride(0);
+  p.sk_h = k.stride(1);
+  p.sk_n = k.stride(2);
+  p.sv_b = v.stride(0);
+  p.sv_h = v.stride(1);
+  p.sv_n = v.stride(2);
+  at::Tensor kpm;
+  if (key_padding_mask.has_value()) {
+    const at::Tensor& mask = *key_padding_mask;
+    TORCH_CHECK(mask.device().is_cpu(), op, ": key_padding_mask must be a CPU tensor");
+    TORCH_CHECK(mask.scalar_type() == at::kBool, op, ": key_padding_mask must be bool (True = ignore), got ",
+                mask.scalar_type());
+    TORCH_CHECK(mask.dim() == 2 && mask.size(0) == s.B && mask.size(1) == s.Nk, op,
+                ": key_padding_mask must be (B, Nk) = (", s.B, ", ", s.Nk, "), got ", mask.sizes());
+    kpm = mask.contiguous();
+    p.kpm = kpm.data_ptr<bool>();
+  }
+  plan_chunks(p);
+  p.prefetch = double(s.B) * double(s.Hk) * double(p.hi - p.lo) * double(s.D + s.Dv) * double(k.element_size()) >
+               kPrefetchBytes;
+
+  const auto dt = q.scalar_type();
+  const auto at_ = dt == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty({s.B, s.Hq, s.Nq, s.Dv}, q.options());
+  at::Tensor lse = at::empty({s.B, s.Hq, s.Nq}, q.options().dtype(at_));
+  if (p.n_chunks == 0 || s.B == 0 || s.Hq == 0 || s.Nq == 0) {
+    out.zero_();
+    lse.fill_(-std::numeric_limits<double>::infinity());
+    return {out, lse};
+  }
+  at::Tensor qs = (q.to(at_) * scale).contiguous();
+  at::Tensor part_ml, part_acc;
+  if (p.n_chunks > 1) {
+    part_ml = at::empty({s.B, s.Hk, p.n_chunks, p.R, 2}, q.options().dtype(at_));
+    part_acc = at::empty({s.B, s.Hk, p.n_chunks, p.R, s.Dv}, q.options().dtype(at_));
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "attention_decode_fwd", [&] {
+    using A = acc_type<scalar_t>;
+    decode_kernel<scalar_t>(p, qs.data_ptr<A>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                            out.data_ptr<scalar_t>(), lse.data_ptr<A>(),
+                            p.n_chunks > 1 ? part_ml.data_ptr<A>() : nullptr,
+                            p.n_chunks > 1 ? part_acc.data_ptr<A>() : nullptr);
+  });
+  return {out, lse};
+}
+
+// How the key range of a decode call is split: (first key, chunk length, number of chunks).
+// For tests and benchmarks: the split depends on the shapes only.
+std::vector<int64_t> attention_decode_plan(int64_t batch, int64_t kv_heads, int64_t q_len, int64_t kv_len,
+                                           int64_t window_left, int64_t window_right) {
+  TORCH_CHECK(batch >= 0 && kv_heads >= 0 && q_len >= 0 && kv_len >= 0, "attention_decode_plan: sizes must be >= 0");
+  Decode p;
+  p.B = batch;
+  p.Hk = kv_heads;
+  p.Nq = q_len;
+  p.Nk = kv_len;
+  p.left = window_left;
+  p.right = window_right;
+  p.off = kv_len - q_len;
+  plan_chunks(p);
+  return {p.lo, p.chunk, p.n_chunks};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(ATTNKERNELS_NS, m) {
+  m.def(
+      "attention_decode_fwd(Tensor q, Tensor k, Tensor v, float scale, int window_left, int window_right, "
+      "Tensor? key_padding_mask) -> (Tensor out, Tensor lse)");
+  m.def(
+      "attention_decode_plan(int batch, int kv_heads, int q_len, int kv_len, int window_left, int window_right) "
+      "-> int[]",
+      &attention_decode_plan);
+}
+
+TORCH_LIBRARY_IMPL(ATTNKERNELS_NS, CPU, m) { m.impl("attention_decode_fwd", &attention_decode_fwd); }
