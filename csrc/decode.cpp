@@ -538,7 +538,7 @@ void decode_kernel(const Decode& p, const acc_type<T>* q, const T* k, const T* v
             continue;
           }
           alpha[r] = std::exp(m[r] - m_new);  // exp(-inf) = 0 on the first visible tile
-          l[r] = l[r] * alpha[r] + common::exp_sub_sum(s, n, m_new);
+          l[r] = l[r] * alpha[r] + common::exp_fma_sum(s, n, A(1), m_new);
           m[r] = m_new;
         }
 
