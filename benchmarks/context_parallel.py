@@ -67,6 +67,7 @@ def _worker(rank, world, port, n, rounds, queue):
     queue.put((rank, rows))
     dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
+    os._exit(0)  # a thread-pool destructor at interpreter exit sometimes aborts on this host
 
 
 def _single(n, threads, rounds):
