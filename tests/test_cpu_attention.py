@@ -24,6 +24,7 @@ from attnkernels.softmax.reference import TableLayout, attention_reference, atte
 from attnkernels.conventions import window_visibility
 
 from .backend_params import backend_unavailable
+from .cpu_helpers import CAUSAL, DENSE, one_thread, ops, window_mode  # noqa: F401 (one_thread: autouse fixture)
 from .tolerance import assert_within_rule
 
 _REASON = backend_unavailable("cpu")
@@ -31,22 +32,6 @@ pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"C++ CPU kernels un
 
 FP64_ATOL = 1e-10
 DTYPE_IDS = {torch.float64: "fp64", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-DENSE, CAUSAL = (-1, -1), (-1, 0)
-
-
-def ops():
-    return backends.cpu_kernels()
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Run on one thread: this host's 2 cores are shared, and a parallel region that waits
-    for a descheduled thread turns a 0.1 s test into seconds. The parallel partition is
-    checked bitwise against the 1-thread result in test_deterministic_across_runs_and_thread_counts."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------------------
@@ -54,19 +39,11 @@ def _one_thread():
 # ----------------------------------------------------------------------------------------
 
 
-def _mode(window) -> str:
-    if window == DENSE:
-        return "dense"
-    if window == CAUSAL:
-        return "causal"
-    return f"win{window[0]}_{window[1]}"
-
-
 def case_id(b, hq, hk, nq, nk, d, dv, window, extra="") -> str:
     heads = f"H{hq}" if hq == hk else f"Hq{hq}-Hk{hk}"
     n = f"N{nq}" if nq == nk else f"Nq{nq}-Nk{nk}"
     dvs = f"-Dv{dv}" if dv != d else ""
-    return f"B{b}-{heads}-{n}-D{d}{dvs}-{_mode(window)}{extra}"
+    return f"B{b}-{heads}-{n}-D{d}{dvs}-{window_mode(window)}{extra}"
 
 
 def tables_from_layout(layout: torch.Tensor):
@@ -329,7 +306,7 @@ def test_bigbird(causal):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=DTYPE_IDS.get)
-@pytest.mark.parametrize("window", [DENSE, CAUSAL, (17, 17)], ids=_mode)
+@pytest.mark.parametrize("window", [DENSE, CAUSAL, (17, 17)], ids=window_mode)
 def test_key_padding_mask(window, dtype):
     g = torch.Generator().manual_seed(5)
     kpm = torch.rand(2, 300, generator=g) < 0.3

@@ -27,6 +27,7 @@ from attnkernels.softmax import cpu_launch
 from attnkernels.softmax.reference import attention_reference
 
 from .backend_params import backend_unavailable
+from .cpu_helpers import CAUSAL, DENSE, one_thread, ops, window_mode  # noqa: F401 (one_thread: autouse fixture)
 from .tolerance import assert_within_rule
 
 _REASON = backend_unavailable("cpu")
@@ -36,33 +37,11 @@ pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"C++ decode kernel 
 
 FP64_ATOL = 1e-10
 DTYPE_IDS = {torch.float64: "fp64", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-DENSE, CAUSAL = (-1, -1), (-1, 0)
-
-
-def ops():
-    return backends.cpu_kernels()
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread: this host's cores are shared. Thread counts are compared bitwise below."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _mode(window) -> str:
-    if window == DENSE:
-        return "dense"
-    if window == CAUSAL:
-        return "causal"
-    return f"win{window[0]}_{window[1]}"
 
 
 def case_id(b, hq, hk, nq, nk, d, dv, window, extra="") -> str:
     dvs = f"-Dv{dv}" if dv != d else ""
-    return f"B{b}-Hq{hq}-Hk{hk}-Nq{nq}-Nk{nk}-D{d}{dvs}-{_mode(window)}{extra}"
+    return f"B{b}-Hq{hq}-Hk{hk}-Nq{nq}-Nk{nk}-D{d}{dvs}-{window_mode(window)}{extra}"
 
 
 def make_inputs(shape, dtype, seed=0):
@@ -132,7 +111,7 @@ def test_decode_fp16(shape, window):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
-@pytest.mark.parametrize("window", [DENSE, CAUSAL, (50, 0)], ids=_mode)
+@pytest.mark.parametrize("window", [DENSE, CAUSAL, (50, 0)], ids=window_mode)
 def test_key_padding_with_a_fully_padded_row(window, dtype):
     shape = (3, 8, 2, 3, 1000, 64, 64)
     kpm = torch.rand(3, 1000, generator=torch.Generator().manual_seed(1)) < 0.3

@@ -21,7 +21,8 @@ import attnkernels
 from attnkernels import backends
 
 from .backend_params import backend_unavailable
-from .test_cpu_attention import CAUSAL, DENSE, Tables, case_id, make_inputs, random_layout, run_kernels
+from .cpu_helpers import CAUSAL, DENSE, one_thread, ops, window_mode  # noqa: F401 (one_thread: autouse fixture)
+from .test_cpu_attention import Tables, case_id, make_inputs, random_layout, run_kernels
 from .tolerance import assert_within_rule
 
 _REASON = backend_unavailable("cpu")
@@ -29,18 +30,6 @@ pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"C++ CPU kernels un
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
-def ops():
-    return backends.cpu_kernels()
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(params=["amx", "upcast"])
