@@ -79,8 +79,8 @@ constexpr double kPrefetchBytes = 64.0 * (1 << 20);
 // Below this many flops per thread a parallel region costs more than it saves.
 constexpr double kMinParallelFlops = 2e6;
 
-struct Decode {
-  int64_t B = 0, Hq = 0, Hk = 0, Nq = 0, Nk = 0, D = 0, Dv = 0, group = 1, R = 0;
+struct Decode : common::QKVShape {  // B, Hq, Hk, Nq, Nk, D, Dv, group
+  int64_t R = 0;  // query rows of a GQA group: group * Nq
   int64_t left = -1, right = -1, off = 0;
   int64_t lo = 0, hi = 0;               // keys seen by at least one query row
   int64_t chunk = 0, n_chunks = 0;      // the split of [lo, hi)
@@ -588,14 +588,7 @@ std::tuple<at::Tensor, at::Tensor> attention_decode_fwd(const at::Tensor& q, con
               window_left, ", ", window_right, ")");
   const at::Tensor k = rows_contiguous(k_in), v = rows_contiguous(v_in);
   Decode p;
-  p.B = s.B;
-  p.Hq = s.Hq;
-  p.Hk = s.Hk;
-  p.Nq = s.Nq;
-  p.Nk = s.Nk;
-  p.D = s.D;
-  p.Dv = s.Dv;
-  p.group = s.group;
+  static_cast<common::QKVShape&>(p) = s;
   p.R = s.group * s.Nq;
   p.left = window_left;
   p.right = window_right;
@@ -608,13 +601,7 @@ std::tuple<at::Tensor, at::Tensor> attention_decode_fwd(const at::Tensor& q, con
   p.sv_n = v.stride(2);
   at::Tensor kpm;
   if (key_padding_mask.has_value()) {
-    const at::Tensor& mask = *key_padding_mask;
-    TORCH_CHECK(mask.device().is_cpu(), op, ": key_padding_mask must be a CPU tensor");
-    TORCH_CHECK(mask.scalar_type() == at::kBool, op, ": key_padding_mask must be bool (True = ignore), got ",
-                mask.scalar_type());
-    TORCH_CHECK(mask.dim() == 2 && mask.size(0) == s.B && mask.size(1) == s.Nk, op,
-                ": key_padding_mask must be (B, Nk) = (", s.B, ", ", s.Nk, "), got ", mask.sizes());
-    kpm = mask.contiguous();
+    kpm = common::check_key_padding_mask(op, *key_padding_mask, s.B, s.Nk);
     p.kpm = kpm.data_ptr<bool>();
   }
   plan_chunks(p);

@@ -81,8 +81,7 @@ inline int64_t grain_for(double flops_per_task) { return common::grain_for(flops
 // ---------------------------------------------------------------------------
 // Problem description shared by the three passes
 // ---------------------------------------------------------------------------
-struct Problem {
-  int64_t B = 0, Hq = 0, Hk = 0, Nq = 0, Nk = 0, D = 0, Dv = 0, group = 1;
+struct Problem : common::QKVShape {  // B, Hq, Hk, Nq, Nk, D, Dv, group
   int64_t left = -1, right = -1;  // window, -1 = unbounded side
   int64_t off = 0;                // Nk - Nq: the bottom-right diagonal shift
   int64_t nQt = 0, nKt = 0;       // ceil(Nq / BLOCK_M), ceil(Nk / BLOCK_N): packed operand tiles
@@ -664,16 +663,8 @@ void fold_group(const Problem& p, const T* part, int64_t width, T* out) {
 // Problem of a call: the shared shape invariants plus the window.
 Problem make_problem(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t left,
                      int64_t right) {
-  const common::QKVShape s = common::check_qkv(op, q, k, v);
   Problem p;
-  p.B = s.B;
-  p.Hq = s.Hq;
-  p.Hk = s.Hk;
-  p.Nq = s.Nq;
-  p.Nk = s.Nk;
-  p.D = s.D;
-  p.Dv = s.Dv;
-  p.group = s.group;
+  static_cast<common::QKVShape&>(p) = common::check_qkv(op, q, k, v);
   p.left = left;
   p.right = right;
   p.off = p.Nk - p.Nq;
@@ -779,13 +770,7 @@ Prepared prepare_masks(const char* op, Problem& p, const std::optional<at::Tenso
     }
   }
   if (key_padding_mask.has_value()) {
-    const at::Tensor& m = *key_padding_mask;
-    TORCH_CHECK(m.device().is_cpu(), op, ": key_padding_mask must be a CPU tensor");
-    TORCH_CHECK(m.scalar_type() == at::kBool, op, ": key_padding_mask must be bool (True = ignore), got ",
-                m.scalar_type());
-    TORCH_CHECK(m.dim() == 2 && m.size(0) == p.B && m.size(1) == p.Nk, op, ": key_padding_mask must be (B, Nk) = (",
-                p.B, ", ", p.Nk, "), got ", m.sizes());
-    prep.kpm = m.contiguous();
+    prep.kpm = common::check_key_padding_mask(op, *key_padding_mask, p.B, p.Nk);
     prep.kpm_prefix = at::zeros({p.B, p.Nk + 1}, at::kInt);
     const bool* mp = prep.kpm.data_ptr<bool>();
     int32_t* pre = prep.kpm_prefix.data_ptr<int32_t>();

@@ -33,6 +33,16 @@ struct QKVShape {
   int64_t B = 0, Hq = 0, Hk = 0, Nq = 0, Nk = 0, D = 0, Dv = 0, group = 1;
 };
 
+// key_padding_mask bool (B, Nk) on the CPU, True = the key is ignored; returned contiguous.
+inline at::Tensor check_key_padding_mask(const char* op, const at::Tensor& m, int64_t B, int64_t Nk) {
+  TORCH_CHECK(m.device().is_cpu(), op, ": key_padding_mask must be a CPU tensor");
+  TORCH_CHECK(m.scalar_type() == at::kBool, op, ": key_padding_mask must be bool (True = ignore), got ",
+              m.scalar_type());
+  TORCH_CHECK(m.dim() == 2 && m.size(0) == B && m.size(1) == Nk, op, ": key_padding_mask must be (B, Nk) = (", B,
+              ", ", Nk, "), got ", m.sizes());
+  return m.contiguous();
+}
+
 inline QKVShape check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   check_float_tensor(op, "q", q, 4);
   check_float_tensor(op, "k", k, 4);
