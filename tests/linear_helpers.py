@@ -4,7 +4,7 @@ import torch
 
 from attnkernels.linear.reference import linear_attention_reference
 
-from .backend_params import BACKENDS
+from .backend_params import BACKENDS, backend_param
 from .tolerance import FACTOR, FLOOR
 
 # Backends for the linear tests; Triton runs under the interpreter here (seconds per
@@ -18,6 +18,14 @@ def case_id(b, hq, hk, nq, nk, d, dv, causal):
     lens = f"N{nq}" if nq == nk else f"Nq{nq}-Nk{nk}"
     dims = f"D{d}" if dv == d else f"D{d}-Dv{dv}"
     return f"B{b}-{heads}-{lens}-{dims}-{'causal' if causal else 'noncausal'}"
+
+
+def linear_backend_or_skip(backend: str, causal: bool, noncausal_triton_reason: str) -> None:
+    """Skip unless `backend` runs linear attention here; non-causal Triton cases skip with the reason given
+    (the interpreter is slow: those cases live in the Triton kernels' own tests)."""
+    backend_param(backend, "linear")
+    if backend == "triton" and not causal:
+        pytest.skip(noncausal_triton_reason)
 
 
 def make_qkv(b, hq, hk, nq, nk, d, dv, *, dtype=torch.float64, seed=0, positive=False):

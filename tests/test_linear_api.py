@@ -15,7 +15,7 @@ from attnkernels.linear.reference import linear_attention_reference
 from attnkernels.linear.reference import linear_attention_reference_backward
 
 from .backend_params import backend_param
-from .linear_helpers import LINEAR_BACKENDS, make_qkv, make_state, one_torch_thread  # noqa: F401
+from .linear_helpers import LINEAR_BACKENDS, linear_backend_or_skip, make_qkv, make_state, one_torch_thread  # noqa: F401
 
 
 def _dtype_for(backend):
@@ -50,9 +50,7 @@ def test_reference_backward_formula_matches_autograd(options):
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
 @pytest.mark.parametrize("backend", LINEAR_BACKENDS)
 def test_opcheck_both_ops(backend, causal):
-    backend_param(backend, "linear")
-    if backend == "triton" and not causal:
-        pytest.skip("one opcheck run on Triton (the interpreter is slow)")
+    linear_backend_or_skip(backend, causal, "one opcheck run on Triton (the interpreter is slow)")
     dtype = _dtype_for(backend)
     q, k, v = (t.requires_grad_() for t in make_qkv(1, 4, 2, 17, 17, 8, 6, dtype=dtype))
     s0, z0 = make_state(1, 2, 8, 6, dtype=torch.float64 if dtype == torch.float64 else torch.float32)

@@ -13,7 +13,7 @@ from attnkernels.linear.reference import linear_attention_reference
 
 from .backend_params import backend_param
 from .linear_helpers import (  # noqa: F401  (one_torch_thread is an autouse fixture)
-    LINEAR_BACKENDS, assert_close_to_oracle, case_id, make_qkv, make_state, one_torch_thread, reference_with_grads,
+    LINEAR_BACKENDS, assert_close_to_oracle, case_id, linear_backend_or_skip, make_qkv, make_state, one_torch_thread, reference_with_grads,
 )
 
 # (B, Hq, Hk, Nq, Nk, D, Dv, causal)
@@ -111,9 +111,7 @@ def test_relu_identity_and_scale(backend, case, feature_map):
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
 @pytest.mark.parametrize("backend", LINEAR_BACKENDS)
 def test_initial_state_matches_reference(backend, causal):
-    backend_param(backend, "linear")
-    if backend == "triton" and not causal:
-        pytest.skip("non-causal state on Triton is left to its own tests (the interpreter is slow)")
+    linear_backend_or_skip(backend, causal, "non-causal state on Triton is left to its own tests (the interpreter is slow)")
     q, k, v = make_qkv(2, 4, 2, 65, 65, 16, 8)
     state = make_state(2, 2, 16, 8)
     for normalize in (True, False):
