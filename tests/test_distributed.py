@@ -109,6 +109,9 @@ def _worker(rank, world, port, errors, backend="gloo"):
                 _check_case(rank, world, f"halo-{window}-{dtype}",
                             lambda q, k, v: cp.halo_window_attention(q, k, v, window, return_lse=True),
                             contiguous, dict(window_size=window), dtype)
+            _check_case(rank, world, f"ring-window-routes-to-halo-{dtype}",  # ring_attention(window_size=) too
+                        lambda q, k, v: cp.ring_attention(q, k, v, window_size=(4, 2), return_lse=True),
+                        contiguous, dict(window_size=(4, 2)), dtype)
             _check_case(rank, world, f"ulysses-causal-{dtype}",
                         lambda q, k, v: (cp.ulysses_attention(q, k, v, causal=True), None),
                         contiguous, dict(causal=True), dtype)

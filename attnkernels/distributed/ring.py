@@ -162,14 +162,15 @@ class _RingAttention(torch.autograd.Function):
         return (torch.cat(dq, dim=2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None)
 
 
-def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, causal: bool = False, scale: float | None = None,
-                   layout: str = "contiguous", return_lse: bool = False):
+def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, causal: bool = False, window_size=None,
+                   scale: float | None = None, layout: str = "contiguous", return_lse: bool = False):
     """Attention over a sequence sharded along N across the ranks of `group`.
 
     q (B, Hq, L, D), k/v (B, Hk, L, D/Dv) on every rank, the same L everywhere; rank r holds positions
     [rL, (r+1)L) ("contiguous") or zigzag chunks r and 2P−1−r ("zigzag", L even; see zigzag_shard).
     Returns this rank's out (B, Hq, L, Dv) [and LSE (B, Hq, L)], equal to the single-process kernel
-    on the gathered sequence. Differentiable in q, k, v.
+    on the gathered sequence. Differentiable in q, k, v. A `window_size` with both sides bounded goes
+    to the halo exchange (halo.py: only boundary rows travel, no ring); (-1, 0) is causal.
     """
     from .. import _checks
     from ..conventions import softmax_scale
@@ -177,6 +178,16 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, causal: bool 
     _checks.check_qkv(q, k, v)
     scale = softmax_scale(scale, q.shape[-1])
     _checks.check_bool("causal", causal)
+    if window_size is not None:
+        from ..softmax.windows import resolve_window
+        from .halo import halo_window_attention
+
+        window = resolve_window(window_size, causal)
+        if window not in ((UNBOUNDED, UNBOUNDED), (UNBOUNDED, 0)):
+            if layout != "contiguous":
+                raise ValueError("layout: windows run the halo exchange, which needs layout='contiguous'")
+            return halo_window_attention(q, k, v, window, group=group, scale=scale, return_lse=return_lse)
+        causal = window == (UNBOUNDED, 0)
     rank, world = comm.rank_and_world(group)
     device = comm.control_device(group)
     lengths = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
