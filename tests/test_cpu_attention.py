@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import attnkernels
-from attnkernels import backends, masks
+from attnkernels import masks
 from attnkernels.softmax.reference import TableLayout, attention_reference, attention_reference_backward
 from attnkernels.conventions import window_visibility
 

@@ -18,7 +18,6 @@ import pytest
 import torch
 
 import attnkernels
-from attnkernels import backends
 
 from .backend_params import backend_unavailable
 from .cpu_helpers import CAUSAL, DENSE, one_thread, ops, window_mode  # noqa: F401 (one_thread: autouse fixture)

@@ -4,7 +4,6 @@ Kernel accuracy per backend lives in test_linear_kernels.py; this file checks th
 plumbing every backend shares and the FAVOR+ features.
 """
 import math
-import re
 
 import pytest
 import torch

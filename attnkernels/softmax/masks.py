@@ -37,7 +37,6 @@ Conventions (shared by every constructor)
 """
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
