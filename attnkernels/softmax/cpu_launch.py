@@ -3,26 +3,23 @@
 The general ops (`attention_fwd` / `attention_bwd`) take contiguous (B, H, N, D) tensors.
 A forward with few query rows (Nq <= DECODE_MAX_Q_LEN: a decode step, speculative
 decoding, a small prefill chunk) and no block tables runs the split-KV decode kernel
-(`attention_decode_fwd`, csrc/decode.cpp) when no gradient is needed, and hands it k / v
-as they are when their last dim is contiguous (a KV-cache prefix `k_cache[:, :, :n]`, a
-(B, N, H, D) cache transposed to (B, H, N, D)): no copy. Note that this module runs inside
-the `attnkernels::attention_fwd` custom op, where autograd is already off
-(`torch.is_grad_enabled()` is False), so the gradient condition holds there for training
-forwards too; their backward (`attention_bwd`) recomputes P from the decode kernel's out
-and LSE, which are the same quantities the general forward saves (tests/test_cpu_decode.py
-checks those gradients). A build without the decode op (an older .so) takes the general
+(`attention_decode_fwd`, csrc/decode.cpp), and hands it k / v as they are when their last
+dim is contiguous (a KV-cache prefix `k_cache[:, :, :n]`, a (B, N, H, D) cache transposed
+to (B, H, N, D)): no copy. Training forwards with so few rows take it too: its out and LSE
+are the quantities the general forward saves, so the backward (`attention_bwd`) is the
+same (tests/test_cpu_decode.py checks those gradients). A build without the decode op (an older
+.so) takes the general
 path. The ops check only the invariants that keep a direct call in bounds (the public API
 validated everything else).
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from ..backends import cpu_kernels
 from .call import SoftmaxCall
 
-# Query rows up to which a no-grad forward takes the decode kernel.
+# Query rows up to which a forward takes the decode kernel.
 DECODE_MAX_Q_LEN = 16
 
 
@@ -32,9 +29,7 @@ def _rows_contiguous(t: Tensor) -> Tensor:
 
 def uses_decode(call: SoftmaxCall, q: Tensor, k: Tensor, v: Tensor) -> bool:
     """True when `forward` runs this call on the decode kernel."""
-    return (q.shape[2] <= DECODE_MAX_Q_LEN and not call.is_sparse
-            and (not torch.is_grad_enabled() or not any(t.requires_grad for t in (q, k, v)))
-            and hasattr(cpu_kernels(), "attention_decode_fwd"))
+    return q.shape[2] <= DECODE_MAX_Q_LEN and not call.is_sparse and hasattr(cpu_kernels(), "attention_decode_fwd")
 
 
 def forward(call: SoftmaxCall, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
