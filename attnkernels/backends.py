@@ -29,6 +29,7 @@ class Backend:
     forward: Callable  # (call, *data tensors) -> the op's outputs
     backward: Callable  # (call, grad outputs and saved tensors) -> input grads
     declines: Callable[[torch.device], Optional[str]]  # why it cannot run on this device, or None
+    features: frozenset = frozenset()  # the optional call features (e.g. softmax modifiers) it implements
 
 
 class BackendUnavailable(ValueError, RuntimeError):
@@ -67,8 +68,16 @@ def default_backend(device: torch.device) -> str | None:
     return {"cuda": "triton", "cpu": "cpu"}.get(device.type)
 
 
-def select(family: str, device: torch.device) -> Backend:
-    """The backend that runs a `family` call on tensors of `device`, or an error saying why none can."""
+def _declines(backend: Backend, device: torch.device, needs: frozenset) -> str | None:
+    missing = sorted(needs - backend.features)
+    if missing:
+        return f"it does not implement {', '.join(missing)}"
+    return backend.declines(device)
+
+
+def select(family: str, device: torch.device, needs: frozenset = frozenset()) -> Backend:
+    """The backend that runs a `family` call on tensors of `device` using the optional features `needs`,
+    or an error saying why none can."""
     backends = _REGISTRY[family]
     name = forced_backend() or default_backend(device)
     if name is None:
@@ -77,11 +86,12 @@ def select(family: str, device: torch.device) -> Backend:
             "Use `attnkernels.backend('reference')` for a plain-PyTorch path on other devices."
         )
     chosen = backends[name]
-    why = chosen.declines(device)
+    why = _declines(chosen, device, needs)
     if why is None:
         return chosen
     others = "; ".join(
-        f"{other.name}: {other.declines(device) or 'available'}" for other in backends.values() if other is not chosen
+        f"{other.name}: {_declines(other, device, needs) or 'available'}"
+        for other in backends.values() if other is not chosen
     )
     how = "forced by attnkernels.backend()" if forced_backend() else f"the default for {device.type} tensors"
     raise BackendUnavailable(f"backend {name!r} ({how}) cannot run this {family} call: {why}. Backends: {others}")

@@ -33,6 +33,9 @@ _SCHEMA_TYPES = {
 class OpCall:
     """Base of the per-family call dataclasses (subclasses are `@dataclass(frozen=True)`)."""
 
+    # Tensor fields that receive a gradient (e.g. an attention bias); all others get None.
+    GRAD_FIELDS: tuple[str, ...] = ()
+
     @classmethod
     def _fields(cls) -> tuple[tuple[str, object], ...]:
         hints = typing.get_type_hints(cls)
@@ -40,8 +43,17 @@ class OpCall:
 
     @classmethod
     def schema_args(cls) -> str:
-        """The fields as torch.library schema arguments: "float scale, int window_left, ..."."""
-        return ", ".join(f"{_SCHEMA_TYPES[kind]} {name}" for name, kind in cls._fields())
+        """The fields as torch.library schema arguments: "float scale, int window_left=-1, ...": a field
+        with a default has it in the schema too, so a direct op call may leave trailing fields out."""
+        defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+        def argument(name, kind):
+            text = f"{_SCHEMA_TYPES[kind]} {name}"
+            if name not in defaults:
+                return text
+            return f"{text}={'None' if defaults[name] is None else repr(defaults[name])}"
+
+        return ", ".join(argument(name, kind) for name, kind in cls._fields())
 
     @classmethod
     def tensor_fields(cls) -> tuple[str, ...]:
@@ -53,8 +65,21 @@ class OpCall:
 
     @classmethod
     def none_grads(cls) -> tuple[None, ...]:
-        """One None per field: no argument of a call carries a gradient."""
+        """One None per field: no argument of the call carries a gradient."""
         return (None,) * len(dataclasses.fields(cls))
+
+    @classmethod
+    def field_index(cls, name: str) -> int:
+        """Position of field `name` among the op arguments that follow the data tensors."""
+        return [f.name for f in dataclasses.fields(cls)].index(name)
+
+    @classmethod
+    def field_grads(cls, **grads) -> tuple[Optional[Tensor], ...]:
+        """One entry per field: the gradient given for a GRAD_FIELDS name, None elsewhere."""
+        unknown = set(grads) - set(cls.GRAD_FIELDS)
+        if unknown:
+            raise KeyError(f"{sorted(unknown)} are not gradient fields of {cls.__name__}")
+        return tuple(grads.get(f.name) for f in dataclasses.fields(cls))
 
     def op_args(self) -> tuple:
         """The field values in schema order (what follows the data tensors in an op call)."""

@@ -43,7 +43,7 @@ def test_opcheck(backend):
         torch.library.opcheck(torch.ops.attnkernels.attention_fwd.default, args)
         out, lse = torch.ops.attnkernels.attention_fwd(*args)
         dout = torch.randn_like(out)
-        bwd_args = (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, 0.25, -1, 0, None, None, None, None, 0, None)
+        bwd_args = (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, False, 0.25, -1, 0, None, None, None, None, 0, None)
         torch.library.opcheck(torch.ops.attnkernels.attention_bwd.default, bwd_args)
 
 

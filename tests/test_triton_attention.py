@@ -51,7 +51,8 @@ def attention_forward(q, k, v, scale, window_left, window_right, **tables_and_kp
 
 
 def attention_backward(dout, q, k, v, out, lse, scale, window_left, window_right, **tables_and_kpm):
-    return A.backward(_call(scale, window_left, window_right, **tables_and_kpm), dout, q, k, v, out, lse)
+    dq, dk, dv, _ = A.backward(_call(scale, window_left, window_right, **tables_and_kpm), dout, q, k, v, out, lse)
+    return dq, dk, dv
 
 
 class TableMask:

@@ -144,9 +144,9 @@ class _RingAttention(torch.autograd.Function):
                         continue
                     call = SoftmaxCall(scale, *window)
                     with comm.busy():
-                        dq_p, dk_p, dv_p = torch.ops.attnkernels.attention_bwd(
+                        dq_p, dk_p, dv_p, _ = torch.ops.attnkernels.attention_bwd(
                             do_pieces[i], q_pieces[i], k_b[:, :, rows], v_b[:, :, rows], o_pieces[i], lse_pieces[i],
-                            *call.op_args())
+                            False, *call.op_args())
                         dq[i] += dq_p
                         dk_b[:, :, rows] += dk_p
                         dv_b[:, :, rows] += dv_p

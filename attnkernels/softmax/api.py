@@ -29,6 +29,12 @@ def attention(
     cu_seqlens_k: Tensor | None = None,
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
+    softcap: float | None = None,
+    alibi_slopes: Tensor | None = None,
+    sinks: Tensor | None = None,
+    attn_bias: Tensor | None = None,
+    dropout_p: float = 0.0,
+    generator: torch.Generator | None = None,
 ):
     """Softmax attention softmax(q kᵀ · scale) v, fused: no (Nq, Nk) matrix is ever stored.
 
@@ -50,6 +56,21 @@ def attention(
             q (total_q, Hq, D), k/v (total_k, Hk, D); sequence i is rows
             cu[i]:cu[i+1] and attends only to itself (causal and windows per
             sequence); out (total_q, Hq, Dv), lse (Hq, total_q).
+        softcap: > 0 caps the scaled logits, s = softcap · tanh(s / softcap)
+            (Gemma2); None or 0 = off.
+        alibi_slopes: (Hq,) or (B, Hq): adds -slope · |i + Nk - Nq - j| to the
+            logits (FlashAttention's ALiBi), computed in the kernel.
+        sinks: (Hq,) learned per-head logits that join every row's softmax
+            denominator (gpt-oss's s_aux); they get a gradient, and the LSE
+            returned includes them.
+        attn_bias: a float tensor broadcastable to (B, Hq, Nq, Nk) added to the
+            logits (T5's relative bias, any float mask), with its gradient when it
+            requires grad; a bool tensor is SDPA's attn_mask (True = attend).
+        dropout_p: attention dropout on the probabilities (scaled by 1/(1-p)); the
+            mask is a counter-based function of a seed drawn from `generator`
+            (torch's default when None), regenerated in the backward (dropout.py).
+            Pass 0 in evaluation: this function has no training flag.
+        The modifiers apply in the order softcap, ALiBi, bias, mask (modifiers.py).
 
     A query row that sees no key gets output 0 (and LSE -inf), with zero gradients.
 
@@ -59,21 +80,39 @@ def attention(
     if cu_seqlens_q is not None or cu_seqlens_k is not None:
         if cu_seqlens_q is None or cu_seqlens_k is None:
             raise ValueError("cu_seqlens_q, cu_seqlens_k: a packed batch needs both")
-        for name, value in (("block_mask", block_mask), ("key_padding_mask", key_padding_mask)):
+        for name, value in (("block_mask", block_mask), ("key_padding_mask", key_padding_mask),
+                            ("attn_bias", attn_bias)):
             if value is not None:
                 raise ValueError(f"{name}: not supported with a packed (cu_seqlens) batch; each sequence is its own "
                                  "batch row already")
 
-        def attend(q_i, k_i, v_i):
-            call = SoftmaxCall.build(q_i, k_i, v_i, causal=causal, scale=scale, window_size=window_size)
+        sequence_slopes = _per_sequence_slopes(alibi_slopes, cu_seqlens_q, q.shape[1])
+
+        def attend(q_i, k_i, v_i, index):
+            call = SoftmaxCall.build(q_i, k_i, v_i, causal=causal, scale=scale, window_size=window_size,
+                                     softcap=softcap, alibi_slopes=sequence_slopes(index), sinks=sinks,
+                                     dropout_p=dropout_p, generator=generator)
             return ops.run(call, q_i, k_i, v_i)
 
         out, lse = varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attend)
     else:
         call = SoftmaxCall.build(q, k, v, causal=causal, scale=scale, window_size=window_size,
-                                 block_mask=block_mask, key_padding_mask=key_padding_mask)
+                                 block_mask=block_mask, key_padding_mask=key_padding_mask, softcap=softcap,
+                                 alibi_slopes=alibi_slopes, sinks=sinks, attn_bias=attn_bias, dropout_p=dropout_p,
+                                 generator=generator)
         out, lse = ops.run(call, q, k, v)
     return (out, lse.detach()) if return_lse else out
+
+
+def _per_sequence_slopes(alibi_slopes, cu_seqlens_q, q_heads):
+    """index -> sequence index's slopes (Hq,) of a packed batch's (Hq,) or (batch, Hq) alibi_slopes."""
+    if alibi_slopes is None or not isinstance(alibi_slopes, Tensor) or alibi_slopes.dim() != 2:
+        return lambda index: alibi_slopes
+    batch = cu_seqlens_q.numel() - 1
+    if tuple(alibi_slopes.shape) != (batch, q_heads):
+        raise ValueError(f"alibi_slopes: expected (Hq,) = ({q_heads},) or (batch, Hq) = ({batch}, {q_heads}) for a "
+                         f"packed batch, got {tuple(alibi_slopes.shape)}")
+    return lambda index: alibi_slopes[index]
 
 
 def window_attention(q: Tensor, k: Tensor, v: Tensor, window_size, *, causal: bool = False, scale: float | None = None, return_lse: bool = False):

@@ -44,9 +44,12 @@ def forward(call: SoftmaxCall, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor,
     )
 
 
-def backward(call: SoftmaxCall, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor):
-    return cpu_kernels().attention_bwd(
+def backward(call: SoftmaxCall, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+             bias_grad: bool = False):
+    """(dq, dk, dv, dbias): dbias (B, Hq, Nq, Nk) float32 (float64 for float64 inputs) when bias_grad, else None."""
+    dq, dk, dv = cpu_kernels().attention_bwd(
         dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(), lse.contiguous(),
         call.scale, call.window_left, call.window_right, call.kv_num_blocks, call.kv_indices,
         call.q_num_blocks, call.q_indices, call.sparse_block_size, call.key_padding_mask,
     )
+    return dq, dk, dv, None

@@ -2,7 +2,7 @@
 grids, the launcher's own invariants, and the two entry points the ops call:
 
     forward(call, q, k, v) -> (out (B, Hq, Nq, Dv) in q's dtype, lse (B, Hq, Nq) float32)
-    backward(call, dout, q, k, v, out, lse) -> (dq, dk, dv) in the inputs' dtypes
+    backward(call, dout, q, k, v, out, lse, bias_grad) -> (dq, dk, dv, dbias or None)
 
 `call` carries scale, window_left, window_right, kv_num_blocks, kv_indices, q_num_blocks,
 q_indices, sparse_block_size, key_padding_mask with the op arguments' meanings, already
@@ -266,8 +266,13 @@ def forward(call, q, k, v):
     return out, lse
 
 
-def backward(call, dout, q, k, v, out, lse):
-    """(dq, dk, dv) in the inputs' dtype. Deterministic (see triton_kernels' docstring)."""
+def backward(call, dout, q, k, v, out, lse, bias_grad: bool = False):
+    """(dq, dk, dv, dbias): grads in the inputs' dtype, dbias (B, Hq, Nq, Nk) float32 (float64 for float64 inputs) when bias_grad
+    else None. Deterministic (see triton_kernels' docstring)."""
+    return (*_backward(call, dout, q, k, v, out, lse), None)
+
+
+def _backward(call, dout, q, k, v, out, lse):
     _check_qkv(q, k, v)
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, kv_len, head_dim_v = k.shape[1], k.shape[2], v.shape[-1]

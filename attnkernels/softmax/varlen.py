@@ -51,7 +51,8 @@ def _check_max(name: str, max_seqlen, lengths: list[int]) -> None:
 
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                      max_seqlen_q: int | None, max_seqlen_k: int | None, attend) -> tuple[Tensor, Tensor]:
-    """(out (total_q, Hq, Dv), lse (Hq, total_q)) with `attend(q_i, k_i, v_i) -> (out_i, lse_i)` on (1, H, N_i, D)."""
+    """(out (total_q, Hq, Dv), lse (Hq, total_q)) with `attend(q_i, k_i, v_i, i) -> (out_i, lse_i)` on
+    (1, H, N_i, D) views of sequence i."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _checks.check_tensor(name, t, ndim=3, layout="(total, H, D) (varlen)")
     if k.shape[0] != v.shape[0]:
@@ -63,10 +64,10 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     _check_max("max_seqlen_q", max_seqlen_q, [b - a for a, b in zip(bounds_q, bounds_q[1:])])
     _check_max("max_seqlen_k", max_seqlen_k, [b - a for a, b in zip(bounds_k, bounds_k[1:])])
     outs, lses = [], []
-    for (q0, q1), (k0, k1) in zip(zip(bounds_q, bounds_q[1:]), zip(bounds_k, bounds_k[1:])):
+    for index, ((q0, q1), (k0, k1)) in enumerate(zip(zip(bounds_q, bounds_q[1:]), zip(bounds_k, bounds_k[1:]))):
         # (N_i, H, D) -> (1, H, N_i, D): views, the kernels' launchers take them as they are
         q_i, k_i, v_i = (t[a:b].transpose(0, 1)[None] for t, a, b in ((q, q0, q1), (k, k0, k1), (v, k0, k1)))
-        out_i, lse_i = attend(q_i, k_i, v_i)
+        out_i, lse_i = attend(q_i, k_i, v_i, index)
         outs.append(out_i[0].transpose(0, 1))  # (N_i, Hq, Dv)
         lses.append(lse_i[0])  # (Hq, N_i)
     if not outs:
