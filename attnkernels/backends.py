@@ -97,9 +97,9 @@ def select(family: str, device: torch.device, needs: frozenset = frozenset()) ->
     raise BackendUnavailable(f"backend {name!r} ({how}) cannot run this {family} call: {why}. Backends: {others}")
 
 
-def why_not(family: str, name: str, device: torch.device) -> str | None:
-    """None if backend `name` can run `family` calls on `device` here, else the reason."""
-    return _REGISTRY[family][name].declines(device)
+def why_not(family: str, name: str, device: torch.device, needs: frozenset = frozenset()) -> str | None:
+    """None if backend `name` can run `family` calls using the features `needs` on `device` here, else the reason."""
+    return _declines(_REGISTRY[family][name], device, frozenset(needs))
 
 
 # --- what each backend needs, shared by the families --------------------------------------

@@ -57,3 +57,12 @@ def backend_feature_param(name: str, *features: str) -> None:
         reason = feature_unavailable(name, feature)
         if reason:
             pytest.skip(f"backend {name!r} lacks {feature}: {reason}")
+
+
+def backend_modifier_param(name: str, *modifiers: str) -> None:
+    """backend_param, plus a skip (with the registry's reason) when backend `name`'s kernels do not
+    implement one of the score `modifiers` (softmax.call.FEATURES: softcap, alibi, attn_bias, dropout)."""
+    backend_param(name)
+    reason = backends.why_not("softmax", name, torch.device("cpu"), frozenset(modifiers))
+    if reason:
+        pytest.skip(f"backend {name!r}: {reason}")

@@ -9,7 +9,7 @@ import torch
 
 import attnkernels
 
-from .backend_params import BACKENDS, backend_feature_param
+from .backend_params import BACKENDS, backend_feature_param, backend_modifier_param
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers==5.23.0)")
 
@@ -174,35 +174,23 @@ def test_encoder_bidirectional_with_padding_B2_N10():
     torch.testing.assert_close(out[NAME][real], out["sdpa"][real], rtol=1e-10, atol=1e-10)
 
 
-def test_unexpressible_mask_raises_B1_N8():
-    """A 4-D mask that is not band + padding must raise, never be dropped."""
+def test_document_mask_matches_sdpa_B1_N8():
+    """A 4-D mask that is not band + padding (two packed documents) runs as an additive bias. (SDPA is the
+    reference: eager adds a bool 4-D mask to the logits as 0/1, and its softmax runs in float32.)"""
     model = _model("llama", torch.float64)
-    model.set_attn_implementation(NAME)
     ids, _ = _inputs(batch=1, length=8)
     doc = torch.zeros(8, 8, dtype=torch.bool)
     doc[:4, :4] = doc[4:, 4:] = True  # two packed documents
     mask = (doc & torch.ones(8, 8, dtype=torch.bool).tril())[None, None]
-    with attnkernels.backend("reference"), pytest.raises(ValueError, match="attention_mask"):
-        model(input_ids=ids, attention_mask=mask)
+    got, expected = (_logits(model, impl, ids, mask) for impl in (NAME, "sdpa"))
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
-def test_additive_bias_mask_raises():
+def test_additive_bias_mask_is_not_a_band():
     q = torch.randn(1, 2, 4, 16)
     bias = torch.randn(1, 1, 4, 4)
-    with pytest.raises(ValueError, match="additive bias"):
+    with pytest.raises(hf_backend.NotABandMask, match="additive bias"):
         hf_backend.padding_from_hf_mask(bias, q, q, q, (-1, 0))
-
-
-def test_dropout_in_training_raises():
-    model = _model("llama", torch.float32)
-    model.config.attention_dropout = 0.1
-    for layer in model.model.layers:
-        layer.self_attn.attention_dropout = 0.1
-    model.train()
-    model.set_attn_implementation(NAME)
-    ids, mask = _inputs(batch=1, length=5)
-    with attnkernels.backend("reference"), pytest.raises(NotImplementedError, match="dropout"):
-        model(input_ids=ids, attention_mask=mask)
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt_neox"])
@@ -266,3 +254,132 @@ def test_packed_batch_matches_each_sequence_alone_llama_N5_3_4(how):
         packed = model(input_ids=ids, position_ids=position_ids, **extra).logits[0]
         alone = [model(input_ids=s).logits[0] for s in seqs]
     torch.testing.assert_close(packed, torch.cat(alone), rtol=1e-10, atol=1e-10)
+
+
+# --- models that need the score modifiers: softcap, sinks, relative position bias, dropout ---------
+
+SMALL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+             num_hidden_layers=2, vocab_size=VOCAB, max_position_embeddings=64)
+
+
+def _modifier_model(kind: str, dtype=torch.float64):
+    """(model in `dtype`, eval, the modifiers its attention uses)."""
+    model, modifiers = _modifier_model_f64(kind)
+    return model.to(dtype), modifiers
+
+
+def _modifier_model_f64(kind: str):
+    torch.manual_seed(0)
+    if kind == "gemma2":  # logit softcap on every layer, sliding window on every other one
+        config = transformers.Gemma2Config(**SMALL, head_dim=16, sliding_window=4, attn_logit_softcapping=5.0,
+                                           query_pre_attn_scalar=16)
+        return transformers.Gemma2ForCausalLM(config).double().eval(), ("softcap",)
+    if kind == "gpt_oss":  # learned attention sinks, sliding + full layers, MoE MLP
+        config = transformers.GptOssConfig(**SMALL, head_dim=16, sliding_window=4, num_local_experts=4,
+                                           num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"])
+        model = transformers.GptOssForCausalLM(config).double().eval()
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.sinks.normal_()  # init leaves them 0; give each head its own sink
+        return model, ()
+    if kind == "t5":  # learned relative position bias (+ the padding mask) in encoder, decoder, cross attention
+        config = transformers.T5Config(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                                       relative_attention_num_buckets=8, dropout_rate=0.0, decoder_start_token_id=0)
+        return transformers.T5ForConditionalGeneration(config).double().eval(), ("attn_bias",)
+    raise ValueError(kind)
+
+
+def _forward(model, impl, ids, mask, backend):
+    model.set_attn_implementation(impl)
+    with attnkernels.backend(backend):
+        if model.config.is_encoder_decoder:
+            return model(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :7]).logits
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+# Left-padded float64 eager runs put NaN into every row of a padded sequence (fully masked rows in
+# float64), so padding is compared in float32.
+# gpt-oss's MoE (grouped_mm) takes no float64.
+MODEL_CASES = [(kind, pad, dtype) for kind in ("gemma2", "gpt_oss", "t5")
+               for pad, dtype in (((0, 0), torch.float64), ((0, 0), torch.float32), ((3, 0), torch.float32))
+               if not (kind == "gpt_oss" and dtype == torch.float64)]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("kind, pad, dtype", MODEL_CASES,
+                         ids=[f"{k}-{'leftpad3' if any(p) else 'nopad'}-{str(d)[-7:]}" for k, p, d in MODEL_CASES])
+def test_modifier_models_match_eager_B2_N11(kind, pad, dtype, backend, monkeypatch):
+    model, modifiers = _modifier_model(kind, dtype)
+    backend_modifier_param(backend, *modifiers)
+    ids, mask = _inputs(length=11, left_pad=pad)
+    expected = _forward(model, "eager", ids, mask, backend)
+    spy = _Spy(monkeypatch)
+    got = _forward(model, NAME, ids, mask, backend)
+    assert spy.calls >= model.config.num_hidden_layers
+    real = mask.bool() if not model.config.is_encoder_decoder else torch.ones(2, 7, dtype=torch.bool)
+    # Gemma2's and gpt-oss's eager softmax runs in float32 even for float64 models: ~1e-7 is eager's own error
+    tol = 1e-9 if kind == "t5" and dtype == torch.float64 else 1e-6 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(got[real], expected[real], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_t5_relative_bias_gradient_matches_eager_B2_N9(backend):
+    """position_bias requires grad (an Embedding's output): its gradient flows back through dbias."""
+    model, modifiers = _modifier_model("t5")
+    backend_modifier_param(backend, *modifiers)
+    ids, mask = _inputs(length=9, left_pad=(2, 0))
+    grads = {}
+    for impl in ("eager", NAME):
+        model.zero_grad()
+        logits = _forward(model, impl, ids, mask, backend)
+        with attnkernels.backend(backend):  # the backward runs the backend chosen when it runs
+            logits.sum().backward()
+        grads[impl] = {n: p.grad.clone() for n, p in model.named_parameters() if "relative_attention_bias" in n}
+    assert grads[NAME]
+    for name, grad in grads["eager"].items():
+        torch.testing.assert_close(grads[NAME][name], grad, rtol=1e-8, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_gemma2_and_gpt_oss_generate_like_eager_static_and_dynamic(backend):
+    for kind in ("gemma2", "gpt_oss"):
+        model, modifiers = _modifier_model(kind, torch.float32)  # float32: float64 eager NaNs on padding
+        backend_modifier_param(backend, *modifiers)
+        ids, mask = _inputs(length=6, left_pad=(2, 0))
+        for cache in ("dynamic", "static"):
+            tokens = {}
+            for impl in ("eager", NAME):
+                model.set_attn_implementation(impl)
+                with attnkernels.backend(backend):
+                    tokens[impl] = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                                                  pad_token_id=0, cache_implementation=cache)
+            assert torch.equal(tokens[NAME], tokens["eager"]), (kind, cache)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_training_step_with_attention_dropout_B2_N10(backend):
+    """config.attention_dropout > 0 in train mode: dropout runs (the loss differs from p = 0), the step is
+    reproducible from torch's seed, and every gradient is finite."""
+    backend_modifier_param(backend, "dropout")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**SMALL, attention_dropout=0.3)
+    model = transformers.LlamaForCausalLM(config).train()
+    model.set_attn_implementation(NAME)
+    ids, mask = _inputs(length=10, left_pad=(2, 0))
+
+    def loss(seed):
+        torch.manual_seed(seed)
+        with attnkernels.backend(backend):
+            return model(input_ids=ids, attention_mask=mask, labels=ids).loss
+
+    first, again, other = loss(1), loss(1), loss(2)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    model.eval()
+    with attnkernels.backend(backend):
+        plain = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+    assert not torch.equal(first, plain)
+    model.train()
+    model.zero_grad()
+    with attnkernels.backend(backend):
+        loss(1).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

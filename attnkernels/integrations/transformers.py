@@ -75,16 +75,10 @@ def attnkernels_attention_forward(
     **kwargs,
 ) -> tuple[Tensor, None]:
     """HF attention-function signature -> `attnkernels.attention`. Shapes in the module docstring."""
-    if dropout:
-        raise NotImplementedError(
-            f"dropout: attention dropout ({dropout}) is not implemented by attnkernels' fused kernels; "
-            "set config.attention_dropout=0.0 or call model.eval()"
-        )
-    for unsupported in ("softcap", "s_aux", "position_bias"):
-        if kwargs.get(unsupported) is not None:
-            raise NotImplementedError(f"{unsupported}: not supported by the attnkernels attention backend")
     if kwargs.get("cache") is not None:
         raise NotImplementedError("cache: paged (continuous-batching) caches are not supported by the attnkernels backend")
+    modifiers = dict(softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"), dropout_p=float(dropout or 0.0))
+    position_bias = kwargs.get("position_bias")  # T5-style relative bias (1|B, Hq, Nq, Nk), may require grad
 
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     if sliding_window:
@@ -98,20 +92,46 @@ def attnkernels_attention_forward(
     if cu_seqlens is not None:  # a packed batch: every sequence attends only to itself
         cu_q, cu_k = cu_seqlens
         out = attention(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), causal=causal,
-                        scale=scaling, window_size=window, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)  # (T, Hq, D)
+                        scale=scaling, window_size=window, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                        attn_bias=position_bias, **modifiers)  # (T, Hq, D)
         return out[None], None
 
     key_padding_mask = None
     if attention_mask is not None:
-        key, value, key_padding_mask = padding_from_hf_mask(attention_mask, query, key, value, band)
+        try:
+            key, value, key_padding_mask = padding_from_hf_mask(attention_mask, query, key, value, band)
+        except NotABandMask:
+            # Any other mask (a document mask, a bias, a top-left causal mask with Nq != Nk) is what
+            # eager adds to the logits: pass it as the additive bias, with nothing else masked.
+            mask_bias = attention_mask if attention_mask.dtype == torch.bool else attention_mask.to(query.dtype)
+            bias = mask_bias if position_bias is None else _add_bias(position_bias, mask_bias)
+            out = attention(query, key, value, scale=scaling, attn_bias=bias, **modifiers)
+            return out.transpose(1, 2).contiguous(), None
     elif causal and query.shape[2] > 1 and key.shape[2] > query.shape[2]:
         # No mask, causal, more key slots than queries: transformers does this only for a prefill into an
         # empty static cache, whose slots past the prompt are unfilled zeros. Its sdpa path keeps the first
         # Nq keys (top-left causal); bottom-right causal over all slots would attend to the empty ones.
         key, value = key[:, :, : query.shape[2]], value[:, :, : query.shape[2]]
+        if position_bias is not None:
+            position_bias = position_bias[..., : query.shape[2]]
 
-    out = attention(query, key, value, causal=causal, scale=scaling, window_size=window, key_padding_mask=key_padding_mask)
+    out = attention(query, key, value, causal=causal, scale=scaling, window_size=window,
+                    key_padding_mask=key_padding_mask, attn_bias=_trim_bias(position_bias, key.shape[2]), **modifiers)
     return out.transpose(1, 2).contiguous(), None  # (B, Hq, Nq, D) -> (B, Nq, Hq, D)
+
+
+def _add_bias(position_bias: Tensor, mask: Tensor) -> Tensor:
+    """position_bias + an HF mask (bool: True = attend) as one additive bias, as eager adds them."""
+    if mask.dtype == torch.bool:
+        return position_bias.masked_fill(~mask, float("-inf"))
+    return position_bias + mask
+
+
+def _trim_bias(position_bias, kv_len: int):
+    """The bias's key columns cut like the keys (padding_from_hf_mask may drop a static cache's unfilled slots)."""
+    if position_bias is None or position_bias.shape[-1] == kv_len:
+        return position_bias
+    return position_bias[..., :kv_len]
 
 
 def context_parallel_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -120,10 +140,12 @@ def context_parallel_attention_forward(module, query, key, value, attention_mask
     from .. import distributed as cp
 
     if dropout:
-        raise NotImplementedError(f"dropout: attention dropout ({dropout}) is not implemented by attnkernels")
+        raise NotImplementedError(f"dropout: attention dropout ({dropout}) is not implemented by attnkernels' "
+                                  "context-parallel backend (ring/halo); set attention_dropout=0.0 or model.eval()")
     for unsupported in ("softcap", "s_aux", "position_bias", "cache"):
         if kwargs.get(unsupported) is not None:
-            raise NotImplementedError(f"{unsupported}: not supported by the attnkernels context-parallel backend")
+            raise NotImplementedError(f"{unsupported}: not supported by the attnkernels context-parallel backend "
+                                      "(the single-device backend takes it)")
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     window = None
     if sliding_window:
@@ -165,6 +187,10 @@ def packed_boundaries(query: Tensor, key: Tensor, attention_mask, kwargs: dict):
     return cu_q.to(device=query.device, dtype=torch.int32), cu_k.to(device=query.device, dtype=torch.int32)
 
 
+class NotABandMask(ValueError):
+    """An HF mask that is not a causal/sliding band with key padding (the forward passes it as a bias)."""
+
+
 def padding_from_hf_mask(attention_mask, query: Tensor, key: Tensor, value: Tensor, band: tuple[int, int]):
     """(key, value, key_padding_mask (B, Nk) or None) equivalent to `attention_mask` under `band`.
 
@@ -172,8 +198,8 @@ def padding_from_hf_mask(attention_mask, query: Tensor, key: Tensor, value: Tens
     float (0 = attend, very negative / -inf = blocked). Keys no query may see
     become padding. Trailing keys nobody sees (a static cache's unfilled slots)
     are cut off when that is what makes the bottom-right band line up.
-    Raises ValueError when the mask is anything else (a bias, a document mask,
-    a top-left causal mask with Nq != Nk, ...).
+    Raises NotABandMask (a ValueError) when the mask is anything else (a bias, a
+    document mask, a top-left causal mask with Nq != Nk, ...).
     """
     if not isinstance(attention_mask, Tensor):
         raise TypeError(
@@ -191,12 +217,12 @@ def padding_from_hf_mask(attention_mask, query: Tensor, key: Tensor, value: Tens
         visible = attention_mask == 0
         blocked = attention_mask <= torch.finfo(attention_mask.dtype).min / 2  # HF's min-dtype fill, or -inf
         if not bool((visible | blocked).all()):
-            raise ValueError(
+            raise NotABandMask(
                 "attention_mask: holds an additive bias (values other than 0 and -inf/min-dtype); "
                 "the attnkernels backend supports causal/sliding-window masks with key padding only"
             )
     if visible.shape[1] > 1 and not bool((visible == visible[:, :1]).all()):
-        raise ValueError("attention_mask: differs between heads; the attnkernels backend needs one mask for all heads")
+        raise NotABandMask("attention_mask: differs between heads, not one band for all heads")
     visible = visible[:, 0].to(query.device)  # (Bm, Nq, Nk)
 
     seen = visible.any(dim=1)  # (Bm, Nk): key j is seen by some query
@@ -208,7 +234,7 @@ def padding_from_hf_mask(attention_mask, query: Tensor, key: Tensor, value: Tens
         if torch.equal(expected, visible[..., :length]):
             break
     else:
-        raise ValueError(
+        raise NotABandMask(
             "attention_mask: is not a causal/sliding-window band combined with key padding (the only masks the "
             f"attnkernels backend can express; band (left, right) = {band}, bottom-right aligned). Use "
             "attn_implementation='sdpa' or 'eager' for this model/mask."
