@@ -9,7 +9,7 @@ import torch
 
 import attnkernels
 
-from .backend_params import BACKENDS, backend_feature_param, backend_modifier_param
+from .backend_params import BACKENDS, backend_feature_param, backend_modifier_param, backend_param
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers==5.23.0)")
 
@@ -383,3 +383,71 @@ def test_training_step_with_attention_dropout_B2_N10(backend):
     with attnkernels.backend(backend):
         loss(1).backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+# --- a sweep over the model families users run (tiny random configs, no downloads) ---------------
+
+_DECODER = dict(SMALL, max_position_embeddings=256)
+_ENCODER = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2, vocab_size=VOCAB,
+                max_position_embeddings=256)
+SWEEP = {
+    "qwen3": lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**_DECODER, head_dim=16)),
+    "gemma": lambda: transformers.GemmaForCausalLM(transformers.GemmaConfig(**_DECODER, head_dim=16)),
+    "gemma3": lambda: transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+        **_DECODER, head_dim=16, sliding_window=4, query_pre_attn_scalar=16)),
+    "phi3": lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(**_DECODER, pad_token_id=0)),
+    "olmo2": lambda: transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**_DECODER)),
+    "starcoder2": lambda: transformers.Starcoder2ForCausalLM(transformers.Starcoder2Config(**_DECODER, sliding_window=4)),
+    "smollm3": lambda: transformers.SmolLM3ForCausalLM(transformers.SmolLM3Config(**_DECODER, pad_token_id=0)),
+    "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB,
+                                                                         n_positions=256)),
+    "bert": lambda: transformers.BertModel(transformers.BertConfig(**_ENCODER)),
+    "roberta": lambda: transformers.RobertaModel(transformers.RobertaConfig(**_ENCODER, pad_token_id=1)),
+    "whisper": lambda: transformers.WhisperForConditionalGeneration(transformers.WhisperConfig(
+        vocab_size=VOCAB, d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=16, max_source_positions=16,
+        max_target_positions=32, pad_token_id=0, decoder_start_token_id=1)),
+}
+GENERATORS = ("qwen3", "gemma3", "phi3", "olmo2", "starcoder2", "smollm3", "gpt2")
+
+
+def _sweep_outputs(model, impl, ids, mask, backend):
+    model.set_attn_implementation(impl)
+    with attnkernels.backend(backend):
+        if isinstance(model, transformers.WhisperForConditionalGeneration):
+            features = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(2), dtype=model.dtype)
+            return model(input_features=features, decoder_input_ids=ids).logits
+        out = model(input_ids=ids, attention_mask=mask)
+        return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("pad, dtype", [((0, 0), torch.float64), ((3, 0), torch.float32)],
+                         ids=["nopad-f64", "leftpad3-f32"])
+@pytest.mark.parametrize("kind", list(SWEEP))
+def test_model_sweep_matches_eager_B2_N11(kind, pad, dtype, backend):
+    backend_param(backend)
+    torch.manual_seed(0)
+    model = SWEEP[kind]().to(dtype).eval()
+    ids, mask = _inputs(length=11, left_pad=() if kind == "whisper" else pad)
+    got, expected = (_sweep_outputs(model, impl, ids, mask, backend) for impl in (NAME, "eager"))
+    real = mask.bool()
+    # several eager softmaxes run in float32 even in float64 models
+    tol = 1e-6 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(got[real], expected[real], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("kind", GENERATORS)
+def test_model_sweep_generates_like_eager_B2_N6_leftpad2(kind, cache):
+    backend_param("cpu")
+    torch.manual_seed(0)
+    model = SWEEP[kind]().float().eval()
+    ids, mask = _inputs(length=6, left_pad=(2, 0))
+    tokens = {}
+    for impl in ("eager", NAME):
+        model.set_attn_implementation(impl)
+        with attnkernels.backend("cpu"):
+            tokens[impl] = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0,
+                                          cache_implementation=cache)
+    assert torch.equal(tokens[NAME], tokens["eager"])
