@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import attnkernels
 from attnkernels.nn import MultiheadAttention
 
-from .backend_params import BACKENDS, backend_feature_param, backend_param
+from .backend_params import BACKENDS, backend_feature_param, backend_modifier_param, backend_param
 
 # Head dim 16: the smallest the Triton kernels take (tl.dot dims >= 16).
 E, H = 64, 4
@@ -499,12 +499,17 @@ def _check_forward_errors(module, x):
         module(x, key_padding_mask=torch.zeros(2, 4, dtype=torch.bool))
     with pytest.raises(TypeError, match="key_padding_mask"):
         module(x, key_padding_mask=torch.zeros(2, 5, dtype=torch.long))
-    with pytest.raises(ValueError, match="attn_mask"):
-        module(x, attn_mask=torch.rand(5, 5) > 0.5)
+    with pytest.raises(ValueError, match=r"attn_mask: expected shape \(Nq, Nk\)"):
+        module(x, attn_mask=torch.rand(5, 4) > 0.5)
+    with pytest.raises(TypeError, match="attn_mask: expected dtype"):
+        module(x, attn_mask=torch.zeros(5, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="query"):
         module(torch.randn(2, 5, 31))
-    module.train()
-    module.dropout = 0.1
+
+
+def test_dropout_in_training_refused_by_the_linear_families():
+    module = MultiheadAttention(32, 4, attention="linear", dropout=0.1).train()
+    x = torch.randn(2, 5, 32)
     with pytest.raises(NotImplementedError, match="dropout"):
         module(x)
     module.eval()
@@ -518,3 +523,58 @@ def test_float_key_padding_mask_is_converted_B1_N5():
     as_float = torch.zeros(1, 5, dtype=torch.float64).masked_fill(as_bool, float("-inf"))
     with attnkernels.backend("reference"):
         torch.testing.assert_close(module(x, key_padding_mask=as_float)[0], module(x, key_padding_mask=as_bool)[0])
+
+
+# ---- attn_mask (any mask torch takes) and dropout ----------------------------------------------
+MASK_CASES = {
+    "bool-2d": lambda b, h, n: torch.rand(n, n, generator=torch.Generator().manual_seed(3)) > 0.6,
+    "float-2d": lambda b, h, n: torch.randn(n, n, generator=torch.Generator().manual_seed(3), dtype=torch.float64),
+    "float-3d": lambda b, h, n: torch.randn(b * h, n, n, generator=torch.Generator().manual_seed(3),
+                                           dtype=torch.float64),
+    "bool-3d": lambda b, h, n: torch.rand(b * h, n, n, generator=torch.Generator().manual_seed(3)) > 0.6,
+}
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"], ids=str)
+@pytest.mark.parametrize("mask_kind", list(MASK_CASES))
+def test_any_attn_mask_matches_torch_B2_N9_float64(mask_kind, backend):
+    backend_modifier_param(backend, "attn_bias")
+    torch.manual_seed(0)
+    ref = torch.nn.MultiheadAttention(E, H, batch_first=True, dtype=torch.float64).eval()
+    ours = MultiheadAttention(E, H, batch_first=True, dtype=torch.float64).eval()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 9, E, dtype=torch.float64, requires_grad=True)
+    mask = MASK_CASES[mask_kind](2, H, 9)
+    if mask.dtype == torch.bool:
+        mask[..., 0] = False  # every row keeps a key: torch gives NaN for fully blocked rows
+    expected, expected_w = ref(x, x, x, attn_mask=mask, need_weights=True, average_attn_weights=False)
+    with attnkernels.backend(backend):
+        got, got_w = ours(x, attn_mask=mask, need_weights=True, average_attn_weights=False)
+        dx = torch.autograd.grad(got.sum(), x)[0]
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got_w, expected_w, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dx, torch.autograd.grad(expected.sum(), x)[0], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"], ids=str)
+def test_dropout_trains_B2_N12(backend):
+    """dropout > 0 in training: outputs differ from eval and between seeds, repeat under one seed, and
+    the parameters get finite gradients; eval mode is the plain module."""
+    backend_modifier_param(backend, "dropout")
+    module = MultiheadAttention(E, H, dropout=0.4, batch_first=True, causal=True).train()
+    x = torch.randn(2, 12, E)
+
+    def run(seed):
+        torch.manual_seed(seed)
+        with attnkernels.backend(backend):
+            out = module(x)[0]
+            out.square().sum().backward()
+        return out.detach()
+
+    first, again, other = run(1), run(1), run(2)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert all(torch.isfinite(p.grad).all() for p in module.parameters())
+    module.eval()
+    with attnkernels.backend(backend):
+        plain = module(x)[0]
+    assert not torch.allclose(first, plain)

@@ -10,9 +10,12 @@ natively (no repeat).
 Conventions, chosen once (see the README section "Drop-in modules"):
 - `key_padding_mask` is bool (B, Nk), True = the key is ignored (torch's rule);
   a float mask holding only 0 / -inf is accepted and converted.
-- Attention-probability dropout is refused in training (NotImplementedError):
-  the fused kernels have no dropout. `dropout=` is accepted so that configs
-  built for torch's module construct, and eval mode is fine.
+- Attention-probability dropout (`dropout=`) runs in training for the softmax
+  families (the kernels' counter-based dropout, torch's default generator);
+  the linear/Performer/Linformer families have none and refuse it in training.
+- `attn_mask` is torch's: bool (True = blocked) or float (added to the logits),
+  (Nq, Nk) or (B·Hq, Nq, Nk). The plain causal mask runs as the causal flag;
+  any other runs through the kernels' additive-bias path (softmax families).
 - `need_weights=True` returns the attention weights computed by a separate
   reference path (softmax families only): slow, it materialises (Nq, Nk) per
   head. The default stays `need_weights=False` (torch's is True) so that a
@@ -91,8 +94,8 @@ class MultiheadAttention(nn.Module):
             parameters `q_proj_weight` (E, E), `k_proj_weight` (Hk·Dh, kdim),
             `v_proj_weight` (Hk·Dh, vdim) and `in_proj_weight` is None, as in torch.
         bias: biases on the input and output projections.
-        dropout: accepted for signature compatibility; > 0 raises
-            NotImplementedError in training mode (no dropout in the kernels).
+        dropout: attention-probability dropout in training mode (softmax
+            families; the others raise NotImplementedError in training).
         batch_first: (B, N, E) inputs when True (the default here; torch's
             default is False), else (N, B, E).
         process_group: context parallelism (attnkernels.distributed): each rank
@@ -310,9 +313,9 @@ class MultiheadAttention(nn.Module):
         query (B, Nq, E) (or (Nq, B, E) when not batch_first, or unbatched
         (Nq, E)); key/value likewise with Nk; key defaults to query (self-
         attention), value to key. key_padding_mask: bool (B, Nk), True = ignore.
-        is_causal: None uses the constructor's `causal`. attn_mask: only the
-        plain causal mask (bool True = blocked, or float -inf above the
-        diagonal) with Nq == Nk is accepted; use `causal`/`window_size` instead.
+        is_causal: None uses the constructor's `causal`. attn_mask: torch's
+        (Nq, Nk) or (B·num_heads, Nq, Nk), bool True = blocked or float added to
+        the logits (softmax families); the plain causal mask runs as `causal`.
         need_weights: also return the attention weights, computed by a plain
             torch reference path (slow: materialises (B, Hq, Nq, Nk)); softmax
             families only. Shape (B, Nq, Nk) averaged over heads when
@@ -341,9 +344,12 @@ class MultiheadAttention(nn.Module):
                 f"need_weights: attention={self.attention!r} never forms softmax attention weights over the keys; "
                 "pass need_weights=False (weights are available for the dense, window, bigbird and block_sparse families)"
             )
-        if self.dropout > 0.0 and self.training:
+        dropout_p = self.dropout if self.training else 0.0
+        if dropout_p > 0.0 and (self.attention in _NO_WEIGHTS_FAMILIES or self.process_group is not None):
             raise NotImplementedError(
-                f"dropout: attention dropout ({self.dropout}) is not implemented by the fused kernels; "
+                f"dropout: attention dropout ({self.dropout}) is implemented by the softmax families' kernels only "
+                f"(this module: attention={self.attention!r}"
+                f"{', context parallel' if self.process_group is not None else ''}); "
                 "construct with dropout=0.0 or call .eval()"
             )
         key = query if key is None else key
@@ -365,15 +371,21 @@ class MultiheadAttention(nn.Module):
         causal = self.causal if is_causal is None else is_causal
         if not isinstance(causal, bool):
             raise TypeError(f"is_causal: expected a bool or None, got {is_causal!r}")
+        attn_bias = None
         if attn_mask is not None:
-            self._check_attn_mask_is_causal(attn_mask, q_len, kv_len, query.device)
-            causal = True
+            if self._is_causal_mask(attn_mask, q_len, kv_len):
+                causal = True
+            else:
+                attn_bias = self._attn_mask_as_bias(attn_mask, batch, q_len, kv_len, query)
 
         if self.attention == "linformer":
             linformer.check_call(causal, kv_len, self.max_seq_len)
 
         q, k, v = self._project(query, key, value, self_attention)  # (B, H, N, Dh) each
         weights = None
+        if attn_bias is not None and self.attention in _NO_WEIGHTS_FAMILIES:
+            raise ValueError(f"attn_mask: attention={self.attention!r} takes no mask but the causal one "
+                             "(use key_padding_mask=, or a softmax family)")
         if self.attention in _LINEAR_FAMILIES:
             out = self._linear_core(q, k, v, causal, key_padding_mask)
         elif self.attention == "linformer":
@@ -386,14 +398,16 @@ class MultiheadAttention(nn.Module):
                     raise ValueError(f"key: attention='bigbird' needs Nq == Nk (self-attention), got Nq={q_len}, Nk={kv_len}")
                 block_mask = self.block_mask(q_len, q.device)
             if self.process_group is not None:
+                if attn_bias is not None:
+                    raise ValueError("attn_mask: only the causal mask is supported with process_group")
                 out = self._context_parallel_core(q, k, v, causal, key_padding_mask, need_weights, self_attention)
             else:
                 out = _attention(
                     q, k, v, causal=causal, window_size=self.window_size, block_mask=block_mask,
-                    key_padding_mask=key_padding_mask,
+                    key_padding_mask=key_padding_mask, attn_bias=attn_bias, dropout_p=dropout_p,
                 )  # (B, Hq, Nq, Dh)
-            if need_weights:
-                weights = self._reference_weights(q, k, causal, block_mask, key_padding_mask)  # (B, Hq, Nq, Nk)
+            if need_weights:  # (B, Hq, Nq, Nk), before dropout (torch returns them after)
+                weights = self._reference_weights(q, k, causal, block_mask, key_padding_mask, attn_bias)
                 if average_attn_weights:
                     weights = weights.mean(dim=1)
                 if unbatched:
@@ -406,14 +420,18 @@ class MultiheadAttention(nn.Module):
             out = out.transpose(0, 1)
         return out, weights
 
-    def _reference_weights(self, q: Tensor, k: Tensor, causal: bool, block_mask, key_padding_mask) -> Tensor:
-        """softmax(q kᵀ / √Dh) over the keys each query sees, in plain torch: (B, Hq, Nq, Nk). Slow (Nq×Nk)."""
+    def _reference_weights(self, q: Tensor, k: Tensor, causal: bool, block_mask, key_padding_mask,
+                           attn_bias: Tensor | None = None) -> Tensor:
+        """softmax(q kᵀ / √Dh + bias) over the keys each query sees, in plain torch: (B, Hq, Nq, Nk). Slow."""
         q_len, kv_len = q.shape[2], k.shape[2]
         k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)  # GQA
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)  # (B, Hq, Nq, Nk)
         window = resolve_window(self.window_size, causal)
         visible = visibility_mask(q_len, kv_len, window=window, block_mask=block_mask,
                                   key_padding_mask=key_padding_mask, device=q.device)  # (B|1, Hq|1, Nq, Nk)
+        if attn_bias is not None:
+            scores = scores + attn_bias
+            visible = visible & ~torch.isneginf(scores)
         scores = scores.masked_fill(~visible, float("-inf"))
         weights = torch.softmax(scores, dim=-1)
         return torch.where(visible.any(dim=-1, keepdim=True), weights, torch.zeros_like(weights))  # empty rows: 0
@@ -450,23 +468,35 @@ class MultiheadAttention(nn.Module):
         return mask.to(device)
 
     @staticmethod
-    def _check_attn_mask_is_causal(attn_mask, q_len: int, kv_len: int, device) -> None:
-        """Accept attn_mask only when it is exactly the causal mask; anything else would be silently wrong."""
-        if not isinstance(attn_mask, Tensor) or attn_mask.dim() != 2 or q_len != kv_len:
-            raise ValueError(
-                "attn_mask: only the plain causal mask (Nq == Nk, shape (N, N)) is supported; for other patterns use "
-                "causal=/is_causal=, attention='window' with window_size=, attention='bigbird', or key_padding_mask="
-            )
+    def _is_causal_mask(attn_mask, q_len: int, kv_len: int) -> bool:
+        """True when attn_mask is exactly torch's causal mask (N, N): it runs as the causal flag."""
+        if not isinstance(attn_mask, Tensor) or attn_mask.dim() != 2 or q_len != kv_len \
+                or tuple(attn_mask.shape) != (q_len, kv_len):
+            return False
         above = torch.ones(q_len, kv_len, dtype=torch.bool, device=attn_mask.device).triu(1)  # (N, N) blocked
         if attn_mask.dtype == torch.bool:
-            ok = torch.equal(attn_mask, above)
+            return torch.equal(attn_mask, above)
+        return bool(((attn_mask == float("-inf")) == above).all() and (attn_mask[~above] == 0).all())
+
+    def _attn_mask_as_bias(self, attn_mask, batch: int, q_len: int, kv_len: int, like: Tensor) -> Tensor:
+        """torch's attn_mask -> the kernels' additive bias, broadcastable to (B, Hq, Nq, Nk).
+
+        (Nq, Nk) or (B·Hq, Nq, Nk); bool True = blocked (torch's rule: the opposite of SDPA's), float added.
+        """
+        if not isinstance(attn_mask, Tensor):
+            raise TypeError(f"attn_mask: expected a bool or float tensor, got {type(attn_mask).__name__}")
+        shapes = {2: (q_len, kv_len), 3: (batch * self.num_heads, q_len, kv_len)}
+        if shapes.get(attn_mask.dim()) != tuple(attn_mask.shape):
+            raise ValueError(f"attn_mask: expected shape (Nq, Nk) = {shapes[2]} or (B·num_heads, Nq, Nk) = {shapes[3]}, "
+                             f"got {tuple(attn_mask.shape)}")
+        if attn_mask.dtype == torch.bool:
+            bias = torch.zeros(attn_mask.shape, dtype=like.dtype, device=like.device).masked_fill(
+                attn_mask.to(like.device), float("-inf"))
+        elif attn_mask.is_floating_point():
+            bias = attn_mask.to(device=like.device, dtype=like.dtype)
         else:
-            ok = bool(((attn_mask == float("-inf")) == above).all() and (attn_mask[~above] == 0).all())
-        if not ok:
-            raise ValueError(
-                "attn_mask: only the plain causal mask is supported (bool True above the diagonal, or float -inf "
-                "there and 0 elsewhere); use causal=, window_size= or key_padding_mask= for other patterns"
-            )
+            raise TypeError(f"attn_mask: expected dtype bool or floating, got {attn_mask.dtype}")
+        return bias if bias.dim() == 2 else bias.view(batch, self.num_heads, q_len, kv_len)
 
     def _project(self, query: Tensor, key: Tensor, value: Tensor, self_attention: bool):
         """(B, N, E) inputs -> q (B, Hq, Nq, Dh), k and v (B, Hk, Nk, Dh)."""
