@@ -9,7 +9,7 @@ import attnkernels
 from attnkernels import flash_attn_interface as fa
 from attnkernels.softmax.reference import attention_reference
 
-from .backend_params import backend_param
+from .backend_params import backend_modifier_param, backend_param
 
 
 def _bnhd(*shape, dtype=torch.float64, grad=False):
@@ -156,13 +156,23 @@ def test_kvcache_append_then_attend_B3_Hq4_Hk2_D8(paged, n_q):
     assert lse.shape == (batch, 4, n_q)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(dropout_p=0.1), "dropout_p"), (dict(softcap=30.0), "softcap"), (dict(alibi_slopes=torch.ones(2)), "alibi_slopes"),
-])
-def test_unsupported_arguments_are_refused_by_name(kwargs, match):
-    q = torch.randn(1, 4, 2, 8)
-    with pytest.raises(NotImplementedError, match=match):
-        fa.flash_attn_func(q, q, q, **kwargs)
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("modifier", ["softcap", "alibi", "alibi-batch", "dropout"])
+def test_flash_attn_func_modifiers_match_our_api_B2_N11_M13(modifier, backend):
+    """softcap / alibi_slopes / dropout_p as FlashAttention's arguments = the same call on our API."""
+    backend_modifier_param(backend, {"alibi-batch": "alibi"}.get(modifier, modifier))
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 11, 4, 16, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(2, 13, 2, 16, generator=gen, dtype=torch.float64) for _ in range(2))
+    fa_kwargs = {"softcap": dict(softcap=3.0), "alibi": dict(alibi_slopes=torch.rand(4, generator=gen)),
+                 "alibi-batch": dict(alibi_slopes=torch.rand(2, 4, generator=gen)),
+                 "dropout": dict(dropout_p=0.3)}[modifier]
+    with attnkernels.backend(backend):
+        torch.manual_seed(7)
+        out = fa.flash_attn_func(q, k, v, causal=True, **fa_kwargs)
+        torch.manual_seed(7)
+        expected = attnkernels.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, **fa_kwargs)
+    torch.testing.assert_close(out, expected.transpose(1, 2), rtol=1e-12, atol=1e-12)
 
 
 def test_kvcache_refusals_and_bounds():

@@ -10,9 +10,13 @@ What differs, and what is refused:
   -inf; converted here). With `return_attn_probs=True` the third value (FlashAttention's
   dropout debugging matrix) is None.
 - `deterministic` is accepted and ignored: our backward kernels are always deterministic.
-- Not supported yet, refused with NotImplementedError naming the argument: `dropout_p > 0`,
-  `softcap != 0`, `alibi_slopes`, and in `flash_attn_with_kvcache` the rotary embedding
-  (`rotary_cos/sin`), `cache_batch_idx`, `cache_leftpad` and `num_splits` other than 0/1.
+- `dropout_p`, `softcap` and `alibi_slopes` ((Hq,) or (B, Hq) float32) have FlashAttention's
+  meanings (softcap on the scaled logits; ALiBi -slope·|i + Nk - Nq - j|); dropout's mask
+  comes from torch's default generator (attnkernels' Philox counters, not FlashAttention's,
+  so the same seed gives other masks than FlashAttention).
+- Not supported yet, refused with NotImplementedError naming the argument: in
+  `flash_attn_with_kvcache` the rotary embedding (`rotary_cos/sin`), `cache_batch_idx`,
+  `cache_leftpad` and `num_splits` other than 0/1; `block_table` in the varlen function.
 - Varlen runs one fused-kernel call per sequence (softmax/varlen.py); the KV-cache entry
   one call per batch row over that row's filled prefix (paged caches are gathered first).
 """
@@ -24,13 +28,7 @@ from torch import Tensor
 from ..softmax.api import attention
 
 
-def _refuse(dropout_p=0.0, softcap=0.0, alibi_slopes=None, **others) -> None:
-    if dropout_p:
-        raise NotImplementedError(f"dropout_p: attention dropout ({dropout_p}) is not supported by attnkernels yet")
-    if softcap:
-        raise NotImplementedError(f"softcap: logit soft-capping ({softcap}) is not supported by attnkernels yet")
-    if alibi_slopes is not None:
-        raise NotImplementedError("alibi_slopes: ALiBi is not supported by attnkernels yet")
+def _refuse(**others) -> None:
     for name, value in others.items():
         if value is not None:
             raise NotImplementedError(f"{name}: not supported by attnkernels' flash_attn_interface yet")
@@ -53,12 +51,12 @@ def _returns(out: Tensor, lse: Tensor, return_attn_probs: bool):
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                     alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """q (B, Nq, Hq, D), k/v (B, Nk, Hk, D) -> out (B, Nq, Hq, Dv) [, softmax_lse (B, Hq, Nq), None]."""
-    _refuse(dropout_p, softcap, alibi_slopes)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor) or t.dim() != 4:
             raise ValueError(f"{name}: expected a 4-D tensor (B, N, H, D), got {getattr(t, 'shape', type(t).__name__)}")
     out, lse = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal, scale=softmax_scale,
-                         window_size=_window(window_size), return_lse=True)
+                         window_size=_window(window_size), return_lse=True, dropout_p=dropout_p, softcap=softcap,
+                         alibi_slopes=alibi_slopes)
     return _returns(out.transpose(1, 2), lse, return_attn_probs)
 
 
@@ -83,10 +81,11 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                            deterministic=False, return_attn_probs=False, block_table=None):
     """q (total_q, Hq, D), k/v (total_k, Hk, D), cu_seqlens int32 (batch + 1,) -> out (total_q, Hq, Dv)
     [, softmax_lse (Hq, total_q), None]."""
-    _refuse(dropout_p, softcap, alibi_slopes, block_table=block_table)
+    _refuse(block_table=block_table)
     out, lse = attention(q, k, v, causal=causal, scale=softmax_scale, window_size=_window(window_size),
                          return_lse=True, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+                         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, dropout_p=dropout_p, softcap=softcap,
+                         alibi_slopes=alibi_slopes)
     return _returns(out, lse, return_attn_probs)
 
 
@@ -129,8 +128,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     block_table int32 (B, max_pages); k/v (B, Nnew, Hk, D) are written into the cache **in place** at
     cache_seqlens, then each row attends to its first cache_seqlens + Nnew slots.
     -> out (B, Nq, Hq, Dv) [, softmax_lse (B, Hq, Nq)]."""
-    _refuse(0.0, softcap, alibi_slopes, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
-            cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad)
+    _refuse(rotary_cos=rotary_cos, rotary_sin=rotary_sin, cache_batch_idx=cache_batch_idx,
+            cache_leftpad=cache_leftpad)
     if num_splits not in (0, 1):
         raise NotImplementedError(f"num_splits: {num_splits}; the split count is the kernels' choice here (pass 0)")
     if (k is None) != (v is None):
@@ -171,8 +170,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                 v_cache[idx] = v[b].to(v_cache.dtype)
         idx = slots(b, 0, length + n_new)
         k_b, v_b = k_cache[idx], v_cache[idx]  # (L, Hk, D)
+        slopes = alibi_slopes[b] if isinstance(alibi_slopes, Tensor) and alibi_slopes.dim() == 2 else alibi_slopes
         out, lse = attention(q[b].transpose(0, 1)[None], k_b.transpose(0, 1)[None], v_b.transpose(0, 1)[None],
-                             causal=causal, scale=softmax_scale, window_size=_window(window_size), return_lse=True)
+                             causal=causal, scale=softmax_scale, window_size=_window(window_size), return_lse=True,
+                             softcap=softcap, alibi_slopes=slopes)
         outs.append(out[0].transpose(0, 1))
         lses.append(lse[0])
     out, lse = torch.stack(outs), torch.stack(lses)
