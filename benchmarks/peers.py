@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 
 
-def flex_attention_fn(mask_mod, batch, heads, q_len, kv_len, *, block_size=128):
-    """FlexAttention compiled on CPU (forward only: it has no CPU backward)."""
+def flex_attention_fn(mask_mod, batch, heads, q_len, kv_len, *, block_size=128, score_mod=None):
+    """FlexAttention compiled on CPU (forward only: it has no CPU backward), with an optional score_mod."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     block_mask = create_block_mask(mask_mod, batch, heads, q_len, kv_len, device="cpu", BLOCK_SIZE=block_size)
     compiled = torch.compile(flex_attention, dynamic=False)
-    return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
+    return lambda q, k, v: compiled(q, k, v, block_mask=block_mask, score_mod=score_mod)
 
 
 def flex_from_block_mask(block_mask):

@@ -219,6 +219,45 @@ def varlen_cases(total, num_seqs, dtype=torch.float32, heads=HEADS, head_dim=HEA
                {"sdpa_padded": sdpa}, useful, dtype)
 
 
+def modifier_cases(seq_len, dtype=torch.float32, *, window=1024, softcap=30.0):
+    """Each score modifier's cost over the plain kernel (peer `ours_plain`: its ratio is plain/modified,
+    so 1/ratio is the modifier's cost), causal, N = seq_len; the bias against SDPA given the same float
+    mask; Gemma2's softcap + causal window against FlexAttention compiled with the same score_mod."""
+    n = seq_len
+    gen = torch.Generator().manual_seed(0)
+    slopes = torch.rand(HEADS, generator=gen)
+    sinks = torch.randn(HEADS, generator=gen, dtype=dtype)
+    modified = {
+        "softcap": dict(softcap=softcap), "alibi": dict(alibi_slopes=slopes), "sinks": dict(sinks=sinks),
+        "dropout p=0.1": dict(dropout_p=0.1),
+    }
+    flops = lambda backward: _softmax_flops(n, 0.5, backward)  # noqa: E731
+    for name, kwargs in modified.items():
+        for backward in (False, True):
+            t = _inputs(n, backward, dtype)
+            ours = timed_call(lambda q, k, v, kw=kwargs: attnkernels.attention(q, k, v, causal=True, **kw), t, backward)
+            plain = timed_call(lambda q, k, v: attnkernels.attention(q, k, v, causal=True), t, backward)
+            yield Case("modifiers", f"N={n} causal {name}", n, "fwd+bwd" if backward else "fwd", ours,
+                       {"ours_plain": plain}, flops(backward), dtype)
+    causal_mask = torch.ones(n, n, dtype=torch.bool).tril()
+    bias = (torch.randn(1, HEADS, n, n, generator=gen) * 0.5).masked_fill(~causal_mask, float("-inf")).to(dtype)
+    for backward in (False, True):
+        t = _inputs(n, backward, dtype)
+        ours = timed_call(lambda q, k, v: attnkernels.attention(q, k, v, attn_bias=bias), t, backward)
+        sdpa = timed_call(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=bias), t, backward)
+        yield Case("modifiers", f"N={n} float bias (1,H,N,N)", n, "fwd+bwd" if backward else "fwd", ours,
+                   {"sdpa_same_mask": sdpa}, _softmax_flops(n, 1.0, backward), dtype)
+    visible = window_visibility(n, n, (window - 1, 0)).double().mean().item()
+    t = _inputs(n, False, dtype)
+    ours = timed_call(lambda q, k, v: attnkernels.attention(q, k, v, causal=True, window_size=(window - 1, 0),
+                                                            softcap=softcap), t, False)
+    flex = peers.flex_attention_fn(lambda b, h, qi, ki: (ki <= qi) & (qi - ki < window), None, None, n, n,
+                                   score_mod=lambda score, b, h, qi, ki: softcap * torch.tanh(score / softcap))
+    yield Case("modifiers", f"N={n} Gemma2 softcap + window {window}", n, "fwd", ours,
+               {"flex_score_mod": timed_call(flex, t, False)},
+               _softmax_flops(n, visible, False), dtype)
+
+
 def favor_cases(seq_lens, num_features=256, dtype=torch.float32):
     if importlib.util.find_spec("attnkernels.linear") is None:
         return
@@ -591,6 +630,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="also write the raw rows here")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--dtypes", default="fp32,bf16", help=f"comma-separated, of {list(DTYPES)} (peers run in the same dtype)")
+    parser.add_argument("--families", help="comma-separated: measure only these families (e.g. modifiers,decode)")
     parser.add_argument("--render", metavar="JSON",
                         help="re-write BENCHMARKS.md and the plots from the rows a run saved with --json (no timing)")
     args = parser.parse_args(argv)
@@ -621,7 +661,8 @@ def main(argv=None) -> int:
                      window_cases([1024, 2048], [128], dtype=dtype), bigbird_cases([1024, 2048], [3], dtype=dtype),
                      linear_cases([1024, 4096], True, dtype), linear_cases([1024, 4096], False, dtype),
                      favor_cases([1024, 4096], dtype=dtype),
-                     decode_cases([4096], [1], dtype), varlen_cases(2048, 8, dtype)]
+                     decode_cases([4096], [1], dtype), varlen_cases(2048, 8, dtype),
+                     modifier_cases(2048, dtype, window=512)]
         else:
             plan += [dense_cases([1024, 4096, 16384] if dtype != torch.float32 else [1024, 2048, 4096], False, dtype),
                      dense_cases([1024, 4096, 16384] if dtype != torch.float32 else [1024, 2048, 4096], True, dtype),
@@ -631,8 +672,12 @@ def main(argv=None) -> int:
                      linear_cases([1024, 4096, 16384, 65536], True, dtype),
                      linear_cases([1024, 4096, 16384, 65536], False, dtype),
                      favor_cases([1024, 4096, 16384], dtype=dtype),
-                     decode_cases([4096, 32768, 131072], [1, 8], dtype), varlen_cases(16384, 8, dtype)]
+                     decode_cases([4096, 32768, 131072], [1, 8], dtype), varlen_cases(16384, 8, dtype),
+                     modifier_cases(4096, dtype)]
     cases = [c for gen in plan for c in gen]
+    if args.families:
+        wanted = {f.strip() for f in args.families.split(",")}
+        cases = [c for c in cases if c.family in wanted]
     rows = []
     for case in tqdm(cases, desc="benchmarks", unit="case"):
         if gate.get(case.family, 0.0) >= GATE_TOLERANCE:
