@@ -16,6 +16,7 @@ from torch import Tensor
 from .. import _checks
 from . import ops
 from .call import FeatureMap, LinearCall
+from .varlen import varlen_linear_attention
 
 
 class LinearAttentionState(NamedTuple):
@@ -41,6 +42,7 @@ def linear_attention(
     initial_state: LinearAttentionState | tuple[Tensor, Tensor] | None = None,
     return_final_state: bool = False,
     key_padding_mask: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
 ):
     """Linear attention out_i = φ(q_i)ᵀ S_i / (φ(q_i)ᵀ z_i + eps), in time and memory linear in N.
 
@@ -73,12 +75,29 @@ def linear_attention(
             PerformerFeatures/callable map, so they cannot move FAVOR+'s
             per-head key stabiliser. Queries at padded positions still get an
             output (from the real keys they see).
+        cu_seqlens: int32 (batch + 1,): a packed batch (fla's cu_seqlens, see
+            varlen.py): q (total, Hq, D), k/v (total, Hk, D); the state restarts
+            at each sequence (from initial_state[i]: S0 (batch, Hk, M, Dv),
+            z0 (batch, Hk, M)) and the final states are returned stacked.
 
     Returns:
         out (B, Hq, Nq, Dv) in q's dtype, or (out, LinearAttentionState) when
         return_final_state. Gradients flow to q, k, v (and through
         PerformerFeatures); the state carries none.
     """
+    if cu_seqlens is not None:
+        if key_padding_mask is not None:
+            raise ValueError("key_padding_mask: not supported with a packed (cu_seqlens) batch; pack without padding")
+
+        def attend(q_i, k_i, v_i, state):
+            return linear_attention(q_i, k_i, v_i, feature_map=feature_map, causal=causal, normalize=normalize,
+                                    eps=eps, scale=scale, initial_state=state, return_final_state=True)
+
+        result = varlen_linear_attention(q, k, v, cu_seqlens, initial_state, return_final_state, attend)
+        if return_final_state:
+            out, (final_s, final_z) = result
+            return out, LinearAttentionState(final_s, final_z)
+        return result
     call, q_features, k_features, v = LinearCall.build(
         q, k, v, feature_map=feature_map, causal=causal, normalize=normalize, eps=eps, scale=scale,
         initial_state=initial_state, return_final_state=return_final_state, key_padding_mask=key_padding_mask,
