@@ -451,3 +451,34 @@ def test_model_sweep_generates_like_eager_B2_N6_leftpad2(kind, cache):
             tokens[impl] = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0,
                                           cache_implementation=cache)
     assert torch.equal(tokens[NAME], tokens["eager"])
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_decoding_runs_the_cpu_decode_kernel_on_cache_views_llama(cache, monkeypatch):
+    """Each greedy step after the prefill (Nq = 1) reaches the split-KV decode kernel with the cache's
+    keys as they are (a prefix view of a static cache, no copy), and the tokens equal eager's."""
+    backend_param("cpu")
+    from attnkernels.softmax import cpu_launch
+
+    if not hasattr(attnkernels.backends.cpu_kernels(), "attention_decode_fwd"):
+        pytest.skip("this C++ build has no decode kernel")
+    steps = []
+    inner = cpu_launch.uses_decode
+
+    def spy(call, q, k, v):
+        taken = inner(call, q, k, v)
+        if q.shape[2] == 1:
+            steps.append((taken, k.is_contiguous() or k.stride(-1) == 1))
+        return taken
+
+    monkeypatch.setattr(cpu_launch, "uses_decode", spy)
+    model = _model("llama", torch.float32)
+    ids, mask = _inputs(length=6, left_pad=(2, 0))
+    tokens = {}
+    for impl in ("eager", NAME):
+        model.set_attn_implementation(impl)
+        with attnkernels.backend("cpu"):
+            tokens[impl] = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                                          cache_implementation=cache)
+    assert torch.equal(tokens[NAME], tokens["eager"])
+    assert len(steps) == 3 * model.config.num_hidden_layers and all(taken and rows for taken, rows in steps)
