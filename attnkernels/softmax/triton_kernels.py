@@ -490,14 +490,15 @@ def _dkdv_tiles(state, ctx, i_lo, i_hi, MASKED: tl.constexpr, C: tl.constexpr):
         if MASKED:
             m_vis = _window_mask(o_m[None, :], o_n[:, None], off, window_left, window_right, HAS_LEFT, HAS_RIGHT)
             b_pT = tl.where(m_vis, b_pT, 0.0)
-        b_dpT = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PREC).to(tl.float32)  # [BLOCK_N, BLOCK_M]
         if HAS_DROPOUT:
             # dV = (P∘keep)ᵀ dO (times 1 / (1 - p) after the loop); dP = keep / (1 - p) ∘ dO Vᵀ
             m_keepT = _dropout_keep(seed, o_m[None, :], o_n[:, None], bh + i_g, threshold)  # [BLOCK_N, BLOCK_M]
             b_dv = tl.dot(tl.where(m_keepT, b_pT, 0.0).to(b_do.dtype), b_do, b_dv, input_precision=DOT_PREC)
-            b_dpT = tl.where(m_keepT, b_dpT * dropout_rscale, 0.0)
         else:
             b_dv = tl.dot(b_pT.to(b_do.dtype), b_do, b_dv, input_precision=DOT_PREC)  # [BLOCK_N, BLOCK_DV]
+        b_dpT = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PREC).to(tl.float32)  # [BLOCK_N, BLOCK_M]
+        if HAS_DROPOUT:
+            b_dpT = tl.where(m_keepT, b_dpT * dropout_rscale, 0.0)
         b_dsT = b_pT * (b_dpT - b_delta[None, :])
         if HAS_SOFTCAP:  # through s = c·tanh(scale·qk / c): dS ·= 1 - tanh²
             b_dsT = b_dsT * (1.0 - b_tT * b_tT)
