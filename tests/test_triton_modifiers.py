@@ -335,3 +335,25 @@ def test_launcher_checks_modifier_shapes():
         A.forward(_direct_call(dropout_p=0.1), q, q, q)  # no seed
     with pytest.raises(ValueError, match="dropout_seed"):
         A.forward(_direct_call(dropout_p=0.1, dropout_seed=torch.tensor(3, dtype=torch.int32)), q, q, q)
+
+
+def test_modifier_configs_are_gpu_sized():
+    """The modifier tiers' tiles (A._MODIFIER_CONFIGS): powers of two >= 16, never larger than
+    the plain tile, and still wgmma-sized on sm_90a (>= 64 resident rows per warpgroup)."""
+    assert A.modifier_tier(()) is None and A.modifier_tier({"softcap", "alibi"}) == "light"
+    assert A.modifier_tier({"softcap", "dropout"}) == "heavy" and A.modifier_tier({"attn_bias"}) == "heavy"
+    for arch in A.ARCHS:
+        for d in (32, 64, 128, 256):
+            for kernel in ("fwd", "dkdv", "dq"):
+                plain = A.block_config(kernel, d, d, torch.bfloat16, arch=arch)
+                for mods in ({"softcap"}, {"alibi", "softcap"}, {"attn_bias"}, {"dropout"},
+                             {"softcap", "alibi", "attn_bias", "dropout"}):
+                    cfg = A.block_config(kernel, d, d, torch.bfloat16, arch=arch, modifiers=mods)
+                    for size in (cfg.block_m, cfg.block_n):
+                        assert size >= 16 and size & (size - 1) == 0, (arch, d, kernel, mods, cfg)
+                    assert cfg.block_m * cfg.block_n <= plain.block_m * plain.block_n, (arch, d, kernel, mods)
+                    if arch == 90 and d in (64, 128):
+                        rows = cfg.block_n if kernel == "dkdv" else cfg.block_m
+                        assert rows // max(1, cfg.num_warps // 4) >= 64, (d, kernel, mods, cfg)
+                    sparse = A.block_config(kernel, d, d, torch.bfloat16, 16, arch, mods)
+                    assert (sparse.block_m, sparse.block_n) == (16, 16)

@@ -25,7 +25,7 @@ from .dropout import keep_threshold
 from .triton_kernels import attn_bwd_dkdv, attn_bwd_dq, attn_bwd_preprocess, attn_fwd
 
 __all__ = ["forward", "backward", "block_config", "config_arch", "override_blocks", "BlockConfig",
-           "PREPROCESS_BLOCK_M", "ARCHS"]
+           "PREPROCESS_BLOCK_M", "ARCHS", "modifier_tier"]
 
 LOG2E = 1.4426950408889634
 PREPROCESS_BLOCK_M = 64
@@ -108,6 +108,41 @@ _SPARSE_CONFIGS_SM90 = {
 }
 ARCHS = (80, 90)  # the config tables: sm_80 (Ampere and Ada) and sm_90a (Hopper and later)
 
+# Score modifiers (16-bit inputs): each adds live [BLOCK_M, BLOCK_N] tiles to the loop (the
+# tanh for the backward's chain rule, the bias tile and its layout change, Philox's four
+# words), so the configs above spill with them (compile gate, Triton 3.8). Three tiers:
+# "light" (softcap, ALiBi: a few ALU ops on the scores), "heavy" (attn_bias or dropout) and
+# "full" (attn_bias and dropout; it falls back to "heavy" where it has no entry).
+# (arch, kernel, d class, tier) -> config, each the largest tried that compiles without a
+# spill for every modifier combination of its tier; the kept dimensions are those wgmma
+# needs on sm_90a (>= 64 resident rows per warpgroup: 128 keys on 8 warps in dK/dV, 64+
+# queries per warpgroup in fwd/dQ), so only the streamed dimension shrinks there.
+_MODIFIER_CONFIGS = {
+    (90, "dkdv", 64, "light"): BlockConfig(32, 128, 8, 2),
+    (80, "fwd", 64, "full"): BlockConfig(64, 32, 4, 3),
+    (80, "fwd", 128, "heavy"): BlockConfig(128, 32, 8, 2),
+    (80, "fwd", 128, "full"): BlockConfig(128, 16, 8, 2),
+    (90, "fwd", 128, "heavy"): BlockConfig(128, 32, 8, 2),
+    (90, "dkdv", 64, "heavy"): BlockConfig(16, 128, 8, 2),
+    (90, "dkdv", 128, "heavy"): BlockConfig(16, 128, 8, 2),
+    (80, "dq", 64, "heavy"): BlockConfig(64, 16, 4, 3),
+    (90, "dq", 64, "heavy"): BlockConfig(64, 16, 4, 3),
+    (80, "dq", 128, "heavy"): BlockConfig(32, 32, 4, 2),
+    (90, "dq", 128, "heavy"): BlockConfig(64, 16, 4, 2),
+}
+_TIER_FALLBACK = {"light": ("light",), "heavy": ("heavy",), "full": ("full", "heavy")}
+
+
+def modifier_tier(modifiers) -> str | None:
+    """None (no modifier), "light" (softcap / alibi only), "heavy" (attn_bias or dropout) or
+    "full" (attn_bias and dropout)."""
+    modifiers = frozenset(modifiers)
+    if {"attn_bias", "dropout"} <= modifiers:
+        return "full"
+    if modifiers & {"attn_bias", "dropout"}:
+        return "heavy"
+    return "light" if modifiers else None
+
 
 def config_arch(device: torch.device) -> int:
     """The config table a launch on `device` uses: 90 on compute capability >= 9.0, else 80
@@ -118,10 +153,11 @@ def config_arch(device: torch.device) -> int:
 
 
 def block_config(kernel: str, head_dim: int, head_dim_v: int, dtype: torch.dtype,
-                 sparse_block_size: int = 0, arch: int = 80) -> BlockConfig:
-    """GPU launch config per kernel ("fwd", "dkdv", "dq"), padded head dim, dtype and arch
-    (80 or 90, see `config_arch`; `_CONFIGS`, `_CONFIGS_SM90`). With a block-sparse table
-    the blocks must divide `sparse_block_size` (all are powers of two, so min() does it)."""
+                 sparse_block_size: int = 0, arch: int = 80, modifiers=frozenset()) -> BlockConfig:
+    """GPU launch config per kernel ("fwd", "dkdv", "dq"), padded head dim, dtype, arch
+    (80 or 90, see `config_arch`; `_CONFIGS`, `_CONFIGS_SM90`) and the score modifiers in use
+    (names of call.FEATURES; `_MODIFIER_CONFIGS`). With a block-sparse table the blocks must
+    divide `sparse_block_size` (all are powers of two, so min() does it)."""
     if kernel not in ("fwd", "dkdv", "dq"):
         raise ValueError(f"block_config: unknown kernel {kernel!r}")
     if arch not in ARCHS:
@@ -132,6 +168,10 @@ def block_config(kernel: str, head_dim: int, head_dim_v: int, dtype: torch.dtype
     cfg = (_CONFIGS_SM90 if arch == 90 else _CONFIGS)[kernel, d_class][1 if wide else 0]
     if arch == 90 and sparse_block_size and not wide:
         cfg = _SPARSE_CONFIGS_SM90.get((kernel, d_class), cfg)
+    tier = modifier_tier(modifiers)
+    if tier and not wide:
+        cfg = next((_MODIFIER_CONFIGS[key] for key in ((arch, kernel, d_class, t) for t in _TIER_FALLBACK[tier])
+                    if key in _MODIFIER_CONFIGS), cfg)
     if _BLOCKS.value is not None:
         cfg = cfg._replace(block_m=_BLOCKS.value[0], block_n=_BLOCKS.value[1])
     if sparse_block_size:
@@ -215,6 +255,12 @@ class _Modifiers(NamedTuple):
     def scalars(self) -> list:
         return [self.cap_in, self.cap_out, self.threshold, self.rscale]
 
+    def names(self) -> frozenset:
+        """The call.FEATURES names in use (they pick the tile config)."""
+        on = dict(softcap=self.cap_in != 0.0, alibi=self.slopes is not None, attn_bias=self.bias is not None,
+                  dropout=self.seed is not None)
+        return frozenset(n for n, used in on.items() if used)
+
     def flags(self) -> dict:
         return dict(HAS_SOFTCAP=self.cap_in != 0.0, HAS_ALIBI=self.slopes is not None, HAS_BIAS=self.bias is not None,
                     HAS_DROPOUT=self.seed is not None)
@@ -243,6 +289,11 @@ def _modifiers(call, batch: int, q_heads: int, q_len: int, kv_len: int, device) 
                              f"got {getattr(bias, 'dtype', type(bias))} {tuple(getattr(bias, 'shape', ()))}")
         # stride 0 where the bias broadcasts: one row / column serves all (never expanded)
         bias_strides = [0 if n == 1 else st for n, st in zip(bias.shape, bias.stride())]
+        # the kernels address a tile within one (batch, head) slice with int32 offsets
+        if (q_len - 1) * bias_strides[2] + (kv_len - 1) * bias_strides[3] >= 2**31:
+            raise ValueError(f"attn_bias: a (batch, head) slice of {q_len} x {kv_len} with strides "
+                             f"{tuple(bias_strides[2:])} spans more than 2^31 elements, beyond the kernels' "
+                             "int32 tile offsets")
     threshold, rscale = 0, 1.0
     if dropout_p > 0:
         if not 0.0 < dropout_p < 1.0:
@@ -313,7 +364,7 @@ def forward(call, q, k, v):
     lse = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=q.device)
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
-    cfg = block_config("fwd", head_dim, head_dim_v, q.dtype, tab.sparse_block, config_arch(q.device))
+    cfg = block_config("fwd", head_dim, head_dim_v, q.dtype, tab.sparse_block, config_arch(q.device), mods.names())
     table_num, table_idx, *t_strides = _table_args(tab.kv_num, tab.kv_idx, lse)  # lse: an unused dummy
     grid = (cdiv(q_len, cfg.block_m), batch * q_heads)
     attn_fwd[grid](
@@ -391,7 +442,7 @@ def backward(call, dout, q, k, v, out, lse, bias_grad: bool = False):
     kv_tab = _table_args(tab.kv_num, tab.kv_idx, delta)  # delta: an unused dummy without tables
     q_tab = _table_args(tab.q_num, tab.q_idx, delta)
     if kv_len > 0:
-        cfg = block_config("dkdv", head_dim, head_dim_v, q.dtype, tab.sparse_block, arch)
+        cfg = block_config("dkdv", head_dim, head_dim_v, q.dtype, tab.sparse_block, arch, mods.names())
         attn_bwd_dkdv[(cdiv(kv_len, cfg.block_n), batch * kv_heads)](
             q, k, v, dout, lse, delta, dk, dv, *q_tab[:2], kpm_arg, *mods.pointers(delta),
             q.stride(0), q.stride(1), q.stride(2),
@@ -404,7 +455,7 @@ def backward(call, dout, q, k, v, out, lse, bias_grad: bool = False):
             q_heads, kv_heads, q_len, kv_len, group, window_left, window_right, scale * LOG2E, scale, *mods.scalars(),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TABLE_SKIP=cfg.table_skip, **launch_options(cfg), **common,
         )
-    cfg = block_config("dq", head_dim, head_dim_v, q.dtype, tab.sparse_block, arch)
+    cfg = block_config("dq", head_dim, head_dim_v, q.dtype, tab.sparse_block, arch, mods.names())
     attn_bwd_dq[(cdiv(q_len, cfg.block_m), batch * q_heads)](
         q, k, v, dout, lse, delta, dq, *kv_tab[:2], kpm_arg, *mods.pointers(delta),
         dbias if dbias is not None else delta,

@@ -21,6 +21,7 @@ _TYPES = dict(int_args={"Hq", "Hk", "Nq", "Nk", "group", "window_left", "window_
 # table, key-padding and bias strides are arbitrary: no divisibility assumed for them
 _ARBITRARY_STRIDES = ("stride_t", "stride_kpm", "stride_bias")
 _MODIFIERS_OFF = dict(HAS_SOFTCAP=False, HAS_ALIBI=False, HAS_BIAS=False, HAS_DROPOUT=False)
+_MODIFIER_NAMES = dict(softcap="HAS_SOFTCAP", alibi="HAS_ALIBI", attn_bias="HAS_BIAS", dropout="HAS_DROPOUT")
 
 # score-modifier variants (on the causal mask): (name, flags); the dQ kernel also stores
 # dbias where there is a bias. 16-bit dtypes, the head dims below.
@@ -79,7 +80,8 @@ def _kernel_specs(kernel, fn, label, dtype, prec, d, variant, has_left, has_righ
     tdt = TRITON_DTYPE[dtype]
     uses_tc = prec != "ieee"  # an fp32 "ieee" dot runs on CUDA cores (FMA), by design: no mma expected
     sparse_block = _AOT_SPARSE_BLOCK if is_sparse else 0
-    cfgs = {arch: block_config(kernel, d, d, dtype, sparse_block, arch) for arch in ARCHS}
+    names = frozenset(n for n, flag in _MODIFIER_NAMES.items() if modifiers.get(flag))
+    cfgs = {arch: block_config(kernel, d, d, dtype, sparse_block, arch, names) for arch in ARCHS}
     per_arch = [(None, cfgs[ARCHS[0]])] if len(set(cfgs.values())) == 1 else list(cfgs.items())
     specs = []
     for arch, cfg in per_arch:
