@@ -3,6 +3,8 @@ which `python -m attnkernels.tools.compile_report` compiles for sm_80 and sm_90a
 from the launcher's own `block_config`, so the gate compiles what ships."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..triton_common import TRITON_DTYPE, KernelSpec, divisibility, pad_dim, signature
@@ -116,13 +118,17 @@ def _build_aot_specs() -> list[KernelSpec]:
                     specs += _kernel_specs(kernel, fn, label, dtype, prec, d, variant, has_left, has_right, is_sparse,
                                            has_kpm, {},
                                            quick=d == _AOT_QUICK_HEAD_DIM and variant == _AOT_QUICK_VARIANT)
-    # the score modifiers (never the `--quick` representative: those stay the plain kernels')
+    # the score modifiers. `--quick` keeps the plain kernels' representatives; where a modifier
+    # tile makes a (kernel, dtype, archs) group of its own, "causal-all" (every modifier) is it
+    plain_groups = {(s.fn.__name__, s.dtype, s.archs) for s in specs}
     for label, dtype, prec in _AOT_MODIFIER_DTYPES:
         for d in _AOT_MODIFIER_HEAD_DIMS:
             for variant, modifiers in _AOT_MODIFIER_VARIANTS:
                 for kernel, fn in kernels:
-                    specs += _kernel_specs(kernel, fn, label, dtype, prec, d, variant, False, True, False, False,
-                                           modifiers)
+                    for spec in _kernel_specs(kernel, fn, label, dtype, prec, d, variant, False, True, False, False,
+                                              modifiers):
+                        own_group = (spec.fn.__name__, spec.dtype, spec.archs) not in plain_groups
+                        specs.append(dataclasses.replace(spec, quick=own_group and variant == "causal-all"))
     return specs
 
 
