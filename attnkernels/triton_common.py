@@ -101,7 +101,7 @@ class Override:
 
 
 def signature(fn, dtype: str, constexprs: dict, *, int_args=(), fp32_args=(), fp32_ptrs=(),
-              i32_ptrs=(), u8_ptrs=()) -> dict:
+              i32_ptrs=(), u8_ptrs=(), i64_ptrs=()) -> dict:
     """Triton type per argument of jitted `fn`, from the naming convention of the kernel
     files: constexpr-annotated -> "constexpr" (must be in `constexprs`); the named pointer
     sets; `stride_*` and `int_args` -> i32 (before the upper-case rule, so a size called "N"
@@ -118,6 +118,8 @@ def signature(fn, dtype: str, constexprs: dict, *, int_args=(), fp32_args=(), fp
             sig[name] = "*i32"
         elif name in u8_ptrs:
             sig[name] = "*u8"
+        elif name in i64_ptrs:
+            sig[name] = "*i64"
         elif name.startswith("stride_") or name in int_args:
             sig[name] = "i32"
         elif name.isupper():

@@ -36,6 +36,22 @@ that program.
 Rows with no visible key: the forward keeps l = 0 and writes out = 0, lse = -inf. The
 backward reads lse = -inf as +inf so that every probability of that row is exp(-inf) = 0:
 its dq is 0 and it adds nothing to dk/dv (never NaN).
+
+Score modifiers (modifiers.py, dropout.py), each a constexpr flag, so a call without them
+compiles to the plain code (same PTX instructions and registers, compile gate):
+- HAS_SOFTCAP: s = c·tanh(scale·q·k / c) (`_tanh`: Triton 3.8 has no tl.tanh that also runs
+  in the interpreter); the backward recomputes tanh and multiplies dS by 1 - tanh².
+- HAS_ALIBI: s -= slope[b, h]·|i + Nk - Nq - j|, the slope read once per program (per head
+  in the dK/dV loop over the GQA group).
+- HAS_BIAS: + bias[b, h, i, j] loaded per tile through its four strides (0 on broadcast
+  dims, never expanded). A -inf bias hides a key; a row it hides entirely is an empty row
+  (the running-max guard keeps it finite). STORE_DBIAS (dQ kernel): dS = P∘(dP - delta),
+  before the softcap's factor, is dbias; the dQ program of a query block walks every key
+  block its rows see, so it writes each element once (no atomics; unvisited tiles stay 0).
+- HAS_DROPOUT: the keep mask of dropout.py regenerated from (seed, b*Hq + h, i, j) with
+  tl.philox in all three kernels (`_dropout_keep4`: one Philox per 4 keys); the softmax
+  denominator and LSE are undropped, P·V / dV use P∘keep and dP is scaled by keep / (1 - p).
+Sinks are applied by the ops around the kernels and never read here.
 """
 from __future__ import annotations
 
@@ -186,6 +202,88 @@ def _walk(state, ctx, TILES: tl.constexpr, i_lo, i_full_lo, i_full_hi, i_hi, P_N
     return state
 
 
+
+# ----------------------------------------------------------------------------------------
+# Score modifiers (modifiers.py, dropout.py): constexpr flags, so a call without them
+# compiles to the plain kernel's code
+# ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tanh(x):
+    """tanh(x) = 1 - 2 / (2^(2·log2(e)·x) + 1). Triton 3.8 has no tl.tanh, and libdevice's
+    tanh does not run in the interpreter: this one runs in both. exp2 -> inf or 0 for large
+    |x| gives exactly ±1 (no NaN); absolute error ~1e-7 (cancellation near 0), relative to
+    the cap well under the logits' own fp32 rounding."""
+    return 1.0 - 2.0 / (tl.math.exp2(x * 2.8853900817779268) + 1.0)
+
+
+@triton.jit
+def _modified_scores(b_qk, o_q, o_k, off, Nq, Nk, qk_scale, cap_in, cap_out, slope, P_BIAS, stride_bm, stride_bn,
+                     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """(logits in log2 units, tanh) from the raw dot b_qk (float32) of query indices o_q and key
+    indices o_k, shaped to broadcast ([M, 1] and [1, N], or [1, M] and [N, 1] in dK/dV).
+
+    modifiers.py's order: softcap on the scaled logits (cap_in = scale / softcap, cap_out =
+    softcap · log2 e), ALiBi (slope in log2 units, per program), then the bias tile, loaded
+    from P_BIAS (this batch and head) through its row/column strides (0 where it broadcasts)
+    and masked to the (Nq, Nk) range (int32 offsets: the launcher checks they fit). A -inf bias gives a -inf logit, i.e. a hidden key, with
+    no mask of its own. Without softcap the second value is the logits themselves (unused)."""
+    if HAS_SOFTCAP:
+        b_t = _tanh(b_qk * cap_in)
+        b_s = b_t * cap_out
+    else:
+        b_s = b_qk * qk_scale
+        b_t = b_s
+    if HAS_ALIBI:
+        b_s = b_s - slope * tl.abs(o_q + off - o_k).to(tl.float32)
+    if HAS_BIAS:
+        # int32 offsets within this (batch, head)'s slice (the launcher checks that they fit):
+        # one register per element instead of a 64-bit address
+        p_bias = P_BIAS + (o_q * stride_bm + o_k * stride_bn)
+        b_bias = tl.load(p_bias, mask=(o_q < Nq) & (o_k < Nk), other=0.0).to(tl.float32)
+        b_s = b_s + b_bias * 1.4426950408889634
+    return b_s, b_t
+
+
+@triton.jit
+def _dropout_keep4(seed, o_q, n0, bh, threshold, BLOCK_N: tl.constexpr):
+    """dropout.py's keep mask of rows o_q ([M, 1]) and keys n0 .. n0 + BLOCK_N (n0 % 4 == 0),
+    [M, BLOCK_N], for batch*head bh: Philox4x32-10 with key (seed lo, seed hi) (tl.philox
+    splits the int64 seed so) and counter (j >> 2, i, bh, 0), word j & 3; keep iff
+    u >= threshold (uint32).
+
+    One Philox per 4 keys: its words r0..r3 are keys 4c..4c+3, interleaved by join
+    (join(join(r0, r2), join(r1, r3))[..., a, b] is word 2a + b) and a reshape. Against one
+    Philox per element with its word selected (compile gate, bf16 D=64 causal fwd on sm_80:
+    6144 PTX instructions vs 3719 here, 3413 vs 2282 in dQ) it costs more registers (the
+    interleave goes through shared memory and keeps four words live), which the modifier
+    tile configs absorb. dK/dV transposes the tile it gets."""
+    o_c = (n0 >> 2) + tl.arange(0, BLOCK_N // 4)  # [BLOCK_N // 4] Philox counters c0
+    z = o_q * 0 + o_c[None, :] * 0  # [M, BLOCK_N // 4]
+    r0, r1, r2, r3 = tl.philox(seed, o_c[None, :] + z, o_q + z, z + bh, z)
+    u = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [o_q.shape[0], BLOCK_N])
+    return u >= threshold
+
+
+@triton.jit
+def _modifier_args(SLOPES, SEED, i_bh, dropout_threshold, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    """(ALiBi slope of batch*head i_bh in log2 units, dropout seed (int64), keep threshold as
+    uint32); zeros for the modifiers that are off. The seed is read on the device (no host sync)."""
+    if HAS_ALIBI:
+        slope = tl.load(SLOPES + i_bh) * 1.4426950408889634  # (B, Hq) contiguous
+    else:
+        slope = 0.0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+        # floor(p · 2^32) travels as the int32 of the same bits
+        threshold = dropout_threshold.to(tl.uint32, bitcast=True)
+    else:
+        seed = 0
+        threshold = 0
+    return slope, seed, threshold
+
+
 # ----------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------
@@ -197,7 +295,8 @@ def _fwd_tiles(state, ctx, i_lo, i_hi, MASKED: tl.constexpr, C: tl.constexpr):
     (batch, head)'s first key. MASKED applies the window and key-range mask; unmasked tiles
     are fully visible and inside Nk."""
     b_acc, b_m, b_l = state
-    b_q, K, V, KPM, stride_kn, stride_vn, o_m, Nq, Nk, window_left, window_right, qk_scale = ctx
+    (b_q, K, V, KPM, stride_kn, stride_vn, o_m, Nq, Nk, window_left, window_right, qk_scale,
+     cap_in, cap_out, slope, BIAS, stride_bm, stride_bn, seed, bh, threshold) = ctx
     HEAD_DIM: tl.constexpr = C[0]
     HEAD_DIM_V: tl.constexpr = C[1]
     BLOCK_N: tl.constexpr = C[2]
@@ -207,6 +306,10 @@ def _fwd_tiles(state, ctx, i_lo, i_hi, MASKED: tl.constexpr, C: tl.constexpr):
     HAS_RIGHT: tl.constexpr = C[6]
     HAS_KPM: tl.constexpr = C[7]
     DOT_PREC: tl.constexpr = C[8]
+    HAS_SOFTCAP: tl.constexpr = C[9]
+    HAS_ALIBI: tl.constexpr = C[10]
+    HAS_BIAS: tl.constexpr = C[11]
+    HAS_DROPOUT: tl.constexpr = C[12]
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     o_nb = tl.arange(0, BLOCK_N)
@@ -221,7 +324,12 @@ def _fwd_tiles(state, ctx, i_lo, i_hi, MASKED: tl.constexpr, C: tl.constexpr):
         b_kT = _load_2d(p_kT, o_d < HEAD_DIM, m_n, BLOCK_D != HEAD_DIM, MASKED)
         b_v = _load_2d(p_v, m_n, o_dv < HEAD_DIM_V, MASKED, BLOCK_DV != HEAD_DIM_V)
         # scores in log2 units: [BLOCK_M, BLOCK_N]
-        b_s = tl.dot(b_q, b_kT, input_precision=DOT_PREC).to(tl.float32) * qk_scale
+        if HAS_SOFTCAP or HAS_ALIBI or HAS_BIAS:
+            b_s, _ = _modified_scores(tl.dot(b_q, b_kT, input_precision=DOT_PREC).to(tl.float32),
+                                      o_m[:, None], o_n[None, :], off, Nq, Nk, qk_scale, cap_in, cap_out, slope,
+                                      BIAS, stride_bm, stride_bn, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS)
+        else:
+            b_s = tl.dot(b_q, b_kT, input_precision=DOT_PREC).to(tl.float32) * qk_scale
         if MASKED:
             m_vis = _window_mask(o_m[:, None], o_n[None, :], off, window_left, window_right,
                                  HAS_LEFT, HAS_RIGHT) & m_n[None, :]
@@ -230,32 +338,39 @@ def _fwd_tiles(state, ctx, i_lo, i_hi, MASKED: tl.constexpr, C: tl.constexpr):
             b_pad = tl.load(KPM + o_n, mask=m_n, other=1)  # [BLOCK_N], nonzero = ignore
             b_s = tl.where(b_pad[None, :] == 0, b_s, float("-inf"))
         b_m_new = tl.maximum(b_m, tl.max(b_s, 1))  # [BLOCK_M]
-        # a row that has seen no key yet keeps m = -inf; use 0 as its shift so exp2 gives 0, not NaN
+        # a row that has seen no key yet keeps m = -inf (also a row whose bias is -inf so far);
+        # use 0 as its shift so exp2 gives 0, not NaN
         b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
         b_p = tl.math.exp2(b_s - b_m_safe[:, None])  # [BLOCK_M, BLOCK_N]
         b_alpha = tl.math.exp2(b_m - b_m_safe)  # [BLOCK_M]
-        b_l = b_l * b_alpha + tl.sum(b_p, 1)
+        b_l = b_l * b_alpha + tl.sum(b_p, 1)  # the denominator: before dropout
         b_acc = b_acc * b_alpha[:, None]
+        if HAS_DROPOUT:  # dropped probabilities leave P·V only (1 / (1 - p) is applied once, at the end)
+            b_p = tl.where(_dropout_keep4(seed, o_m[:, None], n0, bh, threshold, BLOCK_N), b_p, 0.0)
         b_acc = tl.dot(b_p.to(b_v.dtype), b_v, b_acc, input_precision=DOT_PREC)  # [BLOCK_M, BLOCK_DV]
         b_m = b_m_new
     return b_acc, b_m, b_l
 
 
 @triton.jit
-def attn_fwd(Q, K, V, O, LSE, KV_NUM, KV_IDX, KPM,
+def attn_fwd(Q, K, V, O, LSE, KV_NUM, KV_IDX, KPM, SLOPES, BIAS, SEED,
              stride_qb, stride_qh, stride_qn,
              stride_kb, stride_kh, stride_kn,
              stride_vb, stride_vh, stride_vn,
              stride_ob, stride_oh, stride_on,
              stride_tnb, stride_tnh, stride_tib, stride_tih, stride_tim,
              stride_kpmb,
+             stride_biasb, stride_biash, stride_biasm, stride_biasn,
              Hq, Nq, Nk, group, window_left, window_right, qk_scale,
+             cap_in, cap_out, dropout_threshold, dropout_rscale,
              HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
              IS_SPARSE: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
-             HAS_KPM: tl.constexpr, DOT_PREC: tl.constexpr, TABLE_SKIP: tl.constexpr):
+             HAS_KPM: tl.constexpr, DOT_PREC: tl.constexpr, TABLE_SKIP: tl.constexpr,
+             HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
+             HAS_DROPOUT: tl.constexpr):
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // Hq
@@ -276,6 +391,9 @@ def attn_fwd(Q, K, V, O, LSE, KV_NUM, KV_IDX, KPM,
     V = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
     if HAS_KPM:
         KPM = KPM + i_b.to(tl.int64) * stride_kpmb
+    slope, seed, threshold = _modifier_args(SLOPES, SEED, i_bh, dropout_threshold, HAS_ALIBI, HAS_DROPOUT)
+    if HAS_BIAS:
+        BIAS = BIAS + i_b.to(tl.int64) * stride_biasb + i_h.to(tl.int64) * stride_biash
 
     b_acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -287,13 +405,18 @@ def attn_fwd(Q, K, V, O, LSE, KV_NUM, KV_IDX, KPM,
                               stride_tim, IS_SPARSE, SPARSE_BLOCK)
     b_acc, b_m, b_l = _walk(
         (b_acc, b_m, b_l),
-        (b_q, K, V, KPM, stride_kn, stride_vn, o_m, Nq, Nk, window_left, window_right, qk_scale),
+        (b_q, K, V, KPM, stride_kn, stride_vn, o_m, Nq, Nk, window_left, window_right, qk_scale,
+         cap_in, cap_out, slope, BIAS, stride_biasm, stride_biasn, seed, i_bh, threshold),
         _fwd_tiles, i_lo, i_full_lo, i_full_hi, i_hi, p_num, p_idx, IS_SPARSE, SPARSE_BLOCK // BLOCK_N, TABLE_SKIP,
-        (HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, HAS_KPM, DOT_PREC))
+        (HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, HAS_KPM, DOT_PREC,
+         HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT))
 
     # rows that saw no key: l = 0 -> out 0, lse -inf
     m_seen = b_l > 0.0
-    b_o = b_acc / tl.where(m_seen, b_l, 1.0)[:, None]
+    if HAS_DROPOUT:  # out = sum_j P_j keep_j / (1 - p) v_j
+        b_o = b_acc * (dropout_rscale / tl.where(m_seen, b_l, 1.0))[:, None]
+    else:
+        b_o = b_acc / tl.where(m_seen, b_l, 1.0)[:, None]
     b_lse = tl.where(m_seen, (b_m + tl.math.log2(tl.where(m_seen, b_l, 1.0))) * 0.6931471805599453,
                      float("-inf"))  # natural log
     p_o = O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh + m0.to(tl.int64) * stride_on
@@ -340,15 +463,21 @@ def _dkdv_tiles(state, ctx, i_lo, i_hi, MASKED: tl.constexpr, C: tl.constexpr):
     read lse = +inf (p = 0); key rows >= Nk are never stored, so they need no mask here."""
     b_dk, b_dv = state
     (b_k, b_v, Q, DO, LSE, DELTA, G, stride_qh, stride_doh, stride_qn, stride_don, o_n, Nq, Nk,
-     window_left, window_right, qk_scale) = ctx
+     window_left, window_right, qk_scale,
+     cap_in, cap_out, SLOPES, BIAS, stride_bh, stride_bm, stride_bn, seed, bh, threshold, dropout_rscale, n0) = ctx
     HEAD_DIM: tl.constexpr = C[0]
     HEAD_DIM_V: tl.constexpr = C[1]
     BLOCK_M: tl.constexpr = C[2]
+    BLOCK_N: tl.constexpr = C[12]
     BLOCK_D: tl.constexpr = C[3]
     BLOCK_DV: tl.constexpr = C[4]
     HAS_LEFT: tl.constexpr = C[5]
     HAS_RIGHT: tl.constexpr = C[6]
     DOT_PREC: tl.constexpr = C[7]
+    HAS_SOFTCAP: tl.constexpr = C[8]
+    HAS_ALIBI: tl.constexpr = C[9]
+    HAS_BIAS: tl.constexpr = C[10]
+    HAS_DROPOUT: tl.constexpr = C[11]
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     o_mb = tl.arange(0, BLOCK_M)
@@ -369,20 +498,41 @@ def _dkdv_tiles(state, ctx, i_lo, i_hi, MASKED: tl.constexpr, C: tl.constexpr):
         b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse)  # row with no key: p = 0
         b_delta = tl.load(DELTA + o_row, mask=m_m, other=0.0)  # [BLOCK_M]
         # transposed probabilities: [BLOCK_N, BLOCK_M]
-        b_sT = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PREC).to(tl.float32) * qk_scale
+        if HAS_SOFTCAP or HAS_ALIBI or HAS_BIAS:
+            # this head's slope and bias rows (the loop runs over the group's heads)
+            if HAS_ALIBI:
+                slope = tl.load(SLOPES + i_g) * 1.4426950408889634
+            else:
+                slope = 0.0
+            b_sT, b_tT = _modified_scores(tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PREC).to(tl.float32),
+                                          o_m[None, :], o_n[:, None], off, Nq, Nk, qk_scale, cap_in, cap_out, slope,
+                                          BIAS + i_g.to(tl.int64) * stride_bh, stride_bm, stride_bn,
+                                          HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS)
+        else:
+            b_sT = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PREC).to(tl.float32) * qk_scale
         b_pT = tl.math.exp2(b_sT - b_lse[None, :])
         if MASKED:
             m_vis = _window_mask(o_m[None, :], o_n[:, None], off, window_left, window_right, HAS_LEFT, HAS_RIGHT)
             b_pT = tl.where(m_vis, b_pT, 0.0)
-        b_dv = tl.dot(b_pT.to(b_do.dtype), b_do, b_dv, input_precision=DOT_PREC)  # [BLOCK_N, BLOCK_DV]
+        if HAS_DROPOUT:
+            # dV = (P∘keep)ᵀ dO (times 1 / (1 - p) after the loop); dP = keep / (1 - p) ∘ dO Vᵀ
+            # one Philox per 4 keys, made as [BLOCK_M, BLOCK_N] and transposed: [BLOCK_N, BLOCK_M]
+            m_keepT = tl.trans(_dropout_keep4(seed, o_m[:, None], n0, bh + i_g, threshold, BLOCK_N))
+            b_dv = tl.dot(tl.where(m_keepT, b_pT, 0.0).to(b_do.dtype), b_do, b_dv, input_precision=DOT_PREC)
+        else:
+            b_dv = tl.dot(b_pT.to(b_do.dtype), b_do, b_dv, input_precision=DOT_PREC)  # [BLOCK_N, BLOCK_DV]
         b_dpT = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PREC).to(tl.float32)  # [BLOCK_N, BLOCK_M]
+        if HAS_DROPOUT:
+            b_dpT = tl.where(m_keepT, b_dpT * dropout_rscale, 0.0)
         b_dsT = b_pT * (b_dpT - b_delta[None, :])
+        if HAS_SOFTCAP:  # through s = c·tanh(scale·qk / c): dS ·= 1 - tanh²
+            b_dsT = b_dsT * (1.0 - b_tT * b_tT)
         b_dk = tl.dot(b_dsT.to(b_q.dtype), b_q, b_dk, input_precision=DOT_PREC)  # [BLOCK_N, BLOCK_D]
     return b_dk, b_dv
 
 
 @triton.jit
-def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, Q_NUM, Q_IDX, KPM,
+def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, Q_NUM, Q_IDX, KPM, SLOPES, BIAS, SEED,
                   stride_qb, stride_qh, stride_qn,
                   stride_kb, stride_kh, stride_kn,
                   stride_vb, stride_vh, stride_vn,
@@ -391,13 +541,17 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, Q_NUM, Q_IDX, KPM,
                   stride_dvb, stride_dvh, stride_dvn,
                   stride_tnb, stride_tnh, stride_tib, stride_tih, stride_tim,
                   stride_kpmb,
+                  stride_biasb, stride_biash, stride_biasm, stride_biasn,
                   Hq, Hk, Nq, Nk, group, window_left, window_right, qk_scale, scale,
+                  cap_in, cap_out, dropout_threshold, dropout_rscale,
                   HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                   IS_SPARSE: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
-                  HAS_KPM: tl.constexpr, DOT_PREC: tl.constexpr, TABLE_SKIP: tl.constexpr):
+                  HAS_KPM: tl.constexpr, DOT_PREC: tl.constexpr, TABLE_SKIP: tl.constexpr,
+                  HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  HAS_DROPOUT: tl.constexpr):
     i_n = tl.program_id(0)
     i_bh = tl.program_id(1)  # batch * kv head
     i_b = i_bh // Hk
@@ -420,7 +574,14 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, Q_NUM, Q_IDX, KPM,
     i_lo, i_full_lo, i_full_hi, i_hi = _q_bounds(n0, Nq, Nk, window_left, window_right,
                                                  BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     # the query heads of this kv head's group, summed in a fixed order (deterministic)
-    C: tl.constexpr = (HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, DOT_PREC)
+    C: tl.constexpr = (HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, DOT_PREC,
+                       HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT, BLOCK_N)
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+        threshold = dropout_threshold.to(tl.uint32, bitcast=True)  # floor(p · 2^32), as int32 bits
+    else:
+        seed = 0
+        threshold = 0
     if IS_SPARSE:
         # each head has its own table rows: one walk per head
         for i_g in range(0, group):
@@ -433,7 +594,9 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, Q_NUM, Q_IDX, KPM,
             b_dk, b_dv = _walk(
                 (b_dk, b_dv),
                 (b_k, b_v, p_qh, p_doh, LSE + i_bhq.to(tl.int64) * Nq, DELTA + i_bhq.to(tl.int64) * Nq, 1,
-                 stride_qh, stride_doh, stride_qn, stride_don, o_n, Nq, Nk, window_left, window_right, qk_scale),
+                 stride_qh, stride_doh, stride_qn, stride_don, o_n, Nq, Nk, window_left, window_right, qk_scale,
+                 cap_in, cap_out, SLOPES + i_bhq, BIAS + i_b.to(tl.int64) * stride_biasb + i_h.to(tl.int64) * stride_biash,
+                 stride_biash, stride_biasm, stride_biasn, seed, i_bhq, threshold, dropout_rscale, n0),
                 _dkdv_tiles, i_lo, i_full_lo, i_full_hi, i_hi, p_num, p_idx, IS_SPARSE, SPARSE_BLOCK // BLOCK_M, TABLE_SKIP, C)
     else:
         # the band is the same for every head: each segment's loop runs over (head, tile)
@@ -444,10 +607,14 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, Q_NUM, Q_IDX, KPM,
         b_dk, b_dv = _walk(
             (b_dk, b_dv),
             (b_k, b_v, p_qh, p_doh, LSE + i_bhq.to(tl.int64) * Nq, DELTA + i_bhq.to(tl.int64) * Nq, group,
-             stride_qh, stride_doh, stride_qn, stride_don, o_n, Nq, Nk, window_left, window_right, qk_scale),
+             stride_qh, stride_doh, stride_qn, stride_don, o_n, Nq, Nk, window_left, window_right, qk_scale,
+             cap_in, cap_out, SLOPES + i_bhq, BIAS + i_b.to(tl.int64) * stride_biasb + i_h.to(tl.int64) * stride_biash,
+             stride_biash, stride_biasm, stride_biasn, seed, i_bhq, threshold, dropout_rscale, n0),
             _dkdv_tiles, i_lo, i_full_lo, i_full_hi, i_hi, Q_NUM, Q_IDX, IS_SPARSE, SPARSE_BLOCK // BLOCK_M, TABLE_SKIP, C)
 
     b_dk = b_dk * scale  # dS was taken w.r.t. the unscaled scores
+    if HAS_DROPOUT:
+        b_dv = b_dv * dropout_rscale  # the kept probabilities' 1 / (1 - p), once
     if HAS_KPM:
         # a padded key's probabilities are 0 in every row: its dk, dv are 0 (the loop above
         # did not mask it; only its own rows of dk, dv were affected, and they are replaced)
@@ -466,7 +633,8 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, Q_NUM, Q_IDX, KPM,
 def _dq_tiles(state, ctx, i_lo, i_hi, MASKED: tl.constexpr, C: tl.constexpr):
     """Accumulate dQ (state) of rows o_m over key tiles [i_lo, i_hi)."""
     b_dq, = state
-    b_q, b_do, b_lse, b_delta, K, V, KPM, stride_kn, stride_vn, o_m, Nq, Nk, window_left, window_right, qk_scale = ctx
+    (b_q, b_do, b_lse, b_delta, K, V, KPM, stride_kn, stride_vn, o_m, Nq, Nk, window_left, window_right, qk_scale,
+     cap_in, cap_out, slope, BIAS, DBIAS, stride_bm, stride_bn, seed, bh, threshold, dropout_rscale) = ctx
     HEAD_DIM: tl.constexpr = C[0]
     HEAD_DIM_V: tl.constexpr = C[1]
     BLOCK_N: tl.constexpr = C[2]
@@ -476,6 +644,11 @@ def _dq_tiles(state, ctx, i_lo, i_hi, MASKED: tl.constexpr, C: tl.constexpr):
     HAS_RIGHT: tl.constexpr = C[6]
     HAS_KPM: tl.constexpr = C[7]
     DOT_PREC: tl.constexpr = C[8]
+    HAS_SOFTCAP: tl.constexpr = C[9]
+    HAS_ALIBI: tl.constexpr = C[10]
+    HAS_BIAS: tl.constexpr = C[11]
+    HAS_DROPOUT: tl.constexpr = C[12]
+    STORE_DBIAS: tl.constexpr = C[13]
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     o_nb = tl.arange(0, BLOCK_N)
@@ -488,7 +661,12 @@ def _dq_tiles(state, ctx, i_lo, i_hi, MASKED: tl.constexpr, C: tl.constexpr):
         p_vT = V + n0.to(tl.int64) * stride_vn + o_nb[None, :] * stride_vn + o_dv[:, None]
         b_kT = _load_2d(p_kT, o_d < HEAD_DIM, m_n, BLOCK_D != HEAD_DIM, MASKED)  # [BLOCK_D, BLOCK_N]
         b_vT = _load_2d(p_vT, o_dv < HEAD_DIM_V, m_n, BLOCK_DV != HEAD_DIM_V, MASKED)  # [BLOCK_DV, BLOCK_N]
-        b_s = tl.dot(b_q, b_kT, input_precision=DOT_PREC).to(tl.float32) * qk_scale  # [BLOCK_M, BLOCK_N]
+        if HAS_SOFTCAP or HAS_ALIBI or HAS_BIAS:
+            b_s, b_t = _modified_scores(tl.dot(b_q, b_kT, input_precision=DOT_PREC).to(tl.float32),
+                                        o_m[:, None], o_n[None, :], off, Nq, Nk, qk_scale, cap_in, cap_out, slope,
+                                        BIAS, stride_bm, stride_bn, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS)
+        else:
+            b_s = tl.dot(b_q, b_kT, input_precision=DOT_PREC).to(tl.float32) * qk_scale  # [BLOCK_M, BLOCK_N]
         b_p = tl.math.exp2(b_s - b_lse[:, None])
         if MASKED:
             # keys >= Nk too: their p is exp(-lse) (k = 0), which could overflow into inf * 0
@@ -499,13 +677,23 @@ def _dq_tiles(state, ctx, i_lo, i_hi, MASKED: tl.constexpr, C: tl.constexpr):
             b_pad = tl.load(KPM + o_n, mask=m_n, other=1)
             b_p = tl.where(b_pad[None, :] == 0, b_p, 0.0)
         b_dp = tl.dot(b_do, b_vT, input_precision=DOT_PREC).to(tl.float32)  # [BLOCK_M, BLOCK_N]
+        if HAS_DROPOUT:  # dP = keep / (1 - p) ∘ dO Vᵀ
+            b_dp = tl.where(_dropout_keep4(seed, o_m[:, None], n0, bh, threshold, BLOCK_N), b_dp * dropout_rscale, 0.0)
         b_ds = b_p * (b_dp - b_delta[:, None])
+        if STORE_DBIAS:
+            # dbias = dS before the softcap's chain rule; this program is the only one that
+            # produces these (row, key) elements (it walks every key block of its rows), and
+            # the tiles it never visits stay the launcher's zeros
+            p_dbias = DBIAS + o_m.to(tl.int64)[:, None] * Nk + o_n[None, :]
+            tl.store(p_dbias, b_ds, mask=(o_m < Nq)[:, None] & m_n[None, :])
+        if HAS_SOFTCAP:  # through s = c·tanh(scale·qk / c): dS ·= 1 - tanh²
+            b_ds = b_ds * (1.0 - b_t * b_t)
         b_dq = tl.dot(b_ds.to(b_kT.dtype), tl.trans(b_kT), b_dq, input_precision=DOT_PREC)  # [BLOCK_M, BLOCK_D]
     return (b_dq,)
 
 
 @triton.jit
-def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_NUM, KV_IDX, KPM,
+def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_NUM, KV_IDX, KPM, SLOPES, BIAS, SEED, DBIAS,
                 stride_qb, stride_qh, stride_qn,
                 stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn,
@@ -513,13 +701,17 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_NUM, KV_IDX, KPM,
                 stride_dqb, stride_dqh, stride_dqn,
                 stride_tnb, stride_tnh, stride_tib, stride_tih, stride_tim,
                 stride_kpmb,
+                stride_biasb, stride_biash, stride_biasm, stride_biasn,
                 Hq, Nq, Nk, group, window_left, window_right, qk_scale, scale,
+                cap_in, cap_out, dropout_threshold, dropout_rscale,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                 IS_SPARSE: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
-                HAS_KPM: tl.constexpr, DOT_PREC: tl.constexpr, TABLE_SKIP: tl.constexpr):
+                HAS_KPM: tl.constexpr, DOT_PREC: tl.constexpr, TABLE_SKIP: tl.constexpr,
+                HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
+                HAS_DROPOUT: tl.constexpr, STORE_DBIAS: tl.constexpr):
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // Hq
@@ -544,6 +736,11 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_NUM, KV_IDX, KPM,
     V = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
     if HAS_KPM:
         KPM = KPM + i_b.to(tl.int64) * stride_kpmb
+    slope, seed, threshold = _modifier_args(SLOPES, SEED, i_bh, dropout_threshold, HAS_ALIBI, HAS_DROPOUT)
+    if HAS_BIAS:
+        BIAS = BIAS + i_b.to(tl.int64) * stride_biasb + i_h.to(tl.int64) * stride_biash
+    if STORE_DBIAS:  # dbias: (B, Hq, Nq, Nk) contiguous float32
+        DBIAS = DBIAS + i_bh.to(tl.int64) * Nq * Nk
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     i_lo, i_full_lo, i_full_hi, i_hi = _kv_bounds(m0, Nq, Nk, window_left, window_right,
@@ -552,9 +749,11 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_NUM, KV_IDX, KPM,
                               stride_tim, IS_SPARSE, SPARSE_BLOCK)
     b_dq, = _walk(
         (b_dq,),
-        (b_q, b_do, b_lse, b_delta, K, V, KPM, stride_kn, stride_vn, o_m, Nq, Nk, window_left, window_right, qk_scale),
+        (b_q, b_do, b_lse, b_delta, K, V, KPM, stride_kn, stride_vn, o_m, Nq, Nk, window_left, window_right, qk_scale,
+         cap_in, cap_out, slope, BIAS, DBIAS, stride_biasm, stride_biasn, seed, i_bh, threshold, dropout_rscale),
         _dq_tiles, i_lo, i_full_lo, i_full_hi, i_hi, p_num, p_idx, IS_SPARSE, SPARSE_BLOCK // BLOCK_N, TABLE_SKIP,
-        (HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, HAS_KPM, DOT_PREC))
+        (HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, HAS_KPM, DOT_PREC,
+         HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT, STORE_DBIAS))
 
     b_dq = b_dq * scale
     p_dq = DQ + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh + m0.to(tl.int64) * stride_dqn

@@ -5,10 +5,14 @@ grids, the launcher's own invariants, and the two entry points the ops call:
     backward(call, dout, q, k, v, out, lse, bias_grad) -> (dq, dk, dv, dbias or None)
 
 `call` carries scale, window_left, window_right, kv_num_blocks, kv_indices, q_num_blocks,
-q_indices, sparse_block_size, key_padding_mask with the op arguments' meanings, already
-validated by the public API; calls with Nq or Nk == 0 are answered by the ops. What is
-checked here is only what stops a kernel from reading out of bounds on a direct call
-(tensor ranks, table dtypes and shapes, the key padding mask's shape).
+q_indices, sparse_block_size, key_padding_mask and the score modifiers softcap,
+alibi_slopes, attn_bias, dropout_p, dropout_seed (call.py; `sinks` are the ops' and never
+read here) with the op arguments' meanings, already validated by the public API; calls
+with Nq or Nk == 0 are answered by the ops. A call object without the modifier fields
+(the tests' plain namespaces) runs without modifiers. What is checked here is only what
+stops a kernel from reading out of bounds on a direct call (tensor ranks, table dtypes and
+shapes, the key padding mask's shape, the bias's sizes against (B, Hq, Nq, Nk), the
+slopes' shape, the seed's dtype).
 """
 from __future__ import annotations
 
@@ -17,10 +21,11 @@ from typing import NamedTuple
 import torch
 
 from ..triton_common import Override, cdiv, dot_precision, launch_options, last_dim_contiguous, pad_dim
+from .dropout import keep_threshold
 from .triton_kernels import attn_bwd_dkdv, attn_bwd_dq, attn_bwd_preprocess, attn_fwd
 
 __all__ = ["forward", "backward", "block_config", "config_arch", "override_blocks", "BlockConfig",
-           "PREPROCESS_BLOCK_M", "ARCHS"]
+           "PREPROCESS_BLOCK_M", "ARCHS", "modifier_tier"]
 
 LOG2E = 1.4426950408889634
 PREPROCESS_BLOCK_M = 64
@@ -103,6 +108,41 @@ _SPARSE_CONFIGS_SM90 = {
 }
 ARCHS = (80, 90)  # the config tables: sm_80 (Ampere and Ada) and sm_90a (Hopper and later)
 
+# Score modifiers (16-bit inputs): each adds live [BLOCK_M, BLOCK_N] tiles to the loop (the
+# tanh for the backward's chain rule, the bias tile and its layout change, Philox's four
+# words), so the configs above spill with them (compile gate, Triton 3.8). Three tiers:
+# "light" (softcap, ALiBi: a few ALU ops on the scores), "heavy" (attn_bias or dropout) and
+# "full" (attn_bias and dropout; it falls back to "heavy" where it has no entry).
+# (arch, kernel, d class, tier) -> config, each the largest tried that compiles without a
+# spill for every modifier combination of its tier; the kept dimensions are those wgmma
+# needs on sm_90a (>= 64 resident rows per warpgroup: 128 keys on 8 warps in dK/dV, 64+
+# queries per warpgroup in fwd/dQ), so only the streamed dimension shrinks there.
+_MODIFIER_CONFIGS = {
+    (90, "dkdv", 64, "light"): BlockConfig(32, 128, 8, 2),
+    (80, "fwd", 64, "full"): BlockConfig(64, 32, 4, 3),
+    (80, "fwd", 128, "heavy"): BlockConfig(128, 32, 8, 2),
+    (80, "fwd", 128, "full"): BlockConfig(128, 16, 8, 2),
+    (90, "fwd", 128, "heavy"): BlockConfig(128, 32, 8, 2),
+    (90, "dkdv", 64, "heavy"): BlockConfig(16, 128, 8, 2),
+    (90, "dkdv", 128, "heavy"): BlockConfig(16, 128, 8, 2),
+    (80, "dq", 64, "heavy"): BlockConfig(64, 16, 4, 3),
+    (90, "dq", 64, "heavy"): BlockConfig(64, 16, 4, 3),
+    (80, "dq", 128, "heavy"): BlockConfig(32, 32, 4, 2),
+    (90, "dq", 128, "heavy"): BlockConfig(64, 16, 4, 2),
+}
+_TIER_FALLBACK = {"light": ("light",), "heavy": ("heavy",), "full": ("full", "heavy")}
+
+
+def modifier_tier(modifiers) -> str | None:
+    """None (no modifier), "light" (softcap / alibi only), "heavy" (attn_bias or dropout) or
+    "full" (attn_bias and dropout)."""
+    modifiers = frozenset(modifiers)
+    if {"attn_bias", "dropout"} <= modifiers:
+        return "full"
+    if modifiers & {"attn_bias", "dropout"}:
+        return "heavy"
+    return "light" if modifiers else None
+
 
 def config_arch(device: torch.device) -> int:
     """The config table a launch on `device` uses: 90 on compute capability >= 9.0, else 80
@@ -113,10 +153,11 @@ def config_arch(device: torch.device) -> int:
 
 
 def block_config(kernel: str, head_dim: int, head_dim_v: int, dtype: torch.dtype,
-                 sparse_block_size: int = 0, arch: int = 80) -> BlockConfig:
-    """GPU launch config per kernel ("fwd", "dkdv", "dq"), padded head dim, dtype and arch
-    (80 or 90, see `config_arch`; `_CONFIGS`, `_CONFIGS_SM90`). With a block-sparse table
-    the blocks must divide `sparse_block_size` (all are powers of two, so min() does it)."""
+                 sparse_block_size: int = 0, arch: int = 80, modifiers=frozenset()) -> BlockConfig:
+    """GPU launch config per kernel ("fwd", "dkdv", "dq"), padded head dim, dtype, arch
+    (80 or 90, see `config_arch`; `_CONFIGS`, `_CONFIGS_SM90`) and the score modifiers in use
+    (names of call.FEATURES; `_MODIFIER_CONFIGS`). With a block-sparse table the blocks must
+    divide `sparse_block_size` (all are powers of two, so min() does it)."""
     if kernel not in ("fwd", "dkdv", "dq"):
         raise ValueError(f"block_config: unknown kernel {kernel!r}")
     if arch not in ARCHS:
@@ -127,6 +168,10 @@ def block_config(kernel: str, head_dim: int, head_dim_v: int, dtype: torch.dtype
     cfg = (_CONFIGS_SM90 if arch == 90 else _CONFIGS)[kernel, d_class][1 if wide else 0]
     if arch == 90 and sparse_block_size and not wide:
         cfg = _SPARSE_CONFIGS_SM90.get((kernel, d_class), cfg)
+    tier = modifier_tier(modifiers)
+    if tier and not wide:
+        cfg = next((_MODIFIER_CONFIGS[key] for key in ((arch, kernel, d_class, t) for t in _TIER_FALLBACK[tier])
+                    if key in _MODIFIER_CONFIGS), cfg)
     if _BLOCKS.value is not None:
         cfg = cfg._replace(block_m=_BLOCKS.value[0], block_n=_BLOCKS.value[1])
     if sparse_block_size:
@@ -191,6 +236,80 @@ def _check_kpm(key_padding_mask, batch: int, kv_len: int):
     return key_padding_mask.contiguous().view(torch.uint8)
 
 
+class _Modifiers(NamedTuple):
+    """The score modifiers of one call as the kernels take them: the launch's extra pointer
+    and scalar arguments, and its constexpr flags (all off: the plain kernels' code)."""
+
+    slopes: torch.Tensor | None  # float32 (B, Hq) contiguous
+    bias: torch.Tensor | None  # a 4-D view, read through its strides (0 on broadcast dims)
+    seed: torch.Tensor | None  # int64, one element, on the device
+    bias_strides: list
+    cap_in: float  # scale / softcap
+    cap_out: float  # softcap · log2(e)
+    threshold: int  # floor(p · 2^32) as the int32 of the same bits
+    rscale: float  # 1 / (1 - p)
+
+    def pointers(self, dummy) -> list:
+        return [t if t is not None else dummy for t in (self.slopes, self.bias, self.seed)]
+
+    def scalars(self) -> list:
+        return [self.cap_in, self.cap_out, self.threshold, self.rscale]
+
+    def names(self) -> frozenset:
+        """The call.FEATURES names in use (they pick the tile config)."""
+        on = dict(softcap=self.cap_in != 0.0, alibi=self.slopes is not None, attn_bias=self.bias is not None,
+                  dropout=self.seed is not None)
+        return frozenset(n for n, used in on.items() if used)
+
+    def flags(self) -> dict:
+        return dict(HAS_SOFTCAP=self.cap_in != 0.0, HAS_ALIBI=self.slopes is not None, HAS_BIAS=self.bias is not None,
+                    HAS_DROPOUT=self.seed is not None)
+
+
+def _modifiers(call, batch: int, q_heads: int, q_len: int, kv_len: int, device) -> _Modifiers:
+    """The call's modifiers checked for what keeps the kernels in bounds, in kernel form."""
+    scale = call.scale
+    softcap = float(getattr(call, "softcap", 0.0) or 0.0)
+    slopes = getattr(call, "alibi_slopes", None)
+    bias = getattr(call, "attn_bias", None)
+    dropout_p = float(getattr(call, "dropout_p", 0.0) or 0.0)
+    seed = getattr(call, "dropout_seed", None) if dropout_p > 0 else None
+    if slopes is not None:
+        if not isinstance(slopes, torch.Tensor) or tuple(slopes.shape) != (batch, q_heads) \
+                or not slopes.is_floating_point():
+            raise ValueError(f"alibi_slopes: expected a float tensor (B, Hq) = {(batch, q_heads)}, got "
+                             f"{getattr(slopes, 'dtype', type(slopes))} {tuple(getattr(slopes, 'shape', ()))}")
+        slopes = slopes.to(device=device, dtype=torch.float32).contiguous()
+    bias_strides = [0, 0, 0, 0]
+    if bias is not None:
+        full = (batch, q_heads, q_len, kv_len)
+        if not isinstance(bias, torch.Tensor) or bias.dim() != 4 or not bias.is_floating_point() \
+                or any(n not in (1, want) for n, want in zip(bias.shape, full)):
+            raise ValueError(f"attn_bias: expected a float 4-D tensor with each dim 1 or (B, Hq, Nq, Nk) = {full}, "
+                             f"got {getattr(bias, 'dtype', type(bias))} {tuple(getattr(bias, 'shape', ()))}")
+        # stride 0 where the bias broadcasts: one row / column serves all (never expanded)
+        bias_strides = [0 if n == 1 else st for n, st in zip(bias.shape, bias.stride())]
+        # the kernels address a tile within one (batch, head) slice with int32 offsets
+        if (q_len - 1) * bias_strides[2] + (kv_len - 1) * bias_strides[3] >= 2**31:
+            raise ValueError(f"attn_bias: a (batch, head) slice of {q_len} x {kv_len} with strides "
+                             f"{tuple(bias_strides[2:])} spans more than 2^31 elements, beyond the kernels' "
+                             "int32 tile offsets")
+    threshold, rscale = 0, 1.0
+    if dropout_p > 0:
+        if not 0.0 < dropout_p < 1.0:
+            raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p}")
+        if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1 \
+                or seed.device != device:
+            raise ValueError(f"dropout_seed: expected an int64 tensor of one element on {device} with dropout_p > 0, "
+                             f"got {getattr(seed, 'dtype', type(seed))} {tuple(getattr(seed, 'shape', ()))}")
+        seed = seed.reshape(1)
+        threshold = keep_threshold(dropout_p)
+        threshold = threshold - (1 << 32) if threshold >= 1 << 31 else threshold
+        rscale = 1.0 / (1.0 - dropout_p)
+    cap_in, cap_out = (scale / softcap, softcap * LOG2E) if softcap > 0 else (0.0, 0.0)
+    return _Modifiers(slopes, bias, seed, bias_strides, cap_in, cap_out, threshold, rscale)
+
+
 class _Tables(NamedTuple):
     """The block tables of one call as the kernels take them (dummies without tables)."""
 
@@ -238,41 +357,42 @@ def forward(call, q, k, v):
     kv_heads, kv_len, head_dim_v = k.shape[1], k.shape[2], v.shape[-1]
     tab = _tables(call, batch, q_heads, q_len, kv_len, backward=False)
     kpm = _check_kpm(call.key_padding_mask, batch, kv_len)
+    mods = _modifiers(call, batch, q_heads, q_len, kv_len, q.device)
     window_left, window_right = call.window_left, call.window_right
 
     out = torch.empty(batch, q_heads, q_len, head_dim_v, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=q.device)
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
-    cfg = block_config("fwd", head_dim, head_dim_v, q.dtype, tab.sparse_block, config_arch(q.device))
+    cfg = block_config("fwd", head_dim, head_dim_v, q.dtype, tab.sparse_block, config_arch(q.device), mods.names())
     table_num, table_idx, *t_strides = _table_args(tab.kv_num, tab.kv_idx, lse)  # lse: an unused dummy
     grid = (cdiv(q_len, cfg.block_m), batch * q_heads)
     attn_fwd[grid](
-        q, k, v, out, lse, table_num, table_idx, kpm if kpm is not None else lse,
+        q, k, v, out, lse, table_num, table_idx, kpm if kpm is not None else lse, *mods.pointers(lse),
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         *t_strides,
         kpm.stride(0) if kpm is not None else 0,
+        *mods.bias_strides,
         q_heads, q_len, kv_len, q_heads // kv_heads, window_left, window_right, call.scale * LOG2E,
+        *mods.scalars(),
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_D=pad_dim(head_dim), BLOCK_DV=pad_dim(head_dim_v),
         HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
         IS_SPARSE=tab.is_sparse, SPARSE_BLOCK=tab.sparse_block,
         HAS_KPM=kpm is not None, DOT_PREC=dot_precision(q.dtype), TABLE_SKIP=cfg.table_skip,
-        **launch_options(cfg),
+        **mods.flags(), **launch_options(cfg),
     )
     return out, lse
 
 
 def backward(call, dout, q, k, v, out, lse, bias_grad: bool = False):
-    """(dq, dk, dv, dbias): grads in the inputs' dtype, dbias (B, Hq, Nq, Nk) float32 (float64 for float64 inputs) when bias_grad
-    else None. Deterministic (see triton_kernels' docstring)."""
-    return (*_backward(call, dout, q, k, v, out, lse), None)
-
-
-def _backward(call, dout, q, k, v, out, lse):
+    """(dq, dk, dv, dbias): grads in the inputs' dtype, dbias the full (B, Hq, Nq, Nk) float32
+    gradient of attn_bias when bias_grad (the ops reduce it to the bias's shape), else None.
+    Deterministic (see triton_kernels' docstring): dbias is written by the dQ kernel, each
+    element once."""
     _check_qkv(q, k, v)
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, kv_len, head_dim_v = k.shape[1], k.shape[2], v.shape[-1]
@@ -285,17 +405,22 @@ def _backward(call, dout, q, k, v, out, lse):
     lse = lse.contiguous()
     tab = _tables(call, batch, q_heads, q_len, kv_len, backward=True)
     kpm = _check_kpm(call.key_padding_mask, batch, kv_len)
+    mods = _modifiers(call, batch, q_heads, q_len, kv_len, q.device)
+    if bias_grad and mods.bias is None:
+        raise ValueError("bias_grad: the gradient of attn_bias was asked for a call without attn_bias")
     window_left, window_right, scale = call.window_left, call.window_right, call.scale
 
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    # dbias: zeros, since the dQ kernel writes only the tiles it visits (the others see no key)
+    dbias = torch.zeros(batch, q_heads, q_len, kv_len, dtype=torch.float32, device=q.device) if bias_grad else None
     if q.numel() == 0 and k.numel() == 0 and v.numel() == 0:
-        return dq, dk, dv
+        return dq, dk, dv, dbias
     if q_len == 0 or batch * q_heads == 0:  # no query: nothing flows back to k, v
         dk.zero_()
         dv.zero_()
-        return dq, dk, dv
+        return dq, dk, dv, dbias
 
     delta = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=q.device)
     pad_d, pad_dv = pad_dim(head_dim), pad_dim(head_dim_v)
@@ -308,7 +433,7 @@ def _backward(call, dout, q, k, v, out, lse):
     common = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_D=pad_d, BLOCK_DV=pad_dv,
                   HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
                   IS_SPARSE=tab.is_sparse, SPARSE_BLOCK=tab.sparse_block,
-                  HAS_KPM=kpm is not None, DOT_PREC=dot_precision(q.dtype))
+                  HAS_KPM=kpm is not None, DOT_PREC=dot_precision(q.dtype), **mods.flags())
     kpm_arg = kpm if kpm is not None else delta
     kpm_stride = kpm.stride(0) if kpm is not None else 0
     group = q_heads // kv_heads
@@ -317,29 +442,31 @@ def _backward(call, dout, q, k, v, out, lse):
     kv_tab = _table_args(tab.kv_num, tab.kv_idx, delta)  # delta: an unused dummy without tables
     q_tab = _table_args(tab.q_num, tab.q_idx, delta)
     if kv_len > 0:
-        cfg = block_config("dkdv", head_dim, head_dim_v, q.dtype, tab.sparse_block, arch)
+        cfg = block_config("dkdv", head_dim, head_dim_v, q.dtype, tab.sparse_block, arch, mods.names())
         attn_bwd_dkdv[(cdiv(kv_len, cfg.block_n), batch * kv_heads)](
-            q, k, v, dout, lse, delta, dk, dv, *q_tab[:2], kpm_arg,
+            q, k, v, dout, lse, delta, dk, dv, *q_tab[:2], kpm_arg, *mods.pointers(delta),
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             dout.stride(0), dout.stride(1), dout.stride(2),
             dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2),
-            *q_tab[2:], kpm_stride,
-            q_heads, kv_heads, q_len, kv_len, group, window_left, window_right, scale * LOG2E, scale,
+            *q_tab[2:], kpm_stride, *mods.bias_strides,
+            q_heads, kv_heads, q_len, kv_len, group, window_left, window_right, scale * LOG2E, scale, *mods.scalars(),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TABLE_SKIP=cfg.table_skip, **launch_options(cfg), **common,
         )
-    cfg = block_config("dq", head_dim, head_dim_v, q.dtype, tab.sparse_block, arch)
+    cfg = block_config("dq", head_dim, head_dim_v, q.dtype, tab.sparse_block, arch, mods.names())
     attn_bwd_dq[(cdiv(q_len, cfg.block_m), batch * q_heads)](
-        q, k, v, dout, lse, delta, dq, *kv_tab[:2], kpm_arg,
+        q, k, v, dout, lse, delta, dq, *kv_tab[:2], kpm_arg, *mods.pointers(delta),
+        dbias if dbias is not None else delta,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
-        *kv_tab[2:], kpm_stride,
-        q_heads, q_len, kv_len, group, window_left, window_right, scale * LOG2E, scale,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TABLE_SKIP=cfg.table_skip, **launch_options(cfg), **common,
+        *kv_tab[2:], kpm_stride, *mods.bias_strides,
+        q_heads, q_len, kv_len, group, window_left, window_right, scale * LOG2E, scale, *mods.scalars(),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TABLE_SKIP=cfg.table_skip, STORE_DBIAS=dbias is not None,
+        **launch_options(cfg), **common,
     )
-    return dq, dk, dv
+    return dq, dk, dv, dbias

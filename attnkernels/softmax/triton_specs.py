@@ -3,6 +3,8 @@ which `python -m attnkernels.tools.compile_report` compiles for sm_80 and sm_90a
 from the launcher's own `block_config`, so the gate compiles what ships."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..triton_common import TRITON_DTYPE, KernelSpec, divisibility, pad_dim, signature
@@ -13,11 +15,30 @@ __all__ = ["AOT_SPECS"]
 
 # argument typing, by the naming convention of triton_kernels.py: data tensors upper-case,
 # LSE/DELTA float32, tables int32, KPM uint8; strides and sizes i32
-_TYPES = dict(int_args={"Hq", "Hk", "Nq", "Nk", "group", "window_left", "window_right"},
-              fp32_args={"qk_scale", "scale"}, fp32_ptrs={"LSE", "DELTA"},
-              i32_ptrs={"KV_NUM", "KV_IDX", "Q_NUM", "Q_IDX"}, u8_ptrs={"KPM"})
-# table and key-padding strides are arbitrary: no divisibility assumed for them
-_ARBITRARY_STRIDES = ("stride_t", "stride_kpm")
+# (the score modifiers: SLOPES, DBIAS float32, SEED int64, BIAS in the data dtype)
+_TYPES = dict(int_args={"Hq", "Hk", "Nq", "Nk", "group", "window_left", "window_right", "dropout_threshold"},
+              fp32_args={"qk_scale", "scale", "cap_in", "cap_out", "dropout_rscale"},
+              fp32_ptrs={"LSE", "DELTA", "SLOPES", "DBIAS"},
+              i32_ptrs={"KV_NUM", "KV_IDX", "Q_NUM", "Q_IDX"}, u8_ptrs={"KPM"}, i64_ptrs={"SEED"})
+# table, key-padding and bias strides are arbitrary: no divisibility assumed for them
+_ARBITRARY_STRIDES = ("stride_t", "stride_kpm", "stride_bias")
+_MODIFIERS_OFF = dict(HAS_SOFTCAP=False, HAS_ALIBI=False, HAS_BIAS=False, HAS_DROPOUT=False)
+_MODIFIER_NAMES = dict(softcap="HAS_SOFTCAP", alibi="HAS_ALIBI", attn_bias="HAS_BIAS", dropout="HAS_DROPOUT")
+
+# score-modifier variants (on the causal mask): (name, flags); the dQ kernel also stores
+# dbias where there is a bias. 16-bit dtypes, the head dims below.
+_AOT_MODIFIER_VARIANTS = [
+    ("causal-softcap-alibi", dict(HAS_SOFTCAP=True, HAS_ALIBI=True)),
+    ("causal-bias", dict(HAS_BIAS=True)),
+    ("causal-dropout", dict(HAS_DROPOUT=True)),
+    ("causal-all", dict(HAS_SOFTCAP=True, HAS_ALIBI=True, HAS_BIAS=True, HAS_DROPOUT=True)),
+]
+_AOT_MODIFIER_HEAD_DIMS = (64, 128)
+_AOT_MODIFIER_DTYPES = [("bf16", torch.bfloat16, "tf32")]  # fp16 compiles alike
+# exact fp32 (CUDA cores, the fp32 tiles of the plain kernels, already the smallest): every
+# modifier at D = 64 is spill-free; at D = 128 the sm_90a dK/dV and dQ spill 16 and 12 bytes
+# with all four modifiers on (Triton 3.8), so that one is not a shipped spec yet
+_AOT_MODIFIER_FP32 = [(64, "causal-all")]
 
 # mask variants that ship: (name, HAS_LEFT, HAS_RIGHT, IS_SPARSE, HAS_KPM)
 _AOT_VARIANTS = [
@@ -51,39 +72,71 @@ def _sm90_waiver(kernel: str, cfg, d: int) -> tuple:
 
 def _spec(name, fn, dtype_label, tdt, const, **kw) -> KernelSpec:
     sig = signature(fn, tdt, const, **_TYPES)
+    if const.get("HAS_BIAS"):
+        # a bias with a contiguous key dim: the JIT specializes its stride 1 as a constant
+        sig["stride_biasn"] = "constexpr"
+        const = dict(const, stride_biasn=1)
     return KernelSpec(name, fn, sig, const, attrs=divisibility(sig, _ARBITRARY_STRIDES), dtype=dtype_label, **kw)
+
+
+def _kernel_specs(kernel, fn, label, dtype, prec, d, variant, has_left, has_right, is_sparse, has_kpm, modifiers,
+                  quick=False) -> list[KernelSpec]:
+    """The specs of one kernel, dtype, head dim and variant: one for every arch where the
+    launcher's config is shared, else one per arch."""
+    tdt = TRITON_DTYPE[dtype]
+    uses_tc = prec != "ieee"  # an fp32 "ieee" dot runs on CUDA cores (FMA), by design: no mma expected
+    sparse_block = _AOT_SPARSE_BLOCK if is_sparse else 0
+    names = frozenset(n for n, flag in _MODIFIER_NAMES.items() if modifiers.get(flag))
+    cfgs = {arch: block_config(kernel, d, d, dtype, sparse_block, arch, names) for arch in ARCHS}
+    per_arch = [(None, cfgs[ARCHS[0]])] if len(set(cfgs.values())) == 1 else list(cfgs.items())
+    specs = []
+    for arch, cfg in per_arch:
+        const = dict(HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                     BLOCK_D=pad_dim(d), BLOCK_DV=pad_dim(d),
+                     HAS_LEFT=has_left, HAS_RIGHT=has_right, IS_SPARSE=is_sparse,
+                     SPARSE_BLOCK=sparse_block, HAS_KPM=has_kpm, DOT_PREC=prec,
+                     TABLE_SKIP=cfg.table_skip, **{**_MODIFIERS_OFF, **modifiers})
+        if kernel == "dq":
+            const["STORE_DBIAS"] = const["HAS_BIAS"]
+        name = f"{fn.__name__}-{label}-D{d}-{variant}-M{cfg.block_m}-N{cfg.block_n}"
+        name += f"-sm{arch}" if arch else ""
+        specs.append(_spec(name, fn, label, tdt, const,
+                           num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
+                           uses_dot=uses_tc, archs=(arch,) if arch else None,
+                           waive=_sm90_waiver(kernel, cfg, d) if arch in (None, 90) else (), quick=quick))
+    return specs
 
 
 def _build_aot_specs() -> list[KernelSpec]:
     specs = []
+    kernels = (("fwd", attn_fwd), ("dkdv", attn_bwd_dkdv), ("dq", attn_bwd_dq))
     for label, dtype, prec in _AOT_DTYPES:
         tdt = TRITON_DTYPE[dtype]
-        # an fp32 "ieee" dot runs on CUDA cores (FMA), by design: no mma is expected there
-        uses_tc = prec != "ieee"
         for d in _AOT_HEAD_DIMS:
             if label != "tf32":  # the preprocess has no dot: one per storage dtype
                 const = dict(HEAD_DIM_V=d, BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_DV=pad_dim(d))
                 specs.append(_spec(f"attn_bwd_preprocess-{label}-D{d}", attn_bwd_preprocess, label, tdt, const,
                                    num_warps=4, num_stages=1, uses_dot=False, quick=d == _AOT_QUICK_HEAD_DIM))
             for variant, has_left, has_right, is_sparse, has_kpm in _AOT_VARIANTS:
-                for kernel, fn in (("fwd", attn_fwd), ("dkdv", attn_bwd_dkdv), ("dq", attn_bwd_dq)):
-                    sparse_block = _AOT_SPARSE_BLOCK if is_sparse else 0
-                    cfgs = {arch: block_config(kernel, d, d, dtype, sparse_block, arch) for arch in ARCHS}
-                    # one spec for every arch where the config is shared, else one per arch
-                    per_arch = [(None, cfgs[ARCHS[0]])] if len(set(cfgs.values())) == 1 else list(cfgs.items())
-                    for arch, cfg in per_arch:
-                        const = dict(HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                                     BLOCK_D=pad_dim(d), BLOCK_DV=pad_dim(d),
-                                     HAS_LEFT=has_left, HAS_RIGHT=has_right, IS_SPARSE=is_sparse,
-                                     SPARSE_BLOCK=sparse_block, HAS_KPM=has_kpm, DOT_PREC=prec,
-                                     TABLE_SKIP=cfg.table_skip)
-                        name = f"{fn.__name__}-{label}-D{d}-{variant}-M{cfg.block_m}-N{cfg.block_n}"
-                        name += f"-sm{arch}" if arch else ""
-                        specs.append(_spec(name, fn, label, tdt, const,
-                                           num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
-                                           uses_dot=uses_tc, archs=(arch,) if arch else None,
-                                           waive=_sm90_waiver(kernel, cfg, d) if arch in (None, 90) else (),
-                                           quick=d == _AOT_QUICK_HEAD_DIM and variant == _AOT_QUICK_VARIANT))
+                for kernel, fn in kernels:
+                    specs += _kernel_specs(kernel, fn, label, dtype, prec, d, variant, has_left, has_right, is_sparse,
+                                           has_kpm, {},
+                                           quick=d == _AOT_QUICK_HEAD_DIM and variant == _AOT_QUICK_VARIANT)
+    # the score modifiers. `--quick` keeps the plain kernels' representatives; where a modifier
+    # tile makes a (kernel, dtype, archs) group of its own, "causal-all" (every modifier) is it
+    plain_groups = {(s.fn.__name__, s.dtype, s.archs) for s in specs}
+    for label, dtype, prec in _AOT_MODIFIER_DTYPES:
+        for d in _AOT_MODIFIER_HEAD_DIMS:
+            for variant, modifiers in _AOT_MODIFIER_VARIANTS:
+                for kernel, fn in kernels:
+                    for spec in _kernel_specs(kernel, fn, label, dtype, prec, d, variant, False, True, False, False,
+                                              modifiers):
+                        own_group = (spec.fn.__name__, spec.dtype, spec.archs) not in plain_groups
+                        specs.append(dataclasses.replace(spec, quick=own_group and variant == "causal-all"))
+    for d, variant in _AOT_MODIFIER_FP32:
+        for kernel, fn in kernels:
+            specs += _kernel_specs(kernel, fn, "fp32", torch.float32, "ieee", d, variant, False, True, False, False,
+                                   dict(_AOT_MODIFIER_VARIANTS)[variant])
     return specs
 
 
