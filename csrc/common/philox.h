@@ -1,0 +1,152 @@
+// Attention dropout's keep mask: Philox4x32-10, the counter-based generator of
+// attnkernels/softmax/dropout.py, reproduced bit for bit.
+//
+//   words = Philox4x32-10(key = (seed lo32, seed hi32), counter = (j >> 2, i, b * Hq + h, 0))
+//   keep(b, h, i, j) = words[j & 3] >= threshold,   threshold = floor(p · 2^32)
+//
+// One Philox call gives the words of four neighbouring keys of one query row. The
+// vector paths (AVX-512) run 8 calls at once, one per 64-bit lane: _mm512_mul_epu32
+// multiplies the low 32 bits of each lane into the full 64-bit product, so hi / lo are
+// a shift and a truncation. The high halves of the lanes carry garbage that never
+// reaches a low half (xor and mul_epu32 only read / mix within the low 32 bits), and
+// the words are truncated on the way out.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
+
+#include "common/ns.h"
+
+ATTNKERNELS_COMMON_BEGIN
+
+constexpr uint32_t kPhiloxRoundA = 0xD2511F53u, kPhiloxRoundB = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxKeyA = 0x9E3779B9u, kPhiloxKeyB = 0xBB67AE85u;
+
+struct PhiloxKey {
+  uint32_t k0 = 0, k1 = 0;
+};
+
+inline PhiloxKey philox_key(int64_t seed) {
+  const uint64_t s = uint64_t(seed);  // two's complement, as dropout.py's `seed & MASK32`, `seed >> 32`
+  return {uint32_t(s), uint32_t(s >> 32)};
+}
+
+// dropout.py's keep_threshold: floor(p · 2^32), at most 2^32 - 1 (p in [0, 1)).
+inline uint32_t keep_threshold(double p) {
+  const double t = std::floor(p * 4294967296.0);
+  return t >= 4294967295.0 ? 0xFFFFFFFFu : uint32_t(t);
+}
+
+inline void philox4x32(uint32_t c[4], PhiloxKey key) {
+  uint32_t k0 = key.k0, k1 = key.k1;
+  for (int r = 0; r < 10; ++r) {
+    const uint64_t pb = uint64_t(kPhiloxRoundB) * c[2];
+    const uint64_t pa = uint64_t(kPhiloxRoundA) * c[0];
+    const uint32_t n0 = uint32_t(pb >> 32) ^ c[1] ^ k0;
+    const uint32_t n2 = uint32_t(pa >> 32) ^ c[3] ^ k1;
+    c[0] = n0;
+    c[1] = uint32_t(pb);
+    c[2] = n2;
+    c[3] = uint32_t(pa);
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+  }
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// 8 Philox calls, counters in the low halves of the 64-bit lanes of c0..c3.
+inline void philox4x32_x8(__m512i& c0, __m512i& c1, __m512i& c2, __m512i& c3, PhiloxKey key) {
+  const __m512i ma = _mm512_set1_epi64(kPhiloxRoundA), mb = _mm512_set1_epi64(kPhiloxRoundB);
+  uint32_t k0 = key.k0, k1 = key.k1;
+  for (int r = 0; r < 10; ++r) {
+    const __m512i pb = _mm512_mul_epu32(c2, mb);
+    const __m512i pa = _mm512_mul_epu32(c0, ma);
+    const __m512i n0 = _mm512_xor_si512(_mm512_xor_si512(_mm512_srli_epi64(pb, 32), c1), _mm512_set1_epi64(k0));
+    const __m512i n2 = _mm512_xor_si512(_mm512_xor_si512(_mm512_srli_epi64(pa, 32), c3), _mm512_set1_epi64(k1));
+    c0 = n0;
+    c1 = pb;
+    c2 = n2;
+    c3 = pa;
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+  }
+}
+#endif
+
+// Query row i of head bh = b * Hq + h, key groups g0 .. g0 + ng - 1:
+// words[4 (g - g0) + w] = word w of counter (g, i, bh, 0), i.e. the word of key 4 g + w.
+inline void philox_query_row(uint32_t* words, PhiloxKey key, uint32_t i, uint32_t bh, int64_t g0, int64_t ng) {
+  int64_t g = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512i lanes = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i low = _mm512_set1_epi64(0xFFFFFFFFll);
+  // 8 calls = 32 words; (x01, x23) hold words (0, 1) and (2, 3) of a call per lane; the
+  // unpacks and the two-source permutes put the 32 words in key order.
+  const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
+  const __m512i second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+  for (; g + 8 <= ng; g += 8) {
+    __m512i c0 = _mm512_add_epi64(_mm512_set1_epi64(g0 + g), lanes);
+    __m512i c1 = _mm512_set1_epi64(i), c2 = _mm512_set1_epi64(bh), c3 = _mm512_setzero_si512();
+    philox4x32_x8(c0, c1, c2, c3, key);
+    const __m512i x01 = _mm512_or_si512(_mm512_and_si512(c0, low), _mm512_slli_epi64(c1, 32));
+    const __m512i x23 = _mm512_or_si512(_mm512_and_si512(c2, low), _mm512_slli_epi64(c3, 32));
+    const __m512i even = _mm512_unpacklo_epi64(x01, x23);  // calls 0, 2, 4, 6 (one per 128-bit lane)
+    const __m512i odd = _mm512_unpackhi_epi64(x01, x23);   // calls 1, 3, 5, 7
+    _mm512_storeu_si512(words + 4 * g, _mm512_permutex2var_epi64(even, first, odd));
+    _mm512_storeu_si512(words + 4 * g + 16, _mm512_permutex2var_epi64(even, second, odd));
+  }
+#endif
+  for (; g < ng; ++g) {
+    uint32_t c[4] = {uint32_t(g0 + g), i, bh, 0u};
+    philox4x32(c, key);
+    std::copy(c, c + 4, words + 4 * g);
+  }
+}
+
+// A transposed (key rows x query columns) tile of head bh: key groups g0 .. g0 + ng - 1,
+// queries [i0, i0 + m). words[(4 (g - g0) + w) * ld + c] = word w of counter (g, i0 + c, bh, 0),
+// i.e. the word of key 4 g + w and query i0 + c: each call's four words are four rows.
+inline void philox_key_tile(uint32_t* words, int64_t ld, PhiloxKey key, uint32_t bh, int64_t g0, int64_t ng,
+                            int64_t i0, int64_t m) {
+  for (int64_t g = 0; g < ng; ++g) {
+    uint32_t* rows = words + 4 * g * ld;
+    int64_t c = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512i lanes = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+    for (; c < m; c += 8) {
+      __m512i c0 = _mm512_set1_epi64(g0 + g), c1 = _mm512_add_epi64(_mm512_set1_epi64(i0 + c), lanes);
+      __m512i c2 = _mm512_set1_epi64(bh), c3 = _mm512_setzero_si512();
+      philox4x32_x8(c0, c1, c2, c3, key);
+      const __mmask8 k = m - c >= 8 ? __mmask8(0xFF) : __mmask8((1u << (m - c)) - 1);
+      _mm512_mask_cvtepi64_storeu_epi32(rows + c, k, c0);
+      _mm512_mask_cvtepi64_storeu_epi32(rows + ld + c, k, c1);
+      _mm512_mask_cvtepi64_storeu_epi32(rows + 2 * ld + c, k, c2);
+      _mm512_mask_cvtepi64_storeu_epi32(rows + 3 * ld + c, k, c3);
+    }
+#endif
+    for (; c < m; ++c) {
+      uint32_t w[4] = {uint32_t(g0 + g), uint32_t(i0 + c), bh, 0u};
+      philox4x32(w, key);
+      for (int r = 0; r < 4; ++r) rows[r * ld + c] = w[r];
+    }
+  }
+}
+
+// x[c] = 0 where u[c] < threshold (dropped); X a float type or a 16-bit type's bits.
+template <typename X>
+inline void drop_row(X* x, const uint32_t* u, int64_t n, uint32_t threshold) {
+  for (int64_t c = 0; c < n; ++c) x[c] = u[c] >= threshold ? x[c] : X(0);
+}
+
+// dst[c] = u[c] >= threshold ? src[c] * a : 0.
+template <typename X>
+inline void drop_scale_row(X* dst, const X* src, const uint32_t* u, int64_t n, uint32_t threshold, X a) {
+  for (int64_t c = 0; c < n; ++c) dst[c] = u[c] >= threshold ? src[c] * a : X(0);
+}
+
+ATTNKERNELS_COMMON_END
