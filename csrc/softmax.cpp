@@ -440,7 +440,11 @@ template <typename A>
 struct Modifiers {
   A cap = 0, inv_cap = 0;       // softcap, 0 = off
   const A* slopes = nullptr;    // ALiBi [B, Hq], or nullptr
-  const A* bias = nullptr;      // attn_bias, 4-D (B, Hq, Nq, Nk) strides, 0 where it broadcasts
+  // attn_bias in its own float dtype (converted row by row), 4-D (B, Hq, Nq, Nk) strides, 0 where
+  // it broadcasts; bias_elem its element size.
+  const char* bias = nullptr;
+  at::ScalarType bias_type = at::kFloat;
+  int64_t bias_elem = 0;
   int64_t sb = 0, sh = 0, si = 0, sj = 0;
   bool dropout = false;
   common::PhiloxKey key;
@@ -451,51 +455,85 @@ struct Modifiers {
   // True when the logits differ from scale · q·kᵀ (the tile gets the modifier pass).
   bool logits() const { return cap > 0 || slopes != nullptr || bias != nullptr; }
   A slope(int64_t b, int64_t h, int64_t Hq) const { return slopes ? slopes[b * Hq + h] : A(0); }
-  const A* bias_at(int64_t b, int64_t h, int64_t i, int64_t j) const {
-    return bias ? bias + b * sb + h * sh + i * si + j * sj : nullptr;
+  const char* bias_at(int64_t b, int64_t h, int64_t i, int64_t j) const {
+    return bias ? bias + (b * sb + h * sh + i * si + j * sj) * bias_elem : nullptr;
   }
 };
 
-// x[0, n) <- the modified logits of raw q·k products. Along the row the ALiBi distance is
-// |dist0 + c · dstep| (a query row: dstep = -1; a transposed key row: +1) and the bias is
-// brow[c · bstride]. tanh_out (backward) receives tanh(s / cap) for the chain rule.
-template <typename A>
-void modify_logits(const Modifiers<A>& md, A* x, int64_t n, A scale, A slope, A dist0, A dstep, const A* brow,
-                   int64_t bstride, A* tanh_out) {
+// dst[0, n) = A(src[c · stride]) for a bias row of element type B.
+template <typename A, typename B>
+inline void load_bias_row(const B* src, int64_t stride, int64_t n, A* dst) {
+  if (stride == 1)
+    common::convert_row(src, dst, n);
+  else if (stride == 0)
+    fill(dst, n, A(src[0]));
+  else
+    for (int64_t c = 0; c < n; ++c) dst[c] = A(src[c * stride]);
+}
+
+// One fused pass over a row: x = scale·x (or cap·tanh(scale·x / cap)), − slope·|dist0 + c·dstep|,
+// + b[c]. The flags are template parameters so that each combination is one tight loop.
+template <bool kCap, bool kAlibi, bool kBias, typename A>
+void logits_pass(A* x, int64_t n, A scale, A cap, A inv_cap, A slope, A dist0, A dstep, const A* b, A* tanh_out) {
   using Vec = at::vec::Vectorized<A>;
   constexpr int64_t W = Vec::size();
+  const Vec vs(kCap ? scale * inv_cap : scale), vcap(cap), vneg(-slope);
   int64_t c = 0;
-  if (md.cap > A(0)) {
-    const Vec vs(scale * md.inv_cap), vcap(md.cap);
-    for (; c + W <= n; c += W) {
-      const Vec t = (Vec::loadu(x + c) * vs).tanh();
+  for (; c + W <= n; c += W) {
+    Vec v = Vec::loadu(x + c) * vs;
+    if constexpr (kCap) {
+      const Vec t = common::vtanh(v);
       if (tanh_out) t.store(tanh_out + c);
-      (t * vcap).store(x + c);
+      v = t * vcap;
     }
-    for (; c < n; ++c) {
-      const A t = std::tanh(x[c] * scale * md.inv_cap);
+    if constexpr (kAlibi) v = at::vec::fmadd(Vec::arange(dist0 + A(c) * dstep, dstep).abs(), vneg, v);
+    if constexpr (kBias) v = v + Vec::loadu(b + c);
+    v.store(x + c);
+  }
+  for (; c < n; ++c) {
+    A v = x[c] * (kCap ? scale * inv_cap : scale);
+    if constexpr (kCap) {
+      const A t = common::tanh_scalar(v);
       if (tanh_out) tanh_out[c] = t;
-      x[c] = md.cap * t;
+      v = cap * t;
     }
-  } else {
-    scale_row(x, n, scale);
+    if constexpr (kAlibi) v -= slope * std::abs(dist0 + A(c) * dstep);
+    if constexpr (kBias) v += b[c];
+    x[c] = v;
   }
-  if (md.slopes) {  // distances are integers < 2^24: exact in float
-    const Vec vneg(-slope);
-    for (c = 0; c + W <= n; c += W)
-      at::vec::fmadd(Vec::arange(dist0 + A(c) * dstep, dstep).abs(), vneg, Vec::loadu(x + c)).store(x + c);
-    for (; c < n; ++c) x[c] -= slope * std::abs(dist0 + A(c) * dstep);
-  }
+}
+
+// x[0, n) <- the modified logits of raw q·k products. Along the row the ALiBi distance is
+// |dist0 + c · dstep| (a query row: dstep = -1; a transposed key row: +1) and the bias is
+// brow[c · bstride] (a query row: stride sj; a key row: si). tanh_out (backward) receives
+// tanh(s / cap) for the chain rule. tmp: n values of scratch (a bias row not contiguous in A).
+template <typename A>
+void modify_logits(const Modifiers<A>& md, A* x, int64_t n, A scale, A slope, A dist0, A dstep, const char* brow,
+                   int64_t bstride, A* tanh_out, A* tmp) {
+  const A* b = nullptr;
   if (brow) {
-    if (bstride == 1) {
-      for (c = 0; c + W <= n; c += W) (Vec::loadu(x + c) + Vec::loadu(brow + c)).store(x + c);
-      for (; c < n; ++c) x[c] += brow[c];
-    } else if (bstride == 0) {
-      const A b0 = brow[0];
-      for (c = 0; c < n; ++c) x[c] += b0;
+    if (md.bias_type == c10::CppTypeToScalarType<A>::value && bstride == 1) {
+      b = reinterpret_cast<const A*>(brow);
     } else {
-      for (c = 0; c < n; ++c) x[c] += brow[c * bstride];
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, md.bias_type, "attn_bias", [&] {
+        load_bias_row(reinterpret_cast<const scalar_t*>(brow), bstride, n, tmp);
+      });
+      b = tmp;
     }
+  }
+  const bool cap = md.cap > A(0), alibi = md.slopes != nullptr, bias = b != nullptr;
+  auto run = [&](auto kc, auto ka, auto kb) {
+    logits_pass<decltype(kc)::value, decltype(ka)::value, decltype(kb)::value>(x, n, scale, md.cap, md.inv_cap,
+                                                                               slope, dist0, dstep, b, tanh_out);
+  };
+  using T_ = std::true_type;
+  using F_ = std::false_type;
+  if (cap) {
+    if (alibi) bias ? run(T_{}, T_{}, T_{}) : run(T_{}, T_{}, F_{});
+    else bias ? run(T_{}, F_{}, T_{}) : run(T_{}, F_{}, F_{});
+  } else {
+    if (alibi) bias ? run(F_{}, T_{}, T_{}) : run(F_{}, T_{}, F_{});
+    else bias ? run(F_{}, F_{}, T_{}) : run(F_{}, F_{}, F_{});
   }
 }
 
@@ -572,6 +610,7 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
     std::vector<A> m_new(bm), alpha(bm);    // per tile: new max, rescale factor
     std::vector<T> p_lowp(kMatrixUnits<T> ? bm * kLowpLd : 0);  // P rounded to T
     std::vector<uint32_t> words(md.dropout ? kBlockN + 8 : 0);     // one row's Philox words, from key 4 (j0 >> 2)
+    std::vector<A> bias_tmp(md.bias ? kBlockN : 0);                 // a bias row converted to A
     const bool logits = md.logits();
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / nt, b = bh / p.Hq, h = bh % p.Hq, hk = h / p.group;
@@ -597,7 +636,7 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
           A* sr = s.data() + r * kBlockN;
           if (logits)
             modify_logits(md, sr, N, scale, md.slope(b, h, p.Hq), A(i0 + r + p.off - j0), A(-1),
-                          md.bias_at(b, h, i0 + r, j0), md.sj, static_cast<A*>(nullptr));
+                          md.bias_at(b, h, i0 + r, j0), md.sj, static_cast<A*>(nullptr), bias_tmp.data());
           else if (!positive)
             scale_row(sr, N, scale);
           if (masked) mask_query_row(p, b, i0 + r, j0, j1, sr, neg_inf);
@@ -697,6 +736,7 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
     std::vector<A> tanh_t(md.cap > A(0) ? kBlockN * kBlockM : 0);
     std::vector<uint32_t> words(md.dropout ? (kBlockN + 6) * kBlockM : 0);
     std::vector<A> p_kept(md.dropout && !kMatrixUnits<T> ? kBlockN * kBlockM : 0);
+    std::vector<A> bias_tmp(md.bias ? kBlockM : 0);  // a (strided) bias row converted to A
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c = task % n_chunks, bh = task / n_chunks, b = bh / p.Hq, h = bh % p.Hq, hk = h / p.group;
       const int64_t bhk = b * p.Hk + hk;
@@ -731,7 +771,7 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
             if (logits)  // key j = j0 + r over queries i0 + c: ALiBi distance i0 + c + off - j, bias stride si
               modify_logits(md, row, M, scale, md.slope(b, h, p.Hq), A(i0 + p.off - j0 - r), A(1),
                             md.bias_at(b, h, i0, j0 + r), md.si,
-                            md.cap > A(0) ? tanh_t.data() + r * kBlockM : static_cast<A*>(nullptr));
+                            md.cap > A(0) ? tanh_t.data() + r * kBlockM : static_cast<A*>(nullptr), bias_tmp.data());
             p_row_bwd<T>(row, M, logits ? A(1) : scale, lse_h + i0, low, i0);
             if (masked) {
               mask_key_row(p, b, j0 + r, i0, i1, row, A(0));
@@ -985,8 +1025,10 @@ PreparedModifiers prepare_modifiers(const char* op, const Problem& p, at::Scalar
   }
   if (attn_bias.has_value()) {
     at::Tensor b = *attn_bias;
-    TORCH_CHECK(b.device().is_cpu() && b.is_floating_point(), op, ": attn_bias must be a floating CPU tensor, got ",
-                b.scalar_type(), " on ", b.device());
+    const auto bt = b.scalar_type();
+    TORCH_CHECK(b.device().is_cpu() && (bt == at::kFloat || bt == at::kDouble || bt == at::kBFloat16 || bt == at::kHalf),
+                op, ": attn_bias must be a float32, float64, bfloat16 or float16 CPU tensor, got ", bt, " on ",
+                b.device());
     const int64_t full[4] = {p.B, p.Hq, p.Nq, p.Nk};
     TORCH_CHECK(b.dim() == 4, op, ": attn_bias must be 4-D, broadcastable to (B, Hq, Nq, Nk) = (", p.B, ", ", p.Hq,
                 ", ", p.Nq, ", ", p.Nk, "), got shape ", b.sizes());
@@ -998,7 +1040,7 @@ PreparedModifiers prepare_modifiers(const char* op, const Problem& p, at::Scalar
                   " and strides ", attn_bias->strides(), " does not broadcast to (B, Hq, Nq, Nk) = (", p.B, ", ",
                   p.Hq, ", ", p.Nq, ", ", p.Nk, "): dim ", d, " must be 1 or ", full[d]);
     }
-    pm.bias = b.scalar_type() == ct ? b : b.to(ct);
+    pm.bias = b;  // read in its own dtype by the kernels: no copy at all
   }
   return pm;
 }
@@ -1013,7 +1055,9 @@ Modifiers<A> make_modifiers(const PreparedModifiers& pm) {
   if (pm.slopes.defined()) md.slopes = pm.slopes.data_ptr<A>();
   if (pm.bias.defined()) {
     const at::Tensor& b = pm.bias;
-    md.bias = b.data_ptr<A>();
+    md.bias = static_cast<const char*>(b.data_ptr());
+    md.bias_type = b.scalar_type();
+    md.bias_elem = b.element_size();
     auto stride = [&](int64_t d) { return b.size(d) == 1 ? int64_t(0) : b.stride(d); };
     md.sb = stride(0);
     md.sh = stride(1);

@@ -280,6 +280,25 @@ def test_bias_views_are_read_through_their_strides(dtype):
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("bias_dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=DTYPE_IDS.get)
+def test_bias_in_any_float_dtype(dtype, bias_dtype):
+    """The kernels read the bias in its own dtype (no copy): the result is the one of the bias converted to
+    float32 (the accumulation type) first, bit for bit, forward and backward; dbias comes back in its dtype."""
+    q, k, v, dout, _ = Case((1, 2, 2, 70, 90, 32)).inputs(dtype)
+    bias = torch.randn(1, 2, 70, 90).to(bias_dtype)
+    results = []
+    for b in (bias, bias.float()):
+        b = b.clone().requires_grad_()
+        got = run_api(q, k, v, dout, dict(attn_bias=b))
+        assert got["dbias"].dtype == b.dtype
+        results.append(got)
+    for name in ("out", "lse", "dq", "dk", "dv"):
+        assert torch.equal(results[0][name], results[1][name]), name
+    assert torch.equal(results[0]["dbias"], results[1]["dbias"].to(bias_dtype))
+
+
 def test_small_query_calls_with_modifiers_take_the_general_kernel():
     """The decode kernel implements no modifier: a call using one is routed to attention_fwd."""
     q, k, v, _, opts = Case((1, 2, 2, 4, 100, 32), softcap=3.0).inputs(torch.float32)
@@ -386,7 +405,7 @@ def test_op_checks_modifier_arguments():
         kernels.attention_fwd(*_op_args(q, k, v), 0.0, None, torch.zeros(3, 4, 33, 40))
     with pytest.raises(RuntimeError, match="attn_bias must be 4-D"):
         kernels.attention_fwd(*_op_args(q, k, v), 0.0, None, torch.zeros(33, 40))
-    with pytest.raises(RuntimeError, match="attn_bias must be a floating"):
+    with pytest.raises(RuntimeError, match="attn_bias must be a float32, float64, bfloat16 or float16"):
         kernels.attention_fwd(*_op_args(q, k, v), 0.0, None, torch.zeros(2, 4, 33, 40, dtype=torch.int32))
     with pytest.raises(RuntimeError, match=r"alibi_slopes must be \(B, Hq\) = \(2, 4\)"):
         kernels.attention_fwd(*_op_args(q, k, v), 0.0, torch.zeros(4))

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
@@ -59,21 +60,29 @@ inline void philox4x32(uint32_t c[4], PhiloxKey key) {
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
-// 8 Philox calls, counters in the low halves of the 64-bit lanes of c0..c3.
-inline void philox4x32_x8(__m512i& c0, __m512i& c1, __m512i& c2, __m512i& c3, PhiloxKey key) {
+// The 10 round keys of a key, broadcast once per row / tile instead of per call.
+struct PhiloxRoundKeys {
+  __m512i k0[10], k1[10];
+  explicit PhiloxRoundKeys(PhiloxKey key) {
+    uint32_t a = key.k0, b = key.k1;
+    for (int r = 0; r < 10; ++r, a += kPhiloxKeyA, b += kPhiloxKeyB) {
+      k0[r] = _mm512_set1_epi64(a);
+      k1[r] = _mm512_set1_epi64(b);
+    }
+  }
+};
+
+// 8 Philox calls, counters in the low halves of the 64-bit lanes of c0..c3: per round two
+// 32x32 -> 64 products and two three-way xors (vpternlog 0x96).
+inline void philox4x32_x8(__m512i& c0, __m512i& c1, __m512i& c2, __m512i& c3, const PhiloxRoundKeys& keys) {
   const __m512i ma = _mm512_set1_epi64(kPhiloxRoundA), mb = _mm512_set1_epi64(kPhiloxRoundB);
-  uint32_t k0 = key.k0, k1 = key.k1;
   for (int r = 0; r < 10; ++r) {
     const __m512i pb = _mm512_mul_epu32(c2, mb);
     const __m512i pa = _mm512_mul_epu32(c0, ma);
-    const __m512i n0 = _mm512_xor_si512(_mm512_xor_si512(_mm512_srli_epi64(pb, 32), c1), _mm512_set1_epi64(k0));
-    const __m512i n2 = _mm512_xor_si512(_mm512_xor_si512(_mm512_srli_epi64(pa, 32), c3), _mm512_set1_epi64(k1));
-    c0 = n0;
+    c0 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pb, 32), c1, keys.k0[r], 0x96);
+    c2 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pa, 32), c3, keys.k1[r], 0x96);
     c1 = pb;
-    c2 = n2;
     c3 = pa;
-    k0 += kPhiloxKeyA;
-    k1 += kPhiloxKeyB;
   }
 }
 #endif
@@ -83,6 +92,7 @@ inline void philox4x32_x8(__m512i& c0, __m512i& c1, __m512i& c2, __m512i& c3, Ph
 inline void philox_query_row(uint32_t* words, PhiloxKey key, uint32_t i, uint32_t bh, int64_t g0, int64_t ng) {
   int64_t g = 0;
 #if defined(CPU_CAPABILITY_AVX512)
+  const PhiloxRoundKeys keys(key);
   const __m512i lanes = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
   const __m512i low = _mm512_set1_epi64(0xFFFFFFFFll);
   // 8 calls = 32 words; (x01, x23) hold words (0, 1) and (2, 3) of a call per lane; the
@@ -92,7 +102,7 @@ inline void philox_query_row(uint32_t* words, PhiloxKey key, uint32_t i, uint32_
   for (; g + 8 <= ng; g += 8) {
     __m512i c0 = _mm512_add_epi64(_mm512_set1_epi64(g0 + g), lanes);
     __m512i c1 = _mm512_set1_epi64(i), c2 = _mm512_set1_epi64(bh), c3 = _mm512_setzero_si512();
-    philox4x32_x8(c0, c1, c2, c3, key);
+    philox4x32_x8(c0, c1, c2, c3, keys);
     const __m512i x01 = _mm512_or_si512(_mm512_and_si512(c0, low), _mm512_slli_epi64(c1, 32));
     const __m512i x23 = _mm512_or_si512(_mm512_and_si512(c2, low), _mm512_slli_epi64(c3, 32));
     const __m512i even = _mm512_unpacklo_epi64(x01, x23);  // calls 0, 2, 4, 6 (one per 128-bit lane)
@@ -113,6 +123,9 @@ inline void philox_query_row(uint32_t* words, PhiloxKey key, uint32_t i, uint32_
 // i.e. the word of key 4 g + w and query i0 + c: each call's four words are four rows.
 inline void philox_key_tile(uint32_t* words, int64_t ld, PhiloxKey key, uint32_t bh, int64_t g0, int64_t ng,
                             int64_t i0, int64_t m) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const PhiloxRoundKeys keys(key);
+#endif
   for (int64_t g = 0; g < ng; ++g) {
     uint32_t* rows = words + 4 * g * ld;
     int64_t c = 0;
@@ -121,7 +134,7 @@ inline void philox_key_tile(uint32_t* words, int64_t ld, PhiloxKey key, uint32_t
     for (; c < m; c += 8) {
       __m512i c0 = _mm512_set1_epi64(g0 + g), c1 = _mm512_add_epi64(_mm512_set1_epi64(i0 + c), lanes);
       __m512i c2 = _mm512_set1_epi64(bh), c3 = _mm512_setzero_si512();
-      philox4x32_x8(c0, c1, c2, c3, key);
+      philox4x32_x8(c0, c1, c2, c3, keys);
       const __mmask8 k = m - c >= 8 ? __mmask8(0xFF) : __mmask8((1u << (m - c)) - 1);
       _mm512_mask_cvtepi64_storeu_epi32(rows + c, k, c0);
       _mm512_mask_cvtepi64_storeu_epi32(rows + ld + c, k, c1);
@@ -137,16 +150,43 @@ inline void philox_key_tile(uint32_t* words, int64_t ld, PhiloxKey key, uint32_t
   }
 }
 
-// x[c] = 0 where u[c] < threshold (dropped); X a float type or a 16-bit type's bits.
+// x[c] = 0 where u[c] < threshold (dropped); X float, double or a 16-bit type's bits.
 template <typename X>
 inline void drop_row(X* x, const uint32_t* u, int64_t n, uint32_t threshold) {
-  for (int64_t c = 0; c < n; ++c) x[c] = u[c] >= threshold ? x[c] : X(0);
+  int64_t c = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512i vt = _mm512_set1_epi32(int(threshold));
+  if constexpr (std::is_same_v<X, float>) {
+    for (; c + 16 <= n; c += 16) {
+      const __mmask16 keep = _mm512_cmpge_epu32_mask(_mm512_loadu_si512(u + c), vt);
+      _mm512_storeu_ps(x + c, _mm512_maskz_mov_ps(keep, _mm512_loadu_ps(x + c)));
+    }
+  } else if constexpr (std::is_same_v<X, uint16_t>) {
+    for (; c + 16 <= n; c += 16) {
+      const __mmask16 keep = _mm512_cmpge_epu32_mask(_mm512_loadu_si512(u + c), vt);
+      __m256i* p = reinterpret_cast<__m256i*>(x + c);
+      _mm256_storeu_si256(p, _mm256_maskz_mov_epi16(keep, _mm256_loadu_si256(p)));
+    }
+  }
+#endif
+  for (; c < n; ++c) x[c] = u[c] >= threshold ? x[c] : X(0);
 }
 
-// dst[c] = u[c] >= threshold ? src[c] * a : 0.
+// dst[c] = u[c] >= threshold ? src[c] * a : 0 (dst may be src).
 template <typename X>
 inline void drop_scale_row(X* dst, const X* src, const uint32_t* u, int64_t n, uint32_t threshold, X a) {
-  for (int64_t c = 0; c < n; ++c) dst[c] = u[c] >= threshold ? src[c] * a : X(0);
+  int64_t c = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<X, float>) {
+    const __m512i vt = _mm512_set1_epi32(int(threshold));
+    const __m512 va = _mm512_set1_ps(a);
+    for (; c + 16 <= n; c += 16) {
+      const __mmask16 keep = _mm512_cmpge_epu32_mask(_mm512_loadu_si512(u + c), vt);
+      _mm512_storeu_ps(dst + c, _mm512_maskz_mul_ps(keep, _mm512_loadu_ps(src + c), va));
+    }
+  }
+#endif
+  for (; c < n; ++c) dst[c] = u[c] >= threshold ? src[c] * a : X(0);
 }
 
 ATTNKERNELS_COMMON_END
