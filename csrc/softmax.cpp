@@ -478,6 +478,9 @@ void logits_pass(A* x, int64_t n, A scale, A cap, A inv_cap, A slope, A dist0, A
   using Vec = at::vec::Vectorized<A>;
   constexpr int64_t W = Vec::size();
   const Vec vs(kCap ? scale * inv_cap : scale), vcap(cap), vneg(-slope);
+  // The distances of the lanes, advanced by W·dstep per vector (integers: exact).
+  Vec dist = kAlibi ? Vec::arange(dist0, dstep) : Vec(A(0));
+  const Vec dist_step(A(W) * dstep);
   int64_t c = 0;
   for (; c + W <= n; c += W) {
     Vec v = Vec::loadu(x + c) * vs;
@@ -486,7 +489,10 @@ void logits_pass(A* x, int64_t n, A scale, A cap, A inv_cap, A slope, A dist0, A
       if (tanh_out) t.store(tanh_out + c);
       v = t * vcap;
     }
-    if constexpr (kAlibi) v = at::vec::fmadd(Vec::arange(dist0 + A(c) * dstep, dstep).abs(), vneg, v);
+    if constexpr (kAlibi) {
+      v = at::vec::fmadd(dist.abs(), vneg, v);
+      dist = dist + dist_step;
+    }
     if constexpr (kBias) v = v + Vec::loadu(b + c);
     v.store(x + c);
   }
@@ -634,9 +640,18 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
         const A factor = positive ? scale : A(1);
         for (int64_t r = 0; r < M; ++r) {  // masks, then the tile's row max and the new running max
           A* sr = s.data() + r * kBlockN;
-          if (logits)
-            modify_logits(md, sr, N, scale, md.slope(b, h, p.Hq), A(i0 + r + p.off - j0), A(-1),
-                          md.bias_at(b, h, i0 + r, j0), md.sj, static_cast<A*>(nullptr), bias_tmp.data());
+          if (logits) {
+            const char* brow = md.bias_at(b, h, i0 + r, j0);
+            modify_logits(md, sr, N, scale, md.slope(b, h, p.Hq), A(i0 + r + p.off - j0), A(-1), brow, md.sj,
+                          static_cast<A*>(nullptr), bias_tmp.data());
+            // The bias streams from memory once, rows Nk apart (a page or more): the hardware
+            // prefetcher does not follow it, so the next key tile's part of this row is asked for now.
+            if (brow && md.sj == 1 && j1 < p.Nk) {
+              const char* next = brow + N * md.bias_elem;
+              const int64_t bytes = std::min<int64_t>(kBlockN, p.Nk - j1) * md.bias_elem;
+              for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(next + off);
+            }
+          }
           else if (!positive)
             scale_row(sr, N, scale);
           if (masked) mask_query_row(p, b, i0 + r, j0, j1, sr, neg_inf);
