@@ -223,17 +223,21 @@ inline float exp_fma_sum_round(const float* x, int64_t n, float a, float b, T* o
 // Its exp is 2^t with t = x * a·log2(e) - b·log2(e) (the FMA of the caller's exp(x·a - b)),
 // split t = n + f, |f| <= 1/2, and 2^f by a degree-4 polynomial (fitted here on Chebyshev
 // nodes, max relative error 3.1e-6: far below bf16's 2^-9 rounding of P, and the row sum
-// it feeds). 9 vector ops against exp_u20's ~15. t is clamped at -200 (2^-200 underflows
-// to exactly 0, so masked -inf scores give P = 0); vmaxps(c, t) keeps a NaN t.
+// it feeds). 10 vector ops against exp_u20's ~15. Results below 2^-125 are flushed to 0
+// (masked -inf scores give P = 0): a denormal result of vscalefps costs a microcode assist
+// (measured: ALiBi at N = 4096, whose far keys land in the denormal range, ran 3x slower),
+// and such a P is nothing next to the row's maximum, 1. vmaxps(c, t) and the unordered
+// compare keep a NaN t.
 __attribute__((target("avx512bf16"))) inline __m512 exp2_poly4(__m512 t) {
   t = _mm512_max_ps(_mm512_set1_ps(-200.f), t);
+  const __mmask16 normal = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-125.f), _CMP_NLT_UQ);
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(t, n);
   __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.00960039533674717f), f, _mm512_set1_ps(0.05591689422726631f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24023719131946564f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931219696998596f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
+  return _mm512_maskz_scalef_ps(normal, p, n);
 }
 
 __attribute__((target("avx512bf16"))) inline float exp_fma_sum_round_bf16(const float* x, int64_t n, float a,
