@@ -62,21 +62,25 @@ inline void philox4x32(uint32_t c[4], PhiloxKey key) {
 #if defined(CPU_CAPABILITY_AVX512)
 // The 10 round keys of a key, broadcast once per row / tile instead of per call.
 struct PhiloxRoundKeys {
+  uint32_t a[10], b[10];
   __m512i k0[10], k1[10];
   explicit PhiloxRoundKeys(PhiloxKey key) {
-    uint32_t a = key.k0, b = key.k1;
-    for (int r = 0; r < 10; ++r, a += kPhiloxKeyA, b += kPhiloxKeyB) {
-      k0[r] = _mm512_set1_epi64(a);
-      k1[r] = _mm512_set1_epi64(b);
+    uint32_t x = key.k0, y = key.k1;
+    for (int r = 0; r < 10; ++r, x += kPhiloxKeyA, y += kPhiloxKeyB) {
+      a[r] = x;
+      b[r] = y;
+      k0[r] = _mm512_set1_epi64(x);
+      k1[r] = _mm512_set1_epi64(y);
     }
   }
 };
 
-// 8 Philox calls, counters in the low halves of the 64-bit lanes of c0..c3: per round two
-// 32x32 -> 64 products and two three-way xors (vpternlog 0x96).
-inline void philox4x32_x8(__m512i& c0, __m512i& c1, __m512i& c2, __m512i& c3, const PhiloxRoundKeys& keys) {
+// Rounds first .. 9 of 8 Philox calls, counters in the low halves of the 64-bit lanes of
+// c0..c3: per round two 32x32 -> 64 products and two three-way xors (vpternlog 0x96).
+inline void philox_rounds_x8(__m512i& c0, __m512i& c1, __m512i& c2, __m512i& c3, const PhiloxRoundKeys& keys,
+                             int first) {
   const __m512i ma = _mm512_set1_epi64(kPhiloxRoundA), mb = _mm512_set1_epi64(kPhiloxRoundB);
-  for (int r = 0; r < 10; ++r) {
+  for (int r = first; r < 10; ++r) {
     const __m512i pb = _mm512_mul_epu32(c2, mb);
     const __m512i pa = _mm512_mul_epu32(c0, ma);
     c0 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pb, 32), c1, keys.k0[r], 0x96);
@@ -85,6 +89,8 @@ inline void philox4x32_x8(__m512i& c0, __m512i& c1, __m512i& c2, __m512i& c3, co
     c3 = pa;
   }
 }
+
+inline uint64_t mul_wide(uint32_t m, uint32_t x) { return uint64_t(m) * x; }
 #endif
 
 // Query row i of head bh = b * Hq + h, key groups g0 .. g0 + ng - 1:
@@ -99,10 +105,22 @@ inline void philox_query_row(uint32_t* words, PhiloxKey key, uint32_t i, uint32_
   // unpacks and the two-source permutes put the 32 words in key order.
   const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
   const __m512i second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+  // Counters (g, i, bh, 0): only g varies along the row, so round 0's B·bh and the round-1
+  // word it feeds (c0 after round 0, then A·c0) are the row's constants.
+  const __m512i ma = _mm512_set1_epi64(kPhiloxRoundA), mb = _mm512_set1_epi64(kPhiloxRoundB);
+  const uint64_t pb0 = mul_wide(kPhiloxRoundB, bh);
+  const uint32_t r0c0 = uint32_t(pb0 >> 32) ^ i ^ keys.a[0], r0c1 = uint32_t(pb0);
+  const uint64_t pa1 = mul_wide(kPhiloxRoundA, r0c0);
+  const __m512i r1x0 = _mm512_set1_epi64(r0c1 ^ keys.a[1]);               // c0 after round 1 = hi(B·c2) ^ this
+  const __m512i r1x2 = _mm512_set1_epi64(uint32_t(pa1 >> 32) ^ keys.b[1]);  // c2 after round 1 = c3 ^ this
+  const __m512i r1c3 = _mm512_set1_epi64(uint32_t(pa1));
   for (; g + 8 <= ng; g += 8) {
-    __m512i c0 = _mm512_add_epi64(_mm512_set1_epi64(g0 + g), lanes);
-    __m512i c1 = _mm512_set1_epi64(i), c2 = _mm512_set1_epi64(bh), c3 = _mm512_setzero_si512();
-    philox4x32_x8(c0, c1, c2, c3, keys);
+    const __m512i pa = _mm512_mul_epu32(_mm512_add_epi64(_mm512_set1_epi64(g0 + g), lanes), ma);  // round 0
+    const __m512i c2r0 = _mm512_xor_si512(_mm512_srli_epi64(pa, 32), keys.k1[0]);
+    const __m512i pb = _mm512_mul_epu32(c2r0, mb);  // round 1
+    __m512i c0 = _mm512_xor_si512(_mm512_srli_epi64(pb, 32), r1x0), c1 = pb;
+    __m512i c2 = _mm512_xor_si512(pa, r1x2), c3 = r1c3;
+    philox_rounds_x8(c0, c1, c2, c3, keys, 2);
     const __m512i x01 = _mm512_or_si512(_mm512_and_si512(c0, low), _mm512_slli_epi64(c1, 32));
     const __m512i x23 = _mm512_or_si512(_mm512_and_si512(c2, low), _mm512_slli_epi64(c3, 32));
     const __m512i even = _mm512_unpacklo_epi64(x01, x23);  // calls 0, 2, 4, 6 (one per 128-bit lane)
@@ -131,10 +149,27 @@ inline void philox_key_tile(uint32_t* words, int64_t ld, PhiloxKey key, uint32_t
     int64_t c = 0;
 #if defined(CPU_CAPABILITY_AVX512)
     const __m512i lanes = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+    // Counters (g, i, bh, 0): only i varies along the tile's rows, so rounds 0 - 2 are
+    // mostly the group's constants (the vector work: round 0's c0, round 1's A·c0, round 2's B·c2).
+    const __m512i ma = _mm512_set1_epi64(kPhiloxRoundA), mb = _mm512_set1_epi64(kPhiloxRoundB);
+    const uint64_t pb0 = mul_wide(kPhiloxRoundB, bh), pa0 = mul_wide(kPhiloxRoundA, uint32_t(g0 + g));
+    const uint32_t r0c1 = uint32_t(pb0), r0c2 = uint32_t(pa0 >> 32) ^ keys.b[0], r0c3 = uint32_t(pa0);
+    const __m512i r0x0 = _mm512_set1_epi64(uint32_t(pb0 >> 32) ^ keys.a[0]);  // c0 after round 0 = c1 ^ this
+    const uint64_t pb1 = mul_wide(kPhiloxRoundB, r0c2);
+    const uint32_t r1c0 = uint32_t(pb1 >> 32) ^ r0c1 ^ keys.a[1], r1c1 = uint32_t(pb1);
+    const __m512i r1x2 = _mm512_set1_epi64(r0c3 ^ keys.b[1]);  // c2 after round 1 = hi(A·c0) ^ this
+    const uint64_t pa2 = mul_wide(kPhiloxRoundA, r1c0);
+    const __m512i r2x0 = _mm512_set1_epi64(r1c1 ^ keys.a[2]);                 // c0 after round 2 = hi(B·c2) ^ this
+    const __m512i r2x2 = _mm512_set1_epi64(uint32_t(pa2 >> 32) ^ keys.b[2]);  // c2 after round 2 = c3 ^ this
+    const __m512i r2c3 = _mm512_set1_epi64(uint32_t(pa2));
     for (; c < m; c += 8) {
-      __m512i c0 = _mm512_set1_epi64(g0 + g), c1 = _mm512_add_epi64(_mm512_set1_epi64(i0 + c), lanes);
-      __m512i c2 = _mm512_set1_epi64(bh), c3 = _mm512_setzero_si512();
-      philox4x32_x8(c0, c1, c2, c3, keys);
+      const __m512i c0r0 = _mm512_xor_si512(_mm512_add_epi64(_mm512_set1_epi64(i0 + c), lanes), r0x0);  // round 0
+      const __m512i pa = _mm512_mul_epu32(c0r0, ma);  // round 1
+      const __m512i c2r1 = _mm512_xor_si512(_mm512_srli_epi64(pa, 32), r1x2);
+      const __m512i pb = _mm512_mul_epu32(c2r1, mb);  // round 2
+      __m512i c0 = _mm512_xor_si512(_mm512_srli_epi64(pb, 32), r2x0), c1 = pb;
+      __m512i c2 = _mm512_xor_si512(pa, r2x2), c3 = r2c3;
+      philox_rounds_x8(c0, c1, c2, c3, keys, 3);
       const __mmask8 k = m - c >= 8 ? __mmask8(0xFF) : __mmask8((1u << (m - c)) - 1);
       _mm512_mask_cvtepi64_storeu_epi32(rows + c, k, c0);
       _mm512_mask_cvtepi64_storeu_epi32(rows + ld + c, k, c1);
