@@ -471,6 +471,20 @@ inline void load_bias_row(const B* src, int64_t stride, int64_t n, A* dst) {
     for (int64_t c = 0; c < n; ++c) dst[c] = A(src[c * stride]);
 }
 
+// The backward's transposed bias tile: out[r · ld + c] = bias[b, h, i0 + c, j0 + r] in A for
+// keys r < n, queries c < m. Read along the bias's query rows (contiguous when it does not
+// broadcast over keys), so the tile streams instead of touching m cache lines per key row.
+template <typename A>
+void load_bias_tile_t(const Modifiers<A>& md, int64_t b, int64_t h, int64_t i0, int64_t m, int64_t j0, int64_t n,
+                      A* out, int64_t ld, A* row) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, md.bias_type, "attn_bias", [&] {
+    for (int64_t c = 0; c < m; ++c) {
+      load_bias_row(reinterpret_cast<const scalar_t*>(md.bias_at(b, h, i0 + c, j0)), md.sj, n, row);
+      for (int64_t r = 0; r < n; ++r) out[r * ld + c] = row[r];
+    }
+  });
+}
+
 // One fused pass over a row: x = scale·x (or cap·tanh(scale·x / cap)), − slope·|dist0 + c·dstep|,
 // + b[c]. The flags are template parameters so that each combination is one tight loop.
 template <bool kCap, bool kAlibi, bool kBias, typename A>
@@ -515,9 +529,9 @@ void logits_pass(A* x, int64_t n, A scale, A cap, A inv_cap, A slope, A dist0, A
 // tanh(s / cap) for the chain rule. tmp: n values of scratch (a bias row not contiguous in A).
 template <typename A>
 void modify_logits(const Modifiers<A>& md, A* x, int64_t n, A scale, A slope, A dist0, A dstep, const char* brow,
-                   int64_t bstride, A* tanh_out, A* tmp) {
-  const A* b = nullptr;
-  if (brow) {
+                   int64_t bstride, A* tanh_out, A* tmp, const A* bias_ready = nullptr) {
+  const A* b = bias_ready;  // the row already in A, contiguous (the backward's transposed tile)
+  if (brow && !b) {
     if (md.bias_type == c10::CppTypeToScalarType<A>::value && bstride == 1) {
       b = reinterpret_cast<const A*>(brow);
     } else {
@@ -527,7 +541,7 @@ void modify_logits(const Modifiers<A>& md, A* x, int64_t n, A scale, A slope, A 
       b = tmp;
     }
   }
-  const bool cap = md.cap > A(0), alibi = md.slopes != nullptr, bias = b != nullptr;
+  const bool cap = md.cap > A(0), alibi = md.slopes != nullptr, bias = md.bias != nullptr;
   auto run = [&](auto kc, auto ka, auto kb) {
     logits_pass<decltype(kc)::value, decltype(ka)::value, decltype(kb)::value>(x, n, scale, md.cap, md.inv_cap,
                                                                                slope, dist0, dstep, b, tanh_out);
@@ -751,7 +765,10 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
     std::vector<A> tanh_t(md.cap > A(0) ? kBlockN * kBlockM : 0);
     std::vector<uint32_t> words(md.dropout ? (kBlockN + 6) * kBlockM : 0);
     std::vector<A> p_kept(md.dropout && !kMatrixUnits<T> ? kBlockN * kBlockM : 0);
-    std::vector<A> bias_tmp(md.bias ? kBlockM : 0);  // a (strided) bias row converted to A
+    std::vector<A> bias_tmp(md.bias ? kBlockN : 0);  // a bias row converted to A
+    // The tile's bias and dbias, transposed like the tile: [BLOCK_N, BLOCK_M].
+    std::vector<A> bias_t(md.bias ? kBlockN * kBlockM : 0);
+    std::vector<A> dbias_t(md.dbias ? kBlockN * kBlockM : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c = task % n_chunks, bh = task / n_chunks, b = bh / p.Hq, h = bh % p.Hq, hk = h / p.group;
       const int64_t bhk = b * p.Hk + hk;
@@ -780,13 +797,15 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
           const int64_t g0 = j0 >> 2;
           if (md.dropout)  // words of key row j at row j - 4 g0, query column i at i - i0
             common::philox_key_tile(words.data(), kBlockM, md.key, uint32_t(bh), g0, ((j1 - 1) >> 2) - g0 + 1, i0, M);
+          if (md.bias) load_bias_tile_t(md, b, h, i0, M, j0, N, bias_t.data(), kBlockM, bias_tmp.data());
           for (int64_t r = 0; r < N; ++r) {  // Pᵀ (in float, and rounded on the matrix units)
             A* row = st.data() + r * kBlockM;
             T* low = a_lowp.data() + r * kLowpLd;
             if (logits)  // key j = j0 + r over queries i0 + c: ALiBi distance i0 + c + off - j, bias stride si
               modify_logits(md, row, M, scale, md.slope(b, h, p.Hq), A(i0 + p.off - j0 - r), A(1),
                             md.bias_at(b, h, i0, j0 + r), md.si,
-                            md.cap > A(0) ? tanh_t.data() + r * kBlockM : static_cast<A*>(nullptr), bias_tmp.data());
+                            md.cap > A(0) ? tanh_t.data() + r * kBlockM : static_cast<A*>(nullptr), bias_tmp.data(),
+                            md.bias ? bias_t.data() + r * kBlockM : nullptr);
             p_row_bwd<T>(row, M, logits ? A(1) : scale, lse_h + i0, low, i0);
             if (masked) {
               mask_key_row(p, b, j0 + r, i0, i1, row, A(0));
@@ -806,11 +825,16 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
           gemm_seq<T>(N, p.Dv, i0, i1, p_dv, kBlockM, do_h, a_lowp.data(), dv_acc.data(), p.Dv,
                       kMatrixUnits<T>);  // dV += Pᵀ dO (the 1 / (1 - p) of dropout applied once per key tile)
           if (modified_ds) {
-            for (int64_t r = 0; r < N; ++r)  // dbias column j0 + r: dbias[b, h, i0 + c, j0 + r], stride Nk
+            for (int64_t r = 0; r < N; ++r)  // dbias into the transposed tile, row r = key j0 + r
               ds_row_modified<T>(st.data() + r * kBlockM, dpt.data() + r * kBlockM, M, delta_h + i0, scale,
                                  md.cap > A(0) ? tanh_t.data() + r * kBlockM : nullptr,
-                                 md.dbias ? md.dbias + (bh * p.Nq + i0) * p.Nk + j0 + r : nullptr, p.Nk,
-                                 a_lowp.data() + r * kLowpLd, i0);
+                                 md.dbias ? dbias_t.data() + r * kBlockM : nullptr, 1, a_lowp.data() + r * kLowpLd,
+                                 i0);
+            if (md.dbias)  // dbias[b, h, i0 + c, j0 : j1]: each query's row written contiguously
+              for (int64_t c = 0; c < M; ++c) {
+                A* dst = md.dbias + (bh * p.Nq + i0 + c) * p.Nk + j0;
+                for (int64_t r = 0; r < N; ++r) dst[r] = dbias_t[r * kBlockM + c];
+              }
           } else {
             for (int64_t r = 0; r < N; ++r)  // dSᵀ (in place in float, or only rounded on the matrix units)
               ds_row_bwd<T>(st.data() + r * kBlockM, dpt.data() + r * kBlockM, M, delta_h + i0, scale,
