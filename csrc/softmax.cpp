@@ -1223,8 +1223,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   const auto acc_opts = q.options().dtype(ct);
   at::Tensor dq = at::empty({p.B, p.Hq, p.Nq, p.D}, acc_opts), dk = at::empty({p.B, p.Hk, p.Nk, p.D}, acc_opts),
              dv = at::empty({p.B, p.Hk, p.Nk, p.Dv}, acc_opts);
-  // Zeros: the tiles no query tile sees are never written.
-  at::Tensor dbias = bias_grad ? at::zeros({p.B, p.Hq, p.Nq, p.Nk}, acc_opts) : at::empty({0}, acc_opts);
+  // Without a window or tables every tile is visited and every element written; otherwise
+  // zeros, for the tiles no query tile sees.
+  const bool every_tile = !p.kv_num && p.left < 0 && p.right < 0 && nonempty(p);
+  at::Tensor dbias = !bias_grad  ? at::empty({0}, acc_opts)
+                     : every_tile ? at::empty({p.B, p.Hq, p.Nq, p.Nk}, acc_opts)
+                                  : at::zeros({p.B, p.Hq, p.Nq, p.Nk}, acc_opts);
   if (nonempty(p)) {
     // lse_use: +inf where a row sees nothing, so exp(s - lse_use) is 0 there, never NaN.
     // delta: rowsum(dO ∘ O) [B, Hq, Nq], in a fixed order per row, in the accumulation type.
