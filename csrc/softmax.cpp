@@ -475,18 +475,35 @@ inline void load_bias_row(const B* src, int64_t stride, int64_t n, A* dst) {
     for (int64_t c = 0; c < n; ++c) dst[c] = A(src[c * stride]);
 }
 
+// dst[c · ldd + r] = src[r · lds + c] for r < rows, c < cols, in 16 x 16 blocks so that
+// both sides stay in a few cache lines at a time (a plain double loop strides one of them
+// through a whole tile and misses L1 on every element).
+template <typename A>
+void transpose_tile(const A* src, int64_t lds, A* dst, int64_t ldd, int64_t rows, int64_t cols) {
+  constexpr int64_t kB = 16;
+  for (int64_t r0 = 0; r0 < rows; r0 += kB)
+    for (int64_t c0 = 0; c0 < cols; c0 += kB) {
+      const int64_t re = std::min(rows, r0 + kB), ce = std::min(cols, c0 + kB);
+      for (int64_t c = c0; c < ce; ++c)
+        for (int64_t r = r0; r < re; ++r) dst[c * ldd + r] = src[r * lds + c];
+    }
+}
+
 // The backward's transposed bias tile: out[r · ld + c] = bias[b, h, i0 + c, j0 + r] in A for
 // keys r < n, queries c < m. Read along the bias's query rows (contiguous when it does not
-// broadcast over keys), so the tile streams instead of touching m cache lines per key row.
+// broadcast over keys) into `stage` [m, BLOCK_N], then transposed in blocks.
 template <typename A>
 void load_bias_tile_t(const Modifiers<A>& md, int64_t b, int64_t h, int64_t i0, int64_t m, int64_t j0, int64_t n,
-                      A* out, int64_t ld, A* row) {
+                      A* out, int64_t ld, A* stage) {
+  if (md.bias_type == c10::CppTypeToScalarType<A>::value && md.sj == 1 && md.si > 0) {
+    transpose_tile(reinterpret_cast<const A*>(md.bias_at(b, h, i0, j0)), md.si, out, ld, m, n);
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, md.bias_type, "attn_bias", [&] {
-    for (int64_t c = 0; c < m; ++c) {
-      load_bias_row(reinterpret_cast<const scalar_t*>(md.bias_at(b, h, i0 + c, j0)), md.sj, n, row);
-      for (int64_t r = 0; r < n; ++r) out[r * ld + c] = row[r];
-    }
+    for (int64_t c = 0; c < m; ++c)
+      load_bias_row(reinterpret_cast<const scalar_t*>(md.bias_at(b, h, i0 + c, j0)), md.sj, n, stage + c * kBlockN);
   });
+  transpose_tile(stage, kBlockN, out, ld, m, n);
 }
 
 // One fused pass over a row: x = scale·x (or cap·tanh(scale·x / cap)), − slope·|dist0 + c·dstep|,
@@ -561,12 +578,12 @@ void modify_logits(const Modifiers<A>& md, A* x, int64_t n, A scale, A slope, A 
   }
 }
 
-// Backward dS row under the modifiers: d = P ∘ (dP − delta) (dbias, written to
-// dbias_col[c · dstride] when asked), then d · (1 − tanh²) with softcap, then · scale; in
+// Backward dS row under the modifiers: d = P ∘ (dP − delta) (dbias, copied to
+// dbias_col[0, n) when asked), then d · (1 − tanh²) with softcap, then · scale; in
 // place in float, and on the matrix units rounded into `low` (offsets as ds_row_bwd).
 template <typename T>
 void ds_row_modified(acc_type<T>* p_row, const acc_type<T>* dp, int64_t n, const acc_type<T>* delta,
-                     acc_type<T> scale, const acc_type<T>* tanh_row, acc_type<T>* dbias_col, int64_t dstride, T* low,
+                     acc_type<T> scale, const acc_type<T>* tanh_row, acc_type<T>* dbias_col, T* low,
                      int64_t start) {
   using A = acc_type<T>;
   using Vec = at::vec::Vectorized<A>;
@@ -575,8 +592,7 @@ void ds_row_modified(acc_type<T>* p_row, const acc_type<T>* dp, int64_t n, const
   for (; c + W <= n; c += W)
     (Vec::loadu(p_row + c) * (Vec::loadu(dp + c) - Vec::loadu(delta + c))).store(p_row + c);
   for (; c < n; ++c) p_row[c] = p_row[c] * (dp[c] - delta[c]);
-  if (dbias_col)
-    for (c = 0; c < n; ++c) dbias_col[c * dstride] = p_row[c];
+  if (dbias_col) std::copy(p_row, p_row + n, dbias_col);
   if (tanh_row) {
     const Vec one(A(1)), vs(scale);
     for (c = 0; c + W <= n; c += W) {
@@ -798,6 +814,7 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
     std::vector<A> bias_tmp(md.bias ? kBlockN : 0);  // a bias row converted to A
     // The tile's bias and dbias, transposed like the tile: [BLOCK_N, BLOCK_M].
     std::vector<A> bias_t(md.bias ? kBlockN * kBlockM : 0);
+    std::vector<A> bias_stage(md.bias ? kBlockM * kBlockN : 0);  // [BLOCK_M, BLOCK_N]: its query rows in A
     std::vector<A> dbias_t(md.dbias ? kBlockN * kBlockM : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c = task % n_chunks, bh = task / n_chunks, b = bh / p.Hq, h = bh % p.Hq, hk = h / p.group;
@@ -827,7 +844,7 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
           const int64_t g0 = j0 >> 2;
           if (md.dropout)  // words of key row j at row j - 4 g0, query column i at i - i0
             common::philox_key_tile(words.data(), kBlockM, md.key, uint32_t(bh), g0, ((j1 - 1) >> 2) - g0 + 1, i0, M);
-          if (md.bias) load_bias_tile_t(md, b, h, i0, M, j0, N, bias_t.data(), kBlockM, bias_tmp.data());
+          if (md.bias) load_bias_tile_t(md, b, h, i0, M, j0, N, bias_t.data(), kBlockM, bias_stage.data());
           for (int64_t r = 0; r < N; ++r) {  // Pᵀ (in float, and rounded on the matrix units)
             A* row = st.data() + r * kBlockM;
             T* low = a_lowp.data() + r * kLowpLd;
@@ -858,13 +875,10 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
             for (int64_t r = 0; r < N; ++r)  // dbias into the transposed tile, row r = key j0 + r
               ds_row_modified<T>(st.data() + r * kBlockM, dpt.data() + r * kBlockM, M, delta_h + i0, scale,
                                  md.cap > A(0) ? tanh_t.data() + r * kBlockM : nullptr,
-                                 md.dbias ? dbias_t.data() + r * kBlockM : nullptr, 1, a_lowp.data() + r * kLowpLd,
+                                 md.dbias ? dbias_t.data() + r * kBlockM : nullptr, a_lowp.data() + r * kLowpLd,
                                  i0);
-            if (md.dbias)  // dbias[b, h, i0 + c, j0 : j1]: each query's row written contiguously
-              for (int64_t c = 0; c < M; ++c) {
-                A* dst = md.dbias + (bh * p.Nq + i0 + c) * p.Nk + j0;
-                for (int64_t r = 0; r < N; ++r) dst[r] = dbias_t[r * kBlockM + c];
-              }
+            if (md.dbias)  // dbias[b, h, i0 : i1, j0 : j1] = the tile transposed back
+              transpose_tile(dbias_t.data(), kBlockM, md.dbias + (bh * p.Nq + i0) * p.Nk + j0, p.Nk, N, M);
           } else {
             for (int64_t r = 0; r < N; ++r)  // dSᵀ (in place in float, or only rounded on the matrix units)
               ds_row_bwd<T>(st.data() + r * kBlockM, dpt.data() + r * kBlockM, M, delta_h + i0, scale,
