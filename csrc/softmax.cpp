@@ -50,8 +50,13 @@
 #include <utility>
 #include <vector>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
+
 #include "common/checks.h"
 #include "common/parallel.h"
+#include "common/philox.h"
 #include "common/row_math.h"
 #include "common/tile_gemm.h"
 
@@ -429,6 +434,215 @@ void mask_key_row(const Problem& p, int64_t b, int64_t j, int64_t i0, int64_t i1
 }
 
 // ---------------------------------------------------------------------------
+// Score modifiers (attnkernels/softmax/modifiers.py): on the score tile, in order,
+//   s = scale · q·kᵀ;  s = cap · tanh(s / cap);  s -= slope[b, h] · |i + Nk − Nq − j|;
+//   s += bias[b, h, i, j];  then the element mask;
+// and dropout (common/philox.h) on P. A call without them never enters these helpers
+// (one flag per tile row), so the plain kernels run as before.
+// ---------------------------------------------------------------------------
+template <typename A>
+struct Modifiers {
+  A cap = 0, inv_cap = 0;       // softcap, 0 = off
+  const A* slopes = nullptr;    // ALiBi [B, Hq], or nullptr
+  // attn_bias in its own float dtype (converted row by row), 4-D (B, Hq, Nq, Nk) strides, 0 where
+  // it broadcasts; bias_elem its element size.
+  const char* bias = nullptr;
+  at::ScalarType bias_type = at::kFloat;
+  int64_t bias_elem = 0;
+  int64_t sb = 0, sh = 0, si = 0, sj = 0;
+  bool dropout = false;
+  common::PhiloxKey key;
+  uint32_t threshold = 0;       // keep iff word >= threshold
+  A keep_scale = 1;             // 1 / (1 - p)
+  A* dbias = nullptr;           // backward: dS before the softcap chain, [B, Hq, Nq, Nk], or nullptr
+
+  // True when the logits differ from scale · q·kᵀ (the tile gets the modifier pass).
+  bool logits() const { return cap > 0 || slopes != nullptr || bias != nullptr; }
+  A slope(int64_t b, int64_t h, int64_t Hq) const { return slopes ? slopes[b * Hq + h] : A(0); }
+  const char* bias_at(int64_t b, int64_t h, int64_t i, int64_t j) const {
+    return bias ? bias + (b * sb + h * sh + i * si + j * sj) * bias_elem : nullptr;
+  }
+};
+
+// dst[0, n) = A(src[c · stride]) for a bias row of element type B.
+template <typename A, typename B>
+inline void load_bias_row(const B* src, int64_t stride, int64_t n, A* dst) {
+  if (stride == 1)
+    common::convert_row(src, dst, n);
+  else if (stride == 0)
+    fill(dst, n, A(src[0]));
+  else
+    for (int64_t c = 0; c < n; ++c) dst[c] = A(src[c * stride]);
+}
+
+// dst[c · ldd + r] = src[r · lds + c] for r < rows, c < cols, in 16 x 16 blocks so that
+// both sides stay in a few cache lines at a time (a plain double loop strides one of them
+// through a whole tile and misses L1 on every element).
+template <typename A>
+void transpose_tile(const A* src, int64_t lds, A* dst, int64_t ldd, int64_t rows, int64_t cols) {
+  constexpr int64_t kB = 16;
+  for (int64_t r0 = 0; r0 < rows; r0 += kB)
+    for (int64_t c0 = 0; c0 < cols; c0 += kB) {
+      const int64_t re = std::min(rows, r0 + kB), ce = std::min(cols, c0 + kB);
+      for (int64_t c = c0; c < ce; ++c)
+        for (int64_t r = r0; r < re; ++r) dst[c * ldd + r] = src[r * lds + c];
+    }
+}
+
+// The backward's transposed bias tile: out[r · ld + c] = bias[b, h, i0 + c, j0 + r] in A for
+// keys r < n, queries c < m. Read along the bias's query rows (contiguous when it does not
+// broadcast over keys) into `stage` [m, BLOCK_N], then transposed in blocks.
+template <typename A>
+void load_bias_tile_t(const Modifiers<A>& md, int64_t b, int64_t h, int64_t i0, int64_t m, int64_t j0, int64_t n,
+                      A* out, int64_t ld, A* stage) {
+  if (md.bias_type == c10::CppTypeToScalarType<A>::value && md.sj == 1 && md.si > 0) {
+    transpose_tile(reinterpret_cast<const A*>(md.bias_at(b, h, i0, j0)), md.si, out, ld, m, n);
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, md.bias_type, "attn_bias", [&] {
+    for (int64_t c = 0; c < m; ++c)
+      load_bias_row(reinterpret_cast<const scalar_t*>(md.bias_at(b, h, i0 + c, j0)), md.sj, n, stage + c * kBlockN);
+  });
+  transpose_tile(stage, kBlockN, out, ld, m, n);
+}
+
+// One fused pass over a row: x = scale·x (or cap·tanh(scale·x / cap)), − slope·|dist0 + c·dstep|,
+// + b[c]. The flags are template parameters so that each combination is one tight loop.
+template <bool kCap, bool kAlibi, bool kBias, typename A>
+void logits_pass(A* x, int64_t n, A scale, A cap, A inv_cap, A slope, A dist0, A dstep, const A* b, A* tanh_out) {
+  using Vec = at::vec::Vectorized<A>;
+  constexpr int64_t W = Vec::size();
+  const Vec vs(kCap ? scale * inv_cap : scale), vcap(cap), vneg(-slope);
+  // The distances of the lanes, advanced by W·dstep per vector (integers: exact).
+  Vec dist = kAlibi ? Vec::arange(dist0, dstep) : Vec(A(0));
+  const Vec dist_step(A(W) * dstep);
+  int64_t c = 0;
+  for (; c + W <= n; c += W) {
+    Vec v = Vec::loadu(x + c) * vs;
+    if constexpr (kCap) {
+      const Vec t = common::vtanh(v);
+      if (tanh_out) t.store(tanh_out + c);
+      v = t * vcap;
+    }
+    if constexpr (kAlibi) {
+      v = at::vec::fmadd(dist.abs(), vneg, v);
+      dist = dist + dist_step;
+    }
+    if constexpr (kBias) v = v + Vec::loadu(b + c);
+    v.store(x + c);
+  }
+  for (; c < n; ++c) {
+    A v = x[c] * (kCap ? scale * inv_cap : scale);
+    if constexpr (kCap) {
+      const A t = common::tanh_scalar(v);
+      if (tanh_out) tanh_out[c] = t;
+      v = cap * t;
+    }
+    if constexpr (kAlibi) v -= slope * std::abs(dist0 + A(c) * dstep);
+    if constexpr (kBias) v += b[c];
+    x[c] = v;
+  }
+}
+
+// x[0, n) <- the modified logits of raw q·k products. Along the row the ALiBi distance is
+// |dist0 + c · dstep| (a query row: dstep = -1; a transposed key row: +1) and the bias is
+// brow[c · bstride] (a query row: stride sj; a key row: si). tanh_out (backward) receives
+// tanh(s / cap) for the chain rule. tmp: n values of scratch (a bias row not contiguous in A).
+template <typename A>
+void modify_logits(const Modifiers<A>& md, A* x, int64_t n, A scale, A slope, A dist0, A dstep, const char* brow,
+                   int64_t bstride, A* tanh_out, A* tmp, const A* bias_ready = nullptr) {
+  const A* b = bias_ready;  // the row already in A, contiguous (the backward's transposed tile)
+  if (brow && !b) {
+    if (md.bias_type == c10::CppTypeToScalarType<A>::value && bstride == 1) {
+      b = reinterpret_cast<const A*>(brow);
+    } else {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, md.bias_type, "attn_bias", [&] {
+        load_bias_row(reinterpret_cast<const scalar_t*>(brow), bstride, n, tmp);
+      });
+      b = tmp;
+    }
+  }
+  const bool cap = md.cap > A(0), alibi = md.slopes != nullptr, bias = md.bias != nullptr;
+  auto run = [&](auto kc, auto ka, auto kb) {
+    logits_pass<decltype(kc)::value, decltype(ka)::value, decltype(kb)::value>(x, n, scale, md.cap, md.inv_cap,
+                                                                               slope, dist0, dstep, b, tanh_out);
+  };
+  using T_ = std::true_type;
+  using F_ = std::false_type;
+  if (cap) {
+    if (alibi) bias ? run(T_{}, T_{}, T_{}) : run(T_{}, T_{}, F_{});
+    else bias ? run(T_{}, F_{}, T_{}) : run(T_{}, F_{}, F_{});
+  } else {
+    if (alibi) bias ? run(F_{}, T_{}, T_{}) : run(F_{}, T_{}, F_{});
+    else bias ? run(F_{}, F_{}, T_{}) : run(F_{}, F_{}, F_{});
+  }
+}
+
+// Backward dS row under the modifiers: d = P ∘ (dP − delta) (dbias, copied to
+// dbias_col[0, n) when asked), then d · (1 − tanh²) with softcap, then · scale; in
+// place in float, and on the matrix units rounded into `low` (offsets as ds_row_bwd).
+template <typename T>
+void ds_row_modified(acc_type<T>* p_row, const acc_type<T>* dp, int64_t n, const acc_type<T>* delta,
+                     acc_type<T> scale, const acc_type<T>* tanh_row, acc_type<T>* dbias_col, T* low,
+                     int64_t start) {
+  using A = acc_type<T>;
+  using Vec = at::vec::Vectorized<A>;
+  constexpr int64_t W = Vec::size();
+  int64_t c = 0;
+  for (; c + W <= n; c += W)
+    (Vec::loadu(p_row + c) * (Vec::loadu(dp + c) - Vec::loadu(delta + c))).store(p_row + c);
+  for (; c < n; ++c) p_row[c] = p_row[c] * (dp[c] - delta[c]);
+  if (dbias_col) std::copy(p_row, p_row + n, dbias_col);
+  if (tanh_row) {
+    const Vec one(A(1)), vs(scale);
+    for (c = 0; c + W <= n; c += W) {
+      const Vec t = Vec::loadu(tanh_row + c);
+      (Vec::loadu(p_row + c) * (one - t * t) * vs).store(p_row + c);
+    }
+    for (; c < n; ++c) p_row[c] = p_row[c] * (A(1) - tanh_row[c] * tanh_row[c]) * scale;
+  } else {
+    scale_row(p_row, n, scale);
+  }
+  if constexpr (kMatrixUnits<T>) common::convert_row(p_row, low + (start & 1), n);
+  else (void)low;
+}
+
+// Flush-to-zero and denormals-are-zero on this thread while a modified call's tiles run,
+// restored after. ALiBi (and a wide-ranged bias) put many keys so far below the row's max
+// that P, dS and their GEMM products land in the denormal range, where each FMA costs a
+// microcode assist (measured: fp32 ALiBi fwd+bwd at N = 2048, 431 -> 285 ms with it). Such
+// values are < 2^-126 next to a row maximum of 1: flushing them changes nothing that the
+// results can show. Calls without modifiers keep the thread's mode (their bits unchanged).
+struct FlushDenormals {
+#if defined(__x86_64__) || defined(__i386__)
+  unsigned int saved = 0;
+  bool on;
+  explicit FlushDenormals(bool enable) : on(enable) {
+    if (on) {
+      saved = _mm_getcsr();
+      _mm_setcsr(saved | 0x8040u);  // FTZ (bit 15) | DAZ (bit 6)
+    }
+  }
+  ~FlushDenormals() {
+    if (on) _mm_setcsr(saved);
+  }
+#else
+  explicit FlushDenormals(bool) {}
+#endif
+};
+
+// Zeroes the dropped entries of a row of P as the P·V product reads it: the float row
+// (float / double), or its rounded copy at the pair-aligned offset (matrix units).
+template <typename T>
+inline void drop_p_row(acc_type<T>* x, T* low, int64_t start, const uint32_t* u, int64_t n, uint32_t threshold) {
+  if constexpr (kMatrixUnits<T>)
+    common::drop_row(reinterpret_cast<uint16_t*>(low) + (start & 1), u, n, threshold);
+  else
+    common::drop_row(x, u, n, threshold);
+  (void)x;
+}
+
+// ---------------------------------------------------------------------------
 // Forward: per (b, h, query tile), online softmax over its key tiles
 // ---------------------------------------------------------------------------
 // Rows of a head's row operand: N, or N rounded up to a VNNI pair on the matrix units.
@@ -442,7 +656,7 @@ constexpr int64_t operand_rows(int64_t n) {
 // from the float accumulator), lse in acc_type<T>.
 template <typename T>
 void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_type<T> scale, T* out,
-                    acc_type<T>* lse) {
+                    acc_type<T>* lse, const Modifiers<acc_type<T>>& md) {
   using A = acc_type<T>;
   // Query rows per task: 128 on the matrix units when no window bounds the keys (twice
   // the GEMM work per call and per packed Kᵀ / V tile read: measured 1.065x, dense, 1
@@ -454,11 +668,15 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
   const A neg_inf = -std::numeric_limits<A>::infinity();
   const int64_t grain = grain_for(2.0 * bm * std::min<int64_t>(p.Nk, 4 * kBlockN) * (p.D + p.Dv));
   at::parallel_for(0, p.B * p.Hq * nt, grain, [&](int64_t begin, int64_t end) {
+    const FlushDenormals flush(md.logits() || md.dropout);
     std::vector<A> s(bm * kBlockN);         // [bm, BLOCK_N] scores, then probabilities
     std::vector<A> acc(bm * p.Dv);          // [bm, Dv] unnormalised output
     std::vector<A> m(bm), l(bm);            // running row max and row sum
     std::vector<A> m_new(bm), alpha(bm);    // per tile: new max, rescale factor
     std::vector<T> p_lowp(kMatrixUnits<T> ? bm * kLowpLd : 0);  // P rounded to T
+    std::vector<uint32_t> words(md.dropout ? kBlockN + 8 : 0);     // one row's Philox words, from key 4 (j0 >> 2)
+    std::vector<A> bias_tmp(md.bias ? kBlockN : 0);                 // a bias row converted to A
+    const bool logits = md.logits();
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / nt, b = bh / p.Hq, h = bh % p.Hq, hk = h / p.group;
       const auto [i0, i1] = qtiles[task % nt];
@@ -476,12 +694,27 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
         // scale > 0 (the usual case): the max of the raw scores, read-only, and the
         // scale folded into the exp's FMA (-inf · scale stays -inf). Else scale first,
         // so that a masked -inf never meets a zero scale.
-        const bool positive = scale > A(0);
+        // With modifiers the logits are formed in the tile first (scale included).
+        const bool positive = scale > A(0) && !logits;
+        const A factor = positive ? scale : A(1);
         for (int64_t r = 0; r < M; ++r) {  // masks, then the tile's row max and the new running max
           A* sr = s.data() + r * kBlockN;
-          if (!positive) scale_row(sr, N, scale);
+          if (logits) {
+            const char* brow = md.bias_at(b, h, i0 + r, j0);
+            modify_logits(md, sr, N, scale, md.slope(b, h, p.Hq), A(i0 + r + p.off - j0), A(-1), brow, md.sj,
+                          static_cast<A*>(nullptr), bias_tmp.data());
+            // The bias streams from memory once, rows Nk apart (a page or more): the hardware
+            // prefetcher does not follow it, so the next key tile's part of this row is asked for now.
+            if (brow && md.sj == 1 && j1 < p.Nk) {
+              const char* next = brow + N * md.bias_elem;
+              const int64_t bytes = std::min<int64_t>(kBlockN, p.Nk - j1) * md.bias_elem;
+              for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(next + off);
+            }
+          }
+          else if (!positive)
+            scale_row(sr, N, scale);
           if (masked) mask_query_row(p, b, i0 + r, j0, j1, sr, neg_inf);
-          m_new[r] = max_keep_nan(m[r], max_row<T>(sr, N) * (positive ? scale : A(1)));
+          m_new[r] = max_keep_nan(m[r], max_row<T>(sr, N) * factor);
         }
         rescale_factors<T>(m.data(), m_new.data(), alpha.data(), M);  // exp(m - m_new): 0 on the first visible tile
         for (int64_t r = 0; r < M; ++r) {
@@ -491,8 +724,13 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
             if constexpr (kMatrixUnits<T>) fill(p_lowp.data() + r * kLowpLd, kLowpLd, T(0));
             continue;
           }
-          l[r] = l[r] * alpha[r] + exp_row<T>(sr, N, positive ? scale : A(1), m_new[r], p_lowp.data() + r * kLowpLd, j0);
+          l[r] = l[r] * alpha[r] + exp_row<T>(sr, N, factor, m_new[r], p_lowp.data() + r * kLowpLd, j0);
           m[r] = m_new[r];
+          if (md.dropout) {  // the row sum keeps every P; the P·V product only the kept ones
+            const int64_t g0 = j0 >> 2;
+            common::philox_query_row(words.data(), md.key, uint32_t(i0 + r), uint32_t(bh), g0, ((j1 - 1) >> 2) - g0 + 1);
+            drop_p_row<T>(sr, p_lowp.data() + r * kLowpLd, j0, words.data() + (j0 & 3), N, md.threshold);
+          }
           if (alpha[r] != A(1)) scale_row(acc.data() + r * p.Dv, p.Dv, alpha[r]);
         }
         gemm_seq<T>(M, p.Dv, j0, j1, s.data(), kBlockN, v_h, p_lowp.data(), acc.data(), p.Dv, true);  // O += P V
@@ -503,7 +741,7 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
         const bool seen = !(l[r] == A(0));  // NaN (a poisoned row) counts as seen
         A* acc_r = acc.data() + r * p.Dv;
         if (seen)
-          scale_row(acc_r, p.Dv, A(1) / l[r]);
+          scale_row(acc_r, p.Dv, md.keep_scale / l[r]);  // keep_scale = 1 without dropout
         else
           fill(acc_r, p.Dv, A(0));
         common::convert_row(acc_r, out_t + r * p.Dv, p.Dv);
@@ -546,7 +784,8 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
                      int64_t n_chunks,
                      acc_type<T>* dqT_part,  // [n_chunks, B, Hq, nQt, D, BLOCK_M]
                      acc_type<T>* dk_out,    // [B, Hq or Hk, Nk, D]: per query head when group > 1
-                     acc_type<T>* dv_out) {  // [B, Hq or Hk, Nk, Dv]
+                     acc_type<T>* dv_out,    // [B, Hq or Hk, Nk, Dv]
+                     const Modifiers<acc_type<T>>& md) {
   using A = acc_type<T>;
   const auto ktiles = make_tiles(p.Nk, kBlockN, p.sbs);
   const int64_t nt = int64_t(ktiles.size());
@@ -557,6 +796,7 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
   const int64_t grain =
       grain_for(2.0 * per_chunk * kBlockN * std::min<int64_t>(p.Nq, 4 * kBlockM) * (3 * p.D + 2 * p.Dv));
   at::parallel_for(0, p.B * p.Hq * n_chunks, grain, [&](int64_t begin, int64_t end) {
+    const FlushDenormals flush(md.logits() || md.dropout);
     std::vector<A> st(kBlockN * kBlockM);   // [BLOCK_N, BLOCK_M] Sᵀ, then Pᵀ, then dSᵀ
     std::vector<A> dpt(kBlockN * kBlockM);  // [BLOCK_N, BLOCK_M] dPᵀ = V dOᵀ
     std::vector<A> dk_acc(kBlockN * p.D), dv_acc(kBlockN * p.Dv);  // [BLOCK_N, D], [BLOCK_N, Dv]
@@ -564,6 +804,18 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
     std::vector<T> a_lowp(kMatrixUnits<T> ? kBlockN * kLowpLd : 0);
     std::vector<T> b_lowp(kMatrixUnits<T> ? (kBlockN + 2) * kBlockM : 0);
     std::vector<A> tmp_f(kMatrixUnits<T> ? kBlockM : 0);
+    // Modifiers: tanh(s / cap) of the tile [BLOCK_N, BLOCK_M] (softcap); the tile's Philox
+    // words [BLOCK_N + 6, BLOCK_M] from key row 4 (j0 >> 2), and on float / double the
+    // kept P (P ∘ keep) for dV (dropout).
+    const bool logits = md.logits(), modified_ds = md.cap > A(0) || md.dbias != nullptr;
+    std::vector<A> tanh_t(md.cap > A(0) ? kBlockN * kBlockM : 0);
+    std::vector<uint32_t> words(md.dropout ? (kBlockN + 6) * kBlockM : 0);
+    std::vector<A> p_kept(md.dropout && !kMatrixUnits<T> ? kBlockN * kBlockM : 0);
+    std::vector<A> bias_tmp(md.bias ? kBlockN : 0);  // a bias row converted to A
+    // The tile's bias and dbias, transposed like the tile: [BLOCK_N, BLOCK_M].
+    std::vector<A> bias_t(md.bias ? kBlockN * kBlockM : 0);
+    std::vector<A> bias_stage(md.bias ? kBlockM * kBlockN : 0);  // [BLOCK_M, BLOCK_N]: its query rows in A
+    std::vector<A> dbias_t(md.dbias ? kBlockN * kBlockM : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c = task % n_chunks, bh = task / n_chunks, b = bh / p.Hq, h = bh % p.Hq, hk = h / p.group;
       const int64_t bhk = b * p.Hk + hk;
@@ -589,26 +841,56 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
           gemm_packed<T>(N, M, p.D, k_t, p.D, qT_h, i0, kBlockM, st.data(), kBlockM);     // Sᵀ = K Qᵀ
           gemm_packed<T>(N, M, p.Dv, v_t, p.Dv, doT_h, i0, kBlockM, dpt.data(), kBlockM);  // dPᵀ = V dOᵀ
           const bool masked = padded || window_cuts(p, i0, i1, j0, j1);
+          const int64_t g0 = j0 >> 2;
+          if (md.dropout)  // words of key row j at row j - 4 g0, query column i at i - i0
+            common::philox_key_tile(words.data(), kBlockM, md.key, uint32_t(bh), g0, ((j1 - 1) >> 2) - g0 + 1, i0, M);
+          if (md.bias) load_bias_tile_t(md, b, h, i0, M, j0, N, bias_t.data(), kBlockM, bias_stage.data());
           for (int64_t r = 0; r < N; ++r) {  // Pᵀ (in float, and rounded on the matrix units)
             A* row = st.data() + r * kBlockM;
             T* low = a_lowp.data() + r * kLowpLd;
-            p_row_bwd<T>(row, M, scale, lse_h + i0, low, i0);
+            if (logits)  // key j = j0 + r over queries i0 + c: ALiBi distance i0 + c + off - j, bias stride si
+              modify_logits(md, row, M, scale, md.slope(b, h, p.Hq), A(i0 + p.off - j0 - r), A(1),
+                            md.bias_at(b, h, i0, j0 + r), md.si,
+                            md.cap > A(0) ? tanh_t.data() + r * kBlockM : static_cast<A*>(nullptr), bias_tmp.data(),
+                            md.bias ? bias_t.data() + r * kBlockM : nullptr);
+            p_row_bwd<T>(row, M, logits ? A(1) : scale, lse_h + i0, low, i0);
             if (masked) {
               mask_key_row(p, b, j0 + r, i0, i1, row, A(0));
               if constexpr (kMatrixUnits<T>) mask_key_row(p, b, j0 + r, i0, i1, low + (i0 & 1), T(0));
             }
+            if (md.dropout) {  // dV reads P ∘ keep; dP ∘ keep / (1 - p); dS keeps the full P
+              const uint32_t* u = words.data() + (j0 + r - 4 * g0) * kBlockM;
+              A* dp = dpt.data() + r * kBlockM;
+              common::drop_scale_row(dp, dp, u, M, md.threshold, md.keep_scale);
+              if constexpr (kMatrixUnits<T>)
+                drop_p_row<T>(row, low, i0, u, M, md.threshold);
+              else
+                common::drop_scale_row(p_kept.data() + r * kBlockM, row, u, M, md.threshold, A(1));
+            }
           }
-          gemm_seq<T>(N, p.Dv, i0, i1, st.data(), kBlockM, do_h, a_lowp.data(), dv_acc.data(), p.Dv,
-                      kMatrixUnits<T>);  // dV += Pᵀ dO
-          for (int64_t r = 0; r < N; ++r)  // dSᵀ (in place in float, or only rounded on the matrix units)
-            ds_row_bwd<T>(st.data() + r * kBlockM, dpt.data() + r * kBlockM, M, delta_h + i0, scale,
-                          a_lowp.data() + r * kLowpLd, i0, tmp_f.data());
+          const A* p_dv = md.dropout && !kMatrixUnits<T> ? p_kept.data() : st.data();
+          gemm_seq<T>(N, p.Dv, i0, i1, p_dv, kBlockM, do_h, a_lowp.data(), dv_acc.data(), p.Dv,
+                      kMatrixUnits<T>);  // dV += Pᵀ dO (the 1 / (1 - p) of dropout applied once per key tile)
+          if (modified_ds) {
+            for (int64_t r = 0; r < N; ++r)  // dbias into the transposed tile, row r = key j0 + r
+              ds_row_modified<T>(st.data() + r * kBlockM, dpt.data() + r * kBlockM, M, delta_h + i0, scale,
+                                 md.cap > A(0) ? tanh_t.data() + r * kBlockM : nullptr,
+                                 md.dbias ? dbias_t.data() + r * kBlockM : nullptr, a_lowp.data() + r * kLowpLd,
+                                 i0);
+            if (md.dbias)  // dbias[b, h, i0 : i1, j0 : j1] = the tile transposed back
+              transpose_tile(dbias_t.data(), kBlockM, md.dbias + (bh * p.Nq + i0) * p.Nk + j0, p.Nk, N, M);
+          } else {
+            for (int64_t r = 0; r < N; ++r)  // dSᵀ (in place in float, or only rounded on the matrix units)
+              ds_row_bwd<T>(st.data() + r * kBlockM, dpt.data() + r * kBlockM, M, delta_h + i0, scale,
+                            a_lowp.data() + r * kLowpLd, i0, tmp_f.data());
+          }
           gemm_seq<T>(N, p.D, i0, i1, st.data(), kBlockM, q_h, a_lowp.data(), dk_acc.data(), p.D,
                       kMatrixUnits<T>);  // dK += dSᵀ Q
           A* dqT_t = dqT + (i0 / kBlockM) * p.D * kBlockM + i0 % kBlockM;  // [D, M], ld BLOCK_M
           gemm_dqT<T>(p.D, M, j0, j1, i0 & 1, kT_h, st.data(), a_lowp.data(), b_lowp.data(), dqT_t,
                       kBlockM);  // dQᵀ += Kᵀ dSᵀ
         });
+        if (md.dropout) scale_row(dv_acc.data(), N * p.Dv, md.keep_scale);
         const int64_t oh = b * out_heads + (p.group > 1 ? h : hk);
         std::copy(dk_acc.data(), dk_acc.data() + N * p.D, dk_out + (oh * p.Nk + j0) * p.D);
         std::copy(dv_acc.data(), dv_acc.data() + N * p.Dv, dv_out + (oh * p.Nk + j0) * p.Dv);
@@ -798,6 +1080,82 @@ at::ScalarType operand_type(const Problem& p, at::ScalarType t) {
 
 bool nonempty(const Problem& p) { return p.Nq > 0 && p.Nk > 0 && p.B > 0 && p.Hq > 0; }
 
+// The modifier arguments of an op, checked (a direct torch.ops call must stay in bounds)
+// and converted to the accumulation type ct; the tensors own what Modifiers points to.
+struct PreparedModifiers {
+  double softcap = 0, dropout_p = 0;
+  int64_t seed = 0;
+  at::Tensor slopes, bias;  // undefined when absent
+};
+
+PreparedModifiers prepare_modifiers(const char* op, const Problem& p, at::ScalarType ct, double softcap,
+                                    const std::optional<at::Tensor>& alibi_slopes,
+                                    const std::optional<at::Tensor>& attn_bias, double dropout_p, int64_t seed) {
+  PreparedModifiers pm;
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, op, ": softcap must be a finite float >= 0 (0 = off), got ",
+              softcap);
+  TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, op, ": dropout_p must be in [0, 1), got ", dropout_p);
+  pm.softcap = softcap;
+  pm.dropout_p = dropout_p;
+  pm.seed = seed;
+  if (alibi_slopes.has_value()) {
+    const at::Tensor& s = *alibi_slopes;
+    TORCH_CHECK(s.device().is_cpu() && s.is_floating_point(), op, ": alibi_slopes must be a floating CPU tensor, got ",
+                s.scalar_type(), " on ", s.device());
+    TORCH_CHECK(s.dim() == 2 && s.size(0) == p.B && s.size(1) == p.Hq, op, ": alibi_slopes must be (B, Hq) = (", p.B,
+                ", ", p.Hq, "), got ", s.sizes());
+    pm.slopes = s.to(ct).contiguous();
+  }
+  if (attn_bias.has_value()) {
+    at::Tensor b = *attn_bias;
+    const auto bt = b.scalar_type();
+    TORCH_CHECK(b.device().is_cpu() && (bt == at::kFloat || bt == at::kDouble || bt == at::kBFloat16 || bt == at::kHalf),
+                op, ": attn_bias must be a float32, float64, bfloat16 or float16 CPU tensor, got ", bt, " on ",
+                b.device());
+    const int64_t full[4] = {p.B, p.Hq, p.Nq, p.Nk};
+    TORCH_CHECK(b.dim() == 4, op, ": attn_bias must be 4-D, broadcastable to (B, Hq, Nq, Nk) = (", p.B, ", ", p.Hq,
+                ", ", p.Nq, ", ", p.Nk, "), got shape ", b.sizes());
+    for (int64_t d = 0; d < 4; ++d) {
+      // An expanded dim (stride 0) is read as the size-1 dim it came from: the dtype
+      // conversion below then copies only the bias's own elements.
+      if (b.size(d) > 1 && b.stride(d) == 0) b = b.narrow(d, 0, 1);
+      TORCH_CHECK(b.size(d) == 1 || b.size(d) == full[d], op, ": attn_bias of sizes ", attn_bias->sizes(),
+                  " and strides ", attn_bias->strides(), " does not broadcast to (B, Hq, Nq, Nk) = (", p.B, ", ",
+                  p.Hq, ", ", p.Nq, ", ", p.Nk, "): dim ", d, " must be 1 or ", full[d]);
+    }
+    pm.bias = b;  // read in its own dtype by the kernels: no copy at all
+  }
+  return pm;
+}
+
+template <typename A>
+Modifiers<A> make_modifiers(const PreparedModifiers& pm) {
+  Modifiers<A> md;
+  if (pm.softcap > 0) {
+    md.cap = A(pm.softcap);
+    md.inv_cap = A(1.0 / pm.softcap);
+  }
+  if (pm.slopes.defined()) md.slopes = pm.slopes.data_ptr<A>();
+  if (pm.bias.defined()) {
+    const at::Tensor& b = pm.bias;
+    md.bias = static_cast<const char*>(b.data_ptr());
+    md.bias_type = b.scalar_type();
+    md.bias_elem = b.element_size();
+    auto stride = [&](int64_t d) { return b.size(d) == 1 ? int64_t(0) : b.stride(d); };
+    md.sb = stride(0);
+    md.sh = stride(1);
+    md.si = stride(2);
+    md.sj = stride(3);
+  }
+  if (pm.dropout_p > 0) {
+    md.dropout = true;
+    md.key = common::philox_key(pm.seed);
+    md.threshold = common::keep_threshold(pm.dropout_p);
+    md.keep_scale = A(1.0 / (1.0 - pm.dropout_p));
+  }
+  return md;
+}
+
 // ---------------------------------------------------------------------------
 // Ops
 // ---------------------------------------------------------------------------
@@ -806,11 +1164,16 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
                                                  const std::optional<at::Tensor>& kv_num_blocks,
                                                  const std::optional<at::Tensor>& kv_indices,
                                                  int64_t sparse_block_size,
-                                                 const std::optional<at::Tensor>& key_padding_mask) {
+                                                 const std::optional<at::Tensor>& key_padding_mask, double softcap,
+                                                 const std::optional<at::Tensor>& alibi_slopes,
+                                                 const std::optional<at::Tensor>& attn_bias, double dropout_p,
+                                                 int64_t dropout_seed) {
   const char* op = "attention_fwd";
   Problem p = make_problem(op, q, k, v, window_left, window_right);
   Prepared prep = prepare_masks(op, p, kv_num_blocks, kv_indices, std::nullopt, std::nullopt, sparse_block_size,
                                 key_padding_mask, false);
+  const PreparedModifiers pm = prepare_modifiers(op, p, compute_type(q.scalar_type()), softcap, alibi_slopes,
+                                                 attn_bias, dropout_p, dropout_seed);
   const bool mu = on_matrix_units(p, q.scalar_type());
   const auto ot = operand_type(p, q.scalar_type());
   const auto at_ = compute_type(q.scalar_type());
@@ -825,7 +1188,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, ot, "attention_fwd", [&] {
       using A = acc_type<scalar_t>;
       forward_kernel<scalar_t>(p, qc.data_ptr<scalar_t>(), kT.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(),
-                               A(scale), out.data_ptr<scalar_t>(), lse.data_ptr<A>());
+                               A(scale), out.data_ptr<scalar_t>(), lse.data_ptr<A>(), make_modifiers<A>(pm));
     });
   } else {
     out.zero_();
@@ -834,12 +1197,16 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   return {out.to(q.scalar_type()), lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+// dbias: the full (B, Hq, Nq, Nk) gradient of attn_bias in the accumulation type when
+// bias_grad, else an empty tensor.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, double scale, int64_t window_left, int64_t window_right,
     const std::optional<at::Tensor>& kv_num_blocks, const std::optional<at::Tensor>& kv_indices,
     const std::optional<at::Tensor>& q_num_blocks, const std::optional<at::Tensor>& q_indices,
-    int64_t sparse_block_size, const std::optional<at::Tensor>& key_padding_mask) {
+    int64_t sparse_block_size, const std::optional<at::Tensor>& key_padding_mask, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& attn_bias, double dropout_p,
+    int64_t dropout_seed, bool bias_grad) {
   const char* op = "attention_bwd";
   Problem p = make_problem(op, q, k, v, window_left, window_right);
   common::check_float_tensor(op, "dout", dout, 4);
@@ -853,6 +1220,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
               ": lse must be float32 or float64, got ", lse.scalar_type());
   Prepared prep = prepare_masks(op, p, kv_num_blocks, kv_indices, q_num_blocks, q_indices, sparse_block_size,
                                 key_padding_mask, true);
+  const PreparedModifiers pm = prepare_modifiers(op, p, compute_type(q.scalar_type()), softcap, alibi_slopes,
+                                                 attn_bias, dropout_p, dropout_seed);
+  TORCH_CHECK(!bias_grad || attn_bias.has_value(), op, ": bias_grad needs attn_bias");
   const bool mu = on_matrix_units(p, q.scalar_type());
   const auto ot = operand_type(p, q.scalar_type());
   const auto ct = compute_type(q.scalar_type());
@@ -867,6 +1237,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   const auto acc_opts = q.options().dtype(ct);
   at::Tensor dq = at::empty({p.B, p.Hq, p.Nq, p.D}, acc_opts), dk = at::empty({p.B, p.Hk, p.Nk, p.D}, acc_opts),
              dv = at::empty({p.B, p.Hk, p.Nk, p.Dv}, acc_opts);
+  // Without a window or tables every tile is visited and every element written; otherwise
+  // zeros, for the tiles no query tile sees.
+  const bool every_tile = !p.kv_num && p.left < 0 && p.right < 0 && nonempty(p);
+  at::Tensor dbias = !bias_grad  ? at::empty({0}, acc_opts)
+                     : every_tile ? at::empty({p.B, p.Hq, p.Nq, p.Nk}, acc_opts)
+                                  : at::zeros({p.B, p.Hq, p.Nq, p.Nk}, acc_opts);
   if (nonempty(p)) {
     // lse_use: +inf where a row sees nothing, so exp(s - lse_use) is 0 there, never NaN.
     // delta: rowsum(dO ∘ O) [B, Hq, Nq], in a fixed order per row, in the accumulation type.
@@ -889,6 +1265,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
           dl[r] = acc;
         }
       });
+      Modifiers<A> md = make_modifiers<A>(pm);
+      if (bias_grad) md.dbias = dbias.data_ptr<A>();
       const int64_t n_chunks = backward_chunks(p, p.nKt);
       at::Tensor dqT_part = at::empty({n_chunks, p.B, p.Hq, p.nQt, p.D, kBlockM}, acc_opts);
       at::Tensor dk_part = p.group > 1 ? at::empty({p.B, p.Hq, p.Nk, p.D}, acc_opts) : dk;
@@ -896,7 +1274,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
       backward_kernel<scalar_t>(p, q_rows.data_ptr<scalar_t>(), qT.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(),
                                 kT.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(), do_rows.data_ptr<scalar_t>(),
                                 doT.data_ptr<scalar_t>(), lu, dl, A(scale), n_chunks, dqT_part.data_ptr<A>(),
-                                dk_part.data_ptr<A>(), dv_part.data_ptr<A>());
+                                dk_part.data_ptr<A>(), dv_part.data_ptr<A>(), md);
       gather_dq<A>(p, dqT_part.data_ptr<A>(), n_chunks, dq.data_ptr<A>());
       if (p.group > 1) {
         fold_group<A>(p, dk_part.data_ptr<A>(), p.D, dk.data_ptr<A>());
@@ -909,7 +1287,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     dv.zero_();
   }
   const auto dt = q.scalar_type();
-  return {dq.to(dt), dk.to(dt), dv.to(dt)};
+  return {dq.to(dt), dk.to(dt), dv.to(dt), dbias};
 }
 
 // Which GEMM engine a softmax call of `dtype` runs on, for `python -m attnkernels` and the
@@ -972,12 +1350,15 @@ std::vector<int64_t> attention_tile_sizes() { return {kBlockM, kBlockN}; }
 TORCH_LIBRARY_FRAGMENT(ATTNKERNELS_NS, m) {
   m.def(
       "attention_fwd(Tensor q, Tensor k, Tensor v, float scale, int window_left, int window_right, "
-      "Tensor? kv_num_blocks, Tensor? kv_indices, int sparse_block_size, Tensor? key_padding_mask) "
-      "-> (Tensor out, Tensor lse)");
+      "Tensor? kv_num_blocks, Tensor? kv_indices, int sparse_block_size, Tensor? key_padding_mask, "
+      "float softcap=0., Tensor? alibi_slopes=None, Tensor? attn_bias=None, float dropout_p=0., "
+      "int dropout_seed=0) -> (Tensor out, Tensor lse)");
   m.def(
       "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, "
       "int window_left, int window_right, Tensor? kv_num_blocks, Tensor? kv_indices, Tensor? q_num_blocks, "
-      "Tensor? q_indices, int sparse_block_size, Tensor? key_padding_mask) -> (Tensor dq, Tensor dk, Tensor dv)");
+      "Tensor? q_indices, int sparse_block_size, Tensor? key_padding_mask, float softcap=0., "
+      "Tensor? alibi_slopes=None, Tensor? attn_bias=None, float dropout_p=0., int dropout_seed=0, "
+      "bool bias_grad=False) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");
   // No tensor inputs: registered as catch-all kernels (nothing to dispatch on).
   m.def("attention_kv_block_ranges(int q_len, int kv_len, int window_left, int window_right) -> Tensor",
         &attention_kv_block_ranges);

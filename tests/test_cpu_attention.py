@@ -97,7 +97,7 @@ def run_kernels(q, k, v, dout, scale, window, tables=None, kpm=None, q_tables=Tr
     qt = (tables.q_num_blocks, tables.q_indices) if tables is not None and q_tables else (None, None)
     sbs = tables.block_size if tables is not None else 0
     out, lse = kernels.attention_fwd(q, k, v, scale, window[0], window[1], *kv, sbs, kpm)
-    dq, dk, dv = kernels.attention_bwd(dout, q, k, v, out, lse, scale, window[0], window[1], *kv, *qt, sbs, kpm)
+    dq, dk, dv, _ = kernels.attention_bwd(dout, q, k, v, out, lse, scale, window[0], window[1], *kv, *qt, sbs, kpm)
     return out, lse, dq, dk, dv
 
 

@@ -152,7 +152,7 @@ def test_forced_fallback_is_the_fp32_path(monkeypatch):
     grads = ops().attention_bwd(dout, q, k, v, out, lse, 0.125, 40, 7, None, None, None, None, 0, None)
     grads32 = ops().attention_bwd(dout.float(), q.float(), k.float(), v.float(), out.float(), lse, 0.125, 40, 7,
                                   None, None, None, None, 0, None)
-    for a, b in zip(grads, grads32):
+    for a, b in zip(grads[:3], grads32[:3]):  # (dq, dk, dv); the 4th, dbias, is empty without bias_grad
         assert torch.equal(a, b.to(torch.bfloat16))
 
 

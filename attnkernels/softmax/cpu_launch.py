@@ -28,8 +28,16 @@ def _rows_contiguous(t: Tensor) -> Tensor:
 
 
 def uses_decode(call: SoftmaxCall, q: Tensor, k: Tensor, v: Tensor) -> bool:
-    """True when `forward` runs this call on the decode kernel."""
-    return q.shape[2] <= DECODE_MAX_Q_LEN and not call.is_sparse and hasattr(cpu_kernels(), "attention_decode_fwd")
+    """True when `forward` runs this call on the decode kernel (which implements no score modifier:
+    a call using one runs the general kernel)."""
+    return (q.shape[2] <= DECODE_MAX_Q_LEN and not call.is_sparse and not call.features()
+            and hasattr(cpu_kernels(), "attention_decode_fwd"))
+
+
+def _modifier_args(call: SoftmaxCall) -> tuple:
+    """The trailing modifier arguments of attention_fwd / attention_bwd: softcap, alibi_slopes (B, Hq),
+    attn_bias (a 4-D view, size 1 where it broadcasts: never expanded), dropout_p, the seed as an int."""
+    return call.softcap, call.alibi_slopes, call.attn_bias, call.dropout_p, call.seed()
 
 
 def forward(call: SoftmaxCall, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -40,16 +48,18 @@ def forward(call: SoftmaxCall, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor,
         )
     return cpu_kernels().attention_fwd(
         q.contiguous(), k.contiguous(), v.contiguous(), call.scale, call.window_left, call.window_right,
-        call.kv_num_blocks, call.kv_indices, call.sparse_block_size, call.key_padding_mask,
+        call.kv_num_blocks, call.kv_indices, call.sparse_block_size, call.key_padding_mask, *_modifier_args(call),
     )
 
 
 def backward(call: SoftmaxCall, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
              bias_grad: bool = False):
     """(dq, dk, dv, dbias): dbias (B, Hq, Nq, Nk) float32 (float64 for float64 inputs) when bias_grad, else None."""
-    dq, dk, dv = cpu_kernels().attention_bwd(
+    bias_grad = bool(bias_grad) and call.attn_bias is not None
+    dq, dk, dv, dbias = cpu_kernels().attention_bwd(
         dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(), lse.contiguous(),
         call.scale, call.window_left, call.window_right, call.kv_num_blocks, call.kv_indices,
-        call.q_num_blocks, call.q_indices, call.sparse_block_size, call.key_padding_mask,
+        call.q_num_blocks, call.q_indices, call.sparse_block_size, call.key_padding_mask, *_modifier_args(call),
+        bias_grad,
     )
-    return dq, dk, dv, None
+    return dq, dk, dv, dbias if bias_grad else None

@@ -75,8 +75,8 @@ def _cpu_backward(call, dout, q, k, v, out, lse, bias_grad):
 
 # The modifiers (call.FEATURES) each backend's kernels implement; a call using another is
 # refused by the registry with the reason. Sinks are not among them: the ops apply them.
-CPU_FEATURES = frozenset()
-TRITON_FEATURES = frozenset({"softcap", "alibi", "attn_bias", "dropout"})
+CPU_FEATURES = frozenset(FEATURES)
+TRITON_FEATURES = frozenset(FEATURES)
 
 backends.register(FAMILY, backends.Backend("cpu", _cpu_forward, _cpu_backward, backends.cpu_declines, CPU_FEATURES))
 backends.register(FAMILY, backends.Backend("triton", _triton_forward, _triton_backward, backends.triton_declines,

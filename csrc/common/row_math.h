@@ -30,6 +30,52 @@ inline void fill(T* x, int64_t n, T value) {
 inline at::vec::Vectorized<float> vexp(const at::vec::Vectorized<float>& x) { return x.exp_u20(); }
 inline at::vec::Vectorized<double> vexp(const at::vec::Vectorized<double>& x) { return x.exp(); }
 
+// tanh on a vector, for softcap. double: Sleef's 1-ulp tanh (the oracle path). float: a
+// rational x·P(x²)/Q(x²) (P, Q of degree 4, fitted here by reweighted least squares on the
+// relative error over [0, 9]; evaluated in float its max relative error is 3.4e-7, ~3 ulp),
+// with |x| clamped to 9 (tanh(9) rounds to 1) and 1/Q from rcp14 and one Newton step:
+// ~16 vector ops against Sleef's ~3x more. tanh_scalar is the same formula for the tails.
+inline at::vec::Vectorized<double> vtanh(const at::vec::Vectorized<double>& x) { return x.tanh(); }
+inline double tanh_scalar(double x) { return std::tanh(x); }
+
+constexpr float kTanhP[5] = {0.9999999795430591f, 0.13381039051472116f, 0.003495603593745529f,
+                             2.060931987595282e-05f, 1.3354961846446149e-08f};
+constexpr float kTanhQ[5] = {1.0f, 0.46714354673184616f, 0.02587704221230465f, 0.0003285659361776584f,
+                             7.776687159304306e-07f};
+constexpr float kTanhClamp = 9.0f;
+
+inline at::vec::Vectorized<float> vtanh(const at::vec::Vectorized<float>& x0) {
+  using Vec = at::vec::Vectorized<float>;
+  const Vec x = at::vec::clamp(x0, Vec(-kTanhClamp), Vec(kTanhClamp));
+  const Vec z = x * x;
+  Vec p = at::vec::fmadd(Vec(kTanhP[4]), z, Vec(kTanhP[3]));
+  Vec q = at::vec::fmadd(Vec(kTanhQ[4]), z, Vec(kTanhQ[3]));
+  p = at::vec::fmadd(p, z, Vec(kTanhP[2]));
+  q = at::vec::fmadd(q, z, Vec(kTanhQ[2]));
+  p = at::vec::fmadd(p, z, Vec(kTanhP[1]));
+  q = at::vec::fmadd(q, z, Vec(kTanhQ[1]));
+  p = at::vec::fmadd(p, z, Vec(kTanhP[0]));
+  q = at::vec::fmadd(q, z, Vec(kTanhQ[0]));
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 qv = q, r0 = _mm512_rcp14_ps(qv);  // 2^-14, then one Newton step: ~2^-28
+  const Vec r = Vec(_mm512_mul_ps(r0, _mm512_fnmadd_ps(qv, r0, _mm512_set1_ps(2.f))));
+#else
+  const Vec r = q.reciprocal();
+#endif
+  return x * p * r;
+}
+
+inline float tanh_scalar(float x0) {
+  const float x = std::min(kTanhClamp, std::max(-kTanhClamp, x0));
+  const float z = x * x;
+  float p = kTanhP[4], q = kTanhQ[4];
+  for (int d = 3; d >= 0; --d) {
+    p = p * z + kTanhP[d];
+    q = q * z + kTanhQ[d];
+  }
+  return x * p / q;
+}
+
 template <typename T>
 inline void scale_row(T* x, int64_t n, T a) {
   using Vec = at::vec::Vectorized<T>;
@@ -177,17 +223,21 @@ inline float exp_fma_sum_round(const float* x, int64_t n, float a, float b, T* o
 // Its exp is 2^t with t = x * a·log2(e) - b·log2(e) (the FMA of the caller's exp(x·a - b)),
 // split t = n + f, |f| <= 1/2, and 2^f by a degree-4 polynomial (fitted here on Chebyshev
 // nodes, max relative error 3.1e-6: far below bf16's 2^-9 rounding of P, and the row sum
-// it feeds). 9 vector ops against exp_u20's ~15. t is clamped at -200 (2^-200 underflows
-// to exactly 0, so masked -inf scores give P = 0); vmaxps(c, t) keeps a NaN t.
+// it feeds). 10 vector ops against exp_u20's ~15. Results below 2^-125 are flushed to 0
+// (masked -inf scores give P = 0): a denormal result of vscalefps costs a microcode assist
+// (measured: ALiBi at N = 4096, whose far keys land in the denormal range, ran 3x slower),
+// and such a P is nothing next to the row's maximum, 1. vmaxps(c, t) and the unordered
+// compare keep a NaN t.
 __attribute__((target("avx512bf16"))) inline __m512 exp2_poly4(__m512 t) {
   t = _mm512_max_ps(_mm512_set1_ps(-200.f), t);
+  const __mmask16 normal = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-125.f), _CMP_NLT_UQ);
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(t, n);
   __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.00960039533674717f), f, _mm512_set1_ps(0.05591689422726631f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24023719131946564f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931219696998596f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
+  return _mm512_maskz_scalef_ps(normal, p, n);
 }
 
 __attribute__((target("avx512bf16"))) inline float exp_fma_sum_round_bf16(const float* x, int64_t n, float a,

@@ -1,0 +1,227 @@
+// Attention dropout's keep mask: Philox4x32-10, the counter-based generator of
+// attnkernels/softmax/dropout.py, reproduced bit for bit.
+//
+//   words = Philox4x32-10(key = (seed lo32, seed hi32), counter = (j >> 2, i, b * Hq + h, 0))
+//   keep(b, h, i, j) = words[j & 3] >= threshold,   threshold = floor(p · 2^32)
+//
+// One Philox call gives the words of four neighbouring keys of one query row. The
+// vector paths (AVX-512) run 8 calls at once, one per 64-bit lane: _mm512_mul_epu32
+// multiplies the low 32 bits of each lane into the full 64-bit product, so hi / lo are
+// a shift and a truncation. The high halves of the lanes carry garbage that never
+// reaches a low half (xor and mul_epu32 only read / mix within the low 32 bits), and
+// the words are truncated on the way out.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
+
+#include "common/ns.h"
+
+ATTNKERNELS_COMMON_BEGIN
+
+constexpr uint32_t kPhiloxRoundA = 0xD2511F53u, kPhiloxRoundB = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxKeyA = 0x9E3779B9u, kPhiloxKeyB = 0xBB67AE85u;
+
+struct PhiloxKey {
+  uint32_t k0 = 0, k1 = 0;
+};
+
+inline PhiloxKey philox_key(int64_t seed) {
+  const uint64_t s = uint64_t(seed);  // two's complement, as dropout.py's `seed & MASK32`, `seed >> 32`
+  return {uint32_t(s), uint32_t(s >> 32)};
+}
+
+// dropout.py's keep_threshold: floor(p · 2^32), at most 2^32 - 1 (p in [0, 1)).
+inline uint32_t keep_threshold(double p) {
+  const double t = std::floor(p * 4294967296.0);
+  return t >= 4294967295.0 ? 0xFFFFFFFFu : uint32_t(t);
+}
+
+inline void philox4x32(uint32_t c[4], PhiloxKey key) {
+  uint32_t k0 = key.k0, k1 = key.k1;
+  for (int r = 0; r < 10; ++r) {
+    const uint64_t pb = uint64_t(kPhiloxRoundB) * c[2];
+    const uint64_t pa = uint64_t(kPhiloxRoundA) * c[0];
+    const uint32_t n0 = uint32_t(pb >> 32) ^ c[1] ^ k0;
+    const uint32_t n2 = uint32_t(pa >> 32) ^ c[3] ^ k1;
+    c[0] = n0;
+    c[1] = uint32_t(pb);
+    c[2] = n2;
+    c[3] = uint32_t(pa);
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+  }
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// The 10 round keys of a key, broadcast once per row / tile instead of per call.
+struct PhiloxRoundKeys {
+  uint32_t a[10], b[10];
+  __m512i k0[10], k1[10];
+  explicit PhiloxRoundKeys(PhiloxKey key) {
+    uint32_t x = key.k0, y = key.k1;
+    for (int r = 0; r < 10; ++r, x += kPhiloxKeyA, y += kPhiloxKeyB) {
+      a[r] = x;
+      b[r] = y;
+      k0[r] = _mm512_set1_epi64(x);
+      k1[r] = _mm512_set1_epi64(y);
+    }
+  }
+};
+
+// Rounds first .. 9 of 8 Philox calls, counters in the low halves of the 64-bit lanes of
+// c0..c3: per round two 32x32 -> 64 products and two three-way xors (vpternlog 0x96).
+inline void philox_rounds_x8(__m512i& c0, __m512i& c1, __m512i& c2, __m512i& c3, const PhiloxRoundKeys& keys,
+                             int first) {
+  const __m512i ma = _mm512_set1_epi64(kPhiloxRoundA), mb = _mm512_set1_epi64(kPhiloxRoundB);
+  for (int r = first; r < 10; ++r) {
+    const __m512i pb = _mm512_mul_epu32(c2, mb);
+    const __m512i pa = _mm512_mul_epu32(c0, ma);
+    c0 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pb, 32), c1, keys.k0[r], 0x96);
+    c2 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pa, 32), c3, keys.k1[r], 0x96);
+    c1 = pb;
+    c3 = pa;
+  }
+}
+
+inline uint64_t mul_wide(uint32_t m, uint32_t x) { return uint64_t(m) * x; }
+#endif
+
+// Query row i of head bh = b * Hq + h, key groups g0 .. g0 + ng - 1:
+// words[4 (g - g0) + w] = word w of counter (g, i, bh, 0), i.e. the word of key 4 g + w.
+inline void philox_query_row(uint32_t* words, PhiloxKey key, uint32_t i, uint32_t bh, int64_t g0, int64_t ng) {
+  int64_t g = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  const PhiloxRoundKeys keys(key);
+  const __m512i lanes = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i low = _mm512_set1_epi64(0xFFFFFFFFll);
+  // 8 calls = 32 words; (x01, x23) hold words (0, 1) and (2, 3) of a call per lane; the
+  // unpacks and the two-source permutes put the 32 words in key order.
+  const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
+  const __m512i second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+  // Counters (g, i, bh, 0): only g varies along the row, so round 0's B·bh and the round-1
+  // word it feeds (c0 after round 0, then A·c0) are the row's constants.
+  const __m512i ma = _mm512_set1_epi64(kPhiloxRoundA), mb = _mm512_set1_epi64(kPhiloxRoundB);
+  const uint64_t pb0 = mul_wide(kPhiloxRoundB, bh);
+  const uint32_t r0c0 = uint32_t(pb0 >> 32) ^ i ^ keys.a[0], r0c1 = uint32_t(pb0);
+  const uint64_t pa1 = mul_wide(kPhiloxRoundA, r0c0);
+  const __m512i r1x0 = _mm512_set1_epi64(r0c1 ^ keys.a[1]);               // c0 after round 1 = hi(B·c2) ^ this
+  const __m512i r1x2 = _mm512_set1_epi64(uint32_t(pa1 >> 32) ^ keys.b[1]);  // c2 after round 1 = c3 ^ this
+  const __m512i r1c3 = _mm512_set1_epi64(uint32_t(pa1));
+  for (; g + 8 <= ng; g += 8) {
+    const __m512i pa = _mm512_mul_epu32(_mm512_add_epi64(_mm512_set1_epi64(g0 + g), lanes), ma);  // round 0
+    const __m512i c2r0 = _mm512_xor_si512(_mm512_srli_epi64(pa, 32), keys.k1[0]);
+    const __m512i pb = _mm512_mul_epu32(c2r0, mb);  // round 1
+    __m512i c0 = _mm512_xor_si512(_mm512_srli_epi64(pb, 32), r1x0), c1 = pb;
+    __m512i c2 = _mm512_xor_si512(pa, r1x2), c3 = r1c3;
+    philox_rounds_x8(c0, c1, c2, c3, keys, 2);
+    const __m512i x01 = _mm512_or_si512(_mm512_and_si512(c0, low), _mm512_slli_epi64(c1, 32));
+    const __m512i x23 = _mm512_or_si512(_mm512_and_si512(c2, low), _mm512_slli_epi64(c3, 32));
+    const __m512i even = _mm512_unpacklo_epi64(x01, x23);  // calls 0, 2, 4, 6 (one per 128-bit lane)
+    const __m512i odd = _mm512_unpackhi_epi64(x01, x23);   // calls 1, 3, 5, 7
+    _mm512_storeu_si512(words + 4 * g, _mm512_permutex2var_epi64(even, first, odd));
+    _mm512_storeu_si512(words + 4 * g + 16, _mm512_permutex2var_epi64(even, second, odd));
+  }
+#endif
+  for (; g < ng; ++g) {
+    uint32_t c[4] = {uint32_t(g0 + g), i, bh, 0u};
+    philox4x32(c, key);
+    std::copy(c, c + 4, words + 4 * g);
+  }
+}
+
+// A transposed (key rows x query columns) tile of head bh: key groups g0 .. g0 + ng - 1,
+// queries [i0, i0 + m). words[(4 (g - g0) + w) * ld + c] = word w of counter (g, i0 + c, bh, 0),
+// i.e. the word of key 4 g + w and query i0 + c: each call's four words are four rows.
+inline void philox_key_tile(uint32_t* words, int64_t ld, PhiloxKey key, uint32_t bh, int64_t g0, int64_t ng,
+                            int64_t i0, int64_t m) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const PhiloxRoundKeys keys(key);
+#endif
+  for (int64_t g = 0; g < ng; ++g) {
+    uint32_t* rows = words + 4 * g * ld;
+    int64_t c = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512i lanes = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+    // Counters (g, i, bh, 0): only i varies along the tile's rows, so rounds 0 - 2 are
+    // mostly the group's constants (the vector work: round 0's c0, round 1's A·c0, round 2's B·c2).
+    const __m512i ma = _mm512_set1_epi64(kPhiloxRoundA), mb = _mm512_set1_epi64(kPhiloxRoundB);
+    const uint64_t pb0 = mul_wide(kPhiloxRoundB, bh), pa0 = mul_wide(kPhiloxRoundA, uint32_t(g0 + g));
+    const uint32_t r0c1 = uint32_t(pb0), r0c2 = uint32_t(pa0 >> 32) ^ keys.b[0], r0c3 = uint32_t(pa0);
+    const __m512i r0x0 = _mm512_set1_epi64(uint32_t(pb0 >> 32) ^ keys.a[0]);  // c0 after round 0 = c1 ^ this
+    const uint64_t pb1 = mul_wide(kPhiloxRoundB, r0c2);
+    const uint32_t r1c0 = uint32_t(pb1 >> 32) ^ r0c1 ^ keys.a[1], r1c1 = uint32_t(pb1);
+    const __m512i r1x2 = _mm512_set1_epi64(r0c3 ^ keys.b[1]);  // c2 after round 1 = hi(A·c0) ^ this
+    const uint64_t pa2 = mul_wide(kPhiloxRoundA, r1c0);
+    const __m512i r2x0 = _mm512_set1_epi64(r1c1 ^ keys.a[2]);                 // c0 after round 2 = hi(B·c2) ^ this
+    const __m512i r2x2 = _mm512_set1_epi64(uint32_t(pa2 >> 32) ^ keys.b[2]);  // c2 after round 2 = c3 ^ this
+    const __m512i r2c3 = _mm512_set1_epi64(uint32_t(pa2));
+    for (; c < m; c += 8) {
+      const __m512i c0r0 = _mm512_xor_si512(_mm512_add_epi64(_mm512_set1_epi64(i0 + c), lanes), r0x0);  // round 0
+      const __m512i pa = _mm512_mul_epu32(c0r0, ma);  // round 1
+      const __m512i c2r1 = _mm512_xor_si512(_mm512_srli_epi64(pa, 32), r1x2);
+      const __m512i pb = _mm512_mul_epu32(c2r1, mb);  // round 2
+      __m512i c0 = _mm512_xor_si512(_mm512_srli_epi64(pb, 32), r2x0), c1 = pb;
+      __m512i c2 = _mm512_xor_si512(pa, r2x2), c3 = r2c3;
+      philox_rounds_x8(c0, c1, c2, c3, keys, 3);
+      const __mmask8 k = m - c >= 8 ? __mmask8(0xFF) : __mmask8((1u << (m - c)) - 1);
+      _mm512_mask_cvtepi64_storeu_epi32(rows + c, k, c0);
+      _mm512_mask_cvtepi64_storeu_epi32(rows + ld + c, k, c1);
+      _mm512_mask_cvtepi64_storeu_epi32(rows + 2 * ld + c, k, c2);
+      _mm512_mask_cvtepi64_storeu_epi32(rows + 3 * ld + c, k, c3);
+    }
+#endif
+    for (; c < m; ++c) {
+      uint32_t w[4] = {uint32_t(g0 + g), uint32_t(i0 + c), bh, 0u};
+      philox4x32(w, key);
+      for (int r = 0; r < 4; ++r) rows[r * ld + c] = w[r];
+    }
+  }
+}
+
+// x[c] = 0 where u[c] < threshold (dropped); X float, double or a 16-bit type's bits.
+template <typename X>
+inline void drop_row(X* x, const uint32_t* u, int64_t n, uint32_t threshold) {
+  int64_t c = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512i vt = _mm512_set1_epi32(int(threshold));
+  if constexpr (std::is_same_v<X, float>) {
+    for (; c + 16 <= n; c += 16) {
+      const __mmask16 keep = _mm512_cmpge_epu32_mask(_mm512_loadu_si512(u + c), vt);
+      _mm512_storeu_ps(x + c, _mm512_maskz_mov_ps(keep, _mm512_loadu_ps(x + c)));
+    }
+  } else if constexpr (std::is_same_v<X, uint16_t>) {
+    for (; c + 16 <= n; c += 16) {
+      const __mmask16 keep = _mm512_cmpge_epu32_mask(_mm512_loadu_si512(u + c), vt);
+      __m256i* p = reinterpret_cast<__m256i*>(x + c);
+      _mm256_storeu_si256(p, _mm256_maskz_mov_epi16(keep, _mm256_loadu_si256(p)));
+    }
+  }
+#endif
+  for (; c < n; ++c) x[c] = u[c] >= threshold ? x[c] : X(0);
+}
+
+// dst[c] = u[c] >= threshold ? src[c] * a : 0 (dst may be src).
+template <typename X>
+inline void drop_scale_row(X* dst, const X* src, const uint32_t* u, int64_t n, uint32_t threshold, X a) {
+  int64_t c = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<X, float>) {
+    const __m512i vt = _mm512_set1_epi32(int(threshold));
+    const __m512 va = _mm512_set1_ps(a);
+    for (; c + 16 <= n; c += 16) {
+      const __mmask16 keep = _mm512_cmpge_epu32_mask(_mm512_loadu_si512(u + c), vt);
+      _mm512_storeu_ps(dst + c, _mm512_maskz_mul_ps(keep, _mm512_loadu_ps(src + c), va));
+    }
+  }
+#endif
+  for (; c < n; ++c) dst[c] = u[c] >= threshold ? src[c] * a : X(0);
+}
+
+ATTNKERNELS_COMMON_END
