@@ -95,8 +95,10 @@ def _with_sinks(sinks: Tensor, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor
     P = exp(S - lse') and delta = rowsum(dO ∘ out') already account for the sink."""
     sink = sinks.detach().to(lse.dtype)[None, :, None]  # [1, Hq, 1]
     new_lse = torch.logaddexp(lse, sink)
-    out = (out.to(lse.dtype) * torch.exp(lse - new_lse)[..., None]).to(out.dtype)
-    return out, new_lse
+    # Computed in lse's dtype and rounded once to out's; in place on the widened copy (out itself when
+    # the dtypes agree: it is this op's own fresh tensor). A mixed-dtype in-place multiply is 4x slower.
+    scaled = out.to(lse.dtype).mul_(torch.exp(lse - new_lse)[..., None])
+    return scaled.to(out.dtype), new_lse
 
 
 def _sink_grad(sinks: Tensor, dout: Tensor, out: Tensor, lse: Tensor) -> Tensor:
