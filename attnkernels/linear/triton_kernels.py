@@ -216,12 +216,13 @@ def linear_chunk_fwd(Q, K, V, O, H, HZ, DEN,
                      BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                      FEATURE_MAP: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr,
                      WRITE_DEN: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Output rows of query chunk t = program_id(0) of (batch, query head) program_id(1), all
-    of Dv. N = Nq. H/HZ: the states entering each chunk (causal, n_state = N/C chunks per
+    """Output rows of query chunk t = program_id(0) of (batch, query head) program_id(1), Dv
+    tile program_id(2). N = Nq. H/HZ: the states entering each chunk (causal, n_state = N/C chunks per
     head) or the full state (non-causal, n_state = 1). WRITE_DEN (the backward's recompute):
     also den = φ(q)ᵀ z + eps per row into DEN (B, Hq, N) float32."""
     i_t = tl.program_id(0)
     i_bh = tl.program_id(1)
+    i_v = tl.program_id(2)  # a Dv tile: one, except for exact fp32 (FMA dots) at Dv > 64
     i_b = i_bh // Hq
     i_h = i_bh % Hq
     i_hk = i_h // group  # GQA: query head h reads kv head h // group
@@ -229,7 +230,7 @@ def linear_chunk_fwd(Q, K, V, O, H, HZ, DEN,
     dt = Q.dtype.element_ty
     o_c = tl.arange(0, BLOCK_C)
     o_d = tl.arange(0, BLOCK_D)
-    o_v = tl.arange(0, BLOCK_DV)
+    o_v = i_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
     m_d = o_d < HEAD_DIM
     m_v = o_v < HEAD_DIM_V
     n0 = i_t * BLOCK_C
@@ -264,7 +265,7 @@ def linear_chunk_fwd(Q, K, V, O, H, HZ, DEN,
         b_den += eps
         b_o = b_num / b_den[:, None]
         if WRITE_DEN:
-            tl.store(DEN + i_bh.to(tl.int64) * N + n0 + o_c, b_den, mask=n0 + o_c < N)
+            tl.store(DEN + i_bh.to(tl.int64) * N + n0 + o_c, b_den, mask=(n0 + o_c < N) & (i_v == 0))
     else:
         b_o = b_num
     _store_rows(O, stride_on, n0, N, o_c, o_v, m_v, b_o)
@@ -287,18 +288,22 @@ def linear_chunk_bwd_dq(Q, K, V, G, CP, H, HZ, RINV, DQ,
                         BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                         FEATURE_MAP: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr,
                         DOT_PREC: tl.constexpr):
-    """dQ of query chunk program_id(0), (batch, query head) program_id(1): G = R·do/den (input
+    """dQ of query chunk program_id(0), (batch, query head) program_id(1), D tile
+    program_id(2): G = R·do/den (input
     dtype, (B, Hq, N, Dv)), CP = R·c (float32 (B, Hq, N)), RINV = 1/R per (batch, kv head);
     H/HZ the forward's states as in `linear_chunk_fwd`."""
     i_t = tl.program_id(0)
     i_bh = tl.program_id(1)
+    # a D tile (dφq's columns need only those columns of q, k, S, z): one, except for exact
+    # fp32 (FMA dots) at D > 64
+    i_d = tl.program_id(2)
     i_b = i_bh // Hq
     i_h = i_bh % Hq
     i_hk = i_h // group
     i_bhk = i_b * (Hq // group) + i_hk
     dt = Q.dtype.element_ty
     o_c = tl.arange(0, BLOCK_C)
-    o_d = tl.arange(0, BLOCK_D)
+    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
     o_v = tl.arange(0, BLOCK_DV)
     m_d = o_d < HEAD_DIM
     m_v = o_v < HEAD_DIM_V

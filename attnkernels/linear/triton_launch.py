@@ -35,7 +35,8 @@ class ChunkConfig(NamedTuple):
     block_v: int  # state columns per program: a Dv tile ("state"), the padded Dv otherwise
     num_warps: int
     num_stages: int
-    maxnreg: int | None = None
+    # all 255 registers per thread: else ptxas may spill to keep 2 blocks per SM
+    maxnreg: int = 255
 
 
 KERNELS = ("state", "fwd", "dq", "dkdv")
@@ -52,28 +53,38 @@ def override_chunk(block_c: int):
 
 
 def chunk_config(kernel: str, head_dim: int, head_dim_v: int, dtype: torch.dtype = torch.float16,
-                 causal: bool = True) -> ChunkConfig:
-    """GPU launch config per kernel ("state", "fwd", "dq", "dkdv"), for the padded dims.
+                 causal: bool = True, prec: str | None = None) -> ChunkConfig:
+    """GPU launch config per kernel ("state", "fwd", "dq", "dkdv"), for the padded dims and the
+    dot precision (`dot_precision(dtype)` unless given). The chunk length depends on the call
+    only, never on the kernel: the passes exchange per-chunk states.
 
-    The state pass holds one [64, 64] float32 state tile (32 registers per thread at 4 warps)
-    and streams [C, 64] operand tiles: 2 stages overlap the next chunk's loads with the dot.
-    The parallel passes hold whole [C, D] / [C, Dv] tiles and a [D, Dv] state operand with no
-    loop; at D or Dv = 128 they run 8 warps (checked spill-free by the compile gate,
-    `python -m attnkernels.tools.compile_report --filter linear_`).
+    16-bit and TF32: C = 64 (one warpgroup's wgmma m64). The state pass holds one [64, 64]
+    float32 state tile and streams [C, 64] operand tiles: 2 stages overlap the next chunk's
+    loads with the dot. The parallel passes hold whole [C, D] / [C, Dv] tiles and a [D, Dv]
+    state operand with no loop; at D or Dv = 128 they run 8 warps. Exact fp32 ("ieee") dots
+    run as FMAs that keep whole operand rows per thread, so its chunks are 16 rows, its
+    warps 8 (8 warps x 255 registers fill the register file), and at 128 the output pass
+    tiles Dv and dq tiles D by 64 (φ is then recomputed per tile). All checked spill-free by the compile gate
+    (`python -m attnkernels.tools.compile_report --filter linear_`).
     """
     d, dv = pad_dim(head_dim), pad_dim(head_dim_v)
-    c = CHUNK if _CHUNK.value is None else _CHUNK.value
-    tile = STATE_TILE if _CHUNK.value is None else min(STATE_TILE, _CHUNK.value)
+    prec = dot_precision(dtype) if prec is None else prec
+    exact = dtype == torch.float32 and prec == "ieee"
     big = max(d, dv)
+    if _CHUNK.value is not None:
+        c, tile = _CHUNK.value, min(STATE_TILE, _CHUNK.value)
+    else:
+        c, tile = (16 if exact else CHUNK), STATE_TILE
+    warps = 8 if exact or big > 64 else 4
     if kernel == "state":
-        cfg = ChunkConfig(c, min(d, tile), min(dv, tile), 4, 2)
-    elif kernel == "fwd":
-        cfg = ChunkConfig(c, d, dv, 4 if big <= 64 else 8, 1)
-    elif kernel == "dq":
-        cfg = ChunkConfig(c, d, dv, 4 if big <= 64 else 8, 1)
+        cfg = ChunkConfig(c, min(d, tile), min(dv, tile), 8 if exact else 4, 2)
+    elif kernel == "fwd":  # exact fp32: Dv tiles of 64 (an FMA dot keeps K x its columns per thread)
+        cfg = ChunkConfig(c, d, min(dv, 64) if exact else dv, warps, 1)
+    elif kernel == "dq":  # exact fp32: D tiles of 64
+        cfg = ChunkConfig(c, min(d, 64) if exact else d, dv, warps, 1)
     elif kernel == "dkdv":
         # the group loop (GQA) re-reads each query head's chunk: 2 stages prefetch the next one
-        cfg = ChunkConfig(c, d, dv, 4 if big <= 64 else 8, 2)
+        cfg = ChunkConfig(c, d, dv, warps, 2)
     else:
         raise ValueError(f"chunk_config: unknown kernel {kernel!r}; expected one of {KERNELS}")
     return cfg
@@ -136,7 +147,7 @@ def _state_pass(x, y, w, s_in, z_in, *, group, scale, fm, reverse, store_chunks,
     batch, x_heads, n, feat = x.shape
     head_dim_v = y.shape[-1]
     kv_heads = x_heads // group
-    cfg = chunk_config("state", feat, head_dim_v, x.dtype)
+    cfg = chunk_config("state", feat, head_dim_v, x.dtype, prec=prec)
     f32 = dict(dtype=torch.float32, device=x.device)
     n_t = cdiv(n, cfg.block_c)
     h = hz = s = z = None
@@ -181,11 +192,11 @@ def _output_pass(q, k, v, states, call, fm, prec, write_den=False):
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, head_dim_v = k.shape[1], v.shape[-1]
     h, hz, n_state = states
-    cfg = chunk_config("fwd", head_dim, head_dim_v, q.dtype, call.causal)
+    cfg = chunk_config("fwd", head_dim, head_dim_v, q.dtype, call.causal, prec)
     out = torch.empty(batch, q_heads, q_len, head_dim_v, dtype=q.dtype, device=q.device)
     den = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=q.device) if write_den else None
-    grid = (cdiv(q_len, cfg.block_c), batch * q_heads)
-    if grid[0] * grid[1] > 0:
+    grid = (cdiv(q_len, cfg.block_c), batch * q_heads, cdiv(head_dim_v, cfg.block_v))
+    if grid[0] * grid[1] * grid[2] > 0:
         linear_chunk_fwd[grid](
             q, k, v, out, h, hz, den if write_den else out,
             q.stride(0), q.stride(1), q.stride(2),
@@ -278,9 +289,9 @@ def backward(call, dout, q, k, v):
     common = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, FEATURE_MAP=fm, CAUSAL=causal, NORMALIZE=normalize,
                   DOT_PREC=prec)
     h, hz, n_state = states
-    cfg = chunk_config("dq", head_dim, head_dim_v, q.dtype, causal)
-    grid = (cdiv(q_len, cfg.block_c), batch * q_heads)
-    if grid[0] * grid[1] > 0:
+    cfg = chunk_config("dq", head_dim, head_dim_v, q.dtype, causal, prec)
+    grid = (cdiv(q_len, cfg.block_c), batch * q_heads, cdiv(head_dim, cfg.block_m))
+    if grid[0] * grid[1] * grid[2] > 0:
         linear_chunk_bwd_dq[grid](
             q, k, v, g, unused if cp is None else cp, h, hz, unused if rinv is None else rinv, dq,
             q.stride(0), q.stride(1), q.stride(2),
@@ -292,7 +303,7 @@ def backward(call, dout, q, k, v):
             BLOCK_C=cfg.block_c, BLOCK_D=cfg.block_m, BLOCK_DV=cfg.block_v, **launch_options(cfg), **common,
         )
     dh, dhz, n_dstate = d_states
-    cfg = chunk_config("dkdv", head_dim, head_dim_v, q.dtype, causal)
+    cfg = chunk_config("dkdv", head_dim, head_dim_v, q.dtype, causal, prec)
     grid = (cdiv(kv_len, cfg.block_c), batch * kv_heads)
     if grid[0] * grid[1] > 0:
         linear_chunk_bwd_dkdv[grid](
