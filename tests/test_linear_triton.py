@@ -20,6 +20,7 @@ D or Dv = 128 tiles the output pass by Dv and dq by D (64 wide): covered at D = 
 """
 from __future__ import annotations
 
+import itertools
 import types
 
 import pytest
@@ -323,7 +324,7 @@ def test_aot_specs_cover_the_shipping_variants():
         assert all(v >= 16 for n, v in c.items() if n.startswith("BLOCK_")), spec.name
         assert set(spec.signature) >= set(c) and all(spec.signature[n] == "constexpr" for n in c), spec.name
         assert not spec.waive, f"{spec.name}: the rewritten kernels carry no gate waiver"
-        if spec.dtype in ("fp16", "bf16", "tf32"):  # tensor-core paths: 64-row chunks, 64 x 64 state tiles
+        if spec.dtype in ("fp16", "bf16"):  # 16-bit: 64-row chunks (wgmma m64), 64 x 64 state tiles
             assert c["BLOCK_C"] >= 64, spec.name
             if "BLOCK_M" in c:
                 assert c["BLOCK_M"] >= 64 and c["BLOCK_V"] >= 64, spec.name
@@ -332,17 +333,17 @@ def test_aot_specs_cover_the_shipping_variants():
 
 
 def test_configs_are_gpu_sized():
-    for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        for d in (16, 32, 40, 64, 128):
-            cfgs = {kernel: L.chunk_config(kernel, d, d, dtype) for kernel in L.KERNELS}
-            # the passes exchange per-chunk states: one chunk length per call
-            assert len({cfg.block_c for cfg in cfgs.values()}) == 1, (dtype, d)
-            for kernel, cfg in cfgs.items():
-                assert cfg.block_c >= 16 and cfg.block_c & (cfg.block_c - 1) == 0
-                assert cfg.block_m >= 16 and cfg.block_v >= 16
-                assert cfg.num_warps * cfg.maxnreg <= 8 * 255, (kernel, d)  # launchable: 64K registers per SM
-            if dtype != torch.float32:
-                assert cfgs["state"].block_c >= 64
-                if d >= 64:
-                    assert cfgs["state"].block_m >= 64 and cfgs["state"].block_v >= 64
-            assert cfgs["state"].num_stages >= 2
+    for dtype, arch, d in itertools.product((torch.float16, torch.bfloat16, torch.float32), (80, 90), (16, 32, 40, 64, 128)):
+        cfgs = {kernel: L.chunk_config(kernel, d, d, dtype, arch=arch) for kernel in L.KERNELS}
+        # the passes exchange per-chunk states: one chunk length per call, whatever the arch
+        assert len({cfg.block_c for cfg in cfgs.values()}) == 1, (dtype, d)
+        assert cfgs["state"].block_c == L.chunk_config("state", d, d, dtype, arch=90).block_c
+        for kernel, cfg in cfgs.items():
+            assert cfg.block_c >= 16 and cfg.block_c & (cfg.block_c - 1) == 0
+            assert cfg.block_m >= 16 and cfg.block_v >= 16
+            assert cfg.num_warps * cfg.maxnreg <= 8 * 255, (kernel, d)  # launchable: 64K registers per SM
+        if dtype != torch.float32:
+            assert cfgs["state"].block_c >= 64
+            if d >= 64:
+                assert cfgs["state"].block_m >= 64 and cfgs["state"].block_v >= 64
+        assert cfgs["state"].num_stages >= 2

@@ -353,13 +353,20 @@ def linear_chunk_bwd_dkdv(Q, K, V, G, CP, DH, DHZ, RINV, DK, DV,
                           Hk, Nq, Nk, group, n_state, scale,
                           HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                           BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                          BLOCK_T: tl.constexpr,
                           FEATURE_MAP: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr,
                           DOT_PREC: tl.constexpr):
     """dK and dV of key chunk program_id(0), (batch, kv head) program_id(1), summed over the
     group's query heads in order. DH/DHZ: dS, dz of the later chunks (causal, the reverse
-    state pass, n_state = Nk/C) or of all queries (non-causal, n_state = 1)."""
+    state pass, n_state = Nk/C) or of all queries (non-causal, n_state = 1).
+
+    Output columns: tile program_id(2) of BLOCK_T columns of dK and the same of dV. BLOCK_T =
+    BLOCK_D = BLOCK_DV (one tile) except for exact fp32 at 128, whose FMA dots spill with
+    whole [C, 128] outputs: the [C, C] products (which contract all of D or Dv) are then
+    recomputed per column tile."""
     i_t = tl.program_id(0)
     i_bh = tl.program_id(1)
+    i_j = tl.program_id(2)
     i_b = i_bh // Hk
     i_hk = i_bh % Hk
     dt = K.dtype.element_ty
@@ -368,6 +375,10 @@ def linear_chunk_bwd_dkdv(Q, K, V, G, CP, DH, DHZ, RINV, DK, DV,
     o_v = tl.arange(0, BLOCK_DV)
     m_d = o_d < HEAD_DIM
     m_v = o_v < HEAD_DIM_V
+    o_dt = i_j * BLOCK_T + tl.arange(0, BLOCK_T)  # this program's dK columns
+    o_vt = i_j * BLOCK_T + tl.arange(0, BLOCK_T)  # and dV columns
+    m_dt = o_dt < HEAD_DIM
+    m_vt = o_vt < HEAD_DIM_V
     n0 = i_t * BLOCK_C
 
     K = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
@@ -376,27 +387,44 @@ def linear_chunk_bwd_dkdv(Q, K, V, G, CP, DH, DHZ, RINV, DK, DV,
     DV = DV + i_b.to(tl.int64) * stride_dvb + i_hk.to(tl.int64) * stride_dvh
     b_xk, b_fk = _features(K, stride_kn, n0, Nk, o_c, o_d, m_d, 1.0, FEATURE_MAP)  # [BLOCK_C, BLOCK_D]
     b_fkd = b_fk.to(dt)
-    b_v, _ = _load_rows(V, stride_vn, n0, Nk, o_c, o_v, m_v)  # [BLOCK_C, BLOCK_DV]
+    b_v, m_rv = _load_rows(V, stride_vn, n0, Nk, o_c, o_v, m_v)  # [BLOCK_C, BLOCK_DV]
     if CAUSAL:
         h_off = i_bh.to(tl.int64) * n_state + i_t
     else:
         h_off = i_bh.to(tl.int64) * n_state
-    b_ds = tl.load(DH + h_off * HEAD_DIM * HEAD_DIM_V + o_d[:, None] * HEAD_DIM_V + o_v[None, :],
-                   mask=m_d[:, None] & m_v[None, :], other=0.0)  # [BLOCK_D, BLOCK_DV] float32
-    b_dsd = _to_dot(b_ds, dt)
-    b_dfk = tl.dot(b_v, tl.trans(b_dsd), input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_D]
-    b_dv = tl.dot(b_fkd, b_dsd, input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_DV]
+    DHh = DH + h_off * HEAD_DIM * HEAD_DIM_V
+    if BLOCK_T == BLOCK_D and BLOCK_T == BLOCK_DV:  # one tile: dS read once
+        b_ds = tl.load(DHh + o_d[:, None] * HEAD_DIM_V + o_v[None, :],
+                       mask=m_d[:, None] & m_v[None, :], other=0.0)  # [BLOCK_D, BLOCK_DV] float32
+        b_dsr = _to_dot(b_ds, dt)
+        b_dsc = b_dsr
+        b_xkt = b_xk
+    else:
+        b_dsr = _to_dot(tl.load(DHh + o_dt[:, None] * HEAD_DIM_V + o_v[None, :],
+                                mask=m_dt[:, None] & m_v[None, :], other=0.0), dt)  # [BLOCK_T, BLOCK_DV]
+        b_dsc = _to_dot(tl.load(DHh + o_d[:, None] * HEAD_DIM_V + o_vt[None, :],
+                                mask=m_d[:, None] & m_vt[None, :], other=0.0), dt)  # [BLOCK_D, BLOCK_T]
+        b_xkt, b_fkt = _features(K, stride_kn, n0, Nk, o_c, o_dt, m_dt, 1.0, FEATURE_MAP)  # [BLOCK_C, BLOCK_T]
+    b_dfk = tl.dot(b_v, tl.trans(b_dsr), input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_T]
+    b_dv = tl.dot(b_fkd, b_dsc, input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_T]
     if NORMALIZE:
-        b_dfk += tl.load(DHZ + h_off * HEAD_DIM + o_d, mask=m_d, other=0.0)[None, :]
+        b_dfk += tl.load(DHZ + h_off * HEAD_DIM + o_dt, mask=m_dt, other=0.0)[None, :]
     if CAUSAL:
         m_t = o_c[:, None] <= o_c[None, :]  # [BLOCK_C (key j), BLOCK_C (query i)]: j <= i
         for i_g in range(0, group):
             i_h = i_hk * group + i_g
             Qh = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
             Gh = G + i_b.to(tl.int64) * stride_gb + i_h.to(tl.int64) * stride_gh
-            _, b_fq = _features(Qh, stride_qn, n0, Nq, o_c, o_d, m_d, scale, FEATURE_MAP)  # [BLOCK_C, BLOCK_D]
+            b_xq, b_fq = _features(Qh, stride_qn, n0, Nq, o_c, o_d, m_d, scale, FEATURE_MAP)  # [BLOCK_C, BLOCK_D]
             b_fqd = b_fq.to(dt)
-            b_g, _ = _load_rows(Gh, stride_gn, n0, Nq, o_c, o_v, m_v)  # [BLOCK_C, BLOCK_DV]
+            b_g, m_rg = _load_rows(Gh, stride_gn, n0, Nq, o_c, o_v, m_v)  # [BLOCK_C, BLOCK_DV]
+            if BLOCK_T == BLOCK_D and BLOCK_T == BLOCK_DV:
+                b_fqt = b_fqd
+                b_gt = b_g
+            else:
+                b_xqt, b_fqt = _features(Qh, stride_qn, n0, Nq, o_c, o_dt, m_dt, scale, FEATURE_MAP)  # [BLOCK_C, BLOCK_T]
+                b_fqt = b_fqt.to(dt)
+                b_gt, m_rgt = _load_rows(Gh, stride_gn, n0, Nq, o_c, o_vt, m_vt)  # [BLOCK_C, BLOCK_T]
             # Pᵀ[j, i] = v_j · g_i + c_i, Aᵀ[j, i] = φ(k_j) · φ(q_i), j <= i: [BLOCK_C, BLOCK_C]
             b_pt = tl.dot(b_v, tl.trans(b_g), input_precision=DOT_PREC)
             if NORMALIZE:
@@ -404,14 +432,14 @@ def linear_chunk_bwd_dkdv(Q, K, V, G, CP, DH, DHZ, RINV, DK, DV,
                                mask=n0 + o_c < Nq, other=0.0)  # [BLOCK_C]
                 b_pt += b_cp[None, :]
             b_pt = tl.where(m_t, b_pt, 0.0)
-            b_dfk = tl.dot(_to_dot(b_pt, dt), b_fqd, b_dfk, input_precision=DOT_PREC)
+            b_dfk = tl.dot(_to_dot(b_pt, dt), b_fqt, b_dfk, input_precision=DOT_PREC)
             b_at = tl.dot(b_fkd, tl.trans(b_fqd), input_precision=DOT_PREC)
             b_at = tl.where(m_t, b_at, 0.0)
-            b_dv = tl.dot(_to_dot(b_at, dt), b_g, b_dv, input_precision=DOT_PREC)
+            b_dv = tl.dot(_to_dot(b_at, dt), b_gt, b_dv, input_precision=DOT_PREC)
     if NORMALIZE:
         b_rinv = tl.load(RINV + i_bh)
         b_dfk *= b_rinv
         b_dv *= b_rinv
-    b_dk = b_dfk * _dphi(b_xk, FEATURE_MAP)
-    _store_rows(DK, stride_dkn, n0, Nk, o_c, o_d, m_d, b_dk)
-    _store_rows(DV, stride_dvn, n0, Nk, o_c, o_v, m_v, b_dv)
+    b_dk = b_dfk * _dphi(b_xkt, FEATURE_MAP)
+    _store_rows(DK, stride_dkn, n0, Nk, o_c, o_dt, m_dt, b_dk)
+    _store_rows(DV, stride_dvn, n0, Nk, o_c, o_vt, m_vt, b_dv)

@@ -37,6 +37,7 @@ class ChunkConfig(NamedTuple):
     num_stages: int
     # all 255 registers per thread: else ptxas may spill to keep 2 blocks per SM
     maxnreg: int = 255
+    block_t: int = 0  # "dkdv": output columns per program (of dK and of dV)
 
 
 KERNELS = ("state", "fwd", "dq", "dkdv")
@@ -53,41 +54,55 @@ def override_chunk(block_c: int):
 
 
 def chunk_config(kernel: str, head_dim: int, head_dim_v: int, dtype: torch.dtype = torch.float16,
-                 causal: bool = True, prec: str | None = None) -> ChunkConfig:
-    """GPU launch config per kernel ("state", "fwd", "dq", "dkdv"), for the padded dims and the
-    dot precision (`dot_precision(dtype)` unless given). The chunk length depends on the call
-    only, never on the kernel: the passes exchange per-chunk states.
+                 causal: bool = True, prec: str | None = None, arch: int = 90) -> ChunkConfig:
+    """GPU launch config per kernel ("state", "fwd", "dq", "dkdv"), for the padded dims, the
+    dot precision (`dot_precision(dtype)` unless given) and the arch (80: sm_80, 90: sm_90a).
+    The chunk length depends on the call only, never on the kernel or the arch: the passes
+    exchange per-chunk states.
 
-    16-bit and TF32: C = 64 (one warpgroup's wgmma m64). The state pass holds one [64, 64]
-    float32 state tile and streams [C, 64] operand tiles: 2 stages overlap the next chunk's
-    loads with the dot. The parallel passes hold whole [C, D] / [C, Dv] tiles and a [D, Dv]
-    state operand with no loop; at D or Dv = 128 they run 8 warps. Exact fp32 ("ieee") dots
-    run as FMAs that keep whole operand rows per thread, so its chunks are 16 rows, its
-    warps 8 (8 warps x 255 registers fill the register file), and at 128 the output pass
-    tiles Dv and dq tiles D by 64 (φ is then recomputed per tile). All checked spill-free by the compile gate
-    (`python -m attnkernels.tools.compile_report --filter linear_`).
+    fp16/bf16: C = 64 (one warpgroup's wgmma m64). The state pass holds one [64, 64] float32
+    state tile and streams [C, 64] operand tiles: 2 stages overlap the next chunk's loads with
+    the dot. The output and dq passes hold whole [C, D] / [C, Dv] tiles and a [D, Dv] state
+    operand with no loop (4 warps, 8 at 128); dk/dv holds both gradients (8 warps; its GQA
+    group loop is pipelined on sm_90a at 64, not at 128 nor on sm_80, where 2 stages spill).
+    sm_80's mma.sync keeps whole operands in registers: there the output pass tiles Dv and dq
+    tiles D by 64 at 128 (φ then recomputed per tile). TF32 (fp32 with TF32 matmuls): 4-byte
+    operands, C = 32, 64-wide output tiles at 128. Exact fp32 ("ieee") dots run as FMAs that
+    keep whole operand rows per thread: C = 16, 64-wide output tiles at 128 (dk/dv: 64 on
+    sm_90a, 32 on sm_80). 8 warps x 255 registers is the register file: no more warps.
+    Checked spill-free by the compile gate (`python -m attnkernels.tools.compile_report
+    --filter linear_`).
     """
     d, dv = pad_dim(head_dim), pad_dim(head_dim_v)
     prec = dot_precision(dtype) if prec is None else prec
     exact = dtype == torch.float32 and prec == "ieee"
+    tf32 = dtype == torch.float32 and not exact
     big = max(d, dv)
     if _CHUNK.value is not None:
         c, tile = _CHUNK.value, min(STATE_TILE, _CHUNK.value)
     else:
-        c, tile = (16 if exact else CHUNK), STATE_TILE
-    warps = 8 if exact or big > 64 else 4
+        c, tile = (16 if exact else 32 if tf32 else CHUNK), STATE_TILE
+    split = big > 64 and (exact or tf32 or arch < 90)  # 64-wide output tiles in fwd / dq
+    warps = 8 if exact or tf32 or big > 64 else 4
     if kernel == "state":
-        cfg = ChunkConfig(c, min(d, tile), min(dv, tile), 8 if exact else 4, 2)
-    elif kernel == "fwd":  # exact fp32: Dv tiles of 64 (an FMA dot keeps K x its columns per thread)
-        cfg = ChunkConfig(c, d, min(dv, 64) if exact else dv, warps, 1)
-    elif kernel == "dq":  # exact fp32: D tiles of 64
-        cfg = ChunkConfig(c, min(d, 64) if exact else d, dv, warps, 1)
+        cfg = ChunkConfig(c, min(d, tile), min(dv, tile), 8 if exact or tf32 else 4, 2)
+    elif kernel == "fwd":
+        cfg = ChunkConfig(c, d, min(dv, 64) if split else dv, warps, 1)
+    elif kernel == "dq":
+        cfg = ChunkConfig(c, min(d, 64) if split else d, dv, 8 if arch < 90 else warps, 1)
     elif kernel == "dkdv":
-        # the group loop (GQA) re-reads each query head's chunk: 2 stages prefetch the next one
-        cfg = ChunkConfig(c, d, dv, warps, 2)
+        cfg = ChunkConfig(c, d, dv, 8, 2 if big <= 64 and arch >= 90 else 1, block_t=(64 if arch >= 90 else 32) if exact and big > 64 else big)
     else:
         raise ValueError(f"chunk_config: unknown kernel {kernel!r}; expected one of {KERNELS}")
     return cfg
+
+
+def device_arch(device: torch.device) -> int:
+    """80 / 90 (the config family) of a CUDA device; 90 for CPU tensors (the interpreter)."""
+    if device.type != "cuda":
+        return 90
+    major, _ = torch.cuda.get_device_capability(device)
+    return 90 if major >= 9 else 80
 
 
 # ----------------------------------------------------------------------------------------
@@ -147,7 +162,7 @@ def _state_pass(x, y, w, s_in, z_in, *, group, scale, fm, reverse, store_chunks,
     batch, x_heads, n, feat = x.shape
     head_dim_v = y.shape[-1]
     kv_heads = x_heads // group
-    cfg = chunk_config("state", feat, head_dim_v, x.dtype, prec=prec)
+    cfg = chunk_config("state", feat, head_dim_v, x.dtype, prec=prec, arch=device_arch(x.device))
     f32 = dict(dtype=torch.float32, device=x.device)
     n_t = cdiv(n, cfg.block_c)
     h = hz = s = z = None
@@ -192,7 +207,7 @@ def _output_pass(q, k, v, states, call, fm, prec, write_den=False):
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, head_dim_v = k.shape[1], v.shape[-1]
     h, hz, n_state = states
-    cfg = chunk_config("fwd", head_dim, head_dim_v, q.dtype, call.causal, prec)
+    cfg = chunk_config("fwd", head_dim, head_dim_v, q.dtype, call.causal, prec, device_arch(q.device))
     out = torch.empty(batch, q_heads, q_len, head_dim_v, dtype=q.dtype, device=q.device)
     den = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=q.device) if write_den else None
     grid = (cdiv(q_len, cfg.block_c), batch * q_heads, cdiv(head_dim_v, cfg.block_v))
@@ -289,7 +304,7 @@ def backward(call, dout, q, k, v):
     common = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, FEATURE_MAP=fm, CAUSAL=causal, NORMALIZE=normalize,
                   DOT_PREC=prec)
     h, hz, n_state = states
-    cfg = chunk_config("dq", head_dim, head_dim_v, q.dtype, causal, prec)
+    cfg = chunk_config("dq", head_dim, head_dim_v, q.dtype, causal, prec, device_arch(q.device))
     grid = (cdiv(q_len, cfg.block_c), batch * q_heads, cdiv(head_dim, cfg.block_m))
     if grid[0] * grid[1] * grid[2] > 0:
         linear_chunk_bwd_dq[grid](
@@ -303,8 +318,8 @@ def backward(call, dout, q, k, v):
             BLOCK_C=cfg.block_c, BLOCK_D=cfg.block_m, BLOCK_DV=cfg.block_v, **launch_options(cfg), **common,
         )
     dh, dhz, n_dstate = d_states
-    cfg = chunk_config("dkdv", head_dim, head_dim_v, q.dtype, causal, prec)
-    grid = (cdiv(kv_len, cfg.block_c), batch * kv_heads)
+    cfg = chunk_config("dkdv", head_dim, head_dim_v, q.dtype, causal, prec, device_arch(q.device))
+    grid = (cdiv(kv_len, cfg.block_c), batch * kv_heads, cdiv(max(head_dim, head_dim_v), cfg.block_t))
     if grid[0] * grid[1] > 0:
         linear_chunk_bwd_dkdv[grid](
             q, k, v, g, unused if cp is None else cp, dh, unused if dhz is None else dhz,
@@ -316,6 +331,7 @@ def backward(call, dout, q, k, v):
             dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2),
             kv_heads, q_len, kv_len, group, n_dstate, scale,
-            BLOCK_C=cfg.block_c, BLOCK_D=cfg.block_m, BLOCK_DV=cfg.block_v, **launch_options(cfg), **common,
+            BLOCK_C=cfg.block_c, BLOCK_D=cfg.block_m, BLOCK_DV=cfg.block_v, BLOCK_T=cfg.block_t,
+            **launch_options(cfg), **common,
         )
     return dq, dk, dv

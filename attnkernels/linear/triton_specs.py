@@ -27,6 +27,7 @@ _TYPES = dict(int_args={"Hq", "Hk", "N", "Nq", "Nk", "group", "n_state"}, fp32_a
               fp32_ptrs={"W", "S_IN", "Z_IN", "H", "HZ", "S_OUT", "Z_OUT", "DEN", "CP", "DH", "DHZ", "RINV"})
 
 _AOT_HEAD_DIMS = (64, 128)
+ARCHS = (80, 90)  # the launcher's config families (triton_launch.device_arch)
 _AOT_QUICK = (64, True, "elu", True)  # (D, causal, map, normalize) of each group's --quick spec
 # (label, torch dtype, dot precision): fp32 ships exact ("ieee": FMA on CUDA cores, no mma by
 # design) and TF32 (torch.backends.cuda.matmul.allow_tf32); 16-bit inputs dot on 16-bit operands
@@ -41,10 +42,10 @@ _AOT_DTYPES = [
 _AOT_MAPS = [("elu", True), ("relu", True), ("identity", True), ("elu", False)]
 
 
-def _kernel_constexprs(kernel: str, d: int, fm: str, causal: bool, normalize: bool, dtype, prec: str) -> tuple:
+def _kernel_constexprs(kernel: str, d: int, fm: str, causal: bool, normalize: bool, dtype, prec: str, arch: int) -> tuple:
     """(fn, constexprs, config) of one kernel as the launchers call it, for D = Dv = d."""
     base = "state" if kernel.startswith("state") else ("fwd" if kernel == "fwd-den" else kernel)
-    cfg = chunk_config(base, d, d, dtype, causal, prec)
+    cfg = chunk_config(base, d, d, dtype, causal, prec, arch)
     fm_id = FEATURE_MAPS[fm]
     const = dict(HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_C=cfg.block_c, FEATURE_MAP=fm_id, DOT_PREC=prec)
     if kernel == "state-fwd":
@@ -60,7 +61,7 @@ def _kernel_constexprs(kernel: str, d: int, fm: str, causal: bool, normalize: bo
         return linear_chunk_fwd, dict(const, WRITE_DEN=kernel == "fwd-den"), cfg
     if kernel == "dq":
         return linear_chunk_bwd_dq, const, cfg
-    return linear_chunk_bwd_dkdv, const, cfg
+    return linear_chunk_bwd_dkdv, dict(const, BLOCK_T=cfg.block_t), cfg
 
 
 def _variants(maps):
@@ -84,16 +85,20 @@ def _build_aot_specs() -> list[KernelSpec]:
         maps = _AOT_MAPS[:1] if label == "tf32" else _AOT_MAPS
         for d in _AOT_HEAD_DIMS:
             for kernel, fm, causal, normalize in _variants(maps):
-                fn, const, cfg = _kernel_constexprs(kernel, d, fm, causal, normalize, dtype, prec)
-                mode = "-causal" if causal else "-full"
-                norm = "" if normalize else "-nonorm"
-                tile = f"C{cfg.block_c}-M{cfg.block_m}-V{cfg.block_v}"
-                name = f"linear_{kernel}-{label}-D{d}{mode}-{fm}{norm}-{tile}"
-                quick = (d, causal, fm, normalize) == _AOT_QUICK
-                sig = signature(fn, tdt, const, **_TYPES)
-                specs.append(KernelSpec(name, fn, sig, const, attrs=divisibility(sig), num_warps=cfg.num_warps,
-                                        num_stages=cfg.num_stages, maxnreg=cfg.maxnreg, uses_dot=uses_tc,
-                                        dtype=label, quick=quick))
+                built = {arch: _kernel_constexprs(kernel, d, fm, causal, normalize, dtype, prec, arch) for arch in ARCHS}
+                # one spec for both archs where the launcher's configs agree, else one per arch
+                same = len({(repr(c), cfg) for _, c, cfg in built.values()}) == 1
+                for arch in (ARCHS[-1:] if same else ARCHS):
+                    fn, const, cfg = built[arch]
+                    mode = "-causal" if causal else "-full"
+                    norm = "" if normalize else "-nonorm"
+                    tile = f"C{cfg.block_c}-M{cfg.block_m}-V{cfg.block_v}" + ("" if same else f"-sm{arch}")
+                    name = f"linear_{kernel}-{label}-D{d}{mode}-{fm}{norm}-{tile}"
+                    quick = (d, causal, fm, normalize) == _AOT_QUICK
+                    sig = signature(fn, tdt, const, **_TYPES)
+                    specs.append(KernelSpec(name, fn, sig, const, attrs=divisibility(sig), num_warps=cfg.num_warps,
+                                            num_stages=cfg.num_stages, maxnreg=cfg.maxnreg, uses_dot=uses_tc,
+                                            dtype=label, quick=quick, archs=None if same else (arch,)))
     return specs
 
 
