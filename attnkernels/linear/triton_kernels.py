@@ -26,6 +26,9 @@ Structure (flash-linear-attention's chunk form, C = BLOCK_C rows per chunk):
       dφk_j = dS_j v_j + dz_j,  dv_j = dS_jᵀ φ(k_j)   (dS_j = Σ_{i >= j} φ(q_i) g_iᵀ over the
                                                        group's query heads, dz_j = Σ c_i φ(q_i))
   then dq = dφq ∘ φ'(scale q) · scale, dk = dφk ∘ φ'(k).
+  Where whole [C, 128] outputs would spill (exact fp32's FMA dots; sm_80's mma.sync), the
+  output pass tiles Dv, dq tiles D and dk/dv tiles its output columns (the launcher's
+  `chunk_config`); on sm_90a with 16-bit inputs each program covers all of D and Dv.
 
 Precision: every dot takes operands in the input dtype (16-bit on tensor cores; fp32 with
 `input_precision=DOT_PREC`, "ieee" unless TF32 matmuls are on) and accumulates in float32;
