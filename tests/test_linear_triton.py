@@ -12,12 +12,15 @@ where the chunked kernel sums N/C chunk partials in order while torch's single r
 sums pairwise (and the interpreter's column sums are sequential); a real bug is orders of
 magnitude above it. bf16 is covered by the ahead-of-time compile gate.
 
-Sizes straddle chunk lengths (N = 63, 64, 65; the shipped chunks are 16-32 long, and a
-16-long override makes N = 200 span 13 chunks and 4 state splits), D = 40 is padded to 64
-(several D tiles in dQ/dK), Dv differs from D (several Dv tiles), GQA 4:2.
+Sizes straddle the chunk lengths the launcher ships (C = 64 for fp16/bf16/TF32, 16 for exact
+fp32): N = 63, 64, 65 and 200 (4 chunks of 64, 13 of 16), D = 40 padded to 64, Dv != D, GQA
+4:2 and 6:2, Nq != Nk non-causal. A 16-long override (`override_chunk(16)`) also cuts the
+state pass into 16 x 16 tiles, so D = 40, Dv = 24 spans 3 x 2 state tiles. Exact fp32 at
+D or Dv = 128 tiles the output pass by Dv and dq by D (64 wide): covered at D = 128.
 """
 from __future__ import annotations
 
+import itertools
 import types
 
 import pytest
@@ -136,16 +139,18 @@ def run_case(shape, causal, dtype, fm="elu", normalize=True, with_state=False, b
 # (B, Hq, Hk, Nq, Nk, D, Dv); causal cases have Nq == Nk
 CAUSAL_SHAPES = [
     (1, 2, 2, 1, 1, 16, 16),
-    (2, 4, 2, 63, 63, 16, 24),  # GQA 4:2, B > 1, Dv != D
-    (1, 2, 1, 64, 64, 32, 32),  # exactly one chunk (MQA)
+    (2, 4, 2, 63, 63, 16, 24),  # GQA 4:2, B > 1, Dv != D, one row short of a 64-chunk
+    (1, 2, 1, 64, 64, 32, 32),  # exactly one 64-chunk (MQA)
     (1, 2, 2, 65, 65, 40, 16),  # one row into the second chunk, D padded to 64
-    (1, 2, 1, 40, 40, 16, 64),  # several Dv tiles in the forward and dV
+    (1, 6, 2, 200, 200, 16, 16),  # GQA 6:2, 4 chunks of 64 (13 of 16), the last ragged
+    (1, 2, 1, 40, 40, 128, 72),  # D = 128: exact fp32 dq in D tiles
 ]
 FULL_SHAPES = [
     (1, 2, 2, 1, 1, 16, 16),
     (2, 4, 2, 63, 100, 16, 24),  # Nq < Nk, GQA
     (1, 2, 1, 65, 64, 40, 32),  # Nq > Nk, padded D
     (1, 1, 1, 200, 37, 32, 16),
+    (1, 2, 1, 40, 33, 72, 128),  # Dv = 128: exact fp32 output in Dv tiles
 ]
 GRID = [(s, True) for s in CAUSAL_SHAPES] + [(s, False) for s in FULL_SHAPES]
 
@@ -169,6 +174,16 @@ def test_feature_maps_many_chunks(fm, normalize, causal):
         run_case(MAP_SHAPE, causal, torch.float32, fm=fm, normalize=normalize)
 
 
+FP16_MAP_CASES = [(fm, norm) for fm in ("elu", "relu", "identity") for norm in (True, False)]
+
+
+@pytest.mark.parametrize("fm,normalize", FP16_MAP_CASES,
+                         ids=[_case_id(1, 2, 1, 130, 130, 16, 24, True, fm, n, "-fp16") for fm, n in FP16_MAP_CASES])
+def test_feature_maps_fp16(fm, normalize):
+    """The 16-bit paths (φ rounded to fp16 for the dots; elu's split state sum) over 3 chunks of 64."""
+    run_case((1, 2, 1, 130, 130, 16, 24), True, torch.float16, fm=fm, normalize=normalize)
+
+
 # ----------------------------------------------------------------------------------------
 # state: initial state in, final state out; two calls == one call on the concatenation
 # ----------------------------------------------------------------------------------------
@@ -180,6 +195,36 @@ STATE_CASES = [((2, 2, 1, 65, 65, 16, 24), True), ((1, 2, 1, 33, 70, 40, 16), Fa
 @pytest.mark.parametrize("shape,causal", STATE_CASES, ids=[_case_id(*s, c, extra="-state") for s, c in STATE_CASES])
 def test_initial_state(shape, causal, dtype):
     run_case(shape, causal, dtype, with_state=True)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_state_tiles(causal):
+    """State-pass tiles of 16 x 16: D = 40, Dv = 24 spans 3 x 2 tiles; with a carried state, GQA."""
+    with L.override_chunk(16):
+        run_case((1, 4, 2, 70, 70 if causal else 45, 40, 24), causal, torch.float32, with_state=True)
+
+
+def test_long_forward_fp32():
+    """N = 1000: 63 chunks of 16 in the serial state pass (forward only: the interpreter is slow)."""
+    run_case((1, 1, 1, 1000, 1000, 16, 16), True, torch.float32, backward=False)
+
+
+def test_fp16_gradients_with_a_large_denominator():
+    """1/den below fp16's normal range (den ~ 1e6, as at N ~ 10^4 tokens): g = R·do/den is
+    scaled by a power of two into range. Without R, g would be fp16 subnormals with a few
+    bits, errors of percents; with it the kernel stays within fp16 rounding of float64."""
+    b, hq, hk, n, d, dv = 1, 2, 1, 65, 16, 16
+    q, k, v = torch.randn(b, hq, n, d).half(), torch.randn(b, hk, n, d).half(), torch.randn(b, hk, n, dv).half()
+    s0, z0 = torch.randn(b, hk, d, dv) * 1e4, torch.full((b, hk, d), 5e4)  # S0 within fp16 range
+    dout = torch.randn(b, hq, n, dv).half()
+    dq, dk, dv_ = linear_attention_backward(dout, q, k, v, "elu", True, True, EPS, 0.3, s0, z0)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    out64, _ = linear_attention_reference(q64, k64, v64, feature_map="elu", causal=True, eps=EPS, scale=0.3,
+                                          initial_state=(s0.double(), z0.double()))
+    out64.backward(dout.double())
+    for name, got, ref in (("dq", dq, q64.grad), ("dk", dk, k64.grad), ("dv", dv_, v64.grad)):
+        rel = ((got.double() - ref).abs().max() / ref.abs().max()).item()
+        assert torch.isfinite(got).all() and rel < 1e-2, f"{name}: relative error {rel:.2e}"
 
 
 @pytest.mark.parametrize("normalize", [True, False], ids=["norm", "nonorm"])
@@ -263,24 +308,42 @@ def test_bad_input():
 
 def test_aot_specs_cover_the_shipping_variants():
     names = {s.name for s in triton_specs.AOT_SPECS}
-    for kernel in ("linear_fwd", "linear_dq", "linear_dk", "linear_dv"):
+    for kernel in ("linear_fwd", "linear_dq", "linear_dkdv", "linear_state-fwd"):
         for label in ("fp16", "bf16", "fp32"):
-            for d in (32, 64, 128):
+            for d in (64, 128):
                 for mode in ("causal", "full"):
                     for fm in ("elu", "relu", "identity"):
                         assert any(n.startswith(f"{kernel}-{label}-D{d}-{mode}-{fm}-") for n in names), (kernel, label, d, mode, fm)
-                    assert any(n.startswith(f"{kernel}-{label}-D{d}-{mode}-elu-nonorm-") for n in names)
-    for kernel in ("linear_fwd-den", "linear_state"):
-        assert any(n.startswith(kernel + "-") for n in names)
+                    if kernel != "linear_state-fwd":
+                        assert any(n.startswith(f"{kernel}-{label}-D{d}-{mode}-elu-nonorm-") for n in names)
+    for kernel in ("linear_fwd-den", "linear_state-rev"):
+        for mode in ("causal", "full"):
+            assert any(n.startswith(f"{kernel}-fp16-D64-{mode}-") for n in names)
     for spec in triton_specs.AOT_SPECS:
         c = spec.constexprs
         assert all(v >= 16 for n, v in c.items() if n.startswith("BLOCK_")), spec.name
         assert set(spec.signature) >= set(c) and all(spec.signature[n] == "constexpr" for n in c), spec.name
+        assert not spec.waive, f"{spec.name}: the rewritten kernels carry no gate waiver"
+        if spec.dtype in ("fp16", "bf16"):  # 16-bit: 64-row chunks (wgmma m64), 64 x 64 state tiles
+            assert c["BLOCK_C"] >= 64, spec.name
+            if "BLOCK_M" in c:
+                assert c["BLOCK_M"] >= 64 and c["BLOCK_V"] >= 64, spec.name
+        if spec.fn.__name__ == "linear_chunk_state":
+            assert spec.num_stages >= 2, spec.name  # the serial chunk loop is pipelined
 
 
 def test_configs_are_gpu_sized():
-    for d in (16, 32, 40, 64, 128):
-        for kernel in ("state", "fwd", "dq", "dk", "dv"):
-            cfg = L.chunk_config(kernel, d, d)
+    for dtype, arch, d in itertools.product((torch.float16, torch.bfloat16, torch.float32), (80, 90), (16, 32, 40, 64, 128)):
+        cfgs = {kernel: L.chunk_config(kernel, d, d, dtype, arch=arch) for kernel in L.KERNELS}
+        # the passes exchange per-chunk states: one chunk length per call, whatever the arch
+        assert len({cfg.block_c for cfg in cfgs.values()}) == 1, (dtype, d)
+        assert cfgs["state"].block_c == L.chunk_config("state", d, d, dtype, arch=90).block_c
+        for kernel, cfg in cfgs.items():
             assert cfg.block_c >= 16 and cfg.block_c & (cfg.block_c - 1) == 0
-            assert cfg.block_t >= 16 and cfg.block_t & (cfg.block_t - 1) == 0
+            assert cfg.block_m >= 16 and cfg.block_v >= 16
+            assert cfg.num_warps * cfg.maxnreg <= 8 * 255, (kernel, d)  # launchable: 64K registers per SM
+        if dtype != torch.float32:
+            assert cfgs["state"].block_c >= 64
+            if d >= 64:
+                assert cfgs["state"].block_m >= 64 and cfgs["state"].block_v >= 64
+        assert cfgs["state"].num_stages >= 2

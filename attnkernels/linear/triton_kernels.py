@@ -1,6 +1,6 @@
-"""Triton linear attention with fused elementwise feature maps, causal (chunked) and not,
-forward and backward. The `@triton.jit` code only: configs and launches are in
-`triton_launch.py`, the compile gate's specs in `triton_specs.py`.
+"""Triton linear attention with fused elementwise feature maps, causal and not, forward and
+backward, as chunked two-pass kernels. The `@triton.jit` code only: configs and launches are
+in `triton_launch.py`, the compile gate's specs in `triton_specs.py`.
 
 Contract (shared with `attnkernels.linear.reference`):
     φ = feature map on `scale * q` and on k: "elu" (elu + 1), "relu", "identity"
@@ -9,37 +9,36 @@ Contract (shared with `attnkernels.linear.reference`):
 over j <= i (causal, Nq == Nk) or all j (non-causal). Query head h reads kv head
 h // (Hq // Hk). The final state (S0 + Σ over all j) is float32.
 
-Kernels (all deterministic: no atomics, each output element written by one program, every
-sum taken in a fixed order)
-- `linear_state`: one program per (batch*kv head, Dv tile) loops over key chunks and
-  reduces S = S0 + φ(K)ᵀV, z = z0 + Σφ(K). The non-causal forward's (and backward's) state.
-- `linear_fwd`: one program per (query chunk, batch*query head, Dv tile).
-  Non-causal: out = φ(Q) S / (φ(Q) z + eps) with the full state from `linear_state`.
-  Causal: the program walks the chunks in order (grid dim 0 is 1), carrying S, z in
-  registers: per chunk C, out = φ(Q) S + tril(φ(Q) φ(K)ᵀ) V (and the same for the
-  denominator), then S += φ(K)ᵀ V. No per-token state is ever formed; the carried state is
-  [M, Dv tile], and the final state is written by the group's first query head.
-  DEN_ONLY (for the backward): only den = φ(q)ᵀ z + eps per row, carrying z alone.
-- Backward. With g_i = do_i / den_i and c_i = -(do_i · o_i) / den_i (normalize=False:
-  g = do, c = 0; o and den are recomputed by `linear_fwd`):
-      dφq_i = S_i g_i + c_i z_i                          (`linear_bwd_dq`, per D tile)
-      dφk_j = dS_j v_j + dz_j,  dv_j = dS_jᵀ φ(k_j)       (`linear_bwd_dk` per D tile,
-                                                         `linear_bwd_dv` per Dv tile)
-  with dS_j = Σ_i φ(q_i) g_iᵀ and dz_j = Σ_i c_i φ(q_i) over the queries i that see key j
-  (all query heads of the GQA group, in order). Causal: dq walks the chunks forward carrying
-  S, z; dk and dv walk them in reverse carrying dS, dz, each plus an intra-chunk masked
-  term. Non-causal: dq uses the full state; dk/dv reduce dS, dz over all queries first.
-  Then dq = dφq ∘ φ'(scale q) · scale and dk = dφk ∘ φ'(k). Splitting dk (D tiles) from dv
-  (Dv tiles) keeps each program's carried state a [tile, full] slice, which is what keeps
-  D = 128 free of register spills.
+Structure (flash-linear-attention's chunk form, C = BLOCK_C rows per chunk):
+- `linear_chunk_state`, the only serial kernel: one program per (batch, kv head, M tile,
+  Dv tile) walks the N/C chunks, one matmul per chunk (per query head of the group in the
+  backward), and stores the state *entering* each chunk, H[t] = S0 + Σ_{chunks < t}
+  (float32, (B, Hk, N/C, M, Dv), and z (B, Hk, N/C, M)), and/or the final state. The
+  forward runs it on (φ(k), v); the backward runs it in reverse on (φ(q), g) to get
+  dS[t] = Σ_{chunks > t} φ(q) gᵀ.
+- `linear_chunk_fwd`, fully parallel: one program per (query chunk, batch, query head),
+  no chunk loop: out = φ(Q) H[t] + tril(φ(Q) φ(K)ᵀ) V, den alike. φ is applied once per
+  (chunk, head). Non-causal: H is the full state and the intra-chunk term is dropped.
+- Backward (`linear_chunk_bwd_dq` per (query chunk, query head), `linear_chunk_bwd_dkdv`
+  per (key chunk, kv head), both parallel) on g_i = do_i / den_i and c_i = -(do_i·o_i) / den_i
+  (normalize=False: g = do, c = 0), out and den recomputed by the forward kernels:
+      dφq_i = g_i S_iᵀ + c_i z_i                 (S_i, z_i: H[t] plus the chunk's rows j <= i)
+      dφk_j = dS_j v_j + dz_j,  dv_j = dS_jᵀ φ(k_j)   (dS_j = Σ_{i >= j} φ(q_i) g_iᵀ over the
+                                                       group's query heads, dz_j = Σ c_i φ(q_i))
+  then dq = dφq ∘ φ'(scale q) · scale, dk = dφk ∘ φ'(k).
+  Where whole [C, 128] outputs would spill (exact fp32's FMA dots; sm_80's mma.sync), the
+  output pass tiles Dv, dq tiles D and dk/dv tiles its output columns (the launcher's
+  `chunk_config`); on sm_90a with 16-bit inputs each program covers all of D and Dv.
 
-Precision: dots that touch a carried state (S, dS) or a 1/den-scaled weight run on float32
-operands with `input_precision=DOT_PREC`: "tf32" for fp16/bf16 inputs (a 16-bit value is
-exact in TF32, and TF32's 8-bit exponent keeps the state, which grows with N, and the
-weights, which shrink with N, away from fp16 overflow/underflow), and "ieee" for fp32
-inputs unless TF32 matmuls are enabled, like torch. Dots of raw inputs in the backward
-(do·vᵀ, φ(k)·φ(q)ᵀ) use the input dtype. Accumulation is float32 throughout. Float64 is not
-supported here: the C++ kernels handle it on CPU.
+Precision: every dot takes operands in the input dtype (16-bit on tensor cores; fp32 with
+`input_precision=DOT_PREC`, "ieee" unless TF32 matmuls are on) and accumulates in float32;
+states are kept float32 and cast to the input dtype for the dot, like fla. Two exceptions
+keep float32 accuracy where 16-bit rounding would show: z, den and c are row sums taken in
+float32, and the forward state of 16-bit "elu" inputs (elu + 1 rounds in 16 bits, where
+identity and relu of a 16-bit value are exact) adds the rounding remainder of φ(k) in a
+second dot (SPLIT_PHI), so the returned state is as exact as a float32 sum.
+The backward's g and c arrive multiplied by a per-(batch, kv head) power of two (the
+launcher's `1/R`, undone at the end): 1/den shrinks like 1/N, below fp16's normal range.
 
 Padding: D and Dv are padded to powers of two >= 16 (every tl.dot dimension >= 16). Padded
 feature columns and rows past the sequence are forced to φ = 0 (elu+1 of a masked-out 0
@@ -103,431 +102,347 @@ def _store_rows(base, stride_n, n0, N, o_c, o_col, m_col, b_x):
     tl.store(p, b_x.to(base.dtype.element_ty), mask=(o_n < N)[:, None] & m_col[None, :])
 
 
+@triton.jit
+def _features(base, stride_n, n0, N, o_c, o_col, m_col, scale, FEATURE_MAP: tl.constexpr):
+    """(raw x · scale [C, cols] float32, φ(x · scale) float32 with 0 outside) of rows [n0, n0 + C)."""
+    b_x, m_n = _load_rows(base, stride_n, n0, N, o_c, o_col, m_col)
+    b_x = b_x.to(tl.float32) * scale
+    b_f = tl.where(m_n[:, None] & m_col[None, :], _phi(b_x, FEATURE_MAP), 0.0)
+    return b_x, b_f
+
+
+@triton.jit
+def _to_dot(x, dtype: tl.constexpr):
+    """x (float32) as a dot operand of `dtype`; clamped into fp16's range first for fp16."""
+    if dtype == tl.float16:
+        x = tl.minimum(tl.maximum(x, -65504.0), 65504.0)  # the largest finite fp16
+    return x.to(dtype)
+
+
 # ----------------------------------------------------------------------------------------
-# Forward
+# The serial state pass (forward and reverse)
 # ----------------------------------------------------------------------------------------
 
 
 @triton.jit
-def linear_state(K, V, S_IN, Z_IN, S_OUT, Z_OUT,
-                 stride_kb, stride_kh, stride_kn,
-                 stride_vb, stride_vh, stride_vn,
-                 Hk, Nk, chunks_per_split,
-                 HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                 BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                 FEATURE_MAP: tl.constexpr, HAS_STATE_IN: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Partial sums of S = S_IN + φ(K)ᵀ V, z = Z_IN + Σ φ(K) for one (batch, kv head), one Dv
-    tile and one split program_id(2) of the key chunks (split s: chunks
-    [s * chunks_per_split, (s + 1) * chunks_per_split); split 0 adds the initial state).
-    Split s stores into S_OUT[s], Z_OUT[s]; the launcher adds the splits in order. States are
-    contiguous float32 (B, Hk, HEAD_DIM, HEAD_DIM_V) and (B, Hk, HEAD_DIM)."""
+def linear_chunk_state(X, Y, W, S_IN, Z_IN, H, HZ, S_OUT, Z_OUT,
+                       stride_xb, stride_xh, stride_xn,
+                       stride_yb, stride_yh, stride_yn,
+                       Hk, N, group, scale,
+                       HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                       BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+                       FEATURE_MAP: tl.constexpr, REVERSE: tl.constexpr, STORE_CHUNKS: tl.constexpr,
+                       STORE_FINAL: tl.constexpr, HAS_STATE_IN: tl.constexpr, HAS_Z: tl.constexpr,
+                       HAS_W: tl.constexpr, SPLIT_PHI: tl.constexpr, DOT_PREC: tl.constexpr):
+    """S = S_IN + Σ_t Σ_g φ(scale · X_t)ᵀ Y_t, z = Z_IN + Σ φ(scale · X_t) (weighted by W with
+    HAS_W) for one (batch, kv head) program_id(0), M tile program_id(1), Dv tile program_id(2).
+
+    X (B, Hk·group, N, M) and Y (B, Hk·group, N, Dv) in the input dtype, W (B, Hk·group, N)
+    float32: the forward passes (k, v), group 1; the backward (q, g, c) with the GQA group,
+    REVERSE (chunks last to first). STORE_CHUNKS: the state entering each chunk into
+    H (B, Hk, N/C, M, Dv) and HZ (B, Hk, N/C, M) (entering in the walk's direction: the
+    reverse pass stores Σ over the later chunks). STORE_FINAL: the state after every chunk
+    into S_OUT (B, Hk, M, Dv) / Z_OUT (B, Hk, M). All states contiguous float32."""
     i_bh = tl.program_id(0)
-    i_v = tl.program_id(1)
-    i_s = tl.program_id(2)
+    i_m = tl.program_id(1)
+    i_v = tl.program_id(2)
     i_b = i_bh // Hk
     i_hk = i_bh % Hk
     o_c = tl.arange(0, BLOCK_C)
-    o_d = tl.arange(0, BLOCK_D)
-    o_v = i_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    m_d = o_d < HEAD_DIM
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_v = i_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    m_m = o_m < HEAD_DIM
     m_v = o_v < HEAD_DIM_V
-
-    K = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
-    V = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
+    p_s = o_m[:, None] * HEAD_DIM_V + o_v[None, :]  # [BLOCK_M, BLOCK_V] in an (M, Dv) state
+    m_s = m_m[:, None] & m_v[None, :]
     s_off = i_bh.to(tl.int64) * HEAD_DIM * HEAD_DIM_V
     z_off = i_bh.to(tl.int64) * HEAD_DIM
-    p_s = o_d[:, None] * HEAD_DIM_V + o_v[None, :]
-    m_s = m_d[:, None] & m_v[None, :]
     if HAS_STATE_IN:
-        b_s = tl.load(S_IN + s_off + p_s, mask=m_s & (i_s == 0), other=0.0)  # [BLOCK_D, BLOCK_DV]
-        b_z = tl.load(Z_IN + z_off + o_d, mask=m_d & (i_s == 0), other=0.0)  # [BLOCK_D]
+        b_s = tl.load(S_IN + s_off + p_s, mask=m_s, other=0.0)  # [BLOCK_M, BLOCK_V] float32
+        b_z = tl.load(Z_IN + z_off + o_m, mask=m_m, other=0.0)  # [BLOCK_M]
     else:
-        b_s = tl.zeros([BLOCK_D, BLOCK_DV], dtype=tl.float32)
-        b_z = tl.zeros([BLOCK_D], dtype=tl.float32)
+        b_s = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
+        b_z = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # the z tile is written by the Dv-tile-0 program only
+    m_z = m_m & (i_v == 0)
 
-    i_lo = i_s * chunks_per_split
-    i_hi = tl.minimum(i_lo + chunks_per_split, tl.cdiv(Nk, BLOCK_C))
-    for i_t in range(i_lo, i_hi):
+    n_t = tl.cdiv(N, BLOCK_C)
+    for i_r in range(0, n_t):
+        if REVERSE:
+            i_t = n_t - 1 - i_r
+        else:
+            i_t = i_r
+        if STORE_CHUNKS:
+            h_off = (i_bh.to(tl.int64) * n_t + i_t)
+            tl.store(H + h_off * HEAD_DIM * HEAD_DIM_V + p_s, b_s, mask=m_s)
+            if HAS_Z:
+                tl.store(HZ + h_off * HEAD_DIM + o_m, b_z, mask=m_z)
         n0 = i_t * BLOCK_C
-        b_k, m_n = _load_rows(K, stride_kn, n0, Nk, o_c, o_d, m_d)  # [BLOCK_C, BLOCK_D]
-        b_fk = tl.where(m_n[:, None] & m_d[None, :], _phi(b_k.to(tl.float32), FEATURE_MAP), 0.0)
-        b_v, m_n = _load_rows(V, stride_vn, n0, Nk, o_c, o_v, m_v)  # [BLOCK_C, BLOCK_DV]
-        b_v = b_v.to(tl.float32)
-        b_s = tl.dot(tl.trans(b_fk), b_v, b_s, input_precision=DOT_PREC)  # [BLOCK_D, BLOCK_DV]
-        b_z += tl.sum(b_fk, 0)
+        for i_g in range(0, group):
+            i_x = i_hk * group + i_g  # the head of X and Y: the kv head (forward), a query head (reverse)
+            Xh = X + i_b.to(tl.int64) * stride_xb + i_x.to(tl.int64) * stride_xh
+            Yh = Y + i_b.to(tl.int64) * stride_yb + i_x.to(tl.int64) * stride_yh
+            _, b_f = _features(Xh, stride_xn, n0, N, o_c, o_m, m_m, scale, FEATURE_MAP)  # [BLOCK_C, BLOCK_M]
+            b_y, _ = _load_rows(Yh, stride_yn, n0, N, o_c, o_v, m_v)  # [BLOCK_C, BLOCK_V], input dtype
+            b_fd = b_f.to(Y.dtype.element_ty)
+            b_s = tl.dot(tl.trans(b_fd), b_y, b_s, input_precision=DOT_PREC)  # [BLOCK_M, BLOCK_V]
+            if SPLIT_PHI:
+                # φ = hi + lo in the input dtype: the remainder's dot makes the sum float32-exact
+                b_lo = (b_f - b_fd.to(tl.float32)).to(Y.dtype.element_ty)
+                b_s = tl.dot(tl.trans(b_lo), b_y, b_s, input_precision=DOT_PREC)
+            if HAS_Z:
+                if HAS_W:
+                    Wh = W + (i_b * Hk * group + i_x).to(tl.int64) * N
+                    b_w = tl.load(Wh + n0 + o_c, mask=n0 + o_c < N, other=0.0)  # [BLOCK_C]
+                    b_z += tl.sum(b_f * b_w[:, None], 0)
+                else:
+                    b_z += tl.sum(b_f, 0)
+    if STORE_FINAL:
+        tl.store(S_OUT + s_off + p_s, b_s, mask=m_s)
+        if HAS_Z:
+            tl.store(Z_OUT + z_off + o_m, b_z, mask=m_z)
 
-    n_bh = tl.num_programs(0).to(tl.int64)
-    tl.store(S_OUT + i_s * n_bh * HEAD_DIM * HEAD_DIM_V + s_off + p_s, b_s, mask=m_s)
-    if i_v == 0:
-        tl.store(Z_OUT + i_s * n_bh * HEAD_DIM + z_off + o_d, b_z, mask=m_d)
+
+# ----------------------------------------------------------------------------------------
+# The parallel output pass
+# ----------------------------------------------------------------------------------------
 
 
 @triton.jit
-def linear_fwd(Q, K, V, O, S_IN, Z_IN, S_OUT, Z_OUT, DEN,
-               stride_qb, stride_qh, stride_qn,
-               stride_kb, stride_kh, stride_kn,
-               stride_vb, stride_vh, stride_vn,
-               stride_ob, stride_oh, stride_on,
-               Hq, N, group, scale, eps,
-               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-               BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-               FEATURE_MAP: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr,
-               HAS_STATE_IN: tl.constexpr, DEN_ONLY: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Output of query chunk program_id(0) (causal: of all chunks, in order) for one
-    (batch, query head) and one Dv tile. N = Nq. S_IN/Z_IN: the initial state (causal) or
-    the full state (non-causal). Causal programs of a group's first head store the final
-    state in S_OUT/Z_OUT.
-
-    DEN_ONLY (the backward's recompute, with NORMALIZE; one Dv tile): store only
-    den = φ(q)ᵀ z + eps per query row (DEN, float32 (B, Hq, N)); no S, V or out, so it
-    carries z alone and stays light."""
-    i_c = tl.program_id(0)
+def linear_chunk_fwd(Q, K, V, O, H, HZ, DEN,
+                     stride_qb, stride_qh, stride_qn,
+                     stride_kb, stride_kh, stride_kn,
+                     stride_vb, stride_vh, stride_vn,
+                     stride_ob, stride_oh, stride_on,
+                     Hq, N, group, n_state, scale, eps,
+                     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                     BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                     FEATURE_MAP: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr,
+                     WRITE_DEN: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Output rows of query chunk t = program_id(0) of (batch, query head) program_id(1), Dv
+    tile program_id(2). N = Nq. H/HZ: the states entering each chunk (causal, n_state = N/C chunks per
+    head) or the full state (non-causal, n_state = 1). WRITE_DEN (the backward's recompute):
+    also den = φ(q)ᵀ z + eps per row into DEN (B, Hq, N) float32."""
+    i_t = tl.program_id(0)
     i_bh = tl.program_id(1)
-    i_v = tl.program_id(2)
+    i_v = tl.program_id(2)  # a Dv tile: one, except for exact fp32 (FMA dots) at Dv > 64
     i_b = i_bh // Hq
     i_h = i_bh % Hq
     i_hk = i_h // group  # GQA: query head h reads kv head h // group
     i_bhk = i_b * (Hq // group) + i_hk
+    dt = Q.dtype.element_ty
     o_c = tl.arange(0, BLOCK_C)
     o_d = tl.arange(0, BLOCK_D)
     o_v = i_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
     m_d = o_d < HEAD_DIM
     m_v = o_v < HEAD_DIM_V
+    n0 = i_t * BLOCK_C
 
     Q = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
-    K = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
-    V = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
     O = O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
-    s_off = i_bhk.to(tl.int64) * HEAD_DIM * HEAD_DIM_V
-    z_off = i_bhk.to(tl.int64) * HEAD_DIM
-    p_s = o_d[:, None] * HEAD_DIM_V + o_v[None, :]
-    m_s = m_d[:, None] & m_v[None, :]
-    if HAS_STATE_IN:
-        if DEN_ONLY:
-            b_s = tl.zeros([BLOCK_D, BLOCK_DV], dtype=tl.float32)  # unused
-        else:
-            b_s = tl.load(S_IN + s_off + p_s, mask=m_s, other=0.0)  # [BLOCK_D, BLOCK_DV]
-        b_z = tl.load(Z_IN + z_off + o_d, mask=m_d, other=0.0)  # [BLOCK_D]
-    else:
-        b_s = tl.zeros([BLOCK_D, BLOCK_DV], dtype=tl.float32)
-        b_z = tl.zeros([BLOCK_D], dtype=tl.float32)
-
+    _, b_fq = _features(Q, stride_qn, n0, N, o_c, o_d, m_d, scale, FEATURE_MAP)  # [BLOCK_C, BLOCK_D]
+    b_fqd = b_fq.to(dt)
     if CAUSAL:
-        i_lo = 0
-        i_hi = tl.cdiv(N, BLOCK_C)
+        h_off = i_bhk.to(tl.int64) * n_state + i_t
     else:
-        i_lo = i_c
-        i_hi = i_c + 1
-    m_causal = o_c[:, None] >= o_c[None, :]  # [BLOCK_C, BLOCK_C], key j <= query i
-    if DEN_ONLY:
-        for i_t in range(i_lo, i_hi):
-            n0 = i_t * BLOCK_C
-            b_q, m_n = _load_rows(Q, stride_qn, n0, N, o_c, o_d, m_d)  # [BLOCK_C, BLOCK_D]
-            b_fq = tl.where(m_n[:, None] & m_d[None, :], _phi(b_q.to(tl.float32) * scale, FEATURE_MAP), 0.0)
-            b_den = tl.sum(b_fq * b_z[None, :], 1)  # [BLOCK_C]
-            if CAUSAL:
-                b_k, m_n = _load_rows(K, stride_kn, n0, N, o_c, o_d, m_d)  # [BLOCK_C, BLOCK_D]
-                b_fk = tl.where(m_n[:, None] & m_d[None, :], _phi(b_k.to(tl.float32), FEATURE_MAP), 0.0)
-                b_a = tl.where(m_causal, tl.dot(b_fq, tl.trans(b_fk), input_precision=DOT_PREC), 0.0)
-                b_den += tl.sum(b_a, 1)
-                b_z += tl.sum(b_fk, 0)
-            tl.store(DEN + i_bh.to(tl.int64) * N + n0 + o_c, b_den + eps, mask=n0 + o_c < N)
-    else:
-        for i_t in range(i_lo, i_hi):
-            n0 = i_t * BLOCK_C
-            b_q, m_n = _load_rows(Q, stride_qn, n0, N, o_c, o_d, m_d)  # [BLOCK_C, BLOCK_D]
-            b_fq = tl.where(m_n[:, None] & m_d[None, :], _phi(b_q.to(tl.float32) * scale, FEATURE_MAP), 0.0)
-            # inter-chunk: the state carried from the previous chunks (or the full state)
-            b_num = tl.dot(b_fq, b_s, input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_DV]
-            b_den = tl.sum(b_fq * b_z[None, :], 1)  # [BLOCK_C]
-            if CAUSAL:
-                b_k, m_n = _load_rows(K, stride_kn, n0, N, o_c, o_d, m_d)  # [BLOCK_C, BLOCK_D]
-                b_fk = tl.where(m_n[:, None] & m_d[None, :], _phi(b_k.to(tl.float32), FEATURE_MAP), 0.0)
-                b_v, m_n = _load_rows(V, stride_vn, n0, N, o_c, o_v, m_v)  # [BLOCK_C, BLOCK_DV]
-                b_v = b_v.to(tl.float32)
-                # intra-chunk: masked φ(Q) φ(K)ᵀ, [BLOCK_C, BLOCK_C]
-                b_a = tl.dot(b_fq, tl.trans(b_fk), input_precision=DOT_PREC)
-                b_a = tl.where(m_causal, b_a, 0.0)
-                b_num = tl.dot(b_a, b_v, b_num, input_precision=DOT_PREC)
-                b_den += tl.sum(b_a, 1)
-                # carry the chunk into the state
-                b_s = tl.dot(tl.trans(b_fk), b_v, b_s, input_precision=DOT_PREC)  # [BLOCK_D, BLOCK_DV]
-                b_z += tl.sum(b_fk, 0)
-            if NORMALIZE:
-                b_o = b_num / (b_den + eps)[:, None]
-            else:
-                b_o = b_num
-            _store_rows(O, stride_on, n0, N, o_c, o_v, m_v, b_o)
-
-    if CAUSAL and not DEN_ONLY:
-        if i_h % group == 0:  # every head of the group carries the same state: one writes it
-            tl.store(S_OUT + s_off + p_s, b_s, mask=m_s)
-            if i_v == 0:
-                tl.store(Z_OUT + z_off + o_d, b_z, mask=m_d)
-
-
-# ----------------------------------------------------------------------------------------
-# Backward
-# ----------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _row_scalars(DEN, CC, n0, N, o_c, BLOCK_C: tl.constexpr, NORMALIZE: tl.constexpr):
-    """1/den and c of rows [n0, n0 + C) ([BLOCK_C] each; 1 and 0 past N or without NORMALIZE).
-    DEN and CC point at this (batch, query head)'s row 0."""
+        h_off = i_bhk.to(tl.int64) * n_state
+    b_s = tl.load(H + h_off * HEAD_DIM * HEAD_DIM_V + o_d[:, None] * HEAD_DIM_V + o_v[None, :],
+                  mask=m_d[:, None] & m_v[None, :], other=0.0)  # [BLOCK_D, BLOCK_DV] float32
+    # inter-chunk: the state entering the chunk (or the full state)
+    b_num = tl.dot(b_fqd, _to_dot(b_s, dt), input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_DV]
     if NORMALIZE:
-        m_n = n0 + o_c < N
-        b_rden = 1.0 / tl.load(DEN + n0 + o_c, mask=m_n, other=1.0)
-        b_cc = tl.load(CC + n0 + o_c, mask=m_n, other=0.0)
+        b_z = tl.load(HZ + h_off * HEAD_DIM + o_d, mask=m_d, other=0.0)  # [BLOCK_D]
+        b_den = tl.sum(b_fq * b_z[None, :], 1)  # [BLOCK_C]
+    if CAUSAL:
+        K = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
+        V = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
+        _, b_fk = _features(K, stride_kn, n0, N, o_c, o_d, m_d, 1.0, FEATURE_MAP)  # [BLOCK_C, BLOCK_D]
+        b_v, _ = _load_rows(V, stride_vn, n0, N, o_c, o_v, m_v)  # [BLOCK_C, BLOCK_DV]
+        # intra-chunk: tril(φ(Q) φ(K)ᵀ), [BLOCK_C, BLOCK_C]
+        b_a = tl.dot(b_fqd, tl.trans(b_fk.to(dt)), input_precision=DOT_PREC)
+        b_a = tl.where(o_c[:, None] >= o_c[None, :], b_a, 0.0)
+        b_num = tl.dot(_to_dot(b_a, dt), b_v, b_num, input_precision=DOT_PREC)
+        if NORMALIZE:
+            b_den += tl.sum(b_a, 1)
+    if NORMALIZE:
+        b_den += eps
+        b_o = b_num / b_den[:, None]
+        if WRITE_DEN:
+            tl.store(DEN + i_bh.to(tl.int64) * N + n0 + o_c, b_den, mask=(n0 + o_c < N) & (i_v == 0))
     else:
-        b_rden = tl.full([BLOCK_C], 1.0, tl.float32)
-        b_cc = tl.zeros([BLOCK_C], dtype=tl.float32)
-    return b_rden, b_cc
+        b_o = b_num
+    _store_rows(O, stride_on, n0, N, o_c, o_v, m_v, b_o)
+
+
+# ----------------------------------------------------------------------------------------
+# The parallel gradient passes
+# ----------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _query_chunk(Q, DO, DEN, CC, i_b, i_h, Hq, Nq, n0, scale,
-                 stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don,
-                 o_c, o_d, m_d, o_v, m_v,
-                 FEATURE_MAP: tl.constexpr, BLOCK_C: tl.constexpr, NORMALIZE: tl.constexpr):
-    """What the backward kernels read of query rows [n0, n0 + C) of head (i_b, i_h):
-    φ(scale·q) [BLOCK_C, cols of o_d] (0 outside), dO [BLOCK_C, cols of o_v], 1/den and c."""
-    Qh = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
-    DOh = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
-    off_r = (i_b * Hq + i_h).to(tl.int64) * Nq
-    b_q, m_q = _load_rows(Qh, stride_qn, n0, Nq, o_c, o_d, m_d)
-    b_fq = tl.where(m_q[:, None] & m_d[None, :], _phi(b_q.to(tl.float32) * scale, FEATURE_MAP), 0.0)
-    b_do, m_q = _load_rows(DOh, stride_don, n0, Nq, o_c, o_v, m_v)
-    b_rden, b_cc = _row_scalars(DEN + off_r, CC + off_r, n0, Nq, o_c, BLOCK_C, NORMALIZE)
-    return b_fq, b_do, b_rden, b_cc
-
-
-@triton.jit
-def linear_bwd_dq(Q, K, V, DO, DQ, S_IN, Z_IN, DEN, CC,
-                  stride_qb, stride_qh, stride_qn,
-                  stride_kb, stride_kh, stride_kn,
-                  stride_vb, stride_vh, stride_vn,
-                  stride_dob, stride_doh, stride_don,
-                  stride_dqb, stride_dqh, stride_dqn,
-                  Hq, N, group, scale,
-                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                  BLOCK_C: tl.constexpr, BLOCK_DT: tl.constexpr, BLOCK_DV: tl.constexpr,
-                  FEATURE_MAP: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr,
-                  HAS_STATE_IN: tl.constexpr, DOT_PREC: tl.constexpr):
-    """dQ[..., D tile program_id(2)] of query chunk program_id(0) (causal: all chunks, in
-    order) for one (batch, query head). Holds the state rows of its D tile with the full Dv:
-    S [BLOCK_DT, BLOCK_DV], z [BLOCK_DT]. DEN/CC: den and c per query row (B, Hq, N)."""
-    i_c = tl.program_id(0)
+def linear_chunk_bwd_dq(Q, K, V, G, CP, H, HZ, RINV, DQ,
+                        stride_qb, stride_qh, stride_qn,
+                        stride_kb, stride_kh, stride_kn,
+                        stride_vb, stride_vh, stride_vn,
+                        stride_gb, stride_gh, stride_gn,
+                        stride_dqb, stride_dqh, stride_dqn,
+                        Hq, N, group, n_state, scale,
+                        HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                        BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                        FEATURE_MAP: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr,
+                        DOT_PREC: tl.constexpr):
+    """dQ of query chunk program_id(0), (batch, query head) program_id(1), D tile
+    program_id(2): G = R·do/den (input
+    dtype, (B, Hq, N, Dv)), CP = R·c (float32 (B, Hq, N)), RINV = 1/R per (batch, kv head);
+    H/HZ the forward's states as in `linear_chunk_fwd`."""
+    i_t = tl.program_id(0)
     i_bh = tl.program_id(1)
+    # a D tile (dφq's columns need only those columns of q, k, S, z): one, except for exact
+    # fp32 (FMA dots) at D > 64
     i_d = tl.program_id(2)
     i_b = i_bh // Hq
     i_h = i_bh % Hq
     i_hk = i_h // group
     i_bhk = i_b * (Hq // group) + i_hk
+    dt = Q.dtype.element_ty
     o_c = tl.arange(0, BLOCK_C)
-    o_d = i_d * BLOCK_DT + tl.arange(0, BLOCK_DT)
+    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
     o_v = tl.arange(0, BLOCK_DV)
     m_d = o_d < HEAD_DIM
     m_v = o_v < HEAD_DIM_V
+    n0 = i_t * BLOCK_C
 
     Q = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
-    K = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
-    V = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
-    DO = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
+    G = G + i_b.to(tl.int64) * stride_gb + i_h.to(tl.int64) * stride_gh
     DQ = DQ + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh
-    DEN = DEN + i_bh.to(tl.int64) * N
-    CC = CC + i_bh.to(tl.int64) * N
-    s_off = i_bhk.to(tl.int64) * HEAD_DIM * HEAD_DIM_V
-    z_off = i_bhk.to(tl.int64) * HEAD_DIM
-    if HAS_STATE_IN:
-        b_s = tl.load(S_IN + s_off + o_d[:, None] * HEAD_DIM_V + o_v[None, :],
-                      mask=m_d[:, None] & m_v[None, :], other=0.0)  # [BLOCK_DT, BLOCK_DV]
-        b_z = tl.load(Z_IN + z_off + o_d, mask=m_d, other=0.0)  # [BLOCK_DT]
-    else:
-        b_s = tl.zeros([BLOCK_DT, BLOCK_DV], dtype=tl.float32)
-        b_z = tl.zeros([BLOCK_DT], dtype=tl.float32)
-
+    b_xq, _ = _features(Q, stride_qn, n0, N, o_c, o_d, m_d, scale, FEATURE_MAP)  # [BLOCK_C, BLOCK_D]
+    b_g, _ = _load_rows(G, stride_gn, n0, N, o_c, o_v, m_v)  # [BLOCK_C, BLOCK_DV]
     if CAUSAL:
-        i_lo = 0
-        i_hi = tl.cdiv(N, BLOCK_C)
+        h_off = i_bhk.to(tl.int64) * n_state + i_t
     else:
-        i_lo = i_c
-        i_hi = i_c + 1
-    m_causal = o_c[:, None] >= o_c[None, :]  # [BLOCK_C, BLOCK_C]: key j <= query i
-    for i_t in range(i_lo, i_hi):
-        n0 = i_t * BLOCK_C
-        b_q, m_n = _load_rows(Q, stride_qn, n0, N, o_c, o_d, m_d)  # [BLOCK_C, BLOCK_DT]
-        b_q = b_q.to(tl.float32) * scale
-        b_do, m_n = _load_rows(DO, stride_don, n0, N, o_c, o_v, m_v)  # [BLOCK_C, BLOCK_DV], input dtype
-        b_rden, b_cc = _row_scalars(DEN, CC, n0, N, o_c, BLOCK_C, NORMALIZE)
+        h_off = i_bhk.to(tl.int64) * n_state
+    b_s = tl.load(H + h_off * HEAD_DIM * HEAD_DIM_V + o_d[:, None] * HEAD_DIM_V + o_v[None, :],
+                  mask=m_d[:, None] & m_v[None, :], other=0.0)  # [BLOCK_D, BLOCK_DV] float32
+    b_dfq = tl.dot(b_g, tl.trans(_to_dot(b_s, dt)), input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_D]
+    if NORMALIZE:
+        b_cp = tl.load(CP + i_bh.to(tl.int64) * N + n0 + o_c, mask=n0 + o_c < N, other=0.0)  # [BLOCK_C]
+        b_z = tl.load(HZ + h_off * HEAD_DIM + o_d, mask=m_d, other=0.0)  # [BLOCK_D]
+        b_dfq += b_cp[:, None] * b_z[None, :]
+    if CAUSAL:
+        K = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
+        V = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
+        _, b_fk = _features(K, stride_kn, n0, N, o_c, o_d, m_d, 1.0, FEATURE_MAP)  # [BLOCK_C, BLOCK_D]
+        b_v, _ = _load_rows(V, stride_vn, n0, N, o_c, o_v, m_v)  # [BLOCK_C, BLOCK_DV]
+        # intra-chunk: P[i, j] = g_i · v_j + c_i for j <= i, [BLOCK_C, BLOCK_C]
+        b_p = tl.dot(b_g, tl.trans(b_v), input_precision=DOT_PREC)
         if NORMALIZE:
-            b_g = b_do.to(tl.float32) * b_rden[:, None]  # g = do / den
-        else:
-            b_g = b_do.to(tl.float32)
-        # dφq = g Sᵀ + c zᵀ with the carried (causal) or full state (+ the intra-chunk term)
-        if NORMALIZE:
-            b_dfq = b_cc[:, None] * b_z[None, :]  # [BLOCK_C, BLOCK_DT]
-        else:
-            b_dfq = tl.zeros([BLOCK_C, BLOCK_DT], dtype=tl.float32)
-        if CAUSAL:
-            b_k, m_n = _load_rows(K, stride_kn, n0, N, o_c, o_d, m_d)  # [BLOCK_C, BLOCK_DT]
-            b_fk = tl.where(m_n[:, None] & m_d[None, :], _phi(b_k.to(tl.float32), FEATURE_MAP), 0.0)
-            b_v, m_n = _load_rows(V, stride_vn, n0, N, o_c, o_v, m_v)  # [BLOCK_C, BLOCK_DV], input dtype
-            # intra-chunk: P[i, j] = g_i · v_j + c_i for j <= i; do and v are exact in the input dtype
-            b_p = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_C]
-            if NORMALIZE:
-                b_p = tl.where(m_causal, b_p * b_rden[:, None] + b_cc[:, None], 0.0)
-            else:
-                b_p = tl.where(m_causal, b_p, 0.0)
-            b_dfq = tl.dot(b_p, b_fk, b_dfq, input_precision=DOT_PREC)
-            b_dfq = tl.dot(b_g, tl.trans(b_s), b_dfq, input_precision=DOT_PREC)  # before S takes the chunk
-            b_s = tl.dot(tl.trans(b_fk), b_v.to(tl.float32), b_s, input_precision=DOT_PREC)
-            b_z += tl.sum(b_fk, 0)
-        else:
-            b_dfq = tl.dot(b_g, tl.trans(b_s), b_dfq, input_precision=DOT_PREC)
-        b_dq = b_dfq * _dphi(b_q, FEATURE_MAP) * scale
-        _store_rows(DQ, stride_dqn, n0, N, o_c, o_d, m_d, b_dq)
+            b_p += b_cp[:, None]
+        b_p = tl.where(o_c[:, None] >= o_c[None, :], b_p, 0.0)
+        b_dfq = tl.dot(_to_dot(b_p, dt), b_fk.to(dt), b_dfq, input_precision=DOT_PREC)
+    if NORMALIZE:
+        b_dfq *= tl.load(RINV + i_bhk)
+    b_dq = b_dfq * _dphi(b_xq, FEATURE_MAP) * scale
+    _store_rows(DQ, stride_dqn, n0, N, o_c, o_d, m_d, b_dq)
 
 
 @triton.jit
-def linear_bwd_dk(Q, K, V, DO, DK, DEN, CC,
-                  stride_qb, stride_qh, stride_qn,
-                  stride_kb, stride_kh, stride_kn,
-                  stride_vb, stride_vh, stride_vn,
-                  stride_dob, stride_doh, stride_don,
-                  stride_dkb, stride_dkh, stride_dkn,
-                  Hk, Nq, Nk, group, scale,
-                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                  BLOCK_C: tl.constexpr, BLOCK_DT: tl.constexpr, BLOCK_DV: tl.constexpr,
-                  FEATURE_MAP: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr,
-                  DOT_PREC: tl.constexpr):
-    """dK[..., D tile program_id(1)] of one (batch, kv head), summed over the group's query
-    heads in order. dφk_j = dS v_j + dz (+ the intra-chunk term), with dS = Σ φ(q_i) g_iᵀ
-    [BLOCK_DT, BLOCK_DV] and dz = Σ c_i φ(q_i) [BLOCK_DT] over the queries that see key j."""
-    i_bh = tl.program_id(0)
-    i_d = tl.program_id(1)
+def linear_chunk_bwd_dkdv(Q, K, V, G, CP, DH, DHZ, RINV, DK, DV,
+                          stride_qb, stride_qh, stride_qn,
+                          stride_kb, stride_kh, stride_kn,
+                          stride_vb, stride_vh, stride_vn,
+                          stride_gb, stride_gh, stride_gn,
+                          stride_dkb, stride_dkh, stride_dkn,
+                          stride_dvb, stride_dvh, stride_dvn,
+                          Hk, Nq, Nk, group, n_state, scale,
+                          HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                          BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                          BLOCK_T: tl.constexpr,
+                          FEATURE_MAP: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr,
+                          DOT_PREC: tl.constexpr):
+    """dK and dV of key chunk program_id(0), (batch, kv head) program_id(1), summed over the
+    group's query heads in order. DH/DHZ: dS, dz of the later chunks (causal, the reverse
+    state pass, n_state = Nk/C) or of all queries (non-causal, n_state = 1).
+
+    Output columns: tile program_id(2) of BLOCK_T columns of dK and the same of dV. BLOCK_T =
+    BLOCK_D = BLOCK_DV (one tile) except for exact fp32 at 128, whose FMA dots spill with
+    whole [C, 128] outputs: the [C, C] products (which contract all of D or Dv) are then
+    recomputed per column tile."""
+    i_t = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_j = tl.program_id(2)
     i_b = i_bh // Hk
     i_hk = i_bh % Hk
-    Hq = Hk * group
+    dt = K.dtype.element_ty
     o_c = tl.arange(0, BLOCK_C)
-    o_d = i_d * BLOCK_DT + tl.arange(0, BLOCK_DT)
+    o_d = tl.arange(0, BLOCK_D)
     o_v = tl.arange(0, BLOCK_DV)
     m_d = o_d < HEAD_DIM
     m_v = o_v < HEAD_DIM_V
+    o_dt = i_j * BLOCK_T + tl.arange(0, BLOCK_T)  # this program's dK columns
+    o_vt = i_j * BLOCK_T + tl.arange(0, BLOCK_T)  # and dV columns
+    m_dt = o_dt < HEAD_DIM
+    m_vt = o_vt < HEAD_DIM_V
+    n0 = i_t * BLOCK_C
+
     K = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
     V = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
     DK = DK + i_b.to(tl.int64) * stride_dkb + i_hk.to(tl.int64) * stride_dkh
-    b_ds = tl.zeros([BLOCK_DT, BLOCK_DV], dtype=tl.float32)
-    b_dz = tl.zeros([BLOCK_DT], dtype=tl.float32)
-    m_causal_t = o_c[:, None] <= o_c[None, :]  # [BLOCK_C (key j), BLOCK_C (query i)]: j <= i
-
-    if CAUSAL:
-        n_t = tl.cdiv(Nk, BLOCK_C)
-        for i_r in range(0, n_t):
-            n0 = (n_t - 1 - i_r) * BLOCK_C  # reverse order: dS holds the later chunks' queries
-            b_k, m_n = _load_rows(K, stride_kn, n0, Nk, o_c, o_d, m_d)  # [BLOCK_C, BLOCK_DT]
-            b_v, m_n = _load_rows(V, stride_vn, n0, Nk, o_c, o_v, m_v)  # [BLOCK_C, BLOCK_DV]
-            b_dfk = tl.dot(b_v.to(tl.float32), tl.trans(b_ds), input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_DT]
-            if NORMALIZE:
-                b_dfk += b_dz[None, :]
-            for i_g in range(0, group):
-                i_h = i_hk * group + i_g
-                b_fq, b_do, b_rden, b_cc = _query_chunk(Q, DO, DEN, CC, i_b, i_h, Hq, Nq, n0, scale,
-                                                        stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don,
-                                                        o_c, o_d, m_d, o_v, m_v, FEATURE_MAP, BLOCK_C, NORMALIZE)
-                # intra-chunk: Pᵀ[j, i] = v_j · g_i + c_i for j <= i
-                b_pt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_C]
-                b_pt = tl.where(m_causal_t, b_pt * b_rden[None, :] + b_cc[None, :], 0.0)
-                b_dfk = tl.dot(b_pt, b_fq, b_dfk, input_precision=DOT_PREC)
-                # this chunk's queries join dS for the earlier chunks
-                b_g = b_do.to(tl.float32) * b_rden[:, None]  # [BLOCK_C, BLOCK_DV]
-                b_ds = tl.dot(tl.trans(b_fq), b_g, b_ds, input_precision=DOT_PREC)
-                b_dz += tl.sum(b_fq * b_cc[:, None], 0)
-            b_dk = b_dfk * _dphi(b_k.to(tl.float32), FEATURE_MAP)
-            _store_rows(DK, stride_dkn, n0, Nk, o_c, o_d, m_d, b_dk)
-    else:
-        # every key sees every query: reduce dS, dz over all queries of the group first
-        for i_g in range(0, group):
-            i_h = i_hk * group + i_g
-            for i_t in range(0, tl.cdiv(Nq, BLOCK_C)):
-                n0 = i_t * BLOCK_C
-                b_fq, b_do, b_rden, b_cc = _query_chunk(Q, DO, DEN, CC, i_b, i_h, Hq, Nq, n0, scale,
-                                                        stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don,
-                                                        o_c, o_d, m_d, o_v, m_v, FEATURE_MAP, BLOCK_C, NORMALIZE)
-                b_g = b_do.to(tl.float32) * b_rden[:, None]
-                b_ds = tl.dot(tl.trans(b_fq), b_g, b_ds, input_precision=DOT_PREC)
-                b_dz += tl.sum(b_fq * b_cc[:, None], 0)
-        for i_t in range(0, tl.cdiv(Nk, BLOCK_C)):
-            n0 = i_t * BLOCK_C
-            b_k, m_n = _load_rows(K, stride_kn, n0, Nk, o_c, o_d, m_d)
-            b_v, m_n = _load_rows(V, stride_vn, n0, Nk, o_c, o_v, m_v)
-            b_dfk = tl.dot(b_v.to(tl.float32), tl.trans(b_ds), input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_DT]
-            if NORMALIZE:
-                b_dfk += b_dz[None, :]
-            b_dk = b_dfk * _dphi(b_k.to(tl.float32), FEATURE_MAP)
-            _store_rows(DK, stride_dkn, n0, Nk, o_c, o_d, m_d, b_dk)
-
-
-@triton.jit
-def linear_bwd_dv(Q, K, DO, DV, DEN,
-                  stride_qb, stride_qh, stride_qn,
-                  stride_kb, stride_kh, stride_kn,
-                  stride_dob, stride_doh, stride_don,
-                  stride_dvb, stride_dvh, stride_dvn,
-                  Hk, Nq, Nk, group, scale,
-                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                  BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DVT: tl.constexpr,
-                  FEATURE_MAP: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr,
-                  DOT_PREC: tl.constexpr):
-    """dV[..., Dv tile program_id(1)] of one (batch, kv head), summed over the group's query
-    heads in order: dv_j = dSᵀ φ(k_j) (+ the intra-chunk term), dS [BLOCK_D, BLOCK_DVT]."""
-    i_bh = tl.program_id(0)
-    i_v = tl.program_id(1)
-    i_b = i_bh // Hk
-    i_hk = i_bh % Hk
-    Hq = Hk * group
-    o_c = tl.arange(0, BLOCK_C)
-    o_d = tl.arange(0, BLOCK_D)
-    o_v = i_v * BLOCK_DVT + tl.arange(0, BLOCK_DVT)
-    m_d = o_d < HEAD_DIM
-    m_v = o_v < HEAD_DIM_V
-    K = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
     DV = DV + i_b.to(tl.int64) * stride_dvb + i_hk.to(tl.int64) * stride_dvh
-    b_ds = tl.zeros([BLOCK_D, BLOCK_DVT], dtype=tl.float32)
-    m_causal_t = o_c[:, None] <= o_c[None, :]  # [BLOCK_C (key j), BLOCK_C (query i)]: j <= i
-
+    b_xk, b_fk = _features(K, stride_kn, n0, Nk, o_c, o_d, m_d, 1.0, FEATURE_MAP)  # [BLOCK_C, BLOCK_D]
+    b_fkd = b_fk.to(dt)
+    b_v, m_rv = _load_rows(V, stride_vn, n0, Nk, o_c, o_v, m_v)  # [BLOCK_C, BLOCK_DV]
     if CAUSAL:
-        n_t = tl.cdiv(Nk, BLOCK_C)
-        for i_r in range(0, n_t):
-            n0 = (n_t - 1 - i_r) * BLOCK_C  # reverse order
-            b_k, m_n = _load_rows(K, stride_kn, n0, Nk, o_c, o_d, m_d)  # [BLOCK_C, BLOCK_D]
-            b_fk = tl.where(m_n[:, None] & m_d[None, :], _phi(b_k.to(tl.float32), FEATURE_MAP), 0.0)
-            b_dv = tl.dot(b_fk, b_ds, input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_DVT]
-            for i_g in range(0, group):
-                i_h = i_hk * group + i_g
-                b_fq, b_do, b_rden, b_cc = _query_chunk(Q, DO, DEN, DEN, i_b, i_h, Hq, Nq, n0, scale,
-                                                        stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don,
-                                                        o_c, o_d, m_d, o_v, m_v, FEATURE_MAP, BLOCK_C, NORMALIZE)
-                b_g = b_do.to(tl.float32) * b_rden[:, None]  # [BLOCK_C, BLOCK_DVT]
-                # intra-chunk: Aᵀ[j, i] = φ(k_j) · φ(q_i) for j <= i
-                b_at = tl.dot(b_fk.to(K.dtype.element_ty), tl.trans(b_fq.to(K.dtype.element_ty)),
-                              input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_C]
-                b_at = tl.where(m_causal_t, b_at, 0.0)
-                b_dv = tl.dot(b_at, b_g, b_dv, input_precision=DOT_PREC)
-                b_ds = tl.dot(tl.trans(b_fq), b_g, b_ds, input_precision=DOT_PREC)
-            _store_rows(DV, stride_dvn, n0, Nk, o_c, o_v, m_v, b_dv)
+        h_off = i_bh.to(tl.int64) * n_state + i_t
     else:
+        h_off = i_bh.to(tl.int64) * n_state
+    DHh = DH + h_off * HEAD_DIM * HEAD_DIM_V
+    if BLOCK_T == BLOCK_D and BLOCK_T == BLOCK_DV:  # one tile: dS read once
+        b_ds = tl.load(DHh + o_d[:, None] * HEAD_DIM_V + o_v[None, :],
+                       mask=m_d[:, None] & m_v[None, :], other=0.0)  # [BLOCK_D, BLOCK_DV] float32
+        b_dsr = _to_dot(b_ds, dt)
+        b_dsc = b_dsr
+        b_xkt = b_xk
+    else:
+        b_dsr = _to_dot(tl.load(DHh + o_dt[:, None] * HEAD_DIM_V + o_v[None, :],
+                                mask=m_dt[:, None] & m_v[None, :], other=0.0), dt)  # [BLOCK_T, BLOCK_DV]
+        b_dsc = _to_dot(tl.load(DHh + o_d[:, None] * HEAD_DIM_V + o_vt[None, :],
+                                mask=m_d[:, None] & m_vt[None, :], other=0.0), dt)  # [BLOCK_D, BLOCK_T]
+        b_xkt, b_fkt = _features(K, stride_kn, n0, Nk, o_c, o_dt, m_dt, 1.0, FEATURE_MAP)  # [BLOCK_C, BLOCK_T]
+    b_dfk = tl.dot(b_v, tl.trans(b_dsr), input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_T]
+    b_dv = tl.dot(b_fkd, b_dsc, input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_T]
+    if NORMALIZE:
+        b_dfk += tl.load(DHZ + h_off * HEAD_DIM + o_dt, mask=m_dt, other=0.0)[None, :]
+    if CAUSAL:
+        m_t = o_c[:, None] <= o_c[None, :]  # [BLOCK_C (key j), BLOCK_C (query i)]: j <= i
         for i_g in range(0, group):
             i_h = i_hk * group + i_g
-            for i_t in range(0, tl.cdiv(Nq, BLOCK_C)):
-                n0 = i_t * BLOCK_C
-                b_fq, b_do, b_rden, b_cc = _query_chunk(Q, DO, DEN, DEN, i_b, i_h, Hq, Nq, n0, scale,
-                                                        stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don,
-                                                        o_c, o_d, m_d, o_v, m_v, FEATURE_MAP, BLOCK_C, NORMALIZE)
-                b_ds = tl.dot(tl.trans(b_fq), b_do.to(tl.float32) * b_rden[:, None], b_ds, input_precision=DOT_PREC)
-        for i_t in range(0, tl.cdiv(Nk, BLOCK_C)):
-            n0 = i_t * BLOCK_C
-            b_k, m_n = _load_rows(K, stride_kn, n0, Nk, o_c, o_d, m_d)
-            b_fk = tl.where(m_n[:, None] & m_d[None, :], _phi(b_k.to(tl.float32), FEATURE_MAP), 0.0)
-            b_dv = tl.dot(b_fk, b_ds, input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_DVT]
-            _store_rows(DV, stride_dvn, n0, Nk, o_c, o_v, m_v, b_dv)
+            Qh = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
+            Gh = G + i_b.to(tl.int64) * stride_gb + i_h.to(tl.int64) * stride_gh
+            b_xq, b_fq = _features(Qh, stride_qn, n0, Nq, o_c, o_d, m_d, scale, FEATURE_MAP)  # [BLOCK_C, BLOCK_D]
+            b_fqd = b_fq.to(dt)
+            b_g, m_rg = _load_rows(Gh, stride_gn, n0, Nq, o_c, o_v, m_v)  # [BLOCK_C, BLOCK_DV]
+            if BLOCK_T == BLOCK_D and BLOCK_T == BLOCK_DV:
+                b_fqt = b_fqd
+                b_gt = b_g
+            else:
+                b_xqt, b_fqt = _features(Qh, stride_qn, n0, Nq, o_c, o_dt, m_dt, scale, FEATURE_MAP)  # [BLOCK_C, BLOCK_T]
+                b_fqt = b_fqt.to(dt)
+                b_gt, m_rgt = _load_rows(Gh, stride_gn, n0, Nq, o_c, o_vt, m_vt)  # [BLOCK_C, BLOCK_T]
+            # Pᵀ[j, i] = v_j · g_i + c_i, Aᵀ[j, i] = φ(k_j) · φ(q_i), j <= i: [BLOCK_C, BLOCK_C]
+            b_pt = tl.dot(b_v, tl.trans(b_g), input_precision=DOT_PREC)
+            if NORMALIZE:
+                b_cp = tl.load(CP + (i_b * Hk * group + i_h).to(tl.int64) * Nq + n0 + o_c,
+                               mask=n0 + o_c < Nq, other=0.0)  # [BLOCK_C]
+                b_pt += b_cp[None, :]
+            b_pt = tl.where(m_t, b_pt, 0.0)
+            b_dfk = tl.dot(_to_dot(b_pt, dt), b_fqt, b_dfk, input_precision=DOT_PREC)
+            b_at = tl.dot(b_fkd, tl.trans(b_fqd), input_precision=DOT_PREC)
+            b_at = tl.where(m_t, b_at, 0.0)
+            b_dv = tl.dot(_to_dot(b_at, dt), b_gt, b_dv, input_precision=DOT_PREC)
+    if NORMALIZE:
+        b_rinv = tl.load(RINV + i_bh)
+        b_dfk *= b_rinv
+        b_dv *= b_rinv
+    b_dk = b_dfk * _dphi(b_xkt, FEATURE_MAP)
+    _store_rows(DK, stride_dkn, n0, Nk, o_c, o_dt, m_dt, b_dk)
+    _store_rows(DV, stride_dvn, n0, Nk, o_c, o_vt, m_vt, b_dv)
