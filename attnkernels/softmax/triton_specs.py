@@ -11,7 +11,7 @@ from ..triton_common import TRITON_DTYPE, KernelSpec, divisibility, pad_dim, sig
 from .triton_kernels import attn_bwd_dkdv, attn_bwd_dq, attn_bwd_preprocess, attn_fwd
 from .triton_launch import ARCHS, PREPROCESS_BLOCK_M, block_config
 
-__all__ = ["AOT_SPECS"]
+__all__ = ["AOT_DOTS", "AOT_SPECS"]
 
 # argument typing, by the naming convention of triton_kernels.py: data tensors upper-case,
 # LSE/DELTA float32, tables int32, KPM uint8; strides and sizes i32
@@ -68,6 +68,18 @@ def _sm90_waiver(kernel: str, cfg, d: int) -> tuple:
         return ()
     return (("mma.sync-sm90", f"{rows}-row {kernel} tile on {cfg.num_warps} warps at D={d}: under 64 rows "
              "per warpgroup (larger tiles spill)"),)
+
+
+def _loop_dots(kernel: str, bm: int, bn: int, d: int, dv: int) -> tuple:
+    """(M, N, K) of each tl.dot in one iteration of the kernel's inner loop (triton_kernels.py
+    `_fwd_tiles`, `_dkdv_tiles`, `_dq_tiles`), for the compile gate's MMA-work check. d, dv:
+    the padded head dims (BLOCK_D, BLOCK_DV)."""
+    if kernel == "fwd":  # s = q k^T; acc += p v
+        return ((bm, bn, d), (bm, dv, bn))
+    if kernel == "dkdv":  # s^T = k q^T; dv += p^T do; dp^T = v do^T; dk += ds^T q
+        return ((bn, bm, d), (bn, dv, bm), (bn, bm, dv), (bn, d, bm))
+    # dq: s = q k^T; dp = do v^T; dq += ds k
+    return ((bm, bn, d), (bm, bn, dv), (bm, d, bn))
 
 
 def _spec(name, fn, dtype_label, tdt, const, **kw) -> KernelSpec:
@@ -141,3 +153,9 @@ def _build_aot_specs() -> list[KernelSpec]:
 
 
 AOT_SPECS: list[KernelSpec] = _build_aot_specs()
+_KERNEL_OF = {attn_fwd: "fwd", attn_bwd_dkdv: "dkdv", attn_bwd_dq: "dq"}
+# spec name -> the dots of its loop body (compile_report's MMA-work check)
+AOT_DOTS: dict[str, tuple] = {
+    s.name: _loop_dots(_KERNEL_OF[s.fn], s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"],
+                       s.constexprs["BLOCK_D"], s.constexprs["BLOCK_DV"])
+    for s in AOT_SPECS if s.fn in _KERNEL_OF}
