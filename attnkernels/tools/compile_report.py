@@ -17,7 +17,25 @@ spills, shared memory and the MMA instructions by kind and shape (e.g. "wgmma.m6
 x60"), and prints the triton and ptxas versions first. Exit status 1 on any compile error,
 any spill, a spec with `uses_dot` whose PTX has no tensor-core instruction, shared memory
 over the arch's per-block limit, `mma.sync` in a 16-bit sm_90a kernel with a dot (no
-wgmma), or TF32 MMAs in a kernel on 16-bit inputs; 0 otherwise. A spec may waive named
+wgmma), TF32 MMAs in a kernel on 16-bit inputs, or duplicated MMA work ("dup-mma", below);
+0 otherwise.
+
+MMA work per loop body ("MMA/loop body (min) ratio" column; `mma_per_body`): a spec module
+may declare, per spec name, the (M, N, K) of each tl.dot in one iteration of the kernel's
+inner loop (`AOT_DOTS`; the softmax kernels do, the linear ones do not yet: "-"). The gate
+finds the innermost PTX loops that hold MMAs (a label and a branch back to it), takes the
+busiest, and turns its per-thread MMA instructions into the CTA's multiply-adds: m*n*k per
+instruction times the issuers (every warp for mma.sync, every warpgroup for wgmma). The
+minimum is sum(M*N*K) of the declared dots; ratio = measured / minimum, and "min" is the
+instruction count at ratio 1 with the same shapes. Counting one loop body, not the whole
+kernel, means peeled iterations and the several copies of a body in the source (masked and
+unmasked segments) do not count; what raises the ratio is work done more than once per
+iteration, as when the tile has fewer 16-row (mma) / 64-row (wgmma) slices than warps and
+Triton replicates the product on the spare warps, or a dim padded up to the instruction
+shape. A spec fails at ratio >= DUP_MMA_LIMIT (2: at least one full product computed
+twice per iteration); 1 < ratio < 2 is reported only (e.g. one of two equal dots done
+twice gives 1.5). Not caught: a loop Triton unrolls (tl.range(loop_unroll_factor)) would
+read as duplication; a kernel without loops, or without declared dots, is not checked. A spec may waive named
 problems (`KernelSpec.waive`, each with its reason): they are reported, not failed. A module of KERNEL_MODULES that does not exist
 (yet) is skipped with a note; an existing module that fails to import is an error.
 
