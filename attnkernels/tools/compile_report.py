@@ -32,12 +32,14 @@ kernel, means peeled iterations and the several copies of a body in the source (
 unmasked segments) do not count; what raises the ratio is work done more than once per
 iteration, as when the tile has fewer 16-row (mma) / 64-row (wgmma) slices than warps and
 Triton replicates the product on the spare warps, or a dim padded up to the instruction
-shape. A spec fails at ratio >= DUP_MMA_LIMIT (2: at least one full product computed
-twice per iteration); 1 < ratio < 2 is reported only (e.g. one of two equal dots done
-twice gives 1.5). Not caught: a loop Triton unrolls (tl.range(loop_unroll_factor)) would
-read as duplication; a kernel without loops, or without declared dots, is not checked. A spec may waive named
-problems (`KernelSpec.waive`, each with its reason): they are reported, not failed. A module of KERNEL_MODULES that does not exist
-(yet) is skipped with a note; an existing module that fails to import is an error.
+shape. A spec fails at ratio >= DUP_MMA_LIMIT (2: twice the tensor-core work its dots
+need, every iteration); 1 < ratio < 2 is reported only (e.g. one of two equal dots done
+twice gives 1.5). Not handled: a loop Triton unrolls (tl.range(loop_unroll_factor)) would
+read as duplication; a kernel without loops, or without declared dots, is not checked.
+
+A spec may waive named problems (`KernelSpec.waive`, each with its reason): they are
+reported, not failed. A module of KERNEL_MODULES that does not exist (yet) is skipped with
+a note; an existing module that fails to import is an error.
 
 Triton's interpreter cannot compile for a GPU and must be chosen before triton is
 imported, so with TRITON_INTERPRET set the report re-runs itself in a child process
