@@ -2,8 +2,10 @@
 
 The report compiles each kernel for sm_80 and sm_90a without a GPU, in its own process
 (the test session runs under TRITON_INTERPRET=1, which cannot compile for a GPU). Here:
-its `--quick` subset passes (no compile error, no spill, tensor cores wherever a kernel's
-matmuls must use them), and its parsers catch a spill and a missing mma on canned text.
+the full gate passes (every spec: no compile error, no spill, tensor cores wherever a
+kernel's matmuls must use them, no duplicated MMA work unless waived), and its parsers
+catch a spill, a missing mma and duplicated MMA work on canned text. The full gate takes
+about 7.5 minutes on 2 cores from a cold Triton cache (950 compiles); it uses every core.
 """
 from __future__ import annotations
 
@@ -95,6 +97,71 @@ def test_mma_shapes_and_the_checks_on_them():
     assert R.summarize([row])["mma_sync_sm90"] == 1
 
 
+# a kernel as Triton lays it out: one MMA before the loops (a peeled iteration), a loop of
+# two bodies' worth of nothing but a nested loop, the nested loop with 4 MMAs per iteration,
+# and a second copy of the body (the unmasked segment) with 4 more
+PTX_LOOPS = """\
+.target sm_80
+	mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 { %f1 }, { %r5 }, { %r6 }, { %f7 };
+$L__BB0_1:                              // =>This Loop Header: Depth=1
+	add.s32 	%r1, %r1, 1;
+$L__BB0_2:                              // =>This Inner Loop Header: Depth=2
+	mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 { %f1 }, { %r5 }, { %r6 }, { %f7 };
+	mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 { %f1 }, { %r5 }, { %r6 }, { %f7 };
+	mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 { %f1 }, { %r5 }, { %r6 }, { %f7 };
+	mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 { %f1 }, { %r5 }, { %r6 }, { %f7 };
+	@%p3 bra 	$L__BB0_2;
+	@%p4 bra 	$L__BB0_1;
+	bra.uni 	$L__BB0_4;
+$L__BB0_3:
+	mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 { %f1 }, { %r5 }, { %r6 }, { %f7 };
+	mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 { %f1 }, { %r5 }, { %r6 }, { %f7 };
+	@!%p5 bra 	$L__BB0_3;
+$L__BB0_4:
+	ret;
+"""
+
+PTX_WGMMA_LOOP = """\
+.target sm_90a
+$L__BB0_7:
+	wgmma.fence.sync.aligned;
+	wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%r1}, %rd1, %rd2, 1, 1, 1, 0, 1;
+	wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%r1}, %rd1, %rd2, 1, 1, 1, 0, 1;
+	wgmma.commit_group.sync.aligned;
+	wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%r1}, %rd1, %rd2, 1, 1, 1, 0, 1;
+	wgmma.wait_group.sync.aligned 0;
+	@%p9 bra 	$L__BB0_7;
+"""
+
+
+def test_mma_loop_bodies_count_each_innermost_loop():
+    # the outer loop (BB0_1) holds the inner one: only the inner is a body; the peeled MMA
+    # before the loops and the forward branch to BB0_4 count nowhere
+    assert R.mma_loop_bodies(PTX_LOOPS) == [{"mma.m16n8k16.bf16": 4}, {"mma.m16n8k16.bf16": 2}]
+    assert R.mma_loop_bodies(PTX_MMA) == []  # no loop
+    assert R.mma_cta_macs({"mma.m16n8k16.bf16": 4}, 4) == 4 * 16 * 8 * 16 * 4  # every warp issues it
+    # a wgmma is issued once per warpgroup: 8 warps = 2 issuers
+    assert R.mma_cta_macs({"wgmma.m64n64k16.bf16": 2, "wgmma.m64n128k16.bf16": 1}, 8) == \
+        (2 * 64 * 64 * 16 + 64 * 128 * 16) * 2
+
+
+def test_mma_per_body_against_the_declared_dots():
+    # 4 warps x 4 m16n8k16 (the busiest body) = 32768 MACs = one [64, 16] x [16, 32] dot: the minimum
+    assert R.mma_per_body(PTX_LOOPS, 4, [(64, 32, 16)]) == dict(count=4, min=4, ratio=1.0, loops=2)
+    # the same PTX on 8 warps does that dot twice: warps replicated along a missing dimension
+    body = R.mma_per_body(PTX_LOOPS, 8, [(64, 32, 16)])
+    assert body["ratio"] == 2.0 and body["min"] == 2
+    # sm_90a, 8 warps: (2*64*64*16 + 64*128*16)*2 = 524288 MACs; [128, 64] x [64, 32] is 262144
+    assert R.mma_per_body(PTX_WGMMA_LOOP, 8, [(128, 64, 32), (128, 32, 64)])["ratio"] == 1.0
+    assert R.mma_per_body(PTX_WGMMA_LOOP, 8, [(128, 64, 32)])["ratio"] == 2.0
+    assert R.mma_per_body(PTX_MMA, 4, [(16, 16, 16)]) is None  # no loop: not checked
+    assert R.mma_per_body(PTX_LOOPS, 4, None) is None  # no declared dots: not checked
+    row = dict(module="m", name="k", status="dup-mma", spills=0, smem=0, regs=100, waived=[],
+               mma_body=dict(count=4, min=2, ratio=2.0, loops=2))
+    s = R.summarize([row])
+    assert s["dup_mma"] == 1 and s["mma_checked"] == 1
+
+
 def test_ptxas_parser_reads_registers_and_spills():
     clean = R.parse_ptxas_log(PTXAS_CLEAN)
     assert (clean.registers, clean.spills, clean.stack) == (168, 0, 0)
@@ -141,7 +208,7 @@ def test_quick_subset_is_one_spec_per_kernel_and_dtype():
 # ----------------------------------------------------------------------------------------
 
 
-def test_compile_report_quick(tmp_path):
+def test_compile_report_full(tmp_path):
     reason = _ptxas_missing()
     if reason:
         print(f"skipping: {reason}")
@@ -150,8 +217,9 @@ def test_compile_report_quick(tmp_path):
     # TRITON_INTERPRET stays set on purpose: the report must re-run itself without it
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(
-        [sys.executable, "-m", "attnkernels.tools.compile_report", "--quick", "--jobs", "2", "--json", str(out_json)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+        [sys.executable, "-m", "attnkernels.tools.compile_report", "--jobs", str(os.cpu_count() or 2),
+         "--json", str(out_json)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800,
     )
     assert proc.returncode == 0, f"compile report failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
     report = json.loads(out_json.read_text())
@@ -171,6 +239,13 @@ def test_compile_report_quick(tmp_path):
                 assert r["wgmma"] > 0 or r["mma"] > 0, f"{where}: no wgmma/mma"
                 if r["dtype"] in ("fp16", "bf16") and not r["waived"]:
                     assert r["mma"] == 0 and r["wgmma"] > 0, f"{where}: mma.sync in a 16-bit sm_90a kernel"
+    # the whole gate, not a subset
+    specs, _ = R.collect_specs(log=lambda msg: None)
+    assert not report["quick"] and report["summary"]["specs"] == len(specs)
+    # the MMA-work check ran on every attention kernel with tensor-core dots
+    for r in rows:
+        if r["module"] == "attnkernels.softmax.triton_specs" and r["uses_dot"]:
+            assert r["mma_body"] and r["mma_body"]["ratio"] >= 1.0, f"{r['name']} sm_{r['arch']}"
     assert "ptxas" in proc.stderr.splitlines()[0] or "ptxas" in proc.stdout, "the versions are printed"
     # every kernel of the attention module is represented, in each arch
     kernels = {(r["kernel"], r["arch"]) for r in rows if r["module"] == "attnkernels.softmax.triton_specs"}

@@ -74,13 +74,19 @@ def override_blocks(block_m: int, block_n: int):
 # tiles (`_CONFIGS_SM90`).
 # `table_skip=False` (every table block masked): the configs whose table walk spills on
 # sm_80 with the second, unmasked loop body (compile gate, Triton 3.8).
+# fp32 at D=256 (fwd, dQ): 16x16 tiles on 8 warps. The [16, 256] fp32 accumulator and
+# operands need the registers of 8 warps: with 4 warps (or 32x16 on 8) the exact-fp32 ("ieee")
+# build spills 24-180 bytes at 255 regs on sm_90a and in the masked loops on sm_80; 16x16 w8
+# is spill-free on both for every mask variant (fwd 203-238 regs, dQ 192-228; TF32 109-150).
+# The cost, under TF32: the [16, 16] score dot has one 16-row mma tile, so most of the 8
+# warps compute copies of it (the gate's MMA-per-loop-body column shows it).
 _FP32_REGS = 255
 _NO_SKIP = dict(table_skip=False)
 _CONFIGS = {
     # forward: BLOCK_M query rows resident, BLOCK_N key rows stream
     ("fwd", 64): (BlockConfig(64, 64, 4, 3, **_NO_SKIP), BlockConfig(32, 16, 4, 2, _FP32_REGS)),
     ("fwd", 128): (BlockConfig(128, 64, 8, 3), BlockConfig(16, 16, 4, 2, _FP32_REGS)),
-    ("fwd", 256): (BlockConfig(64, 32, 8, 2), BlockConfig(32, 16, 8, 2, _FP32_REGS, **_NO_SKIP)),
+    ("fwd", 256): (BlockConfig(64, 32, 8, 2), BlockConfig(16, 16, 8, 2, _FP32_REGS, **_NO_SKIP)),
     # dK/dV: BLOCK_N key rows resident, BLOCK_M query rows stream
     ("dkdv", 64): (BlockConfig(16, 128, 8, 2), BlockConfig(16, 16, 4, 2, _FP32_REGS)),
     ("dkdv", 128): (BlockConfig(16, 32, 8, 2), BlockConfig(16, 16, 8, 2, _FP32_REGS)),
@@ -88,7 +94,7 @@ _CONFIGS = {
     # dQ: BLOCK_M query rows resident, BLOCK_N key rows stream
     ("dq", 64): (BlockConfig(64, 32, 4, 3, **_NO_SKIP), BlockConfig(32, 16, 4, 2, _FP32_REGS)),
     ("dq", 128): (BlockConfig(64, 32, 4, 2), BlockConfig(16, 16, 4, 2, _FP32_REGS)),
-    ("dq", 256): (BlockConfig(32, 16, 4, 2), BlockConfig(16, 16, 4, 2, _FP32_REGS, **_NO_SKIP)),
+    ("dq", 256): (BlockConfig(32, 16, 4, 2), BlockConfig(16, 16, 8, 2, _FP32_REGS, **_NO_SKIP)),
 }
 
 

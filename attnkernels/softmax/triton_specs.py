@@ -11,7 +11,7 @@ from ..triton_common import TRITON_DTYPE, KernelSpec, divisibility, pad_dim, sig
 from .triton_kernels import attn_bwd_dkdv, attn_bwd_dq, attn_bwd_preprocess, attn_fwd
 from .triton_launch import ARCHS, PREPROCESS_BLOCK_M, block_config
 
-__all__ = ["AOT_SPECS"]
+__all__ = ["AOT_DOTS", "AOT_SPECS"]
 
 # argument typing, by the naming convention of triton_kernels.py: data tensors upper-case,
 # LSE/DELTA float32, tables int32, KPM uint8; strides and sizes i32
@@ -70,6 +70,45 @@ def _sm90_waiver(kernel: str, cfg, d: int) -> tuple:
              "per warpgroup (larger tiles spill)"),)
 
 
+# Tiles whose loop body does >= 2x the MMA work its dots need ("dup-mma", compile gate): the
+# tile has fewer 16-row mma slices than warps, and Triton gives the spare warps copies of the
+# same product (a dot feeding another dot keeps its warps along M only). Keyed by (kernel,
+# dtype label, head dim, BLOCK_M, BLOCK_N, warps), so a retuned tile drops its waiver.
+_FP32_SHARED = ("TF32 runs the fp32 tile (the config table is keyed by dtype, not dot precision); exact fp32 "
+                "needs these warps: with 4 it spills 12-180 B at 255 regs (compile gate, Triton 3.8)")
+_UNTIMED = "not timed on a GPU yet, kept until it is"
+_DUP_MMA_KNOWN = {
+    **{("dkdv", "tf32", d, 16, 16, 8): _FP32_SHARED for d in (128, 256)},
+    ("fwd", "tf32", 256, 16, 16, 8): _FP32_SHARED,
+    ("dq", "tf32", 256, 16, 16, 8): _FP32_SHARED,
+    **{(k, "tf32", 32, 32, 16, 4): "TF32 runs the fp32 tile (table keyed by dtype); 2 warps compile spill-free "
+       "for exact fp32 at D=32, untried at D=64 (the D<=64 class shares the tile); " + _UNTIMED
+       for k in ("fwd", "dq")},
+    **{("dkdv", label, 128, 16, 32, 8): "sm_80 tile; 4 warps compile spill-free at 1.5x (compile gate); "
+       + _UNTIMED for label in ("fp16", "bf16")},
+    **{("dkdv", label, 256, 16, 16, 8): "4 warps spill on sm_90a (20-56 B, window / sparse), spill-free on sm_80 "
+       "at 1.5x (compile gate); " + _UNTIMED for label in ("fp16", "bf16")},
+}
+
+
+def _dup_mma_waiver(kernel: str, label: str, d: int, cfg) -> tuple:
+    reason = _DUP_MMA_KNOWN.get((kernel, label, d, cfg.block_m, cfg.block_n, cfg.num_warps))
+    return (("dup-mma", f"{cfg.block_m}x{cfg.block_n} {kernel} tile on {cfg.num_warps} warps: {reason}"),) \
+        if reason else ()
+
+
+def _loop_dots(kernel: str, bm: int, bn: int, d: int, dv: int) -> tuple:
+    """(M, N, K) of each tl.dot in one iteration of the kernel's inner loop (triton_kernels.py
+    `_fwd_tiles`, `_dkdv_tiles`, `_dq_tiles`), for the compile gate's MMA-work check. d, dv:
+    the padded head dims (BLOCK_D, BLOCK_DV)."""
+    if kernel == "fwd":  # s = q k^T; acc += p v
+        return ((bm, bn, d), (bm, dv, bn))
+    if kernel == "dkdv":  # s^T = k q^T; dv += p^T do; dp^T = v do^T; dk += ds^T q
+        return ((bn, bm, d), (bn, dv, bm), (bn, bm, dv), (bn, d, bm))
+    # dq: s = q k^T; dp = do v^T; dq += ds k
+    return ((bm, bn, d), (bm, bn, dv), (bm, d, bn))
+
+
 def _spec(name, fn, dtype_label, tdt, const, **kw) -> KernelSpec:
     sig = signature(fn, tdt, const, **_TYPES)
     if const.get("HAS_BIAS"):
@@ -103,7 +142,8 @@ def _kernel_specs(kernel, fn, label, dtype, prec, d, variant, has_left, has_righ
         specs.append(_spec(name, fn, label, tdt, const,
                            num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
                            uses_dot=uses_tc, archs=(arch,) if arch else None,
-                           waive=_sm90_waiver(kernel, cfg, d) if arch in (None, 90) else (), quick=quick))
+                           waive=(_sm90_waiver(kernel, cfg, d) if arch in (None, 90) else ())
+                           + _dup_mma_waiver(kernel, label, d, cfg), quick=quick))
     return specs
 
 
@@ -141,3 +181,9 @@ def _build_aot_specs() -> list[KernelSpec]:
 
 
 AOT_SPECS: list[KernelSpec] = _build_aot_specs()
+_KERNEL_OF = {attn_fwd: "fwd", attn_bwd_dkdv: "dkdv", attn_bwd_dq: "dq"}
+# spec name -> the dots of its loop body (compile_report's MMA-work check)
+AOT_DOTS: dict[str, tuple] = {
+    s.name: _loop_dots(_KERNEL_OF[s.fn], s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"],
+                       s.constexprs["BLOCK_D"], s.constexprs["BLOCK_DV"])
+    for s in AOT_SPECS if s.fn in _KERNEL_OF}

@@ -17,9 +17,29 @@ spills, shared memory and the MMA instructions by kind and shape (e.g. "wgmma.m6
 x60"), and prints the triton and ptxas versions first. Exit status 1 on any compile error,
 any spill, a spec with `uses_dot` whose PTX has no tensor-core instruction, shared memory
 over the arch's per-block limit, `mma.sync` in a 16-bit sm_90a kernel with a dot (no
-wgmma), or TF32 MMAs in a kernel on 16-bit inputs; 0 otherwise. A spec may waive named
-problems (`KernelSpec.waive`, each with its reason): they are reported, not failed. A module of KERNEL_MODULES that does not exist
-(yet) is skipped with a note; an existing module that fails to import is an error.
+wgmma), TF32 MMAs in a kernel on 16-bit inputs, or duplicated MMA work ("dup-mma", below);
+0 otherwise.
+
+MMA work per loop body ("MMA/loop body (min) ratio" column; `mma_per_body`): a spec module
+may declare, per spec name, the (M, N, K) of each tl.dot in one iteration of the kernel's
+inner loop (`AOT_DOTS`; the softmax kernels do, the linear ones do not yet: "-"). The gate
+finds the innermost PTX loops that hold MMAs (a label and a branch back to it), takes the
+busiest, and turns its per-thread MMA instructions into the CTA's multiply-adds: m*n*k per
+instruction times the issuers (every warp for mma.sync, every warpgroup for wgmma). The
+minimum is sum(M*N*K) of the declared dots; ratio = measured / minimum, and "min" is the
+instruction count at ratio 1 with the same shapes. Counting one loop body, not the whole
+kernel, means peeled iterations and the several copies of a body in the source (masked and
+unmasked segments) do not count; what raises the ratio is work done more than once per
+iteration, as when the tile has fewer 16-row (mma) / 64-row (wgmma) slices than warps and
+Triton replicates the product on the spare warps, or a dim padded up to the instruction
+shape. A spec fails at ratio >= DUP_MMA_LIMIT (2: twice the tensor-core work its dots
+need, every iteration); 1 < ratio < 2 is reported only (e.g. one of two equal dots done
+twice gives 1.5). Not handled: a loop Triton unrolls (tl.range(loop_unroll_factor)) would
+read as duplication; a kernel without loops, or without declared dots, is not checked.
+
+A spec may waive named problems (`KernelSpec.waive`, each with its reason): they are
+reported, not failed. A module of KERNEL_MODULES that does not exist (yet) is skipped with
+a note; an existing module that fails to import is an error.
 
 Triton's interpreter cannot compile for a GPU and must be chosen before triton is
 imported, so with TRITON_INTERPRET set the report re-runs itself in a child process
@@ -67,7 +87,13 @@ _RE_MMA_SHAPE = re.compile(r"^\s*(?:@!?%\w+\s+)?(mma\.sync|wgmma\.mma_async)\.\S
                            r"\.(?:f32|f16|s32)\.(f16|bf16|tf32|f64|e4m3|e5m2|s8|u8)\.", re.MULTILINE)
 SIXTEEN_BIT = ("fp16", "bf16")
 # problems a spec may waive with a reason (KernelSpec.waive); the others always fail
-WAIVABLE = ("mma.sync-sm90", "tf32-16bit")
+WAIVABLE = ("mma.sync-sm90", "tf32-16bit", "dup-mma")
+# loops in PTX: a basic-block label, and a branch back to a label above it
+_RE_LABEL = re.compile(r"^(\$L__BB\d+_\d+):")
+_RE_BRA = re.compile(r"^\s*(?:@!?%\w+\s+)?bra(?:\.uni)?\s+(\$L__BB\d+_\d+)\s*;")
+# the dot products' work per loop body may exceed the minimum by this factor before the
+# gate fails the spec ("dup-mma"); see `mma_per_body`
+DUP_MMA_LIMIT = 2.0
 
 
 @dataclasses.dataclass
@@ -111,6 +137,77 @@ def mma_shapes(ptx: str) -> dict[str, int]:
         key = f"{'wgmma' if kind.startswith('wgmma') else 'mma'}.{shape}.{ty}"
         counts[key] = counts.get(key, 0) + 1
     return dict(sorted(counts.items()))
+
+
+def _mma_macs(key: str) -> int:
+    """Multiply-adds of one instruction of a `mma_shapes` key ("wgmma.m64n128k16.bf16")."""
+    m, n, k = map(int, re.match(r"\w+\.m(\d+)n(\d+)k(\d+)", key).groups())
+    return m * n * k
+
+
+def mma_cta_macs(shapes: dict[str, int], num_warps: int) -> int:
+    """Multiply-adds that the CTA's tensor cores do for MMA instruction counts taken from PTX.
+
+    PTX is the program of one thread, run by every warp: each `mma.sync` is issued by all
+    `num_warps` warps, each `wgmma` by all `num_warps / 4` warpgroups. Work that two warps
+    do on the same operands (a layout that replicates a dot over warps) is counted twice:
+    that is what the duplicate-work check looks for."""
+    total = 0
+    for key, count in shapes.items():
+        issuers = max(1, num_warps // 4) if key.startswith("wgmma") else num_warps
+        total += count * _mma_macs(key) * issuers
+    return total
+
+
+def mma_loop_bodies(ptx: str) -> list[dict[str, int]]:
+    """MMA instruction counts (`mma_shapes` keys) of each innermost loop of PTX that has MMAs.
+
+    A loop is the text from a basic-block label to a branch back to it. Innermost: no other
+    loop with MMAs lies inside it. One loop is one copy of a kernel's loop body as it runs
+    per iteration, so peeled prologue/epilogue iterations and the several copies of a body
+    in the source (masked and unmasked segments) do not add up here."""
+    lines = ptx.splitlines()
+    labels = {}
+    for i, line in enumerate(lines):
+        m = _RE_LABEL.match(line)
+        if m:
+            labels[m.group(1)] = i
+    loops = []
+    for j, line in enumerate(lines):
+        m = _RE_BRA.match(line)
+        if m and labels.get(m.group(1), j) < j:
+            i = labels[m.group(1)]
+            shapes = mma_shapes("\n".join(lines[i:j + 1]))
+            if shapes:
+                loops.append((i, j, shapes))
+    inner = [(i, j, sh) for i, j, sh in loops
+             if not any((i2, j2) != (i, j) and i <= i2 and j2 <= j for i2, j2, _ in loops)]
+    return [sh for _, _, sh in inner]
+
+
+def mma_per_body(ptx: str, num_warps: int, dots) -> dict | None:
+    """Tensor-core work of the busiest loop body against the minimum its dots need.
+
+    `dots`: the (M, N, K) of each tl.dot in one iteration of the kernel's loop (declared by
+    the spec module's `AOT_DOTS`). The minimum is sum(M*N*K) multiply-adds per CTA; the
+    measured is the busiest innermost loop's MMAs (`mma_loop_bodies`) times their shape times
+    the warps / warpgroups that issue them (`mma_cta_macs`). ratio = measured / minimum:
+    1.0 when every product is computed once; 2.0 when the work is done twice (e.g. warps laid
+    along a dimension the tile does not have, so several warps compute the same tile).
+    Counts are per thread, as in the PTX: "count" the measured instructions of that loop,
+    "min" the count at ratio 1 with the same instruction shapes. None without dots or
+    without a loop that has MMAs (nothing to compare per body)."""
+    if not dots:
+        return None
+    bodies = mma_loop_bodies(ptx)
+    if not bodies:
+        return None
+    body = max(bodies, key=lambda sh: mma_cta_macs(sh, num_warps))
+    macs = mma_cta_macs(body, num_warps)
+    minimum = sum(m * n * k for m, n, k in dots)
+    count = sum(body.values())
+    ratio = macs / minimum
+    return dict(count=count, min=-(-count * minimum // macs), ratio=round(ratio, 3), loops=len(bodies))
 
 
 def mma_problems(shapes: dict[str, int], arch: int, dtype: str, uses_dot: bool) -> list[str]:
@@ -247,13 +344,15 @@ def compile_one(mod_name: str, spec_name: str, arch: int) -> dict:
     row = dict(module=mod_name, name=spec_name, arch=arch, kernel="?", dtype="?", config="", uses_dot=None,
                regs=None, spill_stores=None, spill_loads=None, spills=None, stack=None, smem=None,
                mma=0, wgmma=0, mma_shapes={}, tensor_cores=None, status="error", error=None, waived=[],
-               num_warps=None, num_stages=None, tile="")
+               num_warps=None, num_stages=None, tile="", mma_body=None)
     try:
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
 
-        spec = next(s for s in importlib.import_module(mod_name).AOT_SPECS if s.name == spec_name)
+        mod = importlib.import_module(mod_name)
+        spec = next(s for s in mod.AOT_SPECS if s.name == spec_name)
+        dots = getattr(mod, "AOT_DOTS", {}).get(spec_name)  # optional: (M, N, K) per dot of the loop body
         row.update(kernel=_kernel_name(spec), dtype=_spec_dtype(spec), config=_config_str(spec), uses_dot=spec.uses_dot,
                    num_warps=spec.num_warps, num_stages=spec.num_stages, tile=_tile_str(spec))
         src = ASTSource(spec.fn, spec.signature, spec.constexprs, _attrs(spec))
@@ -266,9 +365,10 @@ def compile_one(mod_name: str, spec_name: str, arch: int) -> dict:
         ops = tensor_core_ops(ptx)
         tc = has_tensor_cores(ops, arch)
         shapes = mma_shapes(ptx)
+        body = mma_per_body(ptx, spec.num_warps, dots) if spec.uses_dot else None
         row.update(regs=info.registers, spill_stores=info.spill_stores, spill_loads=info.spill_loads,
                    spills=info.spills, stack=info.stack, smem=int(kernel.metadata.shared),
-                   mma=ops["mma"], wgmma=ops["wgmma"], mma_shapes=shapes, tensor_cores=tc)
+                   mma=ops["mma"], wgmma=ops["wgmma"], mma_shapes=shapes, tensor_cores=tc, mma_body=body)
         problems = []
         if info.spills:
             problems.append("spill")
@@ -277,7 +377,10 @@ def compile_one(mod_name: str, spec_name: str, arch: int) -> dict:
         if spec.uses_dot and not tc:
             problems.append("no-mma")
         waive = dict(getattr(spec, "waive", ()) or ())
-        for problem in mma_problems(shapes, arch, row["dtype"], spec.uses_dot):
+        found = mma_problems(shapes, arch, row["dtype"], spec.uses_dot)
+        if body and body["ratio"] >= DUP_MMA_LIMIT:
+            found.append("dup-mma")
+        for problem in found:
             if problem in waive:
                 row["waived"].append(f"{problem}: {waive[problem]}")
             else:
@@ -308,11 +411,14 @@ def _cells(row) -> list[str]:
     fmt = lambda v: "?" if v is None else str(v)  # noqa: E731
     spills = fmt(row["spills"]) if not row["spills"] else f"{row['spill_stores']}/{row['spill_loads']}B"
     status = row["status"] if row["status"] != "error" else "ERROR"
-    return [row["name"], row["config"], arch, fmt(row["regs"]), spills, fmt(row["smem"]), _mma_cell(row), status]
+    body = row.get("mma_body")
+    body = "-" if not body else f"{body['count']} ({body['min']}) {body['ratio']:g}x"
+    return [row["name"], row["config"], arch, fmt(row["regs"]), spills, fmt(row["smem"]), _mma_cell(row), body, status]
 
 
 def format_table(rows, markdown=False) -> str:
-    header = ["kernel", "config", "arch", "regs", "spills", "smem (B)", "MMA (kind.shape.type x count)", "status"]
+    header = ["kernel", "config", "arch", "regs", "spills", "smem (B)", "MMA (kind.shape.type x count)",
+              "MMA/loop body (min) ratio", "status"]
     body = [_cells(r) for r in rows]
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -333,6 +439,8 @@ def summarize(rows) -> dict:
         smem_over_limit=sum("smem" in r["status"] for r in rows),
         mma_sync_sm90=sum("mma.sync-sm90" in r["status"] for r in rows),
         tf32_16bit=sum("tf32-16bit" in r["status"] for r in rows),
+        dup_mma=sum("dup-mma" in r["status"] for r in rows),
+        mma_checked=sum(bool(r.get("mma_body")) for r in rows),
         waived=sum(bool(r.get("waived")) for r in rows),
         max_regs=max((r["regs"] for r in rows if r["regs"] is not None), default=None),
         max_smem=max((r["smem"] for r in rows if r["smem"] is not None), default=None),
@@ -412,7 +520,7 @@ def main(argv=None) -> int:
     summary = summarize(rows)
     summary["seconds"] = round(elapsed, 1)
     ok = not (summary["errors"] or summary["spills"] or summary["missing_tensor_cores"] or summary["smem_over_limit"]
-              or summary["mma_sync_sm90"] or summary["tf32_16bit"])
+              or summary["mma_sync_sm90"] or summary["tf32_16bit"] or summary["dup_mma"])
 
     print(format_table(rows, markdown=args.markdown), file=out)
     for r in rows:
@@ -423,7 +531,8 @@ def main(argv=None) -> int:
             f"{summary['missing_tensor_cores']} dot kernels without tensor cores, "
             f"{summary['smem_over_limit']} over the shared-memory limit, "
             f"{summary['mma_sync_sm90']} 16-bit sm_90a kernels on mma.sync, {summary['tf32_16bit']} with TF32 MMAs on "
-            f"16-bit inputs ({summary['waived']} waived); max {summary['max_regs']} regs, "
+            f"16-bit inputs, {summary['dup_mma']} of {summary['mma_checked']} checked with >= {DUP_MMA_LIMIT:g}x "
+            f"the minimum MMA work per loop body ({summary['waived']} waived); max {summary['max_regs']} regs, "
             f"max {summary['max_smem']} B shared. triton {triton.__version__}, ptxas {ptxas_version()}.")
     print(("\n" if args.markdown else "\n") + tail + ("" if ok else " FAILED"), file=out)
     waived = {}
