@@ -69,6 +69,11 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def row_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, head, row) strides of a (B, H, N, D) tensor, as the kernels take them (last dim contiguous)."""
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     """The kernels take strides for every dim but the last, which must be contiguous."""
     return t if t.stride(-1) == 1 else t.contiguous()

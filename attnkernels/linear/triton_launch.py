@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..triton_common import Override, cdiv, dot_precision, last_dim_contiguous, launch_options, pad_dim
+from ..triton_common import cdiv, dot_precision, last_dim_contiguous, launch_options, Override, pad_dim, row_strides
 from .triton_kernels import (FEATURE_MAPS, linear_chunk_bwd_dkdv, linear_chunk_bwd_dq, linear_chunk_fwd,
                              linear_chunk_state)
 
@@ -180,8 +180,8 @@ def _state_pass(x, y, w, s_in, z_in, *, group, scale, fm, reverse, store_chunks,
     linear_chunk_state[grid](
         x, y, dummy if w is None else w, s_in if has_in else dummy, z_in if has_in else dummy,
         dummy if h is None else h, dummy if hz is None else hz, dummy if s is None else s, dummy if z is None else z,
-        x.stride(0), x.stride(1), x.stride(2),
-        y.stride(0), y.stride(1), y.stride(2),
+        *row_strides(x),
+        *row_strides(y),
         kv_heads, n, group, float(scale),
         HEAD_DIM=feat, HEAD_DIM_V=head_dim_v, BLOCK_C=cfg.block_c, BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v,
         FEATURE_MAP=fm, REVERSE=reverse, STORE_CHUNKS=store_chunks, STORE_FINAL=store_final,
@@ -214,10 +214,10 @@ def _output_pass(q, k, v, states, call, fm, prec, write_den=False):
     if grid[0] * grid[1] * grid[2] > 0:
         linear_chunk_fwd[grid](
             q, k, v, out, h, hz, den if write_den else out,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
+            *row_strides(q),
+            *row_strides(k),
+            *row_strides(v),
+            *row_strides(out),
             q_heads, q_len, q_heads // kv_heads, n_state, float(call.scale), float(call.eps),
             HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_C=cfg.block_c, BLOCK_D=cfg.block_m,
             BLOCK_DV=cfg.block_v, FEATURE_MAP=fm, CAUSAL=call.causal, NORMALIZE=call.normalize,
@@ -309,11 +309,11 @@ def backward(call, dout, q, k, v):
     if grid[0] * grid[1] * grid[2] > 0:
         linear_chunk_bwd_dq[grid](
             q, k, v, g, unused if cp is None else cp, h, hz, unused if rinv is None else rinv, dq,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            g.stride(0), g.stride(1), g.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2),
+            *row_strides(q),
+            *row_strides(k),
+            *row_strides(v),
+            *row_strides(g),
+            *row_strides(dq),
             q_heads, q_len, group, n_state, scale,
             BLOCK_C=cfg.block_c, BLOCK_D=cfg.block_m, BLOCK_DV=cfg.block_v, **launch_options(cfg), **common,
         )
@@ -324,12 +324,12 @@ def backward(call, dout, q, k, v):
         linear_chunk_bwd_dkdv[grid](
             q, k, v, g, unused if cp is None else cp, dh, unused if dhz is None else dhz,
             unused if rinv is None else rinv, dk, dv,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            g.stride(0), g.stride(1), g.stride(2),
-            dk.stride(0), dk.stride(1), dk.stride(2),
-            dv.stride(0), dv.stride(1), dv.stride(2),
+            *row_strides(q),
+            *row_strides(k),
+            *row_strides(v),
+            *row_strides(g),
+            *row_strides(dk),
+            *row_strides(dv),
             kv_heads, q_len, kv_len, group, n_dstate, scale,
             BLOCK_C=cfg.block_c, BLOCK_D=cfg.block_m, BLOCK_DV=cfg.block_v, BLOCK_T=cfg.block_t,
             **launch_options(cfg), **common,

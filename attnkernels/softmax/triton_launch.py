@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..triton_common import Override, cdiv, dot_precision, launch_options, last_dim_contiguous, pad_dim
+from ..triton_common import cdiv, dot_precision, last_dim_contiguous, launch_options, Override, pad_dim, row_strides
 from .dropout import keep_threshold
 from .triton_kernels import attn_bwd_dkdv, attn_bwd_dq, attn_bwd_preprocess, attn_fwd
 
@@ -375,10 +375,10 @@ def forward(call, q, k, v):
     grid = (cdiv(q_len, cfg.block_m), batch * q_heads)
     attn_fwd[grid](
         q, k, v, out, lse, table_num, table_idx, kpm if kpm is not None else lse, *mods.pointers(lse),
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
+        *row_strides(q),
+        *row_strides(k),
+        *row_strides(v),
+        *row_strides(out),
         *t_strides,
         kpm.stride(0) if kpm is not None else 0,
         *mods.bias_strides,
@@ -432,8 +432,8 @@ def backward(call, dout, q, k, v, out, lse, bias_grad: bool = False):
     pad_d, pad_dv = pad_dim(head_dim), pad_dim(head_dim_v)
     attn_bwd_preprocess[(cdiv(q_len, PREPROCESS_BLOCK_M), batch * q_heads)](
         out, dout, delta,
-        out.stride(0), out.stride(1), out.stride(2),
-        dout.stride(0), dout.stride(1), dout.stride(2),
+        *row_strides(out),
+        *row_strides(dout),
         q_heads, q_len, HEAD_DIM_V=head_dim_v, BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_DV=pad_dv,
     )
     common = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_D=pad_d, BLOCK_DV=pad_dv,
@@ -451,12 +451,12 @@ def backward(call, dout, q, k, v, out, lse, bias_grad: bool = False):
         cfg = block_config("dkdv", head_dim, head_dim_v, q.dtype, tab.sparse_block, arch, mods.names())
         attn_bwd_dkdv[(cdiv(kv_len, cfg.block_n), batch * kv_heads)](
             q, k, v, dout, lse, delta, dk, dv, *q_tab[:2], kpm_arg, *mods.pointers(delta),
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            dout.stride(0), dout.stride(1), dout.stride(2),
-            dk.stride(0), dk.stride(1), dk.stride(2),
-            dv.stride(0), dv.stride(1), dv.stride(2),
+            *row_strides(q),
+            *row_strides(k),
+            *row_strides(v),
+            *row_strides(dout),
+            *row_strides(dk),
+            *row_strides(dv),
             *q_tab[2:], kpm_stride, *mods.bias_strides,
             q_heads, kv_heads, q_len, kv_len, group, window_left, window_right, scale * LOG2E, scale, *mods.scalars(),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TABLE_SKIP=cfg.table_skip, **launch_options(cfg), **common,
@@ -465,11 +465,11 @@ def backward(call, dout, q, k, v, out, lse, bias_grad: bool = False):
     attn_bwd_dq[(cdiv(q_len, cfg.block_m), batch * q_heads)](
         q, k, v, dout, lse, delta, dq, *kv_tab[:2], kpm_arg, *mods.pointers(delta),
         dbias if dbias is not None else delta,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        dout.stride(0), dout.stride(1), dout.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
+        *row_strides(q),
+        *row_strides(k),
+        *row_strides(v),
+        *row_strides(dout),
+        *row_strides(dq),
         *kv_tab[2:], kpm_stride, *mods.bias_strides,
         q_heads, q_len, kv_len, group, window_left, window_right, scale * LOG2E, scale, *mods.scalars(),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TABLE_SKIP=cfg.table_skip, STORE_DBIAS=dbias is not None,
