@@ -388,6 +388,8 @@ def markdown(meta, gate, rows, compile_section, plots) -> str:
         f"- machine: {meta['machine']}, {meta['cores']} cores; torch threads {meta['threads']}",
         f"- torch {meta['torch']}, triton {meta['triton']}, python {meta['python']}; CPU capability {meta['capability']} "
         f"(C++ build used: {meta['build']})",
+        *(f"- re-measured on {u['date']} with `--update` (same flags; C++ build {u['build']}): " + "; ".join(u["sections"])
+          for u in meta.get("updates", [])),
         f"- torch.mm {MM_SIZE}³ in the row's dtype, in the same rounds (the peak of the unit that dtype uses): median "
         + ", ".join(f"{d} {g:.0f}" for d, g in _per_dtype(meta["mm_gflops"]).items()) + " GFLOP/s over the rows; `of mm` is against it",
         "- all rows CPU, B=1, H=8, D=64, peers in the row's dtype; times are medians of interleaved rounds, spread = min–max;",
@@ -630,6 +632,24 @@ def _memory_plot(rows, directory) -> list:
     return [("peak memory vs N", path)]
 
 
+def _merge_rows(saved: dict, rows: list, meta: dict, args) -> list:
+    """saved["rows"] with the sections (family, dtype) of `rows` replaced by `rows`, in the saved order (new
+    sections last); the update is recorded in saved["meta"]["updates"] (rendered under the header)."""
+    measured = {(r["family"], r.get("dtype", "fp32")) for r in rows}
+    merged, placed = [], set()
+    for r in saved["rows"]:
+        section = (r["family"], r.get("dtype", "fp32"))
+        if section not in measured:
+            merged.append(r)
+        elif section not in placed:
+            merged += [n for n in rows if (n["family"], n.get("dtype", "fp32")) == section]
+            placed.add(section)
+    merged += [n for n in rows if (n["family"], n.get("dtype", "fp32")) not in placed]
+    saved["meta"].setdefault("updates", []).append(dict(
+        date=meta["date"], sections=sorted(f"{f}, {d}" for f, d in measured), build=meta["build"]))
+    return merged
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, 3 rounds (under ~5 minutes)")
@@ -641,7 +661,20 @@ def main(argv=None) -> int:
     parser.add_argument("--families", help="comma-separated: measure only these families (e.g. modifiers,decode)")
     parser.add_argument("--render", metavar="JSON",
                         help="re-write BENCHMARKS.md and the plots from the rows a run saved with --json (no timing)")
+    parser.add_argument("--update", metavar="JSON",
+                        help="measure only --families (in --dtypes), replace those sections' rows in the rows a run saved "
+                             "with --json (same --quick and --threads), save them back and re-write BENCHMARKS.md")
     args = parser.parse_args(argv)
+    saved = None
+    if args.update:
+        with open(args.update) as f:
+            saved = json.load(f)
+        if not args.families:
+            parser.error("--update: name the families to re-measure with --families")
+        if saved["meta"]["quick"] != args.quick or saved["meta"]["threads"] != args.threads:
+            parser.error(f"--update: {args.update} was measured with quick={saved['meta']['quick']}, threads="
+                         f"{saved['meta']['threads']}; re-measure with the same flags (got quick={args.quick}, "
+                         f"threads={args.threads})")
     if args.render:
         with open(args.render) as f:
             saved = json.load(f)
@@ -704,6 +737,8 @@ def main(argv=None) -> int:
         mm_gflops={d: statistics.median(r["mm_gflops"] for r in rows if r["dtype"] == d)
                    for d in dict.fromkeys(r["dtype"] for r in rows)},
     )
+    if saved is not None:  # the re-measured sections replace theirs; every other section keeps its saved rows
+        rows, meta, args.json = _merge_rows(saved, rows, meta, args), saved["meta"], args.json or args.update
     if args.json:  # first, so that a failure below loses no measurement (--render rewrites from it)
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, gate=gate, rows=rows), f, indent=1)
