@@ -424,7 +424,8 @@ def markdown(meta, gate, rows, compile_section, plots) -> str:
             )
     if plots:
         out += ["", "## Plots", ""] + [f"![{name}]({path})" for name, path in plots]
-    out += ["", compile_section]
+    if compile_section:
+        out += ["", compile_section]
     return "\n".join(out) + "\n"
 
 
@@ -664,6 +665,9 @@ def main(argv=None) -> int:
     parser.add_argument("--update", metavar="JSON",
                         help="measure only --families (in --dtypes), replace those sections' rows in the rows a run saved "
                              "with --json (same --quick and --threads), save them back and re-write BENCHMARKS.md")
+    parser.add_argument("--tables-only", action="store_true",
+                        help="write the header, the gate and the measured tables only (no plots, no GPU sections): "
+                             "a focused document under docs/")
     args = parser.parse_args(argv)
     saved = None
     if args.update:
@@ -678,10 +682,10 @@ def main(argv=None) -> int:
     if args.render:
         with open(args.render) as f:
             saved = json.load(f)
-        written = plots(saved["rows"], args.plots_dir)
+        written = [] if args.tables_only else plots(saved["rows"], args.plots_dir)
         with open(args.output, "w") as f:
             f.write(markdown(saved["meta"], saved["gate"], saved["rows"],
-                             gpu_sections(args.plots_dir), written))
+                             "" if args.tables_only else gpu_sections(args.plots_dir), written))
         print(f"re-wrote {args.output} from {args.render}")
         return 0
     if args.threads:
@@ -742,9 +746,9 @@ def main(argv=None) -> int:
     if args.json:  # first, so that a failure below loses no measurement (--render rewrites from it)
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, gate=gate, rows=rows), f, indent=1)
-    written = plots(rows, args.plots_dir)
+    written = [] if args.tables_only else plots(rows, args.plots_dir)
     with open(args.output, "w") as f:
-        f.write(markdown(meta, gate, rows, gpu_sections(args.plots_dir), written))
+        f.write(markdown(meta, gate, rows, "" if args.tables_only else gpu_sections(args.plots_dir), written))
     print(f"wrote {args.output} and {len(written)} plots under {args.plots_dir}/")
     return 0 if all(e < GATE_TOLERANCE for e in gate.values()) else 1
 
