@@ -633,7 +633,7 @@ def _memory_plot(rows, directory) -> list:
     return [("peak memory vs N", path)]
 
 
-def _merge_rows(saved: dict, rows: list, meta: dict, args) -> list:
+def _merge_rows(saved: dict, rows: list, meta: dict) -> list:
     """saved["rows"] with the sections (family, dtype) of `rows` replaced by `rows`, in the saved order (new
     sections last); the update is recorded in saved["meta"]["updates"] (rendered under the header)."""
     measured = {(r["family"], r.get("dtype", "fp32")) for r in rows}
@@ -742,7 +742,7 @@ def main(argv=None) -> int:
                    for d in dict.fromkeys(r["dtype"] for r in rows)},
     )
     if saved is not None:  # the re-measured sections replace theirs; every other section keeps its saved rows
-        rows, meta, args.json = _merge_rows(saved, rows, meta, args), saved["meta"], args.json or args.update
+        rows, meta, args.json = _merge_rows(saved, rows, meta), saved["meta"], args.json or args.update
     if args.json:  # first, so that a failure below loses no measurement (--render rewrites from it)
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, gate=gate, rows=rows), f, indent=1)
