@@ -822,7 +822,7 @@ def attn_decode(Q, K, V, O, LSE, WS_M, WS_L, WS_ACC, SEQLENS, BLOCK_TABLE, SLOPE
     s_lo = t_lo + i_s * per_split
     s_hi = tl.minimum(s_lo + per_split, t_hi)
 
-    if IS_PAGED:  # K, V: (num_pages, Hk, PAGE_SIZE, D); a tile lies in one page (BLOCK_N <= PAGE_SIZE)
+    if IS_PAGED:  # K, V: (num_pages, Hk, PAGE_SIZE, D), key j of row b in page BLOCK_TABLE[b, j // PAGE_SIZE]
         K = K + i_hk.to(tl.int64) * stride_kh
         V = V + i_hk.to(tl.int64) * stride_vh
         BLOCK_TABLE = BLOCK_TABLE + i_b.to(tl.int64) * stride_btb
@@ -838,17 +838,17 @@ def attn_decode(Q, K, V, O, LSE, WS_M, WS_L, WS_ACC, SEQLENS, BLOCK_TABLE, SLOPE
         o_n = n0 + o_nb
         m_n = o_n < seqlen
         if IS_PAGED:
-            i_page = tl.load(BLOCK_TABLE + n0 // PAGE_SIZE).to(tl.int64)
-            p_k = K + i_page * stride_kb + (n0 % PAGE_SIZE).to(tl.int64) * stride_kn
-            p_v = V + i_page * stride_vb + (n0 % PAGE_SIZE).to(tl.int64) * stride_vn
+            # each key's page (a tile may span several pages, or lie in one): [BLOCK_N]
+            o_page = tl.load(BLOCK_TABLE + o_n // PAGE_SIZE, mask=m_n, other=0).to(tl.int64)
+            o_slot = (o_n % PAGE_SIZE).to(tl.int64)
+            p_k = K + (o_page * stride_kb + o_slot * stride_kn)
+            p_v = V + (o_page * stride_vb + o_slot * stride_vn)
         else:
-            p_k = K + n0.to(tl.int64) * stride_kn
-            p_v = V + n0.to(tl.int64) * stride_vn
+            p_k = K + n0.to(tl.int64) * stride_kn + o_nb * stride_kn
+            p_v = V + n0.to(tl.int64) * stride_vn + o_nb * stride_vn
         # k^T: [BLOCK_D, BLOCK_N]; v: [BLOCK_N, BLOCK_DV]; keys past the length read as 0
-        b_kT = _load_2d(p_k + o_nb[None, :] * stride_kn + o_d[:, None], o_d < HEAD_DIM, m_n,
-                        BLOCK_D != HEAD_DIM, True)
-        b_v = _load_2d(p_v + o_nb[:, None] * stride_vn + o_dv[None, :], m_n, o_dv < HEAD_DIM_V,
-                       True, BLOCK_DV != HEAD_DIM_V)
+        b_kT = _load_2d(p_k[None, :] + o_d[:, None], o_d < HEAD_DIM, m_n, BLOCK_D != HEAD_DIM, True)
+        b_v = _load_2d(p_v[:, None] + o_dv[None, :], m_n, o_dv < HEAD_DIM_V, True, BLOCK_DV != HEAD_DIM_V)
         # scores in log2 units: [BLOCK_M, BLOCK_N]
         if HAS_SOFTCAP or HAS_ALIBI:
             b_s, _ = _modified_scores(tl.dot(b_q, b_kT, input_precision=DOT_PREC).to(tl.float32),

@@ -490,9 +490,10 @@ def backward(call, dout, q, k, v, out, lse, bias_grad: bool = False):
 
 class DecodeConfig(NamedTuple):
     block_m: int  # the GQA group's (head, query) rows per program, padded
-    block_n: int  # keys per tile (<= the page size with a paged cache)
+    block_n: int  # keys per tile
     num_warps: int
     num_stages: int
+    maxnreg: int | None = None  # see BlockConfig.maxnreg
 
 
 # Decode is memory-bound: per key it reads D + Dv elements of K/V once per GQA group and
@@ -503,13 +504,21 @@ class DecodeConfig(NamedTuple):
 # ~64 flop per byte of K/V at D = 128, a third of an H200's ridge point (~200), so padding
 # costs no time; the padded rows are never loaded (masked) or stored.
 # Exact fp32 ("ieee") dots run on FMA units: the rows are padded only to 16.
-# (d class, 16-bit?) -> (block_n, num_stages); tiles from the compile gate (spill-free on
-# sm_80 and sm_90a), not from timing.
+# (arch, d class, 16-bit?) -> (block_n, num_stages, warps per 64 rows, most rows per program),
+# from the compile gate (the largest key tile spill-free for every variant), not from timing.
+# sm_80 gets half of sm_90a's key tile: there each warp holds a full copy of the mma B
+# operand (k^T [D, BLOCK_N], v [BLOCK_N, Dv]), which at D = 128, BLOCK_N = 64 spills; wgmma
+# reads B from shared memory. At D = 256 the [64, 256] float32 accumulator alone is 128
+# registers a thread on 4 warps: 8 warps split it (Triton lays them 4 x 2, along the rows
+# and the columns, no copied product), and the rows stop at 64.
 _DECODE_TILES = {
-    (64, True): (128, 3), (128, True): (64, 3), (256, True): (32, 2),
-    (64, False): (32, 2), (128, False): (32, 2), (256, False): (16, 2),
+    (80, 64, True): (64, 3, 4, 128), (80, 128, True): (32, 3, 4, 128), (80, 256, True): (32, 2, 8, 64),
+    (90, 64, True): (128, 3, 4, 128), (90, 128, True): (64, 3, 4, 128), (90, 256, True): (32, 2, 8, 64),
+    # exact fp32 ("ieee", FMA units): the fp32 recipe of `_CONFIGS` (16-row tiles, all 255
+    # registers; 8 warps at D = 256); 64 rows or a 32-key tile spill at D >= 128
+    **{(arch, 64, False): (32, 2, 4, 16) for arch in ARCHS}, **{(arch, 128, False): (16, 2, 4, 16) for arch in ARCHS},
+    **{(arch, 256, False): (16, 2, 8, 16) for arch in ARCHS},
 }
-_DECODE_MAX_ROWS = 128  # a larger group * Nq runs in several row blocks (each reads K/V again)
 DECODE_MAX_SPLITS = 64
 _DECODE_MIN_TILES_PER_SPLIT = 4  # a split shorter than this costs more in its partial write than it hides
 _DEFAULT_SMS = 132  # an H200's SM count: what the split count is chosen for on CPU tensors (interpreter)
@@ -522,26 +531,25 @@ def override_decode(block_n: int | None = None, num_splits: int | None = None):
     return _DECODE.set((block_n, num_splits))
 
 
-def decode_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, rows: int, page_size: int = 0) -> DecodeConfig:
-    """The decode tile for `rows` = (Hq / Hk) · Nq query rows per kv head (see _DECODE_TILES);
-    with a paged cache (page_size > 0) the key tile lies inside one page. The same on sm_80
-    and sm_90a."""
+def decode_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, rows: int, arch: int = 80) -> DecodeConfig:
+    """The decode tile for `rows` = (Hq / Hk) · Nq query rows per kv head on `arch` (80 or 90,
+    `config_arch`; see _DECODE_TILES), the same for contiguous and paged caches (a paged tile
+    looks up each key's page, so it is not bounded by the page size)."""
+    if arch not in ARCHS:
+        raise ValueError(f"decode_config: arch must be one of {ARCHS}, got {arch!r}")
     d = max(pad_dim(head_dim), pad_dim(head_dim_v))
     d_class = 64 if d <= 64 else 128 if d <= 128 else 256
     wide = dtype == torch.float32
-    block_n, stages = _DECODE_TILES[d_class, not wide]
-    rows = max(1, min(rows, _DECODE_MAX_ROWS))
-    if wide:
-        block_m = min(64, max(16, triton.next_power_of_2(rows)))
-        warps = 4
+    block_n, stages, warps_64, max_m = _DECODE_TILES[arch, d_class, not wide]
+    rows = max(1, min(rows, max_m))
+    if wide:  # FMA dots: no mma slice to fill, 16 rows; `warps_64` is the warps of that tile
+        block_m, warps = 16, warps_64
     else:
         block_m = 64 if rows <= 64 else 128
-        warps = block_m // 16
+        warps = warps_64 * block_m // 64
     if _DECODE.value is not None and _DECODE.value[0] is not None:
         block_n = _DECODE.value[0]
-    if page_size:
-        block_n = min(block_n, page_size)
-    return DecodeConfig(block_m, block_n, warps, stages)
+    return DecodeConfig(block_m, block_n, warps, stages, _FP32_REGS if wide else None)
 
 
 def decode_num_splits(programs: int, num_tiles: int, num_sms: int = _DEFAULT_SMS) -> int:
@@ -607,8 +615,8 @@ def decode_forward(q, k_cache, v_cache, cache_seqlens, block_table=None, *, scal
     """Attention of a few query rows against a KV cache, split-K (flash-decoding).
 
     q (B, Hq, Nq, D); k_cache / v_cache (B, Hk, Nc, D / Dv), or paged (num_pages, Hk,
-    page_size, D / Dv) with block_table (B, max_pages) int32 (page p of row b holds its keys
-    p·page_size ...); any strides with a contiguous last dim. cache_seqlens int32 (B,): row
+    page_size, D / Dv) with block_table (B, max_pages) int32 (entry p of row b: the page of its
+    keys p·page_size .. (p+1)·page_size - 1); any strides with a contiguous last dim. cache_seqlens int32 (B,): row
     b's filled length L_b, clamped on the device to the capacity (Nc, or max_pages·page_size);
     the block table's entries below ceil(L_b / page_size) must be valid pages (not checked:
     that would sync). Query i of row b sees key j < L_b iff
@@ -643,7 +651,7 @@ def decode_forward(q, k_cache, v_cache, cache_seqlens, block_table=None, *, scal
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
     rows = group * q_len
-    cfg = decode_config(head_dim, head_dim_v, q.dtype, rows, page_size)
+    cfg = decode_config(head_dim, head_dim_v, q.dtype, rows, config_arch(q.device))
     row_blocks = cdiv(rows, cfg.block_m)
     keys = capacity
     if window_left >= 0 and window_right >= 0:  # a bounded band: no row group sees more keys
@@ -681,7 +689,7 @@ def decode_forward(q, k_cache, v_cache, cache_seqlens, block_table=None, *, scal
         HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
         IS_PAGED=block_table is not None, PAGE_SIZE=max(page_size, 1), IS_SPLIT=split,
         DOT_PREC=dot_precision(q.dtype), HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **launch_options(cfg),
     )
     if split:
         attn_decode_combine[(batch * q_heads * q_len,)](
