@@ -19,6 +19,22 @@ Kernels
   made the large sm_90a tiles spill); with tables (per-head rows) it walks head by head.
 - `attn_bwd_dq`: one program per (query block, batch*query head), over the key blocks it
   visits, writes dQ once.
+- `attn_decode` + `attn_decode_combine` (flash-decoding, `triton_launch.decode_forward`): a
+  few query rows q (B, Hq, Nq, D) against a long KV cache, contiguous (B, Hk, Nc, D) or paged
+  (num_pages, Hk, page_size, D) through block_table (B, max_pages), each batch row b filled
+  to cache_seqlens[b] = L_b (the window rule above with Nk = L_b). Decode is memory-bound
+  (every K/V byte is used by only (Hq/Hk)·Nq rows), so the kernel is built to read each byte
+  once: one program per (batch*kv head, split, row block) holds ALL the GQA group's
+  (head, query) rows r = g·Nq + i together ([BLOCK_M, D], padded to 64 for 16-bit inputs so
+  each warp owns a 16-row mma slice and sm_90a gets wgmma; the padding is never loaded or
+  stored), and walks its split of the keys the group sees in [BLOCK_N] tiles; a paged tile
+  looks up each key's page (so BLOCK_N is not bounded by the page size). With few
+  programs (B·Hk small against the SMs) the key range is cut into num_splits equal runs of
+  tiles per batch row (`decode_num_splits`, from the shapes); each program writes its
+  partial (m in log2 units, l, unnormalised acc) to float32 workspaces (B, Hq, Nq, S[, Dv])
+  and `attn_decode_combine` (one program per (b, h, i) row) merges them by their maxima in
+  split order, so the result is deterministic. One split: attn_decode writes out, lse itself.
+  An empty split writes m = -inf, l = 0; a row with no key anywhere ends with out 0, lse -inf.
 
 Which tiles a program visits (`_walk`, one helper for the three kernels): the tiles that
 intersect its window band (`_kv_bounds` / `_q_bounds`, from indices, no table), or, with
