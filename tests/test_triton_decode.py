@@ -189,6 +189,17 @@ def test_split_count_does_not_change_the_result_beyond_rounding():
     assert torch.equal(outs[2][0], outs[3][0]) and torch.equal(outs[2][1], outs[3][1])
 
 
+def test_lengths_past_the_capacity_are_clamped():
+    """A cache_seqlens entry beyond the cache (not checked on the host: that would sync) reads
+    as the full cache, never past it: the same result as the capacity itself."""
+    for page in (0, 16):
+        case = Case(2, 4, 2, 1, (48, 48), 48, 16, page=page, causal=True, splits=2)
+        q, k, v, lens, slopes = _inputs(case)
+        full = _run(case, q, k, v, lens, slopes)
+        over = _run(case, q, k, v, lens + torch.tensor([5, 1000], dtype=torch.int32), slopes)
+        assert torch.equal(full[0], over[0]) and torch.equal(full[1], over[1])
+
+
 def test_num_splits_from_the_shapes():
     # a grid that already fills two programs per SM: no split, no combine
     assert A.decode_num_splits(8 * 32, 1024, 132) == 1
@@ -237,6 +248,8 @@ def _bad(**over):
     (dict(k_cache=torch.randn(3, 2, 32, 16), v_cache=torch.randn(3, 2, 32, 16)), "without a block_table"),
     (dict(v_cache=torch.randn(2, 2, 32, 16, dtype=torch.float16)), "q's dtype"),
     (dict(alibi_slopes=torch.rand(3)), r"alibi_slopes: expected a float tensor \(Hq,\)"),
+    (dict(window_left=-2), "window_left: expected an int >= -1"),
+    (dict(window_right=1.5), "window_right: expected an int >= -1"),
 ])
 def test_bad_inputs_name_the_argument(over, match):
     with pytest.raises(ValueError, match=match):

@@ -796,6 +796,9 @@ def attn_decode(Q, K, V, O, LSE, WS_M, WS_L, WS_ACC, SEQLENS, BLOCK_TABLE, SLOPE
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                 IS_PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, IS_SPLIT: tl.constexpr,
                 DOT_PREC: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+    """One program per (batch * kv head, split, block of the group's rows): the online softmax
+    of the group's BLOCK_M (head, query) rows over this split's key tiles. IS_SPLIT: writes the
+    partial (m, l, acc) for `attn_decode_combine`; else out and lse (one split)."""
     i_bk = tl.program_id(0)  # batch * kv head
     i_s = tl.program_id(1)  # split of the key range
     i_r = tl.program_id(2)  # block of the group's (head, query) rows

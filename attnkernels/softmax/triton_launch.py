@@ -635,6 +635,9 @@ def decode_forward(q, k_cache, v_cache, cache_seqlens, block_table=None, *, scal
     head_dim_v = v_cache.shape[-1]
     group = q_heads // kv_heads
     scale = default_softmax_scale(head_dim) if scale is None else float(scale)
+    for name, side in (("window_left", window_left), ("window_right", window_right)):
+        if isinstance(side, bool) or not isinstance(side, int) or side < -1:
+            raise ValueError(f"{name}: expected an int >= -1 (-1 = unbounded), got {side!r}")
     softcap = float(softcap or 0.0)
     if softcap < 0:
         raise ValueError(f"softcap: expected >= 0 (0 = off), got {softcap}")
