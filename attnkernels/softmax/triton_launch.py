@@ -515,7 +515,9 @@ _DECODE_TILES = {
     (80, 64, True): (64, 3, 4, 128), (80, 128, True): (32, 3, 4, 128), (80, 256, True): (32, 2, 8, 64),
     (90, 64, True): (128, 3, 4, 128), (90, 128, True): (64, 3, 4, 128), (90, 256, True): (32, 2, 8, 64),
     # exact fp32 ("ieee", FMA units): the fp32 recipe of `_CONFIGS` (16-row tiles, all 255
-    # registers; 8 warps at D = 256); 64 rows or a 32-key tile spill at D >= 128
+    # registers; 8 warps at D = 256); 64 rows or a 32-key tile spill at D >= 128. fp32 with
+    # allow_tf32 runs these tiles on TF32 mma, where 16 rows on 4 warps repeat the product on
+    # every warp (not a gate spec yet: the table is keyed by dtype, as `_CONFIGS` is)
     **{(arch, 64, False): (32, 2, 4, 16) for arch in ARCHS}, **{(arch, 128, False): (16, 2, 4, 16) for arch in ARCHS},
     **{(arch, 256, False): (16, 2, 8, 16) for arch in ARCHS},
 }
