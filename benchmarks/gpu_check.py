@@ -12,9 +12,13 @@ In order, each step printing as it goes (so a killed run still says what it got)
    ours first checked against the peer at the same size (max |diff|);
 4. linear attention (elu+1) causal, D=128, forward and forward+backward, against SDPA-flash
    causal (for scale) and fla's `chunk_linear_attn` when it is installed;
-5. per-kernel device times (torch.profiler) for causal N=4096 D=128 fwd+bwd and linear
+5. a decode step (split-K, `triton_launch.decode_forward`): B=8, Hq=32, Hk=8, Nq=1, D=128,
+   bf16, a KV cache of Nk in {4096, 32768} (`--quick`: 4096), contiguous and paged (256-key
+   pages, shuffled), against SDPA's FlashAttention backend (enable_gqa) on the same keys and
+   a device copy of the same K/V bytes; GB/s = K/V bytes read / time (the copy: read + write);
+6. per-kernel device times (torch.profiler) for causal N=4096 D=128 fwd+bwd and linear
    causal N=4096: forward, preprocess, dK/dV, dQ; with TFLOP/s of the dK/dV and dQ kernels;
-6. registers and spills of every kernel the run compiled, as the driver reports them.
+7. registers and spills of every kernel the run compiled, as the driver reports them.
 TFLOP/s next to every time, FLOPs = 4·B·H·Nq·Nk·D × visible fraction forward, × 3.5 for
 forward+backward (FlashAttention's convention); linear 4·B·H·N·D·Dv (+ the intra-chunk
 products of 64-token chunks: 4·B·H·N·64·(D+Dv)/2), also × 3.5.
@@ -221,6 +225,72 @@ def time_case(log: Log, timer, rows: list, family: str, name: str, n: int, d: in
         log(f"{name:<20} N={n:<6} D={d:<4} {direction:<8} ours {ours_ms:8.3f} ms {row['ours_tflops']:7.1f} TFLOP/s  {peer_text}")
 
 
+DECODE_BATCH, DECODE_HQ, DECODE_HK, DECODE_D, DECODE_PAGE = 8, 32, 8, 128, 256
+
+
+def decode_step(log: Log, timer, rows: list, device: str, dtype, nk: int, smoke: bool):
+    """One decode step (Nq = 1) against a full cache of nk keys, contiguous and paged: rows
+    with ms, TFLOP/s (4·B·Hq·Nk·D) and GB/s of the K/V bytes, the peers' the same way."""
+    from attnkernels.softmax.triton_launch import decode_forward
+
+    b, hq, hk, d = (1, 4, 2, 16) if smoke else (DECODE_BATCH, DECODE_HQ, DECODE_HK, DECODE_D)
+    page = 16 if smoke else DECODE_PAGE
+    q = torch.randn(b, hq, 1, d, device=device, dtype=dtype)
+    k = torch.randn(b, hk, nk, d, device=device, dtype=dtype)
+    v = torch.randn(b, hk, nk, d, device=device, dtype=dtype)
+    lens = torch.full((b,), nk, dtype=torch.int32, device=device)
+    # paged: the same keys in shuffled pages (num_pages, Hk, page, D)
+    n_pages = b * (nk // page)
+    perm = torch.randperm(n_pages, device=device)
+    pages_k = torch.empty(n_pages, hk, page, d, device=device, dtype=dtype)
+    pages_v = torch.empty_like(pages_k)
+    pages_k[perm] = k.reshape(b, hk, nk // page, page, d).transpose(1, 2).reshape(n_pages, hk, page, d)
+    pages_v[perm] = v.reshape(b, hk, nk // page, page, d).transpose(1, 2).reshape(n_pages, hk, page, d)
+    table = perm.reshape(b, nk // page).to(torch.int32)
+    scale = d ** -0.5
+    kv_bytes = 2 * k.numel() * k.element_size()
+    flops = 4.0 * b * hq * nk * d
+    peers = {}
+    if device == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def sdpa_flash():
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
+        peers["sdpa-flash gqa"] = (sdpa_flash, kv_bytes)
+    copy_src = torch.cat([k.reshape(-1), v.reshape(-1)])
+    copy_dst = torch.empty_like(copy_src)
+    peers["copy K/V bytes"] = (lambda: copy_dst.copy_(copy_src), 2 * kv_bytes)  # read + write
+    cases = [("decode contiguous", lambda: decode_forward(q, k, v, lens, None, scale=scale)[0]),
+             (f"decode paged{page}", lambda: decode_forward(q, pages_k, pages_v, lens, table, scale=scale)[0])]
+    for name, ours in cases:
+        with torch.no_grad():
+            ref = ours()
+            diffs = {}
+            if "sdpa-flash gqa" in peers:
+                try:
+                    diffs["sdpa-flash gqa"] = (ref.float() - peers["sdpa-flash gqa"][0]().float()).abs().max().item()
+                except Exception as exc:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
+                    log(f"  sdpa-flash gqa: failed ({type(exc).__name__}: {str(exc)[:120]})")
+        ours_ms = timer(ours)
+        row = dict(family="decode", case=name, n=nk, d=d, direction="fwd", ours_ms=ours_ms,
+                   ours_tflops=flops / ours_ms / 1e9, ours_gbps=kv_bytes / ours_ms / 1e6, peers={})
+        for peer_name, (peer, peer_bytes) in peers.items():
+            if peer_name.startswith("sdpa") and peer_name not in diffs:
+                continue
+            try:
+                peer_ms = timer(peer)
+            except Exception as exc:  # noqa: BLE001
+                log(f"  {peer_name}: failed ({type(exc).__name__}: {str(exc)[:120]})")
+                continue
+            row["peers"][peer_name] = dict(ms=peer_ms, tflops=flops / peer_ms / 1e9, ratio=peer_ms / ours_ms,
+                                           gbps=peer_bytes / peer_ms / 1e6, max_diff=diffs.get(peer_name))
+        rows.append(row)
+        peer_text = "  ".join(f"{p} {r['ms']:.3f} ms {r['gbps']:.0f} GB/s ({r['ratio']:.2f}x, diff {_fmt(r['max_diff'])})"
+                              for p, r in row["peers"].items())
+        log(f"{name:<20} N={nk:<6} D={d:<4} fwd      ours {ours_ms:8.3f} ms {row['ours_gbps']:7.0f} GB/s  {peer_text}")
+
+
 def kernel_times(log: Log, device: str, fn, flops_by_kernel: dict) -> dict:
     """Device time per kernel name (summed over calls, per call of fn), from torch.profiler."""
     from torch.profiler import ProfilerActivity, profile
@@ -320,6 +390,10 @@ def _run(args, device: str, attnkernels) -> int:
                   lambda q, k, v: attnkernels.linear_attention(q, k, v, causal=True), linear_peers(device, n),
                   q, k, v, check=False)
         log(f"(N={n} done at {time.time() - started:.0f} s)")
+
+    for nk in [64] if args.smoke else ([4096] if args.quick else [4096, 32768]):
+        decode_step(log, timer, result["rows"], device, dtype, nk, args.smoke)
+    log(f"(decode done at {time.time() - started:.0f} s)")
 
     n, d = seq_lens[0], head_dims[-1]
     q, k, v = (torch.randn(BATCH, HEADS, n, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))

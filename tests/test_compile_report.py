@@ -249,4 +249,5 @@ def test_compile_report_full(tmp_path):
     assert "ptxas" in proc.stderr.splitlines()[0] or "ptxas" in proc.stdout, "the versions are printed"
     # every kernel of the attention module is represented, in each arch
     kernels = {(r["kernel"], r["arch"]) for r in rows if r["module"] == "attnkernels.softmax.triton_specs"}
-    assert kernels == {(k, a) for k in ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq", "attn_bwd_preprocess") for a in (80, 90)}
+    assert kernels == {(k, a) for k in ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq", "attn_bwd_preprocess",
+                                        "attn_decode", "attn_decode_combine") for a in (80, 90)}

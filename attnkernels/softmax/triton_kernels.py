@@ -19,6 +19,22 @@ Kernels
   made the large sm_90a tiles spill); with tables (per-head rows) it walks head by head.
 - `attn_bwd_dq`: one program per (query block, batch*query head), over the key blocks it
   visits, writes dQ once.
+- `attn_decode` + `attn_decode_combine` (flash-decoding, `triton_launch.decode_forward`): a
+  few query rows q (B, Hq, Nq, D) against a long KV cache, contiguous (B, Hk, Nc, D) or paged
+  (num_pages, Hk, page_size, D) through block_table (B, max_pages), each batch row b filled
+  to cache_seqlens[b] = L_b (the window rule above with Nk = L_b). Decode is memory-bound
+  (every K/V byte is used by only (Hq/Hk)·Nq rows), so the kernel is built to read each byte
+  once: one program per (batch*kv head, split, row block) holds ALL the GQA group's
+  (head, query) rows r = g·Nq + i together ([BLOCK_M, D], padded to 64 for 16-bit inputs so
+  each warp owns a 16-row mma slice and sm_90a gets wgmma; the padding is never loaded or
+  stored), and walks its split of the keys the group sees in [BLOCK_N] tiles; a paged tile
+  looks up each key's page (so BLOCK_N is not bounded by the page size). With few
+  programs (B·Hk small against the SMs) the key range is cut into num_splits equal runs of
+  tiles per batch row (`decode_num_splits`, from the shapes); each program writes its
+  partial (m in log2 units, l, unnormalised acc) to float32 workspaces (B, Hq, Nq, S[, Dv])
+  and `attn_decode_combine` (one program per (b, h, i) row) merges them by their maxima in
+  split order, so the result is deterministic. One split: attn_decode writes out, lse itself.
+  An empty split writes m = -inf, l = 0; a row with no key anywhere ends with out 0, lse -inf.
 
 Which tiles a program visits (`_walk`, one helper for the three kernels): the tiles that
 intersect its window band (`_kv_bounds` / `_q_bounds`, from indices, no table), or, with
@@ -759,3 +775,167 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_NUM, KV_IDX, KPM, SLOPES, BIAS, 
     p_dq = DQ + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh + m0.to(tl.int64) * stride_dqn
     p_dq = p_dq + (o_m - m0)[:, None] * stride_dqn + o_d[None, :]
     tl.store(p_dq, b_dq.to(DQ.dtype.element_ty), mask=m_m[:, None] & (o_d < HEAD_DIM)[None, :])
+
+
+# ----------------------------------------------------------------------------------------
+# Decode (split-K over a KV cache) and the combine of its splits
+# ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def attn_decode(Q, K, V, O, LSE, WS_M, WS_L, WS_ACC, SEQLENS, BLOCK_TABLE, SLOPES,
+                stride_qb, stride_qh, stride_qn,
+                stride_kb, stride_kh, stride_kn,
+                stride_vb, stride_vh, stride_vn,
+                stride_ob, stride_oh, stride_on,
+                stride_btb,
+                Hq, Hk, Nq, capacity, group, num_splits, window_left, window_right, qk_scale, cap_in, cap_out,
+                HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                IS_PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, IS_SPLIT: tl.constexpr,
+                DOT_PREC: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+    """One program per (batch * kv head, split, block of the group's rows): the online softmax
+    of the group's BLOCK_M (head, query) rows over this split's key tiles. IS_SPLIT: writes the
+    partial (m, l, acc) for `attn_decode_combine`; else out and lse (one split)."""
+    i_bk = tl.program_id(0)  # batch * kv head
+    i_s = tl.program_id(1)  # split of the key range
+    i_r = tl.program_id(2)  # block of the group's (head, query) rows
+    i_b = i_bk // Hk
+    i_hk = i_bk % Hk
+    # rows r = g * Nq + i: query i of the group's head g (query head i_hk * group + g)
+    o_r = i_r * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_r = o_r < group * Nq
+    o_i = o_r % Nq  # [BLOCK_M] query index
+    o_h = i_hk * group + o_r // Nq  # [BLOCK_M] query head (past Hq on padded rows: masked)
+    o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
+    o_nb = tl.arange(0, BLOCK_N)
+
+    # each row's own (head, query) offset: the group's rows are not one strided block
+    p_q = Q + i_b.to(tl.int64) * stride_qb + (o_h.to(tl.int64) * stride_qh + o_i.to(tl.int64) * stride_qn)[:, None] \
+        + o_d[None, :]
+    b_q = _load_2d(p_q, m_r, o_d < HEAD_DIM, True, BLOCK_D != HEAD_DIM)  # [BLOCK_M, BLOCK_D]
+    if HAS_ALIBI:  # (B, Hq) contiguous, in log2 units: [BLOCK_M, 1]
+        slope = (tl.load(SLOPES + i_b * Hq + o_h, mask=m_r, other=0.0) * 1.4426950408889634)[:, None]
+    else:
+        slope = 0.0
+
+    # the filled length, clamped to the cache's capacity (no read past it on a bad length)
+    seqlen = tl.minimum(tl.load(SEQLENS + i_b), capacity)
+    off = seqlen - Nq  # bottom-right alignment: query i's diagonal is key i + off
+    # the keys some row of the group sees: [lo, hi) (row 0 bounds the left, row Nq-1 the right)
+    if HAS_LEFT:
+        lo = tl.maximum(off - window_left, 0)
+    else:
+        lo = 0
+    if HAS_RIGHT:
+        hi = tl.minimum(Nq - 1 + off + window_right + 1, seqlen)
+    else:
+        hi = seqlen
+    t_lo = lo // BLOCK_N
+    t_hi = tl.where(hi > lo, (hi + BLOCK_N - 1) // BLOCK_N, t_lo)
+    # this split's tiles: the row's tile range cut into num_splits equal runs (some empty)
+    per_split = (t_hi - t_lo + num_splits - 1) // num_splits
+    s_lo = t_lo + i_s * per_split
+    s_hi = tl.minimum(s_lo + per_split, t_hi)
+
+    if IS_PAGED:  # K, V: (num_pages, Hk, PAGE_SIZE, D), key j of row b in page BLOCK_TABLE[b, j // PAGE_SIZE]
+        K = K + i_hk.to(tl.int64) * stride_kh
+        V = V + i_hk.to(tl.int64) * stride_vh
+        BLOCK_TABLE = BLOCK_TABLE + i_b.to(tl.int64) * stride_btb
+    else:  # K, V: (B, Hk, Nc, D)
+        K = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
+        V = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
+
+    b_acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for i_n in range(s_lo, s_hi):
+        n0 = i_n * BLOCK_N
+        o_n = n0 + o_nb
+        m_n = o_n < seqlen
+        if IS_PAGED:
+            # each key's page (a tile may span several pages, or lie in one): [BLOCK_N]
+            o_page = tl.load(BLOCK_TABLE + o_n // PAGE_SIZE, mask=m_n, other=0).to(tl.int64)
+            o_slot = (o_n % PAGE_SIZE).to(tl.int64)
+            p_k = K + (o_page * stride_kb + o_slot * stride_kn)
+            p_v = V + (o_page * stride_vb + o_slot * stride_vn)
+        else:
+            p_k = K + n0.to(tl.int64) * stride_kn + o_nb * stride_kn
+            p_v = V + n0.to(tl.int64) * stride_vn + o_nb * stride_vn
+        # k^T: [BLOCK_D, BLOCK_N]; v: [BLOCK_N, BLOCK_DV]; keys past the length read as 0
+        b_kT = _load_2d(p_k[None, :] + o_d[:, None], o_d < HEAD_DIM, m_n, BLOCK_D != HEAD_DIM, True)
+        b_v = _load_2d(p_v[:, None] + o_dv[None, :], m_n, o_dv < HEAD_DIM_V, True, BLOCK_DV != HEAD_DIM_V)
+        # scores in log2 units: [BLOCK_M, BLOCK_N]
+        if HAS_SOFTCAP or HAS_ALIBI:
+            b_s, _ = _modified_scores(tl.dot(b_q, b_kT, input_precision=DOT_PREC).to(tl.float32),
+                                      o_i[:, None], o_n[None, :], off, Nq, seqlen, qk_scale, cap_in, cap_out, slope,
+                                      SLOPES, 0, 0, HAS_SOFTCAP, HAS_ALIBI, False)
+        else:
+            b_s = tl.dot(b_q, b_kT, input_precision=DOT_PREC).to(tl.float32) * qk_scale
+        m_vis = _window_mask(o_i[:, None], o_n[None, :], off, window_left, window_right,
+                             HAS_LEFT, HAS_RIGHT) & m_n[None, :]
+        b_s = tl.where(m_vis, b_s, float("-inf"))
+        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))  # [BLOCK_M]
+        b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)  # no key yet: exp2 gives 0, not NaN
+        b_p = tl.math.exp2(b_s - b_m_safe[:, None])  # [BLOCK_M, BLOCK_N]
+        b_alpha = tl.math.exp2(b_m - b_m_safe)  # [BLOCK_M]
+        b_l = b_l * b_alpha + tl.sum(b_p, 1)
+        b_acc = tl.dot(b_p.to(b_v.dtype), b_v, b_acc * b_alpha[:, None], input_precision=DOT_PREC)  # [BLOCK_M, BLOCK_DV]
+        b_m = b_m_new
+
+    m_dv = o_dv < HEAD_DIM_V
+    if IS_SPLIT:
+        # the partial state of (row, split): workspaces (B, Hq, Nq, num_splits[, BLOCK_DV]) float32,
+        # m in log2 units; an empty split writes m = -inf, l = 0, acc = 0
+        o_ws = ((i_b * Hq + o_h).to(tl.int64) * Nq + o_i) * num_splits + i_s  # [BLOCK_M]
+        tl.store(WS_M + o_ws, b_m, mask=m_r)
+        tl.store(WS_L + o_ws, b_l, mask=m_r)
+        tl.store(WS_ACC + o_ws[:, None] * BLOCK_DV + o_dv[None, :], b_acc, mask=m_r[:, None] & m_dv[None, :])
+    else:
+        # one split: the final rows; a row that saw no key has l = 0: out 0, lse -inf
+        m_seen = b_l > 0.0
+        b_o = b_acc / tl.where(m_seen, b_l, 1.0)[:, None]
+        b_lse = tl.where(m_seen, (b_m + tl.math.log2(tl.where(m_seen, b_l, 1.0))) * 0.6931471805599453,
+                         float("-inf"))
+        p_o = O + i_b.to(tl.int64) * stride_ob + (o_h.to(tl.int64) * stride_oh + o_i.to(tl.int64) * stride_on)[:, None] \
+            + o_dv[None, :]
+        tl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_r[:, None] & m_dv[None, :])
+        tl.store(LSE + (i_b * Hq + o_h).to(tl.int64) * Nq + o_i, b_lse, mask=m_r)
+
+
+@triton.jit
+def attn_decode_combine(O, LSE, WS_M, WS_L, WS_ACC,
+                        stride_ob, stride_oh, stride_on,
+                        Hq, Nq, num_splits,
+                        HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr):
+    """One program per (batch, query head, query) row: merges its num_splits partial states
+    (m in log2 units, l, acc) into out and the natural-log lse, in split order."""
+    i_row = tl.program_id(0)  # (b * Hq + h) * Nq + i
+    i_i = i_row % Nq
+    i_bh = i_row // Nq
+    i_b = i_bh // Hq
+    i_h = i_bh % Hq
+    o_s = tl.arange(0, BLOCK_S)
+    o_dv = tl.arange(0, BLOCK_DV)
+    m_dv = o_dv < HEAD_DIM_V
+    WS_M = WS_M + i_row.to(tl.int64) * num_splits
+    WS_L = WS_L + i_row.to(tl.int64) * num_splits
+    WS_ACC = WS_ACC + i_row.to(tl.int64) * num_splits * BLOCK_DV
+    b_ms = tl.load(WS_M + o_s, mask=o_s < num_splits, other=float("-inf"))  # [BLOCK_S]
+    b_mx = tl.max(b_ms, 0)
+    b_mx_safe = tl.where(b_mx == float("-inf"), 0.0, b_mx)  # every split empty: all weights 0
+    b_l = tl.zeros([], dtype=tl.float32)
+    b_acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
+    for i_s in range(0, num_splits):  # a fixed order: the result does not depend on scheduling
+        b_w = tl.math.exp2(tl.load(WS_M + i_s) - b_mx_safe)
+        b_l += b_w * tl.load(WS_L + i_s)
+        b_acc += b_w * tl.load(WS_ACC + i_s * BLOCK_DV + o_dv, mask=m_dv, other=0.0)  # [BLOCK_DV]
+    seen = b_l > 0.0
+    b_o = b_acc / tl.where(seen, b_l, 1.0)
+    b_lse = tl.where(seen, (b_mx_safe + tl.math.log2(tl.where(seen, b_l, 1.0))) * 0.6931471805599453, float("-inf"))
+    p_o = O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh + i_i.to(tl.int64) * stride_on
+    tl.store(p_o + o_dv, b_o.to(O.dtype.element_ty), mask=m_dv)
+    tl.store(LSE + i_row, b_lse)

@@ -3,6 +3,8 @@ grids, the launcher's own invariants, and the two entry points the ops call:
 
     forward(call, q, k, v) -> (out (B, Hq, Nq, Dv) in q's dtype, lse (B, Hq, Nq) float32)
     backward(call, dout, q, k, v, out, lse, bias_grad) -> (dq, dk, dv, dbias or None)
+    decode_forward(q, k_cache, v_cache, cache_seqlens, block_table, *, scale, ...) -> (out, lse)
+      (split-K decode over a contiguous or paged KV cache; its own checks, see its docstring)
 
 `call` carries scale, window_left, window_right, kv_num_blocks, kv_indices, q_num_blocks,
 q_indices, sparse_block_size, key_padding_mask and the score modifiers softcap,
@@ -19,13 +21,16 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import triton
 
+from ..conventions import default_softmax_scale
 from ..triton_common import cdiv, dot_precision, last_dim_contiguous, launch_options, Override, pad_dim, row_strides
 from .dropout import keep_threshold
-from .triton_kernels import attn_bwd_dkdv, attn_bwd_dq, attn_bwd_preprocess, attn_fwd
+from .triton_kernels import attn_bwd_dkdv, attn_bwd_dq, attn_bwd_preprocess, attn_decode, attn_decode_combine, attn_fwd
 
 __all__ = ["forward", "backward", "block_config", "config_arch", "override_blocks", "BlockConfig",
-           "PREPROCESS_BLOCK_M", "ARCHS", "modifier_tier"]
+           "PREPROCESS_BLOCK_M", "ARCHS", "modifier_tier", "decode_forward", "decode_config", "decode_num_splits",
+           "DecodeConfig"]
 
 LOG2E = 1.4426950408889634
 PREPROCESS_BLOCK_M = 64
@@ -476,3 +481,235 @@ def backward(call, dout, q, k, v, out, lse, bias_grad: bool = False):
         **launch_options(cfg), **common,
     )
     return dq, dk, dv, dbias
+
+
+# ----------------------------------------------------------------------------------------
+# Decode: split-K over a KV cache (attn_decode + attn_decode_combine)
+# ----------------------------------------------------------------------------------------
+
+
+class DecodeConfig(NamedTuple):
+    block_m: int  # the GQA group's (head, query) rows per program, padded
+    block_n: int  # keys per tile
+    num_warps: int
+    num_stages: int
+    maxnreg: int | None = None  # see BlockConfig.maxnreg
+
+
+# Decode is memory-bound: per key it reads D + Dv elements of K/V once per GQA group and
+# does 2·rows·(D + Dv) flops on them. 16-bit: the rows are padded to 64 (4 warps, one 16-row
+# mma slice each; one warpgroup, so sm_90a runs wgmma m64) or 128 (8 warps), never fewer:
+# a 16-row tile on 4 warps makes Triton compute the same product on every warp (the gate's
+# "dup-mma") and runs mma.sync on sm_90a. Even padded to 64 rows the tensor-core work is
+# ~64 flop per byte of K/V at D = 128, a third of an H200's ridge point (~200), so padding
+# costs no time; the padded rows are never loaded (masked) or stored.
+# Exact fp32 ("ieee") dots run on FMA units: the rows are padded only to 16.
+# (arch, d class, 16-bit?) -> (block_n, num_stages, warps per 64 rows, most rows per program),
+# from the compile gate (the largest key tile spill-free for every variant), not from timing.
+# sm_80 gets half of sm_90a's key tile: there each warp holds a full copy of the mma B
+# operand (k^T [D, BLOCK_N], v [BLOCK_N, Dv]), which at D = 128, BLOCK_N = 64 spills; wgmma
+# reads B from shared memory. At D = 256 the [64, 256] float32 accumulator alone is 128
+# registers a thread on 4 warps: 8 warps split it (Triton lays them 4 x 2, along the rows
+# and the columns, no copied product), and the rows stop at 64.
+_DECODE_TILES = {
+    (80, 64, True): (64, 3, 4, 128), (80, 128, True): (32, 3, 4, 128), (80, 256, True): (32, 2, 8, 64),
+    (90, 64, True): (128, 3, 4, 128), (90, 128, True): (64, 3, 4, 128), (90, 256, True): (32, 2, 8, 64),
+    # exact fp32 ("ieee", FMA units): the fp32 recipe of `_CONFIGS` (16-row tiles, all 255
+    # registers; 8 warps at D = 256); 64 rows or a 32-key tile spill at D >= 128. fp32 with
+    # allow_tf32 runs these tiles on TF32 mma, where 16 rows on 4 warps repeat the product on
+    # every warp (not a gate spec yet: the table is keyed by dtype, as `_CONFIGS` is)
+    **{(arch, 64, False): (32, 2, 4, 16) for arch in ARCHS}, **{(arch, 128, False): (16, 2, 4, 16) for arch in ARCHS},
+    **{(arch, 256, False): (16, 2, 8, 16) for arch in ARCHS},
+}
+DECODE_MAX_SPLITS = 64
+_DECODE_MIN_TILES_PER_SPLIT = 4  # a split shorter than this costs more in its partial write than it hides
+_DEFAULT_SMS = 132  # an H200's SM count: what the split count is chosen for on CPU tensors (interpreter)
+_DECODE = Override()
+
+
+def override_decode(block_n: int | None = None, num_splits: int | None = None):
+    """Test hook: decode launches with this key tile (power of two >= 16) and/or split count,
+    so that short interpreter caches span many tiles and the combine runs."""
+    return _DECODE.set((block_n, num_splits))
+
+
+def decode_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, rows: int, arch: int = 80) -> DecodeConfig:
+    """The decode tile for `rows` = (Hq / Hk) · Nq query rows per kv head on `arch` (80 or 90,
+    `config_arch`; see _DECODE_TILES), the same for contiguous and paged caches (a paged tile
+    looks up each key's page, so it is not bounded by the page size)."""
+    if arch not in ARCHS:
+        raise ValueError(f"decode_config: arch must be one of {ARCHS}, got {arch!r}")
+    d = max(pad_dim(head_dim), pad_dim(head_dim_v))
+    d_class = 64 if d <= 64 else 128 if d <= 128 else 256
+    wide = dtype == torch.float32
+    block_n, stages, warps_64, max_m = _DECODE_TILES[arch, d_class, not wide]
+    rows = max(1, min(rows, max_m))
+    if wide:  # FMA dots: no mma slice to fill, 16 rows; `warps_64` is the warps of that tile
+        block_m, warps = 16, warps_64
+    else:
+        block_m = 64 if rows <= 64 else 128
+        warps = warps_64 * block_m // 64
+    if _DECODE.value is not None and _DECODE.value[0] is not None:
+        block_n = _DECODE.value[0]
+    return DecodeConfig(block_m, block_n, warps, stages, _FP32_REGS if wide else None)
+
+
+def decode_num_splits(programs: int, num_tiles: int, num_sms: int = _DEFAULT_SMS) -> int:
+    """Splits of each row's key range, from the shapes only: `programs` = B · Hk · row blocks,
+    `num_tiles` = key tiles of the longest possible row (the cache's capacity, or the window).
+
+    Decode reads K/V once; what hides the memory latency is enough programs in flight. The
+    target is two resident programs per SM (`slots`): among the split counts that leave each
+    split >= _DECODE_MIN_TILES_PER_SPLIT tiles (at most DECODE_MAX_SPLITS), the smallest whose
+    wave efficiency (programs·s / slots over its ceiling) is within 85% of the best. A grid that
+    already fills the slots gets 1 (no combine)."""
+    slots = 2 * num_sms
+    if programs >= slots:
+        return 1
+    max_splits = max(1, min(DECODE_MAX_SPLITS, num_tiles // _DECODE_MIN_TILES_PER_SPLIT))
+    eff = []
+    for s in range(1, max_splits + 1):
+        waves = programs * s / slots
+        eff.append(waves / -(-waves // 1))
+    best = max(eff)
+    return next(s for s, e in enumerate(eff, 1) if e >= 0.85 * best)
+
+
+def _check_decode(q, k_cache, v_cache, cache_seqlens, block_table):
+    """(batch, kv heads, page size (0: contiguous), capacity) after the checks that keep the
+    kernels in bounds."""
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name}: expected a 4-D tensor, got {tuple(getattr(t, 'shape', ()))}")
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError(f"k_cache, v_cache: expected q's dtype {q.dtype}, got {k_cache.dtype}, {v_cache.dtype}")
+    batch, q_heads, _, head_dim = q.shape
+    n0, kv_heads, n2, kd = k_cache.shape
+    if kd != head_dim or tuple(v_cache.shape[:3]) != (n0, kv_heads, n2):
+        raise ValueError(f"k_cache, v_cache: shapes {tuple(k_cache.shape)}, {tuple(v_cache.shape)} do not fit "
+                         f"q {tuple(q.shape)}: expected (B | num_pages, Hk, Nc | page_size, D={head_dim}) and the "
+                         "same with Dv")
+    if kv_heads == 0 or q_heads % kv_heads:
+        raise ValueError(f"q, k_cache: Hq={q_heads} must be a multiple of Hk={kv_heads}")
+    if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype != torch.int32 \
+            or tuple(cache_seqlens.shape) != (batch,):
+        raise ValueError(f"cache_seqlens: expected an int32 tensor (B,) = ({batch},), got "
+                         f"{getattr(cache_seqlens, 'dtype', type(cache_seqlens))} "
+                         f"{tuple(getattr(cache_seqlens, 'shape', ()))}")
+    if block_table is None:
+        if n0 != batch:
+            raise ValueError(f"k_cache: expected (B, Hk, Nc, D) with B={batch} without a block_table, got "
+                             f"{tuple(k_cache.shape)}")
+        return batch, kv_heads, 0, n2
+    if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2 \
+            or block_table.shape[0] != batch:
+        raise ValueError(f"block_table: expected an int32 tensor (B, max_pages) with B={batch}, got "
+                         f"{getattr(block_table, 'dtype', type(block_table))} "
+                         f"{tuple(getattr(block_table, 'shape', ()))}")
+    if n2 < 16 or n2 & (n2 - 1):
+        raise ValueError(f"k_cache: a paged cache (num_pages, Hk, page_size, D) needs page_size a power of two "
+                         f">= 16, got {n2}")
+    return batch, kv_heads, n2, block_table.shape[1] * n2
+
+
+def decode_forward(q, k_cache, v_cache, cache_seqlens, block_table=None, *, scale, window_left=-1, window_right=-1,
+                   softcap=0.0, alibi_slopes=None):
+    """Attention of a few query rows against a KV cache, split-K (flash-decoding).
+
+    q (B, Hq, Nq, D); k_cache / v_cache (B, Hk, Nc, D / Dv), or paged (num_pages, Hk,
+    page_size, D / Dv) with block_table (B, max_pages) int32 (entry p of row b: the page of its
+    keys p·page_size .. (p+1)·page_size - 1); any strides with a contiguous last dim. cache_seqlens int32 (B,): row
+    b's filled length L_b, clamped on the device to the capacity (Nc, or max_pages·page_size);
+    the block table's entries below ceil(L_b / page_size) must be valid pages (not checked:
+    that would sync). Query i of row b sees key j < L_b iff
+    i + L_b - Nq - window_left <= j <= i + L_b - Nq + window_right (-1: unbounded). softcap
+    (0: off) and alibi_slopes ((Hq,) or (B, Hq)) as in modifiers.py, with Nk = L_b.
+    Returns (out (B, Hq, Nq, Dv) in q's dtype, lse (B, Hq, Nq) float32); a row that sees no
+    key gets out 0, lse -inf.
+
+    One program per (batch · kv head, split, row block): the GQA group's heads × Nq rows
+    together, so each K/V tile is read once per group; with several splits each writes its
+    partial (m, l, acc) to float32 workspaces and `attn_decode_combine` merges them in split
+    order (deterministic). The split count comes from the shapes (`decode_num_splits`)."""
+    batch, kv_heads, page_size, capacity = _check_decode(q, k_cache, v_cache, cache_seqlens, block_table)
+    q, k_cache, v_cache = (last_dim_contiguous(t) for t in (q, k_cache, v_cache))
+    _, q_heads, q_len, head_dim = q.shape
+    head_dim_v = v_cache.shape[-1]
+    group = q_heads // kv_heads
+    scale = default_softmax_scale(head_dim) if scale is None else float(scale)
+    for name, side in (("window_left", window_left), ("window_right", window_right)):
+        if isinstance(side, bool) or not isinstance(side, int) or side < -1:
+            raise ValueError(f"{name}: expected an int >= -1 (-1 = unbounded), got {side!r}")
+    softcap = float(softcap or 0.0)
+    if softcap < 0:
+        raise ValueError(f"softcap: expected >= 0 (0 = off), got {softcap}")
+    if alibi_slopes is not None:
+        if not isinstance(alibi_slopes, torch.Tensor) or not alibi_slopes.is_floating_point() \
+                or tuple(alibi_slopes.shape) not in ((q_heads,), (batch, q_heads)):
+            raise ValueError(f"alibi_slopes: expected a float tensor (Hq,) = ({q_heads},) or (B, Hq) = "
+                             f"({batch}, {q_heads}), got {getattr(alibi_slopes, 'dtype', type(alibi_slopes))} "
+                             f"{tuple(getattr(alibi_slopes, 'shape', ()))}")
+        alibi_slopes = alibi_slopes.to(device=q.device, dtype=torch.float32).expand(batch, q_heads).contiguous()
+
+    out = torch.empty(batch, q_heads, q_len, head_dim_v, dtype=q.dtype, device=q.device)
+    lse = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=q.device)
+    if out.numel() == 0 and lse.numel() == 0:
+        return out, lse
+    rows = group * q_len
+    cfg = decode_config(head_dim, head_dim_v, q.dtype, rows, config_arch(q.device))
+    row_blocks = cdiv(rows, cfg.block_m)
+    keys = capacity
+    if window_left >= 0 and window_right >= 0:  # a bounded band: no row group sees more keys
+        keys = min(keys, q_len + window_left + window_right)
+    num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.device.type == "cuda" \
+        else _DEFAULT_SMS
+    num_splits = decode_num_splits(batch * kv_heads * row_blocks, cdiv(max(keys, 1), cfg.block_n), num_sms)
+    if _DECODE.value is not None and _DECODE.value[1] is not None:
+        num_splits = _DECODE.value[1]
+    if not 1 <= num_splits <= DECODE_MAX_SPLITS:
+        raise ValueError(f"num_splits: expected 1 .. {DECODE_MAX_SPLITS}, got {num_splits}")
+    pad_dv = pad_dim(head_dim_v)
+    split = num_splits > 1
+    if split:
+        ws_m = torch.empty(batch, q_heads, q_len, num_splits, dtype=torch.float32, device=q.device)
+        ws_l = torch.empty_like(ws_m)
+        ws_acc = torch.empty(batch, q_heads, q_len, num_splits, pad_dv, dtype=torch.float32, device=q.device)
+    else:
+        ws_m = ws_l = ws_acc = lse  # unused dummies
+    seqlens = cache_seqlens.contiguous()
+    table = block_table.contiguous() if block_table is not None else seqlens  # a dummy without pages
+    cap_in, cap_out = (scale / softcap, softcap * LOG2E) if softcap > 0 else (0.0, 0.0)
+    attn_decode[(batch * kv_heads, num_splits, row_blocks)](
+        q, k_cache, v_cache, out, lse, ws_m, ws_l, ws_acc, seqlens, table,
+        alibi_slopes if alibi_slopes is not None else lse,
+        *row_strides(q),
+        *row_strides(k_cache),
+        *row_strides(v_cache),
+        *row_strides(out),
+        table.stride(0) if block_table is not None else 0,
+        q_heads, kv_heads, q_len, capacity, group, num_splits, window_left, window_right, scale * LOG2E,
+        cap_in, cap_out,
+        HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_D=pad_dim(head_dim), BLOCK_DV=pad_dv,
+        HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
+        IS_PAGED=block_table is not None, PAGE_SIZE=max(page_size, 1), IS_SPLIT=split,
+        DOT_PREC=dot_precision(q.dtype), HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
+        **launch_options(cfg),
+    )
+    if split:
+        attn_decode_combine[(batch * q_heads * q_len,)](
+            out, lse, ws_m, ws_l, ws_acc,
+            *row_strides(out),
+            q_heads, q_len, num_splits,
+            HEAD_DIM_V=head_dim_v, BLOCK_DV=pad_dv, BLOCK_S=decode_combine_block_s(num_splits),
+            num_warps=DECODE_COMBINE_WARPS, num_stages=1,
+        )
+    return out, lse
+
+
+DECODE_COMBINE_WARPS = 1  # one row of Dv <= 256 floats per program: 32 threads cover it
+
+
+def decode_combine_block_s(num_splits: int) -> int:
+    """The combine's vector of split maxima: the next power of two >= 16 (tl.arange's floor)."""
+    return max(16, triton.next_power_of_2(num_splits))

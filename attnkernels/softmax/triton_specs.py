@@ -8,8 +8,9 @@ import dataclasses
 import torch
 
 from ..triton_common import TRITON_DTYPE, KernelSpec, divisibility, pad_dim, signature
-from .triton_kernels import attn_bwd_dkdv, attn_bwd_dq, attn_bwd_preprocess, attn_fwd
-from .triton_launch import ARCHS, PREPROCESS_BLOCK_M, block_config
+from .triton_kernels import attn_bwd_dkdv, attn_bwd_dq, attn_bwd_preprocess, attn_decode, attn_decode_combine, attn_fwd
+from .triton_launch import (ARCHS, DECODE_COMBINE_WARPS, DECODE_MAX_SPLITS, PREPROCESS_BLOCK_M, block_config,
+                            decode_combine_block_s, decode_config)
 
 __all__ = ["AOT_DOTS", "AOT_SPECS"]
 
@@ -180,10 +181,70 @@ def _build_aot_specs() -> list[KernelSpec]:
     return specs
 
 
-AOT_SPECS: list[KernelSpec] = _build_aot_specs()
+# ----------------------------------------------------------------------------------------
+# Decode (attn_decode, attn_decode_combine): `decode_config` tiles, one spec per distinct
+# tile of the row counts below, for each dtype, head dim and variant
+# ----------------------------------------------------------------------------------------
+
+_DECODE_TYPES = dict(int_args={"Hq", "Hk", "Nq", "capacity", "group", "num_splits", "window_left", "window_right"},
+                     fp32_args={"qk_scale", "cap_in", "cap_out"},
+                     fp32_ptrs={"LSE", "WS_M", "WS_L", "WS_ACC", "SLOPES"}, i32_ptrs={"SEQLENS", "BLOCK_TABLE"})
+_DECODE_DTYPES = [("fp16", torch.float16, "tf32"), ("bf16", torch.bfloat16, "tf32"), ("fp32", torch.float32, "ieee")]
+_DECODE_HEAD_DIMS = (64, 128, 256)
+# (Hq / Hk) * Nq rows per kv head: group 1 x Nq 1, group 4 x Nq 1, group 4 x Nq 16, group 8 x Nq 16
+_DECODE_ROWS = (1, 4, 64, 128)
+_DECODE_PAGE = 16  # the smallest page size: the most page lookups per tile
+# (name, HAS_LEFT, HAS_RIGHT, IS_PAGED, IS_SPLIT, HAS_SOFTCAP, HAS_ALIBI)
+_DECODE_VARIANTS = [
+    ("dense", False, False, False, False, False, False),
+    ("causal-split", False, True, False, True, False, False),
+    ("paged-window-softcap-alibi-split", True, True, True, True, True, True),
+]
+# No waiver: every 16-bit decode tile keeps 64 rows per warpgroup (the D = 256 tile's 8 warps
+# split the columns), so sm_90a runs wgmma for all of them; the gate fails one that does not.
+
+
+def _decode_specs() -> list[KernelSpec]:
+    specs = []
+    for label, dtype, prec in _DECODE_DTYPES:
+        tdt = TRITON_DTYPE[dtype]
+        for d in _DECODE_HEAD_DIMS:
+            # (arch or None when both archs share the tile, config)
+            per_rows = [{arch: decode_config(d, d, dtype, rows, arch) for arch in ARCHS} for rows in _DECODE_ROWS]
+            tiles = sorted({(None, c[ARCHS[0]]) if len(set(c.values())) == 1 else (arch, c[arch])
+                            for c in per_rows for arch in ARCHS}, key=lambda t: (t[0] or 0, t[1]))
+            for arch, cfg in tiles:
+                for variant, has_left, has_right, is_paged, is_split, softcap, alibi in _DECODE_VARIANTS:
+                    const = dict(HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                                 BLOCK_D=pad_dim(d), BLOCK_DV=pad_dim(d), HAS_LEFT=has_left, HAS_RIGHT=has_right,
+                                 IS_PAGED=is_paged, PAGE_SIZE=_DECODE_PAGE if is_paged else 1, IS_SPLIT=is_split,
+                                 DOT_PREC=prec, HAS_SOFTCAP=softcap, HAS_ALIBI=alibi)
+                    sig = signature(attn_decode, tdt, const, **_DECODE_TYPES)
+                    name = f"attn_decode-{label}-D{d}-{variant}-M{cfg.block_m}-N{cfg.block_n}"
+                    specs.append(KernelSpec(
+                        name + (f"-sm{arch}" if arch else ""), attn_decode, sig, const,
+                        attrs=divisibility(sig, ("stride_btb",)), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                        maxnreg=cfg.maxnreg,
+                        uses_dot=prec != "ieee", dtype=label, archs=(arch,) if arch else None,
+                        quick=d == 128 and variant.startswith("paged") and cfg.block_m == 64))
+            const = dict(HEAD_DIM_V=d, BLOCK_DV=pad_dim(d), BLOCK_S=decode_combine_block_s(DECODE_MAX_SPLITS))
+            sig = signature(attn_decode_combine, tdt, const, **_DECODE_TYPES)
+            specs.append(KernelSpec(f"attn_decode_combine-{label}-D{d}", attn_decode_combine, sig, const,
+                                    attrs=divisibility(sig), num_warps=DECODE_COMBINE_WARPS, num_stages=1,
+                                    uses_dot=False, dtype=label, quick=d == 128))
+    return specs
+
+
+AOT_SPECS: list[KernelSpec] = _build_aot_specs() + _decode_specs()
 _KERNEL_OF = {attn_fwd: "fwd", attn_bwd_dkdv: "dkdv", attn_bwd_dq: "dq"}
 # spec name -> the dots of its loop body (compile_report's MMA-work check)
 AOT_DOTS: dict[str, tuple] = {
     s.name: _loop_dots(_KERNEL_OF[s.fn], s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"],
                        s.constexprs["BLOCK_D"], s.constexprs["BLOCK_DV"])
     for s in AOT_SPECS if s.fn in _KERNEL_OF}
+# decode: s = q k^T; acc += p v, the rows padded to BLOCK_M (the padding is the tile's, not
+# a duplicate: the gate's ratio stays 1 unless Triton copies the product across warps)
+AOT_DOTS.update({
+    s.name: ((s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"], s.constexprs["BLOCK_D"]),
+             (s.constexprs["BLOCK_M"], s.constexprs["BLOCK_DV"], s.constexprs["BLOCK_N"]))
+    for s in AOT_SPECS if s.fn is attn_decode})
