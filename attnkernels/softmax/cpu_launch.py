@@ -19,6 +19,7 @@ import functools
 
 from torch import Tensor
 
+from .. import backends
 from ..backends import cpu_kernels
 from .call import SoftmaxCall
 
@@ -33,9 +34,10 @@ def _rows_contiguous(t: Tensor) -> Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _decode_takes_modifiers(ops) -> bool:
+def _decode_takes_modifiers() -> bool:
     """The decode op of this build takes softcap / alibi_slopes (an older .so's does not)."""
-    return any(a.name == "softcap" for a in ops.attention_decode_fwd.default._schema.arguments)
+    schema = backends.cpu_kernels().attention_decode_fwd.default._schema
+    return any(a.name == "softcap" for a in schema.arguments)
 
 
 def uses_decode(call: SoftmaxCall, q: Tensor, k: Tensor, v: Tensor) -> bool:
@@ -45,7 +47,7 @@ def uses_decode(call: SoftmaxCall, q: Tensor, k: Tensor, v: Tensor) -> bool:
     if q.shape[2] > DECODE_MAX_Q_LEN or call.is_sparse or not hasattr(ops, "attention_decode_fwd"):
         return False
     features = call.features()
-    return not features or (features <= DECODE_FEATURES and _decode_takes_modifiers(ops))
+    return not features or (features <= DECODE_FEATURES and _decode_takes_modifiers())
 
 
 def _modifier_args(call: SoftmaxCall) -> tuple:
