@@ -222,7 +222,8 @@ def decode_cases(kv_lens, batches, dtype=torch.float32, q_heads=32, kv_heads=8, 
             v_pages[table.flatten().long()] = v.reshape(b, kv_heads, -1, DECODE_PAGE_SIZE, head_dim).transpose(1, 2) \
                 .flatten(0, 1)
             lens = torch.full((b,), n, dtype=torch.int32)
-            paged = timed_call(lambda q, kp, vp: attnkernels.attention_with_kvcache(
+            # (the table and lengths bound now: every case is built before any is timed)
+            paged = timed_call(lambda q, kp, vp, lens=lens, table=table: attnkernels.attention_with_kvcache(
                 q, kp, vp, cache_seqlens=lens, block_table=table), [q, k_pages, v_pages], False)
             yield Case("decode", f"B={b} Nk={n} paged{DECODE_PAGE_SIZE}", n, "fwd", paged,
                        {"sdpa_gqa": sdpa, "copy_same_bytes": copy}, 4.0 * b * q_heads * n * head_dim, dtype)

@@ -129,7 +129,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         cache_seqlens = capacity
     # (B, N, H, D) -> (B, H, N, D) views; paged (num_blocks, page_size, H, D) -> (num_blocks, H, page_size, D):
     # the kernels take the strides, and the append writes through the views into the caller's caches.
-    t = (lambda x: None if x is None else x.transpose(1, 2))
+    def t(x):
+        return None if x is None else x.transpose(1, 2)
+
     out, lse = attention_with_kvcache(t(q), t(k_cache), t(v_cache), cache_seqlens=cache_seqlens, k_new=t(k),
                                       v_new=t(v), block_table=block_table, causal=causal, scale=softmax_scale,
                                       window_size=_window(window_size), softcap=softcap, alibi_slopes=alibi_slopes,
