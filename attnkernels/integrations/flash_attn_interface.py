@@ -19,7 +19,8 @@ What differs, and what is refused:
   `cache_leftpad` and `num_splits` other than 0/1; `block_table` in the varlen function.
 - Varlen runs one fused-kernel call per sequence (softmax/varlen.py). The KV-cache entry is
   one `attention_with_kvcache` call on transposed views of the caches (softmax/kvcache.py:
-  per-row lengths, paged caches read through block_table; no per-row loop, no gather).
+  per-row lengths, paged caches read through block_table; no per-row loop, no gather). Like
+  FlashAttention's, it is forward only: its output carries no gradient.
 """
 from __future__ import annotations
 
