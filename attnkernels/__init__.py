@@ -7,7 +7,8 @@ family (`softmax/`, `linear/`), the same file names in each.
 import sys as _sys
 
 from .backends import backend
-from .softmax import BlockMask, attention, attention_reference, masks, sparse_attention, window_attention, windows
+from .softmax import (BlockMask, attention, attention_reference, attention_with_kvcache, masks, sparse_attention,
+                      window_attention, windows)
 from .linear import LinearAttentionState, PerformerFeatures, linear_attention, linear_attention_step
 from . import nn  # noqa: E402  (drop-in modules; imports only the modules above)
 from .integrations import flash_attn_interface  # noqa: E402  (FlashAttention's API on our kernels)
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "attention",
+    "attention_with_kvcache",
     "window_attention",
     "sparse_attention",
     "attention_reference",

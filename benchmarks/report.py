@@ -183,12 +183,29 @@ def linear_cases(seq_lens, causal, dtype=torch.float32):
             yield Case(family, f"N={n}", n, "fwd+bwd" if backward else "fwd", ours, peer_calls, flops, dtype)
 
 
+DECODE_PAGE_SIZE = 64
+
+
+def _paged_copy(cache, page_size, gen):
+    """(B, Hk, N, D) -> (pages (B·N/page_size, Hk, page_size, D) in a shuffled order, block_table int32 (B, N/ps))."""
+    batch, heads, n, dim = cache.shape
+    per_row = n // page_size
+    order = torch.randperm(batch * per_row, generator=gen)
+    pages = torch.empty(batch * per_row, heads, page_size, dim, dtype=cache.dtype)
+    pages[order] = cache.reshape(batch, heads, per_row, page_size, dim).transpose(1, 2).flatten(0, 1)
+    return pages, order.reshape(batch, per_row).to(torch.int32)
+
+
 def decode_cases(kv_lens, batches, dtype=torch.float32, q_heads=32, kv_heads=8, head_dim=128):
     """One decode step (Nq=1) of a GQA model against a filled KV cache, vs SDPA(enable_gqa=True).
 
     Memory-bound: the floor is reading K and V once. The "copy" peer clones K alone, which moves as
     many bytes (read + write) as reading K and V: its ratio is the fraction of copy bandwidth we reach.
+    Each size has a second row, "paged": attention_with_kvcache on the same K / V stored as shuffled
+    pages of DECODE_PAGE_SIZE rows (read through the block table, no gather) against the same peers
+    on the contiguous cache (SDPA cannot read pages: its row is the cost of a contiguous cache).
     """
+    gen = torch.Generator().manual_seed(0)
     for n in kv_lens:
         for b in batches:
             q = torch.randn(b, q_heads, 1, head_dim, dtype=dtype)
@@ -198,6 +215,18 @@ def decode_cases(kv_lens, batches, dtype=torch.float32, q_heads=32, kv_heads=8, 
             copy = timed_call(lambda k: k.clone(), [k], False)
             yield Case("decode", f"B={b} Nk={n}", n, "fwd", ours, {"sdpa_gqa": sdpa, "copy_same_bytes": copy},
                        4.0 * b * q_heads * n * head_dim, dtype)
+            if n % DECODE_PAGE_SIZE:
+                continue
+            k_pages, table = _paged_copy(k, DECODE_PAGE_SIZE, gen)
+            v_pages = torch.empty_like(k_pages)  # the same pages as k (one table for both)
+            v_pages[table.flatten().long()] = v.reshape(b, kv_heads, -1, DECODE_PAGE_SIZE, head_dim).transpose(1, 2) \
+                .flatten(0, 1)
+            lens = torch.full((b,), n, dtype=torch.int32)
+            # (the table and lengths bound now: every case is built before any is timed)
+            paged = timed_call(lambda q, kp, vp, lens=lens, table=table: attnkernels.attention_with_kvcache(
+                q, kp, vp, cache_seqlens=lens, block_table=table), [q, k_pages, v_pages], False)
+            yield Case("decode", f"B={b} Nk={n} paged{DECODE_PAGE_SIZE}", n, "fwd", paged,
+                       {"sdpa_gqa": sdpa, "copy_same_bytes": copy}, 4.0 * b * q_heads * n * head_dim, dtype)
 
 
 def varlen_cases(total, num_seqs, dtype=torch.float32, heads=HEADS, head_dim=HEAD_DIM):
@@ -659,6 +688,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="also write the raw rows here")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--dtypes", default="fp32,bf16", help=f"comma-separated, of {list(DTYPES)} (peers run in the same dtype)")
+    parser.add_argument("--decode-kv-lens", help="comma-separated cache lengths of the decode rows (default: the plan's)")
+    parser.add_argument("--decode-batches", help="comma-separated batch sizes of the decode rows (default: the plan's)")
     parser.add_argument("--families", help="comma-separated: measure only these families (e.g. modifiers,decode)")
     parser.add_argument("--render", metavar="JSON",
                         help="re-write BENCHMARKS.md and the plots from the rows a run saved with --json (no timing)")
@@ -699,6 +730,8 @@ def main(argv=None) -> int:
     dtypes = [DTYPES[d.strip()] for d in args.dtypes.split(",") if d.strip()]
     plan = []
     rounds = 3 if args.quick else 7
+    decode_lens = [int(x) for x in args.decode_kv_lens.split(",")] if args.decode_kv_lens else None
+    decode_batches = [int(x) for x in args.decode_batches.split(",")] if args.decode_batches else None
     for dtype in dtypes:
         if args.quick:
             dense_sizes = [512, 1024] if dtype == torch.float32 else [1024, 4096]  # bf16: the issue's N=4096 too
@@ -706,7 +739,7 @@ def main(argv=None) -> int:
                      window_cases([1024, 2048], [128], dtype=dtype), bigbird_cases([1024, 2048], [3], dtype=dtype),
                      linear_cases([1024, 4096], True, dtype), linear_cases([1024, 4096], False, dtype),
                      favor_cases([1024, 4096], dtype=dtype),
-                     decode_cases([4096], [1], dtype), varlen_cases(2048, 8, dtype),
+                     decode_cases(decode_lens or [4096], decode_batches or [1], dtype), varlen_cases(2048, 8, dtype),
                      modifier_cases(2048, dtype, window=512)]
         else:
             plan += [dense_cases([1024, 4096, 16384] if dtype != torch.float32 else [1024, 2048, 4096], False, dtype),
@@ -717,7 +750,8 @@ def main(argv=None) -> int:
                      linear_cases([1024, 4096, 16384, 65536], True, dtype),
                      linear_cases([1024, 4096, 16384, 65536], False, dtype),
                      favor_cases([1024, 4096, 16384], dtype=dtype),
-                     decode_cases([4096, 32768, 131072], [1, 8], dtype), varlen_cases(16384, 8, dtype),
+                     decode_cases(decode_lens or [4096, 32768, 131072], decode_batches or [1, 8], dtype),
+                     varlen_cases(16384, 8, dtype),
                      modifier_cases(4096, dtype)]
     if args.families:  # filtered before the generators run, so skipped families allocate nothing
         wanted = {f.strip() for f in args.families.split(",")}

@@ -29,9 +29,27 @@
 // taken as they come, so a KV-cache prefix k_full[:, :, :n] or a (B, N, H, D) cache
 // seen as (B, H, N, D) runs without a copy.
 //
-// Masks: bottom-right aligned causal / window (query i sees key j iff
-// i + Nk − Nq − left <= j <= i + Nk − Nq + right, −1 = unbounded) and a key padding
-// mask (B, Nk), True = ignored. A row that sees no key gets out 0 and LSE −inf.
+// KV caches (attention_kvcache_fwd): per-row lengths L_b (cache_seqlens, after any append)
+// and paged caches (num_pages, Hk, page_size, D) read through block_table (B, max_pages)
+// page by page, straight from the pages (no gather): a tile of kTile keys over a page
+// boundary is read as one run of consecutive rows per page (scores and P·V per run, one
+// online-softmax step per tile), so 16-row pages keep full tiles. Measured here, 1 thread,
+// B=1, Hk=8, D=128, Nk=32768, interleaved against the contiguous cache: pages of 16 / 64 /
+// 256 rows cost 1.1-1.2x / 1.03-1.05x / 1.0x (tiles cut at page boundaries instead: 1.20x at
+// 16, fp32); prefetching further ahead for pages made it slower (1.26-1.42x at 16).
+// The chunking is planned on the longest row's band; a chunk past a shorter row's band is
+// an empty task (its partial is m = −inf and the merge skips it), so the split still
+// depends on the shapes and lengths only. Query blocks over kMaxBlockRows rows (chunked
+// prefill) run as consecutive blocks of at most kMaxBlockRows rows, each one pass over the
+// cache: correct for any Nq, meant for short chunks (a long prefill belongs to attention()).
+//
+// Modifiers, on the scaled logits in the order of DESIGN.md: softcap s ← c·tanh(s/c),
+// then ALiBi s ← s − slope[b, h]·|i + L_b − Nq − j|.
+//
+// Masks: bottom-right aligned causal / window (query i sees key j iff j < L_b and
+// i + L_b − Nq − left <= j <= i + L_b − Nq + right, −1 = unbounded; L_b = Nk without a
+// cache) and a key padding mask (B, Nk), True = ignored. A row that sees no key gets
+// out 0 and LSE −inf.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -74,43 +92,71 @@ constexpr int64_t kMinChunk = 512;
 // When the call's K and V span more than kPrefetchBytes, each tile prefetches the rows
 // of the next one (measured here, interleaved, 1 thread: 1.3-1.45x faster at 134-268 MB,
 // e.g. B=1, Hk=8, D=128, Nk=32768; 10-20% slower at 16-64 MB, which this host's L3 holds
-// between calls). Shape-only, and it never changes a result.
+// between calls). Shape-only, and it never changes a result. Paged caches always prefetch: the
+// hardware prefetcher restarts at every page (measured the same way, B=1, Hk=8, D=128,
+// Nk=4096, pages 16-256 rows, each call on its own data: without it 1.05-1.11x the time of the
+// contiguous cache (which does not prefetch at that size), with it 0.7-0.86x).
 constexpr double kPrefetchBytes = 64.0 * (1 << 20);
 // Below this many flops per thread a parallel region costs more than it saves.
 constexpr double kMinParallelFlops = 2e6;
 
 struct Decode : common::QKVShape {  // B, Hq, Hk, Nq, Nk, D, Dv, group
   int64_t R = 0;  // query rows of a GQA group: group * Nq
-  int64_t left = -1, right = -1, off = 0;
-  int64_t lo = 0, hi = 0;               // keys seen by at least one query row
-  int64_t chunk = 0, n_chunks = 0;      // the split of [lo, hi)
-  int64_t sk_b = 0, sk_h = 0, sk_n = 0;  // k strides (elements); the last dim is contiguous
+  int64_t left = -1, right = -1;
+  // Row b's diagonal offset is L_b + off_shift: −Nq for a whole query block, q0 − Nq_total for
+  // rows [q0, q0 + Nq) of a longer one (row i of the block is row q0 + i of the call).
+  int64_t off_shift = 0;
+  int64_t lo = 0, hi = 0;               // the longest band of visible keys over the rows b (lo = 0: see plan)
+  int64_t chunk = 0, n_chunks = 0;      // the split of a row's band [lo_b, hi_b) into chunks
+  // k strides (elements); the last dim is contiguous. sk_b steps pages for a paged cache.
+  int64_t sk_b = 0, sk_h = 0, sk_n = 0;
   int64_t sv_b = 0, sv_h = 0, sv_n = 0;
+  const int32_t* seqlens = nullptr;     // [B] keys per row (L_b), or nullptr: every row has Nk
+  const int32_t* pages = nullptr;       // block_table [B, bt_stride] or nullptr: contiguous (page b of row b)
+  int64_t bt_stride = 0;
+  int page_shift = 62;                  // log2(page_size); contiguous: one "page" holds the whole row
   const bool* kpm = nullptr;            // [B, Nk], true = ignored
   bool prefetch = true;
-  std::vector<int64_t> row_lo, row_hi;  // per query row i: visible keys [row_lo, row_hi)
+  double cap = 0;                       // softcap, 0 = off
+  const void* slopes = nullptr;         // ALiBi slopes [B, Hq] in the accumulation type, or nullptr
 };
 
-// Keys [lo, hi) that query row i sees under the window (hi <= lo: none).
-inline std::pair<int64_t, int64_t> row_band(const Decode& p, int64_t i) {
-  const int64_t lo = p.left < 0 ? 0 : std::max<int64_t>(0, i + p.off - p.left);
-  const int64_t hi = p.right < 0 ? p.Nk : std::min<int64_t>(p.Nk, i + p.off + p.right + 1);
+inline int64_t row_length(const Decode& p, int64_t b) { return p.seqlens ? int64_t(p.seqlens[b]) : p.Nk; }
+
+// Keys [lo, hi) that query row i of batch row b sees under the window (hi <= lo: none).
+inline std::pair<int64_t, int64_t> row_band(const Decode& p, int64_t b, int64_t i) {
+  const int64_t L = row_length(p, b), off = L + p.off_shift;
+  const int64_t lo = p.left < 0 ? 0 : std::max<int64_t>(0, i + off - p.left);
+  const int64_t hi = p.right < 0 ? L : std::min<int64_t>(L, i + off + p.right + 1);
   return {lo, hi};
 }
 
-void plan_chunks(Decode& p) {
-  p.row_lo.resize(p.Nq);
-  p.row_hi.resize(p.Nq);
-  p.lo = p.Nk;
-  p.hi = 0;
+// Row b's visible keys [lo, hi) over all its query rows, and each row's band.
+inline std::pair<int64_t, int64_t> batch_band(const Decode& p, int64_t b, int64_t* row_lo, int64_t* row_hi) {
+  int64_t lo = std::numeric_limits<int64_t>::max(), hi = 0;
   for (int64_t i = 0; i < p.Nq; ++i) {
-    std::tie(p.row_lo[i], p.row_hi[i]) = row_band(p, i);
-    if (p.row_hi[i] > p.row_lo[i]) {
-      p.lo = std::min(p.lo, p.row_lo[i]);
-      p.hi = std::max(p.hi, p.row_hi[i]);
+    std::tie(row_lo[i], row_hi[i]) = row_band(p, b, i);
+    if (row_hi[i] > row_lo[i]) {
+      lo = std::min(lo, row_lo[i]);
+      hi = std::max(hi, row_hi[i]);
     }
   }
-  const int64_t band = p.hi > p.lo ? p.hi - p.lo : 0;
+  return hi > 0 && hi > lo ? std::make_pair(lo, hi) : std::make_pair(int64_t(0), int64_t(0));
+}
+
+void plan_chunks(Decode& p) {
+  std::vector<int64_t> rl(p.Nq), rh(p.Nq);
+  int64_t band = 0;
+  p.lo = 0;
+  p.hi = 0;
+  for (int64_t b = 0; b < p.B; ++b) {
+    const auto [lo, hi] = batch_band(p, b, rl.data(), rh.data());
+    if (hi - lo > band) {
+      band = hi - lo;
+      p.lo = lo;
+      p.hi = hi;
+    }
+  }
   if (band == 0) {
     p.lo = p.hi = 0;
     p.chunk = kTile;
@@ -489,32 +535,54 @@ void decode_kernel(const Decode& p, const acc_type<T>* q, const T* k, const T* v
     if (task < 0) return;
     std::vector<A> S(R * kTile), m(R), l(R), alpha(R), acc(R * Dv), tmp(Dv);
     std::vector<A> kbuf(direct ? 0 : kTile * D), vbuf(direct ? 0 : kTile * Dv);
+    std::vector<int64_t> row_lo(Nq), row_hi(Nq);
+    const std::vector<A> ones(R, A(1));
+    const A* slopes = static_cast<const A*>(p.slopes);
+    const A cap = A(p.cap), inv_cap = p.cap > 0 ? A(1.0 / p.cap) : A(0);
+    const int64_t page_mask = (int64_t(1) << p.page_shift) - 1;
     for (; task >= 0; task = queue->take()) {
       const int64_t c = task % nC, bh = task / nC, hk = bh % p.Hk, b = bh / p.Hk;
       const A* qg = q + (b * p.Hq + hk * p.group) * Nq * D;  // the group's R rows
-      const T* kb = k + b * p.sk_b + hk * p.sk_h;
-      const T* vb = v + b * p.sv_b + hk * p.sv_h;
+      const int32_t* bt = p.pages ? p.pages + b * p.bt_stride : nullptr;
+      // The K / V row of key j of this (b, kv head): page bt[j / page_size] (or row b), slot j % page_size.
+      auto k_row = [&](int64_t j) {
+        return k + (bt ? int64_t(bt[j >> p.page_shift]) : b) * p.sk_b + hk * p.sk_h + (j & page_mask) * p.sk_n;
+      };
+      auto v_row = [&](int64_t j) {
+        return v + (bt ? int64_t(bt[j >> p.page_shift]) : b) * p.sv_b + hk * p.sv_h + (j & page_mask) * p.sv_n;
+      };
+      // Keys [t, min(end, the end of t's page)): consecutive rows of one page.
+      auto segment = [&](int64_t t, int64_t end) {
+        return std::min(end, ((t >> p.page_shift) + 1) << p.page_shift) - t;
+      };
       const bool* pad = p.kpm ? p.kpm + b * p.Nk : nullptr;
-      const int64_t j0 = p.lo + c * p.chunk, j1 = std::min(p.hi, j0 + p.chunk);
+      const int64_t off = row_length(p, b) + p.off_shift;  // row i's diagonal: key i + off
+      const auto [blo, bhi] = batch_band(p, b, row_lo.data(), row_hi.data());
+      const int64_t j0 = blo + c * p.chunk, j1 = std::min(bhi, j0 + p.chunk);  // j0 >= j1: an empty task
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), A(0));
       std::fill(acc.begin(), acc.end(), A(0));
 
-      for (int64_t t0 = j0; t0 < j1; t0 += kTile) {
-        const int64_t n = std::min(kTile, j1 - t0);
+      for (int64_t t0 = j0, n = 0; t0 < j1; t0 += n) {
+        // kTile keys; a tile over a page boundary is read as runs of consecutive rows, one per page
+        // (`segment`), so small pages (16 rows) keep full-size tiles for the online softmax.
+        n = std::min(kTile, j1 - t0);
         if (p.prefetch) {  // the next tile's K and V rows (see kPrefetchBytes)
-          const int64_t a = t0 + kTile, e = std::min(j1, a + kTile);
-          for (int64_t j = a; j < e; ++j) {
-            const char* kr = reinterpret_cast<const char*>(kb + j * p.sk_n);
-            const char* vr = reinterpret_cast<const char*>(vb + j * p.sv_n);
+          const int64_t e = std::min(j1, t0 + n + kTile);
+          for (int64_t j = t0 + n; j < e; ++j) {
+            const char* kr = reinterpret_cast<const char*>(k_row(j));
+            const char* vr = reinterpret_cast<const char*>(v_row(j));
             for (int64_t x = 0; x < int64_t(D * sizeof(T)); x += 64) __builtin_prefetch(kr + x, 0, 3);
             for (int64_t x = 0; x < int64_t(Dv * sizeof(T)); x += 64) __builtin_prefetch(vr + x, 0, 3);
           }
         }
         if (direct) {
-          scores(qg, R, D, kb + t0 * p.sk_n, p.sk_n, n, S.data(), kTile);
+          for (int64_t s0 = 0, len = 0; s0 < n; s0 += len) {
+            len = segment(t0 + s0, t0 + n);
+            scores(qg, R, D, k_row(t0 + s0), p.sk_n, len, S.data() + s0, kTile);
+          }
         } else {
-          for (int64_t j = 0; j < n; ++j) widen_row(kb + (t0 + j) * p.sk_n, kbuf.data() + j * D, D);
+          for (int64_t j = 0; j < n; ++j) widen_row(k_row(t0 + j), kbuf.data() + j * D, D);
           scores(qg, R, D, kbuf.data(), D, n, S.data(), kTile);
         }
 
@@ -524,7 +592,19 @@ void decode_kernel(const Decode& p, const acc_type<T>* q, const T* k, const T* v
         for (int64_t r = 0; r < R; ++r) {
           A* s = S.data() + r * kTile;
           const int64_t i = r % Nq;
-          const int64_t vlo = p.row_lo[i], vhi = p.row_hi[i];
+          if (cap > A(0)) {  // s = cap · tanh(s / cap), on the scaled logits
+            using Vec = at::vec::Vectorized<A>;
+            int64_t j = 0;
+            for (; j + Vec::size() <= n; j += Vec::size())
+              ((Vec::loadu(s + j) * Vec(inv_cap)).tanh() * Vec(cap)).store(s + j);
+            for (; j < n; ++j) s[j] = cap * std::tanh(s[j] * inv_cap);
+          }
+          if (slopes) {  // s -= slope[b, h] · |i + off − j|, h = the row's query head
+            const A slope = slopes[b * p.Hq + hk * p.group + r / Nq];
+            const int64_t diag = i + off - t0;
+            for (int64_t j = 0; j < n; ++j) s[j] -= slope * A(std::abs(diag - j));
+          }
+          const int64_t vlo = row_lo[i], vhi = row_hi[i];
           if (vlo > t0 || vhi < t0 + n || padded) {
             for (int64_t j = 0; j < n; ++j) {
               const int64_t key = t0 + j;
@@ -543,9 +623,13 @@ void decode_kernel(const Decode& p, const acc_type<T>* q, const T* k, const T* v
         }
 
         if (direct) {
-          accumulate_pv(S.data(), kTile, R, n, vb + t0 * p.sv_n, p.sv_n, Dv, alpha.data(), acc.data());
+          for (int64_t s0 = 0, len = 0; s0 < n; s0 += len) {  // the rescale by alpha once, with the first run
+            len = segment(t0 + s0, t0 + n);
+            accumulate_pv(S.data() + s0, kTile, R, len, v_row(t0 + s0), p.sv_n, Dv,
+                          s0 == 0 ? alpha.data() : ones.data(), acc.data());
+          }
         } else {
-          for (int64_t j = 0; j < n; ++j) widen_row(vb + (t0 + j) * p.sv_n, vbuf.data() + j * Dv, Dv);
+          for (int64_t j = 0; j < n; ++j) widen_row(v_row(t0 + j), vbuf.data() + j * Dv, Dv);
           accumulate_pv(S.data(), kTile, R, n, vbuf.data(), Dv, Dv, alpha.data(), acc.data());
         }
       }
@@ -578,10 +662,103 @@ void decode_kernel(const Decode& p, const acc_type<T>* q, const T* k, const T* v
 // A view with a contiguous last dim as it is, anything else copied.
 at::Tensor rows_contiguous(const at::Tensor& t) { return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous(); }
 
+// Query rows per pass over the cache: a longer query block runs as consecutive blocks of
+// at most this many rows (the partial buffers hold B·Hk·chunks·group·rows·Dv values).
+constexpr int64_t kMaxBlockRows = 16;
+
+// The checked modifier arguments, kept alive for the call.
+struct DecodeModifiers {
+  double cap = 0;
+  at::Tensor slopes;  // [B, Hq] contiguous in the accumulation type, or undefined
+};
+
+DecodeModifiers check_modifiers(const char* op, const common::QKVShape& s, at::ScalarType acc, double softcap,
+                                const std::optional<at::Tensor>& alibi_slopes) {
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, op, ": softcap must be a finite float >= 0 (0 = off), got ",
+              softcap);
+  DecodeModifiers md;
+  md.cap = softcap;
+  if (alibi_slopes.has_value()) {
+    const at::Tensor& sl = *alibi_slopes;
+    TORCH_CHECK(sl.device().is_cpu() && sl.is_floating_point(), op,
+                ": alibi_slopes must be a floating CPU tensor, got ", sl.scalar_type(), " on ", sl.device());
+    TORCH_CHECK(sl.dim() == 2 && sl.size(0) == s.B && sl.size(1) == s.Hq, op, ": alibi_slopes must be (B, Hq) = (",
+                s.B, ", ", s.Hq, "), got ", sl.sizes());
+    md.slopes = sl.to(acc).contiguous();
+  }
+  return md;
+}
+
+// Runs the kernel for the query rows [q0, q0 + Nq_block) of q [B, Hq, Nq_total, D]: `p` holds the call's
+// shapes, strides and masks with Nq = Nq_total; out_rows / lse_rows are [B, Hq, Nq_block, Dv] / [B, Hq,
+// Nq_block], contiguous.
+void run_block(Decode p, const at::Tensor& q, double scale, const at::Tensor& k, const at::Tensor& v, int64_t q0,
+               int64_t rows, at::Tensor& out_rows, at::Tensor& lse_rows) {
+  const int64_t total = p.Nq;
+  p.Nq = rows;
+  p.R = p.group * rows;
+  p.off_shift = q0 - total;
+  plan_chunks(p);
+  if (p.n_chunks == 0) {
+    out_rows.zero_();
+    lse_rows.fill_(-std::numeric_limits<double>::infinity());
+    return;
+  }
+  p.prefetch = p.pages != nullptr ||
+               double(p.B) * double(p.Hk) * double(p.hi - p.lo) * double(p.D + p.Dv) * double(k.element_size()) >
+               kPrefetchBytes;
+  const auto acc = lse_rows.scalar_type();
+  at::Tensor qs = (q.narrow(2, q0, rows).to(acc) * scale).contiguous();
+  at::Tensor part_ml, part_acc;
+  if (p.n_chunks > 1) {
+    part_ml = at::empty({p.B, p.Hk, p.n_chunks, p.R, 2}, lse_rows.options());
+    part_acc = at::empty({p.B, p.Hk, p.n_chunks, p.R, p.Dv}, lse_rows.options());
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_decode_fwd", [&] {
+    using A = acc_type<scalar_t>;
+    decode_kernel<scalar_t>(p, qs.data_ptr<A>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                            out_rows.data_ptr<scalar_t>(), lse_rows.data_ptr<A>(),
+                            p.n_chunks > 1 ? part_ml.data_ptr<A>() : nullptr,
+                            p.n_chunks > 1 ? part_acc.data_ptr<A>() : nullptr);
+  });
+}
+
+// All query rows of `p` (Nq = the call's rows), in blocks of at most max_rows: (out, lse).
+std::tuple<at::Tensor, at::Tensor> run_decode(const Decode& p, const at::Tensor& q, double scale, const at::Tensor& k,
+                                              const at::Tensor& v, int64_t max_rows) {
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty({p.B, p.Hq, p.Nq, p.Dv}, q.options());
+  at::Tensor lse = at::empty({p.B, p.Hq, p.Nq}, q.options().dtype(acc));
+  if (p.B == 0 || p.Hq == 0 || p.Nq == 0) return {out, lse};
+  if (p.Nq <= max_rows) {
+    run_block(p, q, scale, k, v, 0, p.Nq, out, lse);
+    return {out, lse};
+  }
+  for (int64_t q0 = 0; q0 < p.Nq; q0 += max_rows) {
+    const int64_t rows = std::min(max_rows, p.Nq - q0);
+    at::Tensor o = at::empty({p.B, p.Hq, rows, p.Dv}, q.options());
+    at::Tensor l = at::empty({p.B, p.Hq, rows}, lse.options());
+    run_block(p, q, scale, k, v, q0, rows, o, l);
+    out.narrow(2, q0, rows).copy_(o);
+    lse.narrow(2, q0, rows).copy_(l);
+  }
+  return {out, lse};
+}
+
+void set_strides(Decode& p, const at::Tensor& k, const at::Tensor& v) {
+  p.sk_b = k.stride(0);
+  p.sk_h = k.stride(1);
+  p.sk_n = k.stride(2);
+  p.sv_b = v.stride(0);
+  p.sv_h = v.stride(1);
+  p.sv_n = v.stride(2);
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_decode_fwd(const at::Tensor& q, const at::Tensor& k_in,
                                                         const at::Tensor& v_in, double scale, int64_t window_left,
                                                         int64_t window_right,
-                                                        const std::optional<at::Tensor>& key_padding_mask) {
+                                                        const std::optional<at::Tensor>& key_padding_mask,
+                                                        double softcap, const std::optional<at::Tensor>& alibi_slopes) {
   const char* op = "attention_decode_fwd";
   const common::QKVShape s = common::check_qkv(op, q, k_in, v_in);
   TORCH_CHECK(window_left >= -1 && window_right >= -1, op, ": window sides must be >= -1 (-1 = unbounded), got (",
@@ -589,48 +766,103 @@ std::tuple<at::Tensor, at::Tensor> attention_decode_fwd(const at::Tensor& q, con
   const at::Tensor k = rows_contiguous(k_in), v = rows_contiguous(v_in);
   Decode p;
   static_cast<common::QKVShape&>(p) = s;
-  p.R = s.group * s.Nq;
   p.left = window_left;
   p.right = window_right;
-  p.off = s.Nk - s.Nq;
-  p.sk_b = k.stride(0);
-  p.sk_h = k.stride(1);
-  p.sk_n = k.stride(2);
-  p.sv_b = v.stride(0);
-  p.sv_h = v.stride(1);
-  p.sv_n = v.stride(2);
+  set_strides(p, k, v);
   at::Tensor kpm;
   if (key_padding_mask.has_value()) {
     kpm = common::check_key_padding_mask(op, *key_padding_mask, s.B, s.Nk);
     p.kpm = kpm.data_ptr<bool>();
   }
-  plan_chunks(p);
-  p.prefetch = double(s.B) * double(s.Hk) * double(p.hi - p.lo) * double(s.D + s.Dv) * double(k.element_size()) >
-               kPrefetchBytes;
+  const DecodeModifiers md =
+      check_modifiers(op, s, q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat, softcap, alibi_slopes);
+  p.cap = md.cap;
+  p.slopes = md.slopes.defined() ? md.slopes.data_ptr() : nullptr;
+  // One block of all rows: this op's callers send few rows (cpu_launch.DECODE_MAX_Q_LEN).
+  return run_decode(p, q, scale, k, v, std::max<int64_t>(1, s.Nq));
+}
 
-  const auto dt = q.scalar_type();
-  const auto at_ = dt == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor out = at::empty({s.B, s.Hq, s.Nq, s.Dv}, q.options());
-  at::Tensor lse = at::empty({s.B, s.Hq, s.Nq}, q.options().dtype(at_));
-  if (p.n_chunks == 0 || s.B == 0 || s.Hq == 0 || s.Nq == 0) {
-    out.zero_();
-    lse.fill_(-std::numeric_limits<double>::infinity());
-    return {out, lse};
+// A KV-cache step: q [B, Hq, Nq, D] against row b's first cache_seqlens[b] keys of k_cache / v_cache, either
+// contiguous [B, Hk, Nc, D] / [B, Hk, Nc, Dv] or, with block_table [B, max_pages] int32, paged
+// [num_pages, Hk, page_size, D] (page_size a power of two; key j of row b in page block_table[b, j / page_size],
+// slot j % page_size). Nothing is appended here: the caller wrote the new keys, cache_seqlens counts them.
+std::tuple<at::Tensor, at::Tensor> attention_kvcache_fwd(const at::Tensor& q, const at::Tensor& k_in,
+                                                         const at::Tensor& v_in, const at::Tensor& cache_seqlens,
+                                                         const std::optional<at::Tensor>& block_table, double scale,
+                                                         int64_t window_left, int64_t window_right, double softcap,
+                                                         const std::optional<at::Tensor>& alibi_slopes) {
+  const char* op = "attention_kvcache_fwd";
+  common::check_float_tensor(op, "q", q, 4);
+  common::check_float_tensor(op, "k_cache", k_in, 4);
+  common::check_float_tensor(op, "v_cache", v_in, 4);
+  TORCH_CHECK(k_in.scalar_type() == q.scalar_type() && v_in.scalar_type() == q.scalar_type(), op,
+              ": q, k_cache, v_cache must share one dtype, got ", q.scalar_type(), ", ", k_in.scalar_type(), ", ",
+              v_in.scalar_type());
+  TORCH_CHECK(window_left >= -1 && window_right >= -1, op, ": window sides must be >= -1 (-1 = unbounded), got (",
+              window_left, ", ", window_right, ")");
+  common::QKVShape s;
+  s.B = q.size(0);
+  s.Hq = q.size(1);
+  s.Nq = q.size(2);
+  s.D = q.size(3);
+  s.Hk = k_in.size(1);
+  s.Dv = v_in.size(3);
+  TORCH_CHECK(k_in.size(3) == s.D, op, ": k_cache's head dim ", k_in.size(3), " must equal q's ", s.D);
+  TORCH_CHECK(v_in.size(0) == k_in.size(0) && v_in.size(1) == s.Hk && v_in.size(2) == k_in.size(2), op,
+              ": v_cache must match k_cache in all but the last dim, got ", v_in.sizes(), " and ", k_in.sizes());
+  TORCH_CHECK(s.Hk > 0 && s.Hq % s.Hk == 0, op, ": the number of query heads (", s.Hq,
+              ") must be a multiple of the number of key/value heads (", s.Hk, ")");
+  s.group = s.Hq / s.Hk;
+  Decode p;
+  at::Tensor pages;
+  int64_t capacity = 0;
+  if (block_table.has_value()) {
+    pages = *block_table;
+    TORCH_CHECK(pages.device().is_cpu() && pages.scalar_type() == at::kInt && pages.dim() == 2 &&
+                    pages.size(0) == s.B,
+                op, ": block_table must be an int32 CPU tensor (B=", s.B, ", max_pages), got ", pages.scalar_type(),
+                " ", pages.sizes());
+    pages = pages.contiguous();
+    const int64_t page_size = k_in.size(2);
+    TORCH_CHECK(page_size > 0 && (page_size & (page_size - 1)) == 0, op,
+                ": the page size (k_cache.size(2)) must be a power of two, got ", page_size);
+    if (pages.numel() > 0) {
+      const int64_t lo = pages.min().item<int32_t>(), hi = pages.max().item<int32_t>();
+      TORCH_CHECK(lo >= 0 && hi < k_in.size(0), op, ": block_table entries must lie in [0, ", k_in.size(0),
+                  "), got [", lo, ", ", hi, "]");
+    }
+    p.pages = pages.data_ptr<int32_t>();
+    p.bt_stride = pages.size(1);
+    p.page_shift = 0;
+    while ((int64_t(1) << p.page_shift) < page_size) ++p.page_shift;
+    capacity = pages.size(1) * page_size;
+  } else {
+    TORCH_CHECK(k_in.size(0) == s.B, op, ": a contiguous k_cache must have q's batch size ", s.B, ", got ",
+                k_in.size(0));
+    capacity = k_in.size(2);
   }
-  at::Tensor qs = (q.to(at_) * scale).contiguous();
-  at::Tensor part_ml, part_acc;
-  if (p.n_chunks > 1) {
-    part_ml = at::empty({s.B, s.Hk, p.n_chunks, p.R, 2}, q.options().dtype(at_));
-    part_acc = at::empty({s.B, s.Hk, p.n_chunks, p.R, s.Dv}, q.options().dtype(at_));
+  TORCH_CHECK(cache_seqlens.device().is_cpu() && cache_seqlens.scalar_type() == at::kInt &&
+                  cache_seqlens.dim() == 1 && cache_seqlens.size(0) == s.B,
+              op, ": cache_seqlens must be an int32 CPU tensor (B=", s.B, ",), got ", cache_seqlens.scalar_type(), " ",
+              cache_seqlens.sizes());
+  const at::Tensor lens = cache_seqlens.contiguous();
+  if (s.B > 0) {
+    const int64_t lo = lens.min().item<int32_t>(), hi = lens.max().item<int32_t>();
+    TORCH_CHECK(lo >= 0 && hi <= capacity, op, ": cache_seqlens must lie in [0, ", capacity, "] (the cache's slots), got [",
+                lo, ", ", hi, "]");
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "attention_decode_fwd", [&] {
-    using A = acc_type<scalar_t>;
-    decode_kernel<scalar_t>(p, qs.data_ptr<A>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-                            out.data_ptr<scalar_t>(), lse.data_ptr<A>(),
-                            p.n_chunks > 1 ? part_ml.data_ptr<A>() : nullptr,
-                            p.n_chunks > 1 ? part_acc.data_ptr<A>() : nullptr);
-  });
-  return {out, lse};
+  s.Nk = capacity;
+  const at::Tensor k = rows_contiguous(k_in), v = rows_contiguous(v_in);
+  static_cast<common::QKVShape&>(p) = s;
+  p.left = window_left;
+  p.right = window_right;
+  p.seqlens = lens.data_ptr<int32_t>();
+  set_strides(p, k, v);
+  const DecodeModifiers md =
+      check_modifiers(op, s, q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat, softcap, alibi_slopes);
+  p.cap = md.cap;
+  p.slopes = md.slopes.defined() ? md.slopes.data_ptr() : nullptr;
+  return run_decode(p, q, scale, k, v, kMaxBlockRows);
 }
 
 // How the key range of a decode call is split: (first key, chunk length, number of chunks).
@@ -645,7 +877,7 @@ std::vector<int64_t> attention_decode_plan(int64_t batch, int64_t kv_heads, int6
   p.Nk = kv_len;
   p.left = window_left;
   p.right = window_right;
-  p.off = kv_len - q_len;
+  p.off_shift = -q_len;
   plan_chunks(p);
   return {p.lo, p.chunk, p.n_chunks};
 }
@@ -655,11 +887,18 @@ std::vector<int64_t> attention_decode_plan(int64_t batch, int64_t kv_heads, int6
 TORCH_LIBRARY_FRAGMENT(ATTNKERNELS_NS, m) {
   m.def(
       "attention_decode_fwd(Tensor q, Tensor k, Tensor v, float scale, int window_left, int window_right, "
-      "Tensor? key_padding_mask) -> (Tensor out, Tensor lse)");
+      "Tensor? key_padding_mask, float softcap=0., Tensor? alibi_slopes=None) -> (Tensor out, Tensor lse)");
+  m.def(
+      "attention_kvcache_fwd(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor? block_table, "
+      "float scale, int window_left, int window_right, float softcap=0., Tensor? alibi_slopes=None) "
+      "-> (Tensor out, Tensor lse)");
   m.def(
       "attention_decode_plan(int batch, int kv_heads, int q_len, int kv_len, int window_left, int window_right) "
       "-> int[]",
       &attention_decode_plan);
 }
 
-TORCH_LIBRARY_IMPL(ATTNKERNELS_NS, CPU, m) { m.impl("attention_decode_fwd", &attention_decode_fwd); }
+TORCH_LIBRARY_IMPL(ATTNKERNELS_NS, CPU, m) {
+  m.impl("attention_decode_fwd", &attention_decode_fwd);
+  m.impl("attention_kvcache_fwd", &attention_kvcache_fwd);
+}

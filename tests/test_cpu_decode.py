@@ -334,3 +334,57 @@ def test_block_tables_take_the_general_kernel(counting_ops):
     with torch.no_grad(), attnkernels.backend("cpu"):
         attnkernels.attention(q, k, v, block_mask=mask)
     assert counting_ops.calls == {"attention_decode_fwd": 0, "attention_fwd": 1}
+
+
+# --- softcap and ALiBi in the decode kernel -------------------------------------------------
+
+MODIFIERS = {
+    "softcap": lambda b, hq, g: dict(softcap=1.7),
+    "alibi": lambda b, hq, g: dict(alibi_slopes=torch.rand(b, hq, generator=g, dtype=torch.float64).float()),
+    "softcap-alibi": lambda b, hq, g: dict(softcap=4.0, alibi_slopes=torch.rand(hq, generator=g).float() * 0.3),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("window", [DENSE, CAUSAL, (40, 0)], ids=window_mode)
+@pytest.mark.parametrize("mod", list(MODIFIERS))
+def test_api_routes_softcap_alibi_to_the_decode_kernel_B2_Hq8_Hk2_Nq3_Nk700_D64(counting_ops, mod, window, dtype):
+    q, k, v = make_inputs((2, 8, 2, 3, 700, 64, 64), dtype)
+    kw = MODIFIERS[mod](2, 8, torch.Generator().manual_seed(1))
+    with torch.no_grad(), attnkernels.backend("cpu"):
+        out, lse = attnkernels.attention(q, k, v, window_size=window, return_lse=True, **kw)
+    assert counting_ops.calls == {"attention_decode_fwd": 1, "attention_fwd": 0}
+    slopes = kw.get("alibi_slopes")
+    ref_kw = dict(window_size=window, softcap=kw.get("softcap", 0.0),
+                  alibi_slopes=None if slopes is None else slopes.expand(2, 8).double())
+    ref_out, ref_lse = attention_reference(q, k, v, **ref_kw)
+    if dtype == torch.float64:
+        torch.testing.assert_close(out, ref_out, atol=FP64_ATOL, rtol=0)
+        torch.testing.assert_close(lse, ref_lse, atol=FP64_ATOL, rtol=0)
+        return
+    ref_kw["alibi_slopes"] = None if slopes is None else slopes.expand(2, 8).to(dtype)
+    base_out, base_lse = attention_reference(q, k, v, upcast=False, **ref_kw)
+    assert_within_rule("out", out, ref_out, base_out, dtype)
+    assert_within_rule("lse", lse, ref_lse, base_lse, dtype)
+
+
+def test_gradients_through_the_decode_forward_with_softcap_alibi_B1_Hq4_Hk2_Nq3_Nk200_D32():
+    q, k, v = (t.requires_grad_() for t in make_inputs((1, 4, 2, 3, 200, 32, 32), torch.float64))
+    slopes = torch.rand(1, 4, dtype=torch.float64)
+    with attnkernels.backend("cpu"):
+        out = attnkernels.attention(q, k, v, causal=True, softcap=2.0, alibi_slopes=slopes)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    ref, _ = attention_reference(q2, k2, v2, causal=True, softcap=2.0, alibi_slopes=slopes)
+    ref_grads = torch.autograd.grad(ref, (q2, k2, v2), dout)
+    torch.testing.assert_close(out, ref, atol=FP64_ATOL, rtol=0)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-9, rtol=0)
+
+
+def test_attn_bias_takes_the_general_kernel(counting_ops):
+    q, k, v = make_inputs((1, 4, 2, 2, 128, 32, 32), torch.float32)
+    with torch.no_grad(), attnkernels.backend("cpu"):
+        attnkernels.attention(q, k, v, softcap=3.0, attn_bias=torch.zeros(1, 1, 2, 128))
+    assert counting_ops.calls == {"attention_decode_fwd": 0, "attention_fwd": 1}

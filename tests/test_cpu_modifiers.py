@@ -299,13 +299,16 @@ def test_bias_in_any_float_dtype(dtype, bias_dtype):
     assert torch.equal(results[0]["dbias"], results[1]["dbias"].to(bias_dtype))
 
 
-def test_small_query_calls_with_modifiers_take_the_general_kernel():
-    """The decode kernel implements no modifier: a call using one is routed to attention_fwd."""
+def test_small_query_calls_with_bias_or_dropout_take_the_general_kernel():
+    """The decode kernel implements softcap and ALiBi (cpu_launch.DECODE_FEATURES; tests/test_cpu_decode.py checks
+    them against the reference): a small-Nq call with those takes it, one with attn_bias or dropout attention_fwd."""
     q, k, v, _, opts = Case((1, 2, 2, 4, 100, 32), softcap=3.0).inputs(torch.float32)
     from attnkernels.softmax.call import SoftmaxCall
 
-    assert not cpu_launch.uses_decode(SoftmaxCall.build(q, k, v, softcap=3.0), q, k, v)
+    assert cpu_launch.uses_decode(SoftmaxCall.build(q, k, v, softcap=3.0, alibi_slopes=torch.ones(2)), q, k, v)
     assert not cpu_launch.uses_decode(SoftmaxCall.build(q, k, v, dropout_p=0.1), q, k, v)
+    bias = torch.zeros(1, 1, 4, 100)
+    assert not cpu_launch.uses_decode(SoftmaxCall.build(q, k, v, softcap=3.0, attn_bias=bias), q, k, v)
 
 
 # ----------------------------------------------------------------------------------------

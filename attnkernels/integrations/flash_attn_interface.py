@@ -17,8 +17,10 @@ What differs, and what is refused:
 - Not supported yet, refused with NotImplementedError naming the argument: in
   `flash_attn_with_kvcache` the rotary embedding (`rotary_cos/sin`), `cache_batch_idx`,
   `cache_leftpad` and `num_splits` other than 0/1; `block_table` in the varlen function.
-- Varlen runs one fused-kernel call per sequence (softmax/varlen.py); the KV-cache entry
-  one call per batch row over that row's filled prefix (paged caches are gathered first).
+- Varlen runs one fused-kernel call per sequence (softmax/varlen.py). The KV-cache entry is
+  one `attention_with_kvcache` call on transposed views of the caches (softmax/kvcache.py:
+  per-row lengths, paged caches read through block_table; no per-row loop, no gather). Like
+  FlashAttention's, it is forward only: its output carries no gradient.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ..softmax.api import attention
+from ..softmax.kvcache import attention_with_kvcache
 
 
 def _refuse(**others) -> None:
@@ -108,18 +111,6 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
                                   return_attn_probs)
 
 
-def _cache_lengths(cache_seqlens, batch: int, capacity: int, device) -> list[int]:
-    if cache_seqlens is None:
-        return [capacity] * batch
-    if isinstance(cache_seqlens, int):
-        return [cache_seqlens] * batch
-    if not isinstance(cache_seqlens, Tensor) or cache_seqlens.dtype != torch.int32 or cache_seqlens.shape != (batch,):
-        raise ValueError(f"cache_seqlens: expected an int or an int32 tensor ({batch},), got "
-                         f"{getattr(cache_seqlens, 'dtype', type(cache_seqlens).__name__)} "
-                         f"{tuple(getattr(cache_seqlens, 'shape', ()))}")
-    return cache_seqlens.tolist()
-
-
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
                             cache_batch_idx=None, cache_leftpad=None, block_table=None, softmax_scale=None,
                             causal=False, window_size=(-1, -1), softcap=0.0, rotary_interleaved=True,
@@ -134,47 +125,17 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         raise NotImplementedError(f"num_splits: {num_splits}; the split count is the kernels' choice here (pass 0)")
     if (k is None) != (v is None):
         raise ValueError("k, v: give both new keys and values, or neither")
-    batch = q.shape[0]
-    paged = block_table is not None
-    if paged:
-        if block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.shape[0] != batch:
-            raise ValueError(f"block_table: expected int32 (B={batch}, max_pages), got {block_table.dtype} "
-                             f"{tuple(block_table.shape)}")
-        page_size = k_cache.shape[1]
-        if page_size < 16 or page_size & (page_size - 1):
-            raise ValueError(f"k_cache: page size {page_size} must be a power of two >= 16")
-        if block_table.numel() and (int(block_table.min()) < 0 or int(block_table.max()) >= k_cache.shape[0]):
-            raise ValueError(f"block_table: page indices must lie in [0, {k_cache.shape[0]})")
-        capacity = block_table.shape[1] * page_size
-    else:
-        capacity = k_cache.shape[1]
-    lengths = _cache_lengths(cache_seqlens, batch, capacity, q.device)
-    n_new = 0 if k is None else k.shape[1]
-    for b, length in enumerate(lengths):
-        if length < 0 or length + n_new > capacity:
-            raise ValueError(f"cache_seqlens: row {b} holds {length} tokens + {n_new} new > the cache's {capacity} slots")
+    if cache_seqlens is None:  # FlashAttention: every row holds the whole cache
+        capacity = k_cache.shape[1] if block_table is None else block_table.shape[-1] * k_cache.shape[1]
+        cache_seqlens = capacity
+    # (B, N, H, D) -> (B, H, N, D) views; paged (num_blocks, page_size, H, D) -> (num_blocks, H, page_size, D):
+    # the kernels take the strides, and the append writes through the views into the caller's caches.
+    def t(x):
+        return None if x is None else x.transpose(1, 2)
 
-    def slots(b: int, first: int, last: int) -> tuple[Tensor, Tensor]:
-        """(cache index into dim 0, index into dim 1) of row b's slots [first, last)."""
-        pos = torch.arange(first, last, device=q.device)
-        if not paged:
-            return torch.full_like(pos, b), pos
-        return block_table[b, pos // page_size].long(), pos % page_size
-
-    outs, lses = [], []
-    for b, length in enumerate(lengths):
-        if n_new:
-            with torch.no_grad():  # the cache is state, written in place (as FlashAttention does)
-                idx = slots(b, length, length + n_new)
-                k_cache[idx] = k[b].to(k_cache.dtype)
-                v_cache[idx] = v[b].to(v_cache.dtype)
-        idx = slots(b, 0, length + n_new)
-        k_b, v_b = k_cache[idx], v_cache[idx]  # (L, Hk, D)
-        slopes = alibi_slopes[b] if isinstance(alibi_slopes, Tensor) and alibi_slopes.dim() == 2 else alibi_slopes
-        out, lse = attention(q[b].transpose(0, 1)[None], k_b.transpose(0, 1)[None], v_b.transpose(0, 1)[None],
-                             causal=causal, scale=softmax_scale, window_size=_window(window_size), return_lse=True,
-                             softcap=softcap, alibi_slopes=slopes)
-        outs.append(out[0].transpose(0, 1))
-        lses.append(lse[0])
-    out, lse = torch.stack(outs), torch.stack(lses)
+    out, lse = attention_with_kvcache(t(q), t(k_cache), t(v_cache), cache_seqlens=cache_seqlens, k_new=t(k),
+                                      v_new=t(v), block_table=block_table, causal=causal, scale=softmax_scale,
+                                      window_size=_window(window_size), softcap=softcap, alibi_slopes=alibi_slopes,
+                                      return_lse=True)
+    out = out.transpose(1, 2)
     return (out, _fa_lse(lse)) if return_softmax_lse else out

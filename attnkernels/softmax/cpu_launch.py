@@ -2,7 +2,8 @@
 
 The general ops (`attention_fwd` / `attention_bwd`) take contiguous (B, H, N, D) tensors.
 A forward with few query rows (Nq <= DECODE_MAX_Q_LEN: a decode step, speculative
-decoding, a small prefill chunk) and no block tables runs the split-KV decode kernel
+decoding, a small prefill chunk), no block tables and no modifiers but softcap / ALiBi
+(DECODE_FEATURES: the decode kernel implements those two) runs the split-KV decode kernel
 (`attention_decode_fwd`, csrc/decode.cpp), and hands it k / v as they are when their last
 dim is contiguous (a KV-cache prefix `k_cache[:, :, :n]`, a (B, N, H, D) cache transposed
 to (B, H, N, D)): no copy. Training forwards with so few rows take it too: its out and LSE
@@ -14,24 +15,39 @@ validated everything else).
 """
 from __future__ import annotations
 
+import functools
+
 from torch import Tensor
 
+from .. import backends
 from ..backends import cpu_kernels
 from .call import SoftmaxCall
 
 # Query rows up to which a forward takes the decode kernel.
 DECODE_MAX_Q_LEN = 16
+# The score modifiers (call.FEATURES) the decode kernel implements.
+DECODE_FEATURES = frozenset({"softcap", "alibi"})
 
 
 def _rows_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
+@functools.lru_cache(maxsize=None)
+def _decode_takes_modifiers() -> bool:
+    """The decode op of this build takes softcap / alibi_slopes (an older .so's does not)."""
+    schema = backends.cpu_kernels().attention_decode_fwd.default._schema
+    return any(a.name == "softcap" for a in schema.arguments)
+
+
 def uses_decode(call: SoftmaxCall, q: Tensor, k: Tensor, v: Tensor) -> bool:
-    """True when `forward` runs this call on the decode kernel (which implements no score modifier:
-    a call using one runs the general kernel)."""
-    return (q.shape[2] <= DECODE_MAX_Q_LEN and not call.is_sparse and not call.features()
-            and hasattr(cpu_kernels(), "attention_decode_fwd"))
+    """True when `forward` runs this call on the decode kernel (which implements softcap and ALiBi,
+    DECODE_FEATURES: a call using another modifier runs the general kernel)."""
+    ops = cpu_kernels()
+    if q.shape[2] > DECODE_MAX_Q_LEN or call.is_sparse or not hasattr(ops, "attention_decode_fwd"):
+        return False
+    features = call.features()
+    return not features or (features <= DECODE_FEATURES and _decode_takes_modifiers())
 
 
 def _modifier_args(call: SoftmaxCall) -> tuple:
@@ -44,7 +60,7 @@ def forward(call: SoftmaxCall, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor,
     if uses_decode(call, q, k, v):
         return cpu_kernels().attention_decode_fwd(
             q, _rows_contiguous(k), _rows_contiguous(v), call.scale, call.window_left, call.window_right,
-            call.key_padding_mask,
+            call.key_padding_mask, *((call.softcap, call.alibi_slopes) if call.features() else ()),
         )
     return cpu_kernels().attention_fwd(
         q.contiguous(), k.contiguous(), v.contiguous(), call.scale, call.window_left, call.window_right,
