@@ -642,6 +642,67 @@ inline void drop_p_row(acc_type<T>* x, T* low, int64_t start, const uint32_t* u,
   (void)x;
 }
 
+// Softcap alone (no ALiBi, no bias; scale > 0) on bf16 with AVX512-BF16 takes cheaper
+// passes (common::softcap_*_bf16, with the bf16-class tanh_lowp): the forward forms the
+// capped logits and their row max in one pass (the plain exp pass follows); the backward
+// forms P and the chain-rule factor scale · (1 - tanh²) in one pass and dS in one more.
+// Everything else runs the generic modifier pass (modify_logits, ds_row_modified).
+template <typename T>
+inline bool fused_softcap(const Modifiers<acc_type<T>>& md, acc_type<T> scale) {
+#ifdef ATTNKERNELS_NATIVE_BF16
+  if constexpr (std::is_same_v<T, at::BFloat16>)
+    return md.cap > 0 && !md.slopes && !md.bias && scale > 0 && common::bf16_native_ok();
+#endif
+  (void)md;
+  (void)scale;
+  return false;
+}
+
+// The forward's logits under the fused softcap: x[0, n) <- cap · tanh(x · a) in place,
+// a = scale / cap; returns their max when with_max (else unspecified).
+template <typename T>
+inline acc_type<T> softcap_row(acc_type<T>* x, int64_t n, acc_type<T> a, acc_type<T> cap, bool with_max) {
+#ifdef ATTNKERNELS_NATIVE_BF16
+  if constexpr (std::is_same_v<T, at::BFloat16>)
+    return with_max ? common::softcap_row_bf16<true>(x, n, a, cap) : common::softcap_row_bf16<false>(x, n, a, cap);
+#endif
+  (void)x, (void)n, (void)a, (void)cap, (void)with_max;
+  TORCH_INTERNAL_ASSERT(false, "softcap_row: only the bf16 matrix-unit path fuses softcap");
+  return 0;
+}
+
+// p_row_bwd under the fused softcap: x[0, n) <- P from the raw products, rounded into `low`
+// (offsets as p_row_bwd), grad[0, n) = scale · (1 - tanh²).
+template <typename T>
+inline void p_row_softcap_bwd(acc_type<T>* x, int64_t n, acc_type<T> a, acc_type<T> cap, acc_type<T> scale,
+                              const acc_type<T>* lse, T* low, int64_t start, acc_type<T>* grad) {
+#ifdef ATTNKERNELS_NATIVE_BF16
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    const int64_t sh = start & 1, K = (n + sh + 1) & ~int64_t(1);
+    if (sh) low[0] = T(0);
+    common::softcap_exp_lse_round_bf16(x, n, a, cap, scale, lse, low + sh, grad);
+    if (n + sh < K) low[K - 1] = T(0);
+    return;
+  }
+#endif
+  (void)x, (void)n, (void)a, (void)cap, (void)scale, (void)lse, (void)low, (void)start, (void)grad;
+  TORCH_INTERNAL_ASSERT(false, "p_row_softcap_bwd: only the bf16 matrix-unit path fuses softcap");
+}
+
+// ds_row_bwd under the fused softcap: dS = P ∘ (dP − delta) ∘ grad, only rounded into `low`.
+template <typename T>
+inline void ds_row_softcap(const acc_type<T>* p_row, const acc_type<T>* dp, int64_t n, const acc_type<T>* delta,
+                           const acc_type<T>* grad, T* low, int64_t start) {
+#ifdef ATTNKERNELS_NATIVE_BF16
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    common::softcap_grad_round_bf16(p_row, dp, n, delta, grad, low + (start & 1));
+    return;
+  }
+#endif
+  (void)p_row, (void)dp, (void)n, (void)delta, (void)grad, (void)low, (void)start;
+  TORCH_INTERNAL_ASSERT(false, "ds_row_softcap: only the bf16 matrix-unit path fuses softcap");
+}
+
 // ---------------------------------------------------------------------------
 // Forward: per (b, h, query tile), online softmax over its key tiles
 // ---------------------------------------------------------------------------
@@ -676,7 +737,7 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
     std::vector<T> p_lowp(kMatrixUnits<T> ? bm * kLowpLd : 0);  // P rounded to T
     std::vector<uint32_t> words(md.dropout ? kBlockN + 8 : 0);     // one row's Philox words, from key 4 (j0 >> 2)
     std::vector<A> bias_tmp(md.bias ? kBlockN : 0);                 // a bias row converted to A
-    const bool logits = md.logits();
+    const bool logits = md.logits(), fcap = fused_softcap<T>(md, scale);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / nt, b = bh / p.Hq, h = bh % p.Hq, hk = h / p.group;
       const auto [i0, i1] = qtiles[task % nt];
@@ -699,7 +760,13 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
         const A factor = positive ? scale : A(1);
         for (int64_t r = 0; r < M; ++r) {  // masks, then the tile's row max and the new running max
           A* sr = s.data() + r * kBlockN;
-          if (logits) {
+          if (fcap) {  // the capped logits and, on a tile no mask cuts, their max in the same pass
+            const A mx = softcap_row<T>(sr, N, scale * md.inv_cap, md.cap, !masked);
+            if (!masked) {
+              m_new[r] = max_keep_nan(m[r], mx == neg_inf ? row_max(sr, N) : mx);
+              continue;
+            }
+          } else if (logits) {
             const char* brow = md.bias_at(b, h, i0 + r, j0);
             modify_logits(md, sr, N, scale, md.slope(b, h, p.Hq), A(i0 + r + p.off - j0), A(-1), brow, md.sj,
                           static_cast<A*>(nullptr), bias_tmp.data());
@@ -808,6 +875,7 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
     // words [BLOCK_N + 6, BLOCK_M] from key row 4 (j0 >> 2), and on float / double the
     // kept P (P ∘ keep) for dV (dropout).
     const bool logits = md.logits(), modified_ds = md.cap > A(0) || md.dbias != nullptr;
+    const bool fcap = fused_softcap<T>(md, scale);  // tanh_t then holds scale · (1 - tanh²)
     std::vector<A> tanh_t(md.cap > A(0) ? kBlockN * kBlockM : 0);
     std::vector<uint32_t> words(md.dropout ? (kBlockN + 6) * kBlockM : 0);
     std::vector<A> p_kept(md.dropout && !kMatrixUnits<T> ? kBlockN * kBlockM : 0);
@@ -848,12 +916,17 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
           for (int64_t r = 0; r < N; ++r) {  // Pᵀ (in float, and rounded on the matrix units)
             A* row = st.data() + r * kBlockM;
             T* low = a_lowp.data() + r * kLowpLd;
-            if (logits)  // key j = j0 + r over queries i0 + c: ALiBi distance i0 + c + off - j, bias stride si
-              modify_logits(md, row, M, scale, md.slope(b, h, p.Hq), A(i0 + p.off - j0 - r), A(1),
-                            md.bias_at(b, h, i0, j0 + r), md.si,
-                            md.cap > A(0) ? tanh_t.data() + r * kBlockM : static_cast<A*>(nullptr), bias_tmp.data(),
-                            md.bias ? bias_t.data() + r * kBlockM : nullptr);
-            p_row_bwd<T>(row, M, logits ? A(1) : scale, lse_h + i0, low, i0);
+            if (fcap) {
+              p_row_softcap_bwd<T>(row, M, scale * md.inv_cap, md.cap, scale, lse_h + i0, low, i0,
+                                   tanh_t.data() + r * kBlockM);
+            } else {
+              if (logits)  // key j = j0 + r over queries i0 + c: ALiBi distance i0 + c + off - j, bias stride si
+                modify_logits(md, row, M, scale, md.slope(b, h, p.Hq), A(i0 + p.off - j0 - r), A(1),
+                              md.bias_at(b, h, i0, j0 + r), md.si,
+                              md.cap > A(0) ? tanh_t.data() + r * kBlockM : static_cast<A*>(nullptr),
+                              bias_tmp.data(), md.bias ? bias_t.data() + r * kBlockM : nullptr);
+              p_row_bwd<T>(row, M, logits ? A(1) : scale, lse_h + i0, low, i0);
+            }
             if (masked) {
               mask_key_row(p, b, j0 + r, i0, i1, row, A(0));
               if constexpr (kMatrixUnits<T>) mask_key_row(p, b, j0 + r, i0, i1, low + (i0 & 1), T(0));
@@ -871,7 +944,11 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
           const A* p_dv = md.dropout && !kMatrixUnits<T> ? p_kept.data() : st.data();
           gemm_seq<T>(N, p.Dv, i0, i1, p_dv, kBlockM, do_h, a_lowp.data(), dv_acc.data(), p.Dv,
                       kMatrixUnits<T>);  // dV += Pᵀ dO (the 1 / (1 - p) of dropout applied once per key tile)
-          if (modified_ds) {
+          if (fcap) {
+            for (int64_t r = 0; r < N; ++r)
+              ds_row_softcap<T>(st.data() + r * kBlockM, dpt.data() + r * kBlockM, M, delta_h + i0,
+                                tanh_t.data() + r * kBlockM, a_lowp.data() + r * kLowpLd, i0);
+          } else if (modified_ds) {
             for (int64_t r = 0; r < N; ++r)  // dbias into the transposed tile, row r = key j0 + r
               ds_row_modified<T>(st.data() + r * kBlockM, dpt.data() + r * kBlockM, M, delta_h + i0, scale,
                                  md.cap > A(0) ? tanh_t.data() + r * kBlockM : nullptr,

@@ -244,6 +244,9 @@ CASES = [
          dropout_p=0.2, kpm=True),
     Case((2, 4, 4, 5, 200, 64), CAUSAL, softcap=3.0, alibi="H", bias=(2, 4, 5, 200), sinks=True, dropout_p=0.1),
     Case((1, 2, 1, 97, 97, 64), CAUSAL, softcap=5.0, sinks=True),
+    # softcap alone (with masks, dropout, sinks) takes the fused bf16 passes; odd starts, GQA, a window
+    Case((2, 4, 2, 130, 300, 64), DENSE, softcap=4.0, dropout_p=0.2, kpm=True),
+    Case((1, 4, 2, 300, 301, 64), (70, 5), softcap=30.0, sinks=True),
 ]
 
 
