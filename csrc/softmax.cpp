@@ -454,6 +454,7 @@ struct Modifiers {
   common::PhiloxKey key;
   uint32_t threshold = 0;       // keep iff word >= threshold
   A keep_scale = 1;             // 1 / (1 - p)
+  const A* sinks = nullptr;     // forward: [Hq] sink logits joining each row's denominator, or nullptr
   A* dbias = nullptr;           // backward: dS before the softcap chain, [B, Hq, Nq, Nk], or nullptr
 
   // True when the logits differ from scale · q·kᵀ (the tile gets the modifier pass).
@@ -804,15 +805,26 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
       });
       T* out_t = out + (bh * p.Nq + i0) * p.Dv;
       A* lse_t = lse + bh * p.Nq + i0;
+      const A sink = md.sinks ? md.sinks[h] : neg_inf;
       for (int64_t r = 0; r < M; ++r) {
-        const bool seen = !(l[r] == A(0));  // NaN (a poisoned row) counts as seen
+        // A sink joins the denominator: with m' = max(m, sink), l' = l · e^(m - m') + e^(sink - m')
+        // and the output's factor e^(m - m') / l' (no overflow for a sink far above the row's
+        // scores). A row that sees no key gets out 0 and lse = sink, as the reference.
+        A mr = m[r], lr = l[r], f = A(1);
+        if (sink != neg_inf) {
+          const A m2 = max_keep_nan(mr, sink);
+          f = mr == neg_inf ? A(0) : std::exp(mr - m2);
+          lr = lr * f + std::exp(sink - m2);
+          mr = m2;
+        }
+        const bool seen = !(lr == A(0));  // NaN (a poisoned row) counts as seen
         A* acc_r = acc.data() + r * p.Dv;
-        if (seen)
-          scale_row(acc_r, p.Dv, md.keep_scale / l[r]);  // keep_scale = 1 without dropout
+        if (seen && f != A(0))
+          scale_row(acc_r, p.Dv, md.keep_scale * f / lr);  // keep_scale = 1 without dropout
         else
           fill(acc_r, p.Dv, A(0));
         common::convert_row(acc_r, out_t + r * p.Dv, p.Dv);
-        lse_t[r] = seen ? m[r] + std::log(l[r]) : neg_inf;
+        lse_t[r] = seen ? mr + std::log(lr) : neg_inf;
       }
     }
     release_gemm<T>();
@@ -1162,13 +1174,21 @@ bool nonempty(const Problem& p) { return p.Nq > 0 && p.Nk > 0 && p.B > 0 && p.Hq
 struct PreparedModifiers {
   double softcap = 0, dropout_p = 0;
   int64_t seed = 0;
-  at::Tensor slopes, bias;  // undefined when absent
+  at::Tensor slopes, bias, sinks;  // undefined when absent
 };
 
 PreparedModifiers prepare_modifiers(const char* op, const Problem& p, at::ScalarType ct, double softcap,
                                     const std::optional<at::Tensor>& alibi_slopes,
-                                    const std::optional<at::Tensor>& attn_bias, double dropout_p, int64_t seed) {
+                                    const std::optional<at::Tensor>& attn_bias, double dropout_p, int64_t seed,
+                                    const std::optional<at::Tensor>& sinks = std::nullopt) {
   PreparedModifiers pm;
+  if (sinks.has_value()) {
+    const at::Tensor& t = *sinks;
+    TORCH_CHECK(t.device().is_cpu() && t.is_floating_point(), op, ": sinks must be a floating CPU tensor, got ",
+                t.scalar_type(), " on ", t.device());
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == p.Hq, op, ": sinks must be (Hq,) = (", p.Hq, ",), got ", t.sizes());
+    pm.sinks = t.to(ct).contiguous();
+  }
   TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, op, ": softcap must be a finite float >= 0 (0 = off), got ",
               softcap);
   TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, op, ": dropout_p must be in [0, 1), got ", dropout_p);
@@ -1213,6 +1233,7 @@ Modifiers<A> make_modifiers(const PreparedModifiers& pm) {
     md.inv_cap = A(1.0 / pm.softcap);
   }
   if (pm.slopes.defined()) md.slopes = pm.slopes.data_ptr<A>();
+  if (pm.sinks.defined()) md.sinks = pm.sinks.data_ptr<A>();
   if (pm.bias.defined()) {
     const at::Tensor& b = pm.bias;
     md.bias = static_cast<const char*>(b.data_ptr());
@@ -1244,13 +1265,13 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
                                                  const std::optional<at::Tensor>& key_padding_mask, double softcap,
                                                  const std::optional<at::Tensor>& alibi_slopes,
                                                  const std::optional<at::Tensor>& attn_bias, double dropout_p,
-                                                 int64_t dropout_seed) {
+                                                 int64_t dropout_seed, const std::optional<at::Tensor>& sinks) {
   const char* op = "attention_fwd";
   Problem p = make_problem(op, q, k, v, window_left, window_right);
   Prepared prep = prepare_masks(op, p, kv_num_blocks, kv_indices, std::nullopt, std::nullopt, sparse_block_size,
                                 key_padding_mask, false);
   const PreparedModifiers pm = prepare_modifiers(op, p, compute_type(q.scalar_type()), softcap, alibi_slopes,
-                                                 attn_bias, dropout_p, dropout_seed);
+                                                 attn_bias, dropout_p, dropout_seed, sinks);
   const bool mu = on_matrix_units(p, q.scalar_type());
   const auto ot = operand_type(p, q.scalar_type());
   const auto at_ = compute_type(q.scalar_type());
@@ -1270,6 +1291,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   } else {
     out.zero_();
     lse.fill_(-std::numeric_limits<double>::infinity());
+    if (pm.sinks.defined() && p.Nq > 0) lse.copy_(pm.sinks.view({1, p.Hq, 1}).expand_as(lse));
   }
   return {out.to(q.scalar_type()), lse};
 }
@@ -1429,7 +1451,7 @@ TORCH_LIBRARY_FRAGMENT(ATTNKERNELS_NS, m) {
       "attention_fwd(Tensor q, Tensor k, Tensor v, float scale, int window_left, int window_right, "
       "Tensor? kv_num_blocks, Tensor? kv_indices, int sparse_block_size, Tensor? key_padding_mask, "
       "float softcap=0., Tensor? alibi_slopes=None, Tensor? attn_bias=None, float dropout_p=0., "
-      "int dropout_seed=0) -> (Tensor out, Tensor lse)");
+      "int dropout_seed=0, Tensor? sinks=None) -> (Tensor out, Tensor lse)");
   m.def(
       "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, "
       "int window_left, int window_right, Tensor? kv_num_blocks, Tensor? kv_indices, Tensor? q_num_blocks, "
