@@ -704,6 +704,36 @@ inline void ds_row_softcap(const acc_type<T>* p_row, const acc_type<T>* dp, int6
   TORCH_INTERNAL_ASSERT(false, "ds_row_softcap: only the bf16 matrix-unit path fuses softcap");
 }
 
+// Dropout on bf16 with AVX512-BF16: the forward's keep mask is generated inside its exp
+// pass (common::exp_sum_round_drop_bf16), the same bits as philox_query_row + drop_row.
+template <typename T>
+inline bool fused_dropout(const Modifiers<acc_type<T>>& md) {
+#ifdef ATTNKERNELS_NATIVE_BF16
+  if constexpr (std::is_same_v<T, at::BFloat16>) return md.dropout && common::bf16_native_ok();
+#endif
+  (void)md;
+  return false;
+}
+
+// exp_row with the fused keep mask of query row i (head bh); P rounded into prow as exp_row.
+template <typename T>
+inline acc_type<T> exp_row_drop(const acc_type<T>* x, int64_t n, acc_type<T> a, acc_type<T> b, T* prow,
+                                int64_t start, const Modifiers<acc_type<T>>& md, uint32_t i, uint32_t bh) {
+#ifdef ATTNKERNELS_NATIVE_BF16
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    const int64_t sh = start & 1, K = (n + sh + 1) & ~int64_t(1);
+    if (sh) prow[0] = T(0);
+    const common::PhiloxRow row(md.key, i, bh, md.threshold);
+    const float sum = common::exp_sum_round_drop_bf16(x, n, a, b, prow + sh, row, start);
+    if (n + sh < K) prow[K - 1] = T(0);
+    return sum;
+  }
+#endif
+  (void)x, (void)n, (void)a, (void)b, (void)prow, (void)start, (void)md, (void)i, (void)bh;
+  TORCH_INTERNAL_ASSERT(false, "exp_row_drop: only the bf16 matrix-unit path fuses dropout");
+  return 0;
+}
+
 // ---------------------------------------------------------------------------
 // Forward: per (b, h, query tile), online softmax over its key tiles
 // ---------------------------------------------------------------------------
@@ -738,7 +768,7 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
     std::vector<T> p_lowp(kMatrixUnits<T> ? bm * kLowpLd : 0);  // P rounded to T
     std::vector<uint32_t> words(md.dropout ? kBlockN + 8 : 0);     // one row's Philox words, from key 4 (j0 >> 2)
     std::vector<A> bias_tmp(md.bias ? kBlockN : 0);                 // a bias row converted to A
-    const bool logits = md.logits(), fcap = fused_softcap<T>(md, scale);
+    const bool logits = md.logits(), fcap = fused_softcap<T>(md, scale), fdrop = fused_dropout<T>(md);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / nt, b = bh / p.Hq, h = bh % p.Hq, hk = h / p.group;
       const auto [i0, i1] = qtiles[task % nt];
@@ -792,9 +822,15 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
             if constexpr (kMatrixUnits<T>) fill(p_lowp.data() + r * kLowpLd, kLowpLd, T(0));
             continue;
           }
-          l[r] = l[r] * alpha[r] + exp_row<T>(sr, N, factor, m_new[r], p_lowp.data() + r * kLowpLd, j0);
-          m[r] = m_new[r];
-          if (md.dropout) {  // the row sum keeps every P; the P·V product only the kept ones
+          if (fdrop) {  // the exp pass and the keep mask in one loop
+            l[r] = l[r] * alpha[r] + exp_row_drop<T>(sr, N, factor, m_new[r], p_lowp.data() + r * kLowpLd, j0,
+                                                     md, uint32_t(i0 + r), uint32_t(bh));
+            m[r] = m_new[r];
+          } else {
+            l[r] = l[r] * alpha[r] + exp_row<T>(sr, N, factor, m_new[r], p_lowp.data() + r * kLowpLd, j0);
+            m[r] = m_new[r];
+          }
+          if (md.dropout && !fdrop) {  // the row sum keeps every P; the P·V product only the kept ones
             const int64_t g0 = j0 >> 2;
             common::philox_query_row(words.data(), md.key, uint32_t(i0 + r), uint32_t(bh), g0, ((j1 - 1) >> 2) - g0 + 1);
             drop_p_row<T>(sr, p_lowp.data() + r * kLowpLd, j0, words.data() + (j0 & 3), N, md.threshold);
