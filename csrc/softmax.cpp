@@ -454,6 +454,7 @@ struct Modifiers {
   common::PhiloxKey key;
   uint32_t threshold = 0;       // keep iff word >= threshold
   A keep_scale = 1;             // 1 / (1 - p)
+  const A* sinks = nullptr;     // forward: [Hq] sink logits joining each row's denominator, or nullptr
   A* dbias = nullptr;           // backward: dS before the softcap chain, [B, Hq, Nq, Nk], or nullptr
 
   // True when the logits differ from scale · q·kᵀ (the tile gets the modifier pass).
@@ -642,6 +643,97 @@ inline void drop_p_row(acc_type<T>* x, T* low, int64_t start, const uint32_t* u,
   (void)x;
 }
 
+// Softcap alone (no ALiBi, no bias; scale > 0) on bf16 with AVX512-BF16 takes cheaper
+// passes (common::softcap_*_bf16, with the bf16-class tanh_lowp): the forward forms the
+// capped logits and their row max in one pass (the plain exp pass follows); the backward
+// forms P and the chain-rule factor scale · (1 - tanh²) in one pass and dS in one more.
+// Everything else runs the generic modifier pass (modify_logits, ds_row_modified).
+template <typename T>
+inline bool fused_softcap(const Modifiers<acc_type<T>>& md, acc_type<T> scale) {
+#ifdef ATTNKERNELS_NATIVE_BF16
+  if constexpr (std::is_same_v<T, at::BFloat16>)
+    return md.cap > 0 && !md.slopes && !md.bias && scale > 0 && common::bf16_native_ok();
+#endif
+  (void)md;
+  (void)scale;
+  return false;
+}
+
+// The forward's logits under the fused softcap: x[0, n) <- cap · tanh(x · a) in place,
+// a = scale / cap; returns their max when with_max (else unspecified).
+template <typename T>
+inline acc_type<T> softcap_row(acc_type<T>* x, int64_t n, acc_type<T> a, acc_type<T> cap, bool with_max) {
+#ifdef ATTNKERNELS_NATIVE_BF16
+  if constexpr (std::is_same_v<T, at::BFloat16>)
+    return with_max ? common::softcap_row_bf16<true>(x, n, a, cap) : common::softcap_row_bf16<false>(x, n, a, cap);
+#endif
+  (void)x, (void)n, (void)a, (void)cap, (void)with_max;
+  TORCH_INTERNAL_ASSERT(false, "softcap_row: only the bf16 matrix-unit path fuses softcap");
+  return 0;
+}
+
+// p_row_bwd under the fused softcap: x[0, n) <- P from the raw products, rounded into `low`
+// (offsets as p_row_bwd), grad[0, n) = scale · (1 - tanh²).
+template <typename T>
+inline void p_row_softcap_bwd(acc_type<T>* x, int64_t n, acc_type<T> a, acc_type<T> cap, acc_type<T> scale,
+                              const acc_type<T>* lse, T* low, int64_t start, acc_type<T>* grad) {
+#ifdef ATTNKERNELS_NATIVE_BF16
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    const int64_t sh = start & 1, K = (n + sh + 1) & ~int64_t(1);
+    if (sh) low[0] = T(0);
+    common::softcap_exp_lse_round_bf16(x, n, a, cap, scale, lse, low + sh, grad);
+    if (n + sh < K) low[K - 1] = T(0);
+    return;
+  }
+#endif
+  (void)x, (void)n, (void)a, (void)cap, (void)scale, (void)lse, (void)low, (void)start, (void)grad;
+  TORCH_INTERNAL_ASSERT(false, "p_row_softcap_bwd: only the bf16 matrix-unit path fuses softcap");
+}
+
+// ds_row_bwd under the fused softcap: dS = P ∘ (dP − delta) ∘ grad, only rounded into `low`.
+template <typename T>
+inline void ds_row_softcap(const acc_type<T>* p_row, const acc_type<T>* dp, int64_t n, const acc_type<T>* delta,
+                           const acc_type<T>* grad, T* low, int64_t start) {
+#ifdef ATTNKERNELS_NATIVE_BF16
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    common::softcap_grad_round_bf16(p_row, dp, n, delta, grad, low + (start & 1));
+    return;
+  }
+#endif
+  (void)p_row, (void)dp, (void)n, (void)delta, (void)grad, (void)low, (void)start;
+  TORCH_INTERNAL_ASSERT(false, "ds_row_softcap: only the bf16 matrix-unit path fuses softcap");
+}
+
+// Dropout on bf16 with AVX512-BF16: the forward's keep mask is generated inside its exp
+// pass (common::exp_sum_round_drop_bf16), the same bits as philox_query_row + drop_row.
+template <typename T>
+inline bool fused_dropout(const Modifiers<acc_type<T>>& md) {
+#ifdef ATTNKERNELS_NATIVE_BF16
+  if constexpr (std::is_same_v<T, at::BFloat16>) return md.dropout && common::bf16_native_ok();
+#endif
+  (void)md;
+  return false;
+}
+
+// exp_row with the fused keep mask of query row i (head bh); P rounded into prow as exp_row.
+template <typename T>
+inline acc_type<T> exp_row_drop(const acc_type<T>* x, int64_t n, acc_type<T> a, acc_type<T> b, T* prow,
+                                int64_t start, const Modifiers<acc_type<T>>& md, uint32_t i, uint32_t bh) {
+#ifdef ATTNKERNELS_NATIVE_BF16
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    const int64_t sh = start & 1, K = (n + sh + 1) & ~int64_t(1);
+    if (sh) prow[0] = T(0);
+    const common::PhiloxRow row(md.key, i, bh, md.threshold);
+    const float sum = common::exp_sum_round_drop_bf16(x, n, a, b, prow + sh, row, start);
+    if (n + sh < K) prow[K - 1] = T(0);
+    return sum;
+  }
+#endif
+  (void)x, (void)n, (void)a, (void)b, (void)prow, (void)start, (void)md, (void)i, (void)bh;
+  TORCH_INTERNAL_ASSERT(false, "exp_row_drop: only the bf16 matrix-unit path fuses dropout");
+  return 0;
+}
+
 // ---------------------------------------------------------------------------
 // Forward: per (b, h, query tile), online softmax over its key tiles
 // ---------------------------------------------------------------------------
@@ -676,7 +768,7 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
     std::vector<T> p_lowp(kMatrixUnits<T> ? bm * kLowpLd : 0);  // P rounded to T
     std::vector<uint32_t> words(md.dropout ? kBlockN + 8 : 0);     // one row's Philox words, from key 4 (j0 >> 2)
     std::vector<A> bias_tmp(md.bias ? kBlockN : 0);                 // a bias row converted to A
-    const bool logits = md.logits();
+    const bool logits = md.logits(), fcap = fused_softcap<T>(md, scale), fdrop = fused_dropout<T>(md);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / nt, b = bh / p.Hq, h = bh % p.Hq, hk = h / p.group;
       const auto [i0, i1] = qtiles[task % nt];
@@ -699,7 +791,13 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
         const A factor = positive ? scale : A(1);
         for (int64_t r = 0; r < M; ++r) {  // masks, then the tile's row max and the new running max
           A* sr = s.data() + r * kBlockN;
-          if (logits) {
+          if (fcap) {  // the capped logits and, on a tile no mask cuts, their max in the same pass
+            const A mx = softcap_row<T>(sr, N, scale * md.inv_cap, md.cap, !masked);
+            if (!masked) {
+              m_new[r] = max_keep_nan(m[r], mx == neg_inf ? row_max(sr, N) : mx);
+              continue;
+            }
+          } else if (logits) {
             const char* brow = md.bias_at(b, h, i0 + r, j0);
             modify_logits(md, sr, N, scale, md.slope(b, h, p.Hq), A(i0 + r + p.off - j0), A(-1), brow, md.sj,
                           static_cast<A*>(nullptr), bias_tmp.data());
@@ -724,9 +822,15 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
             if constexpr (kMatrixUnits<T>) fill(p_lowp.data() + r * kLowpLd, kLowpLd, T(0));
             continue;
           }
-          l[r] = l[r] * alpha[r] + exp_row<T>(sr, N, factor, m_new[r], p_lowp.data() + r * kLowpLd, j0);
-          m[r] = m_new[r];
-          if (md.dropout) {  // the row sum keeps every P; the P·V product only the kept ones
+          if (fdrop) {  // the exp pass and the keep mask in one loop
+            l[r] = l[r] * alpha[r] + exp_row_drop<T>(sr, N, factor, m_new[r], p_lowp.data() + r * kLowpLd, j0,
+                                                     md, uint32_t(i0 + r), uint32_t(bh));
+            m[r] = m_new[r];
+          } else {
+            l[r] = l[r] * alpha[r] + exp_row<T>(sr, N, factor, m_new[r], p_lowp.data() + r * kLowpLd, j0);
+            m[r] = m_new[r];
+          }
+          if (md.dropout && !fdrop) {  // the row sum keeps every P; the P·V product only the kept ones
             const int64_t g0 = j0 >> 2;
             common::philox_query_row(words.data(), md.key, uint32_t(i0 + r), uint32_t(bh), g0, ((j1 - 1) >> 2) - g0 + 1);
             drop_p_row<T>(sr, p_lowp.data() + r * kLowpLd, j0, words.data() + (j0 & 3), N, md.threshold);
@@ -737,15 +841,26 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
       });
       T* out_t = out + (bh * p.Nq + i0) * p.Dv;
       A* lse_t = lse + bh * p.Nq + i0;
+      const A sink = md.sinks ? md.sinks[h] : neg_inf;
       for (int64_t r = 0; r < M; ++r) {
-        const bool seen = !(l[r] == A(0));  // NaN (a poisoned row) counts as seen
+        // A sink joins the denominator: with m' = max(m, sink), l' = l · e^(m - m') + e^(sink - m')
+        // and the output's factor e^(m - m') / l' (no overflow for a sink far above the row's
+        // scores). A row that sees no key gets out 0 and lse = sink, as the reference.
+        A mr = m[r], lr = l[r], f = A(1);
+        if (sink != neg_inf) {
+          const A m2 = max_keep_nan(mr, sink);
+          f = mr == neg_inf ? A(0) : std::exp(mr - m2);
+          lr = lr * f + std::exp(sink - m2);
+          mr = m2;
+        }
+        const bool seen = !(lr == A(0));  // NaN (a poisoned row) counts as seen
         A* acc_r = acc.data() + r * p.Dv;
-        if (seen)
-          scale_row(acc_r, p.Dv, md.keep_scale / l[r]);  // keep_scale = 1 without dropout
+        if (seen && f != A(0))
+          scale_row(acc_r, p.Dv, md.keep_scale * f / lr);  // keep_scale = 1 without dropout
         else
           fill(acc_r, p.Dv, A(0));
         common::convert_row(acc_r, out_t + r * p.Dv, p.Dv);
-        lse_t[r] = seen ? m[r] + std::log(l[r]) : neg_inf;
+        lse_t[r] = seen ? mr + std::log(lr) : neg_inf;
       }
     }
     release_gemm<T>();
@@ -808,6 +923,7 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
     // words [BLOCK_N + 6, BLOCK_M] from key row 4 (j0 >> 2), and on float / double the
     // kept P (P ∘ keep) for dV (dropout).
     const bool logits = md.logits(), modified_ds = md.cap > A(0) || md.dbias != nullptr;
+    const bool fcap = fused_softcap<T>(md, scale);  // tanh_t then holds scale · (1 - tanh²)
     std::vector<A> tanh_t(md.cap > A(0) ? kBlockN * kBlockM : 0);
     std::vector<uint32_t> words(md.dropout ? (kBlockN + 6) * kBlockM : 0);
     std::vector<A> p_kept(md.dropout && !kMatrixUnits<T> ? kBlockN * kBlockM : 0);
@@ -848,12 +964,17 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
           for (int64_t r = 0; r < N; ++r) {  // Pᵀ (in float, and rounded on the matrix units)
             A* row = st.data() + r * kBlockM;
             T* low = a_lowp.data() + r * kLowpLd;
-            if (logits)  // key j = j0 + r over queries i0 + c: ALiBi distance i0 + c + off - j, bias stride si
-              modify_logits(md, row, M, scale, md.slope(b, h, p.Hq), A(i0 + p.off - j0 - r), A(1),
-                            md.bias_at(b, h, i0, j0 + r), md.si,
-                            md.cap > A(0) ? tanh_t.data() + r * kBlockM : static_cast<A*>(nullptr), bias_tmp.data(),
-                            md.bias ? bias_t.data() + r * kBlockM : nullptr);
-            p_row_bwd<T>(row, M, logits ? A(1) : scale, lse_h + i0, low, i0);
+            if (fcap) {
+              p_row_softcap_bwd<T>(row, M, scale * md.inv_cap, md.cap, scale, lse_h + i0, low, i0,
+                                   tanh_t.data() + r * kBlockM);
+            } else {
+              if (logits)  // key j = j0 + r over queries i0 + c: ALiBi distance i0 + c + off - j, bias stride si
+                modify_logits(md, row, M, scale, md.slope(b, h, p.Hq), A(i0 + p.off - j0 - r), A(1),
+                              md.bias_at(b, h, i0, j0 + r), md.si,
+                              md.cap > A(0) ? tanh_t.data() + r * kBlockM : static_cast<A*>(nullptr),
+                              bias_tmp.data(), md.bias ? bias_t.data() + r * kBlockM : nullptr);
+              p_row_bwd<T>(row, M, logits ? A(1) : scale, lse_h + i0, low, i0);
+            }
             if (masked) {
               mask_key_row(p, b, j0 + r, i0, i1, row, A(0));
               if constexpr (kMatrixUnits<T>) mask_key_row(p, b, j0 + r, i0, i1, low + (i0 & 1), T(0));
@@ -871,7 +992,11 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
           const A* p_dv = md.dropout && !kMatrixUnits<T> ? p_kept.data() : st.data();
           gemm_seq<T>(N, p.Dv, i0, i1, p_dv, kBlockM, do_h, a_lowp.data(), dv_acc.data(), p.Dv,
                       kMatrixUnits<T>);  // dV += Pᵀ dO (the 1 / (1 - p) of dropout applied once per key tile)
-          if (modified_ds) {
+          if (fcap) {
+            for (int64_t r = 0; r < N; ++r)
+              ds_row_softcap<T>(st.data() + r * kBlockM, dpt.data() + r * kBlockM, M, delta_h + i0,
+                                tanh_t.data() + r * kBlockM, a_lowp.data() + r * kLowpLd, i0);
+          } else if (modified_ds) {
             for (int64_t r = 0; r < N; ++r)  // dbias into the transposed tile, row r = key j0 + r
               ds_row_modified<T>(st.data() + r * kBlockM, dpt.data() + r * kBlockM, M, delta_h + i0, scale,
                                  md.cap > A(0) ? tanh_t.data() + r * kBlockM : nullptr,
@@ -1085,13 +1210,21 @@ bool nonempty(const Problem& p) { return p.Nq > 0 && p.Nk > 0 && p.B > 0 && p.Hq
 struct PreparedModifiers {
   double softcap = 0, dropout_p = 0;
   int64_t seed = 0;
-  at::Tensor slopes, bias;  // undefined when absent
+  at::Tensor slopes, bias, sinks;  // undefined when absent
 };
 
 PreparedModifiers prepare_modifiers(const char* op, const Problem& p, at::ScalarType ct, double softcap,
                                     const std::optional<at::Tensor>& alibi_slopes,
-                                    const std::optional<at::Tensor>& attn_bias, double dropout_p, int64_t seed) {
+                                    const std::optional<at::Tensor>& attn_bias, double dropout_p, int64_t seed,
+                                    const std::optional<at::Tensor>& sinks = std::nullopt) {
   PreparedModifiers pm;
+  if (sinks.has_value()) {
+    const at::Tensor& t = *sinks;
+    TORCH_CHECK(t.device().is_cpu() && t.is_floating_point(), op, ": sinks must be a floating CPU tensor, got ",
+                t.scalar_type(), " on ", t.device());
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == p.Hq, op, ": sinks must be (Hq,) = (", p.Hq, ",), got ", t.sizes());
+    pm.sinks = t.to(ct).contiguous();
+  }
   TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, op, ": softcap must be a finite float >= 0 (0 = off), got ",
               softcap);
   TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, op, ": dropout_p must be in [0, 1), got ", dropout_p);
@@ -1136,6 +1269,7 @@ Modifiers<A> make_modifiers(const PreparedModifiers& pm) {
     md.inv_cap = A(1.0 / pm.softcap);
   }
   if (pm.slopes.defined()) md.slopes = pm.slopes.data_ptr<A>();
+  if (pm.sinks.defined()) md.sinks = pm.sinks.data_ptr<A>();
   if (pm.bias.defined()) {
     const at::Tensor& b = pm.bias;
     md.bias = static_cast<const char*>(b.data_ptr());
@@ -1167,13 +1301,13 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
                                                  const std::optional<at::Tensor>& key_padding_mask, double softcap,
                                                  const std::optional<at::Tensor>& alibi_slopes,
                                                  const std::optional<at::Tensor>& attn_bias, double dropout_p,
-                                                 int64_t dropout_seed) {
+                                                 int64_t dropout_seed, const std::optional<at::Tensor>& sinks) {
   const char* op = "attention_fwd";
   Problem p = make_problem(op, q, k, v, window_left, window_right);
   Prepared prep = prepare_masks(op, p, kv_num_blocks, kv_indices, std::nullopt, std::nullopt, sparse_block_size,
                                 key_padding_mask, false);
   const PreparedModifiers pm = prepare_modifiers(op, p, compute_type(q.scalar_type()), softcap, alibi_slopes,
-                                                 attn_bias, dropout_p, dropout_seed);
+                                                 attn_bias, dropout_p, dropout_seed, sinks);
   const bool mu = on_matrix_units(p, q.scalar_type());
   const auto ot = operand_type(p, q.scalar_type());
   const auto at_ = compute_type(q.scalar_type());
@@ -1193,6 +1327,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   } else {
     out.zero_();
     lse.fill_(-std::numeric_limits<double>::infinity());
+    if (pm.sinks.defined() && p.Nq > 0) lse.copy_(pm.sinks.view({1, p.Hq, 1}).expand_as(lse));
   }
   return {out.to(q.scalar_type()), lse};
 }
@@ -1352,7 +1487,7 @@ TORCH_LIBRARY_FRAGMENT(ATTNKERNELS_NS, m) {
       "attention_fwd(Tensor q, Tensor k, Tensor v, float scale, int window_left, int window_right, "
       "Tensor? kv_num_blocks, Tensor? kv_indices, int sparse_block_size, Tensor? key_padding_mask, "
       "float softcap=0., Tensor? alibi_slopes=None, Tensor? attn_bias=None, float dropout_p=0., "
-      "int dropout_seed=0) -> (Tensor out, Tensor lse)");
+      "int dropout_seed=0, Tensor? sinks=None) -> (Tensor out, Tensor lse)");
   m.def(
       "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, "
       "int window_left, int window_right, Tensor? kv_num_blocks, Tensor? kv_indices, Tensor? q_num_blocks, "

@@ -244,6 +244,13 @@ CASES = [
          dropout_p=0.2, kpm=True),
     Case((2, 4, 4, 5, 200, 64), CAUSAL, softcap=3.0, alibi="H", bias=(2, 4, 5, 200), sinks=True, dropout_p=0.1),
     Case((1, 2, 1, 97, 97, 64), CAUSAL, softcap=5.0, sinks=True),
+    # softcap alone (with masks, dropout, sinks) takes the fused bf16 passes; odd starts, GQA, a window
+    Case((2, 4, 2, 130, 300, 64), DENSE, softcap=4.0, dropout_p=0.2, kpm=True),
+    Case((1, 4, 2, 300, 301, 64), (70, 5), softcap=30.0, sinks=True),
+    # sinks alone (fused into the general kernel's finalisation; a few query rows take the decode
+    # kernel and get them from the ops)
+    Case((2, 4, 2, 97, 300, 64), CAUSAL, sinks=True, kpm=True),
+    Case((2, 4, 2, 5, 200, 64), CAUSAL, sinks=True),
 ]
 
 
@@ -387,6 +394,32 @@ def test_dropout_matches_reference_backend():
 # ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+def test_sinks_far_from_the_scores_B1_H4_N70_D32(dtype):
+    """Sinks 80 above and 80 below the scores (an e^80 term must not overflow the kernel's row sum),
+    -inf (no effect) and 0: the fused finalisation against the ops-level one (the reference backend)."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 4, 70, 32, generator=g).to(dtype) for _ in range(3))
+    param = torch.float64 if dtype == torch.float64 else torch.float32
+    sinks = torch.tensor([80.0, -80.0, float("-inf"), 0.0], dtype=param)
+    with attnkernels.backend("cpu"):
+        out, lse = attnkernels.attention(q, k, v, causal=True, sinks=sinks, return_lse=True)
+    ref_out, ref_lse = attention_reference(q.double(), k.double(), v.double(), window_size=CAUSAL,
+                                           sinks=sinks.double())
+    assert torch.isfinite(lse).all() and torch.isfinite(out).all()
+    atol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(lse.double(), ref_lse, atol=atol, rtol=0)
+    torch.testing.assert_close(out.double(), ref_out, atol=atol, rtol=0)
+    assert (out[0, 0].abs() < 1e-20).all(), "a sink e^80 above the scores takes all of each row's mass"
+    # a row that sees no key (a -inf bias row): out 0 and lse = the sink (-inf for the -inf sink)
+    bias = torch.zeros(1, 1, 70, 70, dtype=param)
+    bias[..., 9, :] = float("-inf")
+    with attnkernels.backend("cpu"):
+        out, lse = attnkernels.attention(q, k, v, causal=True, sinks=sinks, attn_bias=bias, return_lse=True)
+    assert (out[0, :, 9] == 0).all()
+    assert torch.equal(lse[0, :, 9], sinks.to(lse.dtype))
+
+
 def test_cpu_backend_declares_every_modifier():
     from attnkernels.softmax import ops as softmax_ops
     from attnkernels.softmax.call import FEATURES
@@ -416,6 +449,10 @@ def test_op_checks_modifier_arguments():
         kernels.attention_fwd(*_op_args(q, k, v), -1.0)
     with pytest.raises(RuntimeError, match="dropout_p must be in"):
         kernels.attention_fwd(*_op_args(q, k, v), 0.0, None, None, 1.0)
+    with pytest.raises(RuntimeError, match=r"sinks must be \(Hq,\) = \(4,\)"):
+        kernels.attention_fwd(*_op_args(q, k, v), 0.0, None, None, 0.0, 0, torch.zeros(2))
+    with pytest.raises(RuntimeError, match="sinks must be a floating CPU tensor"):
+        kernels.attention_fwd(*_op_args(q, k, v), 0.0, None, None, 0.0, 0, torch.zeros(4, dtype=torch.int64))
     out, lse = kernels.attention_fwd(*_op_args(q, k, v))
     with pytest.raises(RuntimeError, match="bias_grad needs attn_bias"):
         kernels.attention_bwd(out, q, k, v, out, lse, 0.125, -1, -1, None, None, None, None, 0, None,

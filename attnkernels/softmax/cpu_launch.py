@@ -65,6 +65,7 @@ def forward(call: SoftmaxCall, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor,
     return cpu_kernels().attention_fwd(
         q.contiguous(), k.contiguous(), v.contiguous(), call.scale, call.window_left, call.window_right,
         call.kv_num_blocks, call.kv_indices, call.sparse_block_size, call.key_padding_mask, *_modifier_args(call),
+        call.sinks,  # fused into the kernel's finalisation (the saved lse includes them)
     )
 
 

@@ -64,6 +64,9 @@ def _triton_backward(call, dout, q, k, v, out, lse, bias_grad):
 def _cpu_forward(call, q, k, v):
     from . import cpu_launch
 
+    # The general kernel fuses the sinks; the decode kernel takes none, so its outputs get them here.
+    if call.sinks is not None and cpu_launch.uses_decode(call, q, k, v):
+        return _with_sinks(call.sinks, *cpu_launch.forward(dataclasses.replace(call, sinks=None), q, k, v))
     return cpu_launch.forward(call, q, k, v)
 
 
@@ -74,8 +77,11 @@ def _cpu_backward(call, dout, q, k, v, out, lse, bias_grad):
 
 
 # The modifiers (call.FEATURES) each backend's kernels implement; a call using another is
-# refused by the registry with the reason. Sinks are not among them: the ops apply them.
+# refused by the registry with the reason. Sinks are not among them: every backend runs them,
+# in its forward when it is listed in FUSES_SINKS (the C++ kernel's finalisation, no extra
+# pass over the output), else applied by the ops around it (_with_sinks).
 CPU_FEATURES = frozenset(FEATURES)
+FUSES_SINKS = frozenset({"cpu"})
 TRITON_FEATURES = frozenset(FEATURES)
 
 backends.register(FAMILY, backends.Backend("cpu", _cpu_forward, _cpu_backward, backends.cpu_declines, CPU_FEATURES))
@@ -113,8 +119,10 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, *args) -> tuple[Tensor, Tensor]:
     if conventions.is_empty_call(q.shape[2], k.shape[2]):
         out, lse = conventions.empty_softmax_outputs(q, v)
     else:
-        out, lse = backends.select(FAMILY, q.device, call.features()).forward(dataclasses.replace(call, sinks=None),
-                                                                             q, k, v)
+        backend = backends.select(FAMILY, q.device, call.features())
+        if call.sinks is None or backend.name in FUSES_SINKS:
+            return backend.forward(call, q, k, v)
+        out, lse = backend.forward(dataclasses.replace(call, sinks=None), q, k, v)
     return _with_sinks(call.sinks, out, lse) if call.sinks is not None else (out, lse)
 
 
