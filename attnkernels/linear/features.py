@@ -107,7 +107,8 @@ class PerformerFeatures(nn.Module):
                 shift = (row_max - half_norm).amax(dim=-2, keepdim=True)
             bias = half_norm + shift
         # ln(M)/2 apart, after the large terms cancel: added to b it would be rounded at b's scale
-        return logits.sub_(bias).sub_(log_root).exp_()
+        # (add_ of −b: its backward sums the gradient for b, where sub_'s negates the whole (N, M) first)
+        return logits.add_(-bias).sub_(log_root).exp_()
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, num_features={self.num_features}, orthogonal={self.orthogonal}"
