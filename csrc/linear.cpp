@@ -212,30 +212,6 @@ void store_output(const acc_t* num, int64_t L, const Dims& d, bool normalize, ac
   }
 }
 
-// dN' rows [L, DvP] from dout and num': with den = num'[Dv] + eps,
-// dnum = g / den, dden = -(g · out) / den; without normalization dnum = g, dden = 0.
-template <typename scalar_t, typename acc_t>
-void output_grad(const scalar_t* dout, const acc_t* num, int64_t L, const Dims& d, bool normalize, acc_t eps, acc_t* dN) {
-  for (int64_t i = 0; i < L; ++i) {
-    const scalar_t* g = dout + i * d.Dv;
-    const acc_t* n = num + i * d.DvP;
-    acc_t* o = dN + i * d.DvP;
-    std::fill(o, o + d.DvP, acc_t(0));
-    if (normalize) {
-      const acc_t inv = acc_t(1) / (n[d.Dv] + eps);
-      acc_t dot = 0;
-      for (int64_t c = 0; c < d.Dv; ++c) {
-        const acc_t gc = static_cast<acc_t>(g[c]);
-        o[c] = gc * inv;
-        dot += gc * n[c];
-      }
-      o[d.Dv] = -dot * inv * inv;
-    } else {
-      for (int64_t c = 0; c < d.Dv; ++c) o[c] = static_cast<acc_t>(g[c]);
-    }
-  }
-}
-
 // dx = dφ-chain of a feature gradient: dx[i, c] = mult · φ'(u) · dfeat[i, c], u = mult · x,
 // with φ' read off the features feat = φ(u) already in scratch (no second exp):
 // elu+1: φ' = 1 for u > 0 (where φ = u + 1 > 1), exp(u) = φ otherwise, i.e. min(φ, 1);
@@ -518,24 +494,44 @@ void backward_noncausal(const Dims& d, const Args<scalar_t, acc_t>& a, const sca
     Scratch<acc_t> w(d);
     for (int64_t bg = begin; bg < end; ++bg) reduce_state(d, a, bg / d.Hk, bg % d.Hk, w, states + bg * d.MP * d.DvP);
   });
-  // Phase 2: per (b, query head): for each row chunk num', dN', dQ̃ = dN' S'ᵀ, and the
-  // head's share of dS' = Σ_i q̃_i dn'_iᵀ into head_dS [B*Hq, MP, DvP]. dN' lives only
-  // for its chunk, so no (N, Dv) buffer is written and read back.
-  at::parallel_for(0, d.B * d.Hq, grain_for(3 * d.Nq * d.MP * d.DvP), [&](int64_t begin, int64_t end) {
+  // Phase 2: per (b, query head): for each row chunk dN', dQ̃ = dN' S'ᵀ, and the head's
+  // share of dS' = Σ_i q̃_i dn'_iᵀ into head_dS [B*Hq, MP, DvP]. As in the causal backward,
+  // num' is not rebuilt: with H = g S[:, :Dv]ᵀ [L, MP] (g = dout), den_i = q̃_i·z + eps,
+  // g_i·num_i = q̃_i·H_i and dQ̃ = H / den + dden zᵀ, one product where num' and dQ̃ took two.
+  // dN' lives only for its chunk, so no (N, Dv) buffer is written and read back.
+  at::parallel_for(0, d.B * d.Hq, grain_for(2 * d.Nq * d.MP * d.DvP), [&](int64_t begin, int64_t end) {
+    using Vec = at::vec::Vectorized<acc_t>;
     Scratch<acc_t> w(d);
+    std::vector<acc_t> Gd(kChunk * d.DvP), H(kChunk * d.MP);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / d.Hq, h = bh % d.Hq, g = h / d.G;
       const acc_t* S = states + (b * d.Hk + g) * d.MP * d.DvP;
       acc_t* dS = head_dS + bh * d.MP * d.DvP;
       std::fill(dS, dS + d.MP * d.DvP, acc_t(0));
-      transpose(d.MP, d.DvP, S, d.DvP, w.ST.data(), d.MP);
+      transpose(d.MP, d.DvP, S, d.DvP, w.ST.data(), d.MP);  // [DvP, MP]
+      const acc_t* z = w.ST.data() + d.Dv * d.MP;           // S'[:, Dv], [MP]
       for (int64_t t0 = 0; t0 < d.Nq; t0 += kChunk) {
         const int64_t L = std::min(kChunk, d.Nq - t0);
         const int64_t row = bh * d.Nq + t0;
         load_features(a.q_head(d, b, h, t0), L, d, a.scale, a.f, w.Qc.data());
-        gemm(L, d.DvP, d.D, w.Qc.data(), d.MP, S, d.DvP, w.num.data(), d.DvP, false);
-        output_grad(dout + row * d.Dv, w.num.data(), L, d, a.normalize, a.eps, w.dN.data());
-        gemm(L, d.MP, d.Dv + 1, w.dN.data(), d.DvP, w.ST.data(), d.MP, w.dQ.data(), d.MP, false);
+        load_grad(dout + row * d.Dv, L, d, Gd.data());
+        gemm(L, d.MP, d.Dv, Gd.data(), d.DvP, w.ST.data(), d.MP, H.data(), d.MP, false);  // H [L, MP]
+        for (int64_t i = 0; i < L; ++i) {
+          const acc_t* Qi = w.Qc.data() + i * d.MP;
+          const acc_t* Hi = H.data() + i * d.MP;
+          acc_t r = 1, s = 0;
+          if (a.normalize) {
+            r = acc_t(1) / (vdot(Qi, z, d.MP) + a.eps);
+            s = -vdot(Qi, Hi, d.MP) * r * r;
+          }
+          acc_t* o = w.dN.data() + i * d.DvP;
+          const acc_t* gi = Gd.data() + i * d.DvP;
+          for (int64_t c = 0; c < d.DvP; c += Vec::size()) (Vec::loadu(gi + c) * Vec(r)).store(o + c);
+          o[d.Dv] = s;
+          acc_t* dq_i = w.dQ.data() + i * d.MP;
+          for (int64_t c = 0; c < d.MP; c += Vec::size())
+            at::vec::fmadd(Vec::loadu(Hi + c), Vec(r), Vec::loadu(z + c) * Vec(s)).store(dq_i + c);
+        }
         store_input_grad(w.dQ.data(), w.Qc.data(), L, d, a.scale, a.f, dq + row * d.D);
         transpose(kChunk, d.MP, w.Qc.data(), d.MP, w.QcT.data(), kChunk);
         add_product(d.D, d.DvP, L, w.QcT.data(), kChunk, w.dN.data(), d.DvP, dS, d.DvP, w.tmp.data());
