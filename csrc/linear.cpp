@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -82,11 +83,13 @@ inline void gemm(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const
     common::register_gemm<T>(m, n, k, A, lda, B, ldb, C, ldc, accumulate, a_tri, c_tri);
 }
 
-// dst[c, r] = src[r, c] for r < rows, c < cols.
+// dst[c, r] = src[r, c] for r < rows, c < cols. at::vec's 16 x 16 register-block
+// transpose for float (AVX-512); the element loop otherwise. The causal backward
+// transposes ~8 chunk-sized blocks per chunk and head: element by element they took
+// a quarter of its time (perf, B1 H8 N4096 D64).
 template <typename T>
 void transpose(int64_t rows, int64_t cols, const T* src, int64_t lds, T* dst, int64_t ldd) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
+  at::vec::transpose_mxn<T>(src, lds, dst, ldd, static_cast<int>(rows), static_cast<int>(cols));
 }
 
 // S[m, n] += A[m, k] · B[k, n], the chunk's product summed on its own first
@@ -206,30 +209,6 @@ void store_output(const acc_t* num, int64_t L, const Dims& d, bool normalize, ac
     const acc_t* n = num + i * d.DvP;
     const acc_t inv = normalize ? acc_t(1) / (n[d.Dv] + eps) : acc_t(1);
     for (int64_t c = 0; c < d.Dv; ++c) out[i * d.Dv + c] = static_cast<scalar_t>(n[c] * inv);
-  }
-}
-
-// dN' rows [L, DvP] from dout and num': with den = num'[Dv] + eps,
-// dnum = g / den, dden = -(g · out) / den; without normalization dnum = g, dden = 0.
-template <typename scalar_t, typename acc_t>
-void output_grad(const scalar_t* dout, const acc_t* num, int64_t L, const Dims& d, bool normalize, acc_t eps, acc_t* dN) {
-  for (int64_t i = 0; i < L; ++i) {
-    const scalar_t* g = dout + i * d.Dv;
-    const acc_t* n = num + i * d.DvP;
-    acc_t* o = dN + i * d.DvP;
-    std::fill(o, o + d.DvP, acc_t(0));
-    if (normalize) {
-      const acc_t inv = acc_t(1) / (n[d.Dv] + eps);
-      acc_t dot = 0;
-      for (int64_t c = 0; c < d.Dv; ++c) {
-        const acc_t gc = static_cast<acc_t>(g[c]);
-        o[c] = gc * inv;
-        dot += gc * n[c];
-      }
-      o[d.Dv] = -dot * inv * inv;
-    } else {
-      for (int64_t c = 0; c < d.Dv; ++c) o[c] = static_cast<acc_t>(g[c]);
-    }
   }
 }
 
@@ -353,82 +332,156 @@ void forward_noncausal(const Dims& d, const Args<scalar_t, acc_t>& a, scalar_t* 
 // Backward. q̃ = φ(scale q), k̃ = φ(k), v' = [v, 1], dn'_i = [dnum_i, dden_i]:
 //   dq̃_i = S'_i dn'_i,  dk̃_j = Σ_{i sees j} q̃_i (v'_j · dn'_i),  dv'_j = Σ_{i sees j} (q̃_i · k̃_j) dn'_i.
 
+// Σ_c a[c] b[c] over n (a multiple of the vector width: rows padded to MP or kChunk).
+template <typename T>
+inline T vdot(const T* a, const T* b, int64_t n) {
+  using Vec = at::vec::Vectorized<T>;
+  Vec acc(T(0));
+  for (int64_t c = 0; c < n; c += Vec::size()) acc = at::vec::fmadd(Vec::loadu(a + c), Vec::loadu(b + c), acc);
+  return common::hsum(acc);
+}
+
+// Σ_c a[c] over n (a multiple of the vector width).
+template <typename T>
+inline T vsum(const T* a, int64_t n) {
+  using Vec = at::vec::Vectorized<T>;
+  Vec acc(T(0));
+  for (int64_t c = 0; c < n; c += Vec::size()) acc = acc + Vec::loadu(a + c);
+  return common::hsum(acc);
+}
+
+// dout rows [0, L) into dst [kChunk, DvP] in acc_t, zero past Dv and past L.
+template <typename scalar_t, typename acc_t>
+void load_grad(const scalar_t* src, int64_t L, const Dims& d, acc_t* dst) {
+  for (int64_t i = 0; i < L; ++i) {
+    acc_t* o = dst + i * d.DvP;
+    for (int64_t c = 0; c < d.Dv; ++c) o[c] = static_cast<acc_t>(src[i * d.Dv + c]);
+    std::fill(o + d.Dv, o + d.DvP, acc_t(0));
+  }
+  std::fill(dst + L * d.DvP, dst + kChunk * d.DvP, acc_t(0));
+}
+
+// Causal backward without recomputing the forward's output. Per chunk of L rows and
+// query head, with A = mask(Q̃K̃ᵀ) and Γ = mask(g Vᵀ) (g = dout, lower triangles, [L, C]),
+// H = g S[:, :Dv]ᵀ [L, M] and z = S[:, Dv] from the state S' of the earlier chunks:
+//   den_i = Σ_j A_ij + q̃_i·z + eps,  g_i·num_i = Σ_j A_ij Γ_ij + q̃_i·H_i,
+//   dnum_i = g_i / den_i,  dden_i = -(g_i·num_i) / den_i²,
+//   P2_ij = dn'_i·v'_j = Γ_ij / den_i + dden_i (j <= i),
+//   dq̃ = P2 K̃ + H / den + dden zᵀ;  dk̃ (intra) = P2ᵀ Q̃,  dv (intra) = Aᵀ dnum.
+// So the numerator (A V' + Q̃ S', the forward's two large products) is never rebuilt:
+// its one use, g·num, comes from the products dq̃ needs anyway. Pass 1 (forward in
+// time) carries S' (one K̃ᵀV' product per chunk, the only forward work repeated) and
+// keeps Q̃, K̃, dN', Aᵀ and P2ᵀ of every chunk; pass 2 (backward in time) carries
+// dS' = Σ_later Q̃ᵀ dN' for the inter-chunk parts dk̃ = V' dS'ᵀ, dv' = K̃ dS' and
+// adds the intra parts from the kept triangles. Scratch per task: O(Nq · (G (M + 2C +
+// Dv + 1) + M)) floats (Nq = 4096, G = 1, D = Dv = 64: ~5 MB).
 template <typename scalar_t, typename acc_t>
 void backward_causal(const Dims& d, const Args<scalar_t, acc_t>& a, const scalar_t* dout, scalar_t* dq, scalar_t* dk, scalar_t* dv) {
-  const int64_t work = 3 * d.Nq * (d.G + 1) * (d.MP + kChunk) * d.DvP;  // per kv head
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t C = kChunk;
+  const int64_t nch = (d.Nq + C - 1) / C;
+  const int64_t work = 2 * d.Nq * (d.G + 1) * (d.MP + C) * d.DvP;  // per kv head
   at::parallel_for(0, d.B * d.Hk, grain_for(work), [&](int64_t begin, int64_t end) {
     Scratch<acc_t> w(d);
-    std::vector<acc_t> dN_all(d.G * d.Nq * d.DvP);  // dn' rows of every query head of the group
+    // Kept from pass 1 for pass 2, chunk-major: [G, nch, C, *] (K̃: [nch, C, MP]). Not
+    // zero-filled: pass 1 writes every entry pass 2 reads (whole chunk rows of Q̃, K̃, dN';
+    // the L x L corners of Aᵀ, P2ᵀ); zero-filling ~5 MB per call cost ~5% (N = 4096).
+    const auto buffer = [](int64_t n) { return std::unique_ptr<acc_t[]>(new acc_t[n]); };
+    const auto Qf = buffer(d.G * nch * C * d.MP), Kf = buffer(nch * C * d.MP), dN_all = buffer(d.G * nch * C * d.DvP);
+    const auto AT = buffer(d.G * nch * C * C), P2T = buffer(d.G * nch * C * C);
+    std::vector<acc_t> Gd(C * d.DvP), Gm(C * C), H(C * d.MP), inv(C), dden(C);
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t b = bg / d.Hk, g = bg % d.Hk;
-      // Pass 1, forward in time: recompute num', get dN' and dQ (needs S' before each chunk).
+      // Pass 1, forward in time: dN' and dQ (need S' before each chunk).
       acc_t* S = w.S.data();
       init_state(d, a.s0, a.z0, bg, S);
-      for (int64_t t0 = 0; t0 < d.Nq; t0 += kChunk) {
-        const int64_t L = std::min(kChunk, d.Nq - t0);
-        load_features(a.k_head(d, b, g, t0), L, d, acc_t(1), a.f, w.Kc.data());
-        transpose(kChunk, d.MP, w.Kc.data(), d.MP, w.KcT.data(), kChunk);
-        load_values(a.v_head(d, b, g, t0), L, d, w.Vc.data());
-        transpose(kChunk, d.DvP, w.Vc.data(), d.DvP, w.VcT.data(), kChunk);  // [DvP, C]
+      for (int64_t c = 0; c < nch; ++c) {
+        const int64_t t0 = c * C, L = std::min(C, d.Nq - t0);
+        acc_t* Kc = Kf.get() + c * C * d.MP;
+        load_features(a.k_head(d, b, g, t0), L, d, acc_t(1), a.f, Kc);
+        transpose(C, d.MP, Kc, d.MP, w.KcT.data(), C);                      // [MP, C]
+        load_values(a.v_head(d, b, g, t0), L, d, w.Vc.data());               // [C, DvP]
+        transpose(C, d.DvP, w.Vc.data(), d.DvP, w.VcT.data(), C);            // [DvP, C]
         transpose(d.MP, d.DvP, S, d.DvP, w.ST.data(), d.MP);                 // [DvP, MP]
+        const acc_t* z = w.ST.data() + d.Dv * d.MP;                          // S'[:, Dv], [MP]
         for (int64_t hh = 0; hh < d.G; ++hh) {
           const int64_t h = g * d.G + hh;
           const int64_t row = (b * d.Hq + h) * d.Nq + t0;
-          load_features(a.q_head(d, b, h, t0), L, d, a.scale, a.f, w.Qc.data());
-          gemm(L, kChunk, d.D, w.Qc.data(), d.MP, w.KcT.data(), kChunk, w.P.data(), kChunk, false, Tri::None, Tri::Lower);
-          mask_lower(L, w.P.data(), kChunk);
-          gemm(L, d.DvP, L, w.P.data(), kChunk, w.Vc.data(), d.DvP, w.num.data(), d.DvP, false, Tri::Lower);
-          add_product(L, d.DvP, d.D, w.Qc.data(), d.MP, S, d.DvP, w.num.data(), d.DvP, w.tmp.data());
-          acc_t* dN = dN_all.data() + (hh * d.Nq + t0) * d.DvP;  // [L, DvP]
-          output_grad(dout + row * d.Dv, w.num.data(), L, d, a.normalize, a.eps, dN);
-          // P2[i, j] = dn'_i · v'_j (j <= i); dQ̃ = P2 K̃ + dN' S'ᵀ.
-          gemm(L, kChunk, d.Dv + 1, dN, d.DvP, w.VcT.data(), kChunk, w.P.data(), kChunk, false, Tri::None, Tri::Lower);
-          mask_lower(L, w.P.data(), kChunk);
-          gemm(L, d.MP, L, w.P.data(), kChunk, w.Kc.data(), d.MP, w.dQ.data(), d.MP, false, Tri::Lower);
-          add_product(L, d.MP, d.Dv + 1, dN, d.DvP, w.ST.data(), d.MP, w.dQ.data(), d.MP, w.tmp.data());
-          store_input_grad(w.dQ.data(), w.Qc.data(), L, d, a.scale, a.f, dq + row * d.D);
+          const int64_t slot = hh * nch + c;
+          acc_t* Qc = Qf.get() + slot * C * d.MP;
+          acc_t* dN = dN_all.get() + slot * C * d.DvP;                      // [C, DvP]
+          acc_t* P = w.P.data();
+          load_features(a.q_head(d, b, h, t0), L, d, a.scale, a.f, Qc);
+          load_grad(dout + row * d.Dv, L, d, Gd.data());
+          gemm(L, C, d.D, Qc, d.MP, w.KcT.data(), C, P, C, false, Tri::None, Tri::Lower);            // A [L, C]
+          mask_lower(L, P, C);
+          gemm(L, C, d.Dv, Gd.data(), d.DvP, w.VcT.data(), C, Gm.data(), C, false, Tri::None, Tri::Lower);  // Γ
+          mask_lower(L, Gm.data(), C);
+          gemm(L, d.MP, d.Dv, Gd.data(), d.DvP, w.ST.data(), d.MP, H.data(), d.MP, false);         // H [L, MP]
+          for (int64_t i = 0; i < L; ++i) {
+            const acc_t* Ai = P + i * C;
+            acc_t* Gi = Gm.data() + i * C;
+            const acc_t* Qi = Qc + i * d.MP;
+            const acc_t* Hi = H.data() + i * d.MP;
+            acc_t r = 1, s = 0;
+            if (a.normalize) {
+              // intra and inter parts summed apart, then added (as the forward does)
+              r = acc_t(1) / ((vsum(Ai, C) + vdot(Qi, z, d.MP)) + a.eps);
+              s = -(vdot(Ai, Gi, C) + vdot(Qi, Hi, d.MP)) * r * r;
+            }
+            inv[i] = r;
+            dden[i] = s;
+            acc_t* o = dN + i * d.DvP;
+            const acc_t* gi = Gd.data() + i * d.DvP;
+            for (int64_t q = 0; q < d.DvP; q += Vec::size()) (Vec::loadu(gi + q) * Vec(r)).store(o + q);
+            o[d.Dv] = s;
+            // P2 row in place of Γ: Γ r + s for j <= i, zero after.
+            for (int64_t j = 0; j < C; j += Vec::size()) at::vec::fmadd(Vec::loadu(Gi + j), Vec(r), Vec(s)).store(Gi + j);
+            std::fill(Gi + i + 1, Gi + C, acc_t(0));
+          }
+          std::fill(dN + L * d.DvP, dN + C * d.DvP, acc_t(0));
+          gemm(L, d.MP, L, Gm.data(), C, Kc, d.MP, w.dQ.data(), d.MP, false, Tri::Lower);        // P2 K̃
+          for (int64_t i = 0; i < L; ++i) {
+            acc_t* o = w.dQ.data() + i * d.MP;
+            const acc_t* Hi = H.data() + i * d.MP;
+            for (int64_t q = 0; q < d.MP; q += Vec::size()) {
+              const Vec inter = at::vec::fmadd(Vec::loadu(Hi + q), Vec(inv[i]), Vec::loadu(z + q) * Vec(dden[i]));
+              (Vec::loadu(o + q) + inter).store(o + q);
+            }
+          }
+          store_input_grad(w.dQ.data(), Qc, L, d, a.scale, a.f, dq + row * d.D);
+          transpose(L, L, P, C, AT.get() + slot * C * C, C);                // Aᵀ [L, L] (ld C)
+          transpose(L, L, Gm.data(), C, P2T.get() + slot * C * C, C);       // P2ᵀ
         }
-        add_product(d.D, d.DvP, L, w.KcT.data(), kChunk, w.Vc.data(), d.DvP, S, d.DvP, w.tmp.data());
+        add_product(d.D, d.DvP, L, w.KcT.data(), C, w.Vc.data(), d.DvP, S, d.DvP, w.tmp.data());  // S' += K̃ᵀV'
       }
-      // Pass 2, backward in time: dS' = Σ over later chunks of Q̃ᵀ dN' carries the
-      // inter-chunk part of dK̃ = V' dS'ᵀ and dV' = K̃ dS'.
+      // Pass 2, backward in time.
       acc_t* dS = w.dS.data();
       std::fill(dS, dS + d.MP * d.DvP, acc_t(0));
-      const int64_t last = ((d.Nk - 1) / kChunk) * kChunk;
-      for (int64_t t0 = last; t0 >= 0 && d.Nk > 0; t0 -= kChunk) {
-        const int64_t L = std::min(kChunk, d.Nk - t0);
-        load_features(a.k_head(d, b, g, t0), L, d, acc_t(1), a.f, w.Kc.data());
+      for (int64_t c = nch - 1; c >= 0; --c) {
+        const int64_t t0 = c * C, L = std::min(C, d.Nk - t0);
+        const acc_t* Kc = Kf.get() + c * C * d.MP;
         load_values(a.v_head(d, b, g, t0), L, d, w.Vc.data());
         // Inter-chunk parts from dS' as it stands before this chunk's queries join it;
         // kept apart (in the free dQ/num buffers) and added after the intra parts.
         transpose(d.MP, d.DvP, dS, d.DvP, w.dST.data(), d.MP);
         gemm(L, d.MP, d.Dv + 1, w.Vc.data(), d.DvP, w.dST.data(), d.MP, w.dQ.data(), d.MP, false);  // [L, MP]
-        gemm(L, d.DvP, d.D, w.Kc.data(), d.MP, dS, d.DvP, w.num.data(), d.DvP, false);              // [L, DvP]
-        std::fill(w.dK.begin(), w.dK.end(), acc_t(0));
-        std::fill(w.dV.begin(), w.dV.end(), acc_t(0));
+        gemm(L, d.DvP, d.D, Kc, d.MP, dS, d.DvP, w.num.data(), d.DvP, false);                       // [L, DvP]
         for (int64_t hh = 0; hh < d.G; ++hh) {
-          const int64_t h = g * d.G + hh;
-          load_features(a.q_head(d, b, h, t0), L, d, a.scale, a.f, w.Qc.data());
-          transpose(kChunk, d.MP, w.Qc.data(), d.MP, w.QcT.data(), kChunk);  // [MP, C]
-          const acc_t* dN = dN_all.data() + (hh * d.Nq + t0) * d.DvP;
-          std::fill(w.dNT.begin(), w.dNT.end(), acc_t(0));
-          transpose(L, d.DvP, dN, d.DvP, w.dNT.data(), kChunk);             // [DvP, C]
-          // Pᵀ[j, i] = v'_j · dn'_i (i >= j); dK̃ += Pᵀ Q̃.
-          gemm(L, kChunk, d.Dv + 1, w.Vc.data(), d.DvP, w.dNT.data(), kChunk, w.P.data(), kChunk, false, Tri::None, Tri::Upper);
-          mask_upper(L, w.P.data(), kChunk);
-          gemm(L, d.MP, L, w.P.data(), kChunk, w.Qc.data(), d.MP, w.dK.data(), d.MP, true, Tri::Upper);
-          // Aᵀ[j, i] = k̃_j · q̃_i (i >= j); dV' += Aᵀ dN'.
-          gemm(L, kChunk, d.D, w.Kc.data(), d.MP, w.QcT.data(), kChunk, w.P.data(), kChunk, false, Tri::None, Tri::Upper);
-          mask_upper(L, w.P.data(), kChunk);
-          gemm(L, d.DvP, L, w.P.data(), kChunk, dN, d.DvP, w.dV.data(), d.DvP, true, Tri::Upper);
-          add_product(d.D, d.DvP, L, w.QcT.data(), kChunk, dN, d.DvP, dS, d.DvP, w.tmp.data());  // dS' += Q̃ᵀ dN'
+          const int64_t slot = hh * nch + c;
+          const acc_t* Qc = Qf.get() + slot * C * d.MP;
+          const acc_t* dN = dN_all.get() + slot * C * d.DvP;
+          gemm(L, d.MP, L, P2T.get() + slot * C * C, C, Qc, d.MP, w.dK.data(), d.MP, hh > 0, Tri::Upper);   // P2ᵀ Q̃
+          gemm(L, d.DvP, L, AT.get() + slot * C * C, C, dN, d.DvP, w.dV.data(), d.DvP, hh > 0, Tri::Upper);  // Aᵀ dN'
+          transpose(C, d.MP, Qc, d.MP, w.QcT.data(), C);                                               // [MP, C]
+          add_product(d.D, d.DvP, L, w.QcT.data(), C, dN, d.DvP, dS, d.DvP, w.tmp.data());             // dS' += Q̃ᵀ dN'
         }
         for (int64_t i = 0; i < L * d.MP; ++i) w.dK[i] += w.dQ[i];
         for (int64_t i = 0; i < L * d.DvP; ++i) w.dV[i] += w.num[i];
         const int64_t row = (b * d.Hk + g) * d.Nk + t0;
-        store_input_grad(w.dK.data(), w.Kc.data(), L, d, acc_t(1), a.f, dk + row * d.D);
+        store_input_grad(w.dK.data(), Kc, L, d, acc_t(1), a.f, dk + row * d.D);
         for (int64_t i = 0; i < L; ++i)
-          for (int64_t c = 0; c < d.Dv; ++c) dv[(row + i) * d.Dv + c] = static_cast<scalar_t>(w.dV[i * d.DvP + c]);
+          for (int64_t q = 0; q < d.Dv; ++q) dv[(row + i) * d.Dv + q] = static_cast<scalar_t>(w.dV[i * d.DvP + q]);
       }
     }
   });
@@ -441,24 +494,44 @@ void backward_noncausal(const Dims& d, const Args<scalar_t, acc_t>& a, const sca
     Scratch<acc_t> w(d);
     for (int64_t bg = begin; bg < end; ++bg) reduce_state(d, a, bg / d.Hk, bg % d.Hk, w, states + bg * d.MP * d.DvP);
   });
-  // Phase 2: per (b, query head): for each row chunk num', dN', dQ̃ = dN' S'ᵀ, and the
-  // head's share of dS' = Σ_i q̃_i dn'_iᵀ into head_dS [B*Hq, MP, DvP]. dN' lives only
-  // for its chunk, so no (N, Dv) buffer is written and read back.
-  at::parallel_for(0, d.B * d.Hq, grain_for(3 * d.Nq * d.MP * d.DvP), [&](int64_t begin, int64_t end) {
+  // Phase 2: per (b, query head): for each row chunk dN', dQ̃ = dN' S'ᵀ, and the head's
+  // share of dS' = Σ_i q̃_i dn'_iᵀ into head_dS [B*Hq, MP, DvP]. As in the causal backward,
+  // num' is not rebuilt: with H = g S[:, :Dv]ᵀ [L, MP] (g = dout), den_i = q̃_i·z + eps,
+  // g_i·num_i = q̃_i·H_i and dQ̃ = H / den + dden zᵀ, one product where num' and dQ̃ took two.
+  // dN' lives only for its chunk, so no (N, Dv) buffer is written and read back.
+  at::parallel_for(0, d.B * d.Hq, grain_for(2 * d.Nq * d.MP * d.DvP), [&](int64_t begin, int64_t end) {
+    using Vec = at::vec::Vectorized<acc_t>;
     Scratch<acc_t> w(d);
+    std::vector<acc_t> Gd(kChunk * d.DvP), H(kChunk * d.MP);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / d.Hq, h = bh % d.Hq, g = h / d.G;
       const acc_t* S = states + (b * d.Hk + g) * d.MP * d.DvP;
       acc_t* dS = head_dS + bh * d.MP * d.DvP;
       std::fill(dS, dS + d.MP * d.DvP, acc_t(0));
-      transpose(d.MP, d.DvP, S, d.DvP, w.ST.data(), d.MP);
+      transpose(d.MP, d.DvP, S, d.DvP, w.ST.data(), d.MP);  // [DvP, MP]
+      const acc_t* z = w.ST.data() + d.Dv * d.MP;           // S'[:, Dv], [MP]
       for (int64_t t0 = 0; t0 < d.Nq; t0 += kChunk) {
         const int64_t L = std::min(kChunk, d.Nq - t0);
         const int64_t row = bh * d.Nq + t0;
         load_features(a.q_head(d, b, h, t0), L, d, a.scale, a.f, w.Qc.data());
-        gemm(L, d.DvP, d.D, w.Qc.data(), d.MP, S, d.DvP, w.num.data(), d.DvP, false);
-        output_grad(dout + row * d.Dv, w.num.data(), L, d, a.normalize, a.eps, w.dN.data());
-        gemm(L, d.MP, d.Dv + 1, w.dN.data(), d.DvP, w.ST.data(), d.MP, w.dQ.data(), d.MP, false);
+        load_grad(dout + row * d.Dv, L, d, Gd.data());
+        gemm(L, d.MP, d.Dv, Gd.data(), d.DvP, w.ST.data(), d.MP, H.data(), d.MP, false);  // H [L, MP]
+        for (int64_t i = 0; i < L; ++i) {
+          const acc_t* Qi = w.Qc.data() + i * d.MP;
+          const acc_t* Hi = H.data() + i * d.MP;
+          acc_t r = 1, s = 0;
+          if (a.normalize) {
+            r = acc_t(1) / (vdot(Qi, z, d.MP) + a.eps);
+            s = -vdot(Qi, Hi, d.MP) * r * r;
+          }
+          acc_t* o = w.dN.data() + i * d.DvP;
+          const acc_t* gi = Gd.data() + i * d.DvP;
+          for (int64_t c = 0; c < d.DvP; c += Vec::size()) (Vec::loadu(gi + c) * Vec(r)).store(o + c);
+          o[d.Dv] = s;
+          acc_t* dq_i = w.dQ.data() + i * d.MP;
+          for (int64_t c = 0; c < d.MP; c += Vec::size())
+            at::vec::fmadd(Vec::loadu(Hi + c), Vec(r), Vec::loadu(z + c) * Vec(s)).store(dq_i + c);
+        }
         store_input_grad(w.dQ.data(), w.Qc.data(), L, d, a.scale, a.f, dq + row * d.D);
         transpose(kChunk, d.MP, w.Qc.data(), d.MP, w.QcT.data(), kChunk);
         add_product(d.D, d.DvP, L, w.QcT.data(), kChunk, w.dN.data(), d.DvP, dS, d.DvP, w.tmp.data());

@@ -235,3 +235,26 @@ def test_cpu_deterministic_across_thread_counts():
         assert causal_a == causal_b
         for a, b in zip((out_a, *st_a, *gr_a), (out_b, *st_b, *gr_b)):
             assert torch.equal(a, b)
+
+
+# --- the C++ causal backward at the head dims the kernels are used with: D in {40, 64, 128},
+# chunk edges (63, 64, 65, 97, 1000 rows), GQA, Dv != D, with and without the normaliser and
+# a carried state, in float64 (tight), float32 and bfloat16 (FlashAttention's rule).
+WIDE_CASES = [
+    (1, 4, 2, 97, 97, 40, 40, True),      # GQA, D = 40, one full chunk + 33
+    (1, 2, 2, 63, 63, 64, 64, True),
+    (1, 2, 2, 64, 64, 64, 64, True),
+    (1, 3, 1, 65, 65, 128, 96, True),     # MQA, D = 128, Dv != D
+    (1, 2, 2, 1000, 1000, 64, 64, True),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["float64", "float32", "bfloat16"])
+@pytest.mark.parametrize("case", WIDE_CASES, ids=[case_id(*c) for c in WIDE_CASES])
+def test_cpu_causal_backward_head_dims(case, dtype):
+    backend_param("cpu", "linear")
+    b, hq, hk, nq, nk, d, dv, causal = case
+    q, k, v = make_qkv(b, hq, hk, nq, nk, d, dv)
+    _compare("cpu", q, k, v, dtype, causal=causal, normalize=True)
+    _compare("cpu", q, k, v, dtype, causal=causal, normalize=False)
+    _compare("cpu", q, k, v, dtype, causal=causal, normalize=True, initial_state=make_state(b, hk, d, dv), eps=1e-3)
