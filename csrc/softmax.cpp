@@ -766,7 +766,7 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
     std::vector<A> m(bm), l(bm);            // running row max and row sum
     std::vector<A> m_new(bm), alpha(bm);    // per tile: new max, rescale factor
     std::vector<T> p_lowp(kMatrixUnits<T> ? bm * kLowpLd : 0);  // P rounded to T
-    std::vector<uint32_t> words(md.dropout ? kBlockN / 4 + 8 : 0);  // one row's Philox words (4 keys' bytes each), from key 16 (j0 >> 4)
+    std::vector<uint32_t> words(md.dropout ? kBlockN / 4 + 8 : 0);  // a row's Philox words, 4 keys' bytes each
     std::vector<A> bias_tmp(md.bias ? kBlockN : 0);                 // a bias row converted to A
     const bool logits = md.logits(), fcap = fused_softcap<T>(md, scale), fdrop = fused_dropout<T>(md);
     for (int64_t task = begin; task < end; ++task) {
