@@ -718,18 +718,19 @@ inline bool fused_dropout(const Modifiers<acc_type<T>>& md) {
 // exp_row with the fused keep mask of query row i (head bh); P rounded into prow as exp_row.
 template <typename T>
 inline acc_type<T> exp_row_drop(const acc_type<T>* x, int64_t n, acc_type<T> a, acc_type<T> b, T* prow,
-                                int64_t start, const Modifiers<acc_type<T>>& md, uint32_t i, uint32_t bh) {
+                                int64_t start, const Modifiers<acc_type<T>>& md, const common::PhiloxThreadKeys& keys,
+                                uint32_t i, uint32_t bh) {
 #ifdef ATTNKERNELS_NATIVE_BF16
   if constexpr (std::is_same_v<T, at::BFloat16>) {
     const int64_t sh = start & 1, K = (n + sh + 1) & ~int64_t(1);
     if (sh) prow[0] = T(0);
-    const common::PhiloxRow row(md.key, i, bh, md.threshold);
+    const common::PhiloxRow row(keys, i, bh, md.threshold);
     const float sum = common::exp_sum_round_drop_bf16(x, n, a, b, prow + sh, row, start);
     if (n + sh < K) prow[K - 1] = T(0);
     return sum;
   }
 #endif
-  (void)x, (void)n, (void)a, (void)b, (void)prow, (void)start, (void)md, (void)i, (void)bh;
+  (void)x, (void)n, (void)a, (void)b, (void)prow, (void)start, (void)md, (void)keys, (void)i, (void)bh;
   TORCH_INTERNAL_ASSERT(false, "exp_row_drop: only the bf16 matrix-unit path fuses dropout");
   return 0;
 }
@@ -769,6 +770,8 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
     std::vector<uint32_t> words(md.dropout ? kBlockN / 4 + 8 : 0);  // a row's Philox words, 4 keys' bytes each
     std::vector<A> bias_tmp(md.bias ? kBlockN : 0);                 // a bias row converted to A
     const bool logits = md.logits(), fcap = fused_softcap<T>(md, scale), fdrop = fused_dropout<T>(md);
+    std::optional<common::PhiloxThreadKeys> drop_keys;  // the fused dropout pass's round keys
+    if (fdrop) drop_keys.emplace(md.key);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / nt, b = bh / p.Hq, h = bh % p.Hq, hk = h / p.group;
       const auto [i0, i1] = qtiles[task % nt];
@@ -824,7 +827,7 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
           }
           if (fdrop) {  // the exp pass and the keep mask in one loop
             l[r] = l[r] * alpha[r] + exp_row_drop<T>(sr, N, factor, m_new[r], p_lowp.data() + r * kLowpLd, j0,
-                                                     md, uint32_t(i0 + r), uint32_t(bh));
+                                                     md, *drop_keys, uint32_t(i0 + r), uint32_t(bh));
             m[r] = m_new[r];
           } else {
             l[r] = l[r] * alpha[r] + exp_row<T>(sr, N, factor, m_new[r], p_lowp.data() + r * kLowpLd, j0);

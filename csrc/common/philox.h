@@ -110,6 +110,18 @@ inline void philox_rounds_x8(__m512i& c0, __m512i& c1, __m512i& c2, __m512i& c3,
 inline uint64_t mul_wide(uint32_t m, uint32_t x) { return uint64_t(m) * x; }
 #endif
 
+// The round keys the fused bf16 dropout pass reads, built once per thread of a call rather
+// than per query row (20 broadcasts and stores per row of a 256-key tile, about half as many
+// vector ops as that row's 16 Philox calls):
+// PhiloxRoundKeys on AVX-512 builds, an empty stand-in elsewhere (no fused pass there).
+#if defined(CPU_CAPABILITY_AVX512)
+using PhiloxThreadKeys = PhiloxRoundKeys;
+#else
+struct PhiloxThreadKeys {
+  explicit PhiloxThreadKeys(PhiloxKey) {}
+};
+#endif
+
 // Query row i of head bh = b * Hq + h, key groups g0 .. g0 + ng - 1:
 // words[4 (g - g0) + w] = word w of counter (g, i, bh, 0), i.e. the bytes of keys
 // 16 g + 4 w .. 16 g + 4 w + 3: as uint8_t, byte 16 (g - g0) + k is key 16 g + k's.
@@ -212,9 +224,9 @@ inline void philox_key_tile(uint8_t* bytes, int64_t ld, PhiloxKey key, uint32_t 
 // go to memory, and the mask is applied to the rounded P by one masked move per 32 keys.
 // The row constants of philox_query_row, for one (query i, head bh).
 struct PhiloxRow {
-  PhiloxRoundKeys keys;
+  const PhiloxRoundKeys& keys;  // the thread's (PhiloxThreadKeys)
   __m512i r1x0, r1x2, r1c3, vthr;
-  PhiloxRow(PhiloxKey key, uint32_t i, uint32_t bh, uint8_t threshold) : keys(key) {
+  PhiloxRow(const PhiloxRoundKeys& round_keys, uint32_t i, uint32_t bh, uint8_t threshold) : keys(round_keys) {
     const uint64_t pb0 = mul_wide(kPhiloxRoundB, bh);
     const uint32_t r0c0 = uint32_t(pb0 >> 32) ^ i ^ keys.a[0], r0c1 = uint32_t(pb0);
     const uint64_t pa1 = mul_wide(kPhiloxRoundA, r0c0);
@@ -281,7 +293,10 @@ __attribute__((target("avx512bf16"))) inline float exp_sum_round_drop_bf16(const
   __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
   int64_t i = 0;
   for (; i + 128 <= n; i += 128) {
-    philox_keep128(row, g0 + (i >> 4) + 8, nxt);
+    // the next 128 bits: for k1 when the keys start mid-call (sh > 0), and as the next cur;
+    // neither on the last block of an aligned row (a 256-key tile makes 2 calls, not 3)
+    if (sh || i + 128 < n) philox_keep128(row, g0 + (i >> 4) + 8, nxt);
+    else nxt[0] = nxt[1] = 0;
     const uint64_t k0 = funnel_shift(cur[0], cur[1], sh), k1 = funnel_shift(cur[1], nxt[0], sh);
     exp_round_drop32_bf16(x + i, va, vnb, out + i, uint32_t(k0), s0, s1);
     exp_round_drop32_bf16(x + i + 32, va, vnb, out + i + 32, uint32_t(k0 >> 32), s0, s1);
