@@ -452,8 +452,8 @@ struct Modifiers {
   int64_t sb = 0, sh = 0, si = 0, sj = 0;
   bool dropout = false;
   common::PhiloxKey key;
-  uint32_t threshold = 0;       // keep iff word >= threshold
-  A keep_scale = 1;             // 1 / (1 - p)
+  uint8_t threshold = 0;        // keep iff the key's Philox byte >= threshold (round(p · 256))
+  A keep_scale = 1;             // 1 / (1 - t / 256)
   const A* sinks = nullptr;     // forward: [Hq] sink logits joining each row's denominator, or nullptr
   A* dbias = nullptr;           // backward: dS before the softcap chain, [B, Hq, Nq, Nk], or nullptr
 
@@ -635,7 +635,7 @@ struct FlushDenormals {
 // Zeroes the dropped entries of a row of P as the P·V product reads it: the float row
 // (float / double), or its rounded copy at the pair-aligned offset (matrix units).
 template <typename T>
-inline void drop_p_row(acc_type<T>* x, T* low, int64_t start, const uint32_t* u, int64_t n, uint32_t threshold) {
+inline void drop_p_row(acc_type<T>* x, T* low, int64_t start, const uint8_t* u, int64_t n, uint8_t threshold) {
   if constexpr (kMatrixUnits<T>)
     common::drop_row(reinterpret_cast<uint16_t*>(low) + (start & 1), u, n, threshold);
   else
@@ -718,18 +718,19 @@ inline bool fused_dropout(const Modifiers<acc_type<T>>& md) {
 // exp_row with the fused keep mask of query row i (head bh); P rounded into prow as exp_row.
 template <typename T>
 inline acc_type<T> exp_row_drop(const acc_type<T>* x, int64_t n, acc_type<T> a, acc_type<T> b, T* prow,
-                                int64_t start, const Modifiers<acc_type<T>>& md, uint32_t i, uint32_t bh) {
+                                int64_t start, const Modifiers<acc_type<T>>& md, const common::PhiloxThreadKeys& keys,
+                                uint32_t i, uint32_t bh) {
 #ifdef ATTNKERNELS_NATIVE_BF16
   if constexpr (std::is_same_v<T, at::BFloat16>) {
     const int64_t sh = start & 1, K = (n + sh + 1) & ~int64_t(1);
     if (sh) prow[0] = T(0);
-    const common::PhiloxRow row(md.key, i, bh, md.threshold);
+    const common::PhiloxRow row(keys, i, bh, md.threshold);
     const float sum = common::exp_sum_round_drop_bf16(x, n, a, b, prow + sh, row, start);
     if (n + sh < K) prow[K - 1] = T(0);
     return sum;
   }
 #endif
-  (void)x, (void)n, (void)a, (void)b, (void)prow, (void)start, (void)md, (void)i, (void)bh;
+  (void)x, (void)n, (void)a, (void)b, (void)prow, (void)start, (void)md, (void)keys, (void)i, (void)bh;
   TORCH_INTERNAL_ASSERT(false, "exp_row_drop: only the bf16 matrix-unit path fuses dropout");
   return 0;
 }
@@ -766,9 +767,11 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
     std::vector<A> m(bm), l(bm);            // running row max and row sum
     std::vector<A> m_new(bm), alpha(bm);    // per tile: new max, rescale factor
     std::vector<T> p_lowp(kMatrixUnits<T> ? bm * kLowpLd : 0);  // P rounded to T
-    std::vector<uint32_t> words(md.dropout ? kBlockN + 8 : 0);     // one row's Philox words, from key 4 (j0 >> 2)
+    std::vector<uint32_t> words(md.dropout ? kBlockN / 4 + 8 : 0);  // a row's Philox words, 4 keys' bytes each
     std::vector<A> bias_tmp(md.bias ? kBlockN : 0);                 // a bias row converted to A
     const bool logits = md.logits(), fcap = fused_softcap<T>(md, scale), fdrop = fused_dropout<T>(md);
+    std::optional<common::PhiloxThreadKeys> drop_keys;  // the fused dropout pass's round keys
+    if (fdrop) drop_keys.emplace(md.key);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / nt, b = bh / p.Hq, h = bh % p.Hq, hk = h / p.group;
       const auto [i0, i1] = qtiles[task % nt];
@@ -824,16 +827,17 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
           }
           if (fdrop) {  // the exp pass and the keep mask in one loop
             l[r] = l[r] * alpha[r] + exp_row_drop<T>(sr, N, factor, m_new[r], p_lowp.data() + r * kLowpLd, j0,
-                                                     md, uint32_t(i0 + r), uint32_t(bh));
+                                                     md, *drop_keys, uint32_t(i0 + r), uint32_t(bh));
             m[r] = m_new[r];
           } else {
             l[r] = l[r] * alpha[r] + exp_row<T>(sr, N, factor, m_new[r], p_lowp.data() + r * kLowpLd, j0);
             m[r] = m_new[r];
           }
           if (md.dropout && !fdrop) {  // the row sum keeps every P; the P·V product only the kept ones
-            const int64_t g0 = j0 >> 2;
-            common::philox_query_row(words.data(), md.key, uint32_t(i0 + r), uint32_t(bh), g0, ((j1 - 1) >> 2) - g0 + 1);
-            drop_p_row<T>(sr, p_lowp.data() + r * kLowpLd, j0, words.data() + (j0 & 3), N, md.threshold);
+            const int64_t g0 = j0 >> 4;  // one Philox call per 16 keys; the words read as bytes are the keys'
+            common::philox_query_row(words.data(), md.key, uint32_t(i0 + r), uint32_t(bh), g0, ((j1 - 1) >> 4) - g0 + 1);
+            drop_p_row<T>(sr, p_lowp.data() + r * kLowpLd, j0, reinterpret_cast<const uint8_t*>(words.data()) + (j0 & 15),
+                          N, md.threshold);
           }
           if (alpha[r] != A(1)) scale_row(acc.data() + r * p.Dv, p.Dv, alpha[r]);
         }
@@ -920,12 +924,12 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
     std::vector<T> b_lowp(kMatrixUnits<T> ? (kBlockN + 2) * kBlockM : 0);
     std::vector<A> tmp_f(kMatrixUnits<T> ? kBlockM : 0);
     // Modifiers: tanh(s / cap) of the tile [BLOCK_N, BLOCK_M] (softcap); the tile's Philox
-    // words [BLOCK_N + 6, BLOCK_M] from key row 4 (j0 >> 2), and on float / double the
+    // bytes [BLOCK_N + 16, BLOCK_M] from key row 16 (j0 >> 4), and on float / double the
     // kept P (P ∘ keep) for dV (dropout).
     const bool logits = md.logits(), modified_ds = md.cap > A(0) || md.dbias != nullptr;
     const bool fcap = fused_softcap<T>(md, scale);  // tanh_t then holds scale · (1 - tanh²)
     std::vector<A> tanh_t(md.cap > A(0) ? kBlockN * kBlockM : 0);
-    std::vector<uint32_t> words(md.dropout ? (kBlockN + 6) * kBlockM : 0);
+    std::vector<uint8_t> keybytes(md.dropout ? (kBlockN + 16) * kBlockM : 0);
     std::vector<A> p_kept(md.dropout && !kMatrixUnits<T> ? kBlockN * kBlockM : 0);
     std::vector<A> bias_tmp(md.bias ? kBlockN : 0);  // a bias row converted to A
     // The tile's bias and dbias, transposed like the tile: [BLOCK_N, BLOCK_M].
@@ -957,9 +961,10 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
           gemm_packed<T>(N, M, p.D, k_t, p.D, qT_h, i0, kBlockM, st.data(), kBlockM);     // Sᵀ = K Qᵀ
           gemm_packed<T>(N, M, p.Dv, v_t, p.Dv, doT_h, i0, kBlockM, dpt.data(), kBlockM);  // dPᵀ = V dOᵀ
           const bool masked = padded || window_cuts(p, i0, i1, j0, j1);
-          const int64_t g0 = j0 >> 2;
-          if (md.dropout)  // words of key row j at row j - 4 g0, query column i at i - i0
-            common::philox_key_tile(words.data(), kBlockM, md.key, uint32_t(bh), g0, ((j1 - 1) >> 2) - g0 + 1, i0, M);
+          const int64_t g0 = j0 >> 4;
+          if (md.dropout)  // bytes of key row j at row j - 16 g0, query column i at i - i0
+            common::philox_key_tile(keybytes.data(), kBlockM, md.key, uint32_t(bh), g0, ((j1 - 1) >> 4) - g0 + 1, i0,
+                                    M);
           if (md.bias) load_bias_tile_t(md, b, h, i0, M, j0, N, bias_t.data(), kBlockM, bias_stage.data());
           for (int64_t r = 0; r < N; ++r) {  // Pᵀ (in float, and rounded on the matrix units)
             A* row = st.data() + r * kBlockM;
@@ -980,7 +985,7 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
               if constexpr (kMatrixUnits<T>) mask_key_row(p, b, j0 + r, i0, i1, low + (i0 & 1), T(0));
             }
             if (md.dropout) {  // dV reads P ∘ keep; dP ∘ keep / (1 - p); dS keeps the full P
-              const uint32_t* u = words.data() + (j0 + r - 4 * g0) * kBlockM;
+              const uint8_t* u = keybytes.data() + (j0 + r - 16 * g0) * kBlockM;
               A* dp = dpt.data() + r * kBlockM;
               common::drop_scale_row(dp, dp, u, M, md.threshold, md.keep_scale);
               if constexpr (kMatrixUnits<T>)
@@ -1228,6 +1233,8 @@ PreparedModifiers prepare_modifiers(const char* op, const Problem& p, at::Scalar
   TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, op, ": softcap must be a finite float >= 0 (0 = off), got ",
               softcap);
   TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, op, ": dropout_p must be in [0, 1), got ", dropout_p);
+  TORCH_CHECK(dropout_p == 0 || common::keep_threshold(dropout_p) > 0, op, ": dropout_p ", dropout_p,
+              " rounds to 0 at the 1/256 resolution of the byte keep threshold; use 0 (no dropout) or >= 1/512");
   pm.softcap = softcap;
   pm.dropout_p = dropout_p;
   pm.seed = seed;
@@ -1284,8 +1291,8 @@ Modifiers<A> make_modifiers(const PreparedModifiers& pm) {
   if (pm.dropout_p > 0) {
     md.dropout = true;
     md.key = common::philox_key(pm.seed);
-    md.threshold = common::keep_threshold(pm.dropout_p);
-    md.keep_scale = A(1.0 / (1.0 - pm.dropout_p));
+    md.threshold = common::keep_threshold(pm.dropout_p);        // p rounded to t / 256
+    md.keep_scale = A(common::keep_scale(md.threshold));          // 1 / (1 - t / 256): unbiased for that rate
   }
   return md;
 }

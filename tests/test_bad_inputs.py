@@ -128,6 +128,8 @@ def _cases():
          r"attn_bias: shape \(3, 1, 1, 1\) does not broadcast to \(B, Hq, Nq, Nk\)"),
         ("dropout-range", lambda: attnkernels.attention(q, q, q, dropout_p=1.0), ValueError,
          r"dropout_p: expected a float in \[0, 1\)"),
+        ("dropout-rounds-to-zero", lambda: attnkernels.attention(q, q, q, dropout_p=0.001), ValueError,
+         r"dropout_p: 0.001 rounds to 0 at the kernels' 1/256 resolution"),
         ("varlen-bias", lambda: attnkernels.attention(vq, vq, vq, cu_seqlens_q=cu, cu_seqlens_k=cu,
                                                       attn_bias=torch.zeros(5, 5)),
          ValueError, r"attn_bias: not supported with a packed"),

@@ -23,7 +23,7 @@ import torch
 import attnkernels
 from attnkernels import masks
 from attnkernels.softmax import cpu_launch
-from attnkernels.softmax.dropout import draw_seed, keep_mask
+from attnkernels.softmax.dropout import draw_seed, effective_rate, keep_mask, keep_scale
 from attnkernels.softmax.reference import attention_reference, attention_reference_backward
 
 from .backend_params import backend_unavailable
@@ -323,12 +323,14 @@ def test_small_query_calls_with_bias_or_dropout_take_the_general_kernel():
 # ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("p", [0.3, 0.1, 1 / 512, 0.998], ids=["p0.3", "p0.1", "p1_512", "p0.998"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
-def test_dropout_keep_mask_is_the_reference_mask(dtype):
-    """q = 0 makes P uniform (1/n) and v = I (n x n) makes out = P ∘ keep / (1 - p): the forward's mask,
-    read off exactly; dout = I makes dV = (P ∘ keep / (1 - p))ᵀ: the backward's regenerated mask.
-    n = 130: odd groups of 4 keys at the tile ends, several query tiles."""
-    b, h, n, p = 2, 3, 130, 0.3
+def test_dropout_keep_mask_is_the_reference_mask(dtype, p):
+    """q = 0 makes P uniform (1/n) and v = I (n x n) makes out = P ∘ keep / (1 - t/256): the forward's
+    mask, read off exactly; dout = I makes dV = (P ∘ keep / (1 - t/256))ᵀ: the backward's regenerated
+    mask. n = 130: a partial group of 16 keys (one Philox call) at the end, several query tiles.
+    p: rounded up (0.3 -> 77/256), down (0.1 -> 26/256), the smallest accepted (t = 1), t = 255."""
+    b, h, n = 2, 3, 130
     q = torch.zeros(b, h, n, 16, dtype=dtype)
     k = torch.randn(b, h, n, 16).to(dtype)
     eye = torch.eye(n, dtype=dtype).expand(b, h, n, n).contiguous()
@@ -341,7 +343,8 @@ def test_dropout_keep_mask_is_the_reference_mask(dtype):
     assert torch.equal(out.detach() > 0, expected)
     assert torch.equal(v.grad.transpose(-1, -2) > 0, expected)
     kept = out.detach()[expected].double()
-    torch.testing.assert_close(kept, torch.full_like(kept, 1 / (n * (1 - p))), rtol=1e-2 if dtype == torch.bfloat16
+    assert 0 < expected.sum() < expected.numel()
+    torch.testing.assert_close(kept, torch.full_like(kept, keep_scale(p) / n), rtol=1e-2 if dtype == torch.bfloat16
                                else 1e-6, atol=0)
 
 
@@ -355,6 +358,7 @@ def test_dropout_rate_and_independence():
     count = kept.numel()
     rate = kept.double().mean().item()
     sigma = math.sqrt(p * (1 - p) / count)
+    assert effective_rate(p) == p  # 64/256: no rounding here (test_dropout_rate_of_an_unrounded_p has it)
     assert abs(rate - (1 - p)) < 5 * sigma, f"keep rate {rate:.4f}, expected {1 - p} ± {5 * sigma:.4f}"
     # every (b, h) its own mask: they agree on about (1-p)^2 + p^2 of the entries, not all
     for a, c in (((0, 0), (0, 1)), ((0, 0), (1, 0)), ((1, 2), (1, 3))):
@@ -364,6 +368,23 @@ def test_dropout_rate_and_independence():
     with attnkernels.backend("cpu"):
         other = attnkernels.attention(q, k, v, dropout_p=p, generator=torch.Generator().manual_seed(99)) > 0
     assert not torch.equal(kept, other)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+def test_dropout_rate_of_an_unrounded_p(dtype):
+    """p = 0.1 drops 26/256 = 0.1015625 of the scores (within 5 sigma of 1M scores), and exactly the
+    reference's mask (whose rate test_modifiers_reference.py tells from 0.1 on 8M scores). Forward only
+    (out > 0 is the mask), the bf16 fused exp pass included."""
+    b, h, n, p = 2, 8, 256, 0.1
+    q = torch.zeros(b, h, n, 16, dtype=dtype)
+    k = torch.zeros(b, h, n, 16, dtype=dtype)
+    v = torch.eye(n, dtype=dtype).expand(b, h, n, n).contiguous()
+    with attnkernels.backend("cpu"):
+        kept = attnkernels.attention(q, k, v, dropout_p=p, generator=generator()) > 0
+    drop = 1 - kept.double().mean().item()
+    sigma = math.sqrt(p * (1 - p) / kept.numel())
+    assert abs(drop - effective_rate(p)) < 5 * sigma, drop
+    assert torch.equal(kept, keep_mask(drawn_seed(), p, b, h, n, n))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=DTYPE_IDS.get)
@@ -449,6 +470,8 @@ def test_op_checks_modifier_arguments():
         kernels.attention_fwd(*_op_args(q, k, v), -1.0)
     with pytest.raises(RuntimeError, match="dropout_p must be in"):
         kernels.attention_fwd(*_op_args(q, k, v), 0.0, None, None, 1.0)
+    with pytest.raises(RuntimeError, match="dropout_p 0.001 rounds to 0 at the 1/256 resolution"):
+        kernels.attention_fwd(*_op_args(q, k, v), 0.0, None, None, 0.001)
     with pytest.raises(RuntimeError, match=r"sinks must be \(Hq,\) = \(4,\)"):
         kernels.attention_fwd(*_op_args(q, k, v), 0.0, None, None, 0.0, 0, torch.zeros(2))
     with pytest.raises(RuntimeError, match="sinks must be a floating CPU tensor"):

@@ -5,12 +5,13 @@ The kernels' own tests (test_cpu_modifiers.py, test_triton_modifiers.py) compare
 the reference checked here.
 """
 import math
+import struct
 
 import pytest
 import torch
 
 import attnkernels
-from attnkernels.softmax.dropout import keep_mask, keep_threshold, philox4x32
+from attnkernels.softmax.dropout import effective_rate, keep_mask, keep_scale, keep_threshold, philox4x32
 from attnkernels.softmax.modifiers import alibi_bias
 from attnkernels.softmax.reference import attention_reference, attention_reference_backward
 from tests.backend_params import backend_param
@@ -36,25 +37,84 @@ def test_philox4x32_known_answers(seed, counter, expected):
 
 
 def test_B2_H3_N64_M100_keep_mask_rate_and_independence():
-    p = 0.3
+    p = 0.3  # t = 77: the rate is 77/256
     keep = keep_mask(1234, p, 2, 3, 64, 100)
     n = keep.numel()
-    rate = keep.double().mean().item()
-    assert abs(rate - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n), rate  # 5 sigma
+    rate, q = keep.double().mean().item(), effective_rate(p)
+    assert abs(rate - (1 - q)) < 5 * math.sqrt(q * (1 - q) / n), rate  # 5 sigma
     # every (batch, head) draws its own mask, and neighbouring columns are not copies
     flat = keep.view(6, -1)
     for a in range(6):
         for b in range(a + 1, 6):
             agree = (flat[a] == flat[b]).double().mean().item()
-            assert abs(agree - (p * p + (1 - p) ** 2)) < 0.05, (a, b, agree)
-    assert not torch.equal(keep[..., 0::4], keep[..., 1::4])
+            assert abs(agree - (q * q + (1 - q) ** 2)) < 0.05, (a, b, agree)
+    for shift in (1, 4, 16):  # the bytes of one word, the words of one call, neighbouring calls
+        assert not torch.equal(keep[..., :-shift], keep[..., shift:])
     assert not torch.equal(keep_mask(1235, p, 2, 3, 64, 100), keep)
 
 
-def test_keep_threshold_edges():
-    assert keep_threshold(0.0) == 0  # p = 0 keeps every uint32
-    assert keep_threshold(0.5) == 2**31
-    assert keep_threshold(1 - 2**-40) == 2**32 - 1
+def test_keep_threshold_rounds_p_to_a_multiple_of_1_256():
+    assert keep_threshold(0.0) == 0  # p = 0 keeps every byte
+    assert keep_threshold(0.1) == 26 and effective_rate(0.1) == 0.1015625  # round(25.6)
+    assert keep_threshold(0.5) == 128 and effective_rate(0.5) == 0.5
+    assert keep_threshold(3 / 512) == 2  # ties round half up, floor(p · 256 + 0.5), as C++ does: 1.5 -> 2
+    assert keep_threshold(5 / 512) == 3  # 2.5 -> 3 (Python's half-even round() would give 2)
+    assert keep_threshold(1 / 512) == 1  # the smallest p > 0 accepted
+    assert keep_threshold(0.998) == 255 and keep_threshold(1 - 2**-40) == 255  # at most 255 of 256
+    assert keep_scale(0.1) == 256 / 230 and keep_scale(0.0) == 1.0
+
+
+@pytest.mark.parametrize("p", [1e-9, 0.001, 1 / 512 - 1e-6])
+def test_tiny_dropout_p_raises_instead_of_becoming_no_dropout(p):
+    with pytest.raises(ValueError, match="dropout_p: .* rounds to 0"):
+        keep_threshold(p)
+    q = torch.zeros(1, 1, 4, 8)
+    with pytest.raises(ValueError, match="dropout_p: .* rounds to 0"):
+        attnkernels.attention(q, q, q, dropout_p=p)
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.0, 1.5])
+def test_dropout_p_outside_0_1_raises(p):
+    with pytest.raises(ValueError, match=r"dropout_p: expected a float in \[0, 1\)"):
+        keep_threshold(p)
+
+
+def test_keep_rate_of_an_unrounded_p_is_the_rounded_rate():
+    """p = 0.1 drops 26/256 = 0.1015625: 8M scores tell the two apart (sigma 1.06e-4, gap 1.56e-3
+    = 14.7 sigma, so both 5-sigma checks hold together)."""
+    p = 0.1
+    keep = keep_mask(77, p, 2, 4, 1024, 1024)
+    n = keep.numel()
+    drop = 1 - keep.double().mean().item()
+    sigma = math.sqrt(p * (1 - p) / n)
+    assert abs(drop - effective_rate(p)) < 5 * sigma, drop
+    assert abs(drop - p) > 5 * sigma, drop  # the unrounded rate is not what is applied
+
+
+def _bytes_by_hand(seed, i, bh, n_keys):
+    """The keys' bytes of query row i, head bh: each Philox call's four words packed little-endian
+    (struct), 16 bytes per call in key order, independent of keep_mask's gather and shifts."""
+    out = b""
+    for c in range((n_keys + 15) // 16):
+        words = philox4x32(seed, *(torch.tensor(x, dtype=torch.int64) for x in (c, i, bh, 0)))
+        out += struct.pack("<4I", *(int(w) for w in words))
+    return list(out[:n_keys])
+
+
+def test_key_j_is_byte_j_mod_4_of_word_j_div_4_mod_4_of_counter_j_div_16():
+    seed, b, h, nq, nk = -987654321, 2, 3, 3, 37  # 37 keys: two full calls and a partial one
+    for t in (1, 77, 200, 255):
+        keep = keep_mask(seed, t / 256, b, h, nq, nk)
+        for bh in range(b * h):
+            for i in range(nq):
+                expected = torch.tensor([byte >= t for byte in _bytes_by_hand(seed, i, bh, nk)])
+                assert torch.equal(keep[bh // h, bh % h, i], expected), (t, bh, i)
+    # flipping one key's side of the threshold changes exactly the keys with that byte
+    row = _bytes_by_hand(seed, 1, 4, nk)
+    j = max(range(nk), key=lambda c: row[c] if row[c] < 255 else -1)
+    at, above = (keep_mask(seed, t / 256, b, h, nq, nk)[1, 1, 1] for t in (row[j], row[j] + 1))
+    changed = (at != above).nonzero().flatten().tolist()
+    assert j in changed and changed == [c for c in range(nk) if row[c] == row[j]]
 
 
 # --- the reference -------------------------------------------------------------------------

@@ -5,17 +5,30 @@ and those four indices, so no backend stores a mask: the backward regenerates it
 the float64 reference builds the same mask to compare exactly.
 
     words = Philox4x32-10(key = (seed mod 2^32, seed >> 32),
-                          counter = (j >> 2, i, b * Hq + h, 0))
-    u     = words[j & 3]                          # one uint32 per score
-    keep  = u >= floor(dropout_p * 2^32)          # P(keep) = 1 - dropout_p (to 2^-32)
+                          counter = (j >> 4, i, b * Hq + h, 0))
+    byte  = (words[(j >> 2) & 3] >> (8 * (j & 3))) & 0xFF   # one byte per score
+    t     = min(round(dropout_p * 256), 255)                  # the 8-bit threshold
+    keep  = byte >= t                                         # P(keep) = 1 - t / 256 exactly
 
 (Random123's Philox4x32 with 10 rounds, the generator of torch's CUDA RNG, curand and
-Triton's `tl.philox`; one call yields the words of four neighbouring columns.) Kept
-probabilities are scaled by 1 / (1 - dropout_p). The seed is an int64 scalar tensor on
-the tensors' device, drawn from a torch generator (`draw_seed`), so a compiled graph
-draws a fresh one each step.
+Triton's `tl.philox`.) One call yields 16 bytes, the bytes of 16 neighbouring keys in
+order (read as little-endian memory, the four words are keys 16c .. 16c + 15), so the
+generator costs a quarter of what one 32-bit word per score did (issue 15: bf16 dropout
+was Philox-bound). The price is resolution: dropout_p is rounded to a multiple of 1/256,
+as FlashAttention's uint8 threshold. Kept probabilities are scaled by 1 / (1 - t / 256)
+(`keep_scale`), the rounded rate's, so E[out] is exactly the undropped output.
+
+`effective_rate(p)` = t / 256 is the rate a call applies. p = 0 means no dropout (the
+plain kernels). A p > 0 that rounds to t = 0 (p < 1/512) raises a ValueError naming
+dropout_p rather than silently dropping nothing (and rather than silently dropping at
+1/256, several times the rate asked for).
+
+The seed is an int64 scalar tensor on the tensors' device, drawn from a torch generator
+(`draw_seed`), so a compiled graph draws a fresh one each step.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -29,9 +42,33 @@ ROUNDS = 10
 MASK32 = 0xFFFFFFFF
 
 
+RESOLUTION = 256  # the threshold is a byte: dropout_p is rounded to a multiple of 1/256
+
+
 def keep_threshold(dropout_p: float) -> int:
-    """The uint32 below which a score is dropped: floor(p · 2^32), at most 2^32 - 1."""
-    return min(int(dropout_p * 2.0**32), MASK32)
+    """The byte t below which a score is dropped: min(round(p · 256), 255), for p in (0, 1).
+
+    Raises ValueError for p outside [0, 1) and for 0 < p < 1/512 (t would be 0: no dropout);
+    p = 0 gives 0 (keep everything)."""
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p}")
+    # floor(x + 0.5): round half up (Python's round() is half-to-even; C++ and the launcher
+    # use the same floor so every backend agrees on the ties p = (2k + 1) / 512)
+    t = min(math.floor(dropout_p * RESOLUTION + 0.5), RESOLUTION - 1)
+    if dropout_p > 0 and t == 0:
+        raise ValueError(f"dropout_p: {dropout_p} rounds to 0 at the kernels' 1/256 resolution (the keep "
+                         "threshold is one byte per score); use dropout_p = 0 for no dropout or >= 1/512")
+    return t
+
+
+def effective_rate(dropout_p: float) -> float:
+    """The dropout rate a call with `dropout_p` applies: keep_threshold(p) / 256."""
+    return keep_threshold(dropout_p) / RESOLUTION
+
+
+def keep_scale(dropout_p: float) -> float:
+    """The factor of the kept probabilities: 1 / (1 - effective_rate(p)) (1 for p = 0)."""
+    return RESOLUTION / (RESOLUTION - keep_threshold(dropout_p))
 
 
 def _mul_hi_lo(constant: int, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -63,10 +100,11 @@ def keep_mask(seed: int, dropout_p: float, batch: int, heads: int, q_len: int, k
     rows = torch.arange(q_len, **ints).view(1, 1, q_len, 1)
     cols = torch.arange(kv_len, **ints).view(1, 1, 1, kv_len)
     shape = (batch, heads, q_len, kv_len)
-    words = philox4x32(seed, (cols >> 2).expand(shape), rows.expand(shape), batch_head.expand(shape),
+    words = philox4x32(seed, (cols >> 4).expand(shape), rows.expand(shape), batch_head.expand(shape),
                        torch.zeros((), **ints))
-    u = torch.stack(words, dim=-1).gather(-1, (cols & 3).expand(shape)[..., None]).squeeze(-1)
-    return u >= keep_threshold(dropout_p)
+    word = torch.stack(words, dim=-1).gather(-1, ((cols >> 2) & 3).expand(shape)[..., None]).squeeze(-1)
+    byte = (word >> (8 * (cols & 3))) & 0xFF
+    return byte >= keep_threshold(dropout_p)
 
 
 def draw_seed(generator: torch.Generator | None, device) -> Tensor:

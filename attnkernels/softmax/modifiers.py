@@ -9,7 +9,8 @@ With s = scale · q·kᵀ (B, Hq, Nq, Nk), the logits a kernel softmaxes are, in
 
 then P = softmax over the row's visible keys *and* the head's sink logit `sinks[h]` (gpt-oss's
 s_aux: it joins the denominator and has no value row), so the returned LSE includes the sink;
-and with dropout_p > 0, out = Σ_j P_j · keep_j / (1 - dropout_p) · v_j (dropout.py's mask).
+and with dropout_p > 0, out = Σ_j P_j · keep_j / (1 - t/256) · v_j (dropout.py's mask and byte threshold t,
+the rate dropout_p rounded to a multiple of 1/256).
 The float64 reference (reference.py) applies exactly this; the kernels fuse it per tile.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..conventions import diagonal_offset
+from .dropout import keep_threshold
 
 
 def alibi_bias(slopes: Tensor, q_len: int, kv_len: int) -> Tensor:
@@ -107,6 +109,5 @@ def check_dropout_p(dropout_p) -> float:
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
         raise TypeError(f"dropout_p: expected a float in [0, 1), got {type(dropout_p).__name__}")
     dropout_p = float(dropout_p)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p}")
+    keep_threshold(dropout_p)  # [0, 1), and p > 0 must not round to no dropout (ValueError naming dropout_p)
     return dropout_p

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..conventions import default_softmax_scale, visibility_mask
-from .dropout import keep_mask
+from .dropout import keep_mask, keep_scale
 from .modifiers import alibi_bias
 from .windows import resolve_window
 
@@ -54,12 +54,13 @@ def _scores(q, k, v, causal, window_size, block_mask, key_padding_mask, scale, s
 
 
 def _dropout_scale(dropout_p, dropout_seed, scores):
-    """(B, Hq, Nq, Nk) keep / (1 - p) of dropout.py's mask, or None without dropout."""
+    """(B, Hq, Nq, Nk) keep / (1 - t / 256) of dropout.py's mask (t its byte threshold), or
+    None without dropout."""
     if not dropout_p:
         return None
     batch, heads, q_len, kv_len = scores.shape
     keep = keep_mask(dropout_seed, dropout_p, batch, heads, q_len, kv_len, device=scores.device)
-    return keep.to(scores.dtype) / (1.0 - dropout_p)
+    return keep.to(scores.dtype) * keep_scale(dropout_p)
 
 
 def _row_lse(scores, row_has_key, sinks):

@@ -65,8 +65,9 @@ compiles to the plain code (same PTX instructions and registers, compile gate):
   before the softcap's factor, is dbias; the dQ program of a query block walks every key
   block its rows see, so it writes each element once (no atomics; unvisited tiles stay 0).
 - HAS_DROPOUT: the keep mask of dropout.py regenerated from (seed, b*Hq + h, i, j) with
-  tl.philox in all three kernels (`_dropout_keep4`: one Philox per 4 keys); the softmax
-  denominator and LSE are undropped, P·V / dV use P∘keep and dP is scaled by keep / (1 - p).
+  tl.philox in all three kernels (`_dropout_keep_bytes`: one Philox per 16 keys, a byte each); the
+  softmax denominator and LSE are undropped, P·V / dV use P∘keep and dP is scaled by
+  keep / (1 - t/256) (dropout_rscale; t the byte threshold).
 Sinks are applied by the ops around the kernels and never read here.
 """
 from __future__ import annotations
@@ -263,36 +264,38 @@ def _modified_scores(b_qk, o_q, o_k, off, Nq, Nk, qk_scale, cap_in, cap_out, slo
 
 
 @triton.jit
-def _dropout_keep4(seed, o_q, n0, bh, threshold, BLOCK_N: tl.constexpr):
-    """dropout.py's keep mask of rows o_q ([M, 1]) and keys n0 .. n0 + BLOCK_N (n0 % 4 == 0),
-    [M, BLOCK_N], for batch*head bh: Philox4x32-10 with key (seed lo, seed hi) (tl.philox
-    splits the int64 seed so) and counter (j >> 2, i, bh, 0), word j & 3; keep iff
-    u >= threshold (uint32).
+def _dropout_keep_bytes(seed, o_q, n0, bh, threshold, BLOCK_N: tl.constexpr):
+    """dropout.py's keep mask of rows o_q ([M, 1]) and keys n0 .. n0 + BLOCK_N (n0 % 16 == 0,
+    BLOCK_N >= 16: every config's key tile is, and n0 is a multiple of it), [M, BLOCK_N], for
+    batch*head bh: Philox4x32-10 with key (seed lo, seed hi) (tl.philox splits the int64 seed
+    so) and counter (j >> 4, i, bh, 0); key j is byte j & 3 of word (j >> 2) & 3; keep iff
+    byte >= threshold (the 8-bit t = round(p · 256)).
 
-    One Philox per 4 keys: its words r0..r3 are keys 4c..4c+3, interleaved by join
-    (join(join(r0, r2), join(r1, r3))[..., a, b] is word 2a + b) and a reshape. Against one
-    Philox per element with its word selected (compile gate, bf16 D=64 causal fwd on sm_80:
-    6144 PTX instructions vs 3719 here, 3413 vs 2282 in dQ) it costs more registers (the
-    interleave goes through shared memory and keeps four words live), which the modifier
-    tile configs absorb. dK/dV transposes the tile it gets."""
-    o_c = (n0 >> 2) + tl.arange(0, BLOCK_N // 4)  # [BLOCK_N // 4] Philox counters c0
-    z = o_q * 0 + o_c[None, :] * 0  # [M, BLOCK_N // 4]
+    One Philox per 16 keys (a quarter of the calls of one word per key): its words r0..r3
+    are keys 16c + 4w .. 16c + 4w + 3, put in order by join (join(join(r0, r2), join(r1, r3))
+    [..., a, b] is word 2a + b) and a reshape to [M, BLOCK_N // 4]; then each word's four
+    bytes by a broadcast shift [M, BLOCK_N // 4, 4] (index [w, k] = byte k of word w, key
+    4w + k) and a reshape. dK/dV transposes the tile it gets."""
+    o_c = (n0 >> 4) + tl.arange(0, BLOCK_N // 16)  # [BLOCK_N // 16] Philox counters c0
+    z = o_q * 0 + o_c[None, :] * 0  # [M, BLOCK_N // 16]
     r0, r1, r2, r3 = tl.philox(seed, o_c[None, :] + z, o_q + z, z + bh, z)
-    u = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [o_q.shape[0], BLOCK_N])
-    return u >= threshold
+    words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [o_q.shape[0], BLOCK_N // 4])
+    shifts = (8 * tl.arange(0, 4)).to(tl.uint32)  # [4]: byte k of a word is bits 8k .. 8k + 7
+    byte = (words[:, :, None] >> shifts[None, None, :]) & 0xFF  # [M, BLOCK_N // 4, 4]
+    return tl.reshape(byte, [o_q.shape[0], BLOCK_N]) >= threshold
 
 
 @triton.jit
 def _modifier_args(SLOPES, SEED, i_bh, dropout_threshold, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr):
     """(ALiBi slope of batch*head i_bh in log2 units, dropout seed (int64), keep threshold as
-    uint32); zeros for the modifiers that are off. The seed is read on the device (no host sync)."""
+    uint32: the byte t, 1 .. 255); zeros for the modifiers that are off. The seed is read on the device (no host sync)."""
     if HAS_ALIBI:
         slope = tl.load(SLOPES + i_bh) * 1.4426950408889634  # (B, Hq) contiguous
     else:
         slope = 0.0
     if HAS_DROPOUT:
         seed = tl.load(SEED)
-        # floor(p · 2^32) travels as the int32 of the same bits
+        # round(p · 256), compared with one Philox byte per score
         threshold = dropout_threshold.to(tl.uint32, bitcast=True)
     else:
         seed = 0
@@ -362,7 +365,7 @@ def _fwd_tiles(state, ctx, i_lo, i_hi, MASKED: tl.constexpr, C: tl.constexpr):
         b_l = b_l * b_alpha + tl.sum(b_p, 1)  # the denominator: before dropout
         b_acc = b_acc * b_alpha[:, None]
         if HAS_DROPOUT:  # dropped probabilities leave P·V only (1 / (1 - p) is applied once, at the end)
-            b_p = tl.where(_dropout_keep4(seed, o_m[:, None], n0, bh, threshold, BLOCK_N), b_p, 0.0)
+            b_p = tl.where(_dropout_keep_bytes(seed, o_m[:, None], n0, bh, threshold, BLOCK_N), b_p, 0.0)
         b_acc = tl.dot(b_p.to(b_v.dtype), b_v, b_acc, input_precision=DOT_PREC)  # [BLOCK_M, BLOCK_DV]
         b_m = b_m_new
     return b_acc, b_m, b_l
@@ -532,8 +535,8 @@ def _dkdv_tiles(state, ctx, i_lo, i_hi, MASKED: tl.constexpr, C: tl.constexpr):
             b_pT = tl.where(m_vis, b_pT, 0.0)
         if HAS_DROPOUT:
             # dV = (P∘keep)ᵀ dO (times 1 / (1 - p) after the loop); dP = keep / (1 - p) ∘ dO Vᵀ
-            # one Philox per 4 keys, made as [BLOCK_M, BLOCK_N] and transposed: [BLOCK_N, BLOCK_M]
-            m_keepT = tl.trans(_dropout_keep4(seed, o_m[:, None], n0, bh + i_g, threshold, BLOCK_N))
+            # one Philox per 16 keys, made as [BLOCK_M, BLOCK_N] and transposed: [BLOCK_N, BLOCK_M]
+            m_keepT = tl.trans(_dropout_keep_bytes(seed, o_m[:, None], n0, bh + i_g, threshold, BLOCK_N))
             b_dv = tl.dot(tl.where(m_keepT, b_pT, 0.0).to(b_do.dtype), b_do, b_dv, input_precision=DOT_PREC)
         else:
             b_dv = tl.dot(b_pT.to(b_do.dtype), b_do, b_dv, input_precision=DOT_PREC)  # [BLOCK_N, BLOCK_DV]
@@ -594,7 +597,7 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, Q_NUM, Q_IDX, KPM, SLOPES, BI
                        HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT, BLOCK_N)
     if HAS_DROPOUT:
         seed = tl.load(SEED)
-        threshold = dropout_threshold.to(tl.uint32, bitcast=True)  # floor(p · 2^32), as int32 bits
+        threshold = dropout_threshold.to(tl.uint32, bitcast=True)  # the byte t = round(p · 256)
     else:
         seed = 0
         threshold = 0
@@ -694,7 +697,7 @@ def _dq_tiles(state, ctx, i_lo, i_hi, MASKED: tl.constexpr, C: tl.constexpr):
             b_p = tl.where(b_pad[None, :] == 0, b_p, 0.0)
         b_dp = tl.dot(b_do, b_vT, input_precision=DOT_PREC).to(tl.float32)  # [BLOCK_M, BLOCK_N]
         if HAS_DROPOUT:  # dP = keep / (1 - p) ∘ dO Vᵀ
-            b_dp = tl.where(_dropout_keep4(seed, o_m[:, None], n0, bh, threshold, BLOCK_N), b_dp * dropout_rscale, 0.0)
+            b_dp = tl.where(_dropout_keep_bytes(seed, o_m[:, None], n0, bh, threshold, BLOCK_N), b_dp * dropout_rscale, 0.0)
         b_ds = b_p * (b_dp - b_delta[:, None])
         if STORE_DBIAS:
             # dbias = dS before the softcap's chain rule; this program is the only one that

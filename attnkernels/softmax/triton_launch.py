@@ -25,7 +25,7 @@ import triton
 
 from ..conventions import default_softmax_scale
 from ..triton_common import cdiv, dot_precision, last_dim_contiguous, launch_options, Override, pad_dim, row_strides
-from .dropout import keep_threshold
+from .dropout import keep_scale, keep_threshold
 from .triton_kernels import attn_bwd_dkdv, attn_bwd_dq, attn_bwd_preprocess, attn_decode, attn_decode_combine, attn_fwd
 
 __all__ = ["forward", "backward", "block_config", "config_arch", "override_blocks", "BlockConfig",
@@ -257,8 +257,8 @@ class _Modifiers(NamedTuple):
     bias_strides: list
     cap_in: float  # scale / softcap
     cap_out: float  # softcap · log2(e)
-    threshold: int  # floor(p · 2^32) as the int32 of the same bits
-    rscale: float  # 1 / (1 - p)
+    threshold: int  # the byte threshold t = round(p · 256) (dropout.keep_threshold)
+    rscale: float  # 1 / (1 - t / 256) (dropout.keep_scale)
 
     def pointers(self, dummy) -> list:
         return [t if t is not None else dummy for t in (self.slopes, self.bias, self.seed)]
@@ -314,9 +314,8 @@ def _modifiers(call, batch: int, q_heads: int, q_len: int, kv_len: int, device) 
             raise ValueError(f"dropout_seed: expected an int64 tensor of one element on {device} with dropout_p > 0, "
                              f"got {getattr(seed, 'dtype', type(seed))} {tuple(getattr(seed, 'shape', ()))}")
         seed = seed.reshape(1)
-        threshold = keep_threshold(dropout_p)
-        threshold = threshold - (1 << 32) if threshold >= 1 << 31 else threshold
-        rscale = 1.0 / (1.0 - dropout_p)
+        threshold = keep_threshold(dropout_p)  # a byte, 1 .. 255 (raises for p < 1/512)
+        rscale = keep_scale(dropout_p)  # 1 / (1 - t / 256)
     cap_in, cap_out = (scale / softcap, softcap * LOG2E) if softcap > 0 else (0.0, 0.0)
     return _Modifiers(slopes, bias, seed, bias_strides, cap_in, cap_out, threshold, rscale)
 

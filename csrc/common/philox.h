@@ -1,15 +1,19 @@
 // Attention dropout's keep mask: Philox4x32-10, the counter-based generator of
 // attnkernels/softmax/dropout.py, reproduced bit for bit.
 //
-//   words = Philox4x32-10(key = (seed lo32, seed hi32), counter = (j >> 2, i, b * Hq + h, 0))
-//   keep(b, h, i, j) = words[j & 3] >= threshold,   threshold = floor(p · 2^32)
+//   words = Philox4x32-10(key = (seed lo32, seed hi32), counter = (j >> 4, i, b * Hq + h, 0))
+//   byte(b, h, i, j) = (words[(j >> 2) & 3] >> 8 (j & 3)) & 0xFF
+//   keep(b, h, i, j) = byte >= t,   t = min(round(p · 256), 255)   (P(keep) = 1 - t / 256)
 //
-// One Philox call gives the words of four neighbouring keys of one query row. The
-// vector paths (AVX-512) run 8 calls at once, one per 64-bit lane: _mm512_mul_epu32
+// One Philox call gives the bytes of sixteen neighbouring keys of one query row: stored as
+// four little-endian uint32 words, its 16 bytes are keys 16 c .. 16 c + 15 in order, so a
+// row's words read as a uint8_t array are the row's bytes (x86 only: the static_assert).
+// The vector paths (AVX-512) run 8 calls at once, one per 64-bit lane: _mm512_mul_epu32
 // multiplies the low 32 bits of each lane into the full 64-bit product, so hi / lo are
 // a swap of halves and a truncation. The high halves of the lanes carry garbage that never
 // reaches a low half (xor and mul_epu32 only read / mix within the low 32 bits), and
-// the words are truncated on the way out.
+// the words are truncated on the way out. One 512-bit vector of words is 64 keys' bytes,
+// compared with the broadcast threshold by one vpcmpub into a 64-bit keep mask.
 #pragma once
 
 #include <algorithm>
@@ -23,6 +27,8 @@
 
 #include "common/ns.h"
 #include "common/row_math.h"
+
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "philox.h reads Philox words as bytes in key order");
 
 ATTNKERNELS_COMMON_BEGIN
 
@@ -38,11 +44,15 @@ inline PhiloxKey philox_key(int64_t seed) {
   return {uint32_t(s), uint32_t(s >> 32)};
 }
 
-// dropout.py's keep_threshold: floor(p · 2^32), at most 2^32 - 1 (p in [0, 1)).
-inline uint32_t keep_threshold(double p) {
-  const double t = std::floor(p * 4294967296.0);
-  return t >= 4294967295.0 ? 0xFFFFFFFFu : uint32_t(t);
+// dropout.py's keep_threshold: the byte t = min(floor(p · 256 + 0.5), 255), p in [0, 1)
+// (0 for p < 1/512: the op entry point rejects a p > 0 that rounds to 0).
+inline uint8_t keep_threshold(double p) {
+  const double t = std::floor(p * 256.0 + 0.5);
+  return t >= 255.0 ? uint8_t(255) : uint8_t(t);
 }
+
+// dropout.py's keep_scale: 1 / (1 - t / 256), the kept probabilities' factor.
+inline double keep_scale(uint8_t t) { return 256.0 / (256.0 - t); }
 
 inline void philox4x32(uint32_t c[4], PhiloxKey key) {
   uint32_t k0 = key.k0, k1 = key.k1;
@@ -100,8 +110,21 @@ inline void philox_rounds_x8(__m512i& c0, __m512i& c1, __m512i& c2, __m512i& c3,
 inline uint64_t mul_wide(uint32_t m, uint32_t x) { return uint64_t(m) * x; }
 #endif
 
+// The round keys the fused bf16 dropout pass reads, built once per thread of a call rather
+// than per query row (20 broadcasts and stores per row of a 256-key tile, about half as many
+// vector ops as that row's 16 Philox calls):
+// PhiloxRoundKeys on AVX-512 builds, an empty stand-in elsewhere (no fused pass there).
+#if defined(CPU_CAPABILITY_AVX512)
+using PhiloxThreadKeys = PhiloxRoundKeys;
+#else
+struct PhiloxThreadKeys {
+  explicit PhiloxThreadKeys(PhiloxKey) {}
+};
+#endif
+
 // Query row i of head bh = b * Hq + h, key groups g0 .. g0 + ng - 1:
-// words[4 (g - g0) + w] = word w of counter (g, i, bh, 0), i.e. the word of key 4 g + w.
+// words[4 (g - g0) + w] = word w of counter (g, i, bh, 0), i.e. the bytes of keys
+// 16 g + 4 w .. 16 g + 4 w + 3: as uint8_t, byte 16 (g - g0) + k is key 16 g + k's.
 inline void philox_query_row(uint32_t* words, PhiloxKey key, uint32_t i, uint32_t bh, int64_t g0, int64_t ng) {
   int64_t g = 0;
 #if defined(CPU_CAPABILITY_AVX512)
@@ -143,15 +166,16 @@ inline void philox_query_row(uint32_t* words, PhiloxKey key, uint32_t i, uint32_
 }
 
 // A transposed (key rows x query columns) tile of head bh: key groups g0 .. g0 + ng - 1,
-// queries [i0, i0 + m). words[(4 (g - g0) + w) * ld + c] = word w of counter (g, i0 + c, bh, 0),
-// i.e. the word of key 4 g + w and query i0 + c: each call's four words are four rows.
-inline void philox_key_tile(uint32_t* words, int64_t ld, PhiloxKey key, uint32_t bh, int64_t g0, int64_t ng,
+// queries [i0, i0 + m). bytes[(16 (g - g0) + 4 w + k) * ld + c] = byte k of word w of counter
+// (g, i0 + c, bh, 0), i.e. the byte of key 16 g + 4 w + k and query i0 + c: each call's
+// sixteen bytes are sixteen rows.
+inline void philox_key_tile(uint8_t* bytes, int64_t ld, PhiloxKey key, uint32_t bh, int64_t g0, int64_t ng,
                             int64_t i0, int64_t m) {
 #if defined(CPU_CAPABILITY_AVX512)
   const PhiloxRoundKeys keys(key);
 #endif
   for (int64_t g = 0; g < ng; ++g) {
-    uint32_t* rows = words + 4 * g * ld;
+    uint8_t* rows = bytes + 16 * g * ld;
     int64_t c = 0;
 #if defined(CPU_CAPABILITY_AVX512)
     const __m512i lanes = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
@@ -177,16 +201,17 @@ inline void philox_key_tile(uint32_t* words, int64_t ld, PhiloxKey key, uint32_t
       __m512i c2 = _mm512_xor_si512(pa, r2x2), c3 = r2c3;
       philox_rounds_x8(c0, c1, c2, c3, keys, 3);
       const __mmask8 k = m - c >= 8 ? __mmask8(0xFF) : __mmask8((1u << (m - c)) - 1);
-      _mm512_mask_cvtepi64_storeu_epi32(rows + c, k, c0);
-      _mm512_mask_cvtepi64_storeu_epi32(rows + ld + c, k, c1);
-      _mm512_mask_cvtepi64_storeu_epi32(rows + 2 * ld + c, k, c2);
-      _mm512_mask_cvtepi64_storeu_epi32(rows + 3 * ld + c, k, c3);
+      const __m512i cw[4] = {c0, c1, c2, c3};
+      for (int w = 0; w < 4; ++w)  // vpmovqb keeps each lane's low byte: byte k after a shift by 8 k
+        for (int b = 0; b < 4; ++b)
+          _mm512_mask_cvtepi64_storeu_epi8(rows + (4 * w + b) * ld + c, k, _mm512_srli_epi64(cw[w], 8 * b));
     }
 #endif
     for (; c < m; ++c) {
       uint32_t w[4] = {uint32_t(g0 + g), uint32_t(i0 + c), bh, 0u};
       philox4x32(w, key);
-      for (int r = 0; r < 4; ++r) rows[r * ld + c] = w[r];
+      for (int r = 0; r < 4; ++r)
+        for (int b = 0; b < 4; ++b) rows[(4 * r + b) * ld + c] = uint8_t(w[r] >> (8 * b));
     }
   }
 }
@@ -199,89 +224,124 @@ inline void philox_key_tile(uint32_t* words, int64_t ld, PhiloxKey key, uint32_t
 // go to memory, and the mask is applied to the rounded P by one masked move per 32 keys.
 // The row constants of philox_query_row, for one (query i, head bh).
 struct PhiloxRow {
-  PhiloxRoundKeys keys;
+  const PhiloxRoundKeys& keys;  // the thread's (PhiloxThreadKeys)
   __m512i r1x0, r1x2, r1c3, vthr;
-  PhiloxRow(PhiloxKey key, uint32_t i, uint32_t bh, uint32_t threshold) : keys(key) {
+  PhiloxRow(const PhiloxRoundKeys& round_keys, uint32_t i, uint32_t bh, uint8_t threshold) : keys(round_keys) {
     const uint64_t pb0 = mul_wide(kPhiloxRoundB, bh);
     const uint32_t r0c0 = uint32_t(pb0 >> 32) ^ i ^ keys.a[0], r0c1 = uint32_t(pb0);
     const uint64_t pa1 = mul_wide(kPhiloxRoundA, r0c0);
     r1x0 = _mm512_set1_epi64(r0c1 ^ keys.a[1]);
     r1x2 = _mm512_set1_epi64(uint32_t(pa1 >> 32) ^ keys.b[1]);
     r1c3 = _mm512_set1_epi64(uint32_t(pa1));
-    vthr = _mm512_set1_epi32(int(threshold));
+    vthr = _mm512_set1_epi8(char(threshold));
   }
 };
 
-// Keep bits of the 32 keys 4 g .. 4 g + 31 (bit k: key 4 g + k), from the calls g .. g + 7.
-// Words (0, 1) and (2, 3) of each call are paired in 64-bit lanes and compared as 32-bit
-// lanes: bit 2l (2l + 1) of m01 is word 0 (1) of call l, deposited at key bit 4l (4l + 1).
-__attribute__((target("avx512bf16,bmi2"))) inline uint32_t philox_keep32(const PhiloxRow& row, int64_t g) {
+// Keep bits of the 128 keys 16 g .. 16 g + 127 (bit k of keep[0], keep[1]: key 16 g + k,
+// 16 g + 64 + k), from the calls g .. g + 7: the words in key order as philox_query_row
+// (two 512-bit vectors, calls 0 - 3 and 4 - 7, 64 bytes each), one vpcmpub per 64 keys.
+__attribute__((target("avx512bf16"))) inline void philox_keep128(const PhiloxRow& row, int64_t g,
+                                                                 uint64_t keep[2]) {
   const __m512i lanes = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
   const __m512i ma = _mm512_set1_epi64(kPhiloxRoundA), mb = _mm512_set1_epi64(kPhiloxRoundB);
+  const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
+  const __m512i second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
   const __m512i pa = _mm512_mul_epu32(_mm512_add_epi64(_mm512_set1_epi64(g), lanes), ma);  // round 0
   const __m512i pb = _mm512_mul_epu32(_mm512_xor_si512(hi_to_lo(pa), row.keys.k1[0]), mb);  // round 1
   __m512i c0 = _mm512_xor_si512(hi_to_lo(pb), row.r1x0), c1 = pb;
   __m512i c2 = _mm512_xor_si512(pa, row.r1x2), c3 = row.r1c3;
   philox_rounds_x8(c0, c1, c2, c3, row.keys, 2);
-  const __m512i x01 = _mm512_mask_blend_epi32(0xAAAA, c0, hi_to_lo(c1));
+  const __m512i x01 = _mm512_mask_blend_epi32(0xAAAA, c0, hi_to_lo(c1));  // (lo c0, lo c1) per lane
   const __m512i x23 = _mm512_mask_blend_epi32(0xAAAA, c2, hi_to_lo(c3));
-  const uint32_t m01 = _mm512_cmpge_epu32_mask(x01, row.vthr), m23 = _mm512_cmpge_epu32_mask(x23, row.vthr);
-  return _pdep_u32(m01, 0x33333333u) | _pdep_u32(m23, 0xCCCCCCCCu);
+  const __m512i even = _mm512_unpacklo_epi64(x01, x23);  // calls 0, 2, 4, 6 (one per 128-bit lane)
+  const __m512i odd = _mm512_unpackhi_epi64(x01, x23);   // calls 1, 3, 5, 7
+  keep[0] = _cvtmask64_u64(_mm512_cmpge_epu8_mask(_mm512_permutex2var_epi64(even, first, odd), row.vthr));
+  keep[1] = _cvtmask64_u64(_mm512_cmpge_epu8_mask(_mm512_permutex2var_epi64(even, second, odd), row.vthr));
+}
+
+// Bits sh .. sh + 63 of the 128-bit (lo, hi), sh in [0, 64).
+inline uint64_t funnel_shift(uint64_t lo, uint64_t hi, int64_t sh) { return sh ? (lo >> sh) | (hi << (64 - sh)) : lo; }
+
+// 32 keys of exp_sum_round_drop_bf16: out[c] = bf16(2^(x[c] · va + vnb)) where bit c of keep is
+// set, else 0; the exps (all of them) added to s0 (keys 0 - 15) and s1 (16 - 31).
+__attribute__((target("avx512bf16"))) inline void exp_round_drop32_bf16(const float* x, __m512 va, __m512 vnb,
+                                                                       at::BFloat16* out, uint32_t keep, __m512& s0,
+                                                                       __m512& s1) {
+  const __m512 e0 = exp2_poly4(_mm512_fmadd_ps(_mm512_loadu_ps(x), va, vnb));
+  const __m512 e1 = exp2_poly4(_mm512_fmadd_ps(_mm512_loadu_ps(x + 16), va, vnb));
+  s0 = _mm512_add_ps(s0, e0);
+  s1 = _mm512_add_ps(s1, e1);
+  _mm512_storeu_si512(reinterpret_cast<void*>(out),
+                      _mm512_maskz_mov_epi16(__mmask32(keep), reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e1, e0))));
 }
 
 // exp_fma_sum_round_bf16 with dropout: out[c] = bf16(exp(x[c] · a - b)) for the kept keys
 // j0 + c of query row i (head bh), 0 for the dropped; returns the sum of every exp (the row
-// sum keeps the dropped ones, as the reference).
-__attribute__((target("avx512bf16,bmi2"))) inline float exp_sum_round_drop_bf16(const float* x, int64_t n, float a,
-                                                                               float b, at::BFloat16* out,
-                                                                               const PhiloxRow& row, int64_t j0) {
-  constexpr int64_t W = 16;
+// sum keeps the dropped ones, as the reference). The Philox calls run in the exp loop (one
+// philox_keep128 per 128 keys), so their multiply chains and the exp's polynomial share
+// the scheduler; the mask is applied to the rounded P by one masked move per 32 keys.
+__attribute__((target("avx512bf16"))) inline float exp_sum_round_drop_bf16(const float* x, int64_t n, float a,
+                                                                          float b, at::BFloat16* out,
+                                                                          const PhiloxRow& row, int64_t j0) {
   constexpr float kLog2e = 1.4426950408889634f;
   const __m512 va = _mm512_set1_ps(a * kLog2e), vnb = _mm512_set1_ps(-b * kLog2e);
-  const int64_t g0 = j0 >> 2, sh = j0 & 3;  // element c is key bit sh + c of the blocks from key 4 g0
-  uint64_t cur = philox_keep32(row, g0);
+  // Element c is bit sh + c of the key stream from key 16 g0; cur holds its bits i .. i + 127
+  // (relative to sh), nxt the next 128.
+  const int64_t g0 = j0 >> 4, sh = j0 & 15;
+  uint64_t cur[2], nxt[2];
+  philox_keep128(row, g0, cur);
   __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
   int64_t i = 0;
-  for (; i + 2 * W <= n; i += 2 * W) {
-    const uint64_t nxt = philox_keep32(row, g0 + (i >> 2) + 8);
-    const __mmask32 keep = __mmask32(uint32_t((cur | (nxt << 32)) >> sh));
-    cur = nxt;
-    const __m512 e0 = exp2_poly4(_mm512_fmadd_ps(_mm512_loadu_ps(x + i), va, vnb));
-    const __m512 e1 = exp2_poly4(_mm512_fmadd_ps(_mm512_loadu_ps(x + i + W), va, vnb));
-    s0 = _mm512_add_ps(s0, e0);
-    s1 = _mm512_add_ps(s1, e1);
-    _mm512_storeu_si512(reinterpret_cast<void*>(out + i),
-                        _mm512_maskz_mov_epi16(keep, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e1, e0))));
+  for (; i + 128 <= n; i += 128) {
+    // the next 128 bits: for k1 when the keys start mid-call (sh > 0), and as the next cur;
+    // neither on the last block of an aligned row (a 256-key tile makes 2 calls, not 3)
+    if (sh || i + 128 < n) philox_keep128(row, g0 + (i >> 4) + 8, nxt);
+    else nxt[0] = nxt[1] = 0;
+    const uint64_t k0 = funnel_shift(cur[0], cur[1], sh), k1 = funnel_shift(cur[1], nxt[0], sh);
+    exp_round_drop32_bf16(x + i, va, vnb, out + i, uint32_t(k0), s0, s1);
+    exp_round_drop32_bf16(x + i + 32, va, vnb, out + i + 32, uint32_t(k0 >> 32), s0, s1);
+    exp_round_drop32_bf16(x + i + 64, va, vnb, out + i + 64, uint32_t(k1), s0, s1);
+    exp_round_drop32_bf16(x + i + 96, va, vnb, out + i + 96, uint32_t(k1 >> 32), s0, s1);
+    cur[0] = nxt[0];
+    cur[1] = nxt[1];
   }
-  float s = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
-  if (i < n) {
-    const uint64_t bits = (cur | (uint64_t(philox_keep32(row, g0 + (i >> 2) + 8)) << 32)) >> sh;
+  if (i < n) {  // < 128 keys left: their bits from cur and, past 128 - sh, the next call's
+    if (n - i + sh > 128) philox_keep128(row, g0 + (i >> 4) + 8, nxt);
+    else nxt[0] = nxt[1] = 0;
+    const uint64_t k[2] = {funnel_shift(cur[0], cur[1], sh), funnel_shift(cur[1], nxt[0], sh)};
+    int64_t q = 0;
+    for (; i + 32 <= n; i += 32, ++q)
+      exp_round_drop32_bf16(x + i, va, vnb, out + i, uint32_t(k[q >> 1] >> (32 * (q & 1))), s0, s1);
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
     for (int64_t c = 0; i + c < n; ++c) {
+      const int64_t bit = 32 * q + c;
       const float e = std::exp(x[i + c] * a - b);
-      out[i + c] = (bits >> c) & 1 ? at::BFloat16(e) : at::BFloat16(0.f);
+      out[i + c] = (k[bit >> 6] >> (bit & 63)) & 1 ? at::BFloat16(e) : at::BFloat16(0.f);
       s += e;
     }
+    return s;
   }
-  return s;
+  return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
 }
 #endif
 
-// x[c] = 0 where u[c] < threshold (dropped); X float, double or a 16-bit type's bits.
+// x[c] = 0 where u[c] < threshold (dropped; u the keys' Philox bytes); X float, double or
+// a 16-bit type's bits.
 template <typename X>
-inline void drop_row(X* x, const uint32_t* u, int64_t n, uint32_t threshold) {
+inline void drop_row(X* x, const uint8_t* u, int64_t n, uint8_t threshold) {
   int64_t c = 0;
 #if defined(CPU_CAPABILITY_AVX512)
-  const __m512i vt = _mm512_set1_epi32(int(threshold));
   if constexpr (std::is_same_v<X, float>) {
+    const __m128i vt = _mm_set1_epi8(char(threshold));
     for (; c + 16 <= n; c += 16) {
-      const __mmask16 keep = _mm512_cmpge_epu32_mask(_mm512_loadu_si512(u + c), vt);
+      const __mmask16 keep = _mm_cmpge_epu8_mask(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u + c)), vt);
       _mm512_storeu_ps(x + c, _mm512_maskz_mov_ps(keep, _mm512_loadu_ps(x + c)));
     }
   } else if constexpr (std::is_same_v<X, uint16_t>) {
-    for (; c + 16 <= n; c += 16) {
-      const __mmask16 keep = _mm512_cmpge_epu32_mask(_mm512_loadu_si512(u + c), vt);
-      __m256i* p = reinterpret_cast<__m256i*>(x + c);
-      _mm256_storeu_si256(p, _mm256_maskz_mov_epi16(keep, _mm256_loadu_si256(p)));
+    const __m256i vt = _mm256_set1_epi8(char(threshold));
+    for (; c + 32 <= n; c += 32) {
+      const __mmask32 keep = _mm256_cmpge_epu8_mask(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + c)), vt);
+      _mm512_storeu_si512(x + c, _mm512_maskz_mov_epi16(keep, _mm512_loadu_si512(x + c)));
     }
   }
 #endif
@@ -290,14 +350,14 @@ inline void drop_row(X* x, const uint32_t* u, int64_t n, uint32_t threshold) {
 
 // dst[c] = u[c] >= threshold ? src[c] * a : 0 (dst may be src).
 template <typename X>
-inline void drop_scale_row(X* dst, const X* src, const uint32_t* u, int64_t n, uint32_t threshold, X a) {
+inline void drop_scale_row(X* dst, const X* src, const uint8_t* u, int64_t n, uint8_t threshold, X a) {
   int64_t c = 0;
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<X, float>) {
-    const __m512i vt = _mm512_set1_epi32(int(threshold));
+    const __m128i vt = _mm_set1_epi8(char(threshold));
     const __m512 va = _mm512_set1_ps(a);
     for (; c + 16 <= n; c += 16) {
-      const __mmask16 keep = _mm512_cmpge_epu32_mask(_mm512_loadu_si512(u + c), vt);
+      const __mmask16 keep = _mm_cmpge_epu8_mask(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u + c)), vt);
       _mm512_storeu_ps(dst + c, _mm512_maskz_mul_ps(keep, _mm512_loadu_ps(src + c), va));
     }
   }
