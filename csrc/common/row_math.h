@@ -310,19 +310,27 @@ __attribute__((target("avx512bf16"))) inline void softmax_grad_round_bf16(const 
 // rcp14 without a Newton step: |tanh error| <= 1.2e-4 (measured on a dense grid of
 // [0, 12] with rcp14's worst case), the accuracy class of the tanh.approx.f32 that
 // FlashAttention's CUDA softcap uses (relative 2^-11), and far below the bf16 rounding of
-// the logits the same computation does in bf16. 11 vector ops over the plain pass, only
+// the logits the same computation does in bf16. 10 vector ops over the plain pass, only
 // FMA-port ops but the rcp (the exp of P already loads the port-0-only units: roundscale,
-// scalef). min(c, y) then max(-c, ·) keep a NaN y. The float32 path keeps vtanh (~3 ulp).
-__attribute__((target("avx512bf16"))) inline __m512 tanh_lowp(__m512 y) {
-  const __m512 x = _mm512_max_ps(_mm512_set1_ps(-5.3f), _mm512_min_ps(_mm512_set1_ps(5.3f), y));
+// scalef). The float32 path keeps vtanh (~3 ulp).
+// tanh_lowp's rational: P(z) = P0 + P1·z + P2·z², Q(z) = 1 + Q1·z + Q2·z².
+constexpr float kTanhP0 = 0.9997410178184509f, kTanhP1 = 0.10069996863603592f, kTanhP2 = 0.0006260668742470443f;
+constexpr float kTanhQ1 = 0.4333097040653229f, kTanhQ2 = 0.012339968234300613f;
+
+// c · tanh(y) with c folded into P's coefficients (pc = c · P0, c · P1, c · P2): one multiply
+// less per vector than c · tanh_lowp(y). The clamp is one vrangeps: magnitude min(|y|, 5.3),
+// y's sign (imm 0b0010); a NaN y stays NaN, ±inf gives ±5.3 as the min/max pair did.
+__attribute__((target("avx512bf16"))) inline __m512 scaled_tanh_lowp(__m512 y, __m512 pc0, __m512 pc1, __m512 pc2) {
+  const __m512 x = _mm512_range_ps(y, _mm512_set1_ps(5.3f), 0x02);
   const __m512 z = _mm512_mul_ps(x, x);
-  const __m512 p = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_set1_ps(0.0006260668742470443f), z,
-                                                   _mm512_set1_ps(0.10069996863603592f)),
-                                   z, _mm512_set1_ps(0.9997410178184509f));
-  const __m512 q = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_set1_ps(0.012339968234300613f), z,
-                                                   _mm512_set1_ps(0.4333097040653229f)),
-                                   z, _mm512_set1_ps(1.f));
+  const __m512 p = _mm512_fmadd_ps(_mm512_fmadd_ps(pc2, z, pc1), z, pc0);
+  const __m512 q = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_set1_ps(kTanhQ2), z, _mm512_set1_ps(kTanhQ1)), z,
+                                   _mm512_set1_ps(1.f));
   return _mm512_mul_ps(_mm512_mul_ps(x, p), _mm512_rcp14_ps(q));
+}
+
+__attribute__((target("avx512bf16"))) inline __m512 tanh_lowp(__m512 y) {
+  return scaled_tanh_lowp(y, _mm512_set1_ps(kTanhP0), _mm512_set1_ps(kTanhP1), _mm512_set1_ps(kTanhP2));
 }
 
 // (Helpers of the loops below are functions with the target attribute, never lambdas: a
@@ -351,12 +359,13 @@ __attribute__((target("avx512bf16"))) inline __m512 softcap_ds_vec(const float* 
 template <bool kMax>
 __attribute__((target("avx512bf16"))) inline float softcap_row_bf16(float* x, int64_t n, float a, float cap) {
   constexpr int64_t W = 16;
-  const __m512 va = _mm512_set1_ps(a), vc = _mm512_set1_ps(cap);
+  const __m512 va = _mm512_set1_ps(a), pc0 = _mm512_set1_ps(cap * kTanhP0), pc1 = _mm512_set1_ps(cap * kTanhP1),
+               pc2 = _mm512_set1_ps(cap * kTanhP2);
   __m512 m0 = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), m1 = m0;
   int64_t i = 0;
   for (; i + 2 * W <= n; i += 2 * W) {
-    const __m512 c0 = _mm512_mul_ps(tanh_lowp(_mm512_mul_ps(_mm512_loadu_ps(x + i), va)), vc);
-    const __m512 c1 = _mm512_mul_ps(tanh_lowp(_mm512_mul_ps(_mm512_loadu_ps(x + i + W), va)), vc);
+    const __m512 c0 = scaled_tanh_lowp(_mm512_mul_ps(_mm512_loadu_ps(x + i), va), pc0, pc1, pc2);
+    const __m512 c1 = scaled_tanh_lowp(_mm512_mul_ps(_mm512_loadu_ps(x + i + W), va), pc0, pc1, pc2);
     _mm512_storeu_ps(x + i, c0);
     _mm512_storeu_ps(x + i + W, c1);
     if constexpr (kMax) {
