@@ -761,8 +761,7 @@ std::tuple<at::Tensor, at::Tensor> attention_decode_fwd(const at::Tensor& q, con
                                                         double softcap, const std::optional<at::Tensor>& alibi_slopes) {
   const char* op = "attention_decode_fwd";
   const common::QKVShape s = common::check_qkv(op, q, k_in, v_in);
-  TORCH_CHECK(window_left >= -1 && window_right >= -1, op, ": window sides must be >= -1 (-1 = unbounded), got (",
-              window_left, ", ", window_right, ")");
+  common::check_window(op, window_left, window_right);
   const at::Tensor k = rows_contiguous(k_in), v = rows_contiguous(v_in);
   Decode p;
   static_cast<common::QKVShape&>(p) = s;
@@ -798,8 +797,7 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_fwd(const at::Tensor& q, co
   TORCH_CHECK(k_in.scalar_type() == q.scalar_type() && v_in.scalar_type() == q.scalar_type(), op,
               ": q, k_cache, v_cache must share one dtype, got ", q.scalar_type(), ", ", k_in.scalar_type(), ", ",
               v_in.scalar_type());
-  TORCH_CHECK(window_left >= -1 && window_right >= -1, op, ": window sides must be >= -1 (-1 = unbounded), got (",
-              window_left, ", ", window_right, ")");
+  common::check_window(op, window_left, window_right);
   common::QKVShape s;
   s.B = q.size(0);
   s.Hq = q.size(1);
@@ -810,9 +808,7 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_fwd(const at::Tensor& q, co
   TORCH_CHECK(k_in.size(3) == s.D, op, ": k_cache's head dim ", k_in.size(3), " must equal q's ", s.D);
   TORCH_CHECK(v_in.size(0) == k_in.size(0) && v_in.size(1) == s.Hk && v_in.size(2) == k_in.size(2), op,
               ": v_cache must match k_cache in all but the last dim, got ", v_in.sizes(), " and ", k_in.sizes());
-  TORCH_CHECK(s.Hk > 0 && s.Hq % s.Hk == 0, op, ": the number of query heads (", s.Hq,
-              ") must be a multiple of the number of key/value heads (", s.Hk, ")");
-  s.group = s.Hq / s.Hk;
+  common::set_group(op, s);
   Decode p;
   at::Tensor pages;
   int64_t capacity = 0;

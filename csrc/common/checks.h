@@ -43,6 +43,13 @@ inline at::Tensor check_key_padding_mask(const char* op, const at::Tensor& m, in
   return m.contiguous();
 }
 
+// s.group = Hq / Hk (GQA), once Hq is checked to be a multiple of Hk.
+inline void set_group(const char* op, QKVShape& s) {
+  TORCH_CHECK(s.Hk > 0 && s.Hq % s.Hk == 0, op, ": the number of query heads (", s.Hq,
+              ") must be a multiple of the number of key/value heads (", s.Hk, ")");
+  s.group = s.Hq / s.Hk;
+}
+
 inline QKVShape check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   check_float_tensor(op, "q", q, 4);
   check_float_tensor(op, "k", k, 4);
@@ -62,10 +69,14 @@ inline QKVShape check_qkv(const char* op, const at::Tensor& q, const at::Tensor&
   TORCH_CHECK(k.size(3) == s.D, op, ": k's head dim ", k.size(3), " must equal q's head dim ", s.D);
   TORCH_CHECK(v.size(1) == s.Hk && v.size(2) == s.Nk, op, ": v must be (B, Hk, Nk, Dv) with Hk=", s.Hk,
               ", Nk=", s.Nk, " like k, got ", v.sizes());
-  TORCH_CHECK(s.Hk > 0 && s.Hq % s.Hk == 0, op, ": the number of query heads (", s.Hq,
-              ") must be a multiple of the number of key/value heads (", s.Hk, ")");
-  s.group = s.Hq / s.Hk;
+  set_group(op, s);
   return s;
+}
+
+// A window side is a key count or -1 (unbounded).
+inline void check_window(const char* op, int64_t left, int64_t right) {
+  TORCH_CHECK(left >= -1 && right >= -1, op, ": window sides must be >= -1 (-1 = unbounded), got (", left, ", ",
+              right, ")");
 }
 
 ATTNKERNELS_COMMON_END
