@@ -351,3 +351,30 @@ def test_direct_op_checks_bounds_B1():
     assert math.isfinite(float(ops.attention_kvcache_fwd(
         q, pages, pages, torch.tensor([16], dtype=torch.int32), torch.tensor([[1]], dtype=torch.int32), 1.0, -1, -1,
         0.0, None)[1].min()))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("paged", [False, True], ids=["contig", "paged16"])
+def test_torch_compile_fullgraph_B2_Hq4_Hk2_Nq3_D16_C48(paged, backend):
+    """attention_with_kvcache inside torch.compile(fullgraph=True): the same output, LSE and in-place append
+    as eager; the cache bounds (a host sync in eager) become an asserting op that raises when the graph runs."""
+    gen = torch.Generator().manual_seed(5)
+    k_log, k_cache, table = make_cache(2, 2, 48, 16, torch.float32, 16 if paged else 0, gen)
+    v_cache = torch.randn(k_cache.shape, generator=gen)
+    q = torch.randn(2, 4, 3, 16, generator=gen)
+    k_new, v_new = torch.randn(2, 2, 3, 16, generator=gen), torch.randn(2, 2, 3, 16, generator=gen)
+
+    def step(q, k_cache, v_cache, k_new, v_new, seqlens):
+        return attnkernels.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, k_new=k_new,
+                                                  v_new=v_new, block_table=table, causal=True, return_lse=True)
+
+    seqlens = torch.tensor([14, 20], dtype=torch.int32)
+    k_eager, v_eager = k_cache.clone(), v_cache.clone()
+    out_eager, lse_eager = step(q, k_eager, v_eager, k_new, v_new, seqlens)
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
+    out, lse = compiled(q, k_cache, v_cache, k_new, v_new, seqlens)
+    torch.testing.assert_close(out, out_eager, atol=1e-6, rtol=0)
+    torch.testing.assert_close(lse, lse_eager, atol=1e-6, rtol=0)
+    assert torch.equal(k_cache, k_eager) and torch.equal(v_cache, v_eager), "the append must happen in place"
+    with pytest.raises(RuntimeError, match="cache_seqlens: a row is negative or holds more than the cache's 48"):
+        compiled(q, k_cache, v_cache, k_new, v_new, torch.tensor([14, 46], dtype=torch.int32))

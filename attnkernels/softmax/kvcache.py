@@ -163,7 +163,10 @@ def _check_block_table(block_table, batch: int, num_pages: int, device) -> None:
                          f"{tuple(getattr(block_table, 'shape', ()))}")
     if block_table.device != device:
         raise ValueError(f"block_table: device {block_table.device} differs from q's {device}")
-    if block_table.numel() and (int(block_table.min()) < 0 or int(block_table.max()) >= num_pages):
+    if block_table.numel() and torch.compiler.is_compiling():  # no host sync inside a graph (as cache_seqlens)
+        torch._assert_async(((block_table >= 0) & (block_table < num_pages)).all(),
+                            f"block_table: page indices must lie in [0, {num_pages}) (the cache's pages)")
+    elif block_table.numel() and (int(block_table.min()) < 0 or int(block_table.max()) >= num_pages):
         raise ValueError(f"block_table: page indices must lie in [0, {num_pages}) (the cache's pages), got "
                          f"[{int(block_table.min())}, {int(block_table.max())}]")
 
@@ -244,7 +247,13 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, cache
         if v_new.shape[2] != k_new.shape[2]:
             raise ValueError(f"v_new: {v_new.shape[2]} new tokens, k_new has {k_new.shape[2]}")
         n_new = k_new.shape[2]
-    if batch:
+    if batch and torch.compiler.is_compiling():
+        # inside a compiled graph a host sync would break it: the same bound, checked by an op that
+        # raises when the graph runs (still before anything is written)
+        torch._assert_async(((cache_seqlens >= 0) & (cache_seqlens + n_new <= capacity)).all(),
+                            f"cache_seqlens: a row is negative or holds more than the cache's {capacity} slots "
+                            f"with {n_new} new tokens")
+    elif batch:
         lengths = cache_seqlens.tolist()  # one host sync: the bounds must hold before anything is written
         for b, length in enumerate(lengths):
             if length < 0 or length + n_new > capacity:
