@@ -93,9 +93,9 @@ _CONFIGS = {
     ("fwd", 128): (BlockConfig(128, 64, 8, 3), BlockConfig(16, 16, 4, 2, _FP32_REGS)),
     ("fwd", 256): (BlockConfig(64, 32, 8, 2), BlockConfig(16, 16, 8, 2, _FP32_REGS, **_NO_SKIP)),
     # dK/dV: BLOCK_N key rows resident, BLOCK_M query rows stream. The chained dots (s^T,
-    # dp^T) keep their warps along the keys, one 16-key mma slice per warp at best: at
-    # D >= 128 (sm_80) 4 warps, 32 x 32 (1.0x the minimum MMA work) and 16 x 16 (1.5x; 16 x 32
-    # spills with tables); the 8-warp 16 x 32 / 16 x 16 tiles did 2.5x (compile gate).
+    # dp^T) keep their warps along the keys, one 16-key mma slice per warp at best, so on
+    # sm_80 D = 128 takes 32 x 32 on 4 warps (1.0x the minimum MMA work) and D = 256 16 x 16
+    # on 4 (1.5x; 16 x 32 spills with tables); 16 x 32 / 16 x 16 on 8 warps did 2.5x.
     ("dkdv", 64): (BlockConfig(16, 128, 8, 2), BlockConfig(16, 16, 4, 2, _FP32_REGS)),
     ("dkdv", 128): (BlockConfig(32, 32, 4, 2), BlockConfig(16, 16, 8, 2, _FP32_REGS)),
     ("dkdv", 256): (BlockConfig(16, 16, 4, 1), BlockConfig(16, 16, 8, 1, _FP32_REGS, **_NO_SKIP)),
