@@ -323,7 +323,8 @@ def test_aot_specs_cover_the_shipping_variants():
         c = spec.constexprs
         assert all(v >= 16 for n, v in c.items() if n.startswith("BLOCK_")), spec.name
         assert set(spec.signature) >= set(c) and all(spec.signature[n] == "constexpr" for n in c), spec.name
-        assert not spec.waive, f"{spec.name}: the rewritten kernels carry no gate waiver"
+        # no gate waiver but sm_80's measured duplicated-MMA tiles (triton_specs._DUP_MMA_KNOWN)
+        assert all(problem == "dup-mma" and "sm80" in spec.name for problem, _ in spec.waive), spec.name
         if spec.dtype in ("fp16", "bf16"):  # 16-bit: 64-row chunks (wgmma m64), 64 x 64 state tiles
             assert c["BLOCK_C"] >= 64, spec.name
             if "BLOCK_M" in c:

@@ -192,6 +192,27 @@ def test_attention_small_blocks(shape, window, dtype):
         run_case(shape, window, dtype)
 
 
+# TF32 (fp32 inputs, torch.backends.cuda.matmul.allow_tf32): its own tiles (A._TF32_CONFIGS),
+# sm_80's here (the interpreter's arch). The interpreter's dot is exact whatever DOT_PREC says,
+# so these check the TF32 tiles' blocks and masked loop segments at the fp32 tolerance, not
+# TF32 rounding (the compile gate checks the TF32 MMAs).
+TF32_CASES = [
+    ((1, 2, 1, 97, 130, 40, 40), (-1, 0)),  # D <= 64: fwd 64 x 16, dQ 32 x 16 on 2 warps
+    ((2, 4, 2, 65, 97, 128, 128), (-1, -1)),  # dK/dV 16 x 32, GQA 2:1
+    ((1, 2, 1, 33, 50, 256, 256), (17, 17)),  # D = 256: fwd / dQ 16 x 16 on 4 warps, dK/dV 32 x 16
+]
+
+
+@pytest.mark.parametrize("shape,window", TF32_CASES, ids=[_case_id(*s, w, "-tf32") for s, w in TF32_CASES])
+def test_tf32_tiles_match_reference(shape, window, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    d = shape[5]
+    tiles = {k: A.block_config(k, d, d, torch.float32) for k in ("fwd", "dkdv", "dq")}
+    exact = {k: A.block_config(k, d, d, torch.float32, prec="ieee") for k in ("fwd", "dkdv", "dq")}
+    assert tiles != exact and tiles == {k: A.block_config(k, d, d, torch.float32, prec="tf32") for k in tiles}
+    run_case(shape, window, torch.float32)
+
+
 def test_non_contiguous_inputs():
     run_case((2, 4, 2, 33, 47, 32, 32), (-1, 0), torch.float32, transpose=True)
 
@@ -273,11 +294,13 @@ def test_configs_are_gpu_sized():
             for dtype in (torch.float16, torch.bfloat16, torch.float32):
                 for kernel in ("fwd", "dkdv", "dq"):
                     for sparse in (0, 128):
-                        cfg = A.block_config(kernel, d, d, dtype, sparse, arch)
-                        assert cfg.block_m >= 16 and cfg.block_n >= 16
-                        assert cfg.block_m & (cfg.block_m - 1) == 0 and cfg.block_n & (cfg.block_n - 1) == 0
-                    small = A.block_config(kernel, d, d, dtype, sparse_block_size=16, arch=arch)
-                    assert small.block_m == 16 and small.block_n == 16
+                        for prec in ("ieee", "tf32"):
+                            cfg = A.block_config(kernel, d, d, dtype, sparse, arch, prec=prec)
+                            assert cfg.block_m >= 16 and cfg.block_n >= 16
+                            assert cfg.block_m & (cfg.block_m - 1) == 0 and cfg.block_n & (cfg.block_n - 1) == 0
+                    for prec in ("ieee", "tf32"):
+                        small = A.block_config(kernel, d, d, dtype, sparse_block_size=16, arch=arch, prec=prec)
+                        assert small.block_m == 16 and small.block_n == 16
     assert A.config_arch(torch.device("cpu")) == 80  # the interpreter launches the sm_80 tiles
 
 

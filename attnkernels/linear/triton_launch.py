@@ -63,8 +63,9 @@ def chunk_config(kernel: str, head_dim: int, head_dim_v: int, dtype: torch.dtype
     fp16/bf16: C = 64 (one warpgroup's wgmma m64). The state pass holds one [64, 64] float32
     state tile and streams [C, 64] operand tiles: 2 stages overlap the next chunk's loads with
     the dot. The output and dq passes hold whole [C, D] / [C, Dv] tiles and a [D, Dv] state
-    operand with no loop (4 warps, 8 at 128); dk/dv holds both gradients (8 warps; its GQA
-    group loop is pipelined on sm_90a at 64, not at 128 nor on sm_80, where 2 stages spill).
+    operand with no loop (4 warps, 8 at 128); dk/dv holds both gradients (8 warps, 4 for the
+    loop-free non-causal one at D <= 64 on sm_80; its GQA group loop is pipelined on sm_90a
+    at 64, not at 128 nor on sm_80, where 2 stages spill).
     sm_80's mma.sync keeps whole operands in registers: there the output pass tiles Dv and dq
     tiles D by 64 at 128 (φ then recomputed per tile). TF32 (fp32 with TF32 matmuls): 4-byte
     operands, C = 32, 64-wide output tiles at 128. Exact fp32 ("ieee") dots run as FMAs that
@@ -89,9 +90,16 @@ def chunk_config(kernel: str, head_dim: int, head_dim_v: int, dtype: torch.dtype
     elif kernel == "fwd":
         cfg = ChunkConfig(c, d, min(dv, 64) if split else dv, warps, 1)
     elif kernel == "dq":
-        cfg = ChunkConfig(c, min(d, 64) if split else d, dv, 8 if arch < 90 else warps, 1)
+        # sm_80: 8 warps (4 spill), except fp16 at D <= 64, where 8 would compute each 16-row
+        # slice of the causal [C, C] product twice (2.0x, compile gate) and 4 are spill-free
+        # (bf16's conversions spill 12 B there: it keeps 8, a waived dup-mma)
+        cfg = ChunkConfig(c, min(d, 64) if split else d, dv,
+                          warps if arch >= 90 else 4 if dtype == torch.float16 and big <= 64 else 8, 1)
     elif kernel == "dkdv":
-        cfg = ChunkConfig(c, d, dv, 8, 2 if big <= 64 and arch >= 90 else 1, block_t=(64 if arch >= 90 else 32) if exact and big > 64 else big)
+        # sm_80, 16-bit, D <= 64, non-causal (no loop): 8 warps on the 64 rows would compute
+        # each 16-row mma slice twice (compile gate, 2.0x); 4 are spill-free there
+        warps = 4 if not (causal or exact or tf32) and big <= 64 and arch < 90 else 8
+        cfg = ChunkConfig(c, d, dv, warps, 2 if big <= 64 and arch >= 90 else 1, block_t=(64 if arch >= 90 else 32) if exact and big > 64 else big)
     else:
         raise ValueError(f"chunk_config: unknown kernel {kernel!r}; expected one of {KERNELS}")
     return cfg

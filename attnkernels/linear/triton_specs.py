@@ -18,7 +18,7 @@ from .triton_kernels import (FEATURE_MAPS, linear_chunk_bwd_dkdv, linear_chunk_b
                              linear_chunk_state)
 from .triton_launch import chunk_config, split_phi
 
-__all__ = ["AOT_SPECS"]
+__all__ = ["AOT_DOTS", "AOT_SPECS"]
 
 # argument typing, by the naming convention of triton_kernels.py: data tensors upper-case in
 # the input dtype; states, weights and per-row DEN/CP float32; strides and sizes i32 (every
@@ -40,6 +40,26 @@ _AOT_DTYPES = [
 # (feature map, normalize) variants: every map with the denominator, and elu without it;
 # the TF32 label ships the same code as fp32, so it is compiled for the default one only
 _AOT_MAPS = [("elu", True), ("relu", True), ("identity", True), ("elu", False)]
+
+
+# Tiles at >= 2x the minimum MMA work ("dup-mma", compile gate), with the measured reason.
+# All are sm_80's 16-bit causal passes: C = 64 rows on 8 warps, and the intra-chunk [C, C]
+# product feeds another dot, so Triton lays the 8 warps along the 64 rows (4 mma slices)
+# and every slice is computed twice (2.0x). 4 warps (1.0x) spill at 255 regs (Triton 3.8,
+# ptxas 12.9): mma.sync keeps each warp's copy of the B operands in registers. Keyed by
+# (kernel, padded D, arch, warps), so a retuned tile drops its waiver.
+_DUP_MMA_KNOWN = {
+    ("fwd", 128, 80, 8): "4 warps spill 316-320 B (stores) with the denominator",
+    ("dq", 64, 80, 8): "4 warps spill 12 B (stores) with bf16's elu (fp16 runs on 4)",
+    ("dq", 128, 80, 8): "4 warps spill 4-128 B (stores)",
+    ("dkdv", 64, 80, 8): "4 warps spill 32-80 B (stores; elu)",
+}
+
+
+def _dup_mma_waiver(kernel: str, label: str, d: int, causal: bool, arch, cfg) -> tuple:
+    base = "fwd" if kernel == "fwd-den" else kernel
+    reason = _DUP_MMA_KNOWN.get((base, d, arch, cfg.num_warps)) if causal and label in ("fp16", "bf16") else None
+    return (("dup-mma", f"C{cfg.block_c} {kernel} on {cfg.num_warps} warps, causal: {reason}"),) if reason else ()
 
 
 def _kernel_constexprs(kernel: str, d: int, fm: str, causal: bool, normalize: bool, dtype, prec: str, arch: int) -> tuple:
@@ -98,8 +118,34 @@ def _build_aot_specs() -> list[KernelSpec]:
                     sig = signature(fn, tdt, const, **_TYPES)
                     specs.append(KernelSpec(name, fn, sig, const, attrs=divisibility(sig), num_warps=cfg.num_warps,
                                             num_stages=cfg.num_stages, maxnreg=cfg.maxnreg, uses_dot=uses_tc,
-                                            dtype=label, quick=quick, archs=None if same else (arch,)))
+                                            dtype=label, quick=quick, archs=None if same else (arch,),
+                                            waive=_dup_mma_waiver(kernel, label, d, causal, None if same else arch,
+                                                                  cfg)))
     return specs
 
 
 AOT_SPECS: list[KernelSpec] = _build_aot_specs()
+
+
+def _dots(spec: KernelSpec) -> tuple:
+    """(M, N, K) of each tl.dot in one iteration of the kernel's innermost loop that holds
+    dots, or of the whole kernel where none does (triton_kernels.py), for the compile gate's
+    MMA-work check (compile_report `mma_per_body`): the state pass's group loop, the causal
+    dk/dv's group loop; the output and dq passes and the non-causal dk/dv have no loop."""
+    c = spec.constexprs
+    ch = c["BLOCK_C"]
+    if spec.fn is linear_chunk_state:  # S += φ(x)ᵀ y per (chunk, head), and its lo part with SPLIT_PHI
+        return ((c["BLOCK_M"], c["BLOCK_V"], ch),) * (2 if c["SPLIT_PHI"] else 1)
+    d, dv = c["BLOCK_D"], c["BLOCK_DV"]
+    if spec.fn is linear_chunk_fwd:  # φq S; causal: A = tril(φq φkᵀ), + A v
+        return ((ch, dv, d),) + (((ch, ch, d), (ch, dv, ch)) if c["CAUSAL"] else ())
+    if spec.fn is linear_chunk_bwd_dq:  # g Sᵀ; causal: P = g vᵀ, + P φk
+        return ((ch, d, dv),) + (((ch, ch, dv), (ch, d, ch)) if c["CAUSAL"] else ())
+    t = c["BLOCK_T"]
+    if c["CAUSAL"]:  # per query head: Pᵀ = v gᵀ, dφk += Pᵀ φq, Aᵀ = φk φqᵀ, dv += Aᵀ g
+        return ((ch, ch, dv), (ch, t, ch), (ch, ch, d), (ch, t, ch))
+    return ((ch, t, dv), (ch, t, d))  # v dSᵀ, φk dS
+
+
+# spec name -> the dots of its loop body (or whole kernel), for compile_report's MMA-work check
+AOT_DOTS: dict[str, tuple] = {s.name: _dots(s) for s in AOT_SPECS}

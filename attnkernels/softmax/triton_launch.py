@@ -83,8 +83,8 @@ def override_blocks(block_m: int, block_n: int):
 # operands need the registers of 8 warps: with 4 warps (or 32x16 on 8) the exact-fp32 ("ieee")
 # build spills 24-180 bytes at 255 regs on sm_90a and in the masked loops on sm_80; 16x16 w8
 # is spill-free on both for every mask variant (fwd 203-238 regs, dQ 192-228; TF32 109-150).
-# The cost, under TF32: the [16, 16] score dot has one 16-row mma tile, so most of the 8
-# warps compute copies of it (the gate's MMA-per-loop-body column shows it).
+# TF32 (fp32 inputs, torch.backends.cuda.matmul.allow_tf32) has its own tiles where the
+# exact-fp32 one would waste tensor-core work (`_TF32_CONFIGS`).
 _FP32_REGS = 255
 _NO_SKIP = dict(table_skip=False)
 _CONFIGS = {
@@ -92,10 +92,13 @@ _CONFIGS = {
     ("fwd", 64): (BlockConfig(64, 64, 4, 3, **_NO_SKIP), BlockConfig(32, 16, 4, 2, _FP32_REGS)),
     ("fwd", 128): (BlockConfig(128, 64, 8, 3), BlockConfig(16, 16, 4, 2, _FP32_REGS)),
     ("fwd", 256): (BlockConfig(64, 32, 8, 2), BlockConfig(16, 16, 8, 2, _FP32_REGS, **_NO_SKIP)),
-    # dK/dV: BLOCK_N key rows resident, BLOCK_M query rows stream
+    # dK/dV: BLOCK_N key rows resident, BLOCK_M query rows stream. The chained dots (s^T,
+    # dp^T) keep their warps along the keys, one 16-key mma slice per warp at best, so on
+    # sm_80 D = 128 takes 32 x 32 on 4 warps (1.0x the minimum MMA work) and D = 256 16 x 16
+    # on 4 (1.5x; 16 x 32 spills with tables); 16 x 32 / 16 x 16 on 8 warps did 2.5x.
     ("dkdv", 64): (BlockConfig(16, 128, 8, 2), BlockConfig(16, 16, 4, 2, _FP32_REGS)),
-    ("dkdv", 128): (BlockConfig(16, 32, 8, 2), BlockConfig(16, 16, 8, 2, _FP32_REGS)),
-    ("dkdv", 256): (BlockConfig(16, 16, 8, 1), BlockConfig(16, 16, 8, 1, _FP32_REGS, **_NO_SKIP)),
+    ("dkdv", 128): (BlockConfig(32, 32, 4, 2), BlockConfig(16, 16, 8, 2, _FP32_REGS)),
+    ("dkdv", 256): (BlockConfig(16, 16, 4, 1), BlockConfig(16, 16, 8, 1, _FP32_REGS, **_NO_SKIP)),
     # dQ: BLOCK_M query rows resident, BLOCK_N key rows stream
     ("dq", 64): (BlockConfig(64, 32, 4, 3, **_NO_SKIP), BlockConfig(32, 16, 4, 2, _FP32_REGS)),
     ("dq", 128): (BlockConfig(64, 32, 4, 2), BlockConfig(16, 16, 4, 2, _FP32_REGS)),
@@ -108,15 +111,38 @@ _CONFIGS = {
 # wgmma; spill-free since the GQA group no longer wraps the loops in a runtime loop. With
 # block-sparse tables the walk keeps a loop over the group's heads and two loop bodies
 # (masked, unmasked), hence the shorter query tiles there.
+# At D = 256 no dK/dV tile is wgmma-sized (two [64, 256] fp32 accumulators per warpgroup
+# spill): 16 x 32 on 4 warps runs mma.sync with each 16-key slice of the chained dots on
+# two warps (1.5x the minimum MMA work, 246 regs); sm_80's 16 x 16 (its 16 x 32 spills
+# with block-sparse tables).
 _CONFIGS_SM90 = dict(_CONFIGS)
 _CONFIGS_SM90.update({
     ("dkdv", 64): (BlockConfig(64, 128, 8, 2), _CONFIGS["dkdv", 64][1]),
     ("dkdv", 128): (BlockConfig(32, 128, 8, 2), _CONFIGS["dkdv", 128][1]),
+    ("dkdv", 256): (BlockConfig(16, 32, 4, 1), _CONFIGS["dkdv", 256][1]),
 })
 _SPARSE_CONFIGS_SM90 = {
     ("dkdv", 64): BlockConfig(32, 128, 8, 1),
     ("dkdv", 128): BlockConfig(16, 128, 8, 2),
 }
+# TF32 (fp32 inputs with TF32 dots, `dot_precision`): 4-byte operands on tensor cores need
+# far fewer registers than exact fp32's FMA dots, so these tiles spread the warps over the
+# tile instead of copying it. An mma.sync tile is 16 rows, and a dot feeding another dot
+# (the scores) keeps its warps along its rows, so 8 warps on 16 rows compute the scores 8
+# times (the exact-fp32 16 x 16 w8 tiles: >= 2x the minimum MMA work, compile gate). Each
+# below is spill-free on sm_80 and sm_90a for every mask variant (255 regs allowed) at
+# <= 1.67x the minimum work (1.0x for the D <= 64 fwd / dQ); the others keep the fp32 tile.
+_TF32_CONFIGS = {
+    ("fwd", 64): BlockConfig(64, 16, 4, 2, _FP32_REGS),
+    ("fwd", 256): BlockConfig(16, 16, 4, 2, _FP32_REGS, **_NO_SKIP),
+    ("dkdv", 128): BlockConfig(16, 32, 4, 2, _FP32_REGS),
+    ("dkdv", 256): BlockConfig(32, 16, 8, 1, _FP32_REGS, **_NO_SKIP),
+    # sm_80: 64 x 16 on 4 warps spills 12 B with block-sparse tables at D = 64
+    ("dq", 64): BlockConfig(32, 16, 2, 2, _FP32_REGS),
+    ("dq", 256): BlockConfig(16, 16, 4, 2, _FP32_REGS, **_NO_SKIP),
+}
+_TF32_CONFIGS_SM90 = dict(_TF32_CONFIGS)
+_TF32_CONFIGS_SM90["dq", 64] = BlockConfig(64, 16, 4, 2, _FP32_REGS)  # a warpgroup of 64 rows: wgmma
 ARCHS = (80, 90)  # the config tables: sm_80 (Ampere and Ada) and sm_90a (Hopper and later)
 
 # Score modifiers (16-bit inputs): each adds live [BLOCK_M, BLOCK_N] tiles to the loop (the
@@ -164,11 +190,14 @@ def config_arch(device: torch.device) -> int:
 
 
 def block_config(kernel: str, head_dim: int, head_dim_v: int, dtype: torch.dtype,
-                 sparse_block_size: int = 0, arch: int = 80, modifiers=frozenset()) -> BlockConfig:
+                 sparse_block_size: int = 0, arch: int = 80, modifiers=frozenset(),
+                 prec: str | None = None) -> BlockConfig:
     """GPU launch config per kernel ("fwd", "dkdv", "dq"), padded head dim, dtype, arch
-    (80 or 90, see `config_arch`; `_CONFIGS`, `_CONFIGS_SM90`) and the score modifiers in use
-    (names of call.FEATURES; `_MODIFIER_CONFIGS`). With a block-sparse table the blocks must
-    divide `sparse_block_size` (all are powers of two, so min() does it)."""
+    (80 or 90, see `config_arch`; `_CONFIGS`, `_CONFIGS_SM90`), the score modifiers in use
+    (names of call.FEATURES; `_MODIFIER_CONFIGS`) and the dot precision the kernels get
+    (DOT_PREC; `dot_precision(dtype)` when None): fp32 inputs on TF32 take `_TF32_CONFIGS`.
+    With a block-sparse table the blocks must divide `sparse_block_size` (all are powers of
+    two, so min() does it)."""
     if kernel not in ("fwd", "dkdv", "dq"):
         raise ValueError(f"block_config: unknown kernel {kernel!r}")
     if arch not in ARCHS:
@@ -177,6 +206,8 @@ def block_config(kernel: str, head_dim: int, head_dim_v: int, dtype: torch.dtype
     d_class = 64 if d <= 64 else 128 if d <= 128 else 256
     wide = dtype == torch.float32
     cfg = (_CONFIGS_SM90 if arch == 90 else _CONFIGS)[kernel, d_class][1 if wide else 0]
+    if wide and (dot_precision(dtype) if prec is None else prec) == "tf32":
+        cfg = (_TF32_CONFIGS_SM90 if arch == 90 else _TF32_CONFIGS).get((kernel, d_class), cfg)
     if arch == 90 and sparse_block_size and not wide:
         cfg = _SPARSE_CONFIGS_SM90.get((kernel, d_class), cfg)
     tier = modifier_tier(modifiers)
@@ -374,7 +405,9 @@ def forward(call, q, k, v):
     lse = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=q.device)
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
-    cfg = block_config("fwd", head_dim, head_dim_v, q.dtype, tab.sparse_block, config_arch(q.device), mods.names())
+    prec = dot_precision(q.dtype)
+    cfg = block_config("fwd", head_dim, head_dim_v, q.dtype, tab.sparse_block, config_arch(q.device), mods.names(),
+                       prec)
     table_num, table_idx, *t_strides = _table_args(tab.kv_num, tab.kv_idx, lse)  # lse: an unused dummy
     grid = (cdiv(q_len, cfg.block_m), batch * q_heads)
     attn_fwd[grid](
@@ -392,7 +425,7 @@ def forward(call, q, k, v):
         BLOCK_D=pad_dim(head_dim), BLOCK_DV=pad_dim(head_dim_v),
         HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
         IS_SPARSE=tab.is_sparse, SPARSE_BLOCK=tab.sparse_block,
-        HAS_KPM=kpm is not None, DOT_PREC=dot_precision(q.dtype), TABLE_SKIP=cfg.table_skip,
+        HAS_KPM=kpm is not None, DOT_PREC=prec, TABLE_SKIP=cfg.table_skip,
         **mods.flags(), **launch_options(cfg),
     )
     return out, lse
@@ -452,7 +485,8 @@ def backward(call, dout, q, k, v, out, lse, bias_grad: bool = False):
     kv_tab = _table_args(tab.kv_num, tab.kv_idx, delta)  # delta: an unused dummy without tables
     q_tab = _table_args(tab.q_num, tab.q_idx, delta)
     if kv_len > 0:
-        cfg = block_config("dkdv", head_dim, head_dim_v, q.dtype, tab.sparse_block, arch, mods.names())
+        cfg = block_config("dkdv", head_dim, head_dim_v, q.dtype, tab.sparse_block, arch, mods.names(),
+                           common["DOT_PREC"])
         attn_bwd_dkdv[(cdiv(kv_len, cfg.block_n), batch * kv_heads)](
             q, k, v, dout, lse, delta, dk, dv, *q_tab[:2], kpm_arg, *mods.pointers(delta),
             *row_strides(q),
@@ -465,7 +499,8 @@ def backward(call, dout, q, k, v, out, lse, bias_grad: bool = False):
             q_heads, kv_heads, q_len, kv_len, group, window_left, window_right, scale * LOG2E, scale, *mods.scalars(),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TABLE_SKIP=cfg.table_skip, **launch_options(cfg), **common,
         )
-    cfg = block_config("dq", head_dim, head_dim_v, q.dtype, tab.sparse_block, arch, mods.names())
+    cfg = block_config("dq", head_dim, head_dim_v, q.dtype, tab.sparse_block, arch, mods.names(),
+                       common["DOT_PREC"])
     attn_bwd_dq[(cdiv(q_len, cfg.block_m), batch * q_heads)](
         q, k, v, dout, lse, delta, dq, *kv_tab[:2], kpm_arg, *mods.pointers(delta),
         dbias if dbias is not None else delta,

@@ -74,22 +74,9 @@ def _sm90_waiver(kernel: str, cfg, d: int) -> tuple:
 # Tiles whose loop body does >= 2x the MMA work its dots need ("dup-mma", compile gate): the
 # tile has fewer 16-row mma slices than warps, and Triton gives the spare warps copies of the
 # same product (a dot feeding another dot keeps its warps along M only). Keyed by (kernel,
-# dtype label, head dim, BLOCK_M, BLOCK_N, warps), so a retuned tile drops its waiver.
-_FP32_SHARED = ("TF32 runs the fp32 tile (the config table is keyed by dtype, not dot precision); exact fp32 "
-                "needs these warps: with 4 it spills 12-180 B at 255 regs (compile gate, Triton 3.8)")
-_UNTIMED = "not timed on a GPU yet, kept until it is"
-_DUP_MMA_KNOWN = {
-    **{("dkdv", "tf32", d, 16, 16, 8): _FP32_SHARED for d in (128, 256)},
-    ("fwd", "tf32", 256, 16, 16, 8): _FP32_SHARED,
-    ("dq", "tf32", 256, 16, 16, 8): _FP32_SHARED,
-    **{(k, "tf32", 32, 32, 16, 4): "TF32 runs the fp32 tile (table keyed by dtype); 2 warps compile spill-free "
-       "for exact fp32 at D=32, untried at D=64 (the D<=64 class shares the tile); " + _UNTIMED
-       for k in ("fwd", "dq")},
-    **{("dkdv", label, 128, 16, 32, 8): "sm_80 tile; 4 warps compile spill-free at 1.5x (compile gate); "
-       + _UNTIMED for label in ("fp16", "bf16")},
-    **{("dkdv", label, 256, 16, 16, 8): "4 warps spill on sm_90a (20-56 B, window / sparse), spill-free on sm_80 "
-       "at 1.5x (compile gate); " + _UNTIMED for label in ("fp16", "bf16")},
-}
+# dtype label, head dim, BLOCK_M, BLOCK_N, warps) -> the measured reason, so a retuned tile
+# drops its waiver. None today: every shipped tile is under 2x (`block_config`, `_TF32_CONFIGS`).
+_DUP_MMA_KNOWN: dict[tuple, str] = {}
 
 
 def _dup_mma_waiver(kernel: str, label: str, d: int, cfg) -> tuple:
@@ -127,7 +114,7 @@ def _kernel_specs(kernel, fn, label, dtype, prec, d, variant, has_left, has_righ
     uses_tc = prec != "ieee"  # an fp32 "ieee" dot runs on CUDA cores (FMA), by design: no mma expected
     sparse_block = _AOT_SPARSE_BLOCK if is_sparse else 0
     names = frozenset(n for n, flag in _MODIFIER_NAMES.items() if modifiers.get(flag))
-    cfgs = {arch: block_config(kernel, d, d, dtype, sparse_block, arch, names) for arch in ARCHS}
+    cfgs = {arch: block_config(kernel, d, d, dtype, sparse_block, arch, names, prec) for arch in ARCHS}
     per_arch = [(None, cfgs[ARCHS[0]])] if len(set(cfgs.values())) == 1 else list(cfgs.items())
     specs = []
     for arch, cfg in per_arch:

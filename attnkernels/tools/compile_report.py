@@ -22,7 +22,8 @@ wgmma), TF32 MMAs in a kernel on 16-bit inputs, or duplicated MMA work ("dup-mma
 
 MMA work per loop body ("MMA/loop body (min) ratio" column; `mma_per_body`): a spec module
 may declare, per spec name, the (M, N, K) of each tl.dot in one iteration of the kernel's
-inner loop (`AOT_DOTS`; the softmax kernels do, the linear ones do not yet: "-"). The gate
+inner loop, or of the whole kernel where no loop holds a dot (`AOT_DOTS`; the softmax and
+linear modules do; a spec without: "-"). The gate
 finds the innermost PTX loops that hold MMAs (a label and a branch back to it), takes the
 busiest, and turns its per-thread MMA instructions into the CTA's multiply-adds: m*n*k per
 instruction times the issuers (every warp for mma.sync, every warpgroup for wgmma). The
@@ -35,7 +36,8 @@ Triton replicates the product on the spare warps, or a dim padded up to the inst
 shape. A spec fails at ratio >= DUP_MMA_LIMIT (2: twice the tensor-core work its dots
 need, every iteration); 1 < ratio < 2 is reported only (e.g. one of two equal dots done
 twice gives 1.5). Not handled: a loop Triton unrolls (tl.range(loop_unroll_factor)) would
-read as duplication; a kernel without loops, or without declared dots, is not checked.
+read as duplication; a kernel whose loops hold no MMA is checked as one body (every MMA of
+it runs once); a kernel without declared dots is not checked.
 
 A spec may waive named problems (`KernelSpec.waive`, each with its reason): they are
 reported, not failed. A module of KERNEL_MODULES that does not exist (yet) is skipped with
@@ -189,25 +191,32 @@ def mma_per_body(ptx: str, num_warps: int, dots) -> dict | None:
     """Tensor-core work of the busiest loop body against the minimum its dots need.
 
     `dots`: the (M, N, K) of each tl.dot in one iteration of the kernel's loop (declared by
-    the spec module's `AOT_DOTS`). The minimum is sum(M*N*K) multiply-adds per CTA; the
-    measured is the busiest innermost loop's MMAs (`mma_loop_bodies`) times their shape times
-    the warps / warpgroups that issue them (`mma_cta_macs`). ratio = measured / minimum:
-    1.0 when every product is computed once; 2.0 when the work is done twice (e.g. warps laid
-    along a dimension the tile does not have, so several warps compute the same tile).
-    Counts are per thread, as in the PTX: "count" the measured instructions of that loop,
-    "min" the count at ratio 1 with the same instruction shapes. None without dots or
-    without a loop that has MMAs (nothing to compare per body)."""
+    the spec module's `AOT_DOTS`), or of the whole kernel where no loop holds a dot. The
+    minimum is sum(M*N*K) multiply-adds per CTA; the measured is the busiest innermost
+    loop's MMAs (`mma_loop_bodies`), or every MMA of a kernel whose loops hold none (each
+    runs once: "loops" 0), times their shape times the warps / warpgroups that issue them
+    (`mma_cta_macs`). ratio = measured / minimum: 1.0 when every product is computed once;
+    2.0 when the work is done twice (e.g. warps laid along a dimension the tile does not
+    have, so several warps compute the same tile). Counts are per thread, as in the PTX:
+    "count" the measured instructions of that body, "min" the count at ratio 1 with the same
+    instruction shapes. None without dots or without MMAs."""
     if not dots:
         return None
     bodies = mma_loop_bodies(ptx)
     if not bodies:
-        return None
+        whole = mma_shapes(ptx)
+        if not whole:
+            return None
+        bodies = [whole]
+        loops = 0
+    else:
+        loops = len(bodies)
     body = max(bodies, key=lambda sh: mma_cta_macs(sh, num_warps))
     macs = mma_cta_macs(body, num_warps)
     minimum = sum(m * n * k for m, n, k in dots)
     count = sum(body.values())
     ratio = macs / minimum
-    return dict(count=count, min=-(-count * minimum // macs), ratio=round(ratio, 3), loops=len(bodies))
+    return dict(count=count, min=-(-count * minimum // macs), ratio=round(ratio, 3), loops=loops)
 
 
 def mma_problems(shapes: dict[str, int], arch: int, dtype: str, uses_dot: bool) -> list[str]:
