@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <string>
@@ -567,6 +568,312 @@ void backward_noncausal(const Dims& d, const Args<scalar_t, acc_t>& a, const sca
 }
 
 // ---------------------------------------------------------------------------
+// FAVOR+ (Performer) non-causal attention with the random-feature map fused in:
+//   x = root·q (or root·k), l = x Wᵀ [N, M], φ(x) = exp(l − b − ln(M)/2),
+//   queries: b_i = max_m l_im (per row); keys: b_j = |x_j|²/2 + c, c = max_j (max_m l_jm − |x_j|²/2)
+// per (batch, kv head); both stabilisers are constants for autograd (as in features.py),
+// the query's |x|²/2 is not: it cancels in value but not in the gradient. Then the
+// non-causal linear attention of identity features of width M (the ones column of V',
+// as above). The features are never written to memory: each chunk's projection (a
+// [C, D] x [D, M] GEMM), its exp and its use in the state / output products run on one
+// cache-resident [C, M] tile, where the torch feature map made ~4 passes over (N, M)
+// tensors forward and as many back, and the kernel a fifth to load them.
+// Backward, with dφ the features' gradient: dl = dφ ⊙ φ, dx = dl W − x Σ_m dl, dq = root·dx.
+
+// W rows [M, D] of the projection, padded to MP rows (zero), in both layouts.
+template <typename acc_t>
+struct FavorW {
+  int64_t M, MP, D;
+  acc_t root, log_root;  // sqrt(scale); ln(M) / 2
+  std::vector<acc_t> W;   // [MP, D]
+  std::vector<acc_t> WT;  // [D, MP]
+};
+
+// rows [0, L) of src [*, D] times mult into X [kChunk, D]; padding rows zero.
+template <typename scalar_t, typename acc_t>
+void load_scaled(const scalar_t* src, int64_t L, int64_t D, acc_t mult, acc_t* X) {
+  for (int64_t i = 0; i < L * D; ++i) X[i] = mult * static_cast<acc_t>(src[i]);
+  std::fill(X + L * D, X + kChunk * D, acc_t(0));
+}
+
+// F [kChunk, MP] = φ(X rows [0, L)); queries (c unused) or keys with shift c. Zero in
+// the padding rows and columns (exp of a padding logit could overflow).
+template <typename acc_t>
+void favor_row_features(const acc_t* X, int64_t L, const FavorW<acc_t>& fw, bool is_query, acc_t c, acc_t* F) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  gemm(L, fw.MP, fw.D, X, fw.D, fw.WT.data(), fw.MP, F, fw.MP, false);  // l [L, MP]
+  for (int64_t i = 0; i < L; ++i) {
+    acc_t* row = F + i * fw.MP;
+    acc_t b;
+    if (is_query) {
+      b = common::row_max(row, fw.M);
+    } else {
+      const acc_t* x = X + i * fw.D;
+      acc_t sq = 0;
+      for (int64_t e = 0; e < fw.D; ++e) sq += x[e] * x[e];
+      b = acc_t(0.5) * sq + c;
+    }
+    int64_t m = 0;
+    for (; m + W <= fw.M; m += W)
+      common::vexp((Vec::loadu(row + m) - Vec(b)) - Vec(fw.log_root)).store(row + m);
+    for (; m < fw.M; ++m) row[m] = std::exp((row[m] - b) - fw.log_root);
+    std::fill(row + fw.M, row + fw.MP, acc_t(0));
+  }
+  std::fill(F + L * fw.MP, F + kChunk * fw.MP, acc_t(0));
+}
+
+// Scratch of the FAVOR+ kernels, all per task.
+template <typename acc_t>
+struct FavorScratch {
+  std::vector<acc_t> X, XT, F, FT, H, Vc, dN, S, ST, dS, dST, dX, tmp, hn, cand;
+  FavorScratch(const Dims& d, const FavorW<acc_t>& fw) {
+    const int64_t C = kChunk;
+    X.resize(C * fw.D); XT.resize(fw.D * C); F.resize(C * fw.MP); FT.resize(fw.MP * C); H.resize(C * fw.MP);
+    Vc.resize(C * d.DvP); dN.resize(C * d.DvP); S.resize(fw.MP * d.DvP); ST.resize(d.DvP * fw.MP);
+    dS.resize(fw.MP * d.DvP); dST.resize(d.DvP * fw.MP); dX.resize(C * fw.D); tmp.resize(fw.MP * d.DvP);
+    hn.resize(C); cand.resize(C);
+  }
+};
+
+// S' [MP, DvP] = Σ_j φ(k_j) v'_jᵀ of kv head (b, g); returns the key shift c. One pass:
+// c is the running max of the chunks seen, and S' is rescaled by exp(c_old − c_new)
+// when it grows (as an online softmax does), so no feature exceeds 1/√M and none is
+// recomputed. The chunk's logits are built transposed, lᵀ = W xᵀ [MP, C], so the
+// per-key max and |x|²/2 are column-wise vector ops and φᵀ is the state GEMM's A.
+template <typename scalar_t, typename acc_t>
+acc_t favor_state(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* k, const scalar_t* v, FavorScratch<acc_t>& w) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  constexpr int64_t C = kChunk;
+  acc_t* S = w.S.data();
+  std::fill(S, S + fw.MP * d.DvP, acc_t(0));
+  acc_t c = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t t0 = 0; t0 < d.Nk; t0 += C) {
+    const int64_t L = std::min(C, d.Nk - t0);
+    // xᵀ [D, C], zero past column L
+    const scalar_t* src = k + t0 * fw.D;
+    for (int64_t e = 0; e < fw.D; ++e) {
+      acc_t* o = w.XT.data() + e * C;
+      for (int64_t j = 0; j < L; ++j) o[j] = fw.root * static_cast<acc_t>(src[j * fw.D + e]);
+      std::fill(o + L, o + C, acc_t(0));
+    }
+    acc_t* FT = w.FT.data();
+    gemm(fw.MP, C, fw.D, fw.W.data(), fw.D, w.XT.data(), C, FT, C, false);  // lᵀ [MP, C]
+    for (int64_t j = 0; j < C; j += W) {
+      Vec sq(acc_t(0)), mx(-std::numeric_limits<acc_t>::infinity());
+      for (int64_t e = 0; e < fw.D; ++e) {
+        const Vec x = Vec::loadu(w.XT.data() + e * C + j);
+        sq = at::vec::fmadd(x, x, sq);
+      }
+      for (int64_t m = 0; m < fw.M; ++m) mx = at::vec::maximum(mx, Vec::loadu(FT + m * C + j));
+      const Vec hn = sq * Vec(acc_t(0.5));
+      hn.store(w.hn.data() + j);
+      (mx - hn).store(w.cand.data() + j);
+    }
+    acc_t cm = c;
+    for (int64_t j = 0; j < L; ++j) cm = common::max_keep_nan(cm, w.cand[j]);
+    if (cm > c) {
+      if (c != -std::numeric_limits<acc_t>::infinity()) {
+        const acc_t r = std::exp(c - cm);
+        for (int64_t i = 0; i < fw.MP * d.DvP; ++i) S[i] *= r;
+      }
+      c = cm;
+    } else if (std::isnan(cm)) {
+      c = cm;
+    }
+    for (int64_t j = 0; j < C; j += W) (Vec::loadu(w.hn.data() + j) + Vec(c) + Vec(fw.log_root)).store(w.cand.data() + j);
+    for (int64_t m = 0; m < fw.M; ++m) {
+      acc_t* row = FT + m * C;
+      for (int64_t j = 0; j < C; j += W)
+        common::vexp((Vec::loadu(row + j) - (Vec::loadu(w.hn.data() + j) + Vec(c))) - Vec(fw.log_root)).store(row + j);
+      std::fill(row + L, row + C, acc_t(0));
+    }
+    std::fill(FT + fw.M * C, FT + fw.MP * C, acc_t(0));
+    load_values(v + t0 * d.Dv, L, d, w.Vc.data());                                           // [C, DvP]
+    add_product(fw.MP, d.DvP, L, FT, C, w.Vc.data(), d.DvP, S, d.DvP, w.tmp.data());          // S' += φᵀV'
+  }
+  return c;
+}
+
+// dX [C, D] -> dx rows: dl = dF ⊙ F (in place in dF), dx = root·(dl W − x Σ_m dl).
+template <typename scalar_t, typename acc_t>
+void favor_input_grad(acc_t* dF, const acc_t* F, const acc_t* X, int64_t L, const FavorW<acc_t>& fw, acc_t* dX, scalar_t* dx) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  std::vector<acc_t> rs(L);
+  for (int64_t i = 0; i < L; ++i) {
+    acc_t* g = dF + i * fw.MP;
+    const acc_t* f = F + i * fw.MP;
+    Vec acc(acc_t(0));
+    for (int64_t m = 0; m < fw.MP; m += Vec::size()) {
+      const Vec p = Vec::loadu(g + m) * Vec::loadu(f + m);
+      p.store(g + m);
+      acc = acc + p;
+    }
+    rs[i] = common::hsum(acc);
+  }
+  gemm(L, fw.D, fw.MP, dF, fw.MP, fw.W.data(), fw.D, dX, fw.D, false);  // dl W [L, D]
+  for (int64_t i = 0; i < L; ++i)
+    for (int64_t e = 0; e < fw.D; ++e)
+      dx[i * fw.D + e] = static_cast<scalar_t>(fw.root * (dX[i * fw.D + e] - X[i * fw.D + e] * rs[i]));
+}
+
+template <typename scalar_t, typename acc_t>
+void favor_forward(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* q, const scalar_t* k, const scalar_t* v,
+                   acc_t eps, scalar_t* out) {
+  at::parallel_for(0, d.B * d.Hk, 1, [&](int64_t begin, int64_t end) {
+    FavorScratch<acc_t> w(d, fw);
+    for (int64_t bg = begin; bg < end; ++bg) {
+      const int64_t b = bg / d.Hk, g = bg % d.Hk;
+      favor_state(d, fw, k + bg * d.Nk * fw.D, v + bg * d.Nk * d.Dv, w);
+      for (int64_t hh = 0; hh < d.G; ++hh) {
+        const int64_t bh = b * d.Hq + g * d.G + hh;
+        for (int64_t t0 = 0; t0 < d.Nq; t0 += kChunk) {
+          const int64_t L = std::min(kChunk, d.Nq - t0);
+          load_scaled(q + (bh * d.Nq + t0) * fw.D, L, fw.D, fw.root, w.X.data());
+          favor_row_features(w.X.data(), L, fw, true, acc_t(0), w.F.data());                       // φ(q) [C, MP]
+          gemm(L, d.DvP, fw.MP, w.F.data(), fw.MP, w.S.data(), d.DvP, w.dN.data(), d.DvP, false);  // num' [L, DvP]
+          store_output(w.dN.data(), L, d, true, eps, out + (bh * d.Nq + t0) * d.Dv);
+        }
+      }
+    }
+  });
+}
+
+// Per kv head: the state pass again (deterministic: the forward's S' and c), then per
+// query head and chunk dN' and dφ(q) as backward_noncausal's phase 2 does (H = g S[:, :Dv]ᵀ,
+// dφ(q) = H / den + dden zᵀ), dS' += φ(q)ᵀ dN'; then per key chunk dφ(k) = V' dS'ᵀ and
+// dV' = φ(k) dS'. dS' sums its query heads in head order in the task: deterministic.
+template <typename scalar_t, typename acc_t>
+void favor_backward(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* dout, const scalar_t* q, const scalar_t* k,
+                    const scalar_t* v, acc_t eps, scalar_t* dq, scalar_t* dk, scalar_t* dv) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t C = kChunk;
+  at::parallel_for(0, d.B * d.Hk, 1, [&](int64_t begin, int64_t end) {
+    FavorScratch<acc_t> w(d, fw);
+    std::vector<acc_t> Gd(C * d.DvP);
+    for (int64_t bg = begin; bg < end; ++bg) {
+      const int64_t b = bg / d.Hk, g = bg % d.Hk;
+      const acc_t c = favor_state(d, fw, k + bg * d.Nk * fw.D, v + bg * d.Nk * d.Dv, w);
+      transpose(fw.MP, d.DvP, w.S.data(), d.DvP, w.ST.data(), fw.MP);  // [DvP, MP]
+      const acc_t* z = w.ST.data() + d.Dv * fw.MP;                     // S'[:, Dv], [MP]
+      acc_t* dS = w.dS.data();
+      std::fill(dS, dS + fw.MP * d.DvP, acc_t(0));
+      for (int64_t hh = 0; hh < d.G; ++hh) {
+        const int64_t bh = b * d.Hq + g * d.G + hh;
+        for (int64_t t0 = 0; t0 < d.Nq; t0 += C) {
+          const int64_t L = std::min(C, d.Nq - t0);
+          const int64_t row = bh * d.Nq + t0;
+          load_scaled(q + row * fw.D, L, fw.D, fw.root, w.X.data());
+          favor_row_features(w.X.data(), L, fw, true, acc_t(0), w.F.data());  // φ(q) [C, MP]
+          load_grad(dout + row * d.Dv, L, d, Gd.data());
+          acc_t* H = w.H.data();
+          gemm(L, fw.MP, d.Dv, Gd.data(), d.DvP, w.ST.data(), fw.MP, H, fw.MP, false);  // H [L, MP]
+          for (int64_t i = 0; i < L; ++i) {
+            const acc_t* Fi = w.F.data() + i * fw.MP;
+            acc_t* Hi = H + i * fw.MP;
+            const acc_t r = acc_t(1) / (vdot(Fi, z, fw.MP) + eps);
+            const acc_t s = -vdot(Fi, Hi, fw.MP) * r * r;
+            acc_t* o = w.dN.data() + i * d.DvP;
+            const acc_t* gi = Gd.data() + i * d.DvP;
+            for (int64_t e = 0; e < d.DvP; e += Vec::size()) (Vec::loadu(gi + e) * Vec(r)).store(o + e);
+            o[d.Dv] = s;
+            for (int64_t m = 0; m < fw.MP; m += Vec::size())  // dφ(q) in place of H
+              at::vec::fmadd(Vec::loadu(Hi + m), Vec(r), Vec::loadu(z + m) * Vec(s)).store(Hi + m);
+          }
+          std::fill(w.dN.data() + L * d.DvP, w.dN.data() + C * d.DvP, acc_t(0));
+          transpose(C, fw.MP, w.F.data(), fw.MP, w.FT.data(), C);                                          // [MP, C]
+          add_product(fw.MP, d.DvP, L, w.FT.data(), C, w.dN.data(), d.DvP, dS, d.DvP, w.tmp.data());      // dS' += φᵀ dN'
+          favor_input_grad(H, w.F.data(), w.X.data(), L, fw, w.dX.data(), dq + row * fw.D);
+        }
+      }
+      transpose(fw.MP, d.DvP, dS, d.DvP, w.dST.data(), fw.MP);  // [DvP, MP]
+      for (int64_t t0 = 0; t0 < d.Nk; t0 += C) {
+        const int64_t L = std::min(C, d.Nk - t0);
+        const int64_t row = bg * d.Nk + t0;
+        load_scaled(k + row * fw.D, L, fw.D, fw.root, w.X.data());
+        favor_row_features(w.X.data(), L, fw, false, c, w.F.data());  // φ(k) [C, MP]
+        load_values(v + row * d.Dv, L, d, w.Vc.data());
+        gemm(L, fw.MP, d.Dv + 1, w.Vc.data(), d.DvP, w.dST.data(), fw.MP, w.H.data(), fw.MP, false);  // dφ(k) = V' dS'ᵀ
+        gemm(L, d.DvP, fw.MP, w.F.data(), fw.MP, dS, d.DvP, w.dN.data(), d.DvP, false);               // dV' = φ(k) dS'
+        for (int64_t i = 0; i < L; ++i)
+          for (int64_t e = 0; e < d.Dv; ++e) dv[(row + i) * d.Dv + e] = static_cast<scalar_t>(w.dN[i * d.DvP + e]);
+        favor_input_grad(w.H.data(), w.F.data(), w.X.data(), L, fw, w.dX.data(), dk + row * fw.D);
+      }
+    }
+  });
+}
+
+template <typename acc_t>
+FavorW<acc_t> make_favor_w(const at::Tensor& projection, double scale) {
+  constexpr int64_t W = at::vec::Vectorized<acc_t>::size();
+  FavorW<acc_t> fw;
+  fw.M = projection.size(0);
+  fw.D = projection.size(1);
+  fw.MP = round_up(fw.M, W);
+  fw.root = static_cast<acc_t>(std::sqrt(scale));
+  fw.log_root = static_cast<acc_t>(0.5 * std::log(double(fw.M)));
+  const at::Tensor p = projection.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+  const acc_t* src = p.data_ptr<acc_t>();
+  fw.W.assign(fw.MP * fw.D, acc_t(0));
+  fw.WT.assign(fw.D * fw.MP, acc_t(0));
+  for (int64_t m = 0; m < fw.M; ++m)
+    for (int64_t e = 0; e < fw.D; ++e) {
+      fw.W[m * fw.D + e] = src[m * fw.D + e];
+      fw.WT[e * fw.MP + m] = src[m * fw.D + e];
+    }
+  return fw;
+}
+
+template <typename acc_t>
+Dims make_favor_dims(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const FavorW<acc_t>& fw) {
+  Dims d = make_dims<acc_t>(q, k, v);
+  d.MP = fw.MP;  // the state's rows are the M features
+  return d;
+}
+
+void check_favor(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& projection) {
+  common::check_qkv(op, q, k, v);
+  TORCH_CHECK(projection.dim() == 2 && projection.size(1) == q.size(3) && projection.size(0) > 0, op,
+              ": projection must be (M, D) with D = ", q.size(3), ", got ", projection.sizes());
+  TORCH_CHECK(q.size(2) > 0 && k.size(2) > 0, op, ": needs Nq > 0 and Nk > 0");
+}
+
+at::Tensor favor_attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                               const at::Tensor& projection, double scale, double eps) {
+  check_favor("favor_attention_fwd", q_in, k_in, v_in, projection);
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "favor_attention_fwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const FavorW<acc_t> fw = make_favor_w<acc_t>(projection, scale);
+    const Dims d = make_favor_dims<acc_t>(q, k, v, fw);
+    favor_forward(d, fw, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), static_cast<acc_t>(eps),
+                  out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> favor_attention_bwd(const at::Tensor& dout_in, const at::Tensor& q_in,
+                                                                   const at::Tensor& k_in, const at::Tensor& v_in,
+                                                                   const at::Tensor& projection, double scale, double eps) {
+  check_favor("favor_attention_bwd", q_in, k_in, v_in, projection);
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const at::Tensor dout = dout_in.to(q.scalar_type()).contiguous();
+  TORCH_CHECK(dout.sizes() == at::IntArrayRef({q.size(0), q.size(1), q.size(2), v.size(3)}),
+              "favor_attention_bwd: dout must be (B, Hq, Nq, Dv)");
+  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "favor_attention_bwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const FavorW<acc_t> fw = make_favor_w<acc_t>(projection, scale);
+    const Dims d = make_favor_dims<acc_t>(q, k, v, fw);
+    favor_backward(d, fw, dout.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                   static_cast<acc_t>(eps), dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
+  });
+  return {dq, dk, dv};
+}
+
+// ---------------------------------------------------------------------------
 // Op entry points.
 
 // Op-boundary invariants only (the Python API validates user arguments): shapes
@@ -666,4 +973,10 @@ TORCH_LIBRARY_FRAGMENT(ATTNKERNELS_NS, m) {
       "linear_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, str feature_map, bool causal, bool normalize, "
       "float eps, float scale, Tensor? initial_s, Tensor? initial_z) -> (Tensor dq, Tensor dk, Tensor dv)",
       &linear_attention_bwd);
+  m.def("favor_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor projection, float scale, float eps) -> Tensor",
+        &favor_attention_fwd);
+  m.def(
+      "favor_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor projection, float scale, float eps) "
+      "-> (Tensor dq, Tensor dk, Tensor dv)",
+      &favor_attention_bwd);
 }
