@@ -720,12 +720,14 @@ void favor_input_grad(acc_t* dF, const acc_t* F, const acc_t* X, int64_t L, cons
 
 template <typename scalar_t, typename acc_t>
 void favor_forward(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* q, const scalar_t* k, const scalar_t* v,
-                   acc_t eps, scalar_t* out) {
+                   acc_t eps, scalar_t* out, acc_t* states, acc_t* shifts) {
   at::parallel_for(0, d.B * d.Hk, 1, [&](int64_t begin, int64_t end) {
     FavorScratch<acc_t> w(d, fw);
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t b = bg / d.Hk, g = bg % d.Hk;
-      favor_state(d, fw, k + bg * d.Nk * fw.D, v + bg * d.Nk * d.Dv, w);
+      shifts[bg] = favor_state(d, fw, k + bg * d.Nk * fw.D, v + bg * d.Nk * d.Dv, w);
+      for (int64_t m = 0; m < fw.M; ++m)  // unpadded [M, Dv + 1]: its shape does not depend on the build's vector width
+        std::copy(w.S.data() + m * d.DvP, w.S.data() + m * d.DvP + d.Dv + 1, states + (bg * fw.M + m) * (d.Dv + 1));
       for (int64_t hh = 0; hh < d.G; ++hh) {
         const int64_t bh = b * d.Hq + g * d.G + hh;
         for (int64_t t0 = 0; t0 < d.Nq; t0 += kChunk) {
@@ -740,13 +742,15 @@ void favor_forward(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* q, co
   });
 }
 
-// Per kv head: the state pass again (deterministic: the forward's S' and c), then per
+// Per kv head: the forward's S' and key shift c (saved: the state pass is two of the
+// ten GEMMs a recomputing backward would run), then per
 // query head and chunk dN' and dφ(q) as backward_noncausal's phase 2 does (H = g S[:, :Dv]ᵀ,
 // dφ(q) = H / den + dden zᵀ), dS' += φ(q)ᵀ dN'; then per key chunk dφ(k) = V' dS'ᵀ and
 // dV' = φ(k) dS'. dS' sums its query heads in head order in the task: deterministic.
 template <typename scalar_t, typename acc_t>
 void favor_backward(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* dout, const scalar_t* q, const scalar_t* k,
-                    const scalar_t* v, acc_t eps, scalar_t* dq, scalar_t* dk, scalar_t* dv) {
+                    const scalar_t* v, const acc_t* states, const acc_t* shifts, acc_t eps, scalar_t* dq, scalar_t* dk,
+                    scalar_t* dv) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t C = kChunk;
   at::parallel_for(0, d.B * d.Hk, 1, [&](int64_t begin, int64_t end) {
@@ -754,7 +758,10 @@ void favor_backward(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* dout
     std::vector<acc_t> Gd(C * d.DvP);
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t b = bg / d.Hk, g = bg % d.Hk;
-      const acc_t c = favor_state(d, fw, k + bg * d.Nk * fw.D, v + bg * d.Nk * d.Dv, w);
+      const acc_t c = shifts[bg];
+      std::fill(w.S.begin(), w.S.end(), acc_t(0));
+      for (int64_t m = 0; m < fw.M; ++m)
+        std::copy(states + (bg * fw.M + m) * (d.Dv + 1), states + (bg * fw.M + m + 1) * (d.Dv + 1), w.S.data() + m * d.DvP);
       transpose(fw.MP, d.DvP, w.S.data(), d.DvP, w.ST.data(), fw.MP);  // [DvP, MP]
       const acc_t* z = w.ST.data() + d.Dv * fw.MP;                     // S'[:, Dv], [MP]
       acc_t* dS = w.dS.data();
@@ -839,25 +846,33 @@ void check_favor(const char* op, const at::Tensor& q, const at::Tensor& k, const
   TORCH_CHECK(q.size(2) > 0 && k.size(2) > 0, op, ": needs Nq > 0 and Nk > 0");
 }
 
-at::Tensor favor_attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-                               const at::Tensor& projection, double scale, double eps) {
+// -> (out, S' [B, Hk, M, Dv + 1], key shift c [B, Hk]): the last two only for the backward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> favor_attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                                   const at::Tensor& v_in, const at::Tensor& projection,
+                                                                   double scale, double eps) {
   check_favor("favor_attention_fwd", q_in, k_in, v_in, projection);
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
+  at::Tensor states, shifts;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "favor_attention_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const FavorW<acc_t> fw = make_favor_w<acc_t>(projection, scale);
     const Dims d = make_favor_dims<acc_t>(q, k, v, fw);
+    const auto acc = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    states = at::empty({d.B, d.Hk, fw.M, d.Dv + 1}, acc);
+    shifts = at::empty({d.B, d.Hk}, acc);
     favor_forward(d, fw, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), static_cast<acc_t>(eps),
-                  out.data_ptr<scalar_t>());
+                  out.data_ptr<scalar_t>(), states.data_ptr<acc_t>(), shifts.data_ptr<acc_t>());
   });
-  return out;
+  return {out, states, shifts};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> favor_attention_bwd(const at::Tensor& dout_in, const at::Tensor& q_in,
                                                                    const at::Tensor& k_in, const at::Tensor& v_in,
-                                                                   const at::Tensor& projection, double scale, double eps) {
+                                                                   const at::Tensor& projection, const at::Tensor& states_in,
+                                                                   const at::Tensor& shifts_in, double scale, double eps) {
   check_favor("favor_attention_bwd", q_in, k_in, v_in, projection);
+  const at::Tensor states = states_in.contiguous(), shifts = shifts_in.contiguous();
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   const at::Tensor dout = dout_in.to(q.scalar_type()).contiguous();
   TORCH_CHECK(dout.sizes() == at::IntArrayRef({q.size(0), q.size(1), q.size(2), v.size(3)}),
@@ -867,8 +882,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> favor_attention_bwd(const at::Ten
     using acc_t = at::opmath_type<scalar_t>;
     const FavorW<acc_t> fw = make_favor_w<acc_t>(projection, scale);
     const Dims d = make_favor_dims<acc_t>(q, k, v, fw);
+    TORCH_CHECK(states.sizes() == at::IntArrayRef({d.B, d.Hk, fw.M, d.Dv + 1}) && shifts.sizes() == at::IntArrayRef({d.B, d.Hk}) &&
+                    states.scalar_type() == c10::CppTypeToScalarType<acc_t>::value && shifts.scalar_type() == states.scalar_type(),
+                "favor_attention_bwd: states / shifts must be the forward's");
     favor_backward(d, fw, dout.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-                   static_cast<acc_t>(eps), dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
+                   states.data_ptr<acc_t>(), shifts.data_ptr<acc_t>(), static_cast<acc_t>(eps), dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
   });
   return {dq, dk, dv};
 }
@@ -973,10 +991,13 @@ TORCH_LIBRARY_FRAGMENT(ATTNKERNELS_NS, m) {
       "linear_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, str feature_map, bool causal, bool normalize, "
       "float eps, float scale, Tensor? initial_s, Tensor? initial_z) -> (Tensor dq, Tensor dk, Tensor dv)",
       &linear_attention_bwd);
-  m.def("favor_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor projection, float scale, float eps) -> Tensor",
-        &favor_attention_fwd);
   m.def(
-      "favor_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor projection, float scale, float eps) "
+      "favor_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor projection, float scale, float eps) "
+      "-> (Tensor out, Tensor states, Tensor shifts)",
+      &favor_attention_fwd);
+  m.def(
+      "favor_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor projection, Tensor states, Tensor shifts, "
+      "float scale, float eps) "
       "-> (Tensor dq, Tensor dk, Tensor dv)",
       &favor_attention_bwd);
 }

@@ -46,14 +46,17 @@ def _kernels_available() -> bool:
     return hasattr(backends.cpu_kernels(), "favor_attention_fwd")
 
 
-def _forward(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, scale: float, eps: float) -> Tensor:
+def _forward(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, scale: float,
+             eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, states, shifts): the key state [S | z] (B, Hk, M, Dv + 1) and the key stabiliser (B, Hk),
+    float32 (float64 for float64 inputs), kept for the backward (its state pass is not rerun)."""
     return backends.cpu_kernels().favor_attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), projection, scale, eps)
 
 
-def _backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, projection: Tensor, scale: float,
-              eps: float) -> tuple[Tensor, Tensor, Tensor]:
+def _backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, projection: Tensor, states: Tensor, shifts: Tensor,
+              scale: float, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     return backends.cpu_kernels().favor_attention_bwd(
-        dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), projection, scale, eps)
+        dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), projection, states, shifts, scale, eps)
 
 
 favor_attention_fwd = torch.library.custom_op("attnkernels::favor_attention_fwd", _forward, mutates_args=())
@@ -62,23 +65,28 @@ favor_attention_bwd = torch.library.custom_op("attnkernels::favor_attention_bwd"
 
 @favor_attention_fwd.register_fake
 def _(q, k, v, projection, scale, eps):
-    return q.new_empty(*q.shape[:3], v.shape[-1])
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    batch, kv_heads = k.shape[:2]
+    states = q.new_empty(batch, kv_heads, projection.shape[0], v.shape[-1] + 1, dtype=acc)
+    return q.new_empty(*q.shape[:3], v.shape[-1]), states, q.new_empty(batch, kv_heads, dtype=acc)
 
 
 @favor_attention_bwd.register_fake
-def _(dout, q, k, v, projection, scale, eps):
+def _(dout, q, k, v, projection, states, shifts, scale, eps):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, projection, scale, eps = inputs
-    ctx.save_for_backward(q, k, v, projection)
+    _, states, shifts = output
+    ctx.save_for_backward(q, k, v, projection, states, shifts)
     ctx.scale, ctx.eps = scale, eps
+    ctx.mark_non_differentiable(states, shifts)
 
 
-def _autograd_backward(ctx, grad_out):
-    q, k, v, projection = ctx.saved_tensors
-    dq, dk, dv = favor_attention_bwd(grad_out, q, k, v, projection, ctx.scale, ctx.eps)
+def _autograd_backward(ctx, grad_out, grad_states, grad_shifts):
+    q, k, v, projection, states, shifts = ctx.saved_tensors
+    dq, dk, dv = favor_attention_bwd(grad_out, q, k, v, projection, states, shifts, ctx.scale, ctx.eps)
     return dq, dk, dv, None, None, None
 
 
@@ -87,4 +95,4 @@ favor_attention_fwd.register_autograd(_autograd_backward, setup_context=_setup_c
 
 def run(q: Tensor, k: Tensor, v: Tensor, features: PerformerFeatures, scale: float, eps: float) -> Tensor:
     """out (B, Hq, Nq, Dv) of FAVOR+ attention; `scale` is the softmax logit scale (q and k times sqrt(scale))."""
-    return favor_attention_fwd(q, k, v, features.projection, scale, eps)
+    return favor_attention_fwd(q, k, v, features.projection, scale, eps)[0]
