@@ -31,6 +31,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "common/checks.h"
@@ -811,6 +812,292 @@ void favor_backward(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* dout
   });
 }
 
+// ---------------------------------------------------------------------------
+// FAVOR+ on the matrix units (bf16 / fp16 inputs where common::matrix_units_available):
+// the same passes as favor_forward / favor_backward, every GEMM on 16-bit operands with
+// fp32 accumulation (common::vnni_gemm). The features are computed and kept in fp32 and
+// rounded to the input dtype only as GEMM operands (as FlashAttention rounds P); the
+// state S', its gradient dS' and every sum stay fp32 (S' and dS' are rounded to the
+// input dtype once per kv head when packed as a B operand). The input rows of q, k and
+// dout are the A operands as they are in memory, with sqrt(scale) folded into W.
+// Needs D and Dv even (VNNI pairs); otherwise the fp32 path runs.
+
+// dst = VNNI layout of a K x N matrix given by get(k, n): element (k, n) at
+// dst[(k / 2) * 2 * N + 2 * n + k % 2]; a zero row pads odd K.
+template <typename T, typename Get>
+void pack_vnni(int64_t K, int64_t N, Get get, T* dst) {
+  for (int64_t k = 0; k < K + (K & 1); ++k)
+    for (int64_t n = 0; n < N; ++n) dst[(k / 2) * 2 * N + 2 * n + k % 2] = k < K ? T(get(k, n)) : T(0);
+}
+
+template <typename T>
+struct FavorMx {
+  std::vector<T> W;    // [MP, D] row-major, root·W: A of the transposed key projection
+  std::vector<T> WTv;  // VNNI [D, MP] of (root·W)ᵀ: B of the row-layout projections
+  std::vector<T> Wv;   // VNNI [MP, D] of W: B of dl·W
+  FavorMx(const FavorW<float>& fw) : W(fw.MP * fw.D), WTv(fw.D * fw.MP), Wv(fw.MP * fw.D) {
+    for (int64_t i = 0; i < fw.MP * fw.D; ++i) W[i] = T(fw.root * fw.W[i]);
+    pack_vnni(fw.D, fw.MP, [&](int64_t e, int64_t m) { return fw.root * fw.WT[e * fw.MP + m]; }, WTv.data());
+    pack_vnni(fw.MP, fw.D, [&](int64_t m, int64_t e) { return fw.W[m * fw.D + e]; }, Wv.data());
+  }
+};
+
+template <typename T>
+struct FavorMxScratch {
+  std::vector<T> XTv, F16, F16T, Vv, V16, Sv, STv, dSv, dSTv, dNv;
+  FavorMxScratch(const Dims& d, const FavorW<float>& fw)
+      : XTv(fw.D * kChunk), F16(kChunk * fw.MP), F16T(fw.MP * kChunk), Vv(kChunk * d.DvP), V16(kChunk * d.DvP),
+        Sv(fw.MP * d.DvP), STv(d.DvP * fw.MP), dSv(fw.MP * d.DvP), dSTv(d.DvP * fw.MP), dNv(kChunk * d.DvP) {}
+};
+
+// |x_i|²/2 of rows [0, L) of src [*, D], x = root·src, into hn[i].
+template <typename T>
+void half_norms(const T* src, int64_t L, int64_t D, float root, float* hn) {
+  for (int64_t i = 0; i < L; ++i) {
+    float sq = 0;
+    for (int64_t e = 0; e < D; ++e) {
+      const float x = static_cast<float>(src[i * D + e]);
+      sq += x * x;
+    }
+    hn[i] = 0.5f * root * root * sq;
+  }
+}
+
+// φ rows from logits F [L, MP] (fp32, in place) with per-row bias b_i (queries: the row max,
+// keys: |x_i|²/2 + c); the rounded copy into F16 [kChunk, MP]; padding zero in both.
+template <typename T>
+void mx_row_features(int64_t L, const FavorW<float>& fw, const float* key_bias, float* F, T* F16) {
+  using Vec = at::vec::Vectorized<float>;
+  constexpr int64_t W = Vec::size();
+  for (int64_t i = 0; i < L; ++i) {
+    float* row = F + i * fw.MP;
+    const float b = key_bias == nullptr ? common::row_max(row, fw.M) : key_bias[i];
+    int64_t m = 0;
+    for (; m + W <= fw.M; m += W) common::vexp((Vec::loadu(row + m) - Vec(b)) - Vec(fw.log_root)).store(row + m);
+    for (; m < fw.M; ++m) row[m] = std::exp((row[m] - b) - fw.log_root);
+    std::fill(row + fw.M, row + fw.MP, 0.f);
+  }
+  std::fill(F + L * fw.MP, F + kChunk * fw.MP, 0.f);
+  at::vec::convert(F, F16, kChunk * fw.MP);
+}
+
+// favor_state on the matrix units: lᵀ = (root·W) kᵀ with kᵀ's VNNI pairs (a 32-bit transpose
+// of the chunk), φᵀ rounded, S' += φᵀ V' with V' packed.
+template <typename T>
+float mx_favor_state(const Dims& d, const FavorW<float>& fw, const FavorMx<T>& mx, const T* k, const T* v,
+                     FavorScratch<float>& w, FavorMxScratch<T>& x) {
+  using Vec = at::vec::Vectorized<float>;
+  constexpr int64_t W = Vec::size();
+  constexpr int64_t C = kChunk;
+  float* S = w.S.data();
+  std::fill(S, S + fw.MP * d.DvP, 0.f);
+  float c = -std::numeric_limits<float>::infinity();
+  for (int64_t t0 = 0; t0 < d.Nk; t0 += C) {
+    const int64_t L = std::min(C, d.Nk - t0);
+    const T* src = k + t0 * fw.D;
+    // kᵀ in VNNI: word (p, j) = k[j, 2p .. 2p + 1]  [D / 2, C, 2]
+    const uint32_t* words = reinterpret_cast<const uint32_t*>(src);
+    uint32_t* out = reinterpret_cast<uint32_t*>(x.XTv.data());
+    for (int64_t p = 0; p < fw.D / 2; ++p) {
+      for (int64_t j = 0; j < L; ++j) out[p * C + j] = words[j * (fw.D / 2) + p];
+      std::fill(out + p * C + L, out + (p + 1) * C, uint32_t(0));
+    }
+    float* FT = w.FT.data();
+    common::vnni_gemm(fw.MP, C, fw.D, mx.W.data(), fw.D, x.XTv.data(), C, FT, C, false);  // lᵀ [MP, C]
+    half_norms(src, L, fw.D, fw.root, w.hn.data());
+    std::fill(w.hn.begin() + L, w.hn.end(), 0.f);
+    for (int64_t j = 0; j < C; j += W) {
+      Vec mxv(-std::numeric_limits<float>::infinity());
+      for (int64_t m = 0; m < fw.M; ++m) mxv = at::vec::maximum(mxv, Vec::loadu(FT + m * C + j));
+      (mxv - Vec::loadu(w.hn.data() + j)).store(w.cand.data() + j);
+    }
+    float cm = c;
+    for (int64_t j = 0; j < L; ++j) cm = common::max_keep_nan(cm, w.cand[j]);
+    if (cm > c) {
+      if (c != -std::numeric_limits<float>::infinity()) {
+        const float r = std::exp(c - cm);
+        for (int64_t i = 0; i < fw.MP * d.DvP; ++i) S[i] *= r;
+      }
+      c = cm;
+    } else if (std::isnan(cm)) {
+      c = cm;
+    }
+    for (int64_t m = 0; m < fw.M; ++m) {
+      float* row = FT + m * C;
+      for (int64_t j = 0; j < C; j += W)
+        common::vexp((Vec::loadu(row + j) - (Vec::loadu(w.hn.data() + j) + Vec(c))) - Vec(fw.log_root)).store(row + j);
+      std::fill(row + L, row + C, 0.f);
+    }
+    std::fill(FT + fw.M * C, FT + fw.MP * C, 0.f);
+    at::vec::convert(FT, x.F16T.data(), fw.MP * C);
+    const T* vs = v + t0 * d.Dv;
+    pack_vnni(C, d.DvP, [&](int64_t j, int64_t n) {
+      return j >= L ? 0.f : n < d.Dv ? static_cast<float>(vs[j * d.Dv + n]) : n == d.Dv ? 1.f : 0.f; }, x.Vv.data());
+    const int64_t Le = L + (L & 1);
+    common::vnni_gemm(fw.MP, d.DvP, Le, x.F16T.data(), C, x.Vv.data(), d.DvP, w.tmp.data(), d.DvP, false);  // φᵀV'
+    for (int64_t i = 0; i < fw.MP * d.DvP; ++i) S[i] += w.tmp[i];
+  }
+  return c;
+}
+
+template <typename T>
+void mx_favor_forward_impl(const Dims& d, const FavorW<float>& fw, const T* q, const T* k, const T* v, float eps, T* out,
+                           float* states, float* shifts) {
+  const FavorMx<T> mx(fw);
+  at::parallel_for(0, d.B * d.Hk, 1, [&](int64_t begin, int64_t end) {
+    FavorScratch<float> w(d, fw);
+    FavorMxScratch<T> x(d, fw);
+    for (int64_t bg = begin; bg < end; ++bg) {
+      const int64_t b = bg / d.Hk, g = bg % d.Hk;
+      shifts[bg] = mx_favor_state(d, fw, mx, k + bg * d.Nk * fw.D, v + bg * d.Nk * d.Dv, w, x);
+      const float* S = w.S.data();
+      for (int64_t m = 0; m < fw.M; ++m)
+        std::copy(S + m * d.DvP, S + m * d.DvP + d.Dv + 1, states + (bg * fw.M + m) * (d.Dv + 1));
+      pack_vnni(fw.MP, d.DvP, [&](int64_t m, int64_t n) { return S[m * d.DvP + n]; }, x.Sv.data());
+      for (int64_t hh = 0; hh < d.G; ++hh) {
+        const int64_t bh = b * d.Hq + g * d.G + hh;
+        for (int64_t t0 = 0; t0 < d.Nq; t0 += kChunk) {
+          const int64_t L = std::min(kChunk, d.Nq - t0);
+          const T* qs = q + (bh * d.Nq + t0) * fw.D;
+          common::vnni_gemm(L, fw.MP, fw.D, qs, fw.D, mx.WTv.data(), fw.MP, w.F.data(), fw.MP, false);  // l [L, MP]
+          mx_row_features(L, fw, nullptr, w.F.data(), x.F16.data());
+          common::vnni_gemm(L, d.DvP, fw.MP, x.F16.data(), fw.MP, x.Sv.data(), d.DvP, w.dN.data(), d.DvP, false);  // num'
+          store_output(w.dN.data(), L, d, true, eps, out + (bh * d.Nq + t0) * d.Dv);
+        }
+      }
+    }
+    common::vnni_release();
+  });
+}
+
+// dx rows from dφ (fp32, in place -> dl) and φ: dl rounded for dl·W on the matrix units.
+template <typename T>
+void mx_input_grad(float* dF, const float* F, const T* src, int64_t L, const FavorW<float>& fw, const FavorMx<T>& mx,
+                   T* dl16, float* dX, T* dx) {
+  using Vec = at::vec::Vectorized<float>;
+  float rs[kChunk];
+  for (int64_t i = 0; i < L; ++i) {
+    float* g = dF + i * fw.MP;
+    const float* f = F + i * fw.MP;
+    Vec acc(0.f);
+    for (int64_t m = 0; m < fw.MP; m += Vec::size()) {
+      const Vec p = Vec::loadu(g + m) * Vec::loadu(f + m);
+      p.store(g + m);
+      acc = acc + p;
+    }
+    rs[i] = common::hsum(acc);
+  }
+  at::vec::convert(dF, dl16, L * fw.MP);
+  common::vnni_gemm(L, fw.D, fw.MP, dl16, fw.MP, mx.Wv.data(), fw.D, dX, fw.D, false);  // dl W [L, D]
+  for (int64_t i = 0; i < L; ++i)
+    for (int64_t e = 0; e < fw.D; ++e) {
+      const float xv = fw.root * static_cast<float>(src[i * fw.D + e]);
+      dx[i * fw.D + e] = static_cast<T>(fw.root * (dX[i * fw.D + e] - xv * rs[i]));
+    }
+}
+
+template <typename T>
+void mx_favor_backward_impl(const Dims& d, const FavorW<float>& fw, const T* dout, const T* q, const T* k, const T* v,
+                            const float* states, const float* shifts, float eps, T* dq, T* dk, T* dv) {
+  using Vec = at::vec::Vectorized<float>;
+  constexpr int64_t C = kChunk;
+  const FavorMx<T> mx(fw);
+  at::parallel_for(0, d.B * d.Hk, 1, [&](int64_t begin, int64_t end) {
+    FavorScratch<float> w(d, fw);
+    FavorMxScratch<T> x(d, fw);
+    for (int64_t bg = begin; bg < end; ++bg) {
+      const int64_t b = bg / d.Hk, g = bg % d.Hk;
+      const float c = shifts[bg];
+      const float* Sg = states + bg * fw.M * (d.Dv + 1);  // [M, Dv + 1]
+      std::vector<float> z(fw.MP, 0.f);
+      for (int64_t m = 0; m < fw.M; ++m) z[m] = Sg[m * (d.Dv + 1) + d.Dv];
+      // B of H = g S[:, :Dv]ᵀ: VNNI [Dv, MP], element (e, m) = S[m, e]
+      pack_vnni(d.Dv, fw.MP, [&](int64_t e, int64_t m) { return m < fw.M ? Sg[m * (d.Dv + 1) + e] : 0.f; }, x.STv.data());
+      float* dS = w.dS.data();
+      std::fill(dS, dS + fw.MP * d.DvP, 0.f);
+      for (int64_t hh = 0; hh < d.G; ++hh) {
+        const int64_t bh = b * d.Hq + g * d.G + hh;
+        for (int64_t t0 = 0; t0 < d.Nq; t0 += C) {
+          const int64_t L = std::min(C, d.Nq - t0);
+          const int64_t row = bh * d.Nq + t0;
+          common::vnni_gemm(L, fw.MP, fw.D, q + row * fw.D, fw.D, mx.WTv.data(), fw.MP, w.F.data(), fw.MP, false);
+          mx_row_features(L, fw, nullptr, w.F.data(), x.F16.data());  // φ(q) [C, MP]
+          float* H = w.H.data();
+          common::vnni_gemm(L, fw.MP, d.Dv, dout + row * d.Dv, d.Dv, x.STv.data(), fw.MP, H, fw.MP, false);  // H [L, MP]
+          const T* gs = dout + row * d.Dv;
+          for (int64_t i = 0; i < L; ++i) {
+            const float* Fi = w.F.data() + i * fw.MP;
+            float* Hi = H + i * fw.MP;
+            const float r = 1.f / (vdot(Fi, z.data(), fw.MP) + eps);
+            const float s = -vdot(Fi, Hi, fw.MP) * r * r;
+            float* o = w.dN.data() + i * d.DvP;
+            for (int64_t e = 0; e < d.Dv; ++e) o[e] = static_cast<float>(gs[i * d.Dv + e]) * r;
+            o[d.Dv] = s;
+            std::fill(o + d.Dv + 1, o + d.DvP, 0.f);
+            for (int64_t m = 0; m < fw.MP; m += Vec::size())  // dφ(q) in place of H
+              at::vec::fmadd(Vec::loadu(Hi + m), Vec(r), Vec::loadu(z.data() + m) * Vec(s)).store(Hi + m);
+          }
+          const int64_t Le = L + (L & 1);
+          pack_vnni(Le, d.DvP, [&](int64_t i, int64_t n) { return i < L ? w.dN[i * d.DvP + n] : 0.f; }, x.dNv.data());
+          transpose(C, fw.MP, w.F.data(), fw.MP, w.FT.data(), C);  // [MP, C]
+          at::vec::convert(w.FT.data(), x.F16T.data(), fw.MP * C);
+          common::vnni_gemm(fw.MP, d.DvP, Le, x.F16T.data(), C, x.dNv.data(), d.DvP, w.tmp.data(), d.DvP, false);
+          for (int64_t i = 0; i < fw.MP * d.DvP; ++i) dS[i] += w.tmp[i];  // dS' += φᵀ dN'
+          mx_input_grad(H, w.F.data(), q + row * fw.D, L, fw, mx, x.F16.data(), w.dX.data(), dq + row * fw.D);
+        }
+      }
+      pack_vnni(fw.MP, d.DvP, [&](int64_t m, int64_t n) { return dS[m * d.DvP + n]; }, x.dSv.data());
+      pack_vnni(d.DvP, fw.MP, [&](int64_t n, int64_t m) { return dS[m * d.DvP + n]; }, x.dSTv.data());
+      for (int64_t t0 = 0; t0 < d.Nk; t0 += C) {
+        const int64_t L = std::min(C, d.Nk - t0);
+        const int64_t row = bg * d.Nk + t0;
+        const T* ks = k + row * fw.D;
+        common::vnni_gemm(L, fw.MP, fw.D, ks, fw.D, mx.WTv.data(), fw.MP, w.F.data(), fw.MP, false);
+        half_norms(ks, L, fw.D, fw.root, w.hn.data());
+        for (int64_t i = 0; i < L; ++i) w.hn[i] += c;
+        mx_row_features(L, fw, w.hn.data(), w.F.data(), x.F16.data());  // φ(k) [C, MP]
+        const T* vs = v + row * d.Dv;
+        for (int64_t i = 0; i < L; ++i) {
+          T* o = x.V16.data() + i * d.DvP;
+          std::copy(vs + i * d.Dv, vs + (i + 1) * d.Dv, o);
+          o[d.Dv] = T(1);
+          std::fill(o + d.Dv + 1, o + d.DvP, T(0));
+        }
+        common::vnni_gemm(L, fw.MP, d.DvP, x.V16.data(), d.DvP, x.dSTv.data(), fw.MP, w.H.data(), fw.MP, false);  // dφ(k)
+        common::vnni_gemm(L, d.DvP, fw.MP, x.F16.data(), fw.MP, x.dSv.data(), d.DvP, w.dN.data(), d.DvP, false);  // dV'
+        for (int64_t i = 0; i < L; ++i)
+          for (int64_t e = 0; e < d.Dv; ++e) dv[(row + i) * d.Dv + e] = static_cast<T>(w.dN[i * d.DvP + e]);
+        mx_input_grad(w.H.data(), w.F.data(), ks, L, fw, mx, x.F16.data(), w.dX.data(), dk + row * fw.D);
+      }
+    }
+    common::vnni_release();
+  });
+}
+
+template <typename T>
+constexpr bool kSixteenBit = std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>;
+
+template <typename scalar_t>
+bool favor_on_matrix_units(const at::Tensor& q, const at::Tensor& v) {
+  if constexpr (kSixteenBit<scalar_t>)
+    return common::matrix_units_available(q.scalar_type()) && q.size(3) % 2 == 0 && v.size(3) % 2 == 0;
+  return false;
+}
+
+// Entry points for every dispatched type (the op's dispatch lambda is not a template);
+// favor_on_matrix_units is false for float and double, so only 16-bit types get here.
+template <typename scalar_t, typename acc_t>
+void mx_favor_forward(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* q, const scalar_t* k, const scalar_t* v,
+                      acc_t eps, scalar_t* out, acc_t* states, acc_t* shifts) {
+  if constexpr (kSixteenBit<scalar_t>) mx_favor_forward_impl(d, fw, q, k, v, eps, out, states, shifts);
+}
+template <typename scalar_t, typename acc_t>
+void mx_favor_backward(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* dout, const scalar_t* q, const scalar_t* k,
+                       const scalar_t* v, const acc_t* states, const acc_t* shifts, acc_t eps, scalar_t* dq, scalar_t* dk,
+                       scalar_t* dv) {
+  if constexpr (kSixteenBit<scalar_t>) mx_favor_backward_impl(d, fw, dout, q, k, v, states, shifts, eps, dq, dk, dv);
+}
+
 template <typename acc_t>
 FavorW<acc_t> make_favor_w(const at::Tensor& projection, double scale) {
   constexpr int64_t W = at::vec::Vectorized<acc_t>::size();
@@ -861,6 +1148,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> favor_attention_fwd(const at::Ten
     const auto acc = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
     states = at::empty({d.B, d.Hk, fw.M, d.Dv + 1}, acc);
     shifts = at::empty({d.B, d.Hk}, acc);
+    if (favor_on_matrix_units<scalar_t>(q, v)) {
+      mx_favor_forward(d, fw, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), static_cast<acc_t>(eps),
+                       out.data_ptr<scalar_t>(), states.data_ptr<acc_t>(), shifts.data_ptr<acc_t>());
+      return;
+    }
     favor_forward(d, fw, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), static_cast<acc_t>(eps),
                   out.data_ptr<scalar_t>(), states.data_ptr<acc_t>(), shifts.data_ptr<acc_t>());
   });
@@ -885,6 +1177,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> favor_attention_bwd(const at::Ten
     TORCH_CHECK(states.sizes() == at::IntArrayRef({d.B, d.Hk, fw.M, d.Dv + 1}) && shifts.sizes() == at::IntArrayRef({d.B, d.Hk}) &&
                     states.scalar_type() == c10::CppTypeToScalarType<acc_t>::value && shifts.scalar_type() == states.scalar_type(),
                 "favor_attention_bwd: states / shifts must be the forward's");
+    if (favor_on_matrix_units<scalar_t>(q, v)) {
+      mx_favor_backward(d, fw, dout.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+                        v.data_ptr<scalar_t>(), states.data_ptr<acc_t>(), shifts.data_ptr<acc_t>(), static_cast<acc_t>(eps),
+                        dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
+      return;
+    }
     favor_backward(d, fw, dout.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
                    states.data_ptr<acc_t>(), shifts.data_ptr<acc_t>(), static_cast<acc_t>(eps), dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
   });
