@@ -89,10 +89,20 @@ def test_fused_matches_unfused_float64(case, scale):
         assert_close_to_oracle(name, g, e, torch.float64)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.fixture(params=["matrix-units", "fp32-upcast"])
+def gemm_path(request, monkeypatch):
+    """bf16/fp16 run on the matrix units where the CPU has them (D, Dv even), or forced onto the fp32 path."""
+    if request.param == "fp32-upcast":
+        monkeypatch.setenv("ATTNKERNELS_CPU_NO_AMX", "1")
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
-def test_fused_low_precision_within_flash_rule(case, dtype):
+def test_fused_low_precision_within_flash_rule(case, dtype, gemm_path):
     backend_param("cpu", "linear")
+    if dtype == torch.float32 and gemm_path == "fp32-upcast":
+        pytest.skip("float32 has one path")
     b, hq, hk, nq, nk, d, dv, m = case
     features64 = PerformerFeatures(d, num_features=m, seed=1).double()
     features = PerformerFeatures(d, num_features=m, seed=1).to(dtype)
@@ -111,20 +121,24 @@ def test_fused_low_precision_within_flash_rule(case, dtype):
         assert_close_to_oracle(name, g, e, dtype, baseline=p)
 
 
-def test_fused_stable_for_large_inputs():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["float64", "bfloat16"])
+def test_fused_stable_for_large_inputs(dtype):
     """Logits of ~±100 (exp would overflow without the stabilisers), keys of very different norms."""
     backend_param("cpu", "linear")
-    features = PerformerFeatures(16, num_features=48, seed=0).double()
+    features = PerformerFeatures(16, num_features=48, seed=0).to(dtype)
+    features64 = PerformerFeatures(16, num_features=48, seed=0).double()
+    features64.projection.copy_(features.projection.double())
     q, k, v = make_qkv(1, 2, 2, 80, 150, 16, 8, seed=4)
     k = k * torch.linspace(1, 40, 150, dtype=torch.float64)[:, None]  # the max moves chunk to chunk
-    q = q * 30
+    q, k, v = (t.to(dtype) for t in (q * 30, k, v))
     dout = torch.randn(1, 2, 80, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     out, grads = _run(q, k, v, features, dout)
-    out_r, grads_r = _run(q, k, v, features, dout, backend="reference")
-    assert torch.isfinite(out).all()
-    assert_close_to_oracle("out", out, out_r, torch.float64)
-    for name, g, e in zip(("dq", "dk", "dv"), grads, grads_r):
-        assert_close_to_oracle(name, g, e, torch.float64)
+    out_r, grads_r = _run(q.double(), k.double(), v.double(), features64, dout, backend="reference")
+    out_p, grads_p = _plain(q, k, v, features, dout) if dtype != torch.float64 else (None, (None,) * 3)
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+    assert_close_to_oracle("out", out, out_r, dtype, baseline=out_p)
+    for name, g, e, p in zip(("dq", "dk", "dv"), grads, grads_r, grads_p):
+        assert_close_to_oracle(name, g, e, dtype, baseline=p)
 
 
 def test_fused_gradcheck_and_determinism():
