@@ -674,16 +674,13 @@ acc_t favor_state(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* k, con
     }
     acc_t cm = c;
     for (int64_t j = 0; j < L; ++j) cm = common::max_keep_nan(cm, w.cand[j]);
+    acc_t rescale = 1;  // applied to S' with this chunk's sum, in one pass over it
     if (cm > c) {
-      if (c != -std::numeric_limits<acc_t>::infinity()) {
-        const acc_t r = std::exp(c - cm);
-        for (int64_t i = 0; i < fw.MP * d.DvP; ++i) S[i] *= r;
-      }
+      if (c != -std::numeric_limits<acc_t>::infinity()) rescale = std::exp(c - cm);
       c = cm;
     } else if (std::isnan(cm)) {
       c = cm;
     }
-    for (int64_t j = 0; j < C; j += W) (Vec::loadu(w.hn.data() + j) + Vec(c) + Vec(fw.log_root)).store(w.cand.data() + j);
     for (int64_t m = 0; m < fw.M; ++m) {
       acc_t* row = FT + m * C;
       for (int64_t j = 0; j < C; j += W)
@@ -691,8 +688,9 @@ acc_t favor_state(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* k, con
       std::fill(row + L, row + C, acc_t(0));
     }
     std::fill(FT + fw.M * C, FT + fw.MP * C, acc_t(0));
-    load_values(v + t0 * d.Dv, L, d, w.Vc.data());                                           // [C, DvP]
-    add_product(fw.MP, d.DvP, L, FT, C, w.Vc.data(), d.DvP, S, d.DvP, w.tmp.data());          // S' += φᵀV'
+    load_values(v + t0 * d.Dv, L, d, w.Vc.data());                                      // [C, DvP]
+    gemm(fw.MP, d.DvP, L, FT, C, w.Vc.data(), d.DvP, w.tmp.data(), d.DvP, false);          // φᵀV'
+    for (int64_t i = 0; i < fw.MP * d.DvP; ++i) S[i] = S[i] * rescale + w.tmp[i];            // S' = r S' + φᵀV'
   }
   return c;
 }
@@ -830,6 +828,20 @@ void pack_vnni(int64_t K, int64_t N, Get get, T* dst) {
     for (int64_t n = 0; n < N; ++n) dst[(k / 2) * 2 * N + 2 * n + k % 2] = k < K ? T(get(k, n)) : T(0);
 }
 
+// dst = VNNI layout of src [K, N] row-major (16-bit, K even): rows 2p and 2p + 1 interleaved,
+// a plain loop of 16-bit moves the compiler vectorises (pack_vnni's per-element getter and
+// its row test cost as much as the chunk's GEMM on the matrix units).
+template <typename T>
+void interleave_vnni(const T* src, int64_t K, int64_t N, T* dst) {
+  static_assert(sizeof(T) == 2, "VNNI pairs of 16-bit elements");
+  for (int64_t p = 0; p < K / 2; ++p) {
+    const uint16_t* a = reinterpret_cast<const uint16_t*>(src + 2 * p * N);
+    const uint16_t* b = a + N;
+    uint32_t* o = reinterpret_cast<uint32_t*>(dst + 2 * p * N);  // one (a, b) pair per 32-bit word
+    for (int64_t n = 0; n < N; ++n) o[n] = uint32_t(a[n]) | (uint32_t(b[n]) << 16);
+  }
+}
+
 template <typename T>
 struct FavorMx {
   std::vector<T> W;    // [MP, D] row-major, root·W: A of the transposed key projection
@@ -852,13 +864,11 @@ struct FavorMxScratch {
 
 // |x_i|²/2 of rows [0, L) of src [*, D], x = root·src, into hn[i].
 template <typename T>
-void half_norms(const T* src, int64_t L, int64_t D, float root, float* hn) {
+void half_norms(const T* src, int64_t L, int64_t D, float root, float* hn, float* row) {
   for (int64_t i = 0; i < L; ++i) {
+    at::vec::convert(src + i * D, row, D);
     float sq = 0;
-    for (int64_t e = 0; e < D; ++e) {
-      const float x = static_cast<float>(src[i * D + e]);
-      sq += x * x;
-    }
+    for (int64_t e = 0; e < D; ++e) sq += row[e] * row[e];
     hn[i] = 0.5f * root * root * sq;
   }
 }
@@ -881,6 +891,18 @@ void mx_row_features(int64_t L, const FavorW<float>& fw, const float* key_bias, 
   at::vec::convert(F, F16, kChunk * fw.MP);
 }
 
+// V' = [V | 1 | 0...] rows [0, L) in the input dtype into dst [kChunk, DvP]; padding rows zero.
+template <typename T>
+void load_values16(const T* src, int64_t L, const Dims& d, T* dst) {
+  for (int64_t i = 0; i < L; ++i) {
+    T* o = dst + i * d.DvP;
+    std::copy(src + i * d.Dv, src + (i + 1) * d.Dv, o);
+    o[d.Dv] = T(1);
+    std::fill(o + d.Dv + 1, o + d.DvP, T(0));
+  }
+  std::fill(dst + L * d.DvP, dst + kChunk * d.DvP, T(0));
+}
+
 // favor_state on the matrix units: lᵀ = (root·W) kᵀ with kᵀ's VNNI pairs (a 32-bit transpose
 // of the chunk), φᵀ rounded, S' += φᵀ V' with V' packed.
 template <typename T>
@@ -896,28 +918,34 @@ float mx_favor_state(const Dims& d, const FavorW<float>& fw, const FavorMx<T>& m
     const int64_t L = std::min(C, d.Nk - t0);
     const T* src = k + t0 * fw.D;
     // kᵀ in VNNI: word (p, j) = k[j, 2p .. 2p + 1]  [D / 2, C, 2]
-    const uint32_t* words = reinterpret_cast<const uint32_t*>(src);
-    uint32_t* out = reinterpret_cast<uint32_t*>(x.XTv.data());
-    for (int64_t p = 0; p < fw.D / 2; ++p) {
-      for (int64_t j = 0; j < L; ++j) out[p * C + j] = words[j * (fw.D / 2) + p];
-      std::fill(out + p * C + L, out + (p + 1) * C, uint32_t(0));
-    }
+    // (a float transpose moves the 32-bit words without arithmetic: bit-exact)
+    float* out = reinterpret_cast<float*>(x.XTv.data());
+    transpose(L, fw.D / 2, reinterpret_cast<const float*>(src), fw.D / 2, out, C);
+    if (L < C)
+      for (int64_t p = 0; p < fw.D / 2; ++p) std::fill(out + p * C + L, out + (p + 1) * C, 0.f);
     float* FT = w.FT.data();
     common::vnni_gemm(fw.MP, C, fw.D, mx.W.data(), fw.D, x.XTv.data(), C, FT, C, false);  // lᵀ [MP, C]
-    half_norms(src, L, fw.D, fw.root, w.hn.data());
+    half_norms(src, L, fw.D, fw.root, w.hn.data(), w.dX.data());
     std::fill(w.hn.begin() + L, w.hn.end(), 0.f);
-    for (int64_t j = 0; j < C; j += W) {
-      Vec mxv(-std::numeric_limits<float>::infinity());
-      for (int64_t m = 0; m < fw.M; ++m) mxv = at::vec::maximum(mxv, Vec::loadu(FT + m * C + j));
-      (mxv - Vec::loadu(w.hn.data() + j)).store(w.cand.data() + j);
+    {
+      static_assert(C == 4 * W, "the column max keeps one accumulator per vector of the chunk");
+      const Vec ninf(-std::numeric_limits<float>::infinity());
+      Vec m0 = ninf, m1 = ninf, m2 = ninf, m3 = ninf;  // four independent chains, not one latency-bound one
+      for (int64_t m = 0; m < fw.M; ++m) {
+        const float* r = FT + m * C;
+        m0 = at::vec::maximum(m0, Vec::loadu(r));
+        m1 = at::vec::maximum(m1, Vec::loadu(r + W));
+        m2 = at::vec::maximum(m2, Vec::loadu(r + 2 * W));
+        m3 = at::vec::maximum(m3, Vec::loadu(r + 3 * W));
+      }
+      const Vec mx[4] = {m0, m1, m2, m3};
+      for (int64_t q = 0; q < 4; ++q) (mx[q] - Vec::loadu(w.hn.data() + q * W)).store(w.cand.data() + q * W);
     }
     float cm = c;
     for (int64_t j = 0; j < L; ++j) cm = common::max_keep_nan(cm, w.cand[j]);
+    float rescale = 1.f;  // applied to S' with this chunk's sum, in one pass over it
     if (cm > c) {
-      if (c != -std::numeric_limits<float>::infinity()) {
-        const float r = std::exp(c - cm);
-        for (int64_t i = 0; i < fw.MP * d.DvP; ++i) S[i] *= r;
-      }
+      if (c != -std::numeric_limits<float>::infinity()) rescale = std::exp(c - cm);
       c = cm;
     } else if (std::isnan(cm)) {
       c = cm;
@@ -930,12 +958,14 @@ float mx_favor_state(const Dims& d, const FavorW<float>& fw, const FavorMx<T>& m
     }
     std::fill(FT + fw.M * C, FT + fw.MP * C, 0.f);
     at::vec::convert(FT, x.F16T.data(), fw.MP * C);
-    const T* vs = v + t0 * d.Dv;
-    pack_vnni(C, d.DvP, [&](int64_t j, int64_t n) {
-      return j >= L ? 0.f : n < d.Dv ? static_cast<float>(vs[j * d.Dv + n]) : n == d.Dv ? 1.f : 0.f; }, x.Vv.data());
+    load_values16(v + t0 * d.Dv, L, d, x.V16.data());  // [C, DvP]
     const int64_t Le = L + (L & 1);
-    common::vnni_gemm(fw.MP, d.DvP, Le, x.F16T.data(), C, x.Vv.data(), d.DvP, w.tmp.data(), d.DvP, false);  // φᵀV'
-    for (int64_t i = 0; i < fw.MP * d.DvP; ++i) S[i] += w.tmp[i];
+    interleave_vnni(x.V16.data(), Le, d.DvP, x.Vv.data());
+    // S' = r S' + φᵀV', accumulated by the tile unit in fp32 (no chunk partial written and
+    // added back: at bf16 operands the summation order is far below their rounding)
+    if (rescale != 1.f)
+      for (int64_t i = 0; i < fw.MP * d.DvP; ++i) S[i] *= rescale;
+    common::vnni_gemm(fw.MP, d.DvP, Le, x.F16T.data(), C, x.Vv.data(), d.DvP, S, d.DvP, true);
   }
   return c;
 }
@@ -953,7 +983,8 @@ void mx_favor_forward_impl(const Dims& d, const FavorW<float>& fw, const T* q, c
       const float* S = w.S.data();
       for (int64_t m = 0; m < fw.M; ++m)
         std::copy(S + m * d.DvP, S + m * d.DvP + d.Dv + 1, states + (bg * fw.M + m) * (d.Dv + 1));
-      pack_vnni(fw.MP, d.DvP, [&](int64_t m, int64_t n) { return S[m * d.DvP + n]; }, x.Sv.data());
+      at::vec::convert(S, x.dSv.data(), fw.MP * d.DvP);  // dSv is free in the forward
+      interleave_vnni(x.dSv.data(), fw.MP, d.DvP, x.Sv.data());
       for (int64_t hh = 0; hh < d.G; ++hh) {
         const int64_t bh = b * d.Hq + g * d.G + hh;
         for (int64_t t0 = 0; t0 < d.Nq; t0 += kChunk) {
@@ -973,7 +1004,7 @@ void mx_favor_forward_impl(const Dims& d, const FavorW<float>& fw, const T* q, c
 // dx rows from dφ (fp32, in place -> dl) and φ: dl rounded for dl·W on the matrix units.
 template <typename T>
 void mx_input_grad(float* dF, const float* F, const T* src, int64_t L, const FavorW<float>& fw, const FavorMx<T>& mx,
-                   T* dl16, float* dX, T* dx) {
+                   T* dl16, float* dX, float* xs, T* dx) {
   using Vec = at::vec::Vectorized<float>;
   float rs[kChunk];
   for (int64_t i = 0; i < L; ++i) {
@@ -989,11 +1020,12 @@ void mx_input_grad(float* dF, const float* F, const T* src, int64_t L, const Fav
   }
   at::vec::convert(dF, dl16, L * fw.MP);
   common::vnni_gemm(L, fw.D, fw.MP, dl16, fw.MP, mx.Wv.data(), fw.D, dX, fw.D, false);  // dl W [L, D]
-  for (int64_t i = 0; i < L; ++i)
-    for (int64_t e = 0; e < fw.D; ++e) {
-      const float xv = fw.root * static_cast<float>(src[i * fw.D + e]);
-      dx[i * fw.D + e] = static_cast<T>(fw.root * (dX[i * fw.D + e] - xv * rs[i]));
-    }
+  at::vec::convert(src, xs, L * fw.D);  // [L, D]
+  for (int64_t i = 0; i < L; ++i) {
+    const float a = fw.root, b = fw.root * fw.root * rs[i];
+    for (int64_t e = 0; e < fw.D; ++e) dX[i * fw.D + e] = a * dX[i * fw.D + e] - b * xs[i * fw.D + e];
+  }
+  at::vec::convert(dX, dx, L * fw.D);
 }
 
 template <typename T>
@@ -1038,36 +1070,34 @@ void mx_favor_backward_impl(const Dims& d, const FavorW<float>& fw, const T* dou
               at::vec::fmadd(Vec::loadu(Hi + m), Vec(r), Vec::loadu(z.data() + m) * Vec(s)).store(Hi + m);
           }
           const int64_t Le = L + (L & 1);
-          pack_vnni(Le, d.DvP, [&](int64_t i, int64_t n) { return i < L ? w.dN[i * d.DvP + n] : 0.f; }, x.dNv.data());
+          std::fill(w.dN.data() + L * d.DvP, w.dN.data() + Le * d.DvP, 0.f);
+          at::vec::convert(w.dN.data(), x.V16.data(), Le * d.DvP);  // V16 is free here
+          interleave_vnni(x.V16.data(), Le, d.DvP, x.dNv.data());
           transpose(C, fw.MP, w.F.data(), fw.MP, w.FT.data(), C);  // [MP, C]
           at::vec::convert(w.FT.data(), x.F16T.data(), fw.MP * C);
-          common::vnni_gemm(fw.MP, d.DvP, Le, x.F16T.data(), C, x.dNv.data(), d.DvP, w.tmp.data(), d.DvP, false);
-          for (int64_t i = 0; i < fw.MP * d.DvP; ++i) dS[i] += w.tmp[i];  // dS' += φᵀ dN'
-          mx_input_grad(H, w.F.data(), q + row * fw.D, L, fw, mx, x.F16.data(), w.dX.data(), dq + row * fw.D);
+          common::vnni_gemm(fw.MP, d.DvP, Le, x.F16T.data(), C, x.dNv.data(), d.DvP, dS, d.DvP, true);  // dS' += φᵀ dN'
+          mx_input_grad(H, w.F.data(), q + row * fw.D, L, fw, mx, x.F16.data(), w.dX.data(), w.X.data(), dq + row * fw.D);
         }
       }
-      pack_vnni(fw.MP, d.DvP, [&](int64_t m, int64_t n) { return dS[m * d.DvP + n]; }, x.dSv.data());
-      pack_vnni(d.DvP, fw.MP, [&](int64_t n, int64_t m) { return dS[m * d.DvP + n]; }, x.dSTv.data());
+      at::vec::convert(dS, x.Sv.data(), fw.MP * d.DvP);  // Sv is free in the backward
+      interleave_vnni(x.Sv.data(), fw.MP, d.DvP, x.dSv.data());
+      transpose(fw.MP, d.DvP, dS, d.DvP, w.dST.data(), fw.MP);  // [DvP, MP]
+      at::vec::convert(w.dST.data(), x.Sv.data(), d.DvP * fw.MP);
+      interleave_vnni(x.Sv.data(), d.DvP, fw.MP, x.dSTv.data());
       for (int64_t t0 = 0; t0 < d.Nk; t0 += C) {
         const int64_t L = std::min(C, d.Nk - t0);
         const int64_t row = bg * d.Nk + t0;
         const T* ks = k + row * fw.D;
         common::vnni_gemm(L, fw.MP, fw.D, ks, fw.D, mx.WTv.data(), fw.MP, w.F.data(), fw.MP, false);
-        half_norms(ks, L, fw.D, fw.root, w.hn.data());
+        half_norms(ks, L, fw.D, fw.root, w.hn.data(), w.dX.data());
         for (int64_t i = 0; i < L; ++i) w.hn[i] += c;
         mx_row_features(L, fw, w.hn.data(), w.F.data(), x.F16.data());  // φ(k) [C, MP]
-        const T* vs = v + row * d.Dv;
-        for (int64_t i = 0; i < L; ++i) {
-          T* o = x.V16.data() + i * d.DvP;
-          std::copy(vs + i * d.Dv, vs + (i + 1) * d.Dv, o);
-          o[d.Dv] = T(1);
-          std::fill(o + d.Dv + 1, o + d.DvP, T(0));
-        }
+        load_values16(v + row * d.Dv, L, d, x.V16.data());
         common::vnni_gemm(L, fw.MP, d.DvP, x.V16.data(), d.DvP, x.dSTv.data(), fw.MP, w.H.data(), fw.MP, false);  // dφ(k)
         common::vnni_gemm(L, d.DvP, fw.MP, x.F16.data(), fw.MP, x.dSv.data(), d.DvP, w.dN.data(), d.DvP, false);  // dV'
         for (int64_t i = 0; i < L; ++i)
           for (int64_t e = 0; e < d.Dv; ++e) dv[(row + i) * d.Dv + e] = static_cast<T>(w.dN[i * d.DvP + e]);
-        mx_input_grad(w.H.data(), w.F.data(), ks, L, fw, mx, x.F16.data(), w.dX.data(), dk + row * fw.D);
+        mx_input_grad(w.H.data(), w.F.data(), ks, L, fw, mx, x.F16.data(), w.dX.data(), w.X.data(), dk + row * fw.D);
       }
     }
     common::vnni_release();
