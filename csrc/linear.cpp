@@ -661,16 +661,25 @@ acc_t favor_state(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* k, con
     }
     acc_t* FT = w.FT.data();
     gemm(fw.MP, C, fw.D, fw.W.data(), fw.D, w.XT.data(), C, FT, C, false);  // lᵀ [MP, C]
-    for (int64_t j = 0; j < C; j += W) {
-      Vec sq(acc_t(0)), mx(-std::numeric_limits<acc_t>::infinity());
-      for (int64_t e = 0; e < fw.D; ++e) {
-        const Vec x = Vec::loadu(w.XT.data() + e * C + j);
-        sq = at::vec::fmadd(x, x, sq);
+    // per key j (a column): |x_j|²/2 and max_m l_mj, the C / W column vectors side by side
+    // (independent chains: one vector at a time was bound by the max's latency)
+    constexpr int64_t NV = C / W;
+    Vec sq[NV], mx[NV];
+    for (int64_t q = 0; q < NV; ++q) {
+      sq[q] = Vec(acc_t(0));
+      mx[q] = Vec(-std::numeric_limits<acc_t>::infinity());
+    }
+    for (int64_t e = 0; e < fw.D; ++e)
+      for (int64_t q = 0; q < NV; ++q) {
+        const Vec x = Vec::loadu(w.XT.data() + e * C + q * W);
+        sq[q] = at::vec::fmadd(x, x, sq[q]);
       }
-      for (int64_t m = 0; m < fw.M; ++m) mx = at::vec::maximum(mx, Vec::loadu(FT + m * C + j));
-      const Vec hn = sq * Vec(acc_t(0.5));
-      hn.store(w.hn.data() + j);
-      (mx - hn).store(w.cand.data() + j);
+    for (int64_t m = 0; m < fw.M; ++m)
+      for (int64_t q = 0; q < NV; ++q) mx[q] = at::vec::maximum(mx[q], Vec::loadu(FT + m * C + q * W));
+    for (int64_t q = 0; q < NV; ++q) {
+      const Vec hn = sq[q] * Vec(acc_t(0.5));
+      hn.store(w.hn.data() + q * W);
+      (mx[q] - hn).store(w.cand.data() + q * W);
     }
     acc_t cm = c;
     for (int64_t j = 0; j < L; ++j) cm = common::max_keep_nan(cm, w.cand[j]);
