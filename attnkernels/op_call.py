@@ -29,6 +29,8 @@ _SCHEMA_TYPES = {
     Optional[Tensor]: "Tensor?",
 }
 
+_FIELDS: dict[type, tuple[tuple[str, object], ...]] = {}  # OpCall._fields per class
+
 
 class OpCall:
     """Base of the per-family call dataclasses (subclasses are `@dataclass(frozen=True)`)."""
@@ -38,8 +40,14 @@ class OpCall:
 
     @classmethod
     def _fields(cls) -> tuple[tuple[str, object], ...]:
-        hints = typing.get_type_hints(cls)
-        return tuple((f.name, hints[f.name]) for f in dataclasses.fields(cls))
+        # Cached per class: typing.get_type_hints re-evaluates every string annotation (a compile()
+        # per field), ~0.6 ms a call, and each op call (from_op_args, op_args, saved_tensors) reads
+        # the fields: 1.7 ms of a 25 ms linear causal fwd+bwd at N=1024 (cProfile, 1 thread).
+        fields = _FIELDS.get(cls)
+        if fields is None:
+            hints = typing.get_type_hints(cls)
+            fields = _FIELDS[cls] = tuple((f.name, hints[f.name]) for f in dataclasses.fields(cls))
+        return fields
 
     @classmethod
     def schema_args(cls) -> str:

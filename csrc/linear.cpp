@@ -26,10 +26,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "common/checks.h"
@@ -567,6 +569,666 @@ void backward_noncausal(const Dims& d, const Args<scalar_t, acc_t>& a, const sca
 }
 
 // ---------------------------------------------------------------------------
+// FAVOR+ (Performer) non-causal attention with the random-feature map fused in:
+//   x = root·q (or root·k), l = x Wᵀ [N, M], φ(x) = exp(l − b − ln(M)/2),
+//   queries: b_i = max_m l_im (per row); keys: b_j = |x_j|²/2 + c, c = max_j (max_m l_jm − |x_j|²/2)
+// per (batch, kv head); both stabilisers are constants for autograd (as in features.py),
+// the query's |x|²/2 is not: it cancels in value but not in the gradient. Then the
+// non-causal linear attention of identity features of width M (the ones column of V',
+// as above). The features are never written to memory: each chunk's projection (a
+// [C, D] x [D, M] GEMM), its exp and its use in the state / output products run on one
+// cache-resident [C, M] tile, where the torch feature map made ~4 passes over (N, M)
+// tensors forward and as many back, and the kernel a fifth to load them.
+// Backward, with dφ the features' gradient: dl = dφ ⊙ φ, dx = dl W − x Σ_m dl, dq = root·dx.
+
+// W rows [M, D] of the projection, padded to MP rows (zero), in both layouts.
+template <typename acc_t>
+struct FavorW {
+  int64_t M, MP, D;
+  acc_t root, log_root;  // sqrt(scale); ln(M) / 2
+  std::vector<acc_t> W;   // [MP, D]
+  std::vector<acc_t> WT;  // [D, MP]
+};
+
+// rows [0, L) of src [*, D] times mult into X [kChunk, D]; padding rows zero.
+template <typename scalar_t, typename acc_t>
+void load_scaled(const scalar_t* src, int64_t L, int64_t D, acc_t mult, acc_t* X) {
+  for (int64_t i = 0; i < L * D; ++i) X[i] = mult * static_cast<acc_t>(src[i]);
+  std::fill(X + L * D, X + kChunk * D, acc_t(0));
+}
+
+// F [kChunk, MP] = φ(X rows [0, L)); queries (c unused) or keys with shift c. Zero in
+// the padding rows and columns (exp of a padding logit could overflow).
+template <typename acc_t>
+void favor_row_features(const acc_t* X, int64_t L, const FavorW<acc_t>& fw, bool is_query, acc_t c, acc_t* F) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  gemm(L, fw.MP, fw.D, X, fw.D, fw.WT.data(), fw.MP, F, fw.MP, false);  // l [L, MP]
+  for (int64_t i = 0; i < L; ++i) {
+    acc_t* row = F + i * fw.MP;
+    acc_t b;
+    if (is_query) {
+      b = common::row_max(row, fw.M);
+    } else {
+      const acc_t* x = X + i * fw.D;
+      acc_t sq = 0;
+      for (int64_t e = 0; e < fw.D; ++e) sq += x[e] * x[e];
+      b = acc_t(0.5) * sq + c;
+    }
+    int64_t m = 0;
+    for (; m + W <= fw.M; m += W)
+      common::vexp((Vec::loadu(row + m) - Vec(b)) - Vec(fw.log_root)).store(row + m);
+    for (; m < fw.M; ++m) row[m] = std::exp((row[m] - b) - fw.log_root);
+    std::fill(row + fw.M, row + fw.MP, acc_t(0));
+  }
+  std::fill(F + L * fw.MP, F + kChunk * fw.MP, acc_t(0));
+}
+
+// Scratch of the FAVOR+ kernels, all per task.
+template <typename acc_t>
+struct FavorScratch {
+  std::vector<acc_t> X, XT, F, FT, H, Vc, dN, S, ST, dS, dST, dX, tmp, hn, cand;
+  FavorScratch(const Dims& d, const FavorW<acc_t>& fw) {
+    const int64_t C = kChunk;
+    X.resize(C * fw.D); XT.resize(fw.D * C); F.resize(C * fw.MP); FT.resize(fw.MP * C); H.resize(C * fw.MP);
+    Vc.resize(C * d.DvP); dN.resize(C * d.DvP); S.resize(fw.MP * d.DvP); ST.resize(d.DvP * fw.MP);
+    dS.resize(fw.MP * d.DvP); dST.resize(d.DvP * fw.MP); dX.resize(C * fw.D); tmp.resize(fw.MP * d.DvP);
+    hn.resize(C); cand.resize(C);
+  }
+};
+
+// S' [MP, DvP] = Σ_j φ(k_j) v'_jᵀ of kv head (b, g); returns the key shift c. One pass:
+// c is the running max of the chunks seen, and S' is rescaled by exp(c_old − c_new)
+// when it grows (as an online softmax does), so no feature exceeds 1/√M and none is
+// recomputed. The chunk's logits are built transposed, lᵀ = W xᵀ [MP, C], so the
+// per-key max and |x|²/2 are column-wise vector ops and φᵀ is the state GEMM's A.
+template <typename scalar_t, typename acc_t>
+acc_t favor_state(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* k, const scalar_t* v, FavorScratch<acc_t>& w) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  constexpr int64_t C = kChunk;
+  acc_t* S = w.S.data();
+  std::fill(S, S + fw.MP * d.DvP, acc_t(0));
+  acc_t c = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t t0 = 0; t0 < d.Nk; t0 += C) {
+    const int64_t L = std::min(C, d.Nk - t0);
+    // xᵀ [D, C], zero past column L
+    const scalar_t* src = k + t0 * fw.D;
+    for (int64_t e = 0; e < fw.D; ++e) {
+      acc_t* o = w.XT.data() + e * C;
+      for (int64_t j = 0; j < L; ++j) o[j] = fw.root * static_cast<acc_t>(src[j * fw.D + e]);
+      std::fill(o + L, o + C, acc_t(0));
+    }
+    acc_t* FT = w.FT.data();
+    gemm(fw.MP, C, fw.D, fw.W.data(), fw.D, w.XT.data(), C, FT, C, false);  // lᵀ [MP, C]
+    // per key j (a column): |x_j|²/2 and max_m l_mj, the C / W column vectors side by side
+    // (independent chains: one vector at a time was bound by the max's latency)
+    constexpr int64_t NV = C / W;
+    Vec sq[NV], mx[NV];
+    for (int64_t q = 0; q < NV; ++q) {
+      sq[q] = Vec(acc_t(0));
+      mx[q] = Vec(-std::numeric_limits<acc_t>::infinity());
+    }
+    for (int64_t e = 0; e < fw.D; ++e)
+      for (int64_t q = 0; q < NV; ++q) {
+        const Vec x = Vec::loadu(w.XT.data() + e * C + q * W);
+        sq[q] = at::vec::fmadd(x, x, sq[q]);
+      }
+    for (int64_t m = 0; m < fw.M; ++m)
+      for (int64_t q = 0; q < NV; ++q) mx[q] = at::vec::maximum(mx[q], Vec::loadu(FT + m * C + q * W));
+    for (int64_t q = 0; q < NV; ++q) {
+      const Vec hn = sq[q] * Vec(acc_t(0.5));
+      hn.store(w.hn.data() + q * W);
+      (mx[q] - hn).store(w.cand.data() + q * W);
+    }
+    acc_t cm = c;
+    for (int64_t j = 0; j < L; ++j) cm = common::max_keep_nan(cm, w.cand[j]);
+    acc_t rescale = 1;  // applied to S' with this chunk's sum, in one pass over it
+    if (cm > c) {
+      if (c != -std::numeric_limits<acc_t>::infinity()) rescale = std::exp(c - cm);
+      c = cm;
+    } else if (std::isnan(cm)) {
+      c = cm;
+    }
+    for (int64_t m = 0; m < fw.M; ++m) {
+      acc_t* row = FT + m * C;
+      for (int64_t j = 0; j < C; j += W)
+        common::vexp((Vec::loadu(row + j) - (Vec::loadu(w.hn.data() + j) + Vec(c))) - Vec(fw.log_root)).store(row + j);
+      std::fill(row + L, row + C, acc_t(0));
+    }
+    std::fill(FT + fw.M * C, FT + fw.MP * C, acc_t(0));
+    load_values(v + t0 * d.Dv, L, d, w.Vc.data());                                      // [C, DvP]
+    gemm(fw.MP, d.DvP, L, FT, C, w.Vc.data(), d.DvP, w.tmp.data(), d.DvP, false);          // φᵀV'
+    for (int64_t i = 0; i < fw.MP * d.DvP; ++i) S[i] = S[i] * rescale + w.tmp[i];            // S' = r S' + φᵀV'
+  }
+  return c;
+}
+
+// dX [C, D] -> dx rows: dl = dF ⊙ F (in place in dF), dx = root·(dl W − x Σ_m dl).
+template <typename scalar_t, typename acc_t>
+void favor_input_grad(acc_t* dF, const acc_t* F, const acc_t* X, int64_t L, const FavorW<acc_t>& fw, acc_t* dX, scalar_t* dx) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  std::vector<acc_t> rs(L);
+  for (int64_t i = 0; i < L; ++i) {
+    acc_t* g = dF + i * fw.MP;
+    const acc_t* f = F + i * fw.MP;
+    Vec acc(acc_t(0));
+    for (int64_t m = 0; m < fw.MP; m += Vec::size()) {
+      const Vec p = Vec::loadu(g + m) * Vec::loadu(f + m);
+      p.store(g + m);
+      acc = acc + p;
+    }
+    rs[i] = common::hsum(acc);
+  }
+  gemm(L, fw.D, fw.MP, dF, fw.MP, fw.W.data(), fw.D, dX, fw.D, false);  // dl W [L, D]
+  for (int64_t i = 0; i < L; ++i)
+    for (int64_t e = 0; e < fw.D; ++e)
+      dx[i * fw.D + e] = static_cast<scalar_t>(fw.root * (dX[i * fw.D + e] - X[i * fw.D + e] * rs[i]));
+}
+
+template <typename scalar_t, typename acc_t>
+void favor_forward(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* q, const scalar_t* k, const scalar_t* v,
+                   acc_t eps, scalar_t* out, acc_t* states, acc_t* shifts) {
+  at::parallel_for(0, d.B * d.Hk, 1, [&](int64_t begin, int64_t end) {
+    FavorScratch<acc_t> w(d, fw);
+    for (int64_t bg = begin; bg < end; ++bg) {
+      const int64_t b = bg / d.Hk, g = bg % d.Hk;
+      shifts[bg] = favor_state(d, fw, k + bg * d.Nk * fw.D, v + bg * d.Nk * d.Dv, w);
+      for (int64_t m = 0; m < fw.M; ++m)  // unpadded [M, Dv + 1]: its shape does not depend on the build's vector width
+        std::copy(w.S.data() + m * d.DvP, w.S.data() + m * d.DvP + d.Dv + 1, states + (bg * fw.M + m) * (d.Dv + 1));
+      for (int64_t hh = 0; hh < d.G; ++hh) {
+        const int64_t bh = b * d.Hq + g * d.G + hh;
+        for (int64_t t0 = 0; t0 < d.Nq; t0 += kChunk) {
+          const int64_t L = std::min(kChunk, d.Nq - t0);
+          load_scaled(q + (bh * d.Nq + t0) * fw.D, L, fw.D, fw.root, w.X.data());
+          favor_row_features(w.X.data(), L, fw, true, acc_t(0), w.F.data());                       // φ(q) [C, MP]
+          gemm(L, d.DvP, fw.MP, w.F.data(), fw.MP, w.S.data(), d.DvP, w.dN.data(), d.DvP, false);  // num' [L, DvP]
+          store_output(w.dN.data(), L, d, true, eps, out + (bh * d.Nq + t0) * d.Dv);
+        }
+      }
+    }
+  });
+}
+
+// Per kv head: the forward's S' and key shift c (saved: the state pass is two of the
+// ten GEMMs a recomputing backward would run), then per
+// query head and chunk dN' and dφ(q) as backward_noncausal's phase 2 does (H = g S[:, :Dv]ᵀ,
+// dφ(q) = H / den + dden zᵀ), dS' += φ(q)ᵀ dN'; then per key chunk dφ(k) = V' dS'ᵀ and
+// dV' = φ(k) dS'. dS' sums its query heads in head order in the task: deterministic.
+template <typename scalar_t, typename acc_t>
+void favor_backward(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* dout, const scalar_t* q, const scalar_t* k,
+                    const scalar_t* v, const acc_t* states, const acc_t* shifts, acc_t eps, scalar_t* dq, scalar_t* dk,
+                    scalar_t* dv) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t C = kChunk;
+  at::parallel_for(0, d.B * d.Hk, 1, [&](int64_t begin, int64_t end) {
+    FavorScratch<acc_t> w(d, fw);
+    std::vector<acc_t> Gd(C * d.DvP);
+    for (int64_t bg = begin; bg < end; ++bg) {
+      const int64_t b = bg / d.Hk, g = bg % d.Hk;
+      const acc_t c = shifts[bg];
+      std::fill(w.S.begin(), w.S.end(), acc_t(0));
+      for (int64_t m = 0; m < fw.M; ++m)
+        std::copy(states + (bg * fw.M + m) * (d.Dv + 1), states + (bg * fw.M + m + 1) * (d.Dv + 1), w.S.data() + m * d.DvP);
+      transpose(fw.MP, d.DvP, w.S.data(), d.DvP, w.ST.data(), fw.MP);  // [DvP, MP]
+      const acc_t* z = w.ST.data() + d.Dv * fw.MP;                     // S'[:, Dv], [MP]
+      acc_t* dS = w.dS.data();
+      std::fill(dS, dS + fw.MP * d.DvP, acc_t(0));
+      for (int64_t hh = 0; hh < d.G; ++hh) {
+        const int64_t bh = b * d.Hq + g * d.G + hh;
+        for (int64_t t0 = 0; t0 < d.Nq; t0 += C) {
+          const int64_t L = std::min(C, d.Nq - t0);
+          const int64_t row = bh * d.Nq + t0;
+          load_scaled(q + row * fw.D, L, fw.D, fw.root, w.X.data());
+          favor_row_features(w.X.data(), L, fw, true, acc_t(0), w.F.data());  // φ(q) [C, MP]
+          load_grad(dout + row * d.Dv, L, d, Gd.data());
+          acc_t* H = w.H.data();
+          gemm(L, fw.MP, d.Dv, Gd.data(), d.DvP, w.ST.data(), fw.MP, H, fw.MP, false);  // H [L, MP]
+          for (int64_t i = 0; i < L; ++i) {
+            const acc_t* Fi = w.F.data() + i * fw.MP;
+            acc_t* Hi = H + i * fw.MP;
+            const acc_t r = acc_t(1) / (vdot(Fi, z, fw.MP) + eps);
+            const acc_t s = -vdot(Fi, Hi, fw.MP) * r * r;
+            acc_t* o = w.dN.data() + i * d.DvP;
+            const acc_t* gi = Gd.data() + i * d.DvP;
+            for (int64_t e = 0; e < d.DvP; e += Vec::size()) (Vec::loadu(gi + e) * Vec(r)).store(o + e);
+            o[d.Dv] = s;
+            for (int64_t m = 0; m < fw.MP; m += Vec::size())  // dφ(q) in place of H
+              at::vec::fmadd(Vec::loadu(Hi + m), Vec(r), Vec::loadu(z + m) * Vec(s)).store(Hi + m);
+          }
+          std::fill(w.dN.data() + L * d.DvP, w.dN.data() + C * d.DvP, acc_t(0));
+          transpose(C, fw.MP, w.F.data(), fw.MP, w.FT.data(), C);                                          // [MP, C]
+          add_product(fw.MP, d.DvP, L, w.FT.data(), C, w.dN.data(), d.DvP, dS, d.DvP, w.tmp.data());      // dS' += φᵀ dN'
+          favor_input_grad(H, w.F.data(), w.X.data(), L, fw, w.dX.data(), dq + row * fw.D);
+        }
+      }
+      transpose(fw.MP, d.DvP, dS, d.DvP, w.dST.data(), fw.MP);  // [DvP, MP]
+      for (int64_t t0 = 0; t0 < d.Nk; t0 += C) {
+        const int64_t L = std::min(C, d.Nk - t0);
+        const int64_t row = bg * d.Nk + t0;
+        load_scaled(k + row * fw.D, L, fw.D, fw.root, w.X.data());
+        favor_row_features(w.X.data(), L, fw, false, c, w.F.data());  // φ(k) [C, MP]
+        load_values(v + row * d.Dv, L, d, w.Vc.data());
+        gemm(L, fw.MP, d.Dv + 1, w.Vc.data(), d.DvP, w.dST.data(), fw.MP, w.H.data(), fw.MP, false);  // dφ(k) = V' dS'ᵀ
+        gemm(L, d.DvP, fw.MP, w.F.data(), fw.MP, dS, d.DvP, w.dN.data(), d.DvP, false);               // dV' = φ(k) dS'
+        for (int64_t i = 0; i < L; ++i)
+          for (int64_t e = 0; e < d.Dv; ++e) dv[(row + i) * d.Dv + e] = static_cast<scalar_t>(w.dN[i * d.DvP + e]);
+        favor_input_grad(w.H.data(), w.F.data(), w.X.data(), L, fw, w.dX.data(), dk + row * fw.D);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------
+// FAVOR+ on the matrix units (bf16 / fp16 inputs where common::matrix_units_available):
+// the same passes as favor_forward / favor_backward, every GEMM on 16-bit operands with
+// fp32 accumulation (common::vnni_gemm). The features are computed and kept in fp32 and
+// rounded to the input dtype only as GEMM operands (as FlashAttention rounds P); the
+// state S', its gradient dS' and every sum stay fp32 (S' and dS' are rounded to the
+// input dtype once per kv head when packed as a B operand). The input rows of q, k and
+// dout are the A operands as they are in memory, with sqrt(scale) folded into W.
+// Needs D and Dv even (VNNI pairs); otherwise the fp32 path runs.
+
+// dst = VNNI layout of a K x N matrix given by get(k, n): element (k, n) at
+// dst[(k / 2) * 2 * N + 2 * n + k % 2]; a zero row pads odd K.
+template <typename T, typename Get>
+void pack_vnni(int64_t K, int64_t N, Get get, T* dst) {
+  for (int64_t k = 0; k < K + (K & 1); ++k)
+    for (int64_t n = 0; n < N; ++n) dst[(k / 2) * 2 * N + 2 * n + k % 2] = k < K ? T(get(k, n)) : T(0);
+}
+
+// dst = VNNI layout of src [K, N] row-major (16-bit, K even): rows 2p and 2p + 1 interleaved,
+// a plain loop of 16-bit moves the compiler vectorises (pack_vnni's per-element getter and
+// its row test cost as much as the chunk's GEMM on the matrix units).
+template <typename T>
+void interleave_vnni(const T* src, int64_t K, int64_t N, T* dst) {
+  static_assert(sizeof(T) == 2, "VNNI pairs of 16-bit elements");
+  for (int64_t p = 0; p < K / 2; ++p) {
+    const uint16_t* a = reinterpret_cast<const uint16_t*>(src + 2 * p * N);
+    const uint16_t* b = a + N;
+    uint32_t* o = reinterpret_cast<uint32_t*>(dst + 2 * p * N);  // one (a, b) pair per 32-bit word
+    for (int64_t n = 0; n < N; ++n) o[n] = uint32_t(a[n]) | (uint32_t(b[n]) << 16);
+  }
+}
+
+template <typename T>
+struct FavorMx {
+  std::vector<T> W;    // [MP, D] row-major, root·W: A of the transposed key projection
+  std::vector<T> WTv;  // VNNI [D, MP] of (root·W)ᵀ: B of the row-layout projections
+  std::vector<T> Wv;   // VNNI [MP, D] of W: B of dl·W
+  FavorMx(const FavorW<float>& fw) : W(fw.MP * fw.D), WTv(fw.D * fw.MP), Wv(fw.MP * fw.D) {
+    for (int64_t i = 0; i < fw.MP * fw.D; ++i) W[i] = T(fw.root * fw.W[i]);
+    pack_vnni(fw.D, fw.MP, [&](int64_t e, int64_t m) { return fw.root * fw.WT[e * fw.MP + m]; }, WTv.data());
+    pack_vnni(fw.MP, fw.D, [&](int64_t m, int64_t e) { return fw.W[m * fw.D + e]; }, Wv.data());
+  }
+};
+
+template <typename T>
+struct FavorMxScratch {
+  std::vector<T> XTv, F16, F16T, Vv, V16, Sv, STv, dSv, dSTv, dNv;
+  FavorMxScratch(const Dims& d, const FavorW<float>& fw)
+      : XTv(fw.D * kChunk), F16(kChunk * fw.MP), F16T(fw.MP * kChunk), Vv(kChunk * d.DvP), V16(kChunk * d.DvP),
+        Sv(fw.MP * d.DvP), STv(d.DvP * fw.MP), dSv(fw.MP * d.DvP), dSTv(d.DvP * fw.MP), dNv(kChunk * d.DvP) {}
+};
+
+// |x_i|²/2 of rows [0, L) of src [*, D], x = root·src, into hn[i].
+template <typename T>
+void half_norms(const T* src, int64_t L, int64_t D, float root, float* hn, float* row) {
+  for (int64_t i = 0; i < L; ++i) {
+    at::vec::convert(src + i * D, row, D);
+    float sq = 0;
+    for (int64_t e = 0; e < D; ++e) sq += row[e] * row[e];
+    hn[i] = 0.5f * root * root * sq;
+  }
+}
+
+// φ rows from logits F [L, MP] (fp32, in place) with per-row bias b_i (queries: the row max,
+// keys: |x_i|²/2 + c); the rounded copy into F16 [kChunk, MP]; padding zero in both.
+template <typename T>
+void mx_row_features(int64_t L, const FavorW<float>& fw, const float* key_bias, float* F, T* F16) {
+  using Vec = at::vec::Vectorized<float>;
+  constexpr int64_t W = Vec::size();
+  for (int64_t i = 0; i < L; ++i) {
+    float* row = F + i * fw.MP;
+    const float b = key_bias == nullptr ? common::row_max(row, fw.M) : key_bias[i];
+    int64_t m = 0;
+    for (; m + W <= fw.M; m += W) common::vexp((Vec::loadu(row + m) - Vec(b)) - Vec(fw.log_root)).store(row + m);
+    for (; m < fw.M; ++m) row[m] = std::exp((row[m] - b) - fw.log_root);
+    std::fill(row + fw.M, row + fw.MP, 0.f);
+  }
+  std::fill(F + L * fw.MP, F + kChunk * fw.MP, 0.f);
+  at::vec::convert(F, F16, kChunk * fw.MP);
+}
+
+// V' = [V | 1 | 0...] rows [0, L) in the input dtype into dst [kChunk, DvP]; padding rows zero.
+template <typename T>
+void load_values16(const T* src, int64_t L, const Dims& d, T* dst) {
+  for (int64_t i = 0; i < L; ++i) {
+    T* o = dst + i * d.DvP;
+    std::copy(src + i * d.Dv, src + (i + 1) * d.Dv, o);
+    o[d.Dv] = T(1);
+    std::fill(o + d.Dv + 1, o + d.DvP, T(0));
+  }
+  std::fill(dst + L * d.DvP, dst + kChunk * d.DvP, T(0));
+}
+
+// favor_state on the matrix units: lᵀ = (root·W) kᵀ with kᵀ's VNNI pairs (a 32-bit transpose
+// of the chunk), φᵀ rounded, S' += φᵀ V' with V' packed.
+template <typename T>
+float mx_favor_state(const Dims& d, const FavorW<float>& fw, const FavorMx<T>& mx, const T* k, const T* v,
+                     FavorScratch<float>& w, FavorMxScratch<T>& x) {
+  using Vec = at::vec::Vectorized<float>;
+  constexpr int64_t W = Vec::size();
+  constexpr int64_t C = kChunk;
+  float* S = w.S.data();
+  std::fill(S, S + fw.MP * d.DvP, 0.f);
+  float c = -std::numeric_limits<float>::infinity();
+  for (int64_t t0 = 0; t0 < d.Nk; t0 += C) {
+    const int64_t L = std::min(C, d.Nk - t0);
+    const T* src = k + t0 * fw.D;
+    // kᵀ in VNNI: word (p, j) = k[j, 2p .. 2p + 1]  [D / 2, C, 2]
+    // (a float transpose moves the 32-bit words without arithmetic: bit-exact)
+    float* out = reinterpret_cast<float*>(x.XTv.data());
+    transpose(L, fw.D / 2, reinterpret_cast<const float*>(src), fw.D / 2, out, C);
+    if (L < C)
+      for (int64_t p = 0; p < fw.D / 2; ++p) std::fill(out + p * C + L, out + (p + 1) * C, 0.f);
+    float* FT = w.FT.data();
+    common::vnni_gemm(fw.MP, C, fw.D, mx.W.data(), fw.D, x.XTv.data(), C, FT, C, false);  // lᵀ [MP, C]
+    half_norms(src, L, fw.D, fw.root, w.hn.data(), w.dX.data());
+    std::fill(w.hn.begin() + L, w.hn.end(), 0.f);
+    {
+      static_assert(C == 4 * W, "the column max keeps one accumulator per vector of the chunk");
+      const Vec ninf(-std::numeric_limits<float>::infinity());
+      Vec m0 = ninf, m1 = ninf, m2 = ninf, m3 = ninf;  // four independent chains, not one latency-bound one
+      for (int64_t m = 0; m < fw.M; ++m) {
+        const float* r = FT + m * C;
+        m0 = at::vec::maximum(m0, Vec::loadu(r));
+        m1 = at::vec::maximum(m1, Vec::loadu(r + W));
+        m2 = at::vec::maximum(m2, Vec::loadu(r + 2 * W));
+        m3 = at::vec::maximum(m3, Vec::loadu(r + 3 * W));
+      }
+      const Vec mx[4] = {m0, m1, m2, m3};
+      for (int64_t q = 0; q < 4; ++q) (mx[q] - Vec::loadu(w.hn.data() + q * W)).store(w.cand.data() + q * W);
+    }
+    float cm = c;
+    for (int64_t j = 0; j < L; ++j) cm = common::max_keep_nan(cm, w.cand[j]);
+    float rescale = 1.f;  // applied to S' with this chunk's sum, in one pass over it
+    if (cm > c) {
+      if (c != -std::numeric_limits<float>::infinity()) rescale = std::exp(c - cm);
+      c = cm;
+    } else if (std::isnan(cm)) {
+      c = cm;
+    }
+    for (int64_t m = 0; m < fw.M; ++m) {
+      float* row = FT + m * C;
+      for (int64_t j = 0; j < C; j += W)
+        common::vexp((Vec::loadu(row + j) - (Vec::loadu(w.hn.data() + j) + Vec(c))) - Vec(fw.log_root)).store(row + j);
+      std::fill(row + L, row + C, 0.f);
+    }
+    std::fill(FT + fw.M * C, FT + fw.MP * C, 0.f);
+    at::vec::convert(FT, x.F16T.data(), fw.MP * C);
+    load_values16(v + t0 * d.Dv, L, d, x.V16.data());  // [C, DvP]
+    const int64_t Le = L + (L & 1);
+    interleave_vnni(x.V16.data(), Le, d.DvP, x.Vv.data());
+    // S' = r S' + φᵀV', accumulated by the tile unit in fp32 (no chunk partial written and
+    // added back: at bf16 operands the summation order is far below their rounding)
+    if (rescale != 1.f)
+      for (int64_t i = 0; i < fw.MP * d.DvP; ++i) S[i] *= rescale;
+    common::vnni_gemm(fw.MP, d.DvP, Le, x.F16T.data(), C, x.Vv.data(), d.DvP, S, d.DvP, true);
+  }
+  return c;
+}
+
+template <typename T>
+void mx_favor_forward_impl(const Dims& d, const FavorW<float>& fw, const T* q, const T* k, const T* v, float eps, T* out,
+                           float* states, float* shifts) {
+  const FavorMx<T> mx(fw);
+  at::parallel_for(0, d.B * d.Hk, 1, [&](int64_t begin, int64_t end) {
+    FavorScratch<float> w(d, fw);
+    FavorMxScratch<T> x(d, fw);
+    for (int64_t bg = begin; bg < end; ++bg) {
+      const int64_t b = bg / d.Hk, g = bg % d.Hk;
+      shifts[bg] = mx_favor_state(d, fw, mx, k + bg * d.Nk * fw.D, v + bg * d.Nk * d.Dv, w, x);
+      const float* S = w.S.data();
+      for (int64_t m = 0; m < fw.M; ++m)
+        std::copy(S + m * d.DvP, S + m * d.DvP + d.Dv + 1, states + (bg * fw.M + m) * (d.Dv + 1));
+      at::vec::convert(S, x.dSv.data(), fw.MP * d.DvP);  // dSv is free in the forward
+      interleave_vnni(x.dSv.data(), fw.MP, d.DvP, x.Sv.data());
+      for (int64_t hh = 0; hh < d.G; ++hh) {
+        const int64_t bh = b * d.Hq + g * d.G + hh;
+        for (int64_t t0 = 0; t0 < d.Nq; t0 += kChunk) {
+          const int64_t L = std::min(kChunk, d.Nq - t0);
+          const T* qs = q + (bh * d.Nq + t0) * fw.D;
+          common::vnni_gemm(L, fw.MP, fw.D, qs, fw.D, mx.WTv.data(), fw.MP, w.F.data(), fw.MP, false);  // l [L, MP]
+          mx_row_features(L, fw, nullptr, w.F.data(), x.F16.data());
+          common::vnni_gemm(L, d.DvP, fw.MP, x.F16.data(), fw.MP, x.Sv.data(), d.DvP, w.dN.data(), d.DvP, false);  // num'
+          store_output(w.dN.data(), L, d, true, eps, out + (bh * d.Nq + t0) * d.Dv);
+        }
+      }
+    }
+    common::vnni_release();
+  });
+}
+
+// dx rows from dφ (fp32, in place -> dl) and φ: dl rounded for dl·W on the matrix units.
+template <typename T>
+void mx_input_grad(float* dF, const float* F, const T* src, int64_t L, const FavorW<float>& fw, const FavorMx<T>& mx,
+                   T* dl16, float* dX, float* xs, T* dx) {
+  using Vec = at::vec::Vectorized<float>;
+  float rs[kChunk];
+  for (int64_t i = 0; i < L; ++i) {
+    float* g = dF + i * fw.MP;
+    const float* f = F + i * fw.MP;
+    Vec acc(0.f);
+    for (int64_t m = 0; m < fw.MP; m += Vec::size()) {
+      const Vec p = Vec::loadu(g + m) * Vec::loadu(f + m);
+      p.store(g + m);
+      acc = acc + p;
+    }
+    rs[i] = common::hsum(acc);
+  }
+  at::vec::convert(dF, dl16, L * fw.MP);
+  common::vnni_gemm(L, fw.D, fw.MP, dl16, fw.MP, mx.Wv.data(), fw.D, dX, fw.D, false);  // dl W [L, D]
+  at::vec::convert(src, xs, L * fw.D);  // [L, D]
+  for (int64_t i = 0; i < L; ++i) {
+    const float a = fw.root, b = fw.root * fw.root * rs[i];
+    for (int64_t e = 0; e < fw.D; ++e) dX[i * fw.D + e] = a * dX[i * fw.D + e] - b * xs[i * fw.D + e];
+  }
+  at::vec::convert(dX, dx, L * fw.D);
+}
+
+template <typename T>
+void mx_favor_backward_impl(const Dims& d, const FavorW<float>& fw, const T* dout, const T* q, const T* k, const T* v,
+                            const float* states, const float* shifts, float eps, T* dq, T* dk, T* dv) {
+  using Vec = at::vec::Vectorized<float>;
+  constexpr int64_t C = kChunk;
+  const FavorMx<T> mx(fw);
+  at::parallel_for(0, d.B * d.Hk, 1, [&](int64_t begin, int64_t end) {
+    FavorScratch<float> w(d, fw);
+    FavorMxScratch<T> x(d, fw);
+    for (int64_t bg = begin; bg < end; ++bg) {
+      const int64_t b = bg / d.Hk, g = bg % d.Hk;
+      const float c = shifts[bg];
+      const float* Sg = states + bg * fw.M * (d.Dv + 1);  // [M, Dv + 1]
+      std::vector<float> z(fw.MP, 0.f);
+      for (int64_t m = 0; m < fw.M; ++m) z[m] = Sg[m * (d.Dv + 1) + d.Dv];
+      // B of H = g S[:, :Dv]ᵀ: VNNI [Dv, MP], element (e, m) = S[m, e]
+      pack_vnni(d.Dv, fw.MP, [&](int64_t e, int64_t m) { return m < fw.M ? Sg[m * (d.Dv + 1) + e] : 0.f; }, x.STv.data());
+      float* dS = w.dS.data();
+      std::fill(dS, dS + fw.MP * d.DvP, 0.f);
+      for (int64_t hh = 0; hh < d.G; ++hh) {
+        const int64_t bh = b * d.Hq + g * d.G + hh;
+        for (int64_t t0 = 0; t0 < d.Nq; t0 += C) {
+          const int64_t L = std::min(C, d.Nq - t0);
+          const int64_t row = bh * d.Nq + t0;
+          common::vnni_gemm(L, fw.MP, fw.D, q + row * fw.D, fw.D, mx.WTv.data(), fw.MP, w.F.data(), fw.MP, false);
+          mx_row_features(L, fw, nullptr, w.F.data(), x.F16.data());  // φ(q) [C, MP]
+          float* H = w.H.data();
+          common::vnni_gemm(L, fw.MP, d.Dv, dout + row * d.Dv, d.Dv, x.STv.data(), fw.MP, H, fw.MP, false);  // H [L, MP]
+          const T* gs = dout + row * d.Dv;
+          for (int64_t i = 0; i < L; ++i) {
+            const float* Fi = w.F.data() + i * fw.MP;
+            float* Hi = H + i * fw.MP;
+            const float r = 1.f / (vdot(Fi, z.data(), fw.MP) + eps);
+            const float s = -vdot(Fi, Hi, fw.MP) * r * r;
+            float* o = w.dN.data() + i * d.DvP;
+            for (int64_t e = 0; e < d.Dv; ++e) o[e] = static_cast<float>(gs[i * d.Dv + e]) * r;
+            o[d.Dv] = s;
+            std::fill(o + d.Dv + 1, o + d.DvP, 0.f);
+            for (int64_t m = 0; m < fw.MP; m += Vec::size())  // dφ(q) in place of H
+              at::vec::fmadd(Vec::loadu(Hi + m), Vec(r), Vec::loadu(z.data() + m) * Vec(s)).store(Hi + m);
+          }
+          const int64_t Le = L + (L & 1);
+          std::fill(w.dN.data() + L * d.DvP, w.dN.data() + Le * d.DvP, 0.f);
+          at::vec::convert(w.dN.data(), x.V16.data(), Le * d.DvP);  // V16 is free here
+          interleave_vnni(x.V16.data(), Le, d.DvP, x.dNv.data());
+          transpose(C, fw.MP, w.F.data(), fw.MP, w.FT.data(), C);  // [MP, C]
+          at::vec::convert(w.FT.data(), x.F16T.data(), fw.MP * C);
+          common::vnni_gemm(fw.MP, d.DvP, Le, x.F16T.data(), C, x.dNv.data(), d.DvP, dS, d.DvP, true);  // dS' += φᵀ dN'
+          mx_input_grad(H, w.F.data(), q + row * fw.D, L, fw, mx, x.F16.data(), w.dX.data(), w.X.data(), dq + row * fw.D);
+        }
+      }
+      at::vec::convert(dS, x.Sv.data(), fw.MP * d.DvP);  // Sv is free in the backward
+      interleave_vnni(x.Sv.data(), fw.MP, d.DvP, x.dSv.data());
+      transpose(fw.MP, d.DvP, dS, d.DvP, w.dST.data(), fw.MP);  // [DvP, MP]
+      at::vec::convert(w.dST.data(), x.Sv.data(), d.DvP * fw.MP);
+      interleave_vnni(x.Sv.data(), d.DvP, fw.MP, x.dSTv.data());
+      for (int64_t t0 = 0; t0 < d.Nk; t0 += C) {
+        const int64_t L = std::min(C, d.Nk - t0);
+        const int64_t row = bg * d.Nk + t0;
+        const T* ks = k + row * fw.D;
+        common::vnni_gemm(L, fw.MP, fw.D, ks, fw.D, mx.WTv.data(), fw.MP, w.F.data(), fw.MP, false);
+        half_norms(ks, L, fw.D, fw.root, w.hn.data(), w.dX.data());
+        for (int64_t i = 0; i < L; ++i) w.hn[i] += c;
+        mx_row_features(L, fw, w.hn.data(), w.F.data(), x.F16.data());  // φ(k) [C, MP]
+        load_values16(v + row * d.Dv, L, d, x.V16.data());
+        common::vnni_gemm(L, fw.MP, d.DvP, x.V16.data(), d.DvP, x.dSTv.data(), fw.MP, w.H.data(), fw.MP, false);  // dφ(k)
+        common::vnni_gemm(L, d.DvP, fw.MP, x.F16.data(), fw.MP, x.dSv.data(), d.DvP, w.dN.data(), d.DvP, false);  // dV'
+        for (int64_t i = 0; i < L; ++i)
+          for (int64_t e = 0; e < d.Dv; ++e) dv[(row + i) * d.Dv + e] = static_cast<T>(w.dN[i * d.DvP + e]);
+        mx_input_grad(w.H.data(), w.F.data(), ks, L, fw, mx, x.F16.data(), w.dX.data(), w.X.data(), dk + row * fw.D);
+      }
+    }
+    common::vnni_release();
+  });
+}
+
+template <typename T>
+constexpr bool kSixteenBit = std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>;
+
+template <typename scalar_t>
+bool favor_on_matrix_units(const at::Tensor& q, const at::Tensor& v) {
+  if constexpr (kSixteenBit<scalar_t>)
+    return common::matrix_units_available(q.scalar_type()) && q.size(3) % 2 == 0 && v.size(3) % 2 == 0;
+  return false;
+}
+
+// Entry points for every dispatched type (the op's dispatch lambda is not a template);
+// favor_on_matrix_units is false for float and double, so only 16-bit types get here.
+template <typename scalar_t, typename acc_t>
+void mx_favor_forward(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* q, const scalar_t* k, const scalar_t* v,
+                      acc_t eps, scalar_t* out, acc_t* states, acc_t* shifts) {
+  if constexpr (kSixteenBit<scalar_t>) mx_favor_forward_impl(d, fw, q, k, v, eps, out, states, shifts);
+}
+template <typename scalar_t, typename acc_t>
+void mx_favor_backward(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* dout, const scalar_t* q, const scalar_t* k,
+                       const scalar_t* v, const acc_t* states, const acc_t* shifts, acc_t eps, scalar_t* dq, scalar_t* dk,
+                       scalar_t* dv) {
+  if constexpr (kSixteenBit<scalar_t>) mx_favor_backward_impl(d, fw, dout, q, k, v, states, shifts, eps, dq, dk, dv);
+}
+
+template <typename acc_t>
+FavorW<acc_t> make_favor_w(const at::Tensor& projection, double scale) {
+  constexpr int64_t W = at::vec::Vectorized<acc_t>::size();
+  FavorW<acc_t> fw;
+  fw.M = projection.size(0);
+  fw.D = projection.size(1);
+  fw.MP = round_up(fw.M, W);
+  fw.root = static_cast<acc_t>(std::sqrt(scale));
+  fw.log_root = static_cast<acc_t>(0.5 * std::log(double(fw.M)));
+  const at::Tensor p = projection.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+  const acc_t* src = p.data_ptr<acc_t>();
+  fw.W.assign(fw.MP * fw.D, acc_t(0));
+  fw.WT.assign(fw.D * fw.MP, acc_t(0));
+  for (int64_t m = 0; m < fw.M; ++m)
+    for (int64_t e = 0; e < fw.D; ++e) {
+      fw.W[m * fw.D + e] = src[m * fw.D + e];
+      fw.WT[e * fw.MP + m] = src[m * fw.D + e];
+    }
+  return fw;
+}
+
+template <typename acc_t>
+Dims make_favor_dims(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const FavorW<acc_t>& fw) {
+  Dims d = make_dims<acc_t>(q, k, v);
+  d.MP = fw.MP;  // the state's rows are the M features
+  return d;
+}
+
+void check_favor(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& projection) {
+  common::check_qkv(op, q, k, v);
+  TORCH_CHECK(projection.dim() == 2 && projection.size(1) == q.size(3) && projection.size(0) > 0, op,
+              ": projection must be (M, D) with D = ", q.size(3), ", got ", projection.sizes());
+  TORCH_CHECK(q.size(2) > 0 && k.size(2) > 0, op, ": needs Nq > 0 and Nk > 0");
+}
+
+// -> (out, S' [B, Hk, M, Dv + 1], key shift c [B, Hk]): the last two only for the backward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> favor_attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                                   const at::Tensor& v_in, const at::Tensor& projection,
+                                                                   double scale, double eps) {
+  check_favor("favor_attention_fwd", q_in, k_in, v_in, projection);
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
+  at::Tensor states, shifts;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "favor_attention_fwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const FavorW<acc_t> fw = make_favor_w<acc_t>(projection, scale);
+    const Dims d = make_favor_dims<acc_t>(q, k, v, fw);
+    const auto acc = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    states = at::empty({d.B, d.Hk, fw.M, d.Dv + 1}, acc);
+    shifts = at::empty({d.B, d.Hk}, acc);
+    if (favor_on_matrix_units<scalar_t>(q, v)) {
+      mx_favor_forward(d, fw, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), static_cast<acc_t>(eps),
+                       out.data_ptr<scalar_t>(), states.data_ptr<acc_t>(), shifts.data_ptr<acc_t>());
+      return;
+    }
+    favor_forward(d, fw, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), static_cast<acc_t>(eps),
+                  out.data_ptr<scalar_t>(), states.data_ptr<acc_t>(), shifts.data_ptr<acc_t>());
+  });
+  return {out, states, shifts};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> favor_attention_bwd(const at::Tensor& dout_in, const at::Tensor& q_in,
+                                                                   const at::Tensor& k_in, const at::Tensor& v_in,
+                                                                   const at::Tensor& projection, const at::Tensor& states_in,
+                                                                   const at::Tensor& shifts_in, double scale, double eps) {
+  check_favor("favor_attention_bwd", q_in, k_in, v_in, projection);
+  const at::Tensor states = states_in.contiguous(), shifts = shifts_in.contiguous();
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const at::Tensor dout = dout_in.to(q.scalar_type()).contiguous();
+  TORCH_CHECK(dout.sizes() == at::IntArrayRef({q.size(0), q.size(1), q.size(2), v.size(3)}),
+              "favor_attention_bwd: dout must be (B, Hq, Nq, Dv)");
+  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "favor_attention_bwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const FavorW<acc_t> fw = make_favor_w<acc_t>(projection, scale);
+    const Dims d = make_favor_dims<acc_t>(q, k, v, fw);
+    TORCH_CHECK(states.sizes() == at::IntArrayRef({d.B, d.Hk, fw.M, d.Dv + 1}) && shifts.sizes() == at::IntArrayRef({d.B, d.Hk}) &&
+                    states.scalar_type() == c10::CppTypeToScalarType<acc_t>::value && shifts.scalar_type() == states.scalar_type(),
+                "favor_attention_bwd: states / shifts must be the forward's");
+    if (favor_on_matrix_units<scalar_t>(q, v)) {
+      mx_favor_backward(d, fw, dout.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+                        v.data_ptr<scalar_t>(), states.data_ptr<acc_t>(), shifts.data_ptr<acc_t>(), static_cast<acc_t>(eps),
+                        dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
+      return;
+    }
+    favor_backward(d, fw, dout.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                   states.data_ptr<acc_t>(), shifts.data_ptr<acc_t>(), static_cast<acc_t>(eps), dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
+  });
+  return {dq, dk, dv};
+}
+
+// ---------------------------------------------------------------------------
 // Op entry points.
 
 // Op-boundary invariants only (the Python API validates user arguments): shapes
@@ -666,4 +1328,13 @@ TORCH_LIBRARY_FRAGMENT(ATTNKERNELS_NS, m) {
       "linear_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, str feature_map, bool causal, bool normalize, "
       "float eps, float scale, Tensor? initial_s, Tensor? initial_z) -> (Tensor dq, Tensor dk, Tensor dv)",
       &linear_attention_bwd);
+  m.def(
+      "favor_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor projection, float scale, float eps) "
+      "-> (Tensor out, Tensor states, Tensor shifts)",
+      &favor_attention_fwd);
+  m.def(
+      "favor_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor projection, Tensor states, Tensor shifts, "
+      "float scale, float eps) "
+      "-> (Tensor dq, Tensor dk, Tensor dv)",
+      &favor_attention_bwd);
 }

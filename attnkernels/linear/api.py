@@ -4,8 +4,10 @@ They build a `LinearCall` (call.py: the inputs validated once, the options — f
 map, scale, state — resolved to the op's conventions) and run it through
 `torch.ops.attnkernels.linear_attention_fwd` (ops.py).
 Elementwise feature maps ("elu", "relu", "identity") are fused into the
-kernels; PerformerFeatures (or any callable) are applied here in torch, and the
-kernels then see them as "identity" features of width M.
+kernels; PerformerFeatures on CPU, non-causal, without a mask or a state, run fused
+in the C++ kernel too (favor.py: projection, stabilisers and exp per chunk); in every
+other case they (and any callable) are applied here in torch, and the kernels then see
+them as "identity" features of width M.
 """
 from __future__ import annotations
 
@@ -14,8 +16,9 @@ from typing import NamedTuple
 from torch import Tensor
 
 from .. import _checks
-from . import ops
-from .call import FeatureMap, LinearCall
+from ..conventions import softmax_scale
+from . import favor, ops
+from .call import FeatureMap, LinearCall, check_eps
 from .varlen import varlen_linear_attention
 
 
@@ -98,6 +101,10 @@ def linear_attention(
             out, (final_s, final_z) = result
             return out, LinearAttentionState(final_s, final_z)
         return result
+    if favor.fusable(q, k, v, feature_map, causal=causal, normalize=normalize, initial_state=initial_state,
+                     return_final_state=return_final_state, key_padding_mask=key_padding_mask):
+        _checks.check_qkv(q, k, v)
+        return favor.run(q, k, v, feature_map, softmax_scale(scale, q.shape[-1]), check_eps(eps))
     call, q_features, k_features, v = LinearCall.build(
         q, k, v, feature_map=feature_map, causal=causal, normalize=normalize, eps=eps, scale=scale,
         initial_state=initial_state, return_final_state=return_final_state, key_padding_mask=key_padding_mask,

@@ -55,7 +55,7 @@ class LinearCall(OpCall):
                 f"causal: causal linear attention needs as many queries as keys, got Nq={q.shape[2]}, Nk={k.shape[2]} "
                 "(stream a prefix with initial_state instead)"
             )
-        eps = _check_eps(eps)
+        eps = check_eps(eps)
         _checks.check_key_padding_mask(key_padding_mask, q, k)
         if key_padding_mask is not None and not isinstance(feature_map, str):
             k = _fill_padded_keys(k, key_padding_mask)
@@ -84,7 +84,7 @@ def _fill_padded_keys(k: Tensor, key_padding_mask: Tensor) -> Tensor:
     return torch.where(key_padding_mask[:, None, :, None], fill, k)
 
 
-def _check_eps(eps) -> float:
+def check_eps(eps) -> float:
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps: expected a positive float, got {type(eps).__name__}")
     eps = float(eps)

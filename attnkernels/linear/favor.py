@@ -1,0 +1,98 @@
+"""FAVOR+ (PerformerFeatures) non-causal attention with the feature map fused into the C++ kernel.
+
+`linear_attention(q, k, v, feature_map=PerformerFeatures(...))` on CPU tensors, non-causal,
+without a key padding mask or a carried state, runs `torch.ops.attnkernels.favor_attention_fwd`
+(and its backward op): csrc/linear.cpp computes each chunk's projection x Wᵀ, the stabilisers
+and the exp on a cache-resident tile and feeds it straight to the state / output products, so
+the (N, M) feature tensors the torch map builds (and autograd keeps) are never materialised.
+Same function as the unfused path (features.py then the "identity" kernel): the same
+stabilisers, detached the same way; only the rounding differs (fp32 logits for bf16/fp16
+inputs, where torch's matmul rounds them to the input dtype before the exp).
+Every other case, and any other backend (`attnkernels.backend("reference")`), keeps the
+unfused path.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from .features import PerformerFeatures
+
+
+def fusable(q: Tensor, k: Tensor, v: Tensor, features, *, causal: bool, normalize: bool, initial_state,
+            return_final_state: bool, key_padding_mask) -> bool:
+    """Whether the fused C++ FAVOR+ path runs this call (else the torch feature map does)."""
+    if not isinstance(features, PerformerFeatures) or causal or not normalize or initial_state is not None:
+        return False
+    if return_final_state or key_padding_mask is not None:
+        return False
+    if not all(isinstance(t, Tensor) for t in (q, k, v)) or q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return False  # the unfused path's checks name the bad argument
+    if q.device.type != "cpu" or backends.forced_backend() not in (None, "cpu"):
+        return False
+    if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point or features.projection.requires_grad:
+        return False
+    if features.head_dim != q.shape[-1] or q.shape[2] == 0 or k.shape[2] == 0:
+        return False
+    return _kernels_available()
+
+
+@torch.compiler.assume_constant_result
+def _kernels_available() -> bool:
+    """The C++ build loads here and has the fused ops (a constant of the process, for torch.compile too)."""
+    if backends.why_not("linear", "cpu", torch.device("cpu")) is not None:
+        return False
+    return hasattr(backends.cpu_kernels(), "favor_attention_fwd")
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, scale: float,
+             eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, states, shifts): the key state [S | z] (B, Hk, M, Dv + 1) and the key stabiliser (B, Hk),
+    float32 (float64 for float64 inputs), kept for the backward (its state pass is not rerun)."""
+    return backends.cpu_kernels().favor_attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), projection, scale, eps)
+
+
+def _backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, projection: Tensor, states: Tensor, shifts: Tensor,
+              scale: float, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    return backends.cpu_kernels().favor_attention_bwd(
+        dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), projection, states, shifts, scale, eps)
+
+
+favor_attention_fwd = torch.library.custom_op("attnkernels::favor_attention_fwd", _forward, mutates_args=())
+favor_attention_bwd = torch.library.custom_op("attnkernels::favor_attention_bwd", _backward, mutates_args=())
+
+
+@favor_attention_fwd.register_fake
+def _(q, k, v, projection, scale, eps):
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    batch, kv_heads = k.shape[:2]
+    states = q.new_empty(batch, kv_heads, projection.shape[0], v.shape[-1] + 1, dtype=acc)
+    return q.new_empty(*q.shape[:3], v.shape[-1]), states, q.new_empty(batch, kv_heads, dtype=acc)
+
+
+@favor_attention_bwd.register_fake
+def _(dout, q, k, v, projection, states, shifts, scale, eps):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, projection, scale, eps = inputs
+    _, states, shifts = output
+    ctx.save_for_backward(q, k, v, projection, states, shifts)
+    ctx.scale, ctx.eps = scale, eps
+    ctx.mark_non_differentiable(states, shifts)
+
+
+def _autograd_backward(ctx, grad_out, grad_states, grad_shifts):
+    q, k, v, projection, states, shifts = ctx.saved_tensors
+    dq, dk, dv = favor_attention_bwd(grad_out, q, k, v, projection, states, shifts, ctx.scale, ctx.eps)
+    return dq, dk, dv, None, None, None
+
+
+favor_attention_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def run(q: Tensor, k: Tensor, v: Tensor, features: PerformerFeatures, scale: float, eps: float) -> Tensor:
+    """out (B, Hq, Nq, Dv) of FAVOR+ attention; `scale` is the softmax logit scale (q and k times sqrt(scale))."""
+    return favor_attention_fwd(q, k, v, features.projection, scale, eps)[0]
