@@ -191,6 +191,76 @@ inline T softcap_exp_sum(T* x, int64_t n, T a, T cap, T m) {
   return s;
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// vtanh with the clamp as one vrangeps (magnitude min(|y|, 9), y's sign; a NaN stays NaN).
+inline __m512 vtanh_range(__m512 y) {
+  const __m512 x = _mm512_range_ps(y, _mm512_set1_ps(kTanhClamp), 0x02);
+  const __m512 z = _mm512_mul_ps(x, x);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(kTanhP[4]), z, _mm512_set1_ps(kTanhP[3]));
+  __m512 q = _mm512_fmadd_ps(_mm512_set1_ps(kTanhQ[4]), z, _mm512_set1_ps(kTanhQ[3]));
+  p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(kTanhP[2]));
+  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(kTanhQ[2]));
+  p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(kTanhP[1]));
+  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(kTanhQ[1]));
+  p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(kTanhP[0]));
+  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(kTanhQ[0]));
+  const __m512 r0 = _mm512_rcp14_ps(q);
+  return _mm512_mul_ps(_mm512_mul_ps(x, p), _mm512_mul_ps(r0, _mm512_fnmadd_ps(q, r0, _mm512_set1_ps(2.f))));
+}
+
+// exp(x) for x in [-87, 0.1] or NaN (the caller bounds it): exp_u20's degree-5 polynomial of
+// exp(r), r = x - n·ln 2 with n = round(x · log2 e) reduced in two steps (Cody-Waite: ln 2 as a
+// high part exact in float plus a low part, so that n·ln 2 loses nothing for |n| up to 126),
+// then 2^n by vscalefps. exp_u20's range masks (clamps, a compare, a blend) and its integer
+// exponent build are not needed here: 9 vector ops against ~20.
+inline __m512 exp_bounded(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 e = _mm512_fmadd_ps(r, _mm512_set1_ps(0.00828929059f), _mm512_set1_ps(0.0418978221f));
+  e = _mm512_fmadd_ps(r, e, _mm512_set1_ps(0.166676521f));
+  e = _mm512_fmadd_ps(r, e, _mm512_set1_ps(0.499991506f));
+  e = _mm512_fmadd_ps(r, e, _mm512_set1_ps(0.999999701f));
+  e = _mm512_fmadd_ps(r, e, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(e, n);
+}
+
+// softcap_exp_sum on float with AVX-512: the exponent cap · tanh - m lies in [-2·cap, ~0]
+// (m = cap <= 32, the fixed row max), so the bounded exp applies. Same summation order.
+inline __m512 softcap_exp_f32(const float* x, __m512 va, __m512 vcap, __m512 vnm) {
+  return exp_bounded(_mm512_fmadd_ps(vtanh_range(_mm512_mul_ps(_mm512_loadu_ps(x), va)), vcap, vnm));
+}
+
+inline float softcap_exp_sum(float* x, int64_t n, float a, float cap, float m) {
+  constexpr int64_t W = 16;
+  const __m512 va = _mm512_set1_ps(a), vcap = _mm512_set1_ps(cap), vnm = _mm512_set1_ps(-m);
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 4 * W <= n; i += 4 * W) {
+    const __m512 e0 = softcap_exp_f32(x + i, va, vcap, vnm), e1 = softcap_exp_f32(x + i + W, va, vcap, vnm);
+    const __m512 e2 = softcap_exp_f32(x + i + 2 * W, va, vcap, vnm), e3 = softcap_exp_f32(x + i + 3 * W, va, vcap, vnm);
+    _mm512_storeu_ps(x + i, e0);
+    _mm512_storeu_ps(x + i + W, e1);
+    _mm512_storeu_ps(x + i + 2 * W, e2);
+    _mm512_storeu_ps(x + i + 3 * W, e3);
+    s0 = _mm512_add_ps(s0, _mm512_add_ps(e0, e2));
+    s1 = _mm512_add_ps(s1, _mm512_add_ps(e1, e3));
+  }
+  for (; i + W <= n; i += W) {
+    const __m512 e = softcap_exp_f32(x + i, va, vcap, vnm);
+    _mm512_storeu_ps(x + i, e);
+    s0 = _mm512_add_ps(s0, e);
+  }
+  float s = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+  for (; i < n; ++i) {
+    x[i] = std::exp(cap * tanh_scalar(x[i] * a) - m);
+    s += x[i];
+  }
+  return s;
+}
+#endif
+
 // x <- exp(x * scale - lse[c]) per column c (lse = +inf for a row that sees nothing -> 0).
 template <typename T>
 inline void exp_scaled_minus(T* x, int64_t n, T scale, const T* lse, bool lse_per_column) {
