@@ -566,7 +566,8 @@ __attribute__((target("avx512bf16"))) inline float softcap_exp_sum_round_bf16(co
     s0 = _mm512_add_ps(s0, _mm512_add_ps(e0, e2));
     s1 = _mm512_add_ps(s1, _mm512_add_ps(e1, e3));
     _mm512_storeu_si512(reinterpret_cast<void*>(out + i), reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e1, e0)));
-    _mm512_storeu_si512(reinterpret_cast<void*>(out + i + 2 * W), reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e3, e2)));
+    _mm512_storeu_si512(reinterpret_cast<void*>(out + i + 2 * W),
+                        reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e3, e2)));
   }
   for (; i + 2 * W <= n; i += 2 * W) {
     const __m512 e0 = softcap_exp_vec(x + i, va, pc0, pc1, pc2, vnm);

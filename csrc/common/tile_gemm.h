@@ -162,16 +162,18 @@ inline bool matrix_units_available(at::ScalarType t) {
 
 // x [..., R, C] (C even) -> VNNI pairs of rows [..., ceil(R / 2), C, 2], a zero row padding odd R.
 // Where oneDNN packs for the matrix units (cpublas::could_pack), one cpublas::pack (oneDNN's
-// B-operand transform) per [R, C] matrix: measured 336 -> 49 us for [1, 8, 1024, 64] bf16 (a clone: 47 us), where
-// torch's generic copy of the transposed view moves 16-bit elements with a stride of 2. oneDNN's
-// transform takes an output leading dimension of 16, 32, 48 or 64 only ("could not create a BRGeMM
-// ukernel packing B object" for C = 40 or 128), so only those widths take it; the others keep the copy.
+// B-operand transform) per [R, C] matrix: measured 336 -> 49 us for [1, 8, 1024, 64] bf16 (a
+// clone: 47 us), where torch's generic copy of the transposed view moves 16-bit elements with a
+// stride of 2. oneDNN's transform takes an output leading dimension of 16, 32, 48 or 64 only
+// ("could not create a BRGeMM ukernel packing B object" for C = 40 or 128), so only those widths
+// take it; the others keep the copy.
 inline at::Tensor vnni_rows(const at::Tensor& x) {
   const int64_t R = x.size(-2), C = x.size(-1), Re = R + (R & 1);
   std::vector<int64_t> out(x.sizes().begin(), x.sizes().end() - 2);
   out.insert(out.end(), {Re / 2, C, 2});
   const at::ScalarType t = x.scalar_type();
-  if (at::native::cpublas::could_pack(t) && (t == at::kBFloat16 || t == at::kHalf) && R > 1 && C % 16 == 0 && C > 0 && C <= 64) {
+  const bool packs = (t == at::kBFloat16 || t == at::kHalf) && C > 0 && C % 16 == 0 && C <= 64;
+  if (packs && R > 1 && at::native::cpublas::could_pack(t)) {
     const at::Tensor xc = x.contiguous();
     at::Tensor y = at::empty(out, x.options());
     const int64_t mats = xc.numel() / (R * C), Rp = R & ~int64_t(1);  // Rp: the rows that pair
