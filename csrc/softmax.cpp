@@ -672,6 +672,50 @@ inline acc_type<T> softcap_row(acc_type<T>* x, int64_t n, acc_type<T> a, acc_typ
   return 0;
 }
 
+// The forward's softcap with a fixed row max (softcap alone, scale > 0, no dropout; float32,
+// and bf16 with AVX512-BF16): every capped logit lies in [-cap, cap], so m = cap bounds each
+// row from the start, and with cap <= kFixedMaxCap the smallest P, e^(-2·cap) >= e^-64
+// (2^-92), stays a normal float, far from the flush of denormals (2^-126) and from
+// exp2_poly4_bounded's range: P = exp(s - cap) is then as exact, relative to its row, as
+// with the running max, with no max pass, no rescale of the accumulator and the tanh inside
+// the exp pass. Wider caps take the online max (the generic / split passes).
+constexpr double kFixedMaxCap = 32.0;
+
+template <typename T>
+inline bool fixed_max_softcap(const Modifiers<acc_type<T>>& md, acc_type<T> scale) {
+  if (!(md.cap > 0 && md.cap <= kFixedMaxCap && !md.slopes && !md.bias && !md.dropout && scale > 0)) return false;
+  if constexpr (std::is_same_v<T, float>) return true;
+#ifdef ATTNKERNELS_NATIVE_BF16
+  if constexpr (std::is_same_v<T, at::BFloat16>) return common::bf16_native_ok();
+#endif
+  return false;
+}
+
+// One row of P under the fixed-max softcap: exp(cap · tanh(x · a) - m) from the raw q·k
+// products (a = scale / cap), returns its sum; float: in place in x, bf16: rounded into
+// prow at exp_row's pair-aligned offset (x left as it was).
+template <typename T>
+inline acc_type<T> softcap_exp_row(acc_type<T>* x, int64_t n, acc_type<T> a, acc_type<T> cap, acc_type<T> m, T* prow,
+                                   int64_t start) {
+  if constexpr (kMatrixUnits<T>) {
+#ifdef ATTNKERNELS_NATIVE_BF16
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      const int64_t sh = start & 1, K = (n + sh + 1) & ~int64_t(1);
+      if (sh) prow[0] = T(0);
+      const float sum = common::softcap_exp_sum_round_bf16(x, n, a, cap, m, prow + sh);
+      if (n + sh < K) prow[K - 1] = T(0);
+      return sum;
+    }
+#endif
+    (void)x, (void)n, (void)a, (void)cap, (void)m, (void)prow, (void)start;
+    TORCH_INTERNAL_ASSERT(false, "softcap_exp_row: only float32 and bf16 with AVX512-BF16 fix the row max");
+    return 0;
+  } else {
+    (void)prow, (void)start;
+    return common::softcap_exp_sum(x, n, a, cap, m);
+  }
+}
+
 // p_row_bwd under the fused softcap: x[0, n) <- P from the raw products, rounded into `low`
 // (offsets as p_row_bwd), grad[0, n) = scale · (1 - tanh²).
 template <typename T>
@@ -770,6 +814,7 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
     std::vector<uint32_t> words(md.dropout ? kBlockN / 4 + 8 : 0);  // a row's Philox words, 4 keys' bytes each
     std::vector<A> bias_tmp(md.bias ? kBlockN : 0);                 // a bias row converted to A
     const bool logits = md.logits(), fcap = fused_softcap<T>(md, scale), fdrop = fused_dropout<T>(md);
+    const bool fixed = fixed_max_softcap<T>(md, scale);
     std::optional<common::PhiloxThreadKeys> drop_keys;  // the fused dropout pass's round keys
     if (fdrop) drop_keys.emplace(md.key);
     for (int64_t task = begin; task < end; ++task) {
@@ -780,12 +825,32 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
       const T* kT_h = kT + (b * p.Hk + hk) * p.nKt * p.D * kBlockN;       // packed [nKt, D, BLOCK_N]
       const T* v_h = v + (b * p.Hk + hk) * operand_rows<T>(p.Nk) * p.Dv;  // [Nk, Dv]
       fill(acc.data(), M * p.Dv, A(0));
-      fill(m.data(), M, neg_inf);
+      fill(m.data(), M, fixed ? A(md.cap) : neg_inf);
       fill(l.data(), M, A(0));
       for_each_kv_tile(p, b, h, i0, i1, [&](int64_t j0, int64_t j1) {
         const int64_t N = j1 - j0;
         gemm_packed<T>(M, N, p.D, q_t, p.D, kT_h, j0, kBlockN, s.data(), kBlockN);  // S = Q Kᵀ [M, N]
         const bool masked = window_cuts(p, i0, i1, j0, j1) || padding_cuts(p, b, j0, j1);
+        if (fixed) {  // m = cap throughout: P straight from the raw products, no max, no rescale
+          const A a = scale * md.inv_cap;
+          for (int64_t r = 0; r < M; ++r) {
+            A* sr = s.data() + r * kBlockN;
+            T* prow = p_lowp.data() + r * kLowpLd;
+            if (masked) {  // the capped logits first, so that the mask's -inf stays -inf (P = 0)
+              if constexpr (kMatrixUnits<T>)
+                softcap_row<T>(sr, N, a, md.cap, false);
+              else
+                logits_pass<true, false, false>(sr, N, scale, md.cap, md.inv_cap, A(0), A(0), A(0),
+                                                static_cast<const A*>(nullptr), static_cast<A*>(nullptr));
+              mask_query_row(p, b, i0 + r, j0, j1, sr, neg_inf);
+              l[r] += exp_row<T>(sr, N, A(1), md.cap, prow, j0);
+            } else {
+              l[r] += softcap_exp_row<T>(sr, N, a, md.cap, md.cap, prow, j0);
+            }
+          }
+          gemm_seq<T>(M, p.Dv, j0, j1, s.data(), kBlockN, v_h, p_lowp.data(), acc.data(), p.Dv, true);  // O += P V
+          return;
+        }
         // scale > 0 (the usual case): the max of the raw scores, read-only, and the
         // scale folded into the exp's FMA (-inf · scale stays -inf). Else scale first,
         // so that a masked -inf never meets a zero scale.

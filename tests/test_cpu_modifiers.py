@@ -273,6 +273,49 @@ def test_fp32_fp16(case, dtype):
     check(case, dtype)
 
 
+# Softcap alone with cap <= 32 and no dropout: the forward fixes every row's max at cap and runs the tanh
+# inside the exp pass (csrc/softmax.cpp, fixed_max_softcap); a wider cap keeps the running max.
+FIXED_MAX_CASES = [
+    Case((2, 4, 2, 97, 61, 64), CAUSAL, softcap=5.0),  # Nq > Nk: rows that see no key
+    Case((2, 4, 2, 130, 300, 64), DENSE, softcap=32.0, kpm=True),  # at the limit; padded keys cut tiles
+    Case((1, 2, 1, 97, 600, 64), CAUSAL, softcap=30.0),  # three key tiles, the last one cut by the diagonal
+    Case((1, 4, 2, 300, 301, 64), (70, 5), softcap=30.0, sinks=True),  # odd tile starts, a sink per head
+    Case((2, 4, 2, 97, 300, 32), DENSE, softcap=50.0),  # above the limit: the running max
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("case", FIXED_MAX_CASES, ids=[c.id for c in FIXED_MAX_CASES])
+def test_softcap_fixed_max(case, dtype):
+    check(case, dtype)
+
+
+class FarBelowCapCase(Case):
+    """The even query rows' raw logits about -2·cap (capped: -cap · tanh 2 = -0.96·cap): under the fixed
+    max m = cap their P are about e^(-1.96·cap) (e^-62.8 at cap 32), next to rows of ordinary logits."""
+
+    def inputs(self, dtype, seed=0):
+        q, k, v, dout, opts = super().inputs(torch.float32, seed)
+        g = torch.Generator().manual_seed(seed + 1)
+        d = q.shape[-1]
+        u = torch.randn(d, generator=g)
+        k = u + 0.3 * torch.randn(k.shape, generator=g)
+        alpha = 2 * self.softcap * math.sqrt(d) / u.dot(u)  # (-alpha·u)·u / sqrt(d) = -2·cap
+        q[..., ::2, :] = -alpha * u + 0.3 * torch.randn(q[..., ::2, :].shape, generator=g)
+        return q.to(dtype), k.to(dtype), v.to(dtype), dout.to(dtype), opts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("window", [CAUSAL, DENSE], ids=window_mode)
+@pytest.mark.parametrize("cap", [30.0, 32.0, 50.0])
+def test_softcap_rows_far_below_the_cap(cap, window, dtype):
+    case = FarBelowCapCase((1, 4, 2, 97, 300, 64), window, softcap=cap)
+    q, k, _, _, opts = case.inputs(torch.float64)
+    capped = cap * torch.tanh(q[..., ::2, :] @ k.repeat_interleave(2, 1).transpose(-1, -2) / 8 / cap)
+    assert (capped < -0.9 * cap).all()  # the case is what it claims
+    check(case, dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=DTYPE_IDS.get)
 def test_bias_views_are_read_through_their_strides(dtype):
     """An expanded bias (stride-0 dims) and a transposed one give the same result as their contiguous copies."""

@@ -154,6 +154,113 @@ inline T exp_fma_sum(T* x, int64_t n, T a, T b) {
   return s;
 }
 
+// Softcap forward row with a fixed row max m: x <- exp(cap · tanh(x · a) - m) in place
+// (a = scale / cap, x the raw q·k products, the cap folded into the exp's FMA), returns
+// the sum in exp_fma_sum's order. The tanh and the exp in one pass: no capped row goes
+// back to memory. Four vectors per iteration: each one's chain (tanh, then exp) is long,
+// and independent chains side by side let the out-of-order core overlap them.
+template <typename T>
+inline T softcap_exp_sum(T* x, int64_t n, T a, T cap, T m) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const Vec va(a), vcap(cap), vnm(-m);
+  Vec s0(T(0)), s1(T(0));
+  int64_t i = 0;
+  for (; i + 4 * W <= n; i += 4 * W) {
+    const Vec e0 = vexp(at::vec::fmadd(vtanh(Vec::loadu(x + i) * va), vcap, vnm));
+    const Vec e1 = vexp(at::vec::fmadd(vtanh(Vec::loadu(x + i + W) * va), vcap, vnm));
+    const Vec e2 = vexp(at::vec::fmadd(vtanh(Vec::loadu(x + i + 2 * W) * va), vcap, vnm));
+    const Vec e3 = vexp(at::vec::fmadd(vtanh(Vec::loadu(x + i + 3 * W) * va), vcap, vnm));
+    e0.store(x + i);
+    e1.store(x + i + W);
+    e2.store(x + i + 2 * W);
+    e3.store(x + i + 3 * W);
+    s0 = s0 + (e0 + e2);
+    s1 = s1 + (e1 + e3);
+  }
+  for (; i + W <= n; i += W) {
+    const Vec e = vexp(at::vec::fmadd(vtanh(Vec::loadu(x + i) * va), vcap, vnm));
+    e.store(x + i);
+    s0 = s0 + e;
+  }
+  T s = hsum<T>(s0 + s1);
+  for (; i < n; ++i) {
+    x[i] = std::exp(cap * tanh_scalar(x[i] * a) - m);
+    s += x[i];
+  }
+  return s;
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// vtanh with the clamp as one vrangeps (magnitude min(|y|, 9), y's sign; a NaN stays NaN).
+inline __m512 vtanh_range(__m512 y) {
+  const __m512 x = _mm512_range_ps(y, _mm512_set1_ps(kTanhClamp), 0x02);
+  const __m512 z = _mm512_mul_ps(x, x);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(kTanhP[4]), z, _mm512_set1_ps(kTanhP[3]));
+  __m512 q = _mm512_fmadd_ps(_mm512_set1_ps(kTanhQ[4]), z, _mm512_set1_ps(kTanhQ[3]));
+  p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(kTanhP[2]));
+  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(kTanhQ[2]));
+  p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(kTanhP[1]));
+  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(kTanhQ[1]));
+  p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(kTanhP[0]));
+  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(kTanhQ[0]));
+  const __m512 r0 = _mm512_rcp14_ps(q);
+  return _mm512_mul_ps(_mm512_mul_ps(x, p), _mm512_mul_ps(r0, _mm512_fnmadd_ps(q, r0, _mm512_set1_ps(2.f))));
+}
+
+// exp(x) for x in [-87, 0.1] or NaN (the caller bounds it): exp_u20's degree-5 polynomial of
+// exp(r), r = x - n·ln 2 with n = round(x · log2 e) reduced in two steps (Cody-Waite: ln 2 as a
+// high part exact in float plus a low part, so that n·ln 2 loses nothing for |n| up to 126),
+// then 2^n by vscalefps. exp_u20's range masks (clamps, a compare, a blend) and its integer
+// exponent build are not needed here: 9 vector ops against ~20.
+inline __m512 exp_bounded(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 e = _mm512_fmadd_ps(r, _mm512_set1_ps(0.00828929059f), _mm512_set1_ps(0.0418978221f));
+  e = _mm512_fmadd_ps(r, e, _mm512_set1_ps(0.166676521f));
+  e = _mm512_fmadd_ps(r, e, _mm512_set1_ps(0.499991506f));
+  e = _mm512_fmadd_ps(r, e, _mm512_set1_ps(0.999999701f));
+  e = _mm512_fmadd_ps(r, e, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(e, n);
+}
+
+// softcap_exp_sum on float with AVX-512: the exponent cap · tanh - m lies in [-2·cap, ~0]
+// (m = cap <= 32, the fixed row max), so the bounded exp applies. Same summation order.
+inline __m512 softcap_exp_f32(const float* x, __m512 va, __m512 vcap, __m512 vnm) {
+  return exp_bounded(_mm512_fmadd_ps(vtanh_range(_mm512_mul_ps(_mm512_loadu_ps(x), va)), vcap, vnm));
+}
+
+inline float softcap_exp_sum(float* x, int64_t n, float a, float cap, float m) {
+  constexpr int64_t W = 16;
+  const __m512 va = _mm512_set1_ps(a), vcap = _mm512_set1_ps(cap), vnm = _mm512_set1_ps(-m);
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 4 * W <= n; i += 4 * W) {
+    const __m512 e0 = softcap_exp_f32(x + i, va, vcap, vnm), e1 = softcap_exp_f32(x + i + W, va, vcap, vnm);
+    const __m512 e2 = softcap_exp_f32(x + i + 2 * W, va, vcap, vnm), e3 = softcap_exp_f32(x + i + 3 * W, va, vcap, vnm);
+    _mm512_storeu_ps(x + i, e0);
+    _mm512_storeu_ps(x + i + W, e1);
+    _mm512_storeu_ps(x + i + 2 * W, e2);
+    _mm512_storeu_ps(x + i + 3 * W, e3);
+    s0 = _mm512_add_ps(s0, _mm512_add_ps(e0, e2));
+    s1 = _mm512_add_ps(s1, _mm512_add_ps(e1, e3));
+  }
+  for (; i + W <= n; i += W) {
+    const __m512 e = softcap_exp_f32(x + i, va, vcap, vnm);
+    _mm512_storeu_ps(x + i, e);
+    s0 = _mm512_add_ps(s0, e);
+  }
+  float s = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+  for (; i < n; ++i) {
+    x[i] = std::exp(cap * tanh_scalar(x[i] * a) - m);
+    s += x[i];
+  }
+  return s;
+}
+#endif
+
 // x <- exp(x * scale - lse[c]) per column c (lse = +inf for a row that sees nothing -> 0).
 template <typename T>
 inline void exp_scaled_minus(T* x, int64_t n, T scale, const T* lse, bool lse_per_column) {
@@ -417,6 +524,65 @@ __attribute__((target("avx512bf16"))) inline void softcap_grad_round_bf16(const 
     _mm512_storeu_si512(reinterpret_cast<void*>(out + i), reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(d1, d0)));
   }
   for (; i < n; ++i) out[i] = at::BFloat16(p[i] * (dp[i] - delta[i]) * grad[i]);
+}
+
+// 2^t for t in [-125, 128] or NaN (the caller bounds it): exp2_poly4 without its range
+// handling (the clamp and the flush mask), 2 vector ops less.
+__attribute__((target("avx512bf16"))) inline __m512 exp2_poly4_bounded(__m512 t) {
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.00960039533674717f), f, _mm512_set1_ps(0.05591689422726631f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24023719131946564f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931219696998596f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// One vector of P under the fixed-max softcap: 2^(cap·log2e · tanh(x · a) - m·log2e), the
+// factor cap·log2e folded into the rational's numerator (pc*). The exponent is >= -2·cap·log2e
+// (tanh >= -1, m = cap), which the caller keeps above -125: no range handling.
+__attribute__((target("avx512bf16"))) inline __m512 softcap_exp_vec(const float* x, __m512 va, __m512 pc0, __m512 pc1,
+                                                                    __m512 pc2, __m512 vnm) {
+  return exp2_poly4_bounded(_mm512_add_ps(scaled_tanh_lowp(_mm512_mul_ps(_mm512_loadu_ps(x), va), pc0, pc1, pc2), vnm));
+}
+
+// Forward row under the fixed-max softcap (bf16 P): out[i] = bf16(exp(cap · tanh(x[i] · a) - m)),
+// returns the float sum; x (the raw q·k products) is left as it was. The tanh and the exp in one
+// pass, four vectors per iteration (independent chains for the out-of-order core to overlap).
+__attribute__((target("avx512bf16"))) inline float softcap_exp_sum_round_bf16(const float* x, int64_t n, float a,
+                                                                              float cap, float m, at::BFloat16* out) {
+  constexpr int64_t W = 16;
+  constexpr float kLog2e = 1.4426950408889634f;
+  const float k = cap * kLog2e;
+  const __m512 va = _mm512_set1_ps(a), pc0 = _mm512_set1_ps(k * kTanhP0), pc1 = _mm512_set1_ps(k * kTanhP1),
+               pc2 = _mm512_set1_ps(k * kTanhP2), vnm = _mm512_set1_ps(-m * kLog2e);
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 4 * W <= n; i += 4 * W) {
+    const __m512 e0 = softcap_exp_vec(x + i, va, pc0, pc1, pc2, vnm);
+    const __m512 e1 = softcap_exp_vec(x + i + W, va, pc0, pc1, pc2, vnm);
+    const __m512 e2 = softcap_exp_vec(x + i + 2 * W, va, pc0, pc1, pc2, vnm);
+    const __m512 e3 = softcap_exp_vec(x + i + 3 * W, va, pc0, pc1, pc2, vnm);
+    s0 = _mm512_add_ps(s0, _mm512_add_ps(e0, e2));
+    s1 = _mm512_add_ps(s1, _mm512_add_ps(e1, e3));
+    _mm512_storeu_si512(reinterpret_cast<void*>(out + i), reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e1, e0)));
+    _mm512_storeu_si512(reinterpret_cast<void*>(out + i + 2 * W),
+                        reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e3, e2)));
+  }
+  for (; i + 2 * W <= n; i += 2 * W) {
+    const __m512 e0 = softcap_exp_vec(x + i, va, pc0, pc1, pc2, vnm);
+    const __m512 e1 = softcap_exp_vec(x + i + W, va, pc0, pc1, pc2, vnm);
+    s0 = _mm512_add_ps(s0, e0);
+    s1 = _mm512_add_ps(s1, e1);
+    _mm512_storeu_si512(reinterpret_cast<void*>(out + i), reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e1, e0)));
+  }
+  float s = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+  for (; i < n; ++i) {
+    const float e = std::exp(cap * std::tanh(x[i] * a) - m);
+    out[i] = at::BFloat16(e);
+    s += e;
+  }
+  return s;
 }
 
 inline bool bf16_native_ok() {
