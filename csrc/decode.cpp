@@ -23,12 +23,14 @@
 //     transpose-and-add tree, and, for large caches, the next tile's rows are prefetched.
 // bf16 / fp16 K/V rows are widened to float in registers as they are read (AVX-512,
 // query blocks up to kDirectRows rows), else a tile at a time into a buffer that stays
-// in L1; float32 math for bf16 / fp16 / fp32, float64 for float64. bf16 rows on AVX-512 are
-// widened as even / odd halves of 32-bit words (widen_eo: 2 ops per 32 values instead of 4), q
-// and the accumulator's 64-column blocks kept in that order (measured 1.03-1.05x faster, thread
-// CPU time, B=1, Hk=8, D=128, Nk=4096; on this host neither the AVX512-BF16 dot products
-// (vdpbf16ps: slower, 0.96-0.99x) nor the tile units through cpublas::brgemm (0.9-1.0x: the
-// per-call cost of small GEMMs) beat it).
+// in L1; float32 math for bf16 / fp16 / fp32, float64 for float64.
+// Tried for bf16 and not kept (this host, thread CPU time, 1 thread, B=1, Hq=32, Hk=8, D=128,
+// Nk=4096, where a call costs ~36 ns per key and kv head whether K / V come from L2 or L3):
+// AVX512-BF16 vdpbf16ps dot products on the bf16 rows for q·k and P·V (P in bf16): 0.96-0.99x;
+// the tile units through cpublas::brgemm (Sᵀ = K qᵀ, P V from VNNI-paired V rows): 0.64x with
+// 32-key tiles, 0.9-1.0x with 256; widening bf16 as even / odd halves of 32-bit words (2 ops per
+// 32 values instead of 4): 1.03-1.05x back to back on the same K / V but 0.93-0.97x interleaved
+// with SDPA, a copy and a matmul as the benchmark report runs them; kTile = 64: no change.
 //
 // Strided K/V: only the last dim must be contiguous; batch, head and row strides are
 // taken as they come, so a KV-cache prefix k_full[:, :, :n] or a (B, N, H, D) cache
@@ -97,11 +99,10 @@ constexpr int64_t kMinChunk = 512;
 // When the call's K and V span more than kPrefetchBytes, each tile prefetches the rows
 // of the next one (measured here, interleaved, 1 thread: 1.3-1.45x faster at 134-268 MB,
 // e.g. B=1, Hk=8, D=128, Nk=32768; 10-20% slower at 16-64 MB, which this host's L3 holds
-// between calls). Shape-only, and it never changes a result. Paged caches follow the same rule:
-// prefetching a cache that L3 holds between calls costs there too (measured interleaved, thread
-// CPU time, 1 thread, B=1, Hk=8, D=128, Nk=4096, pages of 64, the same K / V every call: with it
-// 1.16x the time in bf16, 1.07x in fp32). A paged cache read cold (each call on its own data)
-// gained from it (0.7-0.86x, pages 16-256), but a cache under kPrefetchBytes is one L3 keeps.
+// between calls). Shape-only, and it never changes a result. Paged caches always prefetch: the
+// hardware prefetcher restarts at every page (measured the same way, B=1, Hk=8, D=128,
+// Nk=4096, pages 16-256 rows, each call on its own data: without it 1.05-1.11x the time of the
+// contiguous cache (which does not prefetch at that size), with it 0.7-0.86x).
 constexpr double kPrefetchBytes = 64.0 * (1 << 20);
 // Below this many flops per thread a parallel region costs more than it saves.
 constexpr double kMinParallelFlops = 2e6;
@@ -330,44 +331,10 @@ inline void dot_4x4_avx512(const float* q, int64_t D, const S* k, int64_t ks, fl
 }
 #endif
 
-#if defined(CPU_CAPABILITY_AVX512)
-// bf16 rows widened two ways at once: a 32-bit word of a bf16 row holds elements 2i (low half) and
-// 2i + 1 (high half), and a bf16 is the top half of a float, so `word << 16` is element 2i as a float
-// and `word & 0xFFFF0000` element 2i + 1: 2 ops per 32 values (vpmovzxwd + vpslld take 4, and the
-// first is a port-5 shuffle). The even / odd order is what `eo_order` gives a float row: per block of
-// 32, the 16 even then the 16 odd elements.
-inline void widen_eo(__m512i x, __m512& even, __m512& odd) {
-  even = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
-  odd = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(int32_t(0xFFFF0000u))));
-}
-
-// dot_4x4_avx512 for bf16 K rows with D % 32 == 0 and q in the even / odd order (qe).
-inline void dot_4x4_bf16_eo(const float* qe, int64_t D, const at::BFloat16* k, int64_t ks, float* out, int64_t os) {
-  __m512 acc[16];  // [j][r]
-  DECODE_UNROLL for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
-  for (int64_t c = 0; c < D; c += 32) {
-    __m512 ke[4], ko[4];
-    DECODE_UNROLL for (int j = 0; j < 4; ++j) widen_eo(_mm512_loadu_si512(k + j * ks + c), ke[j], ko[j]);
-    DECODE_UNROLL for (int r = 0; r < 4; ++r) {
-      const __m512 qv0 = _mm512_loadu_ps(qe + r * D + c), qv1 = _mm512_loadu_ps(qe + r * D + c + 16);
-      DECODE_UNROLL for (int j = 0; j < 4; ++j)
-        acc[j * 4 + r] = _mm512_fmadd_ps(qv1, ko[j], _mm512_fmadd_ps(qv0, ke[j], acc[j * 4 + r]));
-    }
-  }
-  const __m512 y = reduce16(acc);
-  DECODE_UNROLL for (int r = 0; r < 4; ++r) _mm_storeu_ps(out + r * os, _mm512_extractf32x4_ps(y, r));
-}
-#endif
-
-// qe: q in the even / odd order (bf16 K, D % 32 == 0, AVX-512), or nullptr.
 template <int RB, typename A, typename S>
-inline void dot_rows(const A* q, const A* qe, int64_t D, const S* k, int64_t ks, int64_t n, A* out, int64_t os) {
+inline void dot_rows(const A* q, int64_t D, const S* k, int64_t ks, int64_t n, A* out, int64_t os) {
   int64_t j = 0;
 #if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (RB == 4 && std::is_same_v<A, float> && std::is_same_v<S, at::BFloat16>) {
-    if (qe != nullptr)
-      for (; j + 4 <= n; j += 4) dot_4x4_bf16_eo(qe, D, k + j * ks, ks, out + j, os);
-  }
   if constexpr (RB == 4 && std::is_same_v<A, float>) {
     if (D % 16 == 0)
       for (; j + 4 <= n; j += 4) dot_4x4_avx512(q, D, k + j * ks, ks, out + j, os);
@@ -377,25 +344,18 @@ inline void dot_rows(const A* q, const A* qe, int64_t D, const S* k, int64_t ks,
   for (; j < n; ++j) dot_block<RB, 1>(q, D, k + j * ks, ks, out + j, os);
 }
 
-// S[r, j] = q_r · k_j for the R rows and n keys of a tile (qe: see dot_rows).
+// S[r, j] = q_r · k_j for the R rows and n keys of a tile.
 template <typename A, typename S>
-inline void scores(const A* q, const A* qe, int64_t R, int64_t D, const S* k, int64_t ks, int64_t n, A* out,
-                   int64_t os) {
+inline void scores(const A* q, int64_t R, int64_t D, const S* k, int64_t ks, int64_t n, A* out, int64_t os) {
   int64_t r = 0;
-  for (; r + 4 <= R; r += 4) dot_rows<4>(q + r * D, qe ? qe + r * D : nullptr, D, k, ks, n, out + r * os, os);
+  for (; r + 4 <= R; r += 4) dot_rows<4>(q + r * D, D, k, ks, n, out + r * os, os);
   switch (R - r) {
-    case 3: dot_rows<3>(q + r * D, static_cast<const A*>(nullptr), D, k, ks, n, out + r * os, os); break;
-    case 2: dot_rows<2>(q + r * D, static_cast<const A*>(nullptr), D, k, ks, n, out + r * os, os); break;
-    case 1: dot_rows<1>(q + r * D, static_cast<const A*>(nullptr), D, k, ks, n, out + r * os, os); break;
+    case 3: dot_rows<3>(q + r * D, D, k, ks, n, out + r * os, os); break;
+    case 2: dot_rows<2>(q + r * D, D, k, ks, n, out + r * os, os); break;
+    case 1: dot_rows<1>(q + r * D, D, k, ks, n, out + r * os, os); break;
     default: break;
   }
 }
-
-// Whether pv_block reads bf16 V rows by widen_eo: its 64-column blocks (CB = 4) of bf16 V on AVX-512.
-// Those accumulator columns are then in the even / odd order (each 32 columns: the even, then the
-// odd ones) until natural_order puts them back.
-template <int RB, int CB, typename A, typename S>
-constexpr bool kPvEvenOdd = kAvx512 && CB == 4 && std::is_same_v<A, float> && std::is_same_v<S, at::BFloat16>;
 
 // acc[r, c0 : c0 + CB·W) = alpha[r] · acc[r, ...] + Σ_j P[r, j] v[j, ...] for RB rows.
 template <int RB, int CB, typename A, typename S>
@@ -410,17 +370,6 @@ inline void pv_block(const A* P, int64_t ps, int64_t n, const S* v, int64_t vs, 
   }
   for (int64_t j = 0; j < n; ++j) {
     Vec vv[CB];
-#if defined(CPU_CAPABILITY_AVX512)
-    if constexpr (kPvEvenOdd<RB, CB, A, S>) {  // columns [c0, c0 + 64) in the even / odd order
-      __m512 e0, o0, e1, o1;
-      widen_eo(_mm512_loadu_si512(v + j * vs + c0), e0, o0);
-      widen_eo(_mm512_loadu_si512(v + j * vs + c0 + 32), e1, o1);
-      vv[0] = e0;
-      vv[1] = o0;
-      vv[2] = e1;
-      vv[3] = o1;
-    } else
-#endif
     DECODE_UNROLL for (int c = 0; c < CB; ++c) vv[c] = load_row<A>(v + j * vs + c0 + c * W);
     DECODE_UNROLL for (int r = 0; r < RB; ++r) {
       const Vec pr(P[r * ps + j]);
@@ -458,21 +407,6 @@ inline void accumulate_pv(const A* P, int64_t ps, int64_t R, int64_t n, const S*
     case 1: pv_rows<1>(P + r * ps, ps, n, v, vs, Dv, alpha + r, acc + r * Dv, Dv); break;
     default: break;
   }
-}
-
-// The R accumulator rows [R, Dv] of a bf16 task after pv_rows' 64-column blocks (kPvEvenOdd): per 32
-// columns, the 16 even then the 16 odd ones -> the natural order. tmp: 32 floats.
-inline void natural_order(float* acc, int64_t R, int64_t Dv, float* tmp) {
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t c = 0; c + 64 <= Dv; c += 64)
-      for (int64_t h = c; h < c + 64; h += 32) {
-        float* a = acc + r * Dv + h;
-        std::copy(a, a + 32, tmp);
-        for (int64_t i = 0; i < 16; ++i) {
-          a[2 * i] = tmp[i];
-          a[2 * i + 1] = tmp[16 + i];
-        }
-      }
 }
 
 // out = acc / l in the output type, lse = m + log(l); a row that saw nothing (m = -inf) gets 0 / -inf.
@@ -580,11 +514,10 @@ void run_shared(const std::shared_ptr<TaskQueue>& queue, int64_t workers, const 
 
 // q: [B, Hq, Nq, D] contiguous, pre-scaled, in A; k, v strided in T; out [B, Hq, Nq, Dv] in T;
 // lse [B, Hq, Nq] in A. part_ml [B, Hk, n_chunks, R, 2] and part_acc [B, Hk, n_chunks, R, Dv]
-// hold the chunks' states when n_chunks > 1. qe: q in the even / odd order (dot_4x4_bf16_eo) for bf16
-// K with D % 32 == 0 on AVX-512, else nullptr.
+// hold the chunks' states when n_chunks > 1.
 template <typename T>
-void decode_kernel(const Decode& p, const acc_type<T>* q, const acc_type<T>* qe, const T* k, const T* v, T* out,
-                   acc_type<T>* lse, acc_type<T>* part_ml, acc_type<T>* part_acc) {
+void decode_kernel(const Decode& p, const acc_type<T>* q, const T* k, const T* v, T* out, acc_type<T>* lse,
+                   acc_type<T>* part_ml, acc_type<T>* part_acc) {
   using A = acc_type<T>;
   constexpr bool kWiden = !std::is_same_v<T, A>;
   constexpr A kNegInf = -std::numeric_limits<A>::infinity();
@@ -617,7 +550,6 @@ void decode_kernel(const Decode& p, const acc_type<T>* q, const acc_type<T>* qe,
     for (; task >= 0; task = queue->take()) {
       const int64_t c = task % nC, bh = task / nC, hk = bh % p.Hk, b = bh / p.Hk;
       const A* qg = q + (b * p.Hq + hk * p.group) * Nq * D;  // the group's R rows
-      const A* qeg = qe ? qe + (b * p.Hq + hk * p.group) * Nq * D : nullptr;
       const int32_t* bt = p.pages ? p.pages + b * p.bt_stride : nullptr;
       // The K / V row of key j of this (b, kv head): page bt[j / page_size] (or row b), slot j % page_size.
       auto k_row = [&](int64_t j) {
@@ -654,11 +586,11 @@ void decode_kernel(const Decode& p, const acc_type<T>* q, const acc_type<T>* qe,
         if (direct) {
           for (int64_t s0 = 0, len = 0; s0 < n; s0 += len) {
             len = segment(t0 + s0, t0 + n);
-            scores(qg, qeg, R, D, k_row(t0 + s0), p.sk_n, len, S.data() + s0, kTile);
+            scores(qg, R, D, k_row(t0 + s0), p.sk_n, len, S.data() + s0, kTile);
           }
         } else {
           for (int64_t j = 0; j < n; ++j) widen_row(k_row(t0 + j), kbuf.data() + j * D, D);
-          scores(qg, static_cast<const A*>(nullptr), R, D, kbuf.data(), D, n, S.data(), kTile);
+          scores(qg, R, D, kbuf.data(), D, n, S.data(), kTile);
         }
 
         bool padded = false;
@@ -709,8 +641,6 @@ void decode_kernel(const Decode& p, const acc_type<T>* q, const acc_type<T>* qe,
         }
       }
 
-      if constexpr (kPvEvenOdd<4, 4, A, T>)
-        if (direct) natural_order(acc.data(), R, Dv, tmp.data());
       if (nC == 1) {
         for (int64_t r = 0; r < R; ++r) {
           const int64_t row = (b * p.Hq + hk * p.group) * Nq + r;  // rows of a group are consecutive
@@ -781,15 +711,11 @@ void run_block(Decode p, const at::Tensor& q, double scale, const at::Tensor& k,
     lse_rows.fill_(-std::numeric_limits<double>::infinity());
     return;
   }
-  p.prefetch = double(p.B) * double(p.Hk) * double(p.hi - p.lo) * double(p.D + p.Dv) * double(k.element_size()) >
+  p.prefetch = p.pages != nullptr ||
+               double(p.B) * double(p.Hk) * double(p.hi - p.lo) * double(p.D + p.Dv) * double(k.element_size()) >
                kPrefetchBytes;
   const auto acc = lse_rows.scalar_type();
   at::Tensor qs = (q.narrow(2, q0, rows).to(acc) * scale).contiguous();
-  // bf16 K on AVX-512 with D % 32 == 0: q also in the even / odd order of dot_4x4_bf16_eo (per 32
-  // elements, the 16 even then the 16 odd ones)
-  at::Tensor qe;
-  if (kAvx512 && q.scalar_type() == at::kBFloat16 && p.D % 32 == 0 && p.D > 0)
-    qe = qs.view({p.B, p.Hq, rows, p.D / 32, 16, 2}).transpose(-1, -2).contiguous();
   at::Tensor part_ml, part_acc;
   if (p.n_chunks > 1) {
     part_ml = at::empty({p.B, p.Hk, p.n_chunks, p.R, 2}, lse_rows.options());
@@ -797,7 +723,7 @@ void run_block(Decode p, const at::Tensor& q, double scale, const at::Tensor& k,
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_decode_fwd", [&] {
     using A = acc_type<scalar_t>;
-    decode_kernel<scalar_t>(p, qs.data_ptr<A>(), qe.defined() ? qe.data_ptr<A>() : nullptr, k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+    decode_kernel<scalar_t>(p, qs.data_ptr<A>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
                             out_rows.data_ptr<scalar_t>(), lse_rows.data_ptr<A>(),
                             p.n_chunks > 1 ? part_ml.data_ptr<A>() : nullptr,
                             p.n_chunks > 1 ? part_acc.data_ptr<A>() : nullptr);

@@ -99,9 +99,9 @@ CASES = [
 ]
 
 
-# bf16 on AVX-512, D % 32 == 0, R = group · Nq <= 8: the even / odd widening of K and V (csrc/decode.cpp,
-# widen_eo). Dv with whole 64-column blocks and a 32-column rest, Dv != D, odd Nk, R = 4 / 6 / 8 / 3.
-BF16_EO_CASES = [
+# bf16 query blocks of R = group · Nq <= kDirectRows rows (K / V widened in registers, csrc/decode.cpp):
+# Dv with whole 64-column register blocks and a 32-column rest, Dv != D, odd Nk, R = 4 / 6 / 8 / 3.
+BF16_DIRECT_CASES = [
     ((2, 8, 2, 1, 97, 64, 64), DENSE),
     ((1, 32, 8, 1, 4099, 128, 128), DENSE),
     ((2, 8, 2, 1, 97, 128, 96), CAUSAL),
@@ -111,8 +111,8 @@ BF16_EO_CASES = [
 ]
 
 
-@pytest.mark.parametrize("shape,window", BF16_EO_CASES, ids=[case_id(*s, w, "-bf16") for s, w in BF16_EO_CASES])
-def test_bf16_even_odd_rows(shape, window):
+@pytest.mark.parametrize("shape,window", BF16_DIRECT_CASES, ids=[case_id(*s, w, "-bf16") for s, w in BF16_DIRECT_CASES])
+def test_bf16_direct_rows(shape, window):
     check_case(shape, window, torch.bfloat16)
 
 
