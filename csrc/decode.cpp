@@ -24,6 +24,13 @@
 // bf16 / fp16 K/V rows are widened to float in registers as they are read (AVX-512,
 // query blocks up to kDirectRows rows), else a tile at a time into a buffer that stays
 // in L1; float32 math for bf16 / fp16 / fp32, float64 for float64.
+// Tried for bf16 and not kept (this host, thread CPU time, 1 thread, B=1, Hq=32, Hk=8, D=128,
+// Nk=4096, where a call costs ~36 ns per key and kv head whether K / V come from L2 or L3):
+// AVX512-BF16 vdpbf16ps dot products on the bf16 rows for q·k and P·V (P in bf16): 0.96-0.99x;
+// the tile units through cpublas::brgemm (Sᵀ = K qᵀ, P V from VNNI-paired V rows): 0.64x with
+// 32-key tiles, 0.9-1.0x with 256; widening bf16 as even / odd halves of 32-bit words (2 ops per
+// 32 values instead of 4): 1.03-1.05x back to back on the same K / V but 0.93-0.97x interleaved
+// with SDPA, a copy and a matmul as the benchmark report runs them; kTile = 64: no change.
 //
 // Strided K/V: only the last dim must be contiguous; batch, head and row strides are
 // taken as they come, so a KV-cache prefix k_full[:, :, :n] or a (B, N, H, D) cache

@@ -99,6 +99,23 @@ CASES = [
 ]
 
 
+# bf16 query blocks of R = group · Nq <= kDirectRows rows (K / V widened in registers, csrc/decode.cpp):
+# Dv with whole 64-column register blocks and a 32-column rest, Dv != D, odd Nk, R = 4 / 6 / 8 / 3.
+BF16_DIRECT_CASES = [
+    ((2, 8, 2, 1, 97, 64, 64), DENSE),
+    ((1, 32, 8, 1, 4099, 128, 128), DENSE),
+    ((2, 8, 2, 1, 97, 128, 96), CAUSAL),
+    ((1, 4, 2, 3, 301, 32, 160), CAUSAL),
+    ((1, 8, 1, 1, 777, 96, 64), (100, 0)),
+    ((1, 3, 1, 1, 97, 64, 64), DENSE),
+]
+
+
+@pytest.mark.parametrize("shape,window", BF16_DIRECT_CASES, ids=[case_id(*s, w, "-bf16") for s, w in BF16_DIRECT_CASES])
+def test_bf16_direct_rows(shape, window):
+    check_case(shape, window, torch.bfloat16)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("shape,window", CASES, ids=[case_id(*s, w) for s, w in CASES])
 def test_decode_vs_reference(shape, window, dtype):

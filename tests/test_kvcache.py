@@ -378,3 +378,16 @@ def test_torch_compile_fullgraph_B2_Hq4_Hk2_Nq3_D16_C48(paged, backend):
     assert torch.equal(k_cache, k_eager) and torch.equal(v_cache, v_eager), "the append must happen in place"
     with pytest.raises(RuntimeError, match="cache_seqlens: a row is negative or holds more than the cache's 48"):
         compiled(q, k_cache, v_cache, k_new, v_new, torch.tensor([14, 46], dtype=torch.int32))
+
+
+# bf16 through the kernel's register-blocked paths: head dims with whole 64-column blocks, a 32-column rest
+# (96, 160) and none (32); GQA groups of 2 / 4 / 8 (R = 2 · 3 = 6: a 4-row block and a 2-row rest); Nq 1 / 3 /
+# 17 (17 runs as blocks of 16 + 1); rows of length 0, 1 and odd; contiguous and shuffled 16-row pages.
+@pytest.mark.parametrize("layout", ["contig", "paged16"])
+@pytest.mark.parametrize("q_heads,kv_heads,q_len,dim", [(8, 2, 1, 128), (8, 2, 1, 96), (8, 1, 1, 160), (4, 2, 3, 64),
+                                                        (8, 2, 17, 64), (8, 8, 1, 32)],
+                         ids=["Hq8-Hk2-Nq1-D128", "Hq8-Hk2-Nq1-D96", "Hq8-Hk1-Nq1-D160", "Hq4-Hk2-Nq3-D64",
+                              "Hq8-Hk2-Nq17-D64", "Hq8-Hk8-Nq1-D32"])
+def test_bf16_rows_B4_C112(layout, q_heads, kv_heads, q_len, dim):
+    run_case(4, q_heads, kv_heads, q_len, dim, 112, [0, 1, 97 - q_len, 112 - q_len], q_len, LAYOUTS[layout], "causal",
+             torch.bfloat16)
