@@ -950,22 +950,31 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
       fill(dqT, dqT_head, A(0));
       for (int64_t t = c * per_chunk; t < std::min(nt, (c + 1) * per_chunk); ++t) {
         const auto [j0, j1] = ktiles[t];
-        const int64_t N = j1 - j0;
-        const T* k_t = k + (bhk * p.Nk + j0) * p.D;   // [N, D]
-        const T* v_t = v + (bhk * p.Nk + j0) * p.Dv;  // [N, Dv]
+        const int64_t n_keys = j1 - j0;
         const bool padded = padding_cuts(p, b, j0, j1);
-        fill(dk_acc.data(), N * p.D, A(0));
-        fill(dv_acc.data(), N * p.Dv, A(0));
+        fill(dk_acc.data(), n_keys * p.D, A(0));
+        fill(dv_acc.data(), n_keys * p.Dv, A(0));
         for_each_q_tile(p, b, h, j0, j1, [&](int64_t i0, int64_t i1) {
           const int64_t M = i1 - i0;
+          // Only the key rows [r0, r1) of the tile that some query of [i0, i1) sees: under a
+          // window the query tile's key band is narrower than the key tile (w = 128: 320 of
+          // the 512 (key, query-tile) rows of a 256-key tile), and the rows outside it have
+          // P = 0, so they add nothing to dV, dK or dQ.
+          const auto [band_lo, band_hi] = key_band(p, i0, i1);
+          const int64_t r0 = std::max(j0, band_lo), r1 = std::min(j1, band_hi), N = r1 - r0;
+          if (N <= 0) return;
+          const T* k_t = k + (bhk * p.Nk + r0) * p.D;   // [N, D]
+          const T* v_t = v + (bhk * p.Nk + r0) * p.Dv;  // [N, Dv]
+          A* dk_rows = dk_acc.data() + (r0 - j0) * p.D;   // [N, D]
+          A* dv_rows = dv_acc.data() + (r0 - j0) * p.Dv;  // [N, Dv]
           gemm_packed<T>(N, M, p.D, k_t, p.D, qT_h, i0, kBlockM, st.data(), kBlockM);     // Sᵀ = K Qᵀ
           gemm_packed<T>(N, M, p.Dv, v_t, p.Dv, doT_h, i0, kBlockM, dpt.data(), kBlockM);  // dPᵀ = V dOᵀ
-          const bool masked = padded || window_cuts(p, i0, i1, j0, j1);
-          const int64_t g0 = j0 >> 4;
+          const bool masked = (padded && padding_cuts(p, b, r0, r1)) || window_cuts(p, i0, i1, r0, r1);
+          const int64_t g0 = r0 >> 4;
           if (md.dropout)  // bytes of key row j at row j - 16 g0, query column i at i - i0
-            common::philox_key_tile(keybytes.data(), kBlockM, md.key, uint32_t(bh), g0, ((j1 - 1) >> 4) - g0 + 1, i0,
+            common::philox_key_tile(keybytes.data(), kBlockM, md.key, uint32_t(bh), g0, ((r1 - 1) >> 4) - g0 + 1, i0,
                                     M);
-          if (md.bias) load_bias_tile_t(md, b, h, i0, M, j0, N, bias_t.data(), kBlockM, bias_stage.data());
+          if (md.bias) load_bias_tile_t(md, b, h, i0, M, r0, N, bias_t.data(), kBlockM, bias_stage.data());
           for (int64_t r = 0; r < N; ++r) {  // Pᵀ (in float, and rounded on the matrix units)
             A* row = st.data() + r * kBlockM;
             T* low = a_lowp.data() + r * kLowpLd;
@@ -973,19 +982,19 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
               p_row_softcap_bwd<T>(row, M, scale * md.inv_cap, md.cap, scale, lse_h + i0, low, i0,
                                    tanh_t.data() + r * kBlockM);
             } else {
-              if (logits)  // key j = j0 + r over queries i0 + c: ALiBi distance i0 + c + off - j, bias stride si
-                modify_logits(md, row, M, scale, md.slope(b, h, p.Hq), A(i0 + p.off - j0 - r), A(1),
-                              md.bias_at(b, h, i0, j0 + r), md.si,
+              if (logits)  // key j = r0 + r over queries i0 + c: ALiBi distance i0 + c + off - j, bias stride si
+                modify_logits(md, row, M, scale, md.slope(b, h, p.Hq), A(i0 + p.off - r0 - r), A(1),
+                              md.bias_at(b, h, i0, r0 + r), md.si,
                               md.cap > A(0) ? tanh_t.data() + r * kBlockM : static_cast<A*>(nullptr),
                               bias_tmp.data(), md.bias ? bias_t.data() + r * kBlockM : nullptr);
               p_row_bwd<T>(row, M, logits ? A(1) : scale, lse_h + i0, low, i0);
             }
             if (masked) {
-              mask_key_row(p, b, j0 + r, i0, i1, row, A(0));
-              if constexpr (kMatrixUnits<T>) mask_key_row(p, b, j0 + r, i0, i1, low + (i0 & 1), T(0));
+              mask_key_row(p, b, r0 + r, i0, i1, row, A(0));
+              if constexpr (kMatrixUnits<T>) mask_key_row(p, b, r0 + r, i0, i1, low + (i0 & 1), T(0));
             }
             if (md.dropout) {  // dV reads P ∘ keep; dP ∘ keep / (1 - p); dS keeps the full P
-              const uint8_t* u = keybytes.data() + (j0 + r - 16 * g0) * kBlockM;
+              const uint8_t* u = keybytes.data() + (r0 + r - 16 * g0) * kBlockM;
               A* dp = dpt.data() + r * kBlockM;
               common::drop_scale_row(dp, dp, u, M, md.threshold, md.keep_scale);
               if constexpr (kMatrixUnits<T>)
@@ -995,7 +1004,7 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
             }
           }
           const A* p_dv = md.dropout && !kMatrixUnits<T> ? p_kept.data() : st.data();
-          gemm_seq<T>(N, p.Dv, i0, i1, p_dv, kBlockM, do_h, a_lowp.data(), dv_acc.data(), p.Dv,
+          gemm_seq<T>(N, p.Dv, i0, i1, p_dv, kBlockM, do_h, a_lowp.data(), dv_rows, p.Dv,
                       kMatrixUnits<T>);  // dV += Pᵀ dO (the 1 / (1 - p) of dropout applied once per key tile)
           if (fcap) {
             for (int64_t r = 0; r < N; ++r)
@@ -1007,23 +1016,23 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
                                  md.cap > A(0) ? tanh_t.data() + r * kBlockM : nullptr,
                                  md.dbias ? dbias_t.data() + r * kBlockM : nullptr, a_lowp.data() + r * kLowpLd,
                                  i0);
-            if (md.dbias)  // dbias[b, h, i0 : i1, j0 : j1] = the tile transposed back
-              transpose_tile(dbias_t.data(), kBlockM, md.dbias + (bh * p.Nq + i0) * p.Nk + j0, p.Nk, N, M);
+            if (md.dbias)  // dbias[b, h, i0 : i1, r0 : r1] = the tile transposed back
+              transpose_tile(dbias_t.data(), kBlockM, md.dbias + (bh * p.Nq + i0) * p.Nk + r0, p.Nk, N, M);
           } else {
             for (int64_t r = 0; r < N; ++r)  // dSᵀ (in place in float, or only rounded on the matrix units)
               ds_row_bwd<T>(st.data() + r * kBlockM, dpt.data() + r * kBlockM, M, delta_h + i0, scale,
                             a_lowp.data() + r * kLowpLd, i0, tmp_f.data());
           }
-          gemm_seq<T>(N, p.D, i0, i1, st.data(), kBlockM, q_h, a_lowp.data(), dk_acc.data(), p.D,
+          gemm_seq<T>(N, p.D, i0, i1, st.data(), kBlockM, q_h, a_lowp.data(), dk_rows, p.D,
                       kMatrixUnits<T>);  // dK += dSᵀ Q
           A* dqT_t = dqT + (i0 / kBlockM) * p.D * kBlockM + i0 % kBlockM;  // [D, M], ld BLOCK_M
-          gemm_dqT<T>(p.D, M, j0, j1, i0 & 1, kT_h, st.data(), a_lowp.data(), b_lowp.data(), dqT_t,
+          gemm_dqT<T>(p.D, M, r0, r1, i0 & 1, kT_h, st.data(), a_lowp.data(), b_lowp.data(), dqT_t,
                       kBlockM);  // dQᵀ += Kᵀ dSᵀ
         });
-        if (md.dropout) scale_row(dv_acc.data(), N * p.Dv, md.keep_scale);
+        if (md.dropout) scale_row(dv_acc.data(), n_keys * p.Dv, md.keep_scale);
         const int64_t oh = b * out_heads + (p.group > 1 ? h : hk);
-        std::copy(dk_acc.data(), dk_acc.data() + N * p.D, dk_out + (oh * p.Nk + j0) * p.D);
-        std::copy(dv_acc.data(), dv_acc.data() + N * p.Dv, dv_out + (oh * p.Nk + j0) * p.Dv);
+        std::copy(dk_acc.data(), dk_acc.data() + n_keys * p.D, dk_out + (oh * p.Nk + j0) * p.D);
+        std::copy(dv_acc.data(), dv_acc.data() + n_keys * p.Dv, dv_out + (oh * p.Nk + j0) * p.Dv);
       }
     }
     release_gemm<T>();
