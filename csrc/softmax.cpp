@@ -245,6 +245,26 @@ using acc_type = at::opmath_type<T>;  // float for float / bf16 / fp16, double f
 constexpr int64_t kLowpLd = std::max(kBlockM, kBlockN) + 2;
 // Query rows per forward task on the matrix units without a window (see forward_kernel).
 constexpr int64_t kLowpBlockM = 128;
+// Forward under a window or block tables: the key pieces of a query tile are grouped
+// into chunks of up to kWideN keys (P columns, pair padding included), one online-softmax
+// step per chunk: a (256, 256) window's 576-key band is one step instead of 3-4, and
+// BigBird's seven 64-key blocks one instead of seven. The S / P rows are padded off a
+// multiple of 4 KiB (rows 4 KiB apart would share an L1 set).
+constexpr int64_t kWideN = 1024;
+constexpr int64_t kWideLd = kWideN + 16;      // S row, floats
+constexpr int64_t kWideLowpLd = kWideN + 32;  // P row, 16-bit
+
+// P columns of the sequence range [a, e) on the matrix units: from a rounded down to a
+// VNNI pair to e rounded up (gemm_seq's layout); e - a elsewhere.
+template <typename T>
+inline int64_t p_cols(int64_t a, int64_t e) {
+  if constexpr (kMatrixUnits<T>) {
+    const int64_t a0 = a & ~int64_t(1);
+    return (e - a0 + 1) & ~int64_t(1);
+  } else {
+    return e - a;
+  }
+}
 
 // C[M, N] = A[M, K] · X[K, a : a + N], X one head's packed transposed operand.
 template <typename T>
@@ -264,20 +284,21 @@ inline void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda
 // On the matrix units X is rounded into `buf` shifted so that the range starts on a
 // pair: a0 = a rounded down to even; the padding column(s) are zero.
 // rounded: `buf` already holds X rounded and shifted (as exp_row leaves it), so only the
-// GEMM runs.
+// GEMM runs. ld_buf: the leading dimension of `buf`.
 template <typename T>
 inline void gemm_seq(int64_t M, int64_t n, int64_t a, int64_t e, const acc_type<T>* X, int64_t ldx, const T* Y,
-                     T* buf, acc_type<T>* C, int64_t ldc, bool rounded = false) {
+                     T* buf, acc_type<T>* C, int64_t ldc, bool rounded = false, int64_t ld_buf = kLowpLd) {
   if constexpr (kMatrixUnits<T>) {
     const int64_t a0 = a & ~int64_t(1), sh = a - a0, K = (e - a0 + 1) & ~int64_t(1);
     for (int64_t r = 0; r < M && !rounded; ++r) {
-      T* row = buf + r * kLowpLd;
+      T* row = buf + r * ld_buf;
       if (sh) row[0] = T(0);
       common::convert_row(X + r * ldx, row + sh, e - a);
       if (e - a0 < K) row[K - 1] = T(0);
     }
-    common::vnni_gemm(M, n, K, buf, kLowpLd, Y + a0 * n, n, C, ldc, true);
+    common::vnni_gemm(M, n, K, buf, ld_buf, Y + a0 * n, n, C, ldc, true);
   } else {
+    (void)ld_buf;
     tile_gemm<T>(M, n, e - a, X, ldx, Y + a * n, n, C, ldc, true);
   }
 }
@@ -760,13 +781,23 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
   const int64_t nt = int64_t(qtiles.size());
   const A neg_inf = -std::numeric_limits<A>::infinity();
   const int64_t grain = grain_for(2.0 * bm * std::min<int64_t>(p.Nk, 4 * kBlockN) * (p.D + p.Dv));
+  // Wide chunks (kWideN): with a window bounded on the left or block tables (the bands
+  // are narrow), and no modifiers (their passes index the tile by one key range).
+  const bool wide = !md.logits() && !md.dropout && (p.left >= 0 || p.kv_num != nullptr);
+  const int64_t ldS = wide ? kWideLd : kBlockN, ldP = wide ? kWideLowpLd : kLowpLd;
   at::parallel_for(0, p.B * p.Hq * nt, grain, [&](int64_t begin, int64_t end) {
     const FlushDenormals flush(md.logits() || md.dropout);
-    std::vector<A> s(bm * kBlockN);         // [bm, BLOCK_N] scores, then probabilities
+    std::vector<A> s(bm * ldS);             // [bm, ldS] scores, then probabilities
     std::vector<A> acc(bm * p.Dv);          // [bm, Dv] unnormalised output
     std::vector<A> m(bm), l(bm);            // running row max and row sum
     std::vector<A> m_new(bm), alpha(bm);    // per tile: new max, rescale factor
-    std::vector<T> p_lowp(kMatrixUnits<T> ? bm * kLowpLd : 0);  // P rounded to T
+    std::vector<T> p_lowp(kMatrixUnits<T> ? bm * ldP : 0);  // P rounded to T
+    // The chunk: contiguous key ranges (segments), at S column scol and P column pcol.
+    struct Segment {
+      int64_t a, e, scol, pcol;
+      bool cut;  // the window or the padding cuts it: element mask
+    };
+    std::vector<Segment> chunk;
     std::vector<uint32_t> words(md.dropout ? kBlockN / 4 + 8 : 0);  // a row's Philox words, 4 keys' bytes each
     std::vector<A> bias_tmp(md.bias ? kBlockN : 0);                 // a bias row converted to A
     const bool logits = md.logits(), fcap = fused_softcap<T>(md, scale), fdrop = fused_dropout<T>(md);
@@ -782,10 +813,19 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
       fill(acc.data(), M * p.Dv, A(0));
       fill(m.data(), M, neg_inf);
       fill(l.data(), M, A(0));
-      for_each_kv_tile(p, b, h, i0, i1, [&](int64_t j0, int64_t j1) {
-        const int64_t N = j1 - j0;
-        gemm_packed<T>(M, N, p.D, q_t, p.D, kT_h, j0, kBlockN, s.data(), kBlockN);  // S = Q Kᵀ [M, N]
-        const bool masked = window_cuts(p, i0, i1, j0, j1) || padding_cuts(p, b, j0, j1);
+      // One online-softmax step over the chunk's segments: S [M, N] their columns side by side.
+      // Without wide chunks the chunk is one piece [j0, j1) of one packed key tile.
+      auto step = [&]() {
+        const int64_t j0 = chunk.front().a, j1 = chunk.back().e;  // the modifier passes: one piece
+        const int64_t N = chunk.back().scol + (j1 - chunk.back().a);
+        bool masked = false;
+        for (Segment& g : chunk) {
+          split_segment(g.a, g.e, kBlockN, [&](int64_t a, int64_t e) {  // S = Q Kᵀ, per packed key tile
+            gemm_packed<T>(M, e - a, p.D, q_t, p.D, kT_h, a, kBlockN, s.data() + g.scol + (a - g.a), ldS);
+          });
+          g.cut = window_cuts(p, i0, i1, g.a, g.e) || padding_cuts(p, b, g.a, g.e);
+          masked = masked || g.cut;
+        }
         // scale > 0 (the usual case): the max of the raw scores, read-only, and the
         // scale folded into the exp's FMA (-inf · scale stays -inf). Else scale first,
         // so that a masked -inf never meets a zero scale.
@@ -793,7 +833,7 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
         const bool positive = scale > A(0) && !logits;
         const A factor = positive ? scale : A(1);
         for (int64_t r = 0; r < M; ++r) {  // masks, then the tile's row max and the new running max
-          A* sr = s.data() + r * kBlockN;
+          A* sr = s.data() + r * ldS;
           if (fcap) {  // the capped logits and, on a tile no mask cuts, their max in the same pass
             const A mx = softcap_row<T>(sr, N, scale * md.inv_cap, md.cap, !masked);
             if (!masked) {
@@ -814,35 +854,61 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
           }
           else if (!positive)
             scale_row(sr, N, scale);
-          if (masked) mask_query_row(p, b, i0 + r, j0, j1, sr, neg_inf);
+          for (const Segment& g : chunk)
+            if (g.cut) mask_query_row(p, b, i0 + r, g.a, g.e, sr + g.scol, neg_inf);
           m_new[r] = max_keep_nan(m[r], max_row<T>(sr, N) * factor);
         }
         rescale_factors<T>(m.data(), m_new.data(), alpha.data(), M);  // exp(m - m_new): 0 on the first visible tile
         for (int64_t r = 0; r < M; ++r) {
-          A* sr = s.data() + r * kBlockN;
+          A* sr = s.data() + r * ldS;
           if (m_new[r] == neg_inf) {  // this row has seen no key yet: P = 0
             fill(sr, N, A(0));
-            if constexpr (kMatrixUnits<T>) fill(p_lowp.data() + r * kLowpLd, kLowpLd, T(0));
+            if constexpr (kMatrixUnits<T>) fill(p_lowp.data() + r * ldP, ldP, T(0));
             continue;
           }
           if (fdrop) {  // the exp pass and the keep mask in one loop
-            l[r] = l[r] * alpha[r] + exp_row_drop<T>(sr, N, factor, m_new[r], p_lowp.data() + r * kLowpLd, j0,
+            l[r] = l[r] * alpha[r] + exp_row_drop<T>(sr, N, factor, m_new[r], p_lowp.data() + r * ldP, j0,
                                                      md, *drop_keys, uint32_t(i0 + r), uint32_t(bh));
             m[r] = m_new[r];
           } else {
-            l[r] = l[r] * alpha[r] + exp_row<T>(sr, N, factor, m_new[r], p_lowp.data() + r * kLowpLd, j0);
+            A sum = 0;
+            for (const Segment& g : chunk)
+              sum += exp_row<T>(sr + g.scol, g.e - g.a, factor, m_new[r], p_lowp.data() + r * ldP + g.pcol, g.a);
+            l[r] = l[r] * alpha[r] + sum;
             m[r] = m_new[r];
           }
           if (md.dropout && !fdrop) {  // the row sum keeps every P; the P·V product only the kept ones
             const int64_t g0 = j0 >> 4;  // one Philox call per 16 keys; the words read as bytes are the keys'
             common::philox_query_row(words.data(), md.key, uint32_t(i0 + r), uint32_t(bh), g0, ((j1 - 1) >> 4) - g0 + 1);
-            drop_p_row<T>(sr, p_lowp.data() + r * kLowpLd, j0, reinterpret_cast<const uint8_t*>(words.data()) + (j0 & 15),
+            drop_p_row<T>(sr, p_lowp.data() + r * ldP, j0, reinterpret_cast<const uint8_t*>(words.data()) + (j0 & 15),
                           N, md.threshold);
           }
           if (alpha[r] != A(1)) scale_row(acc.data() + r * p.Dv, p.Dv, alpha[r]);
         }
-        gemm_seq<T>(M, p.Dv, j0, j1, s.data(), kBlockN, v_h, p_lowp.data(), acc.data(), p.Dv, true);  // O += P V
+        for (const Segment& g : chunk)  // O += P V
+          gemm_seq<T>(M, p.Dv, g.a, g.e, s.data() + g.scol, ldS, v_h, p_lowp.data() + g.pcol, acc.data(), p.Dv, true,
+                      ldP);
+        chunk.clear();
+      };
+      // Pieces in ascending key order; a piece continuing the last segment extends it.
+      // used: the chunk's P columns (the next segment's pcol).
+      int64_t used = 0;
+      for_each_kv_tile(p, b, h, i0, i1, [&](int64_t a, int64_t e) {
+        const bool extends = !chunk.empty() && chunk.back().e == a;
+        const int64_t after = extends ? chunk.back().pcol + p_cols<T>(chunk.back().a, e) : used + p_cols<T>(a, e);
+        if (!chunk.empty() && (!wide || after > kWideN)) {
+          step();
+          used = 0;
+        }
+        if (!chunk.empty() && chunk.back().e == a) {
+          chunk.back().e = e;
+        } else {
+          const int64_t scol = chunk.empty() ? 0 : chunk.back().scol + (chunk.back().e - chunk.back().a);
+          chunk.push_back({a, e, scol, used, false});
+        }
+        used = chunk.back().pcol + p_cols<T>(chunk.back().a, chunk.back().e);
       });
+      if (!chunk.empty()) step();
       T* out_t = out + (bh * p.Nq + i0) * p.Dv;
       A* lse_t = lse + bh * p.Nq + i0;
       const A sink = md.sinks ? md.sinks[h] : neg_inf;
