@@ -212,6 +212,7 @@ std::vector<std::pair<int64_t, int64_t>> make_tiles(int64_t n, int64_t tile, int
 // zero-padded past N. A tile piece [a, e) never crosses a multiple of `tile`
 // (split_segment), so it is the columns [a % tile, e % tile) of tile a / tile.
 at::Tensor pack_transposed(const at::Tensor& x, int64_t tile) {  // [B, H, N, D] -> [B, H, nT, D, tile]
+  if (x.scalar_type() == at::kFloat) return common::transposed_tiles_f32(x, tile);  // a word loop, not a strided copy
   const int64_t n = x.size(2), n_tiles = (n + tile - 1) / tile;
   at::Tensor padded = n_tiles * tile == n ? x : at::constant_pad_nd(x, {0, 0, 0, n_tiles * tile - n});
   return padded.view({x.size(0), x.size(1), n_tiles, tile, x.size(3)}).transpose(-1, -2).contiguous();
@@ -414,6 +415,17 @@ inline void ds_row_bwd(acc_type<T>* p_row, const acc_type<T>* dp, int64_t n, con
     (void)tmp;
     softmax_grad(p_row, dp, n, delta, true, scale);
   }
+}
+
+// A per-thread buffer of at least n elements, reused across calls (contents unspecified).
+// The forward's wide S / P tiles (130-270 KB) and the backward's rounded Pᵀ tile (130 KB)
+// are above glibc's mmap threshold: allocated per call, they were mapped and faulted in
+// page by page every time (measured: a quarter of a bf16 window forward in the kernel).
+template <typename X, int kSlot>
+X* thread_buffer(size_t n) {
+  thread_local std::vector<X> buf;
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
 }
 
 // After a parallel task's sequence of matrix-unit GEMMs.
@@ -787,11 +799,11 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
   const int64_t ldS = wide ? kWideLd : kBlockN, ldP = wide ? kWideLowpLd : kLowpLd;
   at::parallel_for(0, p.B * p.Hq * nt, grain, [&](int64_t begin, int64_t end) {
     const FlushDenormals flush(md.logits() || md.dropout);
-    std::vector<A> s(bm * ldS);             // [bm, ldS] scores, then probabilities
+    A* const s_buf = thread_buffer<A, 0>(bm * ldS);  // [bm, ldS] scores, then probabilities
     std::vector<A> acc(bm * p.Dv);          // [bm, Dv] unnormalised output
     std::vector<A> m(bm), l(bm);            // running row max and row sum
     std::vector<A> m_new(bm), alpha(bm);    // per tile: new max, rescale factor
-    std::vector<T> p_lowp(kMatrixUnits<T> ? bm * ldP : 0);  // P rounded to T
+    T* const p_buf = thread_buffer<T, 1>(kMatrixUnits<T> ? bm * ldP : 0);  // P rounded to T
     // The chunk: contiguous key ranges (segments), at S column scol and P column pcol.
     struct Segment {
       int64_t a, e, scol, pcol;
@@ -821,7 +833,7 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
         bool masked = false;
         for (Segment& g : chunk) {
           split_segment(g.a, g.e, kBlockN, [&](int64_t a, int64_t e) {  // S = Q Kᵀ, per packed key tile
-            gemm_packed<T>(M, e - a, p.D, q_t, p.D, kT_h, a, kBlockN, s.data() + g.scol + (a - g.a), ldS);
+            gemm_packed<T>(M, e - a, p.D, q_t, p.D, kT_h, a, kBlockN, s_buf + g.scol + (a - g.a), ldS);
           });
           g.cut = window_cuts(p, i0, i1, g.a, g.e) || padding_cuts(p, b, g.a, g.e);
           masked = masked || g.cut;
@@ -833,7 +845,7 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
         const bool positive = scale > A(0) && !logits;
         const A factor = positive ? scale : A(1);
         for (int64_t r = 0; r < M; ++r) {  // masks, then the tile's row max and the new running max
-          A* sr = s.data() + r * ldS;
+          A* sr = s_buf + r * ldS;
           if (fcap) {  // the capped logits and, on a tile no mask cuts, their max in the same pass
             const A mx = softcap_row<T>(sr, N, scale * md.inv_cap, md.cap, !masked);
             if (!masked) {
@@ -860,33 +872,33 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
         }
         rescale_factors<T>(m.data(), m_new.data(), alpha.data(), M);  // exp(m - m_new): 0 on the first visible tile
         for (int64_t r = 0; r < M; ++r) {
-          A* sr = s.data() + r * ldS;
+          A* sr = s_buf + r * ldS;
           if (m_new[r] == neg_inf) {  // this row has seen no key yet: P = 0
             fill(sr, N, A(0));
-            if constexpr (kMatrixUnits<T>) fill(p_lowp.data() + r * ldP, ldP, T(0));
+            if constexpr (kMatrixUnits<T>) fill(p_buf + r * ldP, ldP, T(0));
             continue;
           }
           if (fdrop) {  // the exp pass and the keep mask in one loop
-            l[r] = l[r] * alpha[r] + exp_row_drop<T>(sr, N, factor, m_new[r], p_lowp.data() + r * ldP, j0,
+            l[r] = l[r] * alpha[r] + exp_row_drop<T>(sr, N, factor, m_new[r], p_buf + r * ldP, j0,
                                                      md, *drop_keys, uint32_t(i0 + r), uint32_t(bh));
             m[r] = m_new[r];
           } else {
             A sum = 0;
             for (const Segment& g : chunk)
-              sum += exp_row<T>(sr + g.scol, g.e - g.a, factor, m_new[r], p_lowp.data() + r * ldP + g.pcol, g.a);
+              sum += exp_row<T>(sr + g.scol, g.e - g.a, factor, m_new[r], p_buf + r * ldP + g.pcol, g.a);
             l[r] = l[r] * alpha[r] + sum;
             m[r] = m_new[r];
           }
           if (md.dropout && !fdrop) {  // the row sum keeps every P; the P·V product only the kept ones
             const int64_t g0 = j0 >> 4;  // one Philox call per 16 keys; the words read as bytes are the keys'
             common::philox_query_row(words.data(), md.key, uint32_t(i0 + r), uint32_t(bh), g0, ((j1 - 1) >> 4) - g0 + 1);
-            drop_p_row<T>(sr, p_lowp.data() + r * ldP, j0, reinterpret_cast<const uint8_t*>(words.data()) + (j0 & 15),
+            drop_p_row<T>(sr, p_buf + r * ldP, j0, reinterpret_cast<const uint8_t*>(words.data()) + (j0 & 15),
                           N, md.threshold);
           }
           if (alpha[r] != A(1)) scale_row(acc.data() + r * p.Dv, p.Dv, alpha[r]);
         }
         for (const Segment& g : chunk)  // O += P V
-          gemm_seq<T>(M, p.Dv, g.a, g.e, s.data() + g.scol, ldS, v_h, p_lowp.data() + g.pcol, acc.data(), p.Dv, true,
+          gemm_seq<T>(M, p.Dv, g.a, g.e, s_buf + g.scol, ldS, v_h, p_buf + g.pcol, acc.data(), p.Dv, true,
                       ldP);
         chunk.clear();
       };
@@ -986,7 +998,7 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
     std::vector<A> dpt(kBlockN * kBlockM);  // [BLOCK_N, BLOCK_M] dPᵀ = V dOᵀ
     std::vector<A> dk_acc(kBlockN * p.D), dv_acc(kBlockN * p.Dv);  // [BLOCK_N, D], [BLOCK_N, Dv]
     // Matrix units: Pᵀ / dSᵀ rounded to T (A operands), dSᵀ in VNNI pairs (dQᵀ's B operand).
-    std::vector<T> a_lowp(kMatrixUnits<T> ? kBlockN * kLowpLd : 0);
+    T* const a_buf = thread_buffer<T, 2>(kMatrixUnits<T> ? kBlockN * kLowpLd : 0);
     std::vector<T> b_lowp(kMatrixUnits<T> ? (kBlockN + 2) * kBlockM : 0);
     std::vector<A> tmp_f(kMatrixUnits<T> ? kBlockM : 0);
     // Modifiers: tanh(s / cap) of the tile [BLOCK_N, BLOCK_M] (softcap); the tile's Philox
@@ -1043,7 +1055,7 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
           if (md.bias) load_bias_tile_t(md, b, h, i0, M, r0, N, bias_t.data(), kBlockM, bias_stage.data());
           for (int64_t r = 0; r < N; ++r) {  // Pᵀ (in float, and rounded on the matrix units)
             A* row = st.data() + r * kBlockM;
-            T* low = a_lowp.data() + r * kLowpLd;
+            T* low = a_buf + r * kLowpLd;
             if (fcap) {
               p_row_softcap_bwd<T>(row, M, scale * md.inv_cap, md.cap, scale, lse_h + i0, low, i0,
                                    tanh_t.data() + r * kBlockM);
@@ -1070,29 +1082,29 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
             }
           }
           const A* p_dv = md.dropout && !kMatrixUnits<T> ? p_kept.data() : st.data();
-          gemm_seq<T>(N, p.Dv, i0, i1, p_dv, kBlockM, do_h, a_lowp.data(), dv_rows, p.Dv,
+          gemm_seq<T>(N, p.Dv, i0, i1, p_dv, kBlockM, do_h, a_buf, dv_rows, p.Dv,
                       kMatrixUnits<T>);  // dV += Pᵀ dO (the 1 / (1 - p) of dropout applied once per key tile)
           if (fcap) {
             for (int64_t r = 0; r < N; ++r)
               ds_row_softcap<T>(st.data() + r * kBlockM, dpt.data() + r * kBlockM, M, delta_h + i0,
-                                tanh_t.data() + r * kBlockM, a_lowp.data() + r * kLowpLd, i0);
+                                tanh_t.data() + r * kBlockM, a_buf + r * kLowpLd, i0);
           } else if (modified_ds) {
             for (int64_t r = 0; r < N; ++r)  // dbias into the transposed tile, row r = key j0 + r
               ds_row_modified<T>(st.data() + r * kBlockM, dpt.data() + r * kBlockM, M, delta_h + i0, scale,
                                  md.cap > A(0) ? tanh_t.data() + r * kBlockM : nullptr,
-                                 md.dbias ? dbias_t.data() + r * kBlockM : nullptr, a_lowp.data() + r * kLowpLd,
+                                 md.dbias ? dbias_t.data() + r * kBlockM : nullptr, a_buf + r * kLowpLd,
                                  i0);
             if (md.dbias)  // dbias[b, h, i0 : i1, r0 : r1] = the tile transposed back
               transpose_tile(dbias_t.data(), kBlockM, md.dbias + (bh * p.Nq + i0) * p.Nk + r0, p.Nk, N, M);
           } else {
             for (int64_t r = 0; r < N; ++r)  // dSᵀ (in place in float, or only rounded on the matrix units)
               ds_row_bwd<T>(st.data() + r * kBlockM, dpt.data() + r * kBlockM, M, delta_h + i0, scale,
-                            a_lowp.data() + r * kLowpLd, i0, tmp_f.data());
+                            a_buf + r * kLowpLd, i0, tmp_f.data());
           }
-          gemm_seq<T>(N, p.D, i0, i1, st.data(), kBlockM, q_h, a_lowp.data(), dk_rows, p.D,
+          gemm_seq<T>(N, p.D, i0, i1, st.data(), kBlockM, q_h, a_buf, dk_rows, p.D,
                       kMatrixUnits<T>);  // dK += dSᵀ Q
           A* dqT_t = dqT + (i0 / kBlockM) * p.D * kBlockM + i0 % kBlockM;  // [D, M], ld BLOCK_M
-          gemm_dqT<T>(p.D, M, r0, r1, i0 & 1, kT_h, st.data(), a_lowp.data(), b_lowp.data(), dqT_t,
+          gemm_dqT<T>(p.D, M, r0, r1, i0 & 1, kT_h, st.data(), a_buf, b_lowp.data(), dqT_t,
                       kBlockM);  // dQᵀ += Kᵀ dSᵀ
         });
         if (md.dropout) scale_row(dv_acc.data(), n_keys * p.Dv, md.keep_scale);
