@@ -825,6 +825,12 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
       fill(acc.data(), M * p.Dv, A(0));
       fill(m.data(), M, neg_inf);
       fill(l.data(), M, A(0));
+      // Wide chunks: the keys [ca, ce) of segment g that query i sees under the window (ca == ce: none).
+      auto row_keys = [&](int64_t i, const Segment& g) -> std::pair<int64_t, int64_t> {
+        const int64_t ca = p.left < 0 ? g.a : std::clamp<int64_t>(i + p.off - p.left, g.a, g.e);
+        const int64_t ce = p.right < 0 ? g.e : std::clamp<int64_t>(i + p.off + p.right + 1, ca, g.e);
+        return {ca, ce};
+      };
       // One online-softmax step over the chunk's segments: S [M, N] their columns side by side.
       // Without wide chunks the chunk is one piece [j0, j1) of one packed key tile.
       auto step = [&]() {
@@ -866,6 +872,17 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
           }
           else if (!positive)
             scale_row(sr, N, scale);
+          if (wide) {  // only the row's own keys [ca, ce) of each segment are read (padding masked there)
+            A mx = neg_inf;
+            for (const Segment& g : chunk) {
+              const auto [ca, ce] = row_keys(i0 + r, g);
+              if (ca == ce) continue;
+              if (g.cut && p.kpm) mask_query_row(p, b, i0 + r, ca, ce, sr + g.scol + (ca - g.a), neg_inf);
+              mx = max_keep_nan(mx, max_row<T>(sr + g.scol + (ca - g.a), ce - ca));
+            }
+            m_new[r] = max_keep_nan(m[r], mx * factor);
+            continue;
+          }
           for (const Segment& g : chunk)
             if (g.cut) mask_query_row(p, b, i0 + r, g.a, g.e, sr + g.scol, neg_inf);
           m_new[r] = max_keep_nan(m[r], max_row<T>(sr, N) * factor);
@@ -881,6 +898,27 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
           if (fdrop) {  // the exp pass and the keep mask in one loop
             l[r] = l[r] * alpha[r] + exp_row_drop<T>(sr, N, factor, m_new[r], p_buf + r * ldP, j0,
                                                      md, *drop_keys, uint32_t(i0 + r), uint32_t(bh));
+            m[r] = m_new[r];
+          } else if (wide) {  // exp over the row's own keys [ca, ce); P = 0 on the rest of the segment
+            A sum = 0;
+            for (const Segment& g : chunk) {
+              const auto [ca, ce] = row_keys(i0 + r, g);
+              A* x = sr + g.scol;
+              if constexpr (kMatrixUnits<T>) {  // P columns: gemm_seq's pair-aligned layout of the segment
+                T* prow = p_buf + r * ldP + g.pcol;
+                const int64_t total = p_cols<T>(g.a, g.e);
+                const int64_t lead = ca == ce ? total : (ca & ~int64_t(1)) - (g.a & ~int64_t(1));
+                const int64_t tail = ca == ce ? total : lead + p_cols<T>(ca, ce);
+                fill(prow, lead, T(0));
+                if (ca < ce) sum += exp_row<T>(x + (ca - g.a), ce - ca, factor, m_new[r], prow + lead, ca);
+                fill(prow + tail, total - tail, T(0));
+              } else {
+                fill(x, ca - g.a, A(0));
+                if (ca < ce) sum += exp_row<T>(x + (ca - g.a), ce - ca, factor, m_new[r], nullptr, ca);
+                fill(x + (ce - g.a), g.e - ce, A(0));
+              }
+            }
+            l[r] = l[r] * alpha[r] + sum;
             m[r] = m_new[r];
           } else {
             A sum = 0;

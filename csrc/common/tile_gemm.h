@@ -194,7 +194,8 @@ inline at::Tensor vnni_rows(const at::Tensor& x) {
 }
 
 // src [BH, n, W] 32-bit words -> dst [BH, nT, W, tile]: per tile of `tile` rows the words
-// transposed, zero past n (the W output rows of a tile are written side by side, all in L1).
+// transposed, zero past n. at::vec's float transpose (16 x 16 register blocks) moves the words
+// as float bit patterns: loads, shuffles and stores only, so every bit pattern is kept.
 inline void transpose_word_tiles(const uint32_t* src, uint32_t* dst, int64_t BH, int64_t n, int64_t W, int64_t tile) {
   const int64_t n_tiles = (n + tile - 1) / tile;
   at::parallel_for(0, BH * n_tiles, pack_grain(W * tile), [&](int64_t begin, int64_t end) {
@@ -202,8 +203,8 @@ inline void transpose_word_tiles(const uint32_t* src, uint32_t* dst, int64_t BH,
       const int64_t bh = i / n_tiles, t = i % n_tiles, rows = std::min(tile, n - t * tile);
       const uint32_t* s = src + (bh * n + t * tile) * W;  // [rows, W]
       uint32_t* d = dst + i * W * tile;                   // [W, tile]
-      for (int64_t j = 0; j < rows; ++j)
-        for (int64_t w = 0; w < W; ++w) d[w * tile + j] = s[j * W + w];
+      at::vec::transpose_mxn<float>(reinterpret_cast<const float*>(s), W, reinterpret_cast<float*>(d), tile,
+                                    static_cast<int>(rows), static_cast<int>(W));
       if (rows < tile)
         for (int64_t w = 0; w < W; ++w) std::fill(d + w * tile + rows, d + (w + 1) * tile, uint32_t(0));
     }
