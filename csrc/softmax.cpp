@@ -452,6 +452,14 @@ void mask_query_row(const Problem& p, int64_t b, int64_t i, int64_t j0, int64_t 
   }
 }
 
+// The queries [lo, hi) of [i0, i1) that see key j (none for a padded key).
+inline std::pair<int64_t, int64_t> key_queries(const Problem& p, int64_t b, int64_t j, int64_t i0, int64_t i1) {
+  if (p.kpm && p.kpm[b * p.Nk + j]) return {i0, i0};
+  const int64_t lo = p.right < 0 ? i0 : std::clamp<int64_t>(j - p.off - p.right, i0, i1);
+  const int64_t hi = p.left < 0 ? i1 : std::clamp<int64_t>(j - p.off + p.left + 1, lo, i1);
+  return {lo, hi};
+}
+
 // Row j (a key) of a transposed tile over queries [i0, i1): mask queries that do not see j.
 template <typename T>
 void mask_key_row(const Problem& p, int64_t b, int64_t j, int64_t i0, int64_t i1, T* row, T value) {
@@ -1010,14 +1018,32 @@ int64_t backward_chunks(const Problem& p, int64_t n_kv_tiles) {
   return std::clamp<int64_t>((kTargetTasks + bh - 1) / bh, 1, std::max<int64_t>(1, n_kv_tiles));
 }
 
+// Per chunk c of the key tiles (of make_tiles, as backward_kernel splits them), the query
+// tiles [t0, t1) (of BLOCK_M) of its dQ partial that it may write: the tiles of the chunk's
+// query band (a superset with tables). The chunk zeroes only those and gather_dq sums only
+// those: under a window the rest of each partial is never touched (at N = 2048, w = 128, two
+// chunks: 8 MB of zeroing and 8 MB of summing a call, for ~1.5 MB of dQ).
+std::vector<std::pair<int64_t, int64_t>> dq_chunk_tiles(const Problem& p, int64_t n_chunks) {
+  const auto ktiles = make_tiles(p.Nk, kBlockN, p.sbs);
+  const int64_t nt = int64_t(ktiles.size()), per_chunk = (nt + n_chunks - 1) / n_chunks;
+  std::vector<std::pair<int64_t, int64_t>> r(n_chunks, {0, 0});
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    const int64_t t0 = c * per_chunk, t1 = std::min(nt, t0 + per_chunk);
+    if (t0 >= t1) continue;
+    const auto [lo, hi] = query_band(p, ktiles[t0].first, ktiles[t1 - 1].second);
+    if (lo < hi) r[c] = {lo / kBlockM, (hi + kBlockM - 1) / kBlockM};
+  }
+  return r;
+}
+
 // T: the operand type. q, dout: rows [B, Hq, Nq, *] (VNNI pairs on the matrix units);
 // qT, doT: packed transposed per query tile; k, v: plain rows; kT: packed transposed
 // per key tile, plain layout (the A operand of dQᵀ). Everything else in acc_type<T>.
 template <typename T>
 void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, const T* kT, const T* v, const T* dout,
                      const T* doT, const acc_type<T>* lse_use, const acc_type<T>* delta, acc_type<T> scale,
-                     int64_t n_chunks,
-                     acc_type<T>* dqT_part,  // [n_chunks, B, Hq, nQt, D, BLOCK_M]
+                     int64_t n_chunks, const std::vector<std::pair<int64_t, int64_t>>& dq_tiles,
+                     acc_type<T>* dqT_part,  // [n_chunks, B, Hq, nQt, D, BLOCK_M], dq_tiles[c] of chunk c
                      acc_type<T>* dk_out,    // [B, Hq or Hk, Nk, D]: per query head when group > 1
                      acc_type<T>* dv_out,    // [B, Hq or Hk, Nk, Dv]
                      const Modifiers<acc_type<T>>& md) {
@@ -1063,7 +1089,7 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
       const A* lse_h = lse_use + bh * p.Nq;
       const A* delta_h = delta + bh * p.Nq;
       A* dqT = dqT_part + (c * p.B * p.Hq + bh) * dqT_head;
-      fill(dqT, dqT_head, A(0));
+      fill(dqT + dq_tiles[c].first * p.D * kBlockM, (dq_tiles[c].second - dq_tiles[c].first) * p.D * kBlockM, A(0));
       for (int64_t t = c * per_chunk; t < std::min(nt, (c + 1) * per_chunk); ++t) {
         const auto [j0, j1] = ktiles[t];
         const int64_t n_keys = j1 - j0;
@@ -1103,7 +1129,21 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
                               md.bias_at(b, h, i0, r0 + r), md.si,
                               md.cap > A(0) ? tanh_t.data() + r * kBlockM : static_cast<A*>(nullptr),
                               bias_tmp.data(), md.bias ? bias_t.data() + r * kBlockM : nullptr);
-              p_row_bwd<T>(row, M, logits ? A(1) : scale, lse_h + i0, low, i0);
+              // A cut tile without modifiers: the exp only on the 16-query blocks that hold the
+              // key's own queries (w = 128: a fifth of the columns are outside); the mask below
+              // zeroes the rest. Block-aligned: same pair parity, no extra scalar tail.
+              int64_t ca = 0, ce = M;
+              if (masked && !logits) {
+                const auto [qa, qe] = key_queries(p, b, r0 + r, i0, i1);
+                ca = qa == qe ? 0 : (qa - i0) & ~int64_t(15);
+                ce = qa == qe ? 0 : std::min<int64_t>(M, (qe - i0 + 15) & ~int64_t(15));
+              }
+              if (ca < ce) p_row_bwd<T>(row + ca, ce - ca, logits ? A(1) : scale, lse_h + i0 + ca, low + ca, i0 + ca);
+              if constexpr (kMatrixUnits<T>) {  // the pair padding columns, which a partial call does not write
+                const int64_t K = p_cols<T>(i0, i1);
+                if (i0 & 1) low[0] = T(0);
+                if (i1 - (i0 & ~int64_t(1)) < K) low[K - 1] = T(0);
+              }
             }
             if (masked) {
               mask_key_row(p, b, r0 + r, i0, i1, row, A(0));
@@ -1155,9 +1195,11 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
   });
 }
 
-// dq[b, h, i, :] = Σ_c dqT_part[c, b, h, i / BLOCK_M, :, i % BLOCK_M], chunks in order.
+// dq[b, h, i, :] = Σ_c dqT_part[c, b, h, i / BLOCK_M, :, i % BLOCK_M], over the chunks whose
+// dq_tiles hold tile i / BLOCK_M, in chunk order (0 where none does).
 template <typename T>
-void gather_dq(const Problem& p, const T* dqT_part, int64_t n_chunks, T* dq) {
+void gather_dq(const Problem& p, const T* dqT_part, int64_t n_chunks,
+               const std::vector<std::pair<int64_t, int64_t>>& dq_tiles, T* dq) {
   const int64_t head = p.nQt * p.D * kBlockM;
   at::parallel_for(0, p.B * p.Hq * p.nQt, grain_for(double(n_chunks) * p.D * kBlockM), [&](int64_t begin, int64_t end) {
     std::vector<T> sum(p.D * kBlockM);  // [D, BLOCK_M]
@@ -1165,11 +1207,17 @@ void gather_dq(const Problem& p, const T* dqT_part, int64_t n_chunks, T* dq) {
       const int64_t bh = task / p.nQt, t = task % p.nQt;
       const int64_t rows = std::min(kBlockM, p.Nq - t * kBlockM);
       const T* part = dqT_part + bh * head + t * p.D * kBlockM;
-      std::copy(part, part + p.D * kBlockM, sum.data());
-      for (int64_t c = 1; c < n_chunks; ++c) {
+      bool first = true;
+      for (int64_t c = 0; c < n_chunks; ++c) {
+        if (t < dq_tiles[c].first || t >= dq_tiles[c].second) continue;
         const T* pc = part + c * p.B * p.Hq * head;
-        for (int64_t e = 0; e < p.D * kBlockM; ++e) sum[e] += pc[e];
+        if (first)
+          std::copy(pc, pc + p.D * kBlockM, sum.data());
+        else
+          for (int64_t e = 0; e < p.D * kBlockM; ++e) sum[e] += pc[e];
+        first = false;
       }
+      if (first) fill(sum.data(), p.D * kBlockM, T(0));
       T* out = dq + (bh * p.Nq + t * kBlockM) * p.D;  // [rows, D]
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t d = 0; d < p.D; ++d) out[r * p.D + d] = sum[d * kBlockM + r];
@@ -1541,14 +1589,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
       Modifiers<A> md = make_modifiers<A>(pm);
       if (bias_grad) md.dbias = dbias.data_ptr<A>();
       const int64_t n_chunks = backward_chunks(p, p.nKt);
+      const auto dq_tiles = dq_chunk_tiles(p, n_chunks);
       at::Tensor dqT_part = at::empty({n_chunks, p.B, p.Hq, p.nQt, p.D, kBlockM}, acc_opts);
       at::Tensor dk_part = p.group > 1 ? at::empty({p.B, p.Hq, p.Nk, p.D}, acc_opts) : dk;
       at::Tensor dv_part = p.group > 1 ? at::empty({p.B, p.Hq, p.Nk, p.Dv}, acc_opts) : dv;
       backward_kernel<scalar_t>(p, q_rows.data_ptr<scalar_t>(), qT.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(),
                                 kT.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(), do_rows.data_ptr<scalar_t>(),
-                                doT.data_ptr<scalar_t>(), lu, dl, A(scale), n_chunks, dqT_part.data_ptr<A>(),
+                                doT.data_ptr<scalar_t>(), lu, dl, A(scale), n_chunks, dq_tiles, dqT_part.data_ptr<A>(),
                                 dk_part.data_ptr<A>(), dv_part.data_ptr<A>(), md);
-      gather_dq<A>(p, dqT_part.data_ptr<A>(), n_chunks, dq.data_ptr<A>());
+      gather_dq<A>(p, dqT_part.data_ptr<A>(), n_chunks, dq_tiles, dq.data_ptr<A>());
       if (p.group > 1) {
         fold_group<A>(p, dk_part.data_ptr<A>(), p.D, dk.data_ptr<A>());
         fold_group<A>(p, dv_part.data_ptr<A>(), p.Dv, dv.data_ptr<A>());
