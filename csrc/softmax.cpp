@@ -421,11 +421,15 @@ inline void ds_row_bwd(acc_type<T>* p_row, const acc_type<T>* dp, int64_t n, con
 // The forward's wide S / P tiles (130-270 KB) and the backward's rounded Pᵀ tile (130 KB)
 // are above glibc's mmap threshold: allocated per call, they were mapped and faulted in
 // page by page every time (measured: a quarter of a bf16 window forward in the kernel).
+// 64-byte aligned: the tiles' rows are read and written in 64-byte vectors (a 16-byte aligned
+// heap block splits every one of them across two cache lines).
 template <typename X, int kSlot>
 X* thread_buffer(size_t n) {
+  constexpr size_t kAlign = 64 / sizeof(X);
   thread_local std::vector<X> buf;
-  if (buf.size() < n) buf.resize(n);
-  return buf.data();
+  if (buf.size() < n + kAlign) buf.resize(n + kAlign);
+  const uintptr_t at = (reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63);
+  return reinterpret_cast<X*>(at);
 }
 
 // After a parallel task's sequence of matrix-unit GEMMs.
