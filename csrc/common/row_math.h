@@ -458,19 +458,21 @@ inline float exp_fma_sum_round<at::BFloat16>(const float* x, int64_t n, float a,
 inline float row_max_fast(const float* x, int64_t n) {
 #if defined(CPU_CAPABILITY_AVX512)
   constexpr int64_t W = 16;
-  float m = -std::numeric_limits<float>::infinity();
+  const float m = -std::numeric_limits<float>::infinity();
   int64_t i = 0;
-  if (n >= W) {
-    __m512 m0 = _mm512_set1_ps(m), m1 = m0;
-    for (; i + 2 * W <= n; i += 2 * W) {
-      m0 = _mm512_max_ps(m0, _mm512_loadu_ps(x + i));
-      m1 = _mm512_max_ps(m1, _mm512_loadu_ps(x + i + W));
-    }
-    for (; i + W <= n; i += W) m0 = _mm512_max_ps(m0, _mm512_loadu_ps(x + i));
-    m = _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
+  __m512 m0 = _mm512_set1_ps(m), m1 = m0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    m0 = _mm512_max_ps(m0, _mm512_loadu_ps(x + i));
+    m1 = _mm512_max_ps(m1, _mm512_loadu_ps(x + i + W));
   }
-  for (; i < n; ++i) m = max_keep_nan(m, x[i]);
-  return m;
+  for (; i + W <= n; i += W) m0 = _mm512_max_ps(m0, _mm512_loadu_ps(x + i));
+  // The tail in one masked vector (-inf in the lanes past n): a windowed row's own key
+  // range has any length, and a scalar tail is up to 15 dependent max_keep_nan steps.
+  if (i < n) {
+    const __mmask16 k = __mmask16((1u << (n - i)) - 1);
+    m1 = _mm512_max_ps(m1, _mm512_mask_loadu_ps(_mm512_set1_ps(m), k, x + i));
+  }
+  return _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
 #else
   return row_max(x, n);
 #endif
