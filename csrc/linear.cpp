@@ -937,18 +937,17 @@ float mx_favor_state(const Dims& d, const FavorW<float>& fw, const FavorMx<T>& m
     half_norms(src, L, fw.D, fw.root, w.hn.data(), w.dX.data());
     std::fill(w.hn.begin() + L, w.hn.end(), 0.f);
     {
-      static_assert(C == 4 * W, "the column max keeps one accumulator per vector of the chunk");
-      const Vec ninf(-std::numeric_limits<float>::infinity());
-      Vec m0 = ninf, m1 = ninf, m2 = ninf, m3 = ninf;  // four independent chains, not one latency-bound one
+      // one accumulator per vector of the chunk (4 on AVX-512, 8 on AVX2 / the default build):
+      // independent chains, not one latency-bound one
+      constexpr int64_t NV = C / W;
+      static_assert(C % W == 0, "the chunk is a whole number of vectors");
+      Vec mv[NV];
+      for (int64_t q = 0; q < NV; ++q) mv[q] = Vec(-std::numeric_limits<float>::infinity());
       for (int64_t m = 0; m < fw.M; ++m) {
         const float* r = FT + m * C;
-        m0 = at::vec::maximum(m0, Vec::loadu(r));
-        m1 = at::vec::maximum(m1, Vec::loadu(r + W));
-        m2 = at::vec::maximum(m2, Vec::loadu(r + 2 * W));
-        m3 = at::vec::maximum(m3, Vec::loadu(r + 3 * W));
+        for (int64_t q = 0; q < NV; ++q) mv[q] = at::vec::maximum(mv[q], Vec::loadu(r + q * W));
       }
-      const Vec mx[4] = {m0, m1, m2, m3};
-      for (int64_t q = 0; q < 4; ++q) (mx[q] - Vec::loadu(w.hn.data() + q * W)).store(w.cand.data() + q * W);
+      for (int64_t q = 0; q < NV; ++q) (mv[q] - Vec::loadu(w.hn.data() + q * W)).store(w.cand.data() + q * W);
     }
     float cm = c;
     for (int64_t j = 0; j < L; ++j) cm = common::max_keep_nan(cm, w.cand[j]);

@@ -193,6 +193,46 @@ def test_low_precision_matches_reference(shape, window, dtype):
     check_case(shape, window, dtype)
 
 
+# Windows whose band spans several 256-key tiles: the forward's wide chunks (one online-softmax
+# step per band of <= 1024 keys, each row reading only its own keys), several chunks when the
+# band is wider, and the backward's per-(key tile, query tile) row band.
+WIDE_CASES = [
+    ((1, 2, 2, 700, 700, 64, 64), (256, 256)),  # one chunk, 3-4 key tiles per query tile
+    ((1, 4, 2, 531, 600, 64, 64), (129, 0)),  # one-sided (w, 0), GQA, Nq < Nk, odd band edges
+    ((1, 2, 1, 600, 531, 32, 32), (0, 77)),  # (0, w), Nq > Nk: the first rows see nothing
+    ((1, 2, 2, 1500, 1500, 32, 32), (700, 650)),  # band > 1024 keys: chunks with online rescale
+    ((1, 2, 1, 300, 700, 64, 48), (300, -1)),  # right side unbounded, Dv != D
+]
+WIDE_IDS = [case_id(*s, w) for s, w in WIDE_CASES]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("shape,window", WIDE_CASES, ids=WIDE_IDS)
+def test_wide_windows(shape, window, dtype):
+    check_case(shape, window, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=DTYPE_IDS.get)
+def test_wide_window_with_key_padding(dtype):
+    # B2-H2-N300x557-win200_150 with padded keys inside the band; batch 1 fully padded
+    g = torch.Generator().manual_seed(11)
+    kpm = torch.rand(2, 557, generator=g) < 0.3
+    kpm[1] = True
+    check_case((2, 2, 1, 300, 557, 64, 64), (200, 150), dtype, kpm=kpm)
+
+
+@pytest.mark.parametrize("bs", [32, 45])
+def test_wide_block_sparse_adjacent_blocks(bs):
+    # runs of adjacent listed blocks merge into one segment; block size 45: odd block starts
+    nq = nk = 700
+    nb = -(-nq // bs)
+    layout = random_layout(1, 2, nb, nb, 0.5, seed=7)
+    layout[..., 3, :] = False  # a query block that sees nothing
+    layout[..., 5, :8] = True  # a long run of adjacent blocks
+    check_case((1, 2, 1, nq, nk, 64, 64), DENSE, torch.float32, tables=Tables(layout, bs))
+    check_case((1, 2, 1, nq, nk, 64, 64), (100, 100), torch.float32, tables=Tables(layout, bs))
+
+
 @pytest.mark.parametrize("d", [16, 64, 80, 128, 256])
 def test_head_dims(d):
     check_case((1, 2, 1, 97, 97, d, d), CAUSAL, torch.float32)

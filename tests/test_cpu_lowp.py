@@ -101,6 +101,40 @@ def test_matches_reference(shape, window, dtype, gemm_path):
     check_lowp(shape, window, dtype)
 
 
+# Windows whose band spans several key tiles: the forward's wide chunks (odd band edges put
+# segment starts on odd keys: the VNNI pair padding of each row's own key range), several
+# chunks for a band over 1024 keys, and the backward's per-(key tile, query tile) row band.
+WIDE_CASES = [
+    ((1, 2, 2, 700, 700, 64, 64), (256, 256)),
+    ((1, 4, 2, 531, 600, 64, 64), (129, 0)),  # GQA, Nq < Nk, one-sided
+    ((1, 2, 1, 600, 531, 32, 32), (0, 77)),  # Nq > Nk: empty rows
+    ((1, 2, 2, 1500, 1500, 32, 32), (700, 651)),  # band > 1024 keys
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("shape,window", WIDE_CASES, ids=[case_id(*s, w) for s, w in WIDE_CASES])
+def test_wide_windows(shape, window, dtype, gemm_path):
+    gemm_path(dtype)
+    check_lowp(shape, window, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_wide_window_key_padding_and_block_runs(dtype, gemm_path):
+    gemm_path(dtype)
+    g = torch.Generator().manual_seed(11)
+    kpm = torch.rand(2, 557, generator=g) < 0.3
+    kpm[1] = True  # batch 1: every row empty
+    check_lowp((2, 2, 1, 300, 557, 64, 64), (200, 151), dtype, kpm=kpm)
+    bs = 45  # odd block starts; runs of adjacent blocks merge into one segment
+    layout = random_layout(1, 2, -(-700 // bs), -(-700 // bs), 0.5, seed=7)
+    layout[..., 5, :8] = True
+    check_lowp((1, 2, 1, 700, 700, 64, 64), DENSE, dtype, tables=Tables(layout, bs))
+    # and cut by a window: query tiles start on odd rows, so the backward's partial exp leaves
+    # the pair padding column to be zeroed explicitly
+    check_lowp((1, 2, 1, 700, 700, 64, 64), (100, 101), dtype, tables=Tables(layout, bs))
+
+
 # block sizes 17 and 24: blocks start at odd and even rows, so the VNNI pair alignment of
 # every sequence-range GEMM is exercised
 SPARSE = [((1, 2, 2, 150, 150, 64, 64), 17, DENSE), ((1, 2, 1, 200, 200, 32, 32), 24, CAUSAL)]

@@ -15,10 +15,9 @@
 
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/native/CPUBlas.h>
-#include <ATen/Parallel.h>
-#include <fbgemm/Utils.h>
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -160,67 +159,80 @@ inline bool matrix_units_available(at::ScalarType t) {
   return !matrix_units_disabled_by_env() && at::native::cpublas::could_pack(t);
 }
 
-// x [..., R, C] (C even) -> VNNI pairs of rows [..., ceil(R / 2), C, 2], a zero row padding odd R.
-// Where oneDNN packs for the matrix units (cpublas::could_pack), one cpublas::pack (oneDNN's
-// B-operand transform) per [R, C] matrix: measured 336 -> 49 us for [1, 8, 1024, 64] bf16 (a
-// clone: 47 us), where torch's generic copy of the transposed view moves 16-bit elements with a
-// stride of 2. oneDNN's transform takes an output leading dimension of 16, 32, 48 or 64 only
-// ("could not create a BRGeMM ukernel packing B object" for C = 40 or 128), so only those widths
-// take it; the others keep the copy.
-inline at::Tensor vnni_rows(const at::Tensor& x) {
-  const int64_t R = x.size(-2), C = x.size(-1), Re = R + (R & 1);
-  std::vector<int64_t> out(x.sizes().begin(), x.sizes().end() - 2);
-  out.insert(out.end(), {Re / 2, C, 2});
-  const at::ScalarType t = x.scalar_type();
-  const bool packs = (t == at::kBFloat16 || t == at::kHalf) && C > 0 && C % 16 == 0 && C <= 64;
-  if (packs && R > 1 && at::native::cpublas::could_pack(t)) {
-    const at::Tensor xc = x.contiguous();
-    at::Tensor y = at::empty(out, x.options());
-    const int64_t mats = xc.numel() / (R * C), Rp = R & ~int64_t(1);  // Rp: the rows that pair
-    const auto* src = static_cast<const uint16_t*>(xc.data_ptr());
-    auto* dst = static_cast<uint16_t*>(y.data_ptr());
-    at::parallel_for(0, mats, 1, [&](int64_t b, int64_t e) {
-      for (int64_t m = b; m < e; ++m) {
-        const uint16_t* s = src + m * R * C;
-        uint16_t* d = dst + m * Re * C;
-        at::native::cpublas::pack(Rp, C, C, C, t, t, s, d);  // [Rp, C] -> [Rp / 2, C, 2]
-        if (R & 1) {  // the last row alone, paired with zeros
-          uint16_t* last = d + Rp * C;
-          for (int64_t c = 0; c < C; ++c) last[2 * c] = s[Rp * C + c], last[2 * c + 1] = 0;
-        }
-      }
-    });
-    return y;
-  }
-  const at::Tensor padded = Re == R ? x.contiguous() : at::constant_pad_nd(x, {0, 0, 0, 1});
-  std::vector<int64_t> pairs(x.sizes().begin(), x.sizes().end() - 2);
-  pairs.insert(pairs.end(), {Re / 2, 2, C});  // [..., R / 2, 2, C]
-  return padded.view(pairs).transpose(-1, -2).contiguous().view(out);
+// The packers below run once per call on O(N·D) data, as plain word loops split over
+// threads: torch's strided copy of the equivalent transposed views ran them at ~1 ns an
+// element (12% of a bf16 (256, 256) window forward at N = 2048, 1 thread).
+inline int64_t pack_grain(int64_t words_per_task) {
+  return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, words_per_task));
 }
 
-// x [B, H, N, D] (D even) -> per tile of `tile` rows, the transposed tile in VNNI layout:
-// [B, H, nT, D / 2, tile, 2], element (d, n) of tile t at [t][d / 2][n][d % 2]; zero past N.
-// Each (d, d + 1) pair of a row of x is one 32-bit word, so this is a 32-bit transpose of each
-// [rows, D / 2] tile of words: fbgemm's transpose_simd (what at::native::utils::transpose<float>
-// calls; the words move as bits): measured 104 -> 62 us for [1, 8, 1024, 64] bf16 against
-// torch's generic copy of the transposed view.
-inline at::Tensor vnni_transposed_tiles(const at::Tensor& x, int64_t tile) {
-  const int64_t B = x.size(0), H = x.size(1), n = x.size(2), D = x.size(3), n_tiles = (n + tile - 1) / tile;
+// x [..., R, C] (16-bit, C even) -> VNNI pairs of rows [..., ceil(R / 2), C, 2], a zero row
+// padding odd R: word c of pair row p is x[2p][c] | x[2p + 1][c] << 16.
+inline at::Tensor vnni_rows(const at::Tensor& x) {
+  TORCH_INTERNAL_ASSERT(x.element_size() == 2 && x.dim() >= 2);
   const at::Tensor xc = x.contiguous();
-  at::Tensor y = at::empty({B, H, n_tiles, D / 2, tile, 2}, x.options());
-  const int64_t W = D / 2;  // words per row
-  const auto* src = static_cast<const float*>(xc.data_ptr());  // the words as 32-bit floats (moved, never computed)
-  auto* dst = static_cast<float*>(y.data_ptr());
-  at::parallel_for(0, B * H * n_tiles, 1, [&](int64_t b, int64_t e) {
-    for (int64_t task = b; task < e; ++task) {
-      const int64_t bh = task / n_tiles, t = task % n_tiles, rows = std::min(tile, n - t * tile);
-      float* d = dst + task * W * tile;  // [W, tile]
-      if (rows > 0) fbgemm::transpose_simd<float>(rows, W, src + (bh * n + t * tile) * W, W, d, tile);
-      if (rows < tile)
-        for (int64_t w = 0; w < W; ++w) std::fill(d + w * tile + std::max<int64_t>(rows, 0), d + (w + 1) * tile, 0.f);
+  const int64_t R = x.size(-2), C = x.size(-1), pairs = (R + 1) / 2, lead = R * C == 0 ? 0 : x.numel() / (R * C);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 2);
+  out_shape.insert(out_shape.end(), {pairs, C, 2});
+  at::Tensor out = at::empty(out_shape, x.options());
+  const uint16_t* src = static_cast<const uint16_t*>(xc.data_ptr());
+  uint32_t* dst = static_cast<uint32_t*>(out.data_ptr());
+  at::parallel_for(0, lead * pairs, pack_grain(C), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t l = i / pairs, pr = i % pairs;
+      const uint16_t* lo = src + (l * R + 2 * pr) * C;
+      uint32_t* d = dst + i * C;
+      if (2 * pr + 1 < R) {
+        const uint16_t* hi = lo + C;
+        for (int64_t c = 0; c < C; ++c) d[c] = uint32_t(lo[c]) | (uint32_t(hi[c]) << 16);
+      } else {
+        for (int64_t c = 0; c < C; ++c) d[c] = uint32_t(lo[c]);
+      }
     }
   });
-  return y;
+  return out;
+}
+
+// src [BH, n, W] 32-bit words -> dst [BH, nT, W, tile]: per tile of `tile` rows the words
+// transposed, zero past n. at::vec's float transpose (16 x 16 register blocks) moves the words
+// as float bit patterns: loads, shuffles and stores only, so every bit pattern is kept.
+inline void transpose_word_tiles(const uint32_t* src, uint32_t* dst, int64_t BH, int64_t n, int64_t W, int64_t tile) {
+  const int64_t n_tiles = (n + tile - 1) / tile;
+  at::parallel_for(0, BH * n_tiles, pack_grain(W * tile), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t bh = i / n_tiles, t = i % n_tiles, rows = std::min(tile, n - t * tile);
+      const uint32_t* s = src + (bh * n + t * tile) * W;  // [rows, W]
+      uint32_t* d = dst + i * W * tile;                   // [W, tile]
+      at::vec::transpose_mxn<float>(reinterpret_cast<const float*>(s), W, reinterpret_cast<float*>(d), tile,
+                                    static_cast<int>(rows), static_cast<int>(W));
+      if (rows < tile)
+        for (int64_t w = 0; w < W; ++w) std::fill(d + w * tile + rows, d + (w + 1) * tile, uint32_t(0));
+    }
+  });
+}
+
+// x [B, H, N, D] (16-bit, D even) -> per tile of `tile` rows, the transposed tile in VNNI layout:
+// [B, H, nT, D / 2, tile, 2], element (d, n) of tile t at [t][d / 2][n][d % 2]; zero past N.
+// Each (d, d + 1) pair of a row of x is one 32-bit word, so this is a 32-bit transpose.
+inline at::Tensor vnni_transposed_tiles(const at::Tensor& x, int64_t tile) {
+  TORCH_INTERNAL_ASSERT(x.element_size() == 2 && x.dim() == 4 && x.size(3) % 2 == 0);
+  const at::Tensor xc = x.contiguous();
+  const int64_t n = x.size(2), Dw = x.size(3) / 2, n_tiles = (n + tile - 1) / tile;
+  at::Tensor out = at::empty({x.size(0), x.size(1), n_tiles, Dw, tile, 2}, x.options());
+  transpose_word_tiles(static_cast<const uint32_t*>(xc.data_ptr()), static_cast<uint32_t*>(out.data_ptr()),
+                       x.size(0) * x.size(1), n, Dw, tile);
+  return out;
+}
+
+// x [B, H, N, D] float32 -> [B, H, nT, D, tile], each tile transposed, zero past N.
+inline at::Tensor transposed_tiles_f32(const at::Tensor& x, int64_t tile) {
+  TORCH_INTERNAL_ASSERT(x.scalar_type() == at::kFloat && x.dim() == 4);
+  const at::Tensor xc = x.contiguous();
+  const int64_t n = x.size(2), D = x.size(3), n_tiles = (n + tile - 1) / tile;
+  at::Tensor out = at::empty({x.size(0), x.size(1), n_tiles, D, tile}, x.options());
+  transpose_word_tiles(reinterpret_cast<const uint32_t*>(xc.data_ptr<float>()),
+                       reinterpret_cast<uint32_t*>(out.data_ptr<float>()), x.size(0) * x.size(1), n, D, tile);
+  return out;
 }
 
 ATTNKERNELS_COMMON_END
