@@ -719,12 +719,30 @@ inline acc_type<T> softcap_row(acc_type<T>* x, int64_t n, acc_type<T> a, acc_typ
 
 // The forward's softcap with a fixed row max (softcap alone, scale > 0, no dropout; float32,
 // and bf16 with AVX512-BF16): every capped logit lies in [-cap, cap], so m = cap bounds each
-// row from the start, and with cap <= kFixedMaxCap the smallest P, e^(-2·cap) >= e^-64
-// (2^-92), stays a normal float, far from the flush of denormals (2^-126) and from
-// exp2_poly4_bounded's range: P = exp(s - cap) is then as exact, relative to its row, as
-// with the running max, with no max pass, no rescale of the accumulator and the tanh inside
-// the exp pass. Wider caps take the online max (the generic / split passes).
-constexpr double kFixedMaxCap = 32.0;
+// row from the start: P = exp(s - cap), no max pass, no rescale of the accumulator, the tanh
+// inside the exp pass. With cap <= kFixedMaxExactCap the smallest P, e^(-2·cap) >= e^-86, is
+// a normal float above the bf16 exp's flush (2^-125) and inside the bounded exps' range, so P
+// is as exact, relative to its row, as with the running max. Wider caps (up to kFixedMaxCap,
+// Gemma 2's 50) floor the exponent at the bounded exps' range (e^-87 / 2^-124) on uncut tiles
+// and flush it to 0 on cut ones, an error of at most e^-87 per key, negligible next to a row
+// sum of at least Nk · kFixedMaxRowFloorPerKey (e^-70: below e^-17 = 4e-8 of the row); a query
+// tile with a row under that (all its logits far below the cap, or no key at all) runs again
+// with the running max (fixed_max_holds). Beyond kFixedMaxCap such rows get common (a row
+// whose logits are all below cap - 61 at Nk = 4096), so wider caps take the running max.
+constexpr double kFixedMaxExactCap = 43.0;
+constexpr double kFixedMaxCap = 50.0;
+constexpr double kFixedMaxRowFloorPerKey = 3.975449735908647e-31;  // e^-70
+
+// Whether a query tile computed under the fixed max stands: every row's sum >= Nk · e^-70
+// (a NaN sum, a poisoned row, stands: the running max would give NaN too).
+template <typename A>
+inline bool fixed_max_holds(A cap, const A* l, int64_t M, int64_t Nk) {
+  if (cap <= A(kFixedMaxExactCap)) return true;
+  const A floor = A(Nk) * A(kFixedMaxRowFloorPerKey);
+  for (int64_t r = 0; r < M; ++r)
+    if (l[r] < floor) return false;
+  return true;
+}
 
 template <typename T>
 inline bool fixed_max_softcap(const Modifiers<acc_type<T>>& md, acc_type<T> scale) {
@@ -879,10 +897,7 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
       const T* q_t = q + (bh * p.Nq + i0) * p.D;                          // [M, D]
       const T* kT_h = kT + (b * p.Hk + hk) * p.nKt * p.D * kBlockN;       // packed [nKt, D, BLOCK_N]
       const T* v_h = v + (b * p.Hk + hk) * operand_rows<T>(p.Nk) * p.Dv;  // [Nk, Dv]
-      fill(acc.data(), M * p.Dv, A(0));
-      const bool fixed_now = fixed;
-      fill(m.data(), M, fixed_now ? A(md.cap) : neg_inf);
-      fill(l.data(), M, A(0));
+      bool fixed_now = fixed;  // cleared when the tile runs again with the running max
       // Wide chunks: the keys [ca, ce) of segment g that query i sees under the window (ca == ce: none).
       auto row_keys = [&](int64_t i, const Segment& g) -> std::pair<int64_t, int64_t> {
         const int64_t ca = p.left < 0 ? g.a : std::clamp<int64_t>(i + p.off - p.left, g.a, g.e);
@@ -1021,6 +1036,10 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
       };
       // Pieces in ascending key order; a piece continuing the last segment extends it.
       // used: the chunk's P columns (the next segment's pcol).
+      for (;;) {  // once, or twice when the fixed max does not hold for a row (fixed_max_holds)
+      fill(acc.data(), M * p.Dv, A(0));
+      fill(m.data(), M, fixed_now ? A(md.cap) : neg_inf);
+      fill(l.data(), M, A(0));
       int64_t used = 0;
       for_each_kv_tile(p, b, h, i0, i1, [&](int64_t a, int64_t e) {
         const bool extends = !chunk.empty() && chunk.back().e == a;
@@ -1038,6 +1057,9 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
         used = chunk.back().pcol + p_cols<T>(chunk.back().a, chunk.back().e);
       });
       if (!chunk.empty()) step();
+      if (!fixed_now || fixed_max_holds(md.cap, l.data(), M, p.Nk)) break;
+      fixed_now = false;
+      }
       T* out_t = out + (bh * p.Nq + i0) * p.Dv;
       A* lse_t = lse + bh * p.Nq + i0;
       const A sink = md.sinks ? md.sinks[h] : neg_inf;

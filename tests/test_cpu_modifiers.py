@@ -273,14 +273,18 @@ def test_fp32_fp16(case, dtype):
     check(case, dtype)
 
 
-# Softcap alone with cap <= 32 and no dropout: the forward fixes every row's max at cap and runs the tanh
-# inside the exp pass (csrc/softmax.cpp, fixed_max_softcap); a wider cap keeps the running max.
+# Softcap alone with cap <= 50 and no dropout: the forward fixes every row's max at cap and runs the tanh
+# inside the exp pass (csrc/softmax.cpp, fixed_max_softcap); above cap 43 the far keys' P are floored and
+# a query tile with a row whose sum falls under the floor's bound runs again with the running max
+# (fixed_max_holds); a wider cap keeps the running max.
 FIXED_MAX_CASES = [
     Case((2, 4, 2, 97, 61, 64), CAUSAL, softcap=5.0),  # Nq > Nk: rows that see no key
     Case((2, 4, 2, 130, 300, 64), DENSE, softcap=32.0, kpm=True),  # at the limit; padded keys cut tiles
     Case((1, 2, 1, 97, 600, 64), CAUSAL, softcap=30.0),  # three key tiles, the last one cut by the diagonal
     Case((1, 4, 2, 300, 301, 64), (70, 5), softcap=30.0, sinks=True),  # odd tile starts, a sink per head
-    Case((2, 4, 2, 97, 300, 32), DENSE, softcap=50.0),  # above the limit: the running max
+    Case((2, 4, 2, 97, 300, 32), DENSE, softcap=50.0),  # floored exponents (Gemma 2's cap)
+    Case((2, 4, 2, 97, 61, 64), CAUSAL, softcap=50.0),  # floored, and rows that see no key: run again
+    Case((2, 4, 2, 97, 300, 32), DENSE, softcap=60.0),  # above the limit: the running max
 ]
 
 
@@ -313,6 +317,36 @@ def test_softcap_rows_far_below_the_cap(cap, window, dtype):
     q, k, _, _, opts = case.inputs(torch.float64)
     capped = cap * torch.tanh(q[..., ::2, :] @ k.repeat_interleave(2, 1).transpose(-1, -2) / 8 / cap)
     assert (capped < -0.9 * cap).all()  # the case is what it claims
+    check(case, dtype)
+
+
+class MixedRangeCase(Case):
+    """Every query row sees keys of capped logits about +0.83·cap and -0.83·cap (raw ±1.2·cap, even / odd
+    keys): at cap 50 the far keys' exponents under the fixed max (about -1.83·cap = -92) sit below the bounded
+    exp's range and are floored (P = e^-87 for e^-92), on rows whose sum is far above the floor (the near keys
+    give e^-8.5 each), so the fixed max stands; at cap 30 nothing is floored."""
+
+    def inputs(self, dtype, seed=0):
+        q, k, v, dout, opts = super().inputs(torch.float32, seed)
+        g = torch.Generator().manual_seed(seed + 2)
+        d = q.shape[-1]
+        u = torch.randn(d, generator=g)
+        sign = torch.ones(k.shape[2])
+        sign[1::2] = -1
+        k = sign[:, None] * u + 0.1 * torch.randn(k.shape, generator=g)
+        alpha = 1.2 * self.softcap * math.sqrt(d) / u.dot(u)  # (alpha·u)·(±u) / sqrt(d) = ±1.2·cap
+        q = alpha * u + 0.1 * torch.randn(q.shape, generator=g)
+        return q.to(dtype), k.to(dtype), v.to(dtype), dout.to(dtype), opts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("window", [CAUSAL, DENSE], ids=window_mode)
+@pytest.mark.parametrize("cap", [30.0, 50.0])
+def test_softcap_mixed_range_rows(cap, window, dtype):
+    case = MixedRangeCase((1, 4, 2, 97, 300, 64), window, softcap=cap)
+    q, k, _, _, opts = case.inputs(torch.float64)
+    capped = cap * torch.tanh(q @ k.repeat_interleave(2, 1).transpose(-1, -2) / 8 / cap)
+    assert (capped[..., 1::2] < -0.75 * cap).all() and (capped[..., ::2] > 0.75 * cap).all()  # as claimed
     check(case, dtype)
 
 

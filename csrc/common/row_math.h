@@ -226,20 +226,29 @@ inline __m512 exp_bounded(__m512 x) {
   return _mm512_scalef_ps(e, n);
 }
 
-// softcap_exp_sum on float with AVX-512: the exponent cap · tanh - m lies in [-2·cap, ~0]
-// (m = cap <= 32, the fixed row max), so the bounded exp applies. Same summation order.
+// softcap_exp_sum on float with AVX-512: the exponent cap · tanh - m lies in [-cap - m, ~0]
+// (m = cap, the fixed row max). Where -cap - m < -87 (cap > 43.5) the exponent is floored at -87
+// (kFloor) to stay in the bounded exp's range: such a P reads e^-87 instead of less, which the
+// caller tolerates only on rows whose sum is far above it (softmax.cpp, fixed_max_holds).
+// vmaxps(floor, t) keeps a NaN t. Same summation order.
+template <bool kFloor>
 inline __m512 softcap_exp_f32(const float* x, __m512 va, __m512 vcap, __m512 vnm) {
-  return exp_bounded(_mm512_fmadd_ps(vtanh_range(_mm512_mul_ps(_mm512_loadu_ps(x), va)), vcap, vnm));
+  __m512 t = _mm512_fmadd_ps(vtanh_range(_mm512_mul_ps(_mm512_loadu_ps(x), va)), vcap, vnm);
+  if constexpr (kFloor) t = _mm512_max_ps(_mm512_set1_ps(-87.f), t);
+  return exp_bounded(t);
 }
 
-inline float softcap_exp_sum(float* x, int64_t n, float a, float cap, float m) {
+template <bool kFloor>
+inline float softcap_exp_sum_f32(float* x, int64_t n, float a, float cap, float m) {
   constexpr int64_t W = 16;
   const __m512 va = _mm512_set1_ps(a), vcap = _mm512_set1_ps(cap), vnm = _mm512_set1_ps(-m);
   __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
   int64_t i = 0;
   for (; i + 4 * W <= n; i += 4 * W) {
-    const __m512 e0 = softcap_exp_f32(x + i, va, vcap, vnm), e1 = softcap_exp_f32(x + i + W, va, vcap, vnm);
-    const __m512 e2 = softcap_exp_f32(x + i + 2 * W, va, vcap, vnm), e3 = softcap_exp_f32(x + i + 3 * W, va, vcap, vnm);
+    const __m512 e0 = softcap_exp_f32<kFloor>(x + i, va, vcap, vnm);
+    const __m512 e1 = softcap_exp_f32<kFloor>(x + i + W, va, vcap, vnm);
+    const __m512 e2 = softcap_exp_f32<kFloor>(x + i + 2 * W, va, vcap, vnm);
+    const __m512 e3 = softcap_exp_f32<kFloor>(x + i + 3 * W, va, vcap, vnm);
     _mm512_storeu_ps(x + i, e0);
     _mm512_storeu_ps(x + i + W, e1);
     _mm512_storeu_ps(x + i + 2 * W, e2);
@@ -248,7 +257,7 @@ inline float softcap_exp_sum(float* x, int64_t n, float a, float cap, float m) {
     s1 = _mm512_add_ps(s1, _mm512_add_ps(e1, e3));
   }
   for (; i + W <= n; i += W) {
-    const __m512 e = softcap_exp_f32(x + i, va, vcap, vnm);
+    const __m512 e = softcap_exp_f32<kFloor>(x + i, va, vcap, vnm);
     _mm512_storeu_ps(x + i, e);
     s0 = _mm512_add_ps(s0, e);
   }
@@ -258,6 +267,10 @@ inline float softcap_exp_sum(float* x, int64_t n, float a, float cap, float m) {
     s += x[i];
   }
   return s;
+}
+
+inline float softcap_exp_sum(float* x, int64_t n, float a, float cap, float m) {
+  return cap + m > 87.f ? softcap_exp_sum_f32<true>(x, n, a, cap, m) : softcap_exp_sum_f32<false>(x, n, a, cap, m);
 }
 #endif
 
@@ -541,18 +554,24 @@ __attribute__((target("avx512bf16"))) inline __m512 exp2_poly4_bounded(__m512 t)
 }
 
 // One vector of P under the fixed-max softcap: 2^(cap·log2e · tanh(x · a) - m·log2e), the
-// factor cap·log2e folded into the rational's numerator (pc*). The exponent is >= -2·cap·log2e
-// (tanh >= -1, m = cap), which the caller keeps above -125: no range handling.
+// factor cap·log2e folded into the rational's numerator (pc*). The exponent is >= -(cap + m)·log2e
+// (tanh >= -1, m = cap); kFloor (that bound under -124) floors it at -124 for the bounded exp
+// (P then reads 2^-124 instead of less: softcap_exp_sum_f32's rule).
+template <bool kFloor>
 __attribute__((target("avx512bf16"))) inline __m512 softcap_exp_vec(const float* x, __m512 va, __m512 pc0, __m512 pc1,
                                                                     __m512 pc2, __m512 vnm) {
-  return exp2_poly4_bounded(_mm512_add_ps(scaled_tanh_lowp(_mm512_mul_ps(_mm512_loadu_ps(x), va), pc0, pc1, pc2), vnm));
+  __m512 t = _mm512_add_ps(scaled_tanh_lowp(_mm512_mul_ps(_mm512_loadu_ps(x), va), pc0, pc1, pc2), vnm);
+  if constexpr (kFloor) t = _mm512_max_ps(_mm512_set1_ps(-124.f), t);
+  return exp2_poly4_bounded(t);
 }
 
 // Forward row under the fixed-max softcap (bf16 P): out[i] = bf16(exp(cap · tanh(x[i] · a) - m)),
 // returns the float sum; x (the raw q·k products) is left as it was. The tanh and the exp in one
 // pass, four vectors per iteration (independent chains for the out-of-order core to overlap).
-__attribute__((target("avx512bf16"))) inline float softcap_exp_sum_round_bf16(const float* x, int64_t n, float a,
-                                                                              float cap, float m, at::BFloat16* out) {
+template <bool kFloor>
+__attribute__((target("avx512bf16"))) inline float softcap_exp_sum_round_bf16_impl(const float* x, int64_t n, float a,
+                                                                                   float cap, float m,
+                                                                                   at::BFloat16* out) {
   constexpr int64_t W = 16;
   constexpr float kLog2e = 1.4426950408889634f;
   const float k = cap * kLog2e;
@@ -561,10 +580,10 @@ __attribute__((target("avx512bf16"))) inline float softcap_exp_sum_round_bf16(co
   __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
   int64_t i = 0;
   for (; i + 4 * W <= n; i += 4 * W) {
-    const __m512 e0 = softcap_exp_vec(x + i, va, pc0, pc1, pc2, vnm);
-    const __m512 e1 = softcap_exp_vec(x + i + W, va, pc0, pc1, pc2, vnm);
-    const __m512 e2 = softcap_exp_vec(x + i + 2 * W, va, pc0, pc1, pc2, vnm);
-    const __m512 e3 = softcap_exp_vec(x + i + 3 * W, va, pc0, pc1, pc2, vnm);
+    const __m512 e0 = softcap_exp_vec<kFloor>(x + i, va, pc0, pc1, pc2, vnm);
+    const __m512 e1 = softcap_exp_vec<kFloor>(x + i + W, va, pc0, pc1, pc2, vnm);
+    const __m512 e2 = softcap_exp_vec<kFloor>(x + i + 2 * W, va, pc0, pc1, pc2, vnm);
+    const __m512 e3 = softcap_exp_vec<kFloor>(x + i + 3 * W, va, pc0, pc1, pc2, vnm);
     s0 = _mm512_add_ps(s0, _mm512_add_ps(e0, e2));
     s1 = _mm512_add_ps(s1, _mm512_add_ps(e1, e3));
     _mm512_storeu_si512(reinterpret_cast<void*>(out + i), reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e1, e0)));
@@ -572,8 +591,8 @@ __attribute__((target("avx512bf16"))) inline float softcap_exp_sum_round_bf16(co
                         reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e3, e2)));
   }
   for (; i + 2 * W <= n; i += 2 * W) {
-    const __m512 e0 = softcap_exp_vec(x + i, va, pc0, pc1, pc2, vnm);
-    const __m512 e1 = softcap_exp_vec(x + i + W, va, pc0, pc1, pc2, vnm);
+    const __m512 e0 = softcap_exp_vec<kFloor>(x + i, va, pc0, pc1, pc2, vnm);
+    const __m512 e1 = softcap_exp_vec<kFloor>(x + i + W, va, pc0, pc1, pc2, vnm);
     s0 = _mm512_add_ps(s0, e0);
     s1 = _mm512_add_ps(s1, e1);
     _mm512_storeu_si512(reinterpret_cast<void*>(out + i), reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e1, e0)));
@@ -585,6 +604,12 @@ __attribute__((target("avx512bf16"))) inline float softcap_exp_sum_round_bf16(co
     s += e;
   }
   return s;
+}
+
+__attribute__((target("avx512bf16"))) inline float softcap_exp_sum_round_bf16(const float* x, int64_t n, float a,
+                                                                              float cap, float m, at::BFloat16* out) {
+  return (cap + m) * 1.4426950408889634f > 124.f ? softcap_exp_sum_round_bf16_impl<true>(x, n, a, cap, m, out)
+                                                  : softcap_exp_sum_round_bf16_impl<false>(x, n, a, cap, m, out);
 }
 
 inline bool bf16_native_ok() {
