@@ -637,6 +637,34 @@ struct FavorScratch {
   }
 };
 
+// One chunk's step of the key stabiliser: c <- max(c, cand[0, L)) (NaN kept), then the chunk's
+// features FTᵀ [MP, kChunk] <- exp(lᵀ - |x|²/2 - c - log √M) in place (columns past L and rows
+// past M zeroed). Returns the factor e^(c_old - c_new) the state so far is rescaled by (1 if
+// c did not grow), applied with this chunk's sum in one pass over it.
+template <typename acc_t>
+acc_t favor_key_features(acc_t& c, const acc_t* cand, const acc_t* hn, int64_t L, const FavorW<acc_t>& fw, acc_t* FT) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  constexpr int64_t C = kChunk;
+  acc_t cm = c;
+  for (int64_t j = 0; j < L; ++j) cm = common::max_keep_nan(cm, cand[j]);
+  acc_t rescale = 1;
+  if (cm > c) {
+    if (c != -std::numeric_limits<acc_t>::infinity()) rescale = std::exp(c - cm);
+    c = cm;
+  } else if (std::isnan(cm)) {
+    c = cm;
+  }
+  for (int64_t m = 0; m < fw.M; ++m) {
+    acc_t* row = FT + m * C;
+    for (int64_t j = 0; j < C; j += W)
+      common::vexp((Vec::loadu(row + j) - (Vec::loadu(hn + j) + Vec(c))) - Vec(fw.log_root)).store(row + j);
+    std::fill(row + L, row + C, acc_t(0));
+  }
+  std::fill(FT + fw.M * C, FT + fw.MP * C, acc_t(0));
+  return rescale;
+}
+
 // S' [MP, DvP] = Σ_j φ(k_j) v'_jᵀ of kv head (b, g); returns the key shift c. One pass:
 // c is the running max of the chunks seen, and S' is rescaled by exp(c_old − c_new)
 // when it grows (as an online softmax does), so no feature exceeds 1/√M and none is
@@ -681,22 +709,7 @@ acc_t favor_state(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* k, con
       hn.store(w.hn.data() + q * W);
       (mx[q] - hn).store(w.cand.data() + q * W);
     }
-    acc_t cm = c;
-    for (int64_t j = 0; j < L; ++j) cm = common::max_keep_nan(cm, w.cand[j]);
-    acc_t rescale = 1;  // applied to S' with this chunk's sum, in one pass over it
-    if (cm > c) {
-      if (c != -std::numeric_limits<acc_t>::infinity()) rescale = std::exp(c - cm);
-      c = cm;
-    } else if (std::isnan(cm)) {
-      c = cm;
-    }
-    for (int64_t m = 0; m < fw.M; ++m) {
-      acc_t* row = FT + m * C;
-      for (int64_t j = 0; j < C; j += W)
-        common::vexp((Vec::loadu(row + j) - (Vec::loadu(w.hn.data() + j) + Vec(c))) - Vec(fw.log_root)).store(row + j);
-      std::fill(row + L, row + C, acc_t(0));
-    }
-    std::fill(FT + fw.M * C, FT + fw.MP * C, acc_t(0));
+    const acc_t rescale = favor_key_features(c, w.cand.data(), w.hn.data(), L, fw, FT);
     load_values(v + t0 * d.Dv, L, d, w.Vc.data());                                      // [C, DvP]
     gemm(fw.MP, d.DvP, L, FT, C, w.Vc.data(), d.DvP, w.tmp.data(), d.DvP, false);          // φᵀV'
     for (int64_t i = 0; i < fw.MP * d.DvP; ++i) S[i] = S[i] * rescale + w.tmp[i];            // S' = r S' + φᵀV'
@@ -949,22 +962,7 @@ float mx_favor_state(const Dims& d, const FavorW<float>& fw, const FavorMx<T>& m
       }
       for (int64_t q = 0; q < NV; ++q) (mv[q] - Vec::loadu(w.hn.data() + q * W)).store(w.cand.data() + q * W);
     }
-    float cm = c;
-    for (int64_t j = 0; j < L; ++j) cm = common::max_keep_nan(cm, w.cand[j]);
-    float rescale = 1.f;  // applied to S' with this chunk's sum, in one pass over it
-    if (cm > c) {
-      if (c != -std::numeric_limits<float>::infinity()) rescale = std::exp(c - cm);
-      c = cm;
-    } else if (std::isnan(cm)) {
-      c = cm;
-    }
-    for (int64_t m = 0; m < fw.M; ++m) {
-      float* row = FT + m * C;
-      for (int64_t j = 0; j < C; j += W)
-        common::vexp((Vec::loadu(row + j) - (Vec::loadu(w.hn.data() + j) + Vec(c))) - Vec(fw.log_root)).store(row + j);
-      std::fill(row + L, row + C, 0.f);
-    }
-    std::fill(FT + fw.M * C, FT + fw.MP * C, 0.f);
+    const float rescale = favor_key_features(c, w.cand.data(), w.hn.data(), L, fw, FT);
     at::vec::convert(FT, x.F16T.data(), fw.MP * C);
     load_values16(v + t0 * d.Dv, L, d, x.V16.data());  // [C, DvP]
     const int64_t Le = L + (L & 1);

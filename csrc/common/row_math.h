@@ -348,15 +348,21 @@ inline float exp_fma_sum_round(const float* x, int64_t n, float a, float b, T* o
 // (measured: ALiBi at N = 4096, whose far keys land in the denormal range, ran 3x slower),
 // and such a P is nothing next to the row's maximum, 1. vmaxps(c, t) and the unordered
 // compare keep a NaN t.
-__attribute__((target("avx512bf16"))) inline __m512 exp2_poly4(__m512 t) {
-  t = _mm512_max_ps(_mm512_set1_ps(-200.f), t);
-  const __mmask16 normal = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-125.f), _CMP_NLT_UQ);
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+// 2^f for f = t - n, n = round(t) (|f| <= 1/2): the degree-4 fit; n returned for the scalef.
+__attribute__((target("avx512bf16"))) inline __m512 exp2_frac_poly4(__m512 t, __m512& n) {
+  n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(t, n);
   __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.00960039533674717f), f, _mm512_set1_ps(0.05591689422726631f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24023719131946564f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931219696998596f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+}
+
+__attribute__((target("avx512bf16"))) inline __m512 exp2_poly4(__m512 t) {
+  t = _mm512_max_ps(_mm512_set1_ps(-200.f), t);
+  const __mmask16 normal = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-125.f), _CMP_NLT_UQ);
+  __m512 n;
+  const __m512 p = exp2_frac_poly4(t, n);
   return _mm512_maskz_scalef_ps(normal, p, n);
 }
 
@@ -544,12 +550,8 @@ __attribute__((target("avx512bf16"))) inline void softcap_grad_round_bf16(const 
 // 2^t for t in [-125, 128] or NaN (the caller bounds it): exp2_poly4 without its range
 // handling (the clamp and the flush mask), 2 vector ops less.
 __attribute__((target("avx512bf16"))) inline __m512 exp2_poly4_bounded(__m512 t) {
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.00960039533674717f), f, _mm512_set1_ps(0.05591689422726631f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24023719131946564f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931219696998596f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  __m512 n;
+  const __m512 p = exp2_frac_poly4(t, n);
   return _mm512_scalef_ps(p, n);
 }
 
