@@ -833,7 +833,7 @@ void favor_backward(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* dout
 }
 
 // ---------------------------------------------------------------------------
-// FAVOR+ on the matrix units (bf16 / fp16 inputs where common::matrix_units_available):
+// FAVOR+ on the matrix units (bf16 inputs where common::matrix_units_available; see favor_on_matrix_units):
 // the same passes as favor_forward / favor_backward, every GEMM on 16-bit operands with
 // fp32 accumulation (common::vnni_gemm). The features are computed and kept in fp32 and
 // rounded to the input dtype only as GEMM operands (as FlashAttention rounds P); the
@@ -1110,28 +1110,28 @@ void mx_favor_backward_impl(const Dims& d, const FavorW<float>& fw, const T* dou
   });
 }
 
-template <typename T>
-constexpr bool kSixteenBit = std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>;
-
+// bf16 only: the state S' = Σ φ(k) v'ᵀ and its gradient are rounded to the input dtype as GEMM
+// operands, and with fp16's range (65504) a long sequence of similar keys overflows them (z = Σ φ
+// reaches Nk / √M); fp16 takes the fp32 path, as float.
 template <typename scalar_t>
 bool favor_on_matrix_units(const at::Tensor& q, const at::Tensor& v) {
-  if constexpr (kSixteenBit<scalar_t>)
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>)
     return common::matrix_units_available(q.scalar_type()) && q.size(3) % 2 == 0 && v.size(3) % 2 == 0;
   return false;
 }
 
 // Entry points for every dispatched type (the op's dispatch lambda is not a template);
-// favor_on_matrix_units is false for float and double, so only 16-bit types get here.
+// favor_on_matrix_units is true for bf16 only, so only bf16 gets here.
 template <typename scalar_t, typename acc_t>
 void mx_favor_forward(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* q, const scalar_t* k, const scalar_t* v,
                       acc_t eps, scalar_t* out, acc_t* states, acc_t* shifts) {
-  if constexpr (kSixteenBit<scalar_t>) mx_favor_forward_impl(d, fw, q, k, v, eps, out, states, shifts);
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) mx_favor_forward_impl(d, fw, q, k, v, eps, out, states, shifts);
 }
 template <typename scalar_t, typename acc_t>
 void mx_favor_backward(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* dout, const scalar_t* q, const scalar_t* k,
                        const scalar_t* v, const acc_t* states, const acc_t* shifts, acc_t eps, scalar_t* dq, scalar_t* dk,
                        scalar_t* dv) {
-  if constexpr (kSixteenBit<scalar_t>) mx_favor_backward_impl(d, fw, dout, q, k, v, states, shifts, eps, dq, dk, dv);
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) mx_favor_backward_impl(d, fw, dout, q, k, v, states, shifts, eps, dq, dk, dv);
 }
 
 template <typename acc_t>

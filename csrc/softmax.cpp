@@ -720,7 +720,7 @@ inline acc_type<T> softcap_row(acc_type<T>* x, int64_t n, acc_type<T> a, acc_typ
 // The forward's softcap with a fixed row max (softcap alone, scale > 0, no dropout; float32,
 // and bf16 with AVX512-BF16): every capped logit lies in [-cap, cap], so m = cap bounds each
 // row from the start: P = exp(s - cap), no max pass, no rescale of the accumulator, the tanh
-// inside the exp pass. With cap <= kFixedMaxExactCap the smallest P, e^(-2·cap) >= e^-86, is
+// inside the exp pass. With cap <= kFixedMaxExactCap the smallest P, e^(-2·cap) >= e^-85.8, is
 // a normal float above the bf16 exp's flush (2^-125) and inside the bounded exps' range, so P
 // is as exact, relative to its row, as with the running max. Wider caps (up to kFixedMaxCap,
 // Gemma 2's 50) floor the exponent at the bounded exps' range (e^-87 / 2^-124) on uncut tiles
@@ -729,7 +729,7 @@ inline acc_type<T> softcap_row(acc_type<T>* x, int64_t n, acc_type<T> a, acc_typ
 // tile with a row under that (all its logits far below the cap, or no key at all) runs again
 // with the running max (fixed_max_holds). Beyond kFixedMaxCap such rows get common (a row
 // whose logits are all below cap - 61 at Nk = 4096), so wider caps take the running max.
-constexpr double kFixedMaxExactCap = 43.0;
+constexpr double kFixedMaxExactCap = 42.9;  // under bf16's floor, which starts at 124 / (2·log2 e) = 42.98
 constexpr double kFixedMaxCap = 50.0;
 constexpr double kFixedMaxRowFloorPerKey = 3.975449735908647e-31;  // e^-70
 

@@ -557,3 +557,18 @@ def test_op_checks_modifier_arguments():
     with pytest.raises(RuntimeError, match="bias_grad needs attn_bias"):
         kernels.attention_bwd(out, q, k, v, out, lse, 0.125, -1, -1, None, None, None, None, 0, None,
                               0.0, None, None, 0.0, 0, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("nan_key", [3, 97], ids=["vector-part", "scalar-tail"])
+def test_softcap_nan_key_poisons_every_row_B1_H1_N100_D16(nan_key, dtype):
+    """A NaN score stays NaN through softcap's tanh wherever the key falls in the row (the vector passes or
+    their scalar tail, keys past the last whole vector): every row that sees it gives NaN, as the reference."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 1, 100, 16, generator=g).to(dtype) for _ in range(3))
+    k[0, 0, nan_key, 0] = float("nan")
+    with attnkernels.backend("cpu"):
+        out = attnkernels.attention(q, k, v, softcap=30.0)
+    ref, _ = attention_reference(q.double(), k.double(), v.double(), softcap=30.0)
+    assert torch.isnan(ref).all()
+    assert torch.isnan(out).all()

@@ -66,6 +66,7 @@ inline at::vec::Vectorized<float> vtanh(const at::vec::Vectorized<float>& x0) {
 }
 
 inline float tanh_scalar(float x0) {
+  if (std::isnan(x0)) return x0;  // std::max(-c, NaN) is -c: the clamp would turn a NaN score into -1
   const float x = std::min(kTanhClamp, std::max(-kTanhClamp, x0));
   const float z = x * x;
   float p = kTanhP[4], q = kTanhQ[4];
@@ -192,9 +193,16 @@ inline T softcap_exp_sum(T* x, int64_t n, T a, T cap, T m) {
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
-// vtanh with the clamp as one vrangeps (magnitude min(|y|, 9), y's sign; a NaN stays NaN).
+// NaN-keeping clamp of y to [-c, c]: vmaxps / vminps return their second operand when either is
+// NaN, so y goes second. (vrangeps, one instruction, returns c for a NaN y: measured, and a NaN
+// score then became a finite P — tests/test_cpu_modifiers.py, the NaN-key test.)
+inline __m512 clamp_keep_nan(__m512 y, float c) {
+  return _mm512_min_ps(_mm512_set1_ps(c), _mm512_max_ps(_mm512_set1_ps(-c), y));
+}
+
+// vtanh on AVX-512 with the clamp to ±kTanhClamp (a NaN stays NaN).
 inline __m512 vtanh_range(__m512 y) {
-  const __m512 x = _mm512_range_ps(y, _mm512_set1_ps(kTanhClamp), 0x02);
+  const __m512 x = clamp_keep_nan(y, kTanhClamp);
   const __m512 z = _mm512_mul_ps(x, x);
   __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(kTanhP[4]), z, _mm512_set1_ps(kTanhP[3]));
   __m512 q = _mm512_fmadd_ps(_mm512_set1_ps(kTanhQ[4]), z, _mm512_set1_ps(kTanhQ[3]));
@@ -446,10 +454,9 @@ constexpr float kTanhP0 = 0.9997410178184509f, kTanhP1 = 0.10069996863603592f, k
 constexpr float kTanhQ1 = 0.4333097040653229f, kTanhQ2 = 0.012339968234300613f;
 
 // c · tanh(y) with c folded into P's coefficients (pc = c · P0, c · P1, c · P2): one multiply
-// less per vector than c · tanh_lowp(y). The clamp is one vrangeps: magnitude min(|y|, 5.3),
-// y's sign (imm 0b0010); a NaN y stays NaN, ±inf gives ±5.3 as the min/max pair did.
+// less per vector than c · tanh_lowp(y). The clamp to ±5.3 keeps a NaN y (clamp_keep_nan).
 __attribute__((target("avx512bf16"))) inline __m512 scaled_tanh_lowp(__m512 y, __m512 pc0, __m512 pc1, __m512 pc2) {
-  const __m512 x = _mm512_range_ps(y, _mm512_set1_ps(5.3f), 0x02);
+  const __m512 x = _mm512_min_ps(_mm512_set1_ps(5.3f), _mm512_max_ps(_mm512_set1_ps(-5.3f), y));
   const __m512 z = _mm512_mul_ps(x, x);
   const __m512 p = _mm512_fmadd_ps(_mm512_fmadd_ps(pc2, z, pc1), z, pc0);
   const __m512 q = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_set1_ps(kTanhQ2), z, _mm512_set1_ps(kTanhQ1)), z,
