@@ -213,6 +213,59 @@ def test_tf32_tiles_match_reference(shape, window, monkeypatch):
     run_case(shape, window, torch.float32)
 
 
+# sm_90a's tiles (A._CONFIGS_SM90), run here by making the launcher pick the arch-90 table:
+# at D = 256 (fp16) dK and dV are two launches (`split_dkdv`: 128 keys x 16 queries each,
+# dQ 128 x 16); at D = 64 / 128 the one-program dK/dV of 128 keys
+SM90_CASES = [
+    ((1, 4, 2, 97, 97, 256, 256), (-1, 0)),  # B1-Hq4-Hk2-N97-D256-causal: GQA 2:1, one key block
+    ((1, 2, 1, 65, 200, 256, 256), (-1, -1)),  # Nq != Nk, two key blocks (the second ragged)
+    ((1, 2, 1, 130, 130, 256, 256), (40, 0)),  # window over two key blocks
+    ((1, 4, 2, 97, 160, 128, 128), (-1, 0)),
+]
+
+
+@pytest.mark.parametrize("shape,window", SM90_CASES, ids=[_case_id(*s, w, "-sm90") for s, w in SM90_CASES])
+def test_sm90_tiles_match_reference(shape, window, monkeypatch):
+    monkeypatch.setattr(A, "config_arch", lambda device: 90)
+    d = shape[5]
+    assert A.block_config("dkdv", d, d, torch.float16, arch=90).split_dkdv == (d == 256)
+    run_case(shape, window, torch.float16)
+
+
+SPLIT_DKDV_CASES = [
+    ((1, 4, 2, 97, 97, 64, 64), (-1, 0), False),  # B1-Hq4-Hk2-N97-D64-causal: GQA
+    ((2, 2, 1, 65, 130, 40, 24), (17, 17), False),  # Nq != Nk, Dv != D, window
+    ((1, 2, 2, 97, 97, 32, 32), (-1, -1), True),  # key padding
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("shape,window,kpm", SPLIT_DKDV_CASES,
+                         ids=[_case_id(*s, w, "-kpm" if p else "") for s, w, p in SPLIT_DKDV_CASES])
+def test_split_dkdv_equals_one_program(shape, window, kpm, dtype, monkeypatch):
+    """dK and dV as two launches (WITH_DK / WITH_DV) give the bits of the one-program dK/dV:
+    the same dots in the same order, each gradient's once."""
+    b, hq, hk, nq, nk, d, dv = shape
+    gen = torch.Generator().manual_seed(5)
+    q, k, v, dout = (torch.randn(b, h, n, e, generator=gen).to(dtype)
+                     for h, n, e in ((hq, nq, d), (hk, nk, d), (hk, nk, dv), (hq, nq, dv)))
+    pad = torch.arange(nk).expand(b, nk) >= nk - 20 if kpm else None
+    scale = 1.0 / math.sqrt(d)
+    out, lse = attention_forward(q, k, v, scale, *window, key_padding_mask=pad)
+    one = attention_backward(dout, q, k, v, out, lse, scale, *window, key_padding_mask=pad)
+    plain = A.block_config
+
+    def split(kernel, *args, **kwargs):
+        cfg = plain(kernel, *args, **kwargs)
+        return cfg._replace(split_dkdv=True) if kernel == "dkdv" else cfg
+
+    monkeypatch.setattr(A, "block_config", split)
+    two = attention_backward(dout, q, k, v, out, lse, scale, *window, key_padding_mask=pad)
+    for name, a, c in zip(("dq", "dk", "dv"), one, two):
+        assert torch.equal(a, c), name
+    run_case(shape, window, dtype, key_padding_mask=pad)  # the split launches against the reference
+
+
 def test_non_contiguous_inputs():
     run_case((2, 4, 2, 33, 47, 32, 32), (-1, 0), torch.float32, transpose=True)
 
@@ -311,6 +364,13 @@ def test_sm90_dkdv_tiles_are_wgmma_sized(dtype):
     for d, min_m in ((128, 32), (64, 64)):
         cfg = A.block_config("dkdv", d, d, dtype, arch=90)
         assert cfg.block_n >= 128 and cfg.block_m >= min_m and cfg.num_warps == 8, (d, cfg)
+        assert not cfg.split_dkdv
+    # D = 256: dK and dV as two launches of 128 keys, and a dQ of 64 rows per warpgroup
+    cfg = A.block_config("dkdv", 256, 256, dtype, arch=90)
+    assert cfg.split_dkdv and cfg.block_n >= 128 and cfg.num_warps == 8, cfg
+    cfg = A.block_config("dq", 256, 256, dtype, arch=90)
+    assert cfg.block_m // (cfg.num_warps // 4) >= 64, cfg
+    assert A.dkdv_passes(cfg) == ((True, True),) and len(A.dkdv_passes(A.block_config("dkdv", 256, 256, dtype, arch=90))) == 2
 
 
 # ----------------------------------------------------------------------------------------

@@ -112,6 +112,13 @@ def _features(base, stride_n, n0, N, o_c, o_col, m_col, scale, FEATURE_MAP: tl.c
 
 
 @triton.jit
+def _den_rows(HZ, o_d, m_d, b_fq):
+    """φ(q)ᵀ z per row, float32 [C], from the state's z at HZ [BLOCK_D] and φ(q) [C, BLOCK_D]."""
+    b_z = tl.load(HZ + o_d, mask=m_d, other=0.0)  # [BLOCK_D]
+    return tl.sum(b_fq * b_z[None, :], 1)
+
+
+@triton.jit
 def _to_dot(x, dtype: tl.constexpr):
     """x (float32) as a dot operand of `dtype`; clamped into fp16's range first for fp16."""
     if dtype == tl.float16:
@@ -240,19 +247,24 @@ def linear_chunk_fwd(Q, K, V, O, H, HZ, DEN,
 
     Q = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
     O = O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
+    # 16-bit causal: den's float32 row sums before the dots, so the float32 φ(q) tile is dead
+    # there (live across them, it spills on sm_80's 4 warps at D = 128); fp32 keeps the
+    # order in which its FMA dots do not spill
+    EARLY: tl.constexpr = CAUSAL and dt != tl.float32
     _, b_fq = _features(Q, stride_qn, n0, N, o_c, o_d, m_d, scale, FEATURE_MAP)  # [BLOCK_C, BLOCK_D]
-    b_fqd = b_fq.to(dt)
     if CAUSAL:
         h_off = i_bhk.to(tl.int64) * n_state + i_t
     else:
         h_off = i_bhk.to(tl.int64) * n_state
+    if NORMALIZE and EARLY:
+        b_den = _den_rows(HZ + h_off * HEAD_DIM, o_d, m_d, b_fq)
+    b_fqd = b_fq.to(dt)
     b_s = tl.load(H + h_off * HEAD_DIM * HEAD_DIM_V + o_d[:, None] * HEAD_DIM_V + o_v[None, :],
                   mask=m_d[:, None] & m_v[None, :], other=0.0)  # [BLOCK_D, BLOCK_DV] float32
     # inter-chunk: the state entering the chunk (or the full state)
     b_num = tl.dot(b_fqd, _to_dot(b_s, dt), input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_DV]
-    if NORMALIZE:
-        b_z = tl.load(HZ + h_off * HEAD_DIM + o_d, mask=m_d, other=0.0)  # [BLOCK_D]
-        b_den = tl.sum(b_fq * b_z[None, :], 1)  # [BLOCK_C]
+    if NORMALIZE and not EARLY:
+        b_den = _den_rows(HZ + h_off * HEAD_DIM, o_d, m_d, b_fq)
     if CAUSAL:
         K = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
         V = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
@@ -315,7 +327,11 @@ def linear_chunk_bwd_dq(Q, K, V, G, CP, H, HZ, RINV, DQ,
     Q = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
     G = G + i_b.to(tl.int64) * stride_gb + i_h.to(tl.int64) * stride_gh
     DQ = DQ + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh
-    b_xq, _ = _features(Q, stride_qn, n0, N, o_c, o_d, m_d, scale, FEATURE_MAP)  # [BLOCK_C, BLOCK_D]
+    # 16-bit causal: q read only at the end, for φ' (its float32 tile live across the dots
+    # spills on sm_80's 4 warps); fp32 reads it first, the order its FMA dots fit in
+    LATE: tl.constexpr = CAUSAL and dt != tl.float32
+    if not LATE:
+        b_xq, _ = _features(Q, stride_qn, n0, N, o_c, o_d, m_d, scale, FEATURE_MAP)  # [BLOCK_C, BLOCK_D]
     b_g, _ = _load_rows(G, stride_gn, n0, N, o_c, o_v, m_v)  # [BLOCK_C, BLOCK_DV]
     if CAUSAL:
         h_off = i_bhk.to(tl.int64) * n_state + i_t
@@ -341,6 +357,8 @@ def linear_chunk_bwd_dq(Q, K, V, G, CP, H, HZ, RINV, DQ,
         b_dfq = tl.dot(_to_dot(b_p, dt), b_fk.to(dt), b_dfq, input_precision=DOT_PREC)
     if NORMALIZE:
         b_dfq *= tl.load(RINV + i_bhk)
+    if LATE:
+        b_xq, _ = _features(Q, stride_qn, n0, N, o_c, o_d, m_d, scale, FEATURE_MAP)  # [BLOCK_C, BLOCK_D]
     b_dq = b_dfq * _dphi(b_xq, FEATURE_MAP) * scale
     _store_rows(DQ, stride_dqn, n0, N, o_c, o_d, m_d, b_dq)
 
@@ -388,6 +406,9 @@ def linear_chunk_bwd_dkdv(Q, K, V, G, CP, DH, DHZ, RINV, DK, DV,
     V = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
     DK = DK + i_b.to(tl.int64) * stride_dkb + i_hk.to(tl.int64) * stride_dkh
     DV = DV + i_b.to(tl.int64) * stride_dvb + i_hk.to(tl.int64) * stride_dvh
+    # 16-bit causal: k read again at the end for φ' (its float32 tile live across the dots
+    # spills on sm_80's 4 warps); else kept from here, the order the others fit in
+    LATE: tl.constexpr = CAUSAL and dt != tl.float32
     b_xk, b_fk = _features(K, stride_kn, n0, Nk, o_c, o_d, m_d, 1.0, FEATURE_MAP)  # [BLOCK_C, BLOCK_D]
     b_fkd = b_fk.to(dt)
     b_v, m_rv = _load_rows(V, stride_vn, n0, Nk, o_c, o_v, m_v)  # [BLOCK_C, BLOCK_DV]
@@ -401,13 +422,15 @@ def linear_chunk_bwd_dkdv(Q, K, V, G, CP, DH, DHZ, RINV, DK, DV,
                        mask=m_d[:, None] & m_v[None, :], other=0.0)  # [BLOCK_D, BLOCK_DV] float32
         b_dsr = _to_dot(b_ds, dt)
         b_dsc = b_dsr
-        b_xkt = b_xk
+        if not LATE:
+            b_xkt = b_xk
     else:
         b_dsr = _to_dot(tl.load(DHh + o_dt[:, None] * HEAD_DIM_V + o_v[None, :],
                                 mask=m_dt[:, None] & m_v[None, :], other=0.0), dt)  # [BLOCK_T, BLOCK_DV]
         b_dsc = _to_dot(tl.load(DHh + o_d[:, None] * HEAD_DIM_V + o_vt[None, :],
                                 mask=m_d[:, None] & m_vt[None, :], other=0.0), dt)  # [BLOCK_D, BLOCK_T]
-        b_xkt, b_fkt = _features(K, stride_kn, n0, Nk, o_c, o_dt, m_dt, 1.0, FEATURE_MAP)  # [BLOCK_C, BLOCK_T]
+        if not LATE:
+            b_xkt, _ = _features(K, stride_kn, n0, Nk, o_c, o_dt, m_dt, 1.0, FEATURE_MAP)  # [BLOCK_C, BLOCK_T]
     b_dfk = tl.dot(b_v, tl.trans(b_dsr), input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_T]
     b_dv = tl.dot(b_fkd, b_dsc, input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_T]
     if NORMALIZE:
@@ -443,6 +466,8 @@ def linear_chunk_bwd_dkdv(Q, K, V, G, CP, DH, DHZ, RINV, DK, DV,
         b_rinv = tl.load(RINV + i_bh)
         b_dfk *= b_rinv
         b_dv *= b_rinv
+    if LATE:
+        b_xkt, _ = _features(K, stride_kn, n0, Nk, o_c, o_dt, m_dt, 1.0, FEATURE_MAP)  # [BLOCK_C, BLOCK_T]
     b_dk = b_dfk * _dphi(b_xkt, FEATURE_MAP)
     _store_rows(DK, stride_dkn, n0, Nk, o_c, o_dt, m_dt, b_dk)
     _store_rows(DV, stride_dvn, n0, Nk, o_c, o_vt, m_vt, b_dv)

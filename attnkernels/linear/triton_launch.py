@@ -63,11 +63,13 @@ def chunk_config(kernel: str, head_dim: int, head_dim_v: int, dtype: torch.dtype
     fp16/bf16: C = 64 (one warpgroup's wgmma m64). The state pass holds one [64, 64] float32
     state tile and streams [C, 64] operand tiles: 2 stages overlap the next chunk's loads with
     the dot. The output and dq passes hold whole [C, D] / [C, Dv] tiles and a [D, Dv] state
-    operand with no loop (4 warps, 8 at 128); dk/dv holds both gradients (8 warps, 4 for the
-    loop-free non-causal one at D <= 64 on sm_80; its GQA group loop is pipelined on sm_90a
-    at 64, not at 128 nor on sm_80, where 2 stages spill).
+    operand with no loop (4 warps, 8 at 128); dk/dv holds both gradients (8 warps, 4 at
+    D <= 64 on sm_80; its GQA group loop is pipelined on sm_90a at 64, not at 128 nor on
+    sm_80, where 2 stages spill).
     sm_80's mma.sync keeps whole operands in registers: there the output pass tiles Dv and dq
-    tiles D by 64 at 128 (φ then recomputed per tile). TF32 (fp32 with TF32 matmuls): 4-byte
+    tiles D by 64 at 128 (φ then recomputed per tile), and the causal passes, whose [C, C]
+    product feeds another dot, run on 4 warps (8 would compute every mma slice twice), dq's
+    D tiles 32 wide at 128. TF32 (fp32 with TF32 matmuls): 4-byte
     operands, C = 32, 64-wide output tiles at 128. Exact fp32 ("ieee") dots run as FMAs that
     keep whole operand rows per thread: C = 16, 64-wide output tiles at 128 (dk/dv: 64 on
     sm_90a, 32 on sm_80). 8 warps x 255 registers is the register file: no more warps.
@@ -85,20 +87,27 @@ def chunk_config(kernel: str, head_dim: int, head_dim_v: int, dtype: torch.dtype
         c, tile = (16 if exact else 32 if tf32 else CHUNK), STATE_TILE
     split = big > 64 and (exact or tf32 or arch < 90)  # 64-wide output tiles in fwd / dq
     warps = 8 if exact or tf32 or big > 64 else 4
+    # 16-bit on sm_80 (mma.sync), causal: the [C, C] product feeds another dot, so Triton lays
+    # all warps along the C = 64 rows, and 8 warps would compute each 16-row mma slice twice
+    # (2.0x, compile gate): these passes run on 4 warps (1.0x), spill-free since the kernels
+    # read q / k for φ' only at the end and take den's float32 sums before the dots
+    mma80_causal = causal and arch < 90 and not (exact or tf32)
     if kernel == "state":
         cfg = ChunkConfig(c, min(d, tile), min(dv, tile), 8 if exact or tf32 else 4, 2)
     elif kernel == "fwd":
-        cfg = ChunkConfig(c, d, min(dv, 64) if split else dv, warps, 1)
+        cfg = ChunkConfig(c, d, min(dv, 64) if split else dv, 4 if mma80_causal else warps, 1)
     elif kernel == "dq":
-        # sm_80: 8 warps (4 spill), except fp16 at D <= 64, where 8 would compute each 16-row
-        # slice of the causal [C, C] product twice (2.0x, compile gate) and 4 are spill-free
-        # (bf16's conversions spill 12 B there: it keeps 8, a waived dup-mma)
-        cfg = ChunkConfig(c, min(d, 64) if split else d, dv,
-                          warps if arch >= 90 else 4 if dtype == torch.float16 and big <= 64 else 8, 1)
+        # sm_80 causal at D = 128: 32-wide D tiles on 4 warps (64-wide ones spill 4-72 B), P
+        # then recomputed per D tile; else 8 warps (4 spill), but 4 for fp16 at D <= 64
+        if mma80_causal:
+            cfg = ChunkConfig(c, min(d, 32) if big > 64 else d, dv, 4, 1)
+        else:
+            cfg = ChunkConfig(c, min(d, 64) if split else d, dv,
+                              warps if arch >= 90 else 4 if dtype == torch.float16 and big <= 64 else 8, 1)
     elif kernel == "dkdv":
-        # sm_80, 16-bit, D <= 64, non-causal (no loop): 8 warps on the 64 rows would compute
-        # each 16-row mma slice twice (compile gate, 2.0x); 4 are spill-free there
-        warps = 4 if not (causal or exact or tf32) and big <= 64 and arch < 90 else 8
+        # sm_80, 16-bit, D <= 64: 8 warps on the 64 rows would compute each 16-row mma slice
+        # twice (compile gate, 2.0x); 4 are spill-free there
+        warps = 4 if not (exact or tf32) and big <= 64 and arch < 90 else 8
         cfg = ChunkConfig(c, d, dv, warps, 2 if big <= 64 and arch >= 90 else 1, block_t=(64 if arch >= 90 else 32) if exact and big > 64 else big)
     else:
         raise ValueError(f"chunk_config: unknown kernel {kernel!r}; expected one of {KERNELS}")

@@ -42,18 +42,11 @@ _AOT_DTYPES = [
 _AOT_MAPS = [("elu", True), ("relu", True), ("identity", True), ("elu", False)]
 
 
-# Tiles at >= 2x the minimum MMA work ("dup-mma", compile gate), with the measured reason.
-# All are sm_80's 16-bit causal passes: C = 64 rows on 8 warps, and the intra-chunk [C, C]
-# product feeds another dot, so Triton lays the 8 warps along the 64 rows (4 mma slices)
-# and every slice is computed twice (2.0x). 4 warps (1.0x) spill at 255 regs (Triton 3.8,
-# ptxas 12.9): mma.sync keeps each warp's copy of the B operands in registers. Keyed by
-# (kernel, padded D, arch, warps), so a retuned tile drops its waiver.
-_DUP_MMA_KNOWN = {
-    ("fwd", 128, 80, 8): "4 warps spill 316-320 B (stores) with the denominator",
-    ("dq", 64, 80, 8): "4 warps spill 12 B (stores) with bf16's elu (fp16 runs on 4)",
-    ("dq", 128, 80, 8): "4 warps spill 4-128 B (stores)",
-    ("dkdv", 64, 80, 8): "4 warps spill 32-80 B (stores; elu)",
-}
+# Tiles at >= 2x the minimum MMA work ("dup-mma", compile gate), with the measured reason,
+# keyed by (kernel, padded D, arch, warps), so a retuned tile drops its waiver. None today:
+# sm_80's 16-bit causal passes, whose intra-chunk [C, C] product feeds another dot (Triton
+# then lays every warp along the C = 64 rows), run on 4 warps (chunk_config), 1.0x.
+_DUP_MMA_KNOWN: dict[tuple, str] = {}
 
 
 def _dup_mma_waiver(kernel: str, label: str, d: int, causal: bool, arch, cfg) -> tuple:

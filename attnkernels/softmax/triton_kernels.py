@@ -17,6 +17,8 @@ Kernels
   them once. Without tables each loop runs over (head, query block) pairs, so no runtime
   loop over the group wraps the pipelined loops (that cost ~25 registers per thread and
   made the large sm_90a tiles spill); with tables (per-head rows) it walks head by head.
+  Where two accumulators would spill (D = 256 on sm_90a), it runs as two launches, dV
+  (WITH_DV) then dK (WITH_DK), each writing its own gradient.
 - `attn_bwd_dq`: one program per (query block, batch*query head), over the key blocks it
   visits, writes dQ once.
 - `attn_decode` + `attn_decode_combine` (flash-decoding, `triton_launch.decode_forward`): a
@@ -497,6 +499,8 @@ def _dkdv_tiles(state, ctx, i_lo, i_hi, MASKED: tl.constexpr, C: tl.constexpr):
     HAS_ALIBI: tl.constexpr = C[9]
     HAS_BIAS: tl.constexpr = C[10]
     HAS_DROPOUT: tl.constexpr = C[11]
+    WITH_DK: tl.constexpr = C[13]
+    WITH_DV: tl.constexpr = C[14]
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     o_mb = tl.arange(0, BLOCK_M)
@@ -537,16 +541,19 @@ def _dkdv_tiles(state, ctx, i_lo, i_hi, MASKED: tl.constexpr, C: tl.constexpr):
             # dV = (P∘keep)ᵀ dO (times 1 / (1 - p) after the loop); dP = keep / (1 - p) ∘ dO Vᵀ
             # one Philox per 16 keys, made as [BLOCK_M, BLOCK_N] and transposed: [BLOCK_N, BLOCK_M]
             m_keepT = tl.trans(_dropout_keep_bytes(seed, o_m[:, None], n0, bh + i_g, threshold, BLOCK_N))
-            b_dv = tl.dot(tl.where(m_keepT, b_pT, 0.0).to(b_do.dtype), b_do, b_dv, input_precision=DOT_PREC)
-        else:
-            b_dv = tl.dot(b_pT.to(b_do.dtype), b_do, b_dv, input_precision=DOT_PREC)  # [BLOCK_N, BLOCK_DV]
-        b_dpT = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PREC).to(tl.float32)  # [BLOCK_N, BLOCK_M]
-        if HAS_DROPOUT:
-            b_dpT = tl.where(m_keepT, b_dpT * dropout_rscale, 0.0)
-        b_dsT = b_pT * (b_dpT - b_delta[None, :])
-        if HAS_SOFTCAP:  # through s = c·tanh(scale·qk / c): dS ·= 1 - tanh²
-            b_dsT = b_dsT * (1.0 - b_tT * b_tT)
-        b_dk = tl.dot(b_dsT.to(b_q.dtype), b_q, b_dk, input_precision=DOT_PREC)  # [BLOCK_N, BLOCK_D]
+        if WITH_DV:
+            if HAS_DROPOUT:
+                b_dv = tl.dot(tl.where(m_keepT, b_pT, 0.0).to(b_do.dtype), b_do, b_dv, input_precision=DOT_PREC)
+            else:
+                b_dv = tl.dot(b_pT.to(b_do.dtype), b_do, b_dv, input_precision=DOT_PREC)  # [BLOCK_N, BLOCK_DV]
+        if WITH_DK:
+            b_dpT = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PREC).to(tl.float32)  # [BLOCK_N, BLOCK_M]
+            if HAS_DROPOUT:
+                b_dpT = tl.where(m_keepT, b_dpT * dropout_rscale, 0.0)
+            b_dsT = b_pT * (b_dpT - b_delta[None, :])
+            if HAS_SOFTCAP:  # through s = c·tanh(scale·qk / c): dS ·= 1 - tanh²
+                b_dsT = b_dsT * (1.0 - b_tT * b_tT)
+            b_dk = tl.dot(b_dsT.to(b_q.dtype), b_q, b_dk, input_precision=DOT_PREC)  # [BLOCK_N, BLOCK_D]
     return b_dk, b_dv
 
 
@@ -570,7 +577,11 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, Q_NUM, Q_IDX, KPM, SLOPES, BI
                   IS_SPARSE: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
                   HAS_KPM: tl.constexpr, DOT_PREC: tl.constexpr, TABLE_SKIP: tl.constexpr,
                   HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  HAS_DROPOUT: tl.constexpr):
+                  HAS_DROPOUT: tl.constexpr, WITH_DK: tl.constexpr, WITH_DV: tl.constexpr):
+    """dK (WITH_DK) and dV (WITH_DV) of key block program_id(0), (batch, kv head)
+    program_id(1). Both in one program, or, where the two [BLOCK_N, D] float32 accumulators
+    do not fit (D = 256 on wgmma-sized tiles), in two launches, one per gradient: the dV
+    one skips dPᵀ, the dK one recomputes Sᵀ (1.25x the matmul work of one program)."""
     i_n = tl.program_id(0)
     i_bh = tl.program_id(1)  # batch * kv head
     i_b = i_bh // Hk
@@ -594,7 +605,7 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, Q_NUM, Q_IDX, KPM, SLOPES, BI
                                                  BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     # the query heads of this kv head's group, summed in a fixed order (deterministic)
     C: tl.constexpr = (HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, DOT_PREC,
-                       HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT, BLOCK_N)
+                       HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT, BLOCK_N, WITH_DK, WITH_DV)
     if HAS_DROPOUT:
         seed = tl.load(SEED)
         threshold = dropout_threshold.to(tl.uint32, bitcast=True)  # the byte t = round(p · 256)
@@ -644,8 +655,10 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, Q_NUM, Q_IDX, KPM, SLOPES, BI
     p_dk = p_dk + (o_n - n0)[:, None] * stride_dkn + o_d[None, :]
     p_dv = DV + i_b.to(tl.int64) * stride_dvb + i_hk.to(tl.int64) * stride_dvh + n0.to(tl.int64) * stride_dvn
     p_dv = p_dv + (o_n - n0)[:, None] * stride_dvn + o_dv[None, :]
-    tl.store(p_dk, b_dk.to(DK.dtype.element_ty), mask=m_n[:, None] & (o_d < HEAD_DIM)[None, :])
-    tl.store(p_dv, b_dv.to(DV.dtype.element_ty), mask=m_n[:, None] & (o_dv < HEAD_DIM_V)[None, :])
+    if WITH_DK:
+        tl.store(p_dk, b_dk.to(DK.dtype.element_ty), mask=m_n[:, None] & (o_d < HEAD_DIM)[None, :])
+    if WITH_DV:
+        tl.store(p_dv, b_dv.to(DV.dtype.element_ty), mask=m_n[:, None] & (o_dv < HEAD_DIM_V)[None, :])
 
 
 @triton.jit

@@ -28,7 +28,7 @@ from ..triton_common import cdiv, dot_precision, last_dim_contiguous, launch_opt
 from .dropout import keep_scale, keep_threshold
 from .triton_kernels import attn_bwd_dkdv, attn_bwd_dq, attn_bwd_preprocess, attn_decode, attn_decode_combine, attn_fwd
 
-__all__ = ["forward", "backward", "block_config", "config_arch", "override_blocks", "BlockConfig",
+__all__ = ["forward", "backward", "block_config", "config_arch", "dkdv_passes", "override_blocks", "BlockConfig",
            "PREPROCESS_BLOCK_M", "ARCHS", "modifier_tier", "decode_forward", "decode_config", "decode_num_splits",
            "DecodeConfig"]
 
@@ -51,6 +51,9 @@ class BlockConfig(NamedTuple):
     # with block-sparse tables, run fully visible table blocks without the element mask
     # (a second loop body); False where that body would make the config spill
     table_skip: bool = True
+    # dK/dV only: dK and dV in two launches (attn_bwd_dkdv's WITH_DK / WITH_DV), each holding
+    # one [block_n, D] float32 accumulator, where two would spill (D = 256 on sm_90a)
+    split_dkdv: bool = False
 
 
 _BLOCKS = Override()
@@ -111,15 +114,17 @@ _CONFIGS = {
 # wgmma; spill-free since the GQA group no longer wraps the loops in a runtime loop. With
 # block-sparse tables the walk keeps a loop over the group's heads and two loop bodies
 # (masked, unmasked), hence the shorter query tiles there.
-# At D = 256 no dK/dV tile is wgmma-sized (two [64, 256] fp32 accumulators per warpgroup
-# spill): 16 x 32 on 4 warps runs mma.sync with each 16-key slice of the chained dots on
-# two warps (1.5x the minimum MMA work, 246 regs); sm_80's 16 x 16 (its 16 x 32 spills
-# with block-sparse tables).
+# At D = 256 two [64, 256] fp32 accumulators per warpgroup spill (4.4-4.9 KB at 128 x 16
+# w8 or 64 x 16 w4, Triton 3.8): dK and dV run as two launches of 128 keys x 16 queries on
+# 8 warps (`split_dkdv`), one accumulator each, on wgmma (212-246 regs, 0 spills, every
+# mask variant); the dK launch recomputes Sᵀ, 1.25x the matmul work of one program. The
+# D = 256 dQ holds 128 queries on 8 warps (217 regs; 64 x 16 on 4 warps spills 160 B).
 _CONFIGS_SM90 = dict(_CONFIGS)
 _CONFIGS_SM90.update({
     ("dkdv", 64): (BlockConfig(64, 128, 8, 2), _CONFIGS["dkdv", 64][1]),
     ("dkdv", 128): (BlockConfig(32, 128, 8, 2), _CONFIGS["dkdv", 128][1]),
-    ("dkdv", 256): (BlockConfig(16, 32, 4, 1), _CONFIGS["dkdv", 256][1]),
+    ("dkdv", 256): (BlockConfig(16, 128, 8, 2, split_dkdv=True), _CONFIGS["dkdv", 256][1]),
+    ("dq", 256): (BlockConfig(128, 16, 8, 2), _CONFIGS["dq", 256][1]),
 })
 _SPARSE_CONFIGS_SM90 = {
     ("dkdv", 64): BlockConfig(32, 128, 8, 1),
@@ -179,6 +184,12 @@ def modifier_tier(modifiers) -> str | None:
     if modifiers & {"attn_bias", "dropout"}:
         return "heavy"
     return "light" if modifiers else None
+
+
+def dkdv_passes(cfg: BlockConfig) -> tuple:
+    """(WITH_DK, WITH_DV) of each attn_bwd_dkdv launch of a dK/dV config: one launch for
+    both, or dV then dK with `split_dkdv`."""
+    return ((False, True), (True, False)) if cfg.split_dkdv else ((True, True),)
 
 
 def config_arch(device: torch.device) -> int:
@@ -487,18 +498,21 @@ def backward(call, dout, q, k, v, out, lse, bias_grad: bool = False):
     if kv_len > 0:
         cfg = block_config("dkdv", head_dim, head_dim_v, q.dtype, tab.sparse_block, arch, mods.names(),
                            common["DOT_PREC"])
-        attn_bwd_dkdv[(cdiv(kv_len, cfg.block_n), batch * kv_heads)](
-            q, k, v, dout, lse, delta, dk, dv, *q_tab[:2], kpm_arg, *mods.pointers(delta),
-            *row_strides(q),
-            *row_strides(k),
-            *row_strides(v),
-            *row_strides(dout),
-            *row_strides(dk),
-            *row_strides(dv),
-            *q_tab[2:], kpm_stride, *mods.bias_strides,
-            q_heads, kv_heads, q_len, kv_len, group, window_left, window_right, scale * LOG2E, scale, *mods.scalars(),
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TABLE_SKIP=cfg.table_skip, **launch_options(cfg), **common,
-        )
+        for with_dk, with_dv in dkdv_passes(cfg):
+            attn_bwd_dkdv[(cdiv(kv_len, cfg.block_n), batch * kv_heads)](
+                q, k, v, dout, lse, delta, dk, dv, *q_tab[:2], kpm_arg, *mods.pointers(delta),
+                *row_strides(q),
+                *row_strides(k),
+                *row_strides(v),
+                *row_strides(dout),
+                *row_strides(dk),
+                *row_strides(dv),
+                *q_tab[2:], kpm_stride, *mods.bias_strides,
+                q_heads, kv_heads, q_len, kv_len, group, window_left, window_right, scale * LOG2E, scale,
+                *mods.scalars(),
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TABLE_SKIP=cfg.table_skip, WITH_DK=with_dk,
+                WITH_DV=with_dv, **launch_options(cfg), **common,
+            )
     cfg = block_config("dq", head_dim, head_dim_v, q.dtype, tab.sparse_block, arch, mods.names(),
                        common["DOT_PREC"])
     attn_bwd_dq[(cdiv(q_len, cfg.block_m), batch * q_heads)](

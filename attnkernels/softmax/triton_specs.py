@@ -10,7 +10,7 @@ import torch
 from ..triton_common import TRITON_DTYPE, KernelSpec, divisibility, pad_dim, signature
 from .triton_kernels import attn_bwd_dkdv, attn_bwd_dq, attn_bwd_preprocess, attn_decode, attn_decode_combine, attn_fwd
 from .triton_launch import (ARCHS, DECODE_COMBINE_WARPS, DECODE_MAX_SPLITS, PREPROCESS_BLOCK_M, block_config,
-                            decode_combine_block_s, decode_config)
+                            decode_combine_block_s, decode_config, dkdv_passes)
 
 __all__ = ["AOT_DOTS", "AOT_SPECS"]
 
@@ -62,8 +62,11 @@ _AOT_DTYPES = [
 
 
 def _sm90_waiver(kernel: str, cfg, d: int) -> tuple:
-    """A wgmma needs >= 64 rows per warpgroup; the tiles that have fewer on sm_90a (the
-    D = 256 backward, whose larger tiles spill) run on mma.sync, said so in the gate."""
+    """A wgmma needs >= 64 rows per warpgroup; a tile with fewer on sm_90a runs on mma.sync,
+    said so in the gate (a note only: the gate counts it where the PTX has mma.sync). No
+    16-bit kernel uses it today: the D = 256 backward, where a wgmma-sized tile's two dK/dV
+    accumulators spill, runs dK and dV as two launches (`BlockConfig.split_dkdv`), and the
+    D = 256 forward's 64 rows on 8 warps compile to wgmma."""
     rows = cfg.block_n if kernel == "dkdv" else cfg.block_m  # the rows of the resident operand
     if rows // max(1, cfg.num_warps // 4) >= 64:
         return ()
@@ -85,14 +88,15 @@ def _dup_mma_waiver(kernel: str, label: str, d: int, cfg) -> tuple:
         if reason else ()
 
 
-def _loop_dots(kernel: str, bm: int, bn: int, d: int, dv: int) -> tuple:
+def _loop_dots(kernel: str, bm: int, bn: int, d: int, dv: int, with_dk: bool = True, with_dv: bool = True) -> tuple:
     """(M, N, K) of each tl.dot in one iteration of the kernel's inner loop (triton_kernels.py
     `_fwd_tiles`, `_dkdv_tiles`, `_dq_tiles`), for the compile gate's MMA-work check. d, dv:
-    the padded head dims (BLOCK_D, BLOCK_DV)."""
+    the padded head dims (BLOCK_D, BLOCK_DV); with_dk / with_dv: the dK/dV kernel's
+    WITH_DK / WITH_DV (a split launch does only its gradient's dots, and s^T)."""
     if kernel == "fwd":  # s = q k^T; acc += p v
         return ((bm, bn, d), (bm, dv, bn))
     if kernel == "dkdv":  # s^T = k q^T; dv += p^T do; dp^T = v do^T; dk += ds^T q
-        return ((bn, bm, d), (bn, dv, bm), (bn, bm, dv), (bn, d, bm))
+        return ((bn, bm, d),) + (((bn, dv, bm),) if with_dv else ()) + (((bn, bm, dv), (bn, d, bm)) if with_dk else ())
     # dq: s = q k^T; dp = do v^T; dq += ds k
     return ((bm, bn, d), (bm, bn, dv), (bm, d, bn))
 
@@ -127,11 +131,15 @@ def _kernel_specs(kernel, fn, label, dtype, prec, d, variant, has_left, has_righ
             const["STORE_DBIAS"] = const["HAS_BIAS"]
         name = f"{fn.__name__}-{label}-D{d}-{variant}-M{cfg.block_m}-N{cfg.block_n}"
         name += f"-sm{arch}" if arch else ""
-        specs.append(_spec(name, fn, label, tdt, const,
-                           num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
-                           uses_dot=uses_tc, archs=(arch,) if arch else None,
-                           waive=(_sm90_waiver(kernel, cfg, d) if arch in (None, 90) else ())
-                           + _dup_mma_waiver(kernel, label, d, cfg), quick=quick))
+        passes = dkdv_passes(cfg) if kernel == "dkdv" else ((None, None),)
+        for with_dk, with_dv in passes:
+            part = dict(WITH_DK=with_dk, WITH_DV=with_dv) if kernel == "dkdv" else {}
+            suffix = "" if len(passes) == 1 else ("-dk" if with_dk else "-dv")  # a split dK/dV launch
+            specs.append(_spec(name + suffix, fn, label, tdt, dict(const, **part),
+                               num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
+                               uses_dot=uses_tc, archs=(arch,) if arch else None,
+                               waive=(_sm90_waiver(kernel, cfg, d) if arch in (None, 90) else ())
+                               + _dup_mma_waiver(kernel, label, d, cfg), quick=quick))
     return specs
 
 
@@ -227,7 +235,8 @@ _KERNEL_OF = {attn_fwd: "fwd", attn_bwd_dkdv: "dkdv", attn_bwd_dq: "dq"}
 # spec name -> the dots of its loop body (compile_report's MMA-work check)
 AOT_DOTS: dict[str, tuple] = {
     s.name: _loop_dots(_KERNEL_OF[s.fn], s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"],
-                       s.constexprs["BLOCK_D"], s.constexprs["BLOCK_DV"])
+                       s.constexprs["BLOCK_D"], s.constexprs["BLOCK_DV"],
+                       s.constexprs.get("WITH_DK", True), s.constexprs.get("WITH_DV", True))
     for s in AOT_SPECS if s.fn in _KERNEL_OF}
 # decode: s = q k^T; acc += p v, the rows padded to BLOCK_M (the padding is the tile's, not
 # a duplicate: the gate's ratio stays 1 unless Triton copies the product across warps)
