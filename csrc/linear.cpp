@@ -582,44 +582,70 @@ void backward_noncausal(const Dims& d, const Args<scalar_t, acc_t>& a, const sca
 // Backward, with dφ the features' gradient: dl = dφ ⊙ φ, dx = dl W − x Σ_m dl, dq = root·dx.
 
 // W rows [M, D] of the projection, padded to MP rows (zero), in both layouts.
+// The fp32 path reads the input rows where they are (q, k, v, dout as GEMM operands, no copy,
+// when the input is acc_t) with sqrt(scale) folded into the projection: l = x (root·W)ᵀ, and
+// |root·x|²/2 = root²·|x|²/2. The copy-and-scale of every chunk it replaces was ~5% of the
+// forward (B1 H8 N1024 D64 M256, perf).
 template <typename acc_t>
 struct FavorW {
   int64_t M, MP, D;
   acc_t root, log_root;  // sqrt(scale); ln(M) / 2
-  std::vector<acc_t> W;   // [MP, D]
-  std::vector<acc_t> WT;  // [D, MP]
+  std::vector<acc_t> W;    // [MP, D]
+  std::vector<acc_t> WT;   // [D, MP]
+  std::vector<acc_t> Wr;   // root·W [MP, D]
+  std::vector<acc_t> WTr;  // root·Wᵀ [D, MP]
 };
 
-// rows [0, L) of src [*, D] times mult into X [kChunk, D]; padding rows zero.
+// rows [0, L) of src [*, cols] as acc_t: src itself when the types agree, else converted into buf.
 template <typename scalar_t, typename acc_t>
-void load_scaled(const scalar_t* src, int64_t L, int64_t D, acc_t mult, acc_t* X) {
-  for (int64_t i = 0; i < L * D; ++i) X[i] = mult * static_cast<acc_t>(src[i]);
-  std::fill(X + L * D, X + kChunk * D, acc_t(0));
+const acc_t* rows_as_acc(const scalar_t* src, int64_t L, int64_t cols, acc_t* buf) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return src;
+  } else {
+    at::vec::convert(src, buf, L * cols);
+    return buf;
+  }
 }
 
-// F [kChunk, MP] = φ(X rows [0, L)); queries (c unused) or keys with shift c. Zero in
-// the padding rows and columns (exp of a padding logit could overflow).
+// |x|² of a row of n.
 template <typename acc_t>
-void favor_row_features(const acc_t* X, int64_t L, const FavorW<acc_t>& fw, bool is_query, acc_t c, acc_t* F) {
+acc_t sq_norm(const acc_t* x, int64_t n) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  Vec acc(acc_t(0));
+  int64_t e = 0;
+  for (; e + Vec::size() <= n; e += Vec::size()) acc = at::vec::fmadd(Vec::loadu(x + e), Vec::loadu(x + e), acc);
+  acc_t s = common::hsum(acc);
+  for (; e < n; ++e) s += x[e] * x[e];
+  return s;
+}
+
+// F [kChunk, MP] = φ(root·X rows [0, L)) (X [L, D], the unscaled input rows); queries (c unused)
+// or keys with shift c. Zero in the padding rows and columns (exp of a padding logit could
+// overflow). With z [MP] given (queries), also den[i] = φ_i · z, summed in the exp pass.
+template <typename acc_t>
+void favor_row_features(const acc_t* X, int64_t L, const FavorW<acc_t>& fw, bool is_query, acc_t c, acc_t* F,
+                        const acc_t* z = nullptr, acc_t* den = nullptr) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
-  gemm(L, fw.MP, fw.D, X, fw.D, fw.WT.data(), fw.MP, F, fw.MP, false);  // l [L, MP]
+  gemm(L, fw.MP, fw.D, X, fw.D, fw.WTr.data(), fw.MP, F, fw.MP, false);  // l [L, MP]
   for (int64_t i = 0; i < L; ++i) {
     acc_t* row = F + i * fw.MP;
-    acc_t b;
-    if (is_query) {
-      b = common::row_max(row, fw.M);
-    } else {
-      const acc_t* x = X + i * fw.D;
-      acc_t sq = 0;
-      for (int64_t e = 0; e < fw.D; ++e) sq += x[e] * x[e];
-      b = acc_t(0.5) * sq + c;
-    }
+    const acc_t b = is_query ? common::row_max(row, fw.M) : acc_t(0.5) * fw.root * fw.root * sq_norm(X + i * fw.D, fw.D) + c;
+    const Vec nb(-(b + fw.log_root));
+    Vec acc(acc_t(0));
     int64_t m = 0;
-    for (; m + W <= fw.M; m += W)
-      common::vexp((Vec::loadu(row + m) - Vec(b)) - Vec(fw.log_root)).store(row + m);
-    for (; m < fw.M; ++m) row[m] = std::exp((row[m] - b) - fw.log_root);
+    for (; m + W <= fw.M; m += W) {
+      const Vec e = common::vexp(Vec::loadu(row + m) + nb);
+      e.store(row + m);
+      if (z != nullptr) acc = at::vec::fmadd(e, Vec::loadu(z + m), acc);
+    }
+    acc_t s = z != nullptr ? common::hsum(acc) : acc_t(0);
+    for (; m < fw.M; ++m) {
+      row[m] = std::exp(row[m] - (b + fw.log_root));
+      if (z != nullptr) s += row[m] * z[m];
+    }
     std::fill(row + fw.M, row + fw.MP, acc_t(0));
+    if (den != nullptr) den[i] = s;
   }
   std::fill(F + L * fw.MP, F + kChunk * fw.MP, acc_t(0));
 }
@@ -627,22 +653,24 @@ void favor_row_features(const acc_t* X, int64_t L, const FavorW<acc_t>& fw, bool
 // Scratch of the FAVOR+ kernels, all per task.
 template <typename acc_t>
 struct FavorScratch {
-  std::vector<acc_t> X, XT, F, FT, H, Vc, dN, S, ST, dS, dST, dX, tmp, hn, cand;
+  std::vector<acc_t> X, XT, F, FT, H, Vc, dN, dNT, S, ST, dS, dST, dX, tmp, hn, cand, z, zc, den;
   FavorScratch(const Dims& d, const FavorW<acc_t>& fw) {
     const int64_t C = kChunk;
-    X.resize(C * fw.D); XT.resize(fw.D * C); F.resize(C * fw.MP); FT.resize(fw.MP * C); H.resize(C * fw.MP);
-    Vc.resize(C * d.DvP); dN.resize(C * d.DvP); S.resize(fw.MP * d.DvP); ST.resize(d.DvP * fw.MP);
+    X.resize(C * std::max(fw.D, d.Dv)); XT.resize(fw.D * C); F.resize(C * fw.MP); FT.resize(fw.MP * C); H.resize(C * fw.MP);
+    Vc.resize(C * d.DvP); dN.resize(C * d.DvP); dNT.resize(d.DvP * C); S.resize(fw.MP * d.DvP); ST.resize(d.DvP * fw.MP);
     dS.resize(fw.MP * d.DvP); dST.resize(d.DvP * fw.MP); dX.resize(C * fw.D); tmp.resize(fw.MP * d.DvP);
-    hn.resize(C); cand.resize(C);
+    hn.resize(C); cand.resize(C); z.resize(fw.MP); zc.resize(fw.MP); den.resize(C);
   }
 };
 
 // One chunk's step of the key stabiliser: c <- max(c, cand[0, L)) (NaN kept), then the chunk's
 // features FTᵀ [MP, kChunk] <- exp(lᵀ - |x|²/2 - c - log √M) in place (columns past L and rows
 // past M zeroed). Returns the factor e^(c_old - c_new) the state so far is rescaled by (1 if
-// c did not grow), applied with this chunk's sum in one pass over it.
+// c did not grow), applied with this chunk's sum in one pass over it. With zsum given, also
+// zsum[m] = Σ_j φ_mj (the chunk's share of z), summed in the exp pass.
 template <typename acc_t>
-acc_t favor_key_features(acc_t& c, const acc_t* cand, const acc_t* hn, int64_t L, const FavorW<acc_t>& fw, acc_t* FT) {
+acc_t favor_key_features(acc_t& c, const acc_t* cand, const acc_t* hn, int64_t L, const FavorW<acc_t>& fw, acc_t* FT,
+                         acc_t* zsum = nullptr) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
   constexpr int64_t C = kChunk;
@@ -657,38 +685,54 @@ acc_t favor_key_features(acc_t& c, const acc_t* cand, const acc_t* hn, int64_t L
   }
   for (int64_t m = 0; m < fw.M; ++m) {
     acc_t* row = FT + m * C;
-    for (int64_t j = 0; j < C; j += W)
-      common::vexp((Vec::loadu(row + j) - (Vec::loadu(hn + j) + Vec(c))) - Vec(fw.log_root)).store(row + j);
+    Vec acc(acc_t(0));
+    int64_t j = 0;
+    for (; j + W <= L; j += W) {
+      const Vec e = common::vexp((Vec::loadu(row + j) - (Vec::loadu(hn + j) + Vec(c))) - Vec(fw.log_root));
+      e.store(row + j);
+      acc = acc + e;
+    }
+    for (int64_t t = j; t < C; t += W)
+      common::vexp((Vec::loadu(row + t) - (Vec::loadu(hn + t) + Vec(c))) - Vec(fw.log_root)).store(row + t);
     std::fill(row + L, row + C, acc_t(0));
+    if (zsum != nullptr) {
+      acc_t sum = common::hsum(acc);
+      for (; j < L; ++j) sum += row[j];
+      zsum[m] = sum;
+    }
   }
   std::fill(FT + fw.M * C, FT + fw.MP * C, acc_t(0));
+  if (zsum != nullptr) std::fill(zsum + fw.M, zsum + fw.MP, acc_t(0));
   return rescale;
 }
 
-// S' [MP, DvP] = Σ_j φ(k_j) v'_jᵀ of kv head (b, g); returns the key shift c. One pass:
-// c is the running max of the chunks seen, and S' is rescaled by exp(c_old − c_new)
-// when it grows (as an online softmax does), so no feature exceeds 1/√M and none is
-// recomputed. The chunk's logits are built transposed, lᵀ = W xᵀ [MP, C], so the
-// per-key max and |x|²/2 are column-wise vector ops and φᵀ is the state GEMM's A.
+// S [MP, Dv] = Σ_j φ(k_j) v_jᵀ and z [MP] = Σ_j φ(k_j) of kv head (b, g) (in w.S with ld Dv and
+// w.z); returns the key shift c. One pass: c is the running max of the chunks seen, and S, z
+// are rescaled by exp(c_old − c_new) when it grows (as an online softmax does), so no feature
+// exceeds 1/√M and none is recomputed. The chunk's logits are built transposed,
+// lᵀ = (root·W) kᵀ [MP, C], so the per-key max and |x|²/2 are column-wise vector ops and φᵀ
+// is the state GEMM's A. z is summed in the exp pass rather than as a ones column of V in
+// the GEMM: at Dv = 64 that column padded the state and output products to 80 columns (+25%).
 template <typename scalar_t, typename acc_t>
 acc_t favor_state(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* k, const scalar_t* v, FavorScratch<acc_t>& w) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
   constexpr int64_t C = kChunk;
-  acc_t* S = w.S.data();
-  std::fill(S, S + fw.MP * d.DvP, acc_t(0));
+  acc_t* S = w.S.data();  // [MP, Dv]
+  acc_t* z = w.z.data();  // [MP]
+  std::fill(S, S + fw.MP * d.Dv, acc_t(0));
+  std::fill(z, z + fw.MP, acc_t(0));
   acc_t c = -std::numeric_limits<acc_t>::infinity();
+  const acc_t half_rr = acc_t(0.5) * fw.root * fw.root;
   for (int64_t t0 = 0; t0 < d.Nk; t0 += C) {
     const int64_t L = std::min(C, d.Nk - t0);
-    // xᵀ [D, C], zero past column L
-    const scalar_t* src = k + t0 * fw.D;
-    for (int64_t e = 0; e < fw.D; ++e) {
-      acc_t* o = w.XT.data() + e * C;
-      for (int64_t j = 0; j < L; ++j) o[j] = fw.root * static_cast<acc_t>(src[j * fw.D + e]);
-      std::fill(o + L, o + C, acc_t(0));
-    }
+    // kᵀ [D, C], zero past column L (unscaled: root is in Wr)
+    const acc_t* kr = rows_as_acc(k + t0 * fw.D, L, fw.D, w.X.data());
+    transpose(L, fw.D, kr, fw.D, w.XT.data(), C);
+    if (L < C)
+      for (int64_t e = 0; e < fw.D; ++e) std::fill(w.XT.data() + e * C + L, w.XT.data() + (e + 1) * C, acc_t(0));
     acc_t* FT = w.FT.data();
-    gemm(fw.MP, C, fw.D, fw.W.data(), fw.D, w.XT.data(), C, FT, C, false);  // lᵀ [MP, C]
+    gemm(fw.MP, C, fw.D, fw.Wr.data(), fw.D, w.XT.data(), C, FT, C, false);  // lᵀ [MP, C]
     // per key j (a column): |x_j|²/2 and max_m l_mj, the C / W column vectors side by side
     // (independent chains: one vector at a time was bound by the max's latency)
     constexpr int64_t NV = C / W;
@@ -705,23 +749,30 @@ acc_t favor_state(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* k, con
     for (int64_t m = 0; m < fw.M; ++m)
       for (int64_t q = 0; q < NV; ++q) mx[q] = at::vec::maximum(mx[q], Vec::loadu(FT + m * C + q * W));
     for (int64_t q = 0; q < NV; ++q) {
-      const Vec hn = sq[q] * Vec(acc_t(0.5));
+      const Vec hn = sq[q] * Vec(half_rr);
       hn.store(w.hn.data() + q * W);
       (mx[q] - hn).store(w.cand.data() + q * W);
     }
-    const acc_t rescale = favor_key_features(c, w.cand.data(), w.hn.data(), L, fw, FT);
-    load_values(v + t0 * d.Dv, L, d, w.Vc.data());                                      // [C, DvP]
-    gemm(fw.MP, d.DvP, L, FT, C, w.Vc.data(), d.DvP, w.tmp.data(), d.DvP, false);          // φᵀV'
-    for (int64_t i = 0; i < fw.MP * d.DvP; ++i) S[i] = S[i] * rescale + w.tmp[i];            // S' = r S' + φᵀV'
+    const acc_t rescale = favor_key_features(c, w.cand.data(), w.hn.data(), L, fw, FT, w.zc.data());
+    const acc_t* vr = rows_as_acc(v + t0 * d.Dv, L, d.Dv, w.Vc.data());  // [L, Dv]
+    gemm(fw.MP, d.Dv, L, FT, C, vr, d.Dv, w.tmp.data(), d.Dv, false);  // φᵀV [MP, Dv]
+    // S = r S + φᵀV, z = r z + Σ φ: the chunk's sum added once (blocked summation, as add_product)
+    const Vec r(rescale);
+    const int64_t n = fw.MP * d.Dv;
+    int64_t i = 0;
+    for (; i + W <= n; i += W) at::vec::fmadd(Vec::loadu(S + i), r, Vec::loadu(w.tmp.data() + i)).store(S + i);
+    for (; i < n; ++i) S[i] = S[i] * rescale + w.tmp[i];
+    for (int64_t m = 0; m < fw.MP; ++m) z[m] = z[m] * rescale + w.zc[m];
   }
   return c;
 }
 
-// dX [C, D] -> dx rows: dl = dF ⊙ F (in place in dF), dx = root·(dl W − x Σ_m dl).
+// dF [C, MP] -> dx rows: dl = dF ⊙ F (in place in dF), dx = dl (root·W) − root²·x Σ_m dl
+// (X the unscaled input rows [L, D]).
 template <typename scalar_t, typename acc_t>
 void favor_input_grad(acc_t* dF, const acc_t* F, const acc_t* X, int64_t L, const FavorW<acc_t>& fw, acc_t* dX, scalar_t* dx) {
   using Vec = at::vec::Vectorized<acc_t>;
-  std::vector<acc_t> rs(L);
+  acc_t rs[kChunk];
   for (int64_t i = 0; i < L; ++i) {
     acc_t* g = dF + i * fw.MP;
     const acc_t* f = F + i * fw.MP;
@@ -733,10 +784,15 @@ void favor_input_grad(acc_t* dF, const acc_t* F, const acc_t* X, int64_t L, cons
     }
     rs[i] = common::hsum(acc);
   }
-  gemm(L, fw.D, fw.MP, dF, fw.MP, fw.W.data(), fw.D, dX, fw.D, false);  // dl W [L, D]
-  for (int64_t i = 0; i < L; ++i)
-    for (int64_t e = 0; e < fw.D; ++e)
-      dx[i * fw.D + e] = static_cast<scalar_t>(fw.root * (dX[i * fw.D + e] - X[i * fw.D + e] * rs[i]));
+  // dl (root·W) [L, D], straight into dx when it is acc_t
+  acc_t* out = nullptr;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) out = dx; else out = dX;
+  gemm(L, fw.D, fw.MP, dF, fw.MP, fw.Wr.data(), fw.D, out, fw.D, false);
+  const acc_t rr = fw.root * fw.root;
+  for (int64_t i = 0; i < L; ++i) {
+    const acc_t b = rr * rs[i];
+    for (int64_t e = 0; e < fw.D; ++e) dx[i * fw.D + e] = static_cast<scalar_t>(out[i * fw.D + e] - X[i * fw.D + e] * b);
+  }
 }
 
 template <typename scalar_t, typename acc_t>
@@ -747,16 +803,26 @@ void favor_forward(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* q, co
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t b = bg / d.Hk, g = bg % d.Hk;
       shifts[bg] = favor_state(d, fw, k + bg * d.Nk * fw.D, v + bg * d.Nk * d.Dv, w);
-      for (int64_t m = 0; m < fw.M; ++m)  // unpadded [M, Dv + 1]: its shape does not depend on the build's vector width
-        std::copy(w.S.data() + m * d.DvP, w.S.data() + m * d.DvP + d.Dv + 1, states + (bg * fw.M + m) * (d.Dv + 1));
+      const acc_t* S = w.S.data();  // [MP, Dv]
+      for (int64_t m = 0; m < fw.M; ++m) {  // unpadded [M, Dv + 1]: [S | z]
+        acc_t* o = states + (bg * fw.M + m) * (d.Dv + 1);
+        std::copy(S + m * d.Dv, S + (m + 1) * d.Dv, o);
+        o[d.Dv] = w.z[m];
+      }
       for (int64_t hh = 0; hh < d.G; ++hh) {
         const int64_t bh = b * d.Hq + g * d.G + hh;
         for (int64_t t0 = 0; t0 < d.Nq; t0 += kChunk) {
           const int64_t L = std::min(kChunk, d.Nq - t0);
-          load_scaled(q + (bh * d.Nq + t0) * fw.D, L, fw.D, fw.root, w.X.data());
-          favor_row_features(w.X.data(), L, fw, true, acc_t(0), w.F.data());                       // φ(q) [C, MP]
-          gemm(L, d.DvP, fw.MP, w.F.data(), fw.MP, w.S.data(), d.DvP, w.dN.data(), d.DvP, false);  // num' [L, DvP]
-          store_output(w.dN.data(), L, d, true, eps, out + (bh * d.Nq + t0) * d.Dv);
+          const acc_t* qr = rows_as_acc(q + (bh * d.Nq + t0) * fw.D, L, fw.D, w.X.data());
+          favor_row_features(qr, L, fw, true, acc_t(0), w.F.data(), w.z.data(), w.den.data());  // φ(q) [C, MP]
+          scalar_t* o = out + (bh * d.Nq + t0) * d.Dv;
+          acc_t* num = nullptr;  // [L, Dv], in place in out when it is acc_t
+          if constexpr (std::is_same_v<scalar_t, acc_t>) num = o; else num = w.dN.data();
+          gemm(L, d.Dv, fw.MP, w.F.data(), fw.MP, S, d.Dv, num, d.Dv, false);
+          for (int64_t i = 0; i < L; ++i) {
+            const acc_t inv = acc_t(1) / (w.den[i] + eps);
+            for (int64_t e = 0; e < d.Dv; ++e) o[i * d.Dv + e] = static_cast<scalar_t>(num[i * d.Dv + e] * inv);
+          }
         }
       }
     }
@@ -766,8 +832,9 @@ void favor_forward(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* q, co
 // Per kv head: the forward's S' and key shift c (saved: the state pass is two of the
 // ten GEMMs a recomputing backward would run), then per
 // query head and chunk dN' and dφ(q) as backward_noncausal's phase 2 does (H = g S[:, :Dv]ᵀ,
-// dφ(q) = H / den + dden zᵀ), dS' += φ(q)ᵀ dN'; then per key chunk dφ(k) = V' dS'ᵀ and
-// dV' = φ(k) dS'. dS' sums its query heads in head order in the task: deterministic.
+// dφ(q) = H / den + dden zᵀ), dS'ᵀ += dN'ᵀ φ(q) (dN' [C, DvP] is the operand transposed, not
+// φ(q) [C, MP]: a third of the words); then per key chunk dφ(k) = V' dS'ᵀ and
+// dV = φ(k) dS. dS' sums its query heads in head order in the task: deterministic.
 template <typename scalar_t, typename acc_t>
 void favor_backward(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* dout, const scalar_t* q, const scalar_t* k,
                     const scalar_t* v, const acc_t* states, const acc_t* shifts, acc_t eps, scalar_t* dq, scalar_t* dk,
@@ -785,22 +852,22 @@ void favor_backward(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* dout
         std::copy(states + (bg * fw.M + m) * (d.Dv + 1), states + (bg * fw.M + m + 1) * (d.Dv + 1), w.S.data() + m * d.DvP);
       transpose(fw.MP, d.DvP, w.S.data(), d.DvP, w.ST.data(), fw.MP);  // [DvP, MP]
       const acc_t* z = w.ST.data() + d.Dv * fw.MP;                     // S'[:, Dv], [MP]
-      acc_t* dS = w.dS.data();
-      std::fill(dS, dS + fw.MP * d.DvP, acc_t(0));
+      acc_t* dST = w.dST.data();                                       // dS'ᵀ [DvP, MP]
+      std::fill(dST, dST + d.DvP * fw.MP, acc_t(0));
       for (int64_t hh = 0; hh < d.G; ++hh) {
         const int64_t bh = b * d.Hq + g * d.G + hh;
         for (int64_t t0 = 0; t0 < d.Nq; t0 += C) {
           const int64_t L = std::min(C, d.Nq - t0);
           const int64_t row = bh * d.Nq + t0;
-          load_scaled(q + row * fw.D, L, fw.D, fw.root, w.X.data());
-          favor_row_features(w.X.data(), L, fw, true, acc_t(0), w.F.data());  // φ(q) [C, MP]
+          const acc_t* qr = rows_as_acc(q + row * fw.D, L, fw.D, w.X.data());
+          favor_row_features(qr, L, fw, true, acc_t(0), w.F.data(), z, w.den.data());  // φ(q) [C, MP]
           load_grad(dout + row * d.Dv, L, d, Gd.data());
           acc_t* H = w.H.data();
           gemm(L, fw.MP, d.Dv, Gd.data(), d.DvP, w.ST.data(), fw.MP, H, fw.MP, false);  // H [L, MP]
           for (int64_t i = 0; i < L; ++i) {
             const acc_t* Fi = w.F.data() + i * fw.MP;
             acc_t* Hi = H + i * fw.MP;
-            const acc_t r = acc_t(1) / (vdot(Fi, z, fw.MP) + eps);
+            const acc_t r = acc_t(1) / (w.den[i] + eps);
             const acc_t s = -vdot(Fi, Hi, fw.MP) * r * r;
             acc_t* o = w.dN.data() + i * d.DvP;
             const acc_t* gi = Gd.data() + i * d.DvP;
@@ -809,24 +876,25 @@ void favor_backward(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* dout
             for (int64_t m = 0; m < fw.MP; m += Vec::size())  // dφ(q) in place of H
               at::vec::fmadd(Vec::loadu(Hi + m), Vec(r), Vec::loadu(z + m) * Vec(s)).store(Hi + m);
           }
-          std::fill(w.dN.data() + L * d.DvP, w.dN.data() + C * d.DvP, acc_t(0));
-          transpose(C, fw.MP, w.F.data(), fw.MP, w.FT.data(), C);                                          // [MP, C]
-          add_product(fw.MP, d.DvP, L, w.FT.data(), C, w.dN.data(), d.DvP, dS, d.DvP, w.tmp.data());      // dS' += φᵀ dN'
-          favor_input_grad(H, w.F.data(), w.X.data(), L, fw, w.dX.data(), dq + row * fw.D);
+          transpose(L, d.DvP, w.dN.data(), d.DvP, w.dNT.data(), C);                                  // [DvP, L]
+          add_product(d.DvP, fw.MP, L, w.dNT.data(), C, w.F.data(), fw.MP, dST, fw.MP, w.tmp.data());  // dS'ᵀ += dN'ᵀ φ
+          favor_input_grad(H, w.F.data(), qr, L, fw, w.dX.data(), dq + row * fw.D);
         }
       }
-      transpose(fw.MP, d.DvP, dS, d.DvP, w.dST.data(), fw.MP);  // [DvP, MP]
+      acc_t* dS = w.dS.data();
+      transpose(d.DvP, fw.MP, dST, fw.MP, dS, d.DvP);  // [MP, DvP]
       for (int64_t t0 = 0; t0 < d.Nk; t0 += C) {
         const int64_t L = std::min(C, d.Nk - t0);
         const int64_t row = bg * d.Nk + t0;
-        load_scaled(k + row * fw.D, L, fw.D, fw.root, w.X.data());
-        favor_row_features(w.X.data(), L, fw, false, c, w.F.data());  // φ(k) [C, MP]
+        const acc_t* kr = rows_as_acc(k + row * fw.D, L, fw.D, w.X.data());
+        favor_row_features(kr, L, fw, false, c, w.F.data());  // φ(k) [C, MP]
         load_values(v + row * d.Dv, L, d, w.Vc.data());
-        gemm(L, fw.MP, d.Dv + 1, w.Vc.data(), d.DvP, w.dST.data(), fw.MP, w.H.data(), fw.MP, false);  // dφ(k) = V' dS'ᵀ
-        gemm(L, d.DvP, fw.MP, w.F.data(), fw.MP, dS, d.DvP, w.dN.data(), d.DvP, false);               // dV' = φ(k) dS'
-        for (int64_t i = 0; i < L; ++i)
-          for (int64_t e = 0; e < d.Dv; ++e) dv[(row + i) * d.Dv + e] = static_cast<scalar_t>(w.dN[i * d.DvP + e]);
-        favor_input_grad(w.H.data(), w.F.data(), w.X.data(), L, fw, w.dX.data(), dk + row * fw.D);
+        gemm(L, fw.MP, d.Dv + 1, w.Vc.data(), d.DvP, dST, fw.MP, w.H.data(), fw.MP, false);  // dφ(k) = V' dS'ᵀ
+        acc_t* dvr = nullptr;  // dV = φ(k) dS [L, Dv], straight into dv when it is acc_t
+        if constexpr (std::is_same_v<scalar_t, acc_t>) dvr = dv + row * d.Dv; else dvr = w.dN.data();
+        gemm(L, d.Dv, fw.MP, w.F.data(), fw.MP, dS, d.DvP, dvr, d.Dv, false);
+        if constexpr (!std::is_same_v<scalar_t, acc_t>) at::vec::convert(dvr, dv + row * d.Dv, L * d.Dv);
+        favor_input_grad(w.H.data(), w.F.data(), kr, L, fw, w.dX.data(), dk + row * fw.D);
       }
     }
   });
@@ -1147,10 +1215,15 @@ FavorW<acc_t> make_favor_w(const at::Tensor& projection, double scale) {
   const acc_t* src = p.data_ptr<acc_t>();
   fw.W.assign(fw.MP * fw.D, acc_t(0));
   fw.WT.assign(fw.D * fw.MP, acc_t(0));
+  fw.Wr.assign(fw.MP * fw.D, acc_t(0));
+  fw.WTr.assign(fw.D * fw.MP, acc_t(0));
   for (int64_t m = 0; m < fw.M; ++m)
     for (int64_t e = 0; e < fw.D; ++e) {
-      fw.W[m * fw.D + e] = src[m * fw.D + e];
-      fw.WT[e * fw.MP + m] = src[m * fw.D + e];
+      const acc_t x = src[m * fw.D + e];
+      fw.W[m * fw.D + e] = x;
+      fw.WT[e * fw.MP + m] = x;
+      fw.Wr[m * fw.D + e] = fw.root * x;
+      fw.WTr[e * fw.MP + m] = fw.root * x;
     }
   return fw;
 }
