@@ -767,32 +767,26 @@ acc_t favor_state(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* k, con
   return c;
 }
 
-// dF [C, MP] -> dx rows: dl = dF ⊙ F (in place in dF), dx = dl (root·W) − root²·x Σ_m dl
-// (X the unscaled input rows [L, D]).
+// dx rows [L, D] from dl = dφ ⊙ φ [C, MP] and rs[i] = Σ_m dl_im: dx = dl (root·W) − root²·x rs
+// (X the unscaled input rows [L, D]); the GEMM writes straight into dx when it is acc_t.
 template <typename scalar_t, typename acc_t>
-void favor_input_grad(acc_t* dF, const acc_t* F, const acc_t* X, int64_t L, const FavorW<acc_t>& fw, acc_t* dX, scalar_t* dx) {
+void favor_input_grad(const acc_t* dl, const acc_t* rs, const acc_t* X, int64_t L, const FavorW<acc_t>& fw, acc_t* dX,
+                      scalar_t* dx) {
   using Vec = at::vec::Vectorized<acc_t>;
-  acc_t rs[kChunk];
-  for (int64_t i = 0; i < L; ++i) {
-    acc_t* g = dF + i * fw.MP;
-    const acc_t* f = F + i * fw.MP;
-    Vec acc(acc_t(0));
-    for (int64_t m = 0; m < fw.MP; m += Vec::size()) {
-      const Vec p = Vec::loadu(g + m) * Vec::loadu(f + m);
-      p.store(g + m);
-      acc = acc + p;
-    }
-    rs[i] = common::hsum(acc);
-  }
-  // dl (root·W) [L, D], straight into dx when it is acc_t
+  constexpr int64_t W = Vec::size();
   acc_t* out = nullptr;
   if constexpr (std::is_same_v<scalar_t, acc_t>) out = dx; else out = dX;
-  gemm(L, fw.D, fw.MP, dF, fw.MP, fw.Wr.data(), fw.D, out, fw.D, false);
+  gemm(L, fw.D, fw.MP, dl, fw.MP, fw.Wr.data(), fw.D, out, fw.D, false);
   const acc_t rr = fw.root * fw.root;
   for (int64_t i = 0; i < L; ++i) {
+    acc_t* o = out + i * fw.D;
+    const acc_t* x = X + i * fw.D;
     const acc_t b = rr * rs[i];
-    for (int64_t e = 0; e < fw.D; ++e) dx[i * fw.D + e] = static_cast<scalar_t>(out[i * fw.D + e] - X[i * fw.D + e] * b);
+    int64_t e = 0;
+    for (; e + W <= fw.D; e += W) at::vec::fnmadd(Vec::loadu(x + e), Vec(b), Vec::loadu(o + e)).store(o + e);
+    for (; e < fw.D; ++e) o[e] -= x[e] * b;
   }
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) at::vec::convert(out, dx, L * fw.D);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -829,31 +823,35 @@ void favor_forward(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* q, co
   });
 }
 
-// Per kv head: the forward's S' and key shift c (saved: the state pass is two of the
-// ten GEMMs a recomputing backward would run), then per
-// query head and chunk dN' and dφ(q) as backward_noncausal's phase 2 does (H = g S[:, :Dv]ᵀ,
-// dφ(q) = H / den + dden zᵀ), dS'ᵀ += dN'ᵀ φ(q) (dN' [C, DvP] is the operand transposed, not
-// φ(q) [C, MP]: a third of the words); then per key chunk dφ(k) = V' dS'ᵀ and
-// dV = φ(k) dS. dS' sums its query heads in head order in the task: deterministic.
+// Per kv head: the forward's S' = [S | z] and key shift c (saved: the state pass is two of the
+// ten GEMMs a recomputing backward would run), then per query head and chunk, with
+// H = g Sᵀ [L, M], r = 1 / den, s = −(φ(q)·H) r²: dN' = [g r | s] and dS'ᵀ += dN'ᵀ φ(q)
+// (dN' [C, Dv + 1] is the operand transposed, not φ(q) [C, MP]: a quarter of the words), and
+// dl = (r H + s zᵀ) ⊙ φ(q) with its row sums in one pass; then per key chunk, with
+// dS' = [dS | dz]: dl = (V dSᵀ + dz) ⊙ φ(k) (the ones column of V' as a row added in that
+// pass) and dV = φ(k) dS. dS' sums its query heads in head order in the task: deterministic.
 template <typename scalar_t, typename acc_t>
 void favor_backward(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* dout, const scalar_t* q, const scalar_t* k,
                     const scalar_t* v, const acc_t* states, const acc_t* shifts, acc_t eps, scalar_t* dq, scalar_t* dk,
                     scalar_t* dv) {
   using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
   constexpr int64_t C = kChunk;
+  const int64_t Dv1 = d.Dv + 1;
   at::parallel_for(0, d.B * d.Hk, 1, [&](int64_t begin, int64_t end) {
     FavorScratch<acc_t> w(d, fw);
     std::vector<acc_t> Gd(C * d.DvP);
+    acc_t rs[C];
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t b = bg / d.Hk, g = bg % d.Hk;
       const acc_t c = shifts[bg];
       std::fill(w.S.begin(), w.S.end(), acc_t(0));
       for (int64_t m = 0; m < fw.M; ++m)
-        std::copy(states + (bg * fw.M + m) * (d.Dv + 1), states + (bg * fw.M + m + 1) * (d.Dv + 1), w.S.data() + m * d.DvP);
-      transpose(fw.MP, d.DvP, w.S.data(), d.DvP, w.ST.data(), fw.MP);  // [DvP, MP]
-      const acc_t* z = w.ST.data() + d.Dv * fw.MP;                     // S'[:, Dv], [MP]
-      acc_t* dST = w.dST.data();                                       // dS'ᵀ [DvP, MP]
-      std::fill(dST, dST + d.DvP * fw.MP, acc_t(0));
+        std::copy(states + (bg * fw.M + m) * Dv1, states + (bg * fw.M + m + 1) * Dv1, w.S.data() + m * d.DvP);
+      transpose(fw.MP, Dv1, w.S.data(), d.DvP, w.ST.data(), fw.MP);  // S'ᵀ [Dv + 1, MP]
+      const acc_t* z = w.ST.data() + d.Dv * fw.MP;                   // S'[:, Dv], [MP]
+      acc_t* dST = w.dST.data();                                     // dS'ᵀ [Dv + 1, MP]
+      std::fill(dST, dST + Dv1 * fw.MP, acc_t(0));
       for (int64_t hh = 0; hh < d.G; ++hh) {
         const int64_t bh = b * d.Hq + g * d.G + hh;
         for (int64_t t0 = 0; t0 < d.Nq; t0 += C) {
@@ -861,40 +859,60 @@ void favor_backward(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* dout
           const int64_t row = bh * d.Nq + t0;
           const acc_t* qr = rows_as_acc(q + row * fw.D, L, fw.D, w.X.data());
           favor_row_features(qr, L, fw, true, acc_t(0), w.F.data(), z, w.den.data());  // φ(q) [C, MP]
-          load_grad(dout + row * d.Dv, L, d, Gd.data());
+          const acc_t* gr = rows_as_acc(dout + row * d.Dv, L, d.Dv, Gd.data());          // g [L, Dv]
           acc_t* H = w.H.data();
-          gemm(L, fw.MP, d.Dv, Gd.data(), d.DvP, w.ST.data(), fw.MP, H, fw.MP, false);  // H [L, MP]
+          gemm(L, fw.MP, d.Dv, gr, d.Dv, w.ST.data(), fw.MP, H, fw.MP, false);  // H [L, MP]
           for (int64_t i = 0; i < L; ++i) {
             const acc_t* Fi = w.F.data() + i * fw.MP;
             acc_t* Hi = H + i * fw.MP;
             const acc_t r = acc_t(1) / (w.den[i] + eps);
-            const acc_t s = -vdot(Fi, Hi, fw.MP) * r * r;
+            const acc_t sv = -vdot(Fi, Hi, fw.MP) * r * r;
             acc_t* o = w.dN.data() + i * d.DvP;
-            const acc_t* gi = Gd.data() + i * d.DvP;
-            for (int64_t e = 0; e < d.DvP; e += Vec::size()) (Vec::loadu(gi + e) * Vec(r)).store(o + e);
-            o[d.Dv] = s;
-            for (int64_t m = 0; m < fw.MP; m += Vec::size())  // dφ(q) in place of H
-              at::vec::fmadd(Vec::loadu(Hi + m), Vec(r), Vec::loadu(z + m) * Vec(s)).store(Hi + m);
+            const acc_t* gi = gr + i * d.Dv;
+            int64_t e = 0;
+            for (; e + W <= d.Dv; e += W) (Vec::loadu(gi + e) * Vec(r)).store(o + e);
+            for (; e < d.Dv; ++e) o[e] = gi[e] * r;
+            o[d.Dv] = sv;
+            Vec acc(acc_t(0));
+            for (int64_t m = 0; m < fw.MP; m += W) {  // dl = dφ(q) ⊙ φ(q) in place of H
+              const Vec dl = at::vec::fmadd(Vec::loadu(Hi + m), Vec(r), Vec::loadu(z + m) * Vec(sv)) * Vec::loadu(Fi + m);
+              dl.store(Hi + m);
+              acc = acc + dl;
+            }
+            rs[i] = common::hsum(acc);
           }
-          transpose(L, d.DvP, w.dN.data(), d.DvP, w.dNT.data(), C);                                  // [DvP, L]
-          add_product(d.DvP, fw.MP, L, w.dNT.data(), C, w.F.data(), fw.MP, dST, fw.MP, w.tmp.data());  // dS'ᵀ += dN'ᵀ φ
-          favor_input_grad(H, w.F.data(), qr, L, fw, w.dX.data(), dq + row * fw.D);
+          transpose(L, Dv1, w.dN.data(), d.DvP, w.dNT.data(), C);                                // [Dv + 1, L]
+          add_product(Dv1, fw.MP, L, w.dNT.data(), C, w.F.data(), fw.MP, dST, fw.MP, w.tmp.data());  // dS'ᵀ += dN'ᵀ φ
+          favor_input_grad(H, rs, qr, L, fw, w.dX.data(), dq + row * fw.D);
         }
       }
       acc_t* dS = w.dS.data();
-      transpose(d.DvP, fw.MP, dST, fw.MP, dS, d.DvP);  // [MP, DvP]
+      transpose(d.Dv, fw.MP, dST, fw.MP, dS, d.Dv);  // dS [MP, Dv]
+      const acc_t* dz = dST + d.Dv * fw.MP;         // [MP]
       for (int64_t t0 = 0; t0 < d.Nk; t0 += C) {
         const int64_t L = std::min(C, d.Nk - t0);
         const int64_t row = bg * d.Nk + t0;
         const acc_t* kr = rows_as_acc(k + row * fw.D, L, fw.D, w.X.data());
         favor_row_features(kr, L, fw, false, c, w.F.data());  // φ(k) [C, MP]
-        load_values(v + row * d.Dv, L, d, w.Vc.data());
-        gemm(L, fw.MP, d.Dv + 1, w.Vc.data(), d.DvP, dST, fw.MP, w.H.data(), fw.MP, false);  // dφ(k) = V' dS'ᵀ
+        const acc_t* vr = rows_as_acc(v + row * d.Dv, L, d.Dv, w.Vc.data());
+        acc_t* H = w.H.data();
+        gemm(L, fw.MP, d.Dv, vr, d.Dv, dST, fw.MP, H, fw.MP, false);  // V dSᵀ [L, MP]
+        for (int64_t i = 0; i < L; ++i) {
+          acc_t* Hi = H + i * fw.MP;
+          const acc_t* Fi = w.F.data() + i * fw.MP;
+          Vec acc(acc_t(0));
+          for (int64_t m = 0; m < fw.MP; m += W) {  // dl = (V dSᵀ + dz) ⊙ φ(k)
+            const Vec dl = (Vec::loadu(Hi + m) + Vec::loadu(dz + m)) * Vec::loadu(Fi + m);
+            dl.store(Hi + m);
+            acc = acc + dl;
+          }
+          rs[i] = common::hsum(acc);
+        }
         acc_t* dvr = nullptr;  // dV = φ(k) dS [L, Dv], straight into dv when it is acc_t
         if constexpr (std::is_same_v<scalar_t, acc_t>) dvr = dv + row * d.Dv; else dvr = w.dN.data();
-        gemm(L, d.Dv, fw.MP, w.F.data(), fw.MP, dS, d.DvP, dvr, d.Dv, false);
+        gemm(L, d.Dv, fw.MP, w.F.data(), fw.MP, dS, d.Dv, dvr, d.Dv, false);
         if constexpr (!std::is_same_v<scalar_t, acc_t>) at::vec::convert(dvr, dv + row * d.Dv, L * d.Dv);
-        favor_input_grad(w.H.data(), w.F.data(), kr, L, fw, w.dX.data(), dk + row * fw.D);
+        favor_input_grad(H, rs, kr, L, fw, w.dX.data(), dk + row * fw.D);
       }
     }
   });
