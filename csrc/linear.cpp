@@ -1093,24 +1093,11 @@ void mx_favor_forward_impl(const Dims& d, const FavorW<float>& fw, const T* q, c
   });
 }
 
-// dx rows from dφ (fp32, in place -> dl) and φ: dl rounded for dl·W on the matrix units.
+// dx rows from dl = dφ ⊙ φ (fp32 [C, MP]) and its row sums rs: dl rounded for dl·W on the matrix units.
 template <typename T>
-void mx_input_grad(float* dF, const float* F, const T* src, int64_t L, const FavorW<float>& fw, const FavorMx<T>& mx,
+void mx_input_grad(const float* dl, const float* rs, const T* src, int64_t L, const FavorW<float>& fw, const FavorMx<T>& mx,
                    T* dl16, float* dX, float* xs, T* dx) {
-  using Vec = at::vec::Vectorized<float>;
-  float rs[kChunk];
-  for (int64_t i = 0; i < L; ++i) {
-    float* g = dF + i * fw.MP;
-    const float* f = F + i * fw.MP;
-    Vec acc(0.f);
-    for (int64_t m = 0; m < fw.MP; m += Vec::size()) {
-      const Vec p = Vec::loadu(g + m) * Vec::loadu(f + m);
-      p.store(g + m);
-      acc = acc + p;
-    }
-    rs[i] = common::hsum(acc);
-  }
-  at::vec::convert(dF, dl16, L * fw.MP);
+  at::vec::convert(dl, dl16, L * fw.MP);
   common::vnni_gemm(L, fw.D, fw.MP, dl16, fw.MP, mx.Wv.data(), fw.D, dX, fw.D, false);  // dl W [L, D]
   at::vec::convert(src, xs, L * fw.D);  // [L, D]
   for (int64_t i = 0; i < L; ++i) {
@@ -1120,25 +1107,32 @@ void mx_input_grad(float* dF, const float* F, const T* src, int64_t L, const Fav
   at::vec::convert(dX, dx, L * fw.D);
 }
 
+// The same passes as favor_backward on the matrix units: dS'ᵀ += dN'ᵀ φ(q) with dN'ᵀ [Dv + 1, C]
+// the rounded A operand and φ(q)'s rounded rows paired into VNNI as B (not φ(q) transposed in
+// fp32 and rounded again: 4x the words), and dl = dφ ⊙ φ with its row sums in the pass that
+// builds dφ.
 template <typename T>
 void mx_favor_backward_impl(const Dims& d, const FavorW<float>& fw, const T* dout, const T* q, const T* k, const T* v,
                             const float* states, const float* shifts, float eps, T* dq, T* dk, T* dv) {
   using Vec = at::vec::Vectorized<float>;
   constexpr int64_t C = kChunk;
+  const int64_t Dv1 = d.Dv + 1;
   const FavorMx<T> mx(fw);
   at::parallel_for(0, d.B * d.Hk, 1, [&](int64_t begin, int64_t end) {
     FavorScratch<float> w(d, fw);
     FavorMxScratch<T> x(d, fw);
+    std::vector<T> dNT16(Dv1 * C);
+    float rs[C];
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t b = bg / d.Hk, g = bg % d.Hk;
       const float c = shifts[bg];
-      const float* Sg = states + bg * fw.M * (d.Dv + 1);  // [M, Dv + 1]
+      const float* Sg = states + bg * fw.M * Dv1;  // [M, Dv + 1]
       std::vector<float> z(fw.MP, 0.f);
-      for (int64_t m = 0; m < fw.M; ++m) z[m] = Sg[m * (d.Dv + 1) + d.Dv];
+      for (int64_t m = 0; m < fw.M; ++m) z[m] = Sg[m * Dv1 + d.Dv];
       // B of H = g S[:, :Dv]ᵀ: VNNI [Dv, MP], element (e, m) = S[m, e]
-      pack_vnni(d.Dv, fw.MP, [&](int64_t e, int64_t m) { return m < fw.M ? Sg[m * (d.Dv + 1) + e] : 0.f; }, x.STv.data());
-      float* dS = w.dS.data();
-      std::fill(dS, dS + fw.MP * d.DvP, 0.f);
+      pack_vnni(d.Dv, fw.MP, [&](int64_t e, int64_t m) { return m < fw.M ? Sg[m * Dv1 + e] : 0.f; }, x.STv.data());
+      float* dST = w.dST.data();  // dS'ᵀ [Dv + 1, MP]
+      std::fill(dST, dST + Dv1 * fw.MP, 0.f);
       for (int64_t hh = 0; hh < d.G; ++hh) {
         const int64_t bh = b * d.Hq + g * d.G + hh;
         for (int64_t t0 = 0; t0 < d.Nq; t0 += C) {
@@ -1157,24 +1151,31 @@ void mx_favor_backward_impl(const Dims& d, const FavorW<float>& fw, const T* dou
             float* o = w.dN.data() + i * d.DvP;
             for (int64_t e = 0; e < d.Dv; ++e) o[e] = static_cast<float>(gs[i * d.Dv + e]) * r;
             o[d.Dv] = s;
-            std::fill(o + d.Dv + 1, o + d.DvP, 0.f);
-            for (int64_t m = 0; m < fw.MP; m += Vec::size())  // dφ(q) in place of H
-              at::vec::fmadd(Vec::loadu(Hi + m), Vec(r), Vec::loadu(z.data() + m) * Vec(s)).store(Hi + m);
+            Vec acc(0.f);
+            for (int64_t m = 0; m < fw.MP; m += Vec::size()) {  // dl = dφ(q) ⊙ φ(q) in place of H
+              const Vec dl = at::vec::fmadd(Vec::loadu(Hi + m), Vec(r), Vec::loadu(z.data() + m) * Vec(s)) * Vec::loadu(Fi + m);
+              dl.store(Hi + m);
+              acc = acc + dl;
+            }
+            rs[i] = common::hsum(acc);
           }
           const int64_t Le = L + (L & 1);
-          std::fill(w.dN.data() + L * d.DvP, w.dN.data() + Le * d.DvP, 0.f);
-          at::vec::convert(w.dN.data(), x.V16.data(), Le * d.DvP);  // V16 is free here
-          interleave_vnni(x.V16.data(), Le, d.DvP, x.dNv.data());
-          transpose(C, fw.MP, w.F.data(), fw.MP, w.FT.data(), C);  // [MP, C]
-          at::vec::convert(w.FT.data(), x.F16T.data(), fw.MP * C);
-          common::vnni_gemm(fw.MP, d.DvP, Le, x.F16T.data(), C, x.dNv.data(), d.DvP, dS, d.DvP, true);  // dS' += φᵀ dN'
-          mx_input_grad(H, w.F.data(), q + row * fw.D, L, fw, mx, x.F16.data(), w.dX.data(), w.X.data(), dq + row * fw.D);
+          transpose(L, Dv1, w.dN.data(), d.DvP, w.dNT.data(), C);  // [Dv + 1, L]
+          if (Le > L)
+            for (int64_t e = 0; e < Dv1; ++e) w.dNT[e * C + L] = 0.f;
+          for (int64_t e = 0; e < Dv1; ++e) at::vec::convert(w.dNT.data() + e * C, dNT16.data() + e * C, Le);
+          interleave_vnni(x.F16.data(), Le, fw.MP, x.F16T.data());  // φ(q) rows paired, VNNI [Le, MP]
+          common::vnni_gemm(Dv1, fw.MP, Le, dNT16.data(), C, x.F16T.data(), fw.MP, dST, fw.MP, true);  // dS'ᵀ += dN'ᵀ φ
+          mx_input_grad(H, rs, q + row * fw.D, L, fw, mx, x.F16.data(), w.dX.data(), w.X.data(), dq + row * fw.D);
         }
       }
+      float* dS = w.dS.data();  // [MP, DvP], zero past Dv + 1
+      std::fill(dS, dS + fw.MP * d.DvP, 0.f);
+      transpose(Dv1, fw.MP, dST, fw.MP, dS, d.DvP);
       at::vec::convert(dS, x.Sv.data(), fw.MP * d.DvP);  // Sv is free in the backward
       interleave_vnni(x.Sv.data(), fw.MP, d.DvP, x.dSv.data());
-      transpose(fw.MP, d.DvP, dS, d.DvP, w.dST.data(), fw.MP);  // [DvP, MP]
-      at::vec::convert(w.dST.data(), x.Sv.data(), d.DvP * fw.MP);
+      std::fill(dST + Dv1 * fw.MP, dST + d.DvP * fw.MP, 0.f);  // [DvP, MP]
+      at::vec::convert(dST, x.Sv.data(), d.DvP * fw.MP);
       interleave_vnni(x.Sv.data(), d.DvP, fw.MP, x.dSTv.data());
       for (int64_t t0 = 0; t0 < d.Nk; t0 += C) {
         const int64_t L = std::min(C, d.Nk - t0);
@@ -1189,7 +1190,18 @@ void mx_favor_backward_impl(const Dims& d, const FavorW<float>& fw, const T* dou
         common::vnni_gemm(L, d.DvP, fw.MP, x.F16.data(), fw.MP, x.dSv.data(), d.DvP, w.dN.data(), d.DvP, false);  // dV'
         for (int64_t i = 0; i < L; ++i)
           for (int64_t e = 0; e < d.Dv; ++e) dv[(row + i) * d.Dv + e] = static_cast<T>(w.dN[i * d.DvP + e]);
-        mx_input_grad(w.H.data(), w.F.data(), ks, L, fw, mx, x.F16.data(), w.dX.data(), w.X.data(), dk + row * fw.D);
+        for (int64_t i = 0; i < L; ++i) {  // dl = dφ(k) ⊙ φ(k) in place, with its row sums
+          float* Hi = w.H.data() + i * fw.MP;
+          const float* Fi = w.F.data() + i * fw.MP;
+          Vec acc(0.f);
+          for (int64_t m = 0; m < fw.MP; m += Vec::size()) {
+            const Vec dl = Vec::loadu(Hi + m) * Vec::loadu(Fi + m);
+            dl.store(Hi + m);
+            acc = acc + dl;
+          }
+          rs[i] = common::hsum(acc);
+        }
+        mx_input_grad(w.H.data(), rs, ks, L, fw, mx, x.F16.data(), w.dX.data(), w.X.data(), dk + row * fw.D);
       }
     }
     common::vnni_release();
