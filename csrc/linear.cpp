@@ -994,9 +994,22 @@ void mx_row_features(int64_t L, const FavorW<float>& fw, const float* key_bias, 
     for (; m + W <= fw.M; m += W) common::vexp((Vec::loadu(row + m) - Vec(b)) - Vec(fw.log_root)).store(row + m);
     for (; m < fw.M; ++m) row[m] = std::exp((row[m] - b) - fw.log_root);
     std::fill(row + fw.M, row + fw.MP, 0.f);
+    at::vec::convert(row, F16 + i * fw.MP, fw.MP);  // while the row is in L1
   }
   std::fill(F + L * fw.MP, F + kChunk * fw.MP, 0.f);
-  at::vec::convert(F, F16, kChunk * fw.MP);
+  std::fill(F16 + L * fw.MP, F16 + kChunk * fw.MP, T(0));
+}
+
+// out rows [L, Dv] in T from num' [L, DvP] (fp32, scaled in place): num / (den + eps).
+template <typename T>
+void mx_store_output(float* num, int64_t L, const Dims& d, float eps, T* out) {
+  using Vec = at::vec::Vectorized<float>;
+  for (int64_t i = 0; i < L; ++i) {
+    float* n = num + i * d.DvP;
+    const Vec inv(1.f / (n[d.Dv] + eps));
+    for (int64_t c = 0; c < d.DvP; c += Vec::size()) (Vec::loadu(n + c) * inv).store(n + c);
+    at::vec::convert(n, out + i * d.Dv, d.Dv);
+  }
 }
 
 // V' = [V | 1 | 0...] rows [0, L) in the input dtype into dst [kChunk, DvP]; padding rows zero.
@@ -1085,7 +1098,7 @@ void mx_favor_forward_impl(const Dims& d, const FavorW<float>& fw, const T* q, c
           common::vnni_gemm(L, fw.MP, fw.D, qs, fw.D, mx.WTv.data(), fw.MP, w.F.data(), fw.MP, false);  // l [L, MP]
           mx_row_features(L, fw, nullptr, w.F.data(), x.F16.data());
           common::vnni_gemm(L, d.DvP, fw.MP, x.F16.data(), fw.MP, x.Sv.data(), d.DvP, w.dN.data(), d.DvP, false);  // num'
-          store_output(w.dN.data(), L, d, true, eps, out + (bh * d.Nq + t0) * d.Dv);
+          mx_store_output(w.dN.data(), L, d, eps, out + (bh * d.Nq + t0) * d.Dv);
         }
       }
     }
@@ -1188,8 +1201,7 @@ void mx_favor_backward_impl(const Dims& d, const FavorW<float>& fw, const T* dou
         load_values16(v + row * d.Dv, L, d, x.V16.data());
         common::vnni_gemm(L, fw.MP, d.DvP, x.V16.data(), d.DvP, x.dSTv.data(), fw.MP, w.H.data(), fw.MP, false);  // dφ(k)
         common::vnni_gemm(L, d.DvP, fw.MP, x.F16.data(), fw.MP, x.dSv.data(), d.DvP, w.dN.data(), d.DvP, false);  // dV'
-        for (int64_t i = 0; i < L; ++i)
-          for (int64_t e = 0; e < d.Dv; ++e) dv[(row + i) * d.Dv + e] = static_cast<T>(w.dN[i * d.DvP + e]);
+        for (int64_t i = 0; i < L; ++i) at::vec::convert(w.dN.data() + i * d.DvP, dv + (row + i) * d.Dv, d.Dv);
         for (int64_t i = 0; i < L; ++i) {  // dl = dφ(k) ⊙ φ(k) in place, with its row sums
           float* Hi = w.H.data() + i * fw.MP;
           const float* Fi = w.F.data() + i * fw.MP;
