@@ -973,9 +973,7 @@ template <typename T>
 void half_norms(const T* src, int64_t L, int64_t D, float root, float* hn, float* row) {
   for (int64_t i = 0; i < L; ++i) {
     at::vec::convert(src + i * D, row, D);
-    float sq = 0;
-    for (int64_t e = 0; e < D; ++e) sq += row[e] * row[e];
-    hn[i] = 0.5f * root * root * sq;
+    hn[i] = 0.5f * root * root * sq_norm(row, D);  // vectorised: a scalar sum is one serial chain
   }
 }
 
@@ -1160,7 +1158,10 @@ void mx_favor_backward_impl(const Dims& d, const FavorW<float>& fw, const T* dou
             const float r = 1.f / (vdot(Fi, z.data(), fw.MP) + eps);
             const float s = -vdot(Fi, Hi, fw.MP) * r * r;
             float* o = w.dN.data() + i * d.DvP;
-            for (int64_t e = 0; e < d.Dv; ++e) o[e] = static_cast<float>(gs[i * d.Dv + e]) * r;
+            at::vec::convert(gs + i * d.Dv, o, d.Dv);
+            int64_t e = 0;
+            for (; e + Vec::size() <= d.Dv; e += Vec::size()) (Vec::loadu(o + e) * Vec(r)).store(o + e);
+            for (; e < d.Dv; ++e) o[e] *= r;
             o[d.Dv] = s;
             Vec acc(0.f);
             for (int64_t m = 0; m < fw.MP; m += Vec::size()) {  // dl = dφ(q) ⊙ φ(q) in place of H
