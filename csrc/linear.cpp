@@ -1102,11 +1102,31 @@ void mx_favor_forward_impl(const Dims& d, const FavorW<float>& fw, const T* q, c
   });
 }
 
-// dx rows from dl = dφ ⊙ φ (fp32 [C, MP]) and its row sums rs: dl rounded for dl·W on the matrix units.
+// One row of dl = dφ ⊙ φ, rounded into out [MP] (the A operand of dl·W) as it is made, with its
+// fp32 sum returned; dl_at(m) gives the fp32 vector at column m (MP a multiple of the width).
+template <typename T, typename DlAt>
+float store_rounded_row(int64_t MP, const DlAt& dl_at, T* out) {
+  using Vec = at::vec::Vectorized<float>;
+  constexpr int64_t W = Vec::size();
+  Vec acc(0.f);
+  int64_t m = 0;
+  for (; m + 2 * W <= MP; m += 2 * W) {
+    const Vec a = dl_at(m), b = dl_at(m + W);
+    acc = (acc + a) + b;
+    at::vec::convert_from_float<T>(a, b).store(out + m);
+  }
+  if (m < MP) {
+    const Vec a = dl_at(m);
+    acc = acc + a;
+    at::vec::convert_from_float<T>(a, Vec(0.f)).store(out + m, W);
+  }
+  return common::hsum(acc);
+}
+
+// dx rows from dl (rounded, [C, MP]) and its fp32 row sums rs, dl·W on the matrix units.
 template <typename T>
-void mx_input_grad(const float* dl, const float* rs, const T* src, int64_t L, const FavorW<float>& fw, const FavorMx<T>& mx,
-                   T* dl16, float* dX, float* xs, T* dx) {
-  at::vec::convert(dl, dl16, L * fw.MP);
+void mx_input_grad(const T* dl16, const float* rs, const T* src, int64_t L, const FavorW<float>& fw, const FavorMx<T>& mx,
+                   float* dX, float* xs, T* dx) {
   common::vnni_gemm(L, fw.D, fw.MP, dl16, fw.MP, mx.Wv.data(), fw.D, dX, fw.D, false);  // dl W [L, D]
   at::vec::convert(src, xs, L * fw.D);  // [L, D]
   for (int64_t i = 0; i < L; ++i) {
@@ -1130,7 +1150,7 @@ void mx_favor_backward_impl(const Dims& d, const FavorW<float>& fw, const T* dou
   at::parallel_for(0, d.B * d.Hk, 1, [&](int64_t begin, int64_t end) {
     FavorScratch<float> w(d, fw);
     FavorMxScratch<T> x(d, fw);
-    std::vector<T> dNT16(Dv1 * C);
+    std::vector<T> dNT16(Dv1 * C), dl16(C * fw.MP);
     float rs[C];
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t b = bg / d.Hk, g = bg % d.Hk;
@@ -1163,13 +1183,10 @@ void mx_favor_backward_impl(const Dims& d, const FavorW<float>& fw, const T* dou
             for (; e + Vec::size() <= d.Dv; e += Vec::size()) (Vec::loadu(o + e) * Vec(r)).store(o + e);
             for (; e < d.Dv; ++e) o[e] *= r;
             o[d.Dv] = s;
-            Vec acc(0.f);
-            for (int64_t m = 0; m < fw.MP; m += Vec::size()) {  // dl = dφ(q) ⊙ φ(q) in place of H
-              const Vec dl = at::vec::fmadd(Vec::loadu(Hi + m), Vec(r), Vec::loadu(z.data() + m) * Vec(s)) * Vec::loadu(Fi + m);
-              dl.store(Hi + m);
-              acc = acc + dl;
-            }
-            rs[i] = common::hsum(acc);
+            const float* zp = z.data();
+            rs[i] = store_rounded_row(fw.MP, [&](int64_t m) {  // dl = dφ(q) ⊙ φ(q)
+              return at::vec::fmadd(Vec::loadu(Hi + m), Vec(r), Vec::loadu(zp + m) * Vec(s)) * Vec::loadu(Fi + m);
+            }, dl16.data() + i * fw.MP);
           }
           const int64_t Le = L + (L & 1);
           transpose(L, Dv1, w.dN.data(), d.DvP, w.dNT.data(), C);  // [Dv + 1, L]
@@ -1178,7 +1195,7 @@ void mx_favor_backward_impl(const Dims& d, const FavorW<float>& fw, const T* dou
           for (int64_t e = 0; e < Dv1; ++e) at::vec::convert(w.dNT.data() + e * C, dNT16.data() + e * C, Le);
           interleave_vnni(x.F16.data(), Le, fw.MP, x.F16T.data());  // φ(q) rows paired, VNNI [Le, MP]
           common::vnni_gemm(Dv1, fw.MP, Le, dNT16.data(), C, x.F16T.data(), fw.MP, dST, fw.MP, true);  // dS'ᵀ += dN'ᵀ φ
-          mx_input_grad(H, rs, q + row * fw.D, L, fw, mx, x.F16.data(), w.dX.data(), w.X.data(), dq + row * fw.D);
+          mx_input_grad(dl16.data(), rs, q + row * fw.D, L, fw, mx, w.dX.data(), w.X.data(), dq + row * fw.D);
         }
       }
       float* dS = w.dS.data();  // [MP, DvP], zero past Dv + 1
@@ -1201,18 +1218,13 @@ void mx_favor_backward_impl(const Dims& d, const FavorW<float>& fw, const T* dou
         common::vnni_gemm(L, fw.MP, d.DvP, x.V16.data(), d.DvP, x.dSTv.data(), fw.MP, w.H.data(), fw.MP, false);  // dφ(k)
         common::vnni_gemm(L, d.DvP, fw.MP, x.F16.data(), fw.MP, x.dSv.data(), d.DvP, w.dN.data(), d.DvP, false);  // dV'
         for (int64_t i = 0; i < L; ++i) at::vec::convert(w.dN.data() + i * d.DvP, dv + (row + i) * d.Dv, d.Dv);
-        for (int64_t i = 0; i < L; ++i) {  // dl = dφ(k) ⊙ φ(k) in place, with its row sums
-          float* Hi = w.H.data() + i * fw.MP;
+        for (int64_t i = 0; i < L; ++i) {  // dl = dφ(k) ⊙ φ(k), with its row sums
+          const float* Hi = w.H.data() + i * fw.MP;
           const float* Fi = w.F.data() + i * fw.MP;
-          Vec acc(0.f);
-          for (int64_t m = 0; m < fw.MP; m += Vec::size()) {
-            const Vec dl = Vec::loadu(Hi + m) * Vec::loadu(Fi + m);
-            dl.store(Hi + m);
-            acc = acc + dl;
-          }
-          rs[i] = common::hsum(acc);
+          rs[i] = store_rounded_row(fw.MP, [&](int64_t m) { return Vec::loadu(Hi + m) * Vec::loadu(Fi + m); },
+                                    dl16.data() + i * fw.MP);
         }
-        mx_input_grad(w.H.data(), rs, ks, L, fw, mx, x.F16.data(), w.dX.data(), w.X.data(), dk + row * fw.D);
+        mx_input_grad(dl16.data(), rs, ks, L, fw, mx, w.dX.data(), w.X.data(), dk + row * fw.D);
       }
     }
     common::vnni_release();
