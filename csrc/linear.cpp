@@ -574,8 +574,9 @@ void backward_noncausal(const Dims& d, const Args<scalar_t, acc_t>& a, const sca
 //   queries: b_i = max_m l_im (per row); keys: b_j = |x_j|²/2 + c, c = max_j (max_m l_jm − |x_j|²/2)
 // per (batch, kv head); both stabilisers are constants for autograd (as in features.py),
 // the query's |x|²/2 is not: it cancels in value but not in the gradient. Then the
-// non-causal linear attention of identity features of width M (the ones column of V',
-// as above). The features are never written to memory: each chunk's projection (a
+// non-causal linear attention of identity features of width M (the matrix-unit path with the
+// ones column of V', as above; the fp32 path sums z = Σ φ(k) and φ(q)·z in its exp passes
+// instead, so its state / output GEMMs are Dv wide, not DvP). The features are never written to memory: each chunk's projection (a
 // [C, D] x [D, M] GEMM), its exp and its use in the state / output products run on one
 // cache-resident [C, M] tile, where the torch feature map made ~4 passes over (N, M)
 // tensors forward and as many back, and the kernel a fifth to load them.
