@@ -574,52 +574,77 @@ void backward_noncausal(const Dims& d, const Args<scalar_t, acc_t>& a, const sca
 //   queries: b_i = max_m l_im (per row); keys: b_j = |x_j|²/2 + c, c = max_j (max_m l_jm − |x_j|²/2)
 // per (batch, kv head); both stabilisers are constants for autograd (as in features.py),
 // the query's |x|²/2 is not: it cancels in value but not in the gradient. Then the
-// non-causal linear attention of identity features of width M (the ones column of V',
-// as above). The features are never written to memory: each chunk's projection (a
+// non-causal linear attention of identity features of width M (the matrix-unit path with the
+// ones column of V', as above; the fp32 path sums z = Σ φ(k) and φ(q)·z in its exp passes
+// instead, so its state / output GEMMs are Dv wide, not DvP). The features are never written to memory: each chunk's projection (a
 // [C, D] x [D, M] GEMM), its exp and its use in the state / output products run on one
 // cache-resident [C, M] tile, where the torch feature map made ~4 passes over (N, M)
 // tensors forward and as many back, and the kernel a fifth to load them.
 // Backward, with dφ the features' gradient: dl = dφ ⊙ φ, dx = dl W − x Σ_m dl, dq = root·dx.
 
-// W rows [M, D] of the projection, padded to MP rows (zero), in both layouts.
+// W rows [M, D] of the projection, padded to MP rows (zero); root·W in both layouts.
+// The fp32 path reads the input rows where they are (q, k, v, dout as GEMM operands, no copy,
+// when the input is acc_t) with sqrt(scale) folded into the projection: l = x (root·W)ᵀ, and
+// |root·x|²/2 = root²·|x|²/2 (no copy-and-scale pass over each chunk).
 template <typename acc_t>
 struct FavorW {
   int64_t M, MP, D;
   acc_t root, log_root;  // sqrt(scale); ln(M) / 2
-  std::vector<acc_t> W;   // [MP, D]
-  std::vector<acc_t> WT;  // [D, MP]
+  std::vector<acc_t> W;    // [MP, D]
+  std::vector<acc_t> Wr;   // root·W [MP, D]
+  std::vector<acc_t> WTr;  // root·Wᵀ [D, MP]
 };
 
-// rows [0, L) of src [*, D] times mult into X [kChunk, D]; padding rows zero.
+// rows [0, L) of src [*, cols] as acc_t: src itself when the types agree, else converted into buf.
 template <typename scalar_t, typename acc_t>
-void load_scaled(const scalar_t* src, int64_t L, int64_t D, acc_t mult, acc_t* X) {
-  for (int64_t i = 0; i < L * D; ++i) X[i] = mult * static_cast<acc_t>(src[i]);
-  std::fill(X + L * D, X + kChunk * D, acc_t(0));
+const acc_t* rows_as_acc(const scalar_t* src, int64_t L, int64_t cols, acc_t* buf) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return src;
+  } else {
+    at::vec::convert(src, buf, L * cols);
+    return buf;
+  }
 }
 
-// F [kChunk, MP] = φ(X rows [0, L)); queries (c unused) or keys with shift c. Zero in
-// the padding rows and columns (exp of a padding logit could overflow).
+// |x|² of a row of n.
 template <typename acc_t>
-void favor_row_features(const acc_t* X, int64_t L, const FavorW<acc_t>& fw, bool is_query, acc_t c, acc_t* F) {
+acc_t sq_norm(const acc_t* x, int64_t n) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  Vec acc(acc_t(0));
+  int64_t e = 0;
+  for (; e + Vec::size() <= n; e += Vec::size()) acc = at::vec::fmadd(Vec::loadu(x + e), Vec::loadu(x + e), acc);
+  acc_t s = common::hsum(acc);
+  for (; e < n; ++e) s += x[e] * x[e];
+  return s;
+}
+
+// F [kChunk, MP] = φ(root·X rows [0, L)) (X [L, D], the unscaled input rows); queries (c unused)
+// or keys with shift c. Zero in the padding rows and columns (exp of a padding logit could
+// overflow). With z [MP] given (queries), also den[i] = φ_i · z, summed in the exp pass.
+template <typename acc_t>
+void favor_row_features(const acc_t* X, int64_t L, const FavorW<acc_t>& fw, bool is_query, acc_t c, acc_t* F,
+                        const acc_t* z = nullptr, acc_t* den = nullptr) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
-  gemm(L, fw.MP, fw.D, X, fw.D, fw.WT.data(), fw.MP, F, fw.MP, false);  // l [L, MP]
+  gemm(L, fw.MP, fw.D, X, fw.D, fw.WTr.data(), fw.MP, F, fw.MP, false);  // l [L, MP]
   for (int64_t i = 0; i < L; ++i) {
     acc_t* row = F + i * fw.MP;
-    acc_t b;
-    if (is_query) {
-      b = common::row_max(row, fw.M);
-    } else {
-      const acc_t* x = X + i * fw.D;
-      acc_t sq = 0;
-      for (int64_t e = 0; e < fw.D; ++e) sq += x[e] * x[e];
-      b = acc_t(0.5) * sq + c;
-    }
+    const acc_t b = is_query ? common::row_max(row, fw.M) : acc_t(0.5) * fw.root * fw.root * sq_norm(X + i * fw.D, fw.D) + c;
+    const Vec nb(-(b + fw.log_root));
+    Vec acc(acc_t(0));
     int64_t m = 0;
-    for (; m + W <= fw.M; m += W)
-      common::vexp((Vec::loadu(row + m) - Vec(b)) - Vec(fw.log_root)).store(row + m);
-    for (; m < fw.M; ++m) row[m] = std::exp((row[m] - b) - fw.log_root);
+    for (; m + W <= fw.M; m += W) {
+      const Vec e = common::vexp(Vec::loadu(row + m) + nb);
+      e.store(row + m);
+      if (z != nullptr) acc = at::vec::fmadd(e, Vec::loadu(z + m), acc);
+    }
+    acc_t s = z != nullptr ? common::hsum(acc) : acc_t(0);
+    for (; m < fw.M; ++m) {
+      row[m] = std::exp(row[m] - (b + fw.log_root));
+      if (z != nullptr) s += row[m] * z[m];
+    }
     std::fill(row + fw.M, row + fw.MP, acc_t(0));
+    if (den != nullptr) den[i] = s;
   }
   std::fill(F + L * fw.MP, F + kChunk * fw.MP, acc_t(0));
 }
@@ -627,22 +652,24 @@ void favor_row_features(const acc_t* X, int64_t L, const FavorW<acc_t>& fw, bool
 // Scratch of the FAVOR+ kernels, all per task.
 template <typename acc_t>
 struct FavorScratch {
-  std::vector<acc_t> X, XT, F, FT, H, Vc, dN, S, ST, dS, dST, dX, tmp, hn, cand;
+  std::vector<acc_t> X, XT, F, FT, H, Vc, dN, dNT, S, ST, dS, dST, dX, tmp, hn, cand, z, zc, den;
   FavorScratch(const Dims& d, const FavorW<acc_t>& fw) {
     const int64_t C = kChunk;
-    X.resize(C * fw.D); XT.resize(fw.D * C); F.resize(C * fw.MP); FT.resize(fw.MP * C); H.resize(C * fw.MP);
-    Vc.resize(C * d.DvP); dN.resize(C * d.DvP); S.resize(fw.MP * d.DvP); ST.resize(d.DvP * fw.MP);
+    X.resize(C * std::max(fw.D, d.Dv)); XT.resize(fw.D * C); F.resize(C * fw.MP); FT.resize(fw.MP * C); H.resize(C * fw.MP);
+    Vc.resize(C * d.DvP); dN.resize(C * d.DvP); dNT.resize(d.DvP * C); S.resize(fw.MP * d.DvP); ST.resize(d.DvP * fw.MP);
     dS.resize(fw.MP * d.DvP); dST.resize(d.DvP * fw.MP); dX.resize(C * fw.D); tmp.resize(fw.MP * d.DvP);
-    hn.resize(C); cand.resize(C);
+    hn.resize(C); cand.resize(C); z.resize(fw.MP); zc.resize(fw.MP); den.resize(C);
   }
 };
 
 // One chunk's step of the key stabiliser: c <- max(c, cand[0, L)) (NaN kept), then the chunk's
 // features FTᵀ [MP, kChunk] <- exp(lᵀ - |x|²/2 - c - log √M) in place (columns past L and rows
 // past M zeroed). Returns the factor e^(c_old - c_new) the state so far is rescaled by (1 if
-// c did not grow), applied with this chunk's sum in one pass over it.
+// c did not grow), applied with this chunk's sum in one pass over it. With zsum given, also
+// zsum[m] = Σ_j φ_mj (the chunk's share of z), summed in the exp pass.
 template <typename acc_t>
-acc_t favor_key_features(acc_t& c, const acc_t* cand, const acc_t* hn, int64_t L, const FavorW<acc_t>& fw, acc_t* FT) {
+acc_t favor_key_features(acc_t& c, const acc_t* cand, const acc_t* hn, int64_t L, const FavorW<acc_t>& fw, acc_t* FT,
+                         acc_t* zsum = nullptr) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
   constexpr int64_t C = kChunk;
@@ -657,38 +684,54 @@ acc_t favor_key_features(acc_t& c, const acc_t* cand, const acc_t* hn, int64_t L
   }
   for (int64_t m = 0; m < fw.M; ++m) {
     acc_t* row = FT + m * C;
-    for (int64_t j = 0; j < C; j += W)
-      common::vexp((Vec::loadu(row + j) - (Vec::loadu(hn + j) + Vec(c))) - Vec(fw.log_root)).store(row + j);
+    Vec acc(acc_t(0));
+    int64_t j = 0;
+    for (; j + W <= L; j += W) {
+      const Vec e = common::vexp((Vec::loadu(row + j) - (Vec::loadu(hn + j) + Vec(c))) - Vec(fw.log_root));
+      e.store(row + j);
+      acc = acc + e;
+    }
+    for (int64_t t = j; t < C; t += W)
+      common::vexp((Vec::loadu(row + t) - (Vec::loadu(hn + t) + Vec(c))) - Vec(fw.log_root)).store(row + t);
     std::fill(row + L, row + C, acc_t(0));
+    if (zsum != nullptr) {
+      acc_t sum = common::hsum(acc);
+      for (; j < L; ++j) sum += row[j];
+      zsum[m] = sum;
+    }
   }
   std::fill(FT + fw.M * C, FT + fw.MP * C, acc_t(0));
+  if (zsum != nullptr) std::fill(zsum + fw.M, zsum + fw.MP, acc_t(0));
   return rescale;
 }
 
-// S' [MP, DvP] = Σ_j φ(k_j) v'_jᵀ of kv head (b, g); returns the key shift c. One pass:
-// c is the running max of the chunks seen, and S' is rescaled by exp(c_old − c_new)
-// when it grows (as an online softmax does), so no feature exceeds 1/√M and none is
-// recomputed. The chunk's logits are built transposed, lᵀ = W xᵀ [MP, C], so the
-// per-key max and |x|²/2 are column-wise vector ops and φᵀ is the state GEMM's A.
+// S [MP, Dv] = Σ_j φ(k_j) v_jᵀ and z [MP] = Σ_j φ(k_j) of kv head (b, g) (in w.S with ld Dv and
+// w.z); returns the key shift c. One pass: c is the running max of the chunks seen, and S, z
+// are rescaled by exp(c_old − c_new) when it grows (as an online softmax does), so no feature
+// exceeds 1/√M and none is recomputed. The chunk's logits are built transposed,
+// lᵀ = (root·W) kᵀ [MP, C], so the per-key max and |x|²/2 are column-wise vector ops and φᵀ
+// is the state GEMM's A. z is summed in the exp pass rather than as a ones column of V in
+// the GEMM: at Dv = 64 that column padded the state and output products to 80 columns (+25%).
 template <typename scalar_t, typename acc_t>
 acc_t favor_state(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* k, const scalar_t* v, FavorScratch<acc_t>& w) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
   constexpr int64_t C = kChunk;
-  acc_t* S = w.S.data();
-  std::fill(S, S + fw.MP * d.DvP, acc_t(0));
+  acc_t* S = w.S.data();  // [MP, Dv]
+  acc_t* z = w.z.data();  // [MP]
+  std::fill(S, S + fw.MP * d.Dv, acc_t(0));
+  std::fill(z, z + fw.MP, acc_t(0));
   acc_t c = -std::numeric_limits<acc_t>::infinity();
+  const acc_t half_rr = acc_t(0.5) * fw.root * fw.root;
   for (int64_t t0 = 0; t0 < d.Nk; t0 += C) {
     const int64_t L = std::min(C, d.Nk - t0);
-    // xᵀ [D, C], zero past column L
-    const scalar_t* src = k + t0 * fw.D;
-    for (int64_t e = 0; e < fw.D; ++e) {
-      acc_t* o = w.XT.data() + e * C;
-      for (int64_t j = 0; j < L; ++j) o[j] = fw.root * static_cast<acc_t>(src[j * fw.D + e]);
-      std::fill(o + L, o + C, acc_t(0));
-    }
+    // kᵀ [D, C], zero past column L (unscaled: root is in Wr)
+    const acc_t* kr = rows_as_acc(k + t0 * fw.D, L, fw.D, w.X.data());
+    transpose(L, fw.D, kr, fw.D, w.XT.data(), C);
+    if (L < C)
+      for (int64_t e = 0; e < fw.D; ++e) std::fill(w.XT.data() + e * C + L, w.XT.data() + (e + 1) * C, acc_t(0));
     acc_t* FT = w.FT.data();
-    gemm(fw.MP, C, fw.D, fw.W.data(), fw.D, w.XT.data(), C, FT, C, false);  // lᵀ [MP, C]
+    gemm(fw.MP, C, fw.D, fw.Wr.data(), fw.D, w.XT.data(), C, FT, C, false);  // lᵀ [MP, C]
     // per key j (a column): |x_j|²/2 and max_m l_mj, the C / W column vectors side by side
     // (independent chains: one vector at a time was bound by the max's latency)
     constexpr int64_t NV = C / W;
@@ -705,38 +748,44 @@ acc_t favor_state(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* k, con
     for (int64_t m = 0; m < fw.M; ++m)
       for (int64_t q = 0; q < NV; ++q) mx[q] = at::vec::maximum(mx[q], Vec::loadu(FT + m * C + q * W));
     for (int64_t q = 0; q < NV; ++q) {
-      const Vec hn = sq[q] * Vec(acc_t(0.5));
+      const Vec hn = sq[q] * Vec(half_rr);
       hn.store(w.hn.data() + q * W);
       (mx[q] - hn).store(w.cand.data() + q * W);
     }
-    const acc_t rescale = favor_key_features(c, w.cand.data(), w.hn.data(), L, fw, FT);
-    load_values(v + t0 * d.Dv, L, d, w.Vc.data());                                      // [C, DvP]
-    gemm(fw.MP, d.DvP, L, FT, C, w.Vc.data(), d.DvP, w.tmp.data(), d.DvP, false);          // φᵀV'
-    for (int64_t i = 0; i < fw.MP * d.DvP; ++i) S[i] = S[i] * rescale + w.tmp[i];            // S' = r S' + φᵀV'
+    const acc_t rescale = favor_key_features(c, w.cand.data(), w.hn.data(), L, fw, FT, w.zc.data());
+    const acc_t* vr = rows_as_acc(v + t0 * d.Dv, L, d.Dv, w.Vc.data());  // [L, Dv]
+    gemm(fw.MP, d.Dv, L, FT, C, vr, d.Dv, w.tmp.data(), d.Dv, false);  // φᵀV [MP, Dv]
+    // S = r S + φᵀV, z = r z + Σ φ: the chunk's sum added once (blocked summation, as add_product)
+    const Vec r(rescale);
+    const int64_t n = fw.MP * d.Dv;
+    int64_t i = 0;
+    for (; i + W <= n; i += W) at::vec::fmadd(Vec::loadu(S + i), r, Vec::loadu(w.tmp.data() + i)).store(S + i);
+    for (; i < n; ++i) S[i] = S[i] * rescale + w.tmp[i];
+    for (int64_t m = 0; m < fw.MP; ++m) z[m] = z[m] * rescale + w.zc[m];
   }
   return c;
 }
 
-// dX [C, D] -> dx rows: dl = dF ⊙ F (in place in dF), dx = root·(dl W − x Σ_m dl).
+// dx rows [L, D] from dl = dφ ⊙ φ [C, MP] and rs[i] = Σ_m dl_im: dx = dl (root·W) − root²·x rs
+// (X the unscaled input rows [L, D]); the GEMM writes straight into dx when it is acc_t.
 template <typename scalar_t, typename acc_t>
-void favor_input_grad(acc_t* dF, const acc_t* F, const acc_t* X, int64_t L, const FavorW<acc_t>& fw, acc_t* dX, scalar_t* dx) {
+void favor_input_grad(const acc_t* dl, const acc_t* rs, const acc_t* X, int64_t L, const FavorW<acc_t>& fw, acc_t* dX,
+                      scalar_t* dx) {
   using Vec = at::vec::Vectorized<acc_t>;
-  std::vector<acc_t> rs(L);
+  constexpr int64_t W = Vec::size();
+  acc_t* out = nullptr;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) out = dx; else out = dX;
+  gemm(L, fw.D, fw.MP, dl, fw.MP, fw.Wr.data(), fw.D, out, fw.D, false);
+  const acc_t rr = fw.root * fw.root;
   for (int64_t i = 0; i < L; ++i) {
-    acc_t* g = dF + i * fw.MP;
-    const acc_t* f = F + i * fw.MP;
-    Vec acc(acc_t(0));
-    for (int64_t m = 0; m < fw.MP; m += Vec::size()) {
-      const Vec p = Vec::loadu(g + m) * Vec::loadu(f + m);
-      p.store(g + m);
-      acc = acc + p;
-    }
-    rs[i] = common::hsum(acc);
+    acc_t* o = out + i * fw.D;
+    const acc_t* x = X + i * fw.D;
+    const acc_t b = rr * rs[i];
+    int64_t e = 0;
+    for (; e + W <= fw.D; e += W) at::vec::fnmadd(Vec::loadu(x + e), Vec(b), Vec::loadu(o + e)).store(o + e);
+    for (; e < fw.D; ++e) o[e] -= x[e] * b;
   }
-  gemm(L, fw.D, fw.MP, dF, fw.MP, fw.W.data(), fw.D, dX, fw.D, false);  // dl W [L, D]
-  for (int64_t i = 0; i < L; ++i)
-    for (int64_t e = 0; e < fw.D; ++e)
-      dx[i * fw.D + e] = static_cast<scalar_t>(fw.root * (dX[i * fw.D + e] - X[i * fw.D + e] * rs[i]));
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) at::vec::convert(out, dx, L * fw.D);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -747,86 +796,122 @@ void favor_forward(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* q, co
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t b = bg / d.Hk, g = bg % d.Hk;
       shifts[bg] = favor_state(d, fw, k + bg * d.Nk * fw.D, v + bg * d.Nk * d.Dv, w);
-      for (int64_t m = 0; m < fw.M; ++m)  // unpadded [M, Dv + 1]: its shape does not depend on the build's vector width
-        std::copy(w.S.data() + m * d.DvP, w.S.data() + m * d.DvP + d.Dv + 1, states + (bg * fw.M + m) * (d.Dv + 1));
+      const acc_t* S = w.S.data();  // [MP, Dv]
+      for (int64_t m = 0; m < fw.M; ++m) {  // unpadded [M, Dv + 1]: [S | z]
+        acc_t* o = states + (bg * fw.M + m) * (d.Dv + 1);
+        std::copy(S + m * d.Dv, S + (m + 1) * d.Dv, o);
+        o[d.Dv] = w.z[m];
+      }
       for (int64_t hh = 0; hh < d.G; ++hh) {
         const int64_t bh = b * d.Hq + g * d.G + hh;
         for (int64_t t0 = 0; t0 < d.Nq; t0 += kChunk) {
           const int64_t L = std::min(kChunk, d.Nq - t0);
-          load_scaled(q + (bh * d.Nq + t0) * fw.D, L, fw.D, fw.root, w.X.data());
-          favor_row_features(w.X.data(), L, fw, true, acc_t(0), w.F.data());                       // φ(q) [C, MP]
-          gemm(L, d.DvP, fw.MP, w.F.data(), fw.MP, w.S.data(), d.DvP, w.dN.data(), d.DvP, false);  // num' [L, DvP]
-          store_output(w.dN.data(), L, d, true, eps, out + (bh * d.Nq + t0) * d.Dv);
+          const acc_t* qr = rows_as_acc(q + (bh * d.Nq + t0) * fw.D, L, fw.D, w.X.data());
+          favor_row_features(qr, L, fw, true, acc_t(0), w.F.data(), w.z.data(), w.den.data());  // φ(q) [C, MP]
+          scalar_t* o = out + (bh * d.Nq + t0) * d.Dv;
+          acc_t* num = nullptr;  // [L, Dv], in place in out when it is acc_t
+          if constexpr (std::is_same_v<scalar_t, acc_t>) num = o; else num = w.dN.data();
+          gemm(L, d.Dv, fw.MP, w.F.data(), fw.MP, S, d.Dv, num, d.Dv, false);
+          for (int64_t i = 0; i < L; ++i) {
+            const acc_t inv = acc_t(1) / (w.den[i] + eps);
+            for (int64_t e = 0; e < d.Dv; ++e) o[i * d.Dv + e] = static_cast<scalar_t>(num[i * d.Dv + e] * inv);
+          }
         }
       }
     }
   });
 }
 
-// Per kv head: the forward's S' and key shift c (saved: the state pass is two of the
-// ten GEMMs a recomputing backward would run), then per
-// query head and chunk dN' and dφ(q) as backward_noncausal's phase 2 does (H = g S[:, :Dv]ᵀ,
-// dφ(q) = H / den + dden zᵀ), dS' += φ(q)ᵀ dN'; then per key chunk dφ(k) = V' dS'ᵀ and
-// dV' = φ(k) dS'. dS' sums its query heads in head order in the task: deterministic.
+// Per kv head: the forward's S' = [S | z] and key shift c (saved: the state pass is two of the
+// ten GEMMs a recomputing backward would run), then per query head and chunk, with
+// H = g Sᵀ [L, M], r = 1 / den, s = −(φ(q)·H) r²: dN' = [g r | s] and dS'ᵀ += dN'ᵀ φ(q)
+// (dN' [C, Dv + 1] is the operand transposed, not φ(q) [C, MP]: a quarter of the words), and
+// dl = (r H + s zᵀ) ⊙ φ(q) with its row sums in one pass; then per key chunk, with
+// dS' = [dS | dz]: dl = (V dSᵀ + dz) ⊙ φ(k) (the ones column of V' as a row added in that
+// pass) and dV = φ(k) dS. dS' sums its query heads in head order in the task: deterministic.
 template <typename scalar_t, typename acc_t>
 void favor_backward(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* dout, const scalar_t* q, const scalar_t* k,
                     const scalar_t* v, const acc_t* states, const acc_t* shifts, acc_t eps, scalar_t* dq, scalar_t* dk,
                     scalar_t* dv) {
   using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
   constexpr int64_t C = kChunk;
+  const int64_t Dv1 = d.Dv + 1;
   at::parallel_for(0, d.B * d.Hk, 1, [&](int64_t begin, int64_t end) {
     FavorScratch<acc_t> w(d, fw);
     std::vector<acc_t> Gd(C * d.DvP);
+    acc_t rs[C];
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t b = bg / d.Hk, g = bg % d.Hk;
       const acc_t c = shifts[bg];
       std::fill(w.S.begin(), w.S.end(), acc_t(0));
       for (int64_t m = 0; m < fw.M; ++m)
-        std::copy(states + (bg * fw.M + m) * (d.Dv + 1), states + (bg * fw.M + m + 1) * (d.Dv + 1), w.S.data() + m * d.DvP);
-      transpose(fw.MP, d.DvP, w.S.data(), d.DvP, w.ST.data(), fw.MP);  // [DvP, MP]
-      const acc_t* z = w.ST.data() + d.Dv * fw.MP;                     // S'[:, Dv], [MP]
-      acc_t* dS = w.dS.data();
-      std::fill(dS, dS + fw.MP * d.DvP, acc_t(0));
+        std::copy(states + (bg * fw.M + m) * Dv1, states + (bg * fw.M + m + 1) * Dv1, w.S.data() + m * d.DvP);
+      transpose(fw.MP, Dv1, w.S.data(), d.DvP, w.ST.data(), fw.MP);  // S'ᵀ [Dv + 1, MP]
+      const acc_t* z = w.ST.data() + d.Dv * fw.MP;                   // S'[:, Dv], [MP]
+      acc_t* dST = w.dST.data();                                     // dS'ᵀ [Dv + 1, MP]
+      std::fill(dST, dST + Dv1 * fw.MP, acc_t(0));
       for (int64_t hh = 0; hh < d.G; ++hh) {
         const int64_t bh = b * d.Hq + g * d.G + hh;
         for (int64_t t0 = 0; t0 < d.Nq; t0 += C) {
           const int64_t L = std::min(C, d.Nq - t0);
           const int64_t row = bh * d.Nq + t0;
-          load_scaled(q + row * fw.D, L, fw.D, fw.root, w.X.data());
-          favor_row_features(w.X.data(), L, fw, true, acc_t(0), w.F.data());  // φ(q) [C, MP]
-          load_grad(dout + row * d.Dv, L, d, Gd.data());
+          const acc_t* qr = rows_as_acc(q + row * fw.D, L, fw.D, w.X.data());
+          favor_row_features(qr, L, fw, true, acc_t(0), w.F.data(), z, w.den.data());  // φ(q) [C, MP]
+          const acc_t* gr = rows_as_acc(dout + row * d.Dv, L, d.Dv, Gd.data());          // g [L, Dv]
           acc_t* H = w.H.data();
-          gemm(L, fw.MP, d.Dv, Gd.data(), d.DvP, w.ST.data(), fw.MP, H, fw.MP, false);  // H [L, MP]
+          gemm(L, fw.MP, d.Dv, gr, d.Dv, w.ST.data(), fw.MP, H, fw.MP, false);  // H [L, MP]
           for (int64_t i = 0; i < L; ++i) {
             const acc_t* Fi = w.F.data() + i * fw.MP;
             acc_t* Hi = H + i * fw.MP;
-            const acc_t r = acc_t(1) / (vdot(Fi, z, fw.MP) + eps);
-            const acc_t s = -vdot(Fi, Hi, fw.MP) * r * r;
+            const acc_t r = acc_t(1) / (w.den[i] + eps);
+            const acc_t sv = -vdot(Fi, Hi, fw.MP) * r * r;
             acc_t* o = w.dN.data() + i * d.DvP;
-            const acc_t* gi = Gd.data() + i * d.DvP;
-            for (int64_t e = 0; e < d.DvP; e += Vec::size()) (Vec::loadu(gi + e) * Vec(r)).store(o + e);
-            o[d.Dv] = s;
-            for (int64_t m = 0; m < fw.MP; m += Vec::size())  // dφ(q) in place of H
-              at::vec::fmadd(Vec::loadu(Hi + m), Vec(r), Vec::loadu(z + m) * Vec(s)).store(Hi + m);
+            const acc_t* gi = gr + i * d.Dv;
+            int64_t e = 0;
+            for (; e + W <= d.Dv; e += W) (Vec::loadu(gi + e) * Vec(r)).store(o + e);
+            for (; e < d.Dv; ++e) o[e] = gi[e] * r;
+            o[d.Dv] = sv;
+            Vec acc(acc_t(0));
+            for (int64_t m = 0; m < fw.MP; m += W) {  // dl = dφ(q) ⊙ φ(q) in place of H
+              const Vec dl = at::vec::fmadd(Vec::loadu(Hi + m), Vec(r), Vec::loadu(z + m) * Vec(sv)) * Vec::loadu(Fi + m);
+              dl.store(Hi + m);
+              acc = acc + dl;
+            }
+            rs[i] = common::hsum(acc);
           }
-          std::fill(w.dN.data() + L * d.DvP, w.dN.data() + C * d.DvP, acc_t(0));
-          transpose(C, fw.MP, w.F.data(), fw.MP, w.FT.data(), C);                                          // [MP, C]
-          add_product(fw.MP, d.DvP, L, w.FT.data(), C, w.dN.data(), d.DvP, dS, d.DvP, w.tmp.data());      // dS' += φᵀ dN'
-          favor_input_grad(H, w.F.data(), w.X.data(), L, fw, w.dX.data(), dq + row * fw.D);
+          transpose(L, Dv1, w.dN.data(), d.DvP, w.dNT.data(), C);                                // [Dv + 1, L]
+          add_product(Dv1, fw.MP, L, w.dNT.data(), C, w.F.data(), fw.MP, dST, fw.MP, w.tmp.data());  // dS'ᵀ += dN'ᵀ φ
+          favor_input_grad(H, rs, qr, L, fw, w.dX.data(), dq + row * fw.D);
         }
       }
-      transpose(fw.MP, d.DvP, dS, d.DvP, w.dST.data(), fw.MP);  // [DvP, MP]
+      acc_t* dS = w.dS.data();
+      transpose(d.Dv, fw.MP, dST, fw.MP, dS, d.Dv);  // dS [MP, Dv]
+      const acc_t* dz = dST + d.Dv * fw.MP;         // [MP]
       for (int64_t t0 = 0; t0 < d.Nk; t0 += C) {
         const int64_t L = std::min(C, d.Nk - t0);
         const int64_t row = bg * d.Nk + t0;
-        load_scaled(k + row * fw.D, L, fw.D, fw.root, w.X.data());
-        favor_row_features(w.X.data(), L, fw, false, c, w.F.data());  // φ(k) [C, MP]
-        load_values(v + row * d.Dv, L, d, w.Vc.data());
-        gemm(L, fw.MP, d.Dv + 1, w.Vc.data(), d.DvP, w.dST.data(), fw.MP, w.H.data(), fw.MP, false);  // dφ(k) = V' dS'ᵀ
-        gemm(L, d.DvP, fw.MP, w.F.data(), fw.MP, dS, d.DvP, w.dN.data(), d.DvP, false);               // dV' = φ(k) dS'
-        for (int64_t i = 0; i < L; ++i)
-          for (int64_t e = 0; e < d.Dv; ++e) dv[(row + i) * d.Dv + e] = static_cast<scalar_t>(w.dN[i * d.DvP + e]);
-        favor_input_grad(w.H.data(), w.F.data(), w.X.data(), L, fw, w.dX.data(), dk + row * fw.D);
+        const acc_t* kr = rows_as_acc(k + row * fw.D, L, fw.D, w.X.data());
+        favor_row_features(kr, L, fw, false, c, w.F.data());  // φ(k) [C, MP]
+        const acc_t* vr = rows_as_acc(v + row * d.Dv, L, d.Dv, w.Vc.data());
+        acc_t* H = w.H.data();
+        gemm(L, fw.MP, d.Dv, vr, d.Dv, dST, fw.MP, H, fw.MP, false);  // V dSᵀ [L, MP]
+        for (int64_t i = 0; i < L; ++i) {
+          acc_t* Hi = H + i * fw.MP;
+          const acc_t* Fi = w.F.data() + i * fw.MP;
+          Vec acc(acc_t(0));
+          for (int64_t m = 0; m < fw.MP; m += W) {  // dl = (V dSᵀ + dz) ⊙ φ(k)
+            const Vec dl = (Vec::loadu(Hi + m) + Vec::loadu(dz + m)) * Vec::loadu(Fi + m);
+            dl.store(Hi + m);
+            acc = acc + dl;
+          }
+          rs[i] = common::hsum(acc);
+        }
+        acc_t* dvr = nullptr;  // dV = φ(k) dS [L, Dv], straight into dv when it is acc_t
+        if constexpr (std::is_same_v<scalar_t, acc_t>) dvr = dv + row * d.Dv; else dvr = w.dN.data();
+        gemm(L, d.Dv, fw.MP, w.F.data(), fw.MP, dS, d.Dv, dvr, d.Dv, false);
+        if constexpr (!std::is_same_v<scalar_t, acc_t>) at::vec::convert(dvr, dv + row * d.Dv, L * d.Dv);
+        favor_input_grad(H, rs, kr, L, fw, w.dX.data(), dk + row * fw.D);
       }
     }
   });
@@ -871,7 +956,7 @@ struct FavorMx {
   std::vector<T> Wv;   // VNNI [MP, D] of W: B of dl·W
   FavorMx(const FavorW<float>& fw) : W(fw.MP * fw.D), WTv(fw.D * fw.MP), Wv(fw.MP * fw.D) {
     for (int64_t i = 0; i < fw.MP * fw.D; ++i) W[i] = T(fw.root * fw.W[i]);
-    pack_vnni(fw.D, fw.MP, [&](int64_t e, int64_t m) { return fw.root * fw.WT[e * fw.MP + m]; }, WTv.data());
+    pack_vnni(fw.D, fw.MP, [&](int64_t e, int64_t m) { return fw.WTr[e * fw.MP + m]; }, WTv.data());
     pack_vnni(fw.MP, fw.D, [&](int64_t m, int64_t e) { return fw.W[m * fw.D + e]; }, Wv.data());
   }
 };
@@ -889,9 +974,7 @@ template <typename T>
 void half_norms(const T* src, int64_t L, int64_t D, float root, float* hn, float* row) {
   for (int64_t i = 0; i < L; ++i) {
     at::vec::convert(src + i * D, row, D);
-    float sq = 0;
-    for (int64_t e = 0; e < D; ++e) sq += row[e] * row[e];
-    hn[i] = 0.5f * root * root * sq;
+    hn[i] = 0.5f * root * root * sq_norm(row, D);  // vectorised: a scalar sum is one serial chain
   }
 }
 
@@ -908,9 +991,22 @@ void mx_row_features(int64_t L, const FavorW<float>& fw, const float* key_bias, 
     for (; m + W <= fw.M; m += W) common::vexp((Vec::loadu(row + m) - Vec(b)) - Vec(fw.log_root)).store(row + m);
     for (; m < fw.M; ++m) row[m] = std::exp((row[m] - b) - fw.log_root);
     std::fill(row + fw.M, row + fw.MP, 0.f);
+    at::vec::convert(row, F16 + i * fw.MP, fw.MP);  // while the row is in L1
   }
   std::fill(F + L * fw.MP, F + kChunk * fw.MP, 0.f);
-  at::vec::convert(F, F16, kChunk * fw.MP);
+  std::fill(F16 + L * fw.MP, F16 + kChunk * fw.MP, T(0));
+}
+
+// out rows [L, Dv] in T from num' [L, DvP] (fp32, scaled in place): num / (den + eps).
+template <typename T>
+void mx_store_output(float* num, int64_t L, const Dims& d, float eps, T* out) {
+  using Vec = at::vec::Vectorized<float>;
+  for (int64_t i = 0; i < L; ++i) {
+    float* n = num + i * d.DvP;
+    const Vec inv(1.f / (n[d.Dv] + eps));
+    for (int64_t c = 0; c < d.DvP; c += Vec::size()) (Vec::loadu(n + c) * inv).store(n + c);
+    at::vec::convert(n, out + i * d.Dv, d.Dv);
+  }
 }
 
 // V' = [V | 1 | 0...] rows [0, L) in the input dtype into dst [kChunk, DvP]; padding rows zero.
@@ -999,7 +1095,7 @@ void mx_favor_forward_impl(const Dims& d, const FavorW<float>& fw, const T* q, c
           common::vnni_gemm(L, fw.MP, fw.D, qs, fw.D, mx.WTv.data(), fw.MP, w.F.data(), fw.MP, false);  // l [L, MP]
           mx_row_features(L, fw, nullptr, w.F.data(), x.F16.data());
           common::vnni_gemm(L, d.DvP, fw.MP, x.F16.data(), fw.MP, x.Sv.data(), d.DvP, w.dN.data(), d.DvP, false);  // num'
-          store_output(w.dN.data(), L, d, true, eps, out + (bh * d.Nq + t0) * d.Dv);
+          mx_store_output(w.dN.data(), L, d, eps, out + (bh * d.Nq + t0) * d.Dv);
         }
       }
     }
@@ -1007,24 +1103,31 @@ void mx_favor_forward_impl(const Dims& d, const FavorW<float>& fw, const T* q, c
   });
 }
 
-// dx rows from dφ (fp32, in place -> dl) and φ: dl rounded for dl·W on the matrix units.
-template <typename T>
-void mx_input_grad(float* dF, const float* F, const T* src, int64_t L, const FavorW<float>& fw, const FavorMx<T>& mx,
-                   T* dl16, float* dX, float* xs, T* dx) {
+// One row of dl = dφ ⊙ φ, rounded into out [MP] (the A operand of dl·W) as it is made, with its
+// fp32 sum returned; dl_at(m) gives the fp32 vector at column m (MP a multiple of the width).
+template <typename T, typename DlAt>
+float store_rounded_row(int64_t MP, const DlAt& dl_at, T* out) {
   using Vec = at::vec::Vectorized<float>;
-  float rs[kChunk];
-  for (int64_t i = 0; i < L; ++i) {
-    float* g = dF + i * fw.MP;
-    const float* f = F + i * fw.MP;
-    Vec acc(0.f);
-    for (int64_t m = 0; m < fw.MP; m += Vec::size()) {
-      const Vec p = Vec::loadu(g + m) * Vec::loadu(f + m);
-      p.store(g + m);
-      acc = acc + p;
-    }
-    rs[i] = common::hsum(acc);
+  constexpr int64_t W = Vec::size();
+  Vec acc(0.f);
+  int64_t m = 0;
+  for (; m + 2 * W <= MP; m += 2 * W) {
+    const Vec a = dl_at(m), b = dl_at(m + W);
+    acc = (acc + a) + b;
+    at::vec::convert_from_float<T>(a, b).store(out + m);
   }
-  at::vec::convert(dF, dl16, L * fw.MP);
+  if (m < MP) {
+    const Vec a = dl_at(m);
+    acc = acc + a;
+    at::vec::convert_from_float<T>(a, Vec(0.f)).store(out + m, W);
+  }
+  return common::hsum(acc);
+}
+
+// dx rows from dl (rounded, [C, MP]) and its fp32 row sums rs, dl·W on the matrix units.
+template <typename T>
+void mx_input_grad(const T* dl16, const float* rs, const T* src, int64_t L, const FavorW<float>& fw, const FavorMx<T>& mx,
+                   float* dX, float* xs, T* dx) {
   common::vnni_gemm(L, fw.D, fw.MP, dl16, fw.MP, mx.Wv.data(), fw.D, dX, fw.D, false);  // dl W [L, D]
   at::vec::convert(src, xs, L * fw.D);  // [L, D]
   for (int64_t i = 0; i < L; ++i) {
@@ -1034,25 +1137,32 @@ void mx_input_grad(float* dF, const float* F, const T* src, int64_t L, const Fav
   at::vec::convert(dX, dx, L * fw.D);
 }
 
+// The same passes as favor_backward on the matrix units: dS'ᵀ += dN'ᵀ φ(q) with dN'ᵀ [Dv + 1, C]
+// the rounded A operand and φ(q)'s rounded rows paired into VNNI as B (not φ(q) transposed in
+// fp32 and rounded again: 4x the words), and dl = dφ ⊙ φ with its row sums in the pass that
+// builds dφ.
 template <typename T>
 void mx_favor_backward_impl(const Dims& d, const FavorW<float>& fw, const T* dout, const T* q, const T* k, const T* v,
                             const float* states, const float* shifts, float eps, T* dq, T* dk, T* dv) {
   using Vec = at::vec::Vectorized<float>;
   constexpr int64_t C = kChunk;
+  const int64_t Dv1 = d.Dv + 1;
   const FavorMx<T> mx(fw);
   at::parallel_for(0, d.B * d.Hk, 1, [&](int64_t begin, int64_t end) {
     FavorScratch<float> w(d, fw);
     FavorMxScratch<T> x(d, fw);
+    std::vector<T> dNT16(Dv1 * C), dl16(C * fw.MP);
+    float rs[C];
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t b = bg / d.Hk, g = bg % d.Hk;
       const float c = shifts[bg];
-      const float* Sg = states + bg * fw.M * (d.Dv + 1);  // [M, Dv + 1]
+      const float* Sg = states + bg * fw.M * Dv1;  // [M, Dv + 1]
       std::vector<float> z(fw.MP, 0.f);
-      for (int64_t m = 0; m < fw.M; ++m) z[m] = Sg[m * (d.Dv + 1) + d.Dv];
+      for (int64_t m = 0; m < fw.M; ++m) z[m] = Sg[m * Dv1 + d.Dv];
       // B of H = g S[:, :Dv]ᵀ: VNNI [Dv, MP], element (e, m) = S[m, e]
-      pack_vnni(d.Dv, fw.MP, [&](int64_t e, int64_t m) { return m < fw.M ? Sg[m * (d.Dv + 1) + e] : 0.f; }, x.STv.data());
-      float* dS = w.dS.data();
-      std::fill(dS, dS + fw.MP * d.DvP, 0.f);
+      pack_vnni(d.Dv, fw.MP, [&](int64_t e, int64_t m) { return m < fw.M ? Sg[m * Dv1 + e] : 0.f; }, x.STv.data());
+      float* dST = w.dST.data();  // dS'ᵀ [Dv + 1, MP]
+      std::fill(dST, dST + Dv1 * fw.MP, 0.f);
       for (int64_t hh = 0; hh < d.G; ++hh) {
         const int64_t bh = b * d.Hq + g * d.G + hh;
         for (int64_t t0 = 0; t0 < d.Nq; t0 += C) {
@@ -1069,26 +1179,33 @@ void mx_favor_backward_impl(const Dims& d, const FavorW<float>& fw, const T* dou
             const float r = 1.f / (vdot(Fi, z.data(), fw.MP) + eps);
             const float s = -vdot(Fi, Hi, fw.MP) * r * r;
             float* o = w.dN.data() + i * d.DvP;
-            for (int64_t e = 0; e < d.Dv; ++e) o[e] = static_cast<float>(gs[i * d.Dv + e]) * r;
+            at::vec::convert(gs + i * d.Dv, o, d.Dv);
+            int64_t e = 0;
+            for (; e + Vec::size() <= d.Dv; e += Vec::size()) (Vec::loadu(o + e) * Vec(r)).store(o + e);
+            for (; e < d.Dv; ++e) o[e] *= r;
             o[d.Dv] = s;
-            std::fill(o + d.Dv + 1, o + d.DvP, 0.f);
-            for (int64_t m = 0; m < fw.MP; m += Vec::size())  // dφ(q) in place of H
-              at::vec::fmadd(Vec::loadu(Hi + m), Vec(r), Vec::loadu(z.data() + m) * Vec(s)).store(Hi + m);
+            const float* zp = z.data();
+            rs[i] = store_rounded_row(fw.MP, [&](int64_t m) {  // dl = dφ(q) ⊙ φ(q)
+              return at::vec::fmadd(Vec::loadu(Hi + m), Vec(r), Vec::loadu(zp + m) * Vec(s)) * Vec::loadu(Fi + m);
+            }, dl16.data() + i * fw.MP);
           }
           const int64_t Le = L + (L & 1);
-          std::fill(w.dN.data() + L * d.DvP, w.dN.data() + Le * d.DvP, 0.f);
-          at::vec::convert(w.dN.data(), x.V16.data(), Le * d.DvP);  // V16 is free here
-          interleave_vnni(x.V16.data(), Le, d.DvP, x.dNv.data());
-          transpose(C, fw.MP, w.F.data(), fw.MP, w.FT.data(), C);  // [MP, C]
-          at::vec::convert(w.FT.data(), x.F16T.data(), fw.MP * C);
-          common::vnni_gemm(fw.MP, d.DvP, Le, x.F16T.data(), C, x.dNv.data(), d.DvP, dS, d.DvP, true);  // dS' += φᵀ dN'
-          mx_input_grad(H, w.F.data(), q + row * fw.D, L, fw, mx, x.F16.data(), w.dX.data(), w.X.data(), dq + row * fw.D);
+          transpose(L, Dv1, w.dN.data(), d.DvP, w.dNT.data(), C);  // [Dv + 1, L]
+          if (Le > L)
+            for (int64_t e = 0; e < Dv1; ++e) w.dNT[e * C + L] = 0.f;
+          for (int64_t e = 0; e < Dv1; ++e) at::vec::convert(w.dNT.data() + e * C, dNT16.data() + e * C, Le);
+          interleave_vnni(x.F16.data(), Le, fw.MP, x.F16T.data());  // φ(q) rows paired, VNNI [Le, MP]
+          common::vnni_gemm(Dv1, fw.MP, Le, dNT16.data(), C, x.F16T.data(), fw.MP, dST, fw.MP, true);  // dS'ᵀ += dN'ᵀ φ
+          mx_input_grad(dl16.data(), rs, q + row * fw.D, L, fw, mx, w.dX.data(), w.X.data(), dq + row * fw.D);
         }
       }
+      float* dS = w.dS.data();  // [MP, DvP], zero past Dv + 1
+      std::fill(dS, dS + fw.MP * d.DvP, 0.f);
+      transpose(Dv1, fw.MP, dST, fw.MP, dS, d.DvP);
       at::vec::convert(dS, x.Sv.data(), fw.MP * d.DvP);  // Sv is free in the backward
       interleave_vnni(x.Sv.data(), fw.MP, d.DvP, x.dSv.data());
-      transpose(fw.MP, d.DvP, dS, d.DvP, w.dST.data(), fw.MP);  // [DvP, MP]
-      at::vec::convert(w.dST.data(), x.Sv.data(), d.DvP * fw.MP);
+      std::fill(dST + Dv1 * fw.MP, dST + d.DvP * fw.MP, 0.f);  // [DvP, MP]
+      at::vec::convert(dST, x.Sv.data(), d.DvP * fw.MP);
       interleave_vnni(x.Sv.data(), d.DvP, fw.MP, x.dSTv.data());
       for (int64_t t0 = 0; t0 < d.Nk; t0 += C) {
         const int64_t L = std::min(C, d.Nk - t0);
@@ -1101,9 +1218,14 @@ void mx_favor_backward_impl(const Dims& d, const FavorW<float>& fw, const T* dou
         load_values16(v + row * d.Dv, L, d, x.V16.data());
         common::vnni_gemm(L, fw.MP, d.DvP, x.V16.data(), d.DvP, x.dSTv.data(), fw.MP, w.H.data(), fw.MP, false);  // dφ(k)
         common::vnni_gemm(L, d.DvP, fw.MP, x.F16.data(), fw.MP, x.dSv.data(), d.DvP, w.dN.data(), d.DvP, false);  // dV'
-        for (int64_t i = 0; i < L; ++i)
-          for (int64_t e = 0; e < d.Dv; ++e) dv[(row + i) * d.Dv + e] = static_cast<T>(w.dN[i * d.DvP + e]);
-        mx_input_grad(w.H.data(), w.F.data(), ks, L, fw, mx, x.F16.data(), w.dX.data(), w.X.data(), dk + row * fw.D);
+        for (int64_t i = 0; i < L; ++i) at::vec::convert(w.dN.data() + i * d.DvP, dv + (row + i) * d.Dv, d.Dv);
+        for (int64_t i = 0; i < L; ++i) {  // dl = dφ(k) ⊙ φ(k), with its row sums
+          const float* Hi = w.H.data() + i * fw.MP;
+          const float* Fi = w.F.data() + i * fw.MP;
+          rs[i] = store_rounded_row(fw.MP, [&](int64_t m) { return Vec::loadu(Hi + m) * Vec::loadu(Fi + m); },
+                                    dl16.data() + i * fw.MP);
+        }
+        mx_input_grad(dl16.data(), rs, ks, L, fw, mx, w.dX.data(), w.X.data(), dk + row * fw.D);
       }
     }
     common::vnni_release();
@@ -1145,13 +1267,13 @@ FavorW<acc_t> make_favor_w(const at::Tensor& projection, double scale) {
   fw.log_root = static_cast<acc_t>(0.5 * std::log(double(fw.M)));
   const at::Tensor p = projection.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
   const acc_t* src = p.data_ptr<acc_t>();
+  // per call (the projection may be redrawn in place): a copy, a scale and a block transpose
   fw.W.assign(fw.MP * fw.D, acc_t(0));
-  fw.WT.assign(fw.D * fw.MP, acc_t(0));
-  for (int64_t m = 0; m < fw.M; ++m)
-    for (int64_t e = 0; e < fw.D; ++e) {
-      fw.W[m * fw.D + e] = src[m * fw.D + e];
-      fw.WT[e * fw.MP + m] = src[m * fw.D + e];
-    }
+  std::copy(src, src + fw.M * fw.D, fw.W.data());
+  fw.Wr.resize(fw.MP * fw.D);
+  for (int64_t i = 0; i < fw.MP * fw.D; ++i) fw.Wr[i] = fw.root * fw.W[i];
+  fw.WTr.resize(fw.D * fw.MP);
+  transpose(fw.MP, fw.D, fw.Wr.data(), fw.D, fw.WTr.data(), fw.MP);
   return fw;
 }
 

@@ -24,6 +24,7 @@ CASES = [
     (1, 2, 2, 130, 130, 64, 64, 256),
     (1, 1, 1, 1, 3, 8, 5, 7),
     (1, 3, 1, 64, 129, 32, 40, 64),
+    (1, 4, 2, 200, 257, 64, 64, 256),  # the benchmark's widths over several chunks, a 1-row last key chunk, GQA
 ]
 
 

@@ -82,10 +82,13 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, projection, states, shifts)
     ctx.scale, ctx.eps = scale, eps
     ctx.mark_non_differentiable(states, shifts)
+    ctx.set_materialize_grads(False)  # no zero (B, Hk, M, Dv + 1) gradient built for the states per call
 
 
 def _autograd_backward(ctx, grad_out, grad_states, grad_shifts):
     q, k, v, projection, states, shifts = ctx.saved_tensors
+    if grad_out is None:  # the output is unused: nothing flows back
+        return None, None, None, None, None, None
     dq, dk, dv = favor_attention_bwd(grad_out, q, k, v, projection, states, shifts, ctx.scale, ctx.eps)
     return dq, dk, dv, None, None, None
 
