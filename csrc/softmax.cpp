@@ -255,9 +255,12 @@ constexpr int64_t kWideN = 1024;
 // Lazy rescaling (forward_kernel, matrix units): how far (in scaled-score units, nats) a row's
 // max may exceed the running max before the row is rescaled; P <= e^8 ~ 3e3 then.
 constexpr float kLazyRescale = 8.f;
-// A first estimate of a row's max may be this far above the row's max (P of the max >= e^-60,
-// far from float's and bf16's underflow at e^-87: no precision lost).
-constexpr float kLazyBelow = 60.f;
+// A first estimate of a row's max may be this far above the row's max: bf16 keeps float's
+// exponent range, so P of the max >= e^-60 is far from its underflow at e^-87 (no precision
+// lost); fp16's normal range ends at 2^-14 ~ e^-9.7, so there only e^-4 (P of the max keeps
+// its 11 bits, the keys down to e^-5.7 below it stay normal).
+template <typename T>
+constexpr float kLazyBelow = std::is_same_v<T, at::Half> ? 4.f : 60.f;
 constexpr int64_t kWideLd = kWideN + 16;      // S row, floats
 constexpr int64_t kWideLowpLd = kWideN + 32;  // P row, 16-bit
 
@@ -1002,7 +1005,7 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
           lazy_done[r] = 0;
           // A row without a running max yet takes the previous row's new max as its estimate (a
           // neighbouring query's max is close): accepted when the row's own max lands in
-          // [est - kLazyBelow, est + kLazyRescale], where P of the max is in [e^-60, e^8]. So the
+          // [est - kLazyBelow, est + kLazyRescale], where P of the max is in [e^-60, e^8] (bf16). So the
           // max pass runs only on each tile's first row (and on the rows redone).
           const A est = r > 0 ? m_new[r - 1] : neg_inf;
           const bool first = m[r] == neg_inf;
@@ -1023,7 +1026,7 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
             const A top = mx * factor;  // (a NaN: no redo; the NaN is in the sum)
             if (first && top == neg_inf) {
               // every key of this chunk masked for the row: P = 0 (written), still no running max
-            } else if (top > base + kLazyRescale || (first && top < base - kLazyBelow)) {
+            } else if (top > base + kLazyRescale || (first && top < base - kLazyBelow<T>)) {
               const A f = std::exp(m[r] - top);  // 0 for a first row (l, acc are 0)
               sum = p_row(r, top, nullptr);
               l[r] = l[r] * f + sum;
