@@ -252,6 +252,15 @@ constexpr int64_t kLowpBlockM = 128;
 // BigBird's seven 64-key blocks one instead of seven. The S / P rows are padded off a
 // multiple of 4 KiB (rows 4 KiB apart would share an L1 set).
 constexpr int64_t kWideN = 1024;
+// Lazy rescaling (forward_kernel, matrix units): how far (in scaled-score units, nats) a row's
+// max may exceed the running max before the row is rescaled; P <= e^8 ~ 3e3 then.
+constexpr float kLazyRescale = 8.f;
+// A first estimate of a row's max may be this far above the row's max: bf16 keeps float's
+// exponent range, so P of the max >= e^-60 is far from its underflow at e^-87 (no precision
+// lost); fp16's normal range ends at 2^-14 ~ e^-9.7, so there only e^-4 (P of the max keeps
+// its 11 bits, the keys down to e^-5.7 below it stay normal).
+template <typename T>
+constexpr float kLazyBelow = std::is_same_v<T, at::Half> ? 4.f : 60.f;
 constexpr int64_t kWideLd = kWideN + 16;      // S row, floats
 constexpr int64_t kWideLowpLd = kWideN + 32;  // P row, 16-bit
 
@@ -333,17 +342,27 @@ inline acc_type<T> max_row(const acc_type<T>* x, int64_t n) {
 // One row of P: x[0, n) <- exp(x * a - b) and returns its sum. On the matrix units P is
 // written only rounded, into `prow` at the pair-aligned offset gemm_seq expects for a
 // sequence range starting at `start` (padding columns zero), and x is left as it was.
+// mx (matrix units only): also max(*mx, max of x) there, for the lazy rescaling (forward_kernel).
 template <typename T>
-inline acc_type<T> exp_row(acc_type<T>* x, int64_t n, acc_type<T> a, acc_type<T> b, T* prow, int64_t start) {
+inline acc_type<T> exp_row(acc_type<T>* x, int64_t n, acc_type<T> a, acc_type<T> b, T* prow, int64_t start,
+                           acc_type<T>* mx = nullptr) {
   if constexpr (kMatrixUnits<T>) {
     const int64_t sh = start & 1, K = (n + sh + 1) & ~int64_t(1);
     if (sh) prow[0] = T(0);
-    const float sum = common::exp_fma_sum_round(x, n, a, b, prow + sh);
+    float sum;
+    if (mx) {
+      float row_mx;
+      sum = common::exp_fma_sum_round_max(x, n, a, b, prow + sh, &row_mx);
+      *mx = std::max(*mx, row_mx);
+    } else {
+      sum = common::exp_fma_sum_round(x, n, a, b, prow + sh);
+    }
     if (n + sh < K) prow[K - 1] = T(0);
     return sum;
   } else {
     (void)prow;
     (void)start;
+    (void)mx;
     return exp_fma_sum(x, n, a, b);
   }
 }
@@ -877,6 +896,7 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
     std::vector<A> acc(bm * p.Dv);          // [bm, Dv] unnormalised output
     std::vector<A> m(bm), l(bm);            // running row max and row sum
     std::vector<A> m_new(bm), alpha(bm);    // per tile: new max, rescale factor
+    std::vector<uint8_t> lazy_done(bm);     // per tile: the row took the lazy rescaling
     T* const p_buf = thread_buffer<T, 1>(kMatrixUnits<T> ? bm * ldP : 0);  // P rounded to T
     // The chunk: contiguous key ranges (segments), at S column scol and P column pcol.
     struct Segment {
@@ -944,8 +964,82 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
         // With modifiers the logits are formed in the tile first (scale included).
         const bool positive = scale > A(0) && !logits;
         const A factor = positive ? scale : A(1);
+        // P of row r against the max b (its sum returned; mx: see exp_row). Wide: exp over the row's
+        // own keys [ca, ce) of each segment, P = 0 on the rest of it. Masks applied before.
+        auto p_row = [&](int64_t r, A b, A* mx) -> A {
+          A* sr = s_buf + r * ldS;
+          A sum = 0;
+          if (!wide) {
+            for (const Segment& g : chunk)
+              sum += exp_row<T>(sr + g.scol, g.e - g.a, factor, b, p_buf + r * ldP + g.pcol, g.a, mx);
+            return sum;
+          }
+          for (const Segment& g : chunk) {
+            const auto [ca, ce] = row_keys(i0 + r, g);
+            A* x = sr + g.scol;
+            if constexpr (kMatrixUnits<T>) {  // P columns: gemm_seq's pair-aligned layout of the segment
+              T* prow = p_buf + r * ldP + g.pcol;
+              const int64_t total = p_cols<T>(g.a, g.e);
+              const int64_t lead = ca == ce ? total : (ca & ~int64_t(1)) - (g.a & ~int64_t(1));
+              const int64_t tail = ca == ce ? total : lead + p_cols<T>(ca, ce);
+              fill(prow, lead, T(0));
+              if (ca < ce) sum += exp_row<T>(x + (ca - g.a), ce - ca, factor, b, prow + lead, ca, mx);
+              fill(prow + tail, total - tail, T(0));
+            } else {
+              fill(x, ca - g.a, A(0));
+              if (ca < ce) sum += exp_row<T>(x + (ca - g.a), ce - ca, factor, b, nullptr, ca);
+              fill(x + (ce - g.a), g.e - ce, A(0));
+            }
+          }
+          return sum;
+        };
+        // Lazy rescaling (matrix units, plain scores): a row that has a running max already takes
+        // its P against that max, and the row's max comes out of the same exp pass (no max pass
+        // over the tile, no rescale) unless it outgrew the running max by more than
+        // kLazyRescale: then that row is redone against its new max (rare after the first
+        // tiles). P = exp(s - m) stays <= e^kLazyRescale, and out = (Σ P V) / (Σ P) and
+        // lse = m + log(Σ P) hold for any m: only the rounding of P changes.
+        const bool lazy = kMatrixUnits<T> && positive && !md.dropout;
         for (int64_t r = 0; r < M; ++r) {  // masks, then the tile's row max and the new running max
           A* sr = s_buf + r * ldS;
+          lazy_done[r] = 0;
+          // A row without a running max yet takes the previous row's new max as its estimate (a
+          // neighbouring query's max is close): accepted when the row's own max lands in
+          // [est - kLazyBelow, est + kLazyRescale], where P of the max is in [e^-60, e^8] (bf16). So the
+          // max pass runs only on each tile's first row (and on the rows redone).
+          const A est = r > 0 ? m_new[r - 1] : neg_inf;
+          const bool first = m[r] == neg_inf;
+          if (lazy && (!first || std::isfinite(est))) {
+            if (wide) {
+              if (p.kpm)
+                for (const Segment& g : chunk) {
+                  const auto [ca, ce] = row_keys(i0 + r, g);
+                  if (g.cut && ca < ce) mask_query_row(p, b, i0 + r, ca, ce, sr + g.scol + (ca - g.a), neg_inf);
+                }
+            } else {
+              for (const Segment& g : chunk)
+                if (g.cut) mask_query_row(p, b, i0 + r, g.a, g.e, sr + g.scol, neg_inf);
+            }
+            const A base = first ? est : m[r];
+            A mx = neg_inf;
+            A sum = p_row(r, base, &mx);
+            const A top = mx * factor;  // (a NaN: no redo; the NaN is in the sum)
+            if (first && top == neg_inf) {
+              // every key of this chunk masked for the row: P = 0 (written), still no running max
+            } else if (top > base + kLazyRescale || (first && top < base - kLazyBelow<T>)) {
+              const A f = std::exp(m[r] - top);  // 0 for a first row (l, acc are 0)
+              sum = p_row(r, top, nullptr);
+              l[r] = l[r] * f + sum;
+              scale_row(acc.data() + r * p.Dv, p.Dv, f);
+              m[r] = top;
+            } else {
+              l[r] += sum;
+              m[r] = base;
+            }
+            m_new[r] = m[r];
+            lazy_done[r] = 1;
+            continue;
+          }
           if (fcap) {  // the capped logits and, on a tile no mask cuts, their max in the same pass
             const A mx = softcap_row<T>(sr, N, scale * md.inv_cap, md.cap, !masked);
             if (!masked) {
@@ -984,6 +1078,7 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
         rescale_factors<T>(m.data(), m_new.data(), alpha.data(), M);  // exp(m - m_new): 0 on the first visible tile
         for (int64_t r = 0; r < M; ++r) {
           A* sr = s_buf + r * ldS;
+          if (lazy_done[r]) continue;
           if (m_new[r] == neg_inf) {  // this row has seen no key yet: P = 0
             fill(sr, N, A(0));
             if constexpr (kMatrixUnits<T>) fill(p_buf + r * ldP, ldP, T(0));
@@ -993,32 +1088,8 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
             l[r] = l[r] * alpha[r] + exp_row_drop<T>(sr, N, factor, m_new[r], p_buf + r * ldP, j0,
                                                      md, *drop_keys, uint32_t(i0 + r), uint32_t(bh));
             m[r] = m_new[r];
-          } else if (wide) {  // exp over the row's own keys [ca, ce); P = 0 on the rest of the segment
-            A sum = 0;
-            for (const Segment& g : chunk) {
-              const auto [ca, ce] = row_keys(i0 + r, g);
-              A* x = sr + g.scol;
-              if constexpr (kMatrixUnits<T>) {  // P columns: gemm_seq's pair-aligned layout of the segment
-                T* prow = p_buf + r * ldP + g.pcol;
-                const int64_t total = p_cols<T>(g.a, g.e);
-                const int64_t lead = ca == ce ? total : (ca & ~int64_t(1)) - (g.a & ~int64_t(1));
-                const int64_t tail = ca == ce ? total : lead + p_cols<T>(ca, ce);
-                fill(prow, lead, T(0));
-                if (ca < ce) sum += exp_row<T>(x + (ca - g.a), ce - ca, factor, m_new[r], prow + lead, ca);
-                fill(prow + tail, total - tail, T(0));
-              } else {
-                fill(x, ca - g.a, A(0));
-                if (ca < ce) sum += exp_row<T>(x + (ca - g.a), ce - ca, factor, m_new[r], nullptr, ca);
-                fill(x + (ce - g.a), g.e - ce, A(0));
-              }
-            }
-            l[r] = l[r] * alpha[r] + sum;
-            m[r] = m_new[r];
           } else {
-            A sum = 0;
-            for (const Segment& g : chunk)
-              sum += exp_row<T>(sr + g.scol, g.e - g.a, factor, m_new[r], p_buf + r * ldP + g.pcol, g.a);
-            l[r] = l[r] * alpha[r] + sum;
+            l[r] = l[r] * alpha[r] + p_row(r, m_new[r], nullptr);
             m[r] = m_new[r];
           }
           if (md.dropout && !fdrop) {  // the row sum keeps every P; the P·V product only the kept ones

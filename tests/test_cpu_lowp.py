@@ -50,8 +50,8 @@ def gemm_path(request, monkeypatch):
     return path_for
 
 
-def check_lowp(shape, window, dtype, tables=None, kpm=None, seed=0):
-    q, k, v, dout = make_inputs(shape, dtype, seed)
+def check_lowp(shape, window, dtype, tables=None, kpm=None, seed=0, inputs=None):
+    q, k, v, dout = inputs if inputs is not None else make_inputs(shape, dtype, seed)
     scale = 1.0 / math.sqrt(shape[5])
     out, lse, dq, dk, dv = run_kernels(q, k, v, dout, scale, window, tables, kpm)
     assert out.dtype == dtype and lse.dtype == torch.float32
@@ -159,6 +159,48 @@ def test_key_padding_and_fully_masked_rows(window, dtype, gemm_path):
     kpm = torch.rand(2, 131, generator=g) < 0.3
     kpm[1] = True  # batch 1: every key padded, every row empty
     check_lowp(shape, window, dtype, kpm=kpm)
+
+
+# The forward's lazy rescaling (matrix units): a row takes its P against the running max, or on
+# its first key tile against the previous row's max, and is redone only when its own max lands
+# more than 8 above (or, for a first estimate, 60 below) it. Inputs that take every branch: the
+# keys' norms grow by key tile (a later tile's max outgrows the running max), and the queries'
+# norms alternate 1, 8, 40 by row (an estimate far above, far below or close to the row's max).
+LAZY_CASES = [
+    ((1, 2, 1, 700, 700, 64, 64), DENSE),
+    ((1, 2, 1, 700, 700, 64, 64), CAUSAL),
+    ((1, 2, 2, 700, 700, 64, 64), (256, 256)),  # wide chunks: one step per query tile
+    ((1, 2, 1, 300, 557, 32, 32), (200, 151)),
+]
+
+
+def lazy_inputs(shape, dtype):
+    q, k, v, dout = make_inputs(shape, torch.float32, seed=13)
+    row_scale = torch.tensor([1.0, 8.0, 40.0]).repeat(q.shape[2] // 3 + 1)[: q.shape[2]]
+    key_scale = 1.0 + 3.0 * (torch.arange(k.shape[2]) // 256).float()
+    q = q * row_scale[:, None]
+    k = k * key_scale[:, None]
+    return tuple(t.to(dtype) for t in (q, k, v, dout))
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("shape,window", LAZY_CASES, ids=[case_id(*s, w, "-lazy") for s, w in LAZY_CASES])
+def test_lazy_rescale_rows_redone(shape, window, dtype, gemm_path):
+    gemm_path(dtype)
+    check_lowp(shape, window, dtype, inputs=lazy_inputs(shape, dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_lazy_rescale_key_padding_empty_rows(dtype, gemm_path):
+    """Rows that see no key in a chunk keep no running max (the next row's estimate is skipped)."""
+    gemm_path(dtype)
+    shape = (2, 2, 1, 300, 557, 64, 64)
+    g = torch.Generator().manual_seed(17)
+    kpm = torch.rand(2, 557, generator=g) < 0.3
+    kpm[0, :300] = True  # batch 0: the first keys padded, so early query tiles' first chunks are empty
+    kpm[1] = True
+    check_lowp(shape, DENSE, dtype, kpm=kpm, inputs=lazy_inputs(shape, dtype))
+    check_lowp(shape, (40, 40), dtype, kpm=kpm, inputs=lazy_inputs(shape, dtype))
 
 
 def test_deterministic_across_runs_and_thread_counts(gemm_path):

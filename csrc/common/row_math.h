@@ -341,6 +341,16 @@ inline float exp_fma_sum_round(const float* x, int64_t n, float a, float b, T* o
   return s;
 }
 
+// exp_fma_sum_round that also returns max(x[0, n)) in *mx (-inf for n = 0; a NaN may or may
+// not show there: the caller's sum carries it): for the forward's lazy rescaling, whose exp
+// pass runs against the running max and checks afterwards whether the row's max outgrew it.
+// Here two passes; bf16 with AVX512-BF16 (below) folds the max into the exp pass.
+template <typename T>
+inline float exp_fma_sum_round_max(const float* x, int64_t n, float a, float b, T* out, float* mx) {
+  *mx = n > 0 ? row_max(x, n) : -std::numeric_limits<float>::infinity();
+  return exp_fma_sum_round<T>(x, n, a, b, out);
+}
+
 #if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__) && !defined(__clang__)
 #define ATTNKERNELS_NATIVE_BF16 1
 // The same for bf16 with AVX512-BF16's vcvtne2ps2bf16 (one instruction per 32 values,
@@ -396,6 +406,38 @@ __attribute__((target("avx512bf16"))) inline float exp_fma_sum_round_bf16(const 
     s0 = _mm512_add_ps(s0, e);
     _mm256_mask_storeu_epi16(reinterpret_cast<void*>(out + i), k, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(e)));
   }
+  return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+
+// exp_fma_sum_round_bf16 with the row max of x in the same pass (one vmaxps per vector on the
+// loaded scores; plain vmaxps, NaN-free lanes as row_max_fast: a NaN still reaches the sum).
+__attribute__((target("avx512bf16"))) inline float exp_fma_sum_round_max_bf16(const float* x, int64_t n, float a,
+                                                                               float b, at::BFloat16* out, float* mx) {
+  constexpr int64_t W = 16;
+  constexpr float kLog2e = 1.4426950408889634f;
+  const __m512 va = _mm512_set1_ps(a * kLog2e), vnb = _mm512_set1_ps(-b * kLog2e);
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+  __m512 m0 = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), m1 = m0;
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    const __m512 x0 = _mm512_loadu_ps(x + i), x1 = _mm512_loadu_ps(x + i + W);
+    m0 = _mm512_max_ps(m0, x0);
+    m1 = _mm512_max_ps(m1, x1);
+    const __m512 e0 = exp2_poly4(_mm512_fmadd_ps(x0, va, vnb));
+    const __m512 e1 = exp2_poly4(_mm512_fmadd_ps(x1, va, vnb));
+    s0 = _mm512_add_ps(s0, e0);
+    s1 = _mm512_add_ps(s1, e1);
+    _mm512_storeu_si512(reinterpret_cast<void*>(out + i), reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e1, e0)));
+  }
+  for (; i < n; i += W) {  // the tail in masked vectors, as exp_fma_sum_round_bf16
+    const __mmask16 k = n - i >= W ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+    const __m512 xv = _mm512_maskz_loadu_ps(k, x + i);
+    m0 = _mm512_mask_max_ps(m0, k, m0, xv);
+    const __m512 e = _mm512_maskz_mov_ps(k, exp2_poly4(_mm512_fmadd_ps(xv, va, vnb)));
+    s0 = _mm512_add_ps(s0, e);
+    _mm256_mask_storeu_epi16(reinterpret_cast<void*>(out + i), k, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(e)));
+  }
+  *mx = _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
   return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
 }
 
@@ -649,6 +691,15 @@ inline float exp_fma_sum_round<at::BFloat16>(const float* x, int64_t n, float a,
   }
   return s;
 }
+
+template <>
+inline float exp_fma_sum_round_max<at::BFloat16>(const float* x, int64_t n, float a, float b, at::BFloat16* out,
+                                                 float* mx) {
+  if (bf16_native_ok()) return exp_fma_sum_round_max_bf16(x, n, a, b, out, mx);
+  *mx = n > 0 ? row_max(x, n) : -std::numeric_limits<float>::infinity();
+  return exp_fma_sum_round<at::BFloat16>(x, n, a, b, out);
+}
+
 #endif
 
 // max(x) without NaN propagation in the vector part (plain vmaxps: a third cheaper than
