@@ -157,25 +157,27 @@ void mx_gemm(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const
   }
   const int64_t ke = k + (k & 1);  // VNNI pairs: an odd K gets a zero column of A / row of B
   // grow-only per-thread scratch: no allocation per product
-  thread_local std::vector<T16> a16, b16, row0, row1;
+  thread_local std::vector<T16> a16, b16;
   if (int64_t(a16.size()) < m * ke) a16.resize(m * ke);
   if (int64_t(b16.size()) < ke * n) b16.resize(ke * n);
-  if (int64_t(row0.size()) < n) { row0.resize(n); row1.resize(n); }
   for (int64_t i = 0; i < m; ++i) {
     cvt_row(A + i * lda, a16.data() + i * ke, k);  // [m, ke]
     if (k & 1) a16[i * ke + k] = T16(0);
   }
-  // word (p, j) of B's VNNI layout = (B[2p, j], B[2p + 1, j])  [ke / 2, n, 2]
-  uint32_t* o = reinterpret_cast<uint32_t*>(b16.data());
-  const uint16_t* r0 = reinterpret_cast<const uint16_t*>(row0.data());
-  const uint16_t* r1 = reinterpret_cast<const uint16_t*>(row1.data());
+  // B's VNNI layout [ke / 2, n, 2]: (B[2p, j], B[2p + 1, j]) adjacent, interleaved in float
+  // registers and rounded in the same pass (no rounded copy of the rows, no 16-bit shuffle)
+  using fVec = at::vec::Vectorized<float>;
+  constexpr int64_t W = fVec::size();
   for (int64_t p = 0; p < ke / 2; ++p) {
-    cvt_row(B + 2 * p * ldb, row0.data(), n);
-    if (2 * p + 1 < k)
-      cvt_row(B + (2 * p + 1) * ldb, row1.data(), n);
-    else
-      std::fill(row1.begin(), row1.begin() + n, T16(0));
-    for (int64_t j = 0; j < n; ++j) o[p * n + j] = uint32_t(r0[j]) | (uint32_t(r1[j]) << 16);
+    const float* r0 = B + 2 * p * ldb;
+    const float* r1 = 2 * p + 1 < k ? r0 + ldb : nullptr;
+    T16* o = b16.data() + 2 * p * n;
+    for (int64_t j = 0; j < n; j += W) {
+      const int64_t r = std::min<int64_t>(W, n - j);
+      const fVec x0 = fVec::loadu(r0 + j, r), x1 = r1 != nullptr ? fVec::loadu(r1 + j, r) : fVec(0.f);
+      const auto [lo, hi] = at::vec::interleave2(x0, x1);  // x0[0] x1[0] x0[1] x1[1] ...
+      at::vec::convert_from_float<T16>(lo, hi).store(o + 2 * j, 2 * r);
+    }
   }
   common::vnni_gemm(m, n, ke, a16.data(), ke, b16.data(), n, C, ldc, accumulate);
 }
@@ -192,9 +194,12 @@ inline void gemm(bool mx, int64_t m, int64_t n, int64_t k, const T* A, int64_t l
   gemm(m, n, k, A, lda, B, ldb, C, ldc, accumulate, a_tri, c_tri);
 }
 
+// On the matrix units the product accumulates into S in the tile unit's fp32 accumulators:
+// at bf16 operands the summation order is far below their rounding (as FAVOR+'s state).
 template <typename T>
 void add_product(bool mx, int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb, T* S,
                  int64_t lds, T* tmp) {
+  if (mx) return gemm(mx, m, n, k, A, lda, B, ldb, S, lds, true);
   gemm(mx, m, n, k, A, lda, B, ldb, tmp, n, false);
   for (int64_t i = 0; i < m; ++i)
     for (int64_t j = 0; j < n; ++j) S[i * lds + j] += tmp[i * n + j];
