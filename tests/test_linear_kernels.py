@@ -316,3 +316,22 @@ def test_cpu_bf16_key_padding_B2_H4_N97_D64_causal(path, monkeypatch):
     assert_close_to_oracle("out", out, out64, torch.bfloat16, base_out)
     for name, g, e, bg in zip(("dq", "dk", "dv"), grads, grads64, base_grads):
         assert_close_to_oracle(name, g, e, torch.bfloat16, bg)
+
+
+def test_cpu_bf16_deterministic_across_thread_counts_B2_H4_N300_D32(monkeypatch):
+    """The bf16 matrix-unit path keeps a fixed summation order per (batch, kv head): 1 and 2 threads agree bitwise."""
+    backend_param("cpu", "linear")
+    monkeypatch.delenv("ATTNKERNELS_CPU_NO_AMX", raising=False)
+    q, k, v = make_qkv(2, 4, 2, 300, 300, 32, 32, dtype=torch.bfloat16)
+    dout = torch.randn(2, 4, 300, 32, dtype=torch.bfloat16)
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for causal in (True, False):
+                results.append(_run(q, k, v, dout, "cpu", causal=causal))
+    finally:
+        torch.set_num_threads(1)
+    for (out_a, st_a, gr_a), (out_b, st_b, gr_b) in zip(results[:2], results[2:]):
+        for a, b in zip((out_a, *st_a, *gr_a), (out_b, *st_b, *gr_b)):
+            assert torch.equal(a, b)
