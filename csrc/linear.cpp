@@ -105,6 +105,110 @@ void add_product(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const
     for (int64_t j = 0; j < n; ++j) S[i * lds + j] += tmp[i * n + j];
 }
 
+// dst[0, n) = src[0, n) converted, vectorised both ways between float and a 16-bit type
+// (at::vec::convert widens bf16 element by element and rounds the last n % 32 elements of
+// a row with the scalar rounding: ~13% of a bf16 fwd+bwd at D = 64 with rows of 80).
+template <typename S, typename D>
+inline void cvt_row(const S* src, D* dst, int64_t n) {
+  using fVec = at::vec::Vectorized<float>;
+  constexpr int64_t W = fVec::size();
+  if constexpr (std::is_same_v<D, float> && c10::is_reduced_floating_point_v<S>) {
+    using hVec = at::vec::Vectorized<S>;
+    int64_t i = 0;
+    for (; i + 2 * W <= n; i += 2 * W) {
+      const auto [a, b] = at::vec::convert_to_float<S>(hVec::loadu(src + i));
+      a.store(dst + i);
+      b.store(dst + i + W);
+    }
+    for (; i < n; i += W) {
+      const int64_t r = std::min<int64_t>(W, n - i);
+      std::get<0>(at::vec::convert_to_float<S>(hVec::loadu(src + i, r))).store(dst + i, r);
+    }
+  } else if constexpr (std::is_same_v<S, float> && c10::is_reduced_floating_point_v<D>) {
+    int64_t i = 0;
+    for (; i + 2 * W <= n; i += 2 * W)
+      at::vec::convert_from_float<D>(fVec::loadu(src + i), fVec::loadu(src + i + W)).store(dst + i);
+    for (; i < n; i += W) {
+      const int64_t r = std::min<int64_t>(W, n - i);
+      at::vec::convert_from_float<D>(fVec::loadu(src + i, r), fVec(0.f)).store(dst + i, r);
+    }
+  } else {
+    at::vec::convert(src, dst, n);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// bf16 inputs on the matrix units (AMX): the same products with their fp32 operands
+// rounded to bf16 per call (A row-major, B into the VNNI pairs the tile unit reads),
+// fp32 accumulation, through common::vnni_gemm. The kernels keep every operand, the
+// state S', dS' and every sum in fp32 (one template for all dtypes): only the dot's
+// inputs are rounded, as FlashAttention rounds P for its PV product. At these chunk
+// shapes (64 x 64..80 x 64) the roundings, not the tile unit's product, are the cost
+// (perf, bf16 fwd+bwd N=1024 D=64, a first version rounding rows with at::vec::convert:
+// rounding ~13%, the AMX brgemm ~17%; the fp32 products took ~48%), which is why each
+// operand is rounded in one vector pass. Measured against the fp32
+// products on the same bf16 inputs (1 thread, B1 H8 D64 causal): fwd+bwd 1.16-1.17x.
+// bf16 only: fp16's range (65504) would overflow the rounded state of a long sequence
+// (z = Σ φ(k) grows with N), so fp16 keeps the fp32 products (as FAVOR+ does).
+template <typename T16>
+void mx_gemm(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+             int64_t ldc, bool accumulate) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    if (!accumulate)
+      for (int64_t i = 0; i < m; ++i) std::fill(C + i * ldc, C + i * ldc + n, 0.f);
+    return;
+  }
+  const int64_t ke = k + (k & 1);  // VNNI pairs: an odd K gets a zero column of A / row of B
+  // grow-only per-thread scratch: no allocation per product
+  thread_local std::vector<T16> a16, b16;
+  if (int64_t(a16.size()) < m * ke) a16.resize(m * ke);
+  if (int64_t(b16.size()) < ke * n) b16.resize(ke * n);
+  for (int64_t i = 0; i < m; ++i) {
+    cvt_row(A + i * lda, a16.data() + i * ke, k);  // [m, ke]
+    if (k & 1) a16[i * ke + k] = T16(0);
+  }
+  // B's VNNI layout [ke / 2, n, 2]: (B[2p, j], B[2p + 1, j]) adjacent, interleaved in float
+  // registers and rounded in the same pass (no rounded copy of the rows, no 16-bit shuffle)
+  using fVec = at::vec::Vectorized<float>;
+  constexpr int64_t W = fVec::size();
+  for (int64_t p = 0; p < ke / 2; ++p) {
+    const float* r0 = B + 2 * p * ldb;
+    const float* r1 = 2 * p + 1 < k ? r0 + ldb : nullptr;
+    T16* o = b16.data() + 2 * p * n;
+    for (int64_t j = 0; j < n; j += W) {
+      const int64_t r = std::min<int64_t>(W, n - j);
+      const fVec x0 = fVec::loadu(r0 + j, r), x1 = r1 != nullptr ? fVec::loadu(r1 + j, r) : fVec(0.f);
+      const auto [lo, hi] = at::vec::interleave2(x0, x1);  // x0[0] x1[0] x0[1] x1[1] ...
+      at::vec::convert_from_float<T16>(lo, hi).store(o + 2 * j, 2 * r);
+    }
+  }
+  common::vnni_gemm(m, n, ke, a16.data(), ke, b16.data(), n, C, ldc, accumulate);
+}
+
+// gemm / add_product of the non-FAVOR kernels: on the matrix units when mx (bf16 inputs,
+// float accumulation type, AMX available); the triangular hints are then unused (the
+// tile unit computes the whole product; the zero triangle's operands are zeros, and the
+// callers mask C's).
+template <typename T>
+inline void gemm(bool mx, int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+                 int64_t ldc, bool accumulate, Tri a_tri = Tri::None, Tri c_tri = Tri::None) {
+  if constexpr (std::is_same_v<T, float>)
+    if (mx) return mx_gemm<at::BFloat16>(m, n, k, A, lda, B, ldb, C, ldc, accumulate);
+  gemm(m, n, k, A, lda, B, ldb, C, ldc, accumulate, a_tri, c_tri);
+}
+
+// On the matrix units the product accumulates into S in the tile unit's fp32 accumulators:
+// at bf16 operands the summation order is far below their rounding (as FAVOR+'s state).
+template <typename T>
+void add_product(bool mx, int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb, T* S,
+                 int64_t lds, T* tmp) {
+  if (mx) return gemm(mx, m, n, k, A, lda, B, ldb, S, lds, true);
+  gemm(mx, m, n, k, A, lda, B, ldb, tmp, n, false);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) S[i * lds + j] += tmp[i * n + j];
+}
+
 // Causal mask of an intra-chunk product. Lower: keep P[i, j] for j <= i
 // (row = query). Upper: keep P[j, i] for i >= j (row = key, the transpose).
 template <typename T>
@@ -140,33 +244,33 @@ Dims make_dims(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   return d;
 }
 
-// φ applied in place to x[0, n), vectorized (the exp of elu+1 would otherwise
-// cost as much as the products at D = 64).
+// φ(mult · x) in place on x[0, n), vectorized (the exp of elu+1 would otherwise
+// cost as much as the products at D = 64); exp is common::vexp (exp_u20 for float, as
+// the softmax kernels: ~2 ulp, about twice as fast as Sleef's).
 template <typename T>
-void apply_phi(FeatureMap f, T* x, int64_t n) {
+void apply_phi(FeatureMap f, T* x, int64_t n, T mult) {
   using Vec = at::vec::Vectorized<T>;
   constexpr int64_t W = Vec::size();
-  if (f == FeatureMap::Identity) return;
+  const Vec m(mult), one(T(1)), zero(T(0));
   int64_t c = 0;
   for (; c + W <= n; c += W) {
-    const Vec v = Vec::loadu(x + c);
-    const Vec y = f == FeatureMap::Elu ? Vec::blendv(v.exp(), v + Vec(T(1)), v > Vec(T(0)))
-                                       : at::vec::maximum(v, Vec(T(0)));
+    const Vec v = Vec::loadu(x + c) * m;
+    const Vec y = f == FeatureMap::Elu ? Vec::blendv(common::vexp(v), v + one, v > zero)
+                  : f == FeatureMap::Relu ? at::vec::maximum(v, zero) : v;
     y.store(x + c);
   }
-  for (; c < n; ++c) x[c] = phi(f, x[c]);
+  for (; c < n; ++c) x[c] = phi(f, mult * x[c]);
 }
 
 // Features of rows [0, L) of src ([*, D], row stride D) into dst [kChunk, MP]:
 // dst = φ(mult · src), zero in the padding rows and columns (φ(0) may be 1, so
-// the padding is written explicitly, never mapped).
+// the padding is written explicitly, never mapped). 16-bit rows are widened by cvt_row.
 template <typename scalar_t, typename acc_t>
 void load_features(const scalar_t* src, int64_t L, const Dims& d, acc_t mult, FeatureMap f, acc_t* dst) {
   for (int64_t i = 0; i < L; ++i) {
-    const scalar_t* s = src + i * d.D;
     acc_t* o = dst + i * d.MP;
-    for (int64_t c = 0; c < d.D; ++c) o[c] = mult * static_cast<acc_t>(s[c]);
-    apply_phi(f, o, d.D);
+    cvt_row(src + i * d.D, o, d.D);
+    apply_phi(f, o, d.D, mult);
     std::fill(o + d.D, o + d.MP, acc_t(0));
   }
   std::fill(dst + L * d.MP, dst + kChunk * d.MP, acc_t(0));
@@ -178,7 +282,7 @@ void load_values(const scalar_t* src, int64_t L, const Dims& d, acc_t* dst) {
   for (int64_t i = 0; i < L; ++i) {
     const scalar_t* s = src + i * d.Dv;
     acc_t* o = dst + i * d.DvP;
-    for (int64_t c = 0; c < d.Dv; ++c) o[c] = static_cast<acc_t>(s[c]);
+    cvt_row(s, o, d.Dv);
     o[d.Dv] = acc_t(1);
     std::fill(o + d.Dv + 1, o + d.DvP, acc_t(0));
   }
@@ -204,28 +308,40 @@ void store_state(const Dims& d, const acc_t* S, int64_t bg, acc_t* s_out, acc_t*
   }
 }
 
-// out rows from num' [L, DvP]: num / (den + eps) or num.
+// out rows from num' [L, DvP]: num / (den + eps) or num (num is scaled in place).
 template <typename scalar_t, typename acc_t>
-void store_output(const acc_t* num, int64_t L, const Dims& d, bool normalize, acc_t eps, scalar_t* out) {
+void store_output(acc_t* num, int64_t L, const Dims& d, bool normalize, acc_t eps, scalar_t* out) {
+  using Vec = at::vec::Vectorized<acc_t>;
   for (int64_t i = 0; i < L; ++i) {
-    const acc_t* n = num + i * d.DvP;
-    const acc_t inv = normalize ? acc_t(1) / (n[d.Dv] + eps) : acc_t(1);
-    for (int64_t c = 0; c < d.Dv; ++c) out[i * d.Dv + c] = static_cast<scalar_t>(n[c] * inv);
+    acc_t* n = num + i * d.DvP;
+    if (normalize) {
+      const Vec inv(acc_t(1) / (n[d.Dv] + eps));
+      for (int64_t c = 0; c < d.DvP; c += Vec::size()) (Vec::loadu(n + c) * inv).store(n + c);
+    }
+    cvt_row(n, out + i * d.Dv, d.Dv);
   }
 }
 
 // dx = dφ-chain of a feature gradient: dx[i, c] = mult · φ'(u) · dfeat[i, c], u = mult · x,
 // with φ' read off the features feat = φ(u) already in scratch (no second exp):
 // elu+1: φ' = 1 for u > 0 (where φ = u + 1 > 1), exp(u) = φ otherwise, i.e. min(φ, 1);
-// relu: φ' = [φ > 0]; identity: 1.
+// relu: φ' = [φ > 0]; identity: 1. dfeat is overwritten (scaled in place, then rounded
+// into dx a row at a time).
 template <typename scalar_t, typename acc_t>
-void store_input_grad(const acc_t* dfeat, const acc_t* feat, int64_t L, const Dims& d, acc_t mult, FeatureMap f, scalar_t* dx) {
-  for (int64_t i = 0; i < L; ++i)
-    for (int64_t c = 0; c < d.D; ++c) {
-      const acc_t p = feat[i * d.MP + c];
-      const acc_t slope = f == FeatureMap::Elu ? std::min(p, acc_t(1)) : f == FeatureMap::Relu ? acc_t(p > acc_t(0)) : acc_t(1);
-      dx[i * d.D + c] = static_cast<scalar_t>(mult * slope * dfeat[i * d.MP + c]);
+void store_input_grad(acc_t* dfeat, const acc_t* feat, int64_t L, const Dims& d, acc_t mult, FeatureMap f, scalar_t* dx) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const Vec m(mult), one(acc_t(1)), zero(acc_t(0));
+  for (int64_t i = 0; i < L; ++i) {
+    acc_t* g = dfeat + i * d.MP;
+    const acc_t* p = feat + i * d.MP;
+    for (int64_t c = 0; c < d.MP; c += Vec::size()) {
+      const Vec pv = Vec::loadu(p + c);
+      const Vec slope = f == FeatureMap::Elu ? at::vec::minimum(pv, one)
+                        : f == FeatureMap::Relu ? Vec::blendv(zero, one, pv > zero) : one;
+      (Vec::loadu(g + c) * slope * m).store(g + c);
     }
+    cvt_row(g, dx + i * d.D, d.D);
+  }
 }
 
 // Per-task scratch, all [kChunk, *] row-major in the accumulation type.
@@ -250,6 +366,7 @@ struct Args {
   FeatureMap f;
   bool normalize;
   acc_t eps, scale;
+  bool mx = false;  // bf16 products on the matrix units (mx_gemm)
   const scalar_t* q_head(const Dims& d, int64_t b, int64_t h, int64_t t) const { return q + ((b * d.Hq + h) * d.Nq + t) * d.D; }
   const scalar_t* k_head(const Dims& d, int64_t b, int64_t g, int64_t t) const { return k + ((b * d.Hk + g) * d.Nk + t) * d.D; }
   const scalar_t* v_head(const Dims& d, int64_t b, int64_t g, int64_t t) const { return v + ((b * d.Hk + g) * d.Nk + t) * d.Dv; }
@@ -264,7 +381,7 @@ void reduce_state(const Dims& d, const Args<scalar_t, acc_t>& a, int64_t b, int6
     load_features(a.k_head(d, b, g, t0), L, d, acc_t(1), a.f, w.Kc.data());
     transpose(kChunk, d.MP, w.Kc.data(), d.MP, w.KcT.data(), kChunk);         // [MP, C]
     load_values(a.v_head(d, b, g, t0), L, d, w.Vc.data());                      // [C, DvP]
-    add_product(d.D, d.DvP, L, w.KcT.data(), kChunk, w.Vc.data(), d.DvP, S, d.DvP, w.tmp.data());  // [D, DvP]
+    add_product(a.mx, d.D, d.DvP, L, w.KcT.data(), kChunk, w.Vc.data(), d.DvP, S, d.DvP, w.tmp.data());  // [D, DvP]
   }
 }
 
@@ -288,18 +405,20 @@ void forward_causal(const Dims& d, const Args<scalar_t, acc_t>& a, scalar_t* out
         for (int64_t hh = 0; hh < d.G; ++hh) {
           const int64_t h = g * d.G + hh;
           load_features(a.q_head(d, b, h, t0), L, d, a.scale, a.f, w.Qc.data());          // [C, MP]
-          gemm(L, kChunk, d.D, w.Qc.data(), d.MP, w.KcT.data(), kChunk, w.P.data(), kChunk, false, Tri::None, Tri::Lower);  // P = Q̃K̃ᵀ [L, C]
+          gemm(a.mx, L, kChunk, d.D, w.Qc.data(), d.MP, w.KcT.data(), kChunk, w.P.data(), kChunk, false, Tri::None, Tri::Lower);  // P = Q̃K̃ᵀ [L, C]
           mask_lower(L, w.P.data(), kChunk);
           // intra (P V') and inter (Q̃ S') are summed separately, then added: adding the
-          // 64 small intra terms onto the large carried part would round each at its scale.
-          gemm(L, d.DvP, L, w.P.data(), kChunk, w.Vc.data(), d.DvP, w.num.data(), d.DvP, false, Tri::Lower);  // intra
-          add_product(L, d.DvP, d.D, w.Qc.data(), d.MP, S, d.DvP, w.num.data(), d.DvP, w.tmp.data());  // inter
+          // 64 small intra terms onto the large carried part would round each at its scale
+          // (fp32 products; on the matrix units the tile unit accumulates them, see add_product).
+          gemm(a.mx, L, d.DvP, L, w.P.data(), kChunk, w.Vc.data(), d.DvP, w.num.data(), d.DvP, false, Tri::Lower);  // intra
+          add_product(a.mx, L, d.DvP, d.D, w.Qc.data(), d.MP, S, d.DvP, w.num.data(), d.DvP, w.tmp.data());  // inter
           store_output(w.num.data(), L, d, a.normalize, a.eps, out + ((b * d.Hq + h) * d.Nq + t0) * d.Dv);
         }
-        add_product(d.D, d.DvP, L, w.KcT.data(), kChunk, w.Vc.data(), d.DvP, S, d.DvP, w.tmp.data());  // S' += K̃ᵀV'
+        add_product(a.mx, d.D, d.DvP, L, w.KcT.data(), kChunk, w.Vc.data(), d.DvP, S, d.DvP, w.tmp.data());  // S' += K̃ᵀV'
       }
       store_state(d, S, bg, s_out, z_out);
     }
+    if (a.mx) common::vnni_release();  // the tile registers, on the thread that used them
   });
 }
 
@@ -313,6 +432,7 @@ void forward_noncausal(const Dims& d, const Args<scalar_t, acc_t>& a, scalar_t* 
       reduce_state(d, a, bg / d.Hk, bg % d.Hk, w, S);
       store_state(d, S, bg, s_out, z_out);
     }
+    if (a.mx) common::vnni_release();  // the tile registers, on the thread that used them
   });
   // Phase 2: out = Q̃ S' / (Q̃ z + eps), over (b, query head, row chunk).
   const int64_t chunks = (d.Nq + kChunk - 1) / kChunk;
@@ -324,9 +444,10 @@ void forward_noncausal(const Dims& d, const Args<scalar_t, acc_t>& a, scalar_t* 
       const int64_t L = std::min(kChunk, d.Nq - t0);
       const acc_t* S = states + (b * d.Hk + g) * d.MP * d.DvP;
       load_features(a.q_head(d, b, h, t0), L, d, a.scale, a.f, w.Qc.data());
-      gemm(L, d.DvP, d.D, w.Qc.data(), d.MP, S, d.DvP, w.num.data(), d.DvP, false);
+      gemm(a.mx, L, d.DvP, d.D, w.Qc.data(), d.MP, S, d.DvP, w.num.data(), d.DvP, false);
       store_output(w.num.data(), L, d, a.normalize, a.eps, out + ((b * d.Hq + h) * d.Nq + t0) * d.Dv);
     }
+    if (a.mx) common::vnni_release();  // the tile registers, on the thread that used them
   });
 }
 
@@ -357,7 +478,7 @@ template <typename scalar_t, typename acc_t>
 void load_grad(const scalar_t* src, int64_t L, const Dims& d, acc_t* dst) {
   for (int64_t i = 0; i < L; ++i) {
     acc_t* o = dst + i * d.DvP;
-    for (int64_t c = 0; c < d.Dv; ++c) o[c] = static_cast<acc_t>(src[i * d.Dv + c]);
+    cvt_row(src + i * d.Dv, o, d.Dv);
     std::fill(o + d.Dv, o + d.DvP, acc_t(0));
   }
   std::fill(dst + L * d.DvP, dst + kChunk * d.DvP, acc_t(0));
@@ -415,11 +536,11 @@ void backward_causal(const Dims& d, const Args<scalar_t, acc_t>& a, const scalar
           acc_t* P = w.P.data();
           load_features(a.q_head(d, b, h, t0), L, d, a.scale, a.f, Qc);
           load_grad(dout + row * d.Dv, L, d, Gd.data());
-          gemm(L, C, d.D, Qc, d.MP, w.KcT.data(), C, P, C, false, Tri::None, Tri::Lower);            // A [L, C]
+          gemm(a.mx, L, C, d.D, Qc, d.MP, w.KcT.data(), C, P, C, false, Tri::None, Tri::Lower);            // A [L, C]
           mask_lower(L, P, C);
-          gemm(L, C, d.Dv, Gd.data(), d.DvP, w.VcT.data(), C, Gm.data(), C, false, Tri::None, Tri::Lower);  // Γ
+          gemm(a.mx, L, C, d.Dv, Gd.data(), d.DvP, w.VcT.data(), C, Gm.data(), C, false, Tri::None, Tri::Lower);  // Γ
           mask_lower(L, Gm.data(), C);
-          gemm(L, d.MP, d.Dv, Gd.data(), d.DvP, w.ST.data(), d.MP, H.data(), d.MP, false);         // H [L, MP]
+          gemm(a.mx, L, d.MP, d.Dv, Gd.data(), d.DvP, w.ST.data(), d.MP, H.data(), d.MP, false);         // H [L, MP]
           for (int64_t i = 0; i < L; ++i) {
             const acc_t* Ai = P + i * C;
             acc_t* Gi = Gm.data() + i * C;
@@ -442,7 +563,7 @@ void backward_causal(const Dims& d, const Args<scalar_t, acc_t>& a, const scalar
             std::fill(Gi + i + 1, Gi + C, acc_t(0));
           }
           std::fill(dN + L * d.DvP, dN + C * d.DvP, acc_t(0));
-          gemm(L, d.MP, L, Gm.data(), C, Kc, d.MP, w.dQ.data(), d.MP, false, Tri::Lower);        // P2 K̃
+          gemm(a.mx, L, d.MP, L, Gm.data(), C, Kc, d.MP, w.dQ.data(), d.MP, false, Tri::Lower);        // P2 K̃
           for (int64_t i = 0; i < L; ++i) {
             acc_t* o = w.dQ.data() + i * d.MP;
             const acc_t* Hi = H.data() + i * d.MP;
@@ -455,7 +576,7 @@ void backward_causal(const Dims& d, const Args<scalar_t, acc_t>& a, const scalar
           transpose(L, L, P, C, AT.get() + slot * C * C, C);                // Aᵀ [L, L] (ld C)
           transpose(L, L, Gm.data(), C, P2T.get() + slot * C * C, C);       // P2ᵀ
         }
-        add_product(d.D, d.DvP, L, w.KcT.data(), C, w.Vc.data(), d.DvP, S, d.DvP, w.tmp.data());  // S' += K̃ᵀV'
+        add_product(a.mx, d.D, d.DvP, L, w.KcT.data(), C, w.Vc.data(), d.DvP, S, d.DvP, w.tmp.data());  // S' += K̃ᵀV'
       }
       // Pass 2, backward in time.
       acc_t* dS = w.dS.data();
@@ -467,25 +588,25 @@ void backward_causal(const Dims& d, const Args<scalar_t, acc_t>& a, const scalar
         // Inter-chunk parts from dS' as it stands before this chunk's queries join it;
         // kept apart (in the free dQ/num buffers) and added after the intra parts.
         transpose(d.MP, d.DvP, dS, d.DvP, w.dST.data(), d.MP);
-        gemm(L, d.MP, d.Dv + 1, w.Vc.data(), d.DvP, w.dST.data(), d.MP, w.dQ.data(), d.MP, false);  // [L, MP]
-        gemm(L, d.DvP, d.D, Kc, d.MP, dS, d.DvP, w.num.data(), d.DvP, false);                       // [L, DvP]
+        gemm(a.mx, L, d.MP, d.Dv + 1, w.Vc.data(), d.DvP, w.dST.data(), d.MP, w.dQ.data(), d.MP, false);  // [L, MP]
+        gemm(a.mx, L, d.DvP, d.D, Kc, d.MP, dS, d.DvP, w.num.data(), d.DvP, false);                       // [L, DvP]
         for (int64_t hh = 0; hh < d.G; ++hh) {
           const int64_t slot = hh * nch + c;
           const acc_t* Qc = Qf.get() + slot * C * d.MP;
           const acc_t* dN = dN_all.get() + slot * C * d.DvP;
-          gemm(L, d.MP, L, P2T.get() + slot * C * C, C, Qc, d.MP, w.dK.data(), d.MP, hh > 0, Tri::Upper);   // P2ᵀ Q̃
-          gemm(L, d.DvP, L, AT.get() + slot * C * C, C, dN, d.DvP, w.dV.data(), d.DvP, hh > 0, Tri::Upper);  // Aᵀ dN'
+          gemm(a.mx, L, d.MP, L, P2T.get() + slot * C * C, C, Qc, d.MP, w.dK.data(), d.MP, hh > 0, Tri::Upper);   // P2ᵀ Q̃
+          gemm(a.mx, L, d.DvP, L, AT.get() + slot * C * C, C, dN, d.DvP, w.dV.data(), d.DvP, hh > 0, Tri::Upper);  // Aᵀ dN'
           transpose(C, d.MP, Qc, d.MP, w.QcT.data(), C);                                               // [MP, C]
-          add_product(d.D, d.DvP, L, w.QcT.data(), C, dN, d.DvP, dS, d.DvP, w.tmp.data());             // dS' += Q̃ᵀ dN'
+          add_product(a.mx, d.D, d.DvP, L, w.QcT.data(), C, dN, d.DvP, dS, d.DvP, w.tmp.data());             // dS' += Q̃ᵀ dN'
         }
         for (int64_t i = 0; i < L * d.MP; ++i) w.dK[i] += w.dQ[i];
         for (int64_t i = 0; i < L * d.DvP; ++i) w.dV[i] += w.num[i];
         const int64_t row = (b * d.Hk + g) * d.Nk + t0;
         store_input_grad(w.dK.data(), Kc, L, d, acc_t(1), a.f, dk + row * d.D);
-        for (int64_t i = 0; i < L; ++i)
-          for (int64_t q = 0; q < d.Dv; ++q) dv[(row + i) * d.Dv + q] = static_cast<scalar_t>(w.dV[i * d.DvP + q]);
+        for (int64_t i = 0; i < L; ++i) cvt_row(w.dV.data() + i * d.DvP, dv + (row + i) * d.Dv, d.Dv);
       }
     }
+    if (a.mx) common::vnni_release();  // the tile registers, on the thread that used them
   });
 }
 
@@ -495,6 +616,7 @@ void backward_noncausal(const Dims& d, const Args<scalar_t, acc_t>& a, const sca
   at::parallel_for(0, d.B * d.Hk, grain_for(d.Nk * d.MP * d.DvP), [&](int64_t begin, int64_t end) {
     Scratch<acc_t> w(d);
     for (int64_t bg = begin; bg < end; ++bg) reduce_state(d, a, bg / d.Hk, bg % d.Hk, w, states + bg * d.MP * d.DvP);
+    if (a.mx) common::vnni_release();  // the tile registers, on the thread that used them
   });
   // Phase 2: per (b, query head): for each row chunk dN', dQ̃ = dN' S'ᵀ, and the head's
   // share of dS' = Σ_i q̃_i dn'_iᵀ into head_dS [B*Hq, MP, DvP]. As in the causal backward,
@@ -517,7 +639,7 @@ void backward_noncausal(const Dims& d, const Args<scalar_t, acc_t>& a, const sca
         const int64_t row = bh * d.Nq + t0;
         load_features(a.q_head(d, b, h, t0), L, d, a.scale, a.f, w.Qc.data());
         load_grad(dout + row * d.Dv, L, d, Gd.data());
-        gemm(L, d.MP, d.Dv, Gd.data(), d.DvP, w.ST.data(), d.MP, H.data(), d.MP, false);  // H [L, MP]
+        gemm(a.mx, L, d.MP, d.Dv, Gd.data(), d.DvP, w.ST.data(), d.MP, H.data(), d.MP, false);  // H [L, MP]
         for (int64_t i = 0; i < L; ++i) {
           const acc_t* Qi = w.Qc.data() + i * d.MP;
           const acc_t* Hi = H.data() + i * d.MP;
@@ -536,9 +658,10 @@ void backward_noncausal(const Dims& d, const Args<scalar_t, acc_t>& a, const sca
         }
         store_input_grad(w.dQ.data(), w.Qc.data(), L, d, a.scale, a.f, dq + row * d.D);
         transpose(kChunk, d.MP, w.Qc.data(), d.MP, w.QcT.data(), kChunk);
-        add_product(d.D, d.DvP, L, w.QcT.data(), kChunk, w.dN.data(), d.DvP, dS, d.DvP, w.tmp.data());
+        add_product(a.mx, d.D, d.DvP, L, w.QcT.data(), kChunk, w.dN.data(), d.DvP, dS, d.DvP, w.tmp.data());
       }
     }
+    if (a.mx) common::vnni_release();  // the tile registers, on the thread that used them
   });
   // Phase 3: per kv head, dS' = Σ_h (its heads' shares, in head order), then
   // dK̃ = V' dS'ᵀ and dV' = K̃ dS'.
@@ -557,14 +680,14 @@ void backward_noncausal(const Dims& d, const Args<scalar_t, acc_t>& a, const sca
         const int64_t L = std::min(kChunk, d.Nk - t0);
         load_features(a.k_head(d, b, g, t0), L, d, acc_t(1), a.f, w.Kc.data());
         load_values(a.v_head(d, b, g, t0), L, d, w.Vc.data());
-        gemm(L, d.MP, d.Dv + 1, w.Vc.data(), d.DvP, w.dST.data(), d.MP, w.dK.data(), d.MP, false);
-        gemm(L, d.DvP, d.D, w.Kc.data(), d.MP, dS, d.DvP, w.dV.data(), d.DvP, false);
+        gemm(a.mx, L, d.MP, d.Dv + 1, w.Vc.data(), d.DvP, w.dST.data(), d.MP, w.dK.data(), d.MP, false);
+        gemm(a.mx, L, d.DvP, d.D, w.Kc.data(), d.MP, dS, d.DvP, w.dV.data(), d.DvP, false);
         const int64_t row = bg * d.Nk + t0;
         store_input_grad(w.dK.data(), w.Kc.data(), L, d, acc_t(1), a.f, dk + row * d.D);
-        for (int64_t i = 0; i < L; ++i)
-          for (int64_t c = 0; c < d.Dv; ++c) dv[(row + i) * d.Dv + c] = static_cast<scalar_t>(w.dV[i * d.DvP + c]);
+        for (int64_t i = 0; i < L; ++i) cvt_row(w.dV.data() + i * d.DvP, dv + (row + i) * d.Dv, d.Dv);
       }
     }
+    if (a.mx) common::vnni_release();  // the tile registers, on the thread that used them
   });
 }
 
@@ -1376,9 +1499,11 @@ std::pair<at::Tensor, at::Tensor> initial_state(const at::Tensor& q, const at::T
 template <typename scalar_t, typename acc_t>
 Args<scalar_t, acc_t> make_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& s0,
                                 const at::Tensor& z0, FeatureMap f, bool normalize, double eps, double scale) {
-  return {q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-          s0.defined() ? s0.data_ptr<acc_t>() : nullptr, z0.defined() ? z0.data_ptr<acc_t>() : nullptr,
-          f, normalize, static_cast<acc_t>(eps), static_cast<acc_t>(scale)};
+  Args<scalar_t, acc_t> a{q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                          s0.defined() ? s0.data_ptr<acc_t>() : nullptr, z0.defined() ? z0.data_ptr<acc_t>() : nullptr,
+                          f, normalize, static_cast<acc_t>(eps), static_cast<acc_t>(scale)};
+  a.mx = std::is_same_v<scalar_t, at::BFloat16> && common::matrix_units_available(q.scalar_type());
+  return a;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_attention_fwd(

@@ -258,3 +258,80 @@ def test_cpu_causal_backward_head_dims(case, dtype):
     _compare("cpu", q, k, v, dtype, causal=causal, normalize=True)
     _compare("cpu", q, k, v, dtype, causal=causal, normalize=False)
     _compare("cpu", q, k, v, dtype, causal=causal, normalize=True, initial_state=make_state(b, hk, d, dv), eps=1e-3)
+
+
+# --- bf16 on the matrix units (AMX: csrc/linear.cpp mx_gemm rounds each product's operands to
+# bf16, fp32 accumulation and state) and forced onto the fp32 products (ATTNKERNELS_CPU_NO_AMX=1),
+# both within FlashAttention's rule: odd N and N not a multiple of the 64-row chunk, GQA / MQA,
+# odd D and Dv (an odd GEMM K gets a zero VNNI pad), Nq != Nk, a carried state, key padding.
+MX_CASES = [
+    (1, 2, 2, 97, 97, 64, 64, True),       # B1-H2-N97-D64-causal: one chunk + 33 rows
+    (2, 4, 2, 130, 130, 40, 40, True),     # GQA 4:2, D 40, two chunks + 2
+    (1, 3, 1, 65, 65, 33, 17, True),       # MQA, odd D and Dv
+    (1, 2, 2, 1000, 1000, 64, 64, True),   # 15 chunks + 40 rows of carried state
+    (2, 2, 2, 65, 90, 16, 24, False),      # non-causal, Nq != Nk
+]
+
+
+@pytest.mark.parametrize("path", ["amx", "upcast"])
+@pytest.mark.parametrize("case", MX_CASES, ids=[case_id(*c) for c in MX_CASES])
+def test_cpu_bf16_matrix_units_and_upcast(case, path, monkeypatch):
+    backend_param("cpu", "linear")
+    if path == "upcast":
+        monkeypatch.setenv("ATTNKERNELS_CPU_NO_AMX", "1")
+    else:
+        monkeypatch.delenv("ATTNKERNELS_CPU_NO_AMX", raising=False)
+    b, hq, hk, nq, nk, d, dv, causal = case
+    q, k, v = make_qkv(b, hq, hk, nq, nk, d, dv)
+    _compare("cpu", q, k, v, torch.bfloat16, causal=causal, normalize=True)
+    _compare("cpu", q, k, v, torch.bfloat16, causal=causal, normalize=False, initial_state=make_state(b, hk, d, dv))
+
+
+@pytest.mark.parametrize("path", ["amx", "upcast"])
+def test_cpu_bf16_key_padding_B2_H4_N97_D64_causal(path, monkeypatch):
+    """Key padding zeroes padded keys' features and values before the kernel: bf16 on both GEMM paths."""
+    backend_param("cpu", "linear")
+    if path == "upcast":
+        monkeypatch.setenv("ATTNKERNELS_CPU_NO_AMX", "1")
+    else:
+        monkeypatch.delenv("ATTNKERNELS_CPU_NO_AMX", raising=False)
+    q, k, v = make_qkv(2, 4, 4, 97, 97, 64, 64)
+    mask = torch.zeros(2, 97, dtype=torch.bool)
+    mask[0, 80:] = True
+    mask[1, ::7] = True
+    dout = torch.randn(2, 4, 97, 64, dtype=torch.float64)
+    keep = ~mask[:, None, :, None]
+
+    def masked_reference(q, k, v, dout):
+        """The literal sums over the kept keys: elu+1 features, padded keys' features and values zeroed."""
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        fq, fk = (torch.nn.functional.elu(t) + 1 for t in leaves[:2])
+        out, _ = linear_attention_reference(fq, fk * keep, leaves[2] * keep, feature_map="identity", causal=True)
+        return out.detach(), torch.autograd.grad(out, leaves, dout.to(out.dtype))
+
+    out64, grads64 = masked_reference(q, k, v, dout)
+    qd, kd, vd, doutd = (t.to(torch.bfloat16) for t in (q, k, v, dout))
+    base_out, base_grads = masked_reference(qd, kd, vd, doutd)
+    out, _, grads = _run(qd, kd, vd, doutd, "cpu", causal=True, key_padding_mask=mask)
+    assert_close_to_oracle("out", out, out64, torch.bfloat16, base_out)
+    for name, g, e, bg in zip(("dq", "dk", "dv"), grads, grads64, base_grads):
+        assert_close_to_oracle(name, g, e, torch.bfloat16, bg)
+
+
+def test_cpu_bf16_deterministic_across_thread_counts_B2_H4_N300_D32(monkeypatch):
+    """The bf16 matrix-unit path keeps a fixed summation order per (batch, kv head): 1 and 2 threads agree bitwise."""
+    backend_param("cpu", "linear")
+    monkeypatch.delenv("ATTNKERNELS_CPU_NO_AMX", raising=False)
+    q, k, v = make_qkv(2, 4, 2, 300, 300, 32, 32, dtype=torch.bfloat16)
+    dout = torch.randn(2, 4, 300, 32, dtype=torch.bfloat16)
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for causal in (True, False):
+                results.append(_run(q, k, v, dout, "cpu", causal=causal))
+    finally:
+        torch.set_num_threads(1)
+    for (out_a, st_a, gr_a), (out_b, st_b, gr_b) in zip(results[:2], results[2:]):
+        for a, b in zip((out_a, *st_a, *gr_a), (out_b, *st_b, *gr_b)):
+            assert torch.equal(a, b)
