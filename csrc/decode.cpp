@@ -428,7 +428,6 @@ __attribute__((target("amx-tile,amx-bf16"))) inline void amx_scores32(const at::
   _tile_stored(1, c + 16 * 16, 64);
 }
 
-
 // Of a 32-column group of V rows (v0, v1) interleaved by unpacklo / unpackhi_epi16, which work per
 // 128-bit lane, words 0-15 hold columns {0-3, 8-11, 16-19, 24-27} and words 16-31 columns
 // {4-7, 12-15, 20-23, 28-31}. pair_inverse(part): for column 16 · part + c, its word in that order,
@@ -457,10 +456,9 @@ __attribute__((target("avx512bf16"))) inline void round_p(const float* S, int64_
 // bf16 P·V on the tile units
 // ---------------------------------------------------------------------------
 // PV[16, Dv] = P[16 rows (R used), 32 keys] · V[32 keys, Dv]: V's B operand needs pairs of key rows
-// interleaved, which unpacklo / unpackhi_epi16 make per 128-bit lane (4 ops per key pair and 32
-// columns): of a 32-column group, words 0-15 of a pair row hold columns {0-3, 8-11, 16-19, 24-27},
-// words 16-31 columns {4-7, 12-15, 20-23, 28-31}; the tile product keeps that order and
-// add_pv_rows puts it back (pair_inverse) as it adds PV to acc.
+// interleaved, which unpacklo / unpackhi_epi16 make (4 ops per key pair and 32 columns) in the
+// column order of pair_inverse; the tile product keeps that order and add_pv_rows puts it back
+// as it adds PV to acc.
 // vt [16 pairs][Dv words] = the VNNI pairs of the tile's V rows vrow[0, 2·pairs), zero pairs after.
 inline void pack_v_pairs(const at::BFloat16* const* vrow, int64_t pairs, int64_t Dv, at::BFloat16* vt) {
   for (int64_t w = 0; w < pairs; ++w) {
@@ -746,8 +744,8 @@ void decode_kernel(const Decode& p, const acc_type<T>* q, const T* k, const T* v
     std::vector<at::BFloat16> vt(amx ? kTile * Dv : 0);
     std::vector<float> pvbuf(amx ? 16 * Dv : 0);
     std::vector<const T*> vrows(amx ? kTile : 0);
-    const float fscale = float(scale);
 #if DECODE_AMX
+    const float fscale = float(scale);
     if (amx) amx_configure();
     struct Release {  // the tile state is per thread: give it back on every way out
       bool on;
@@ -804,7 +802,7 @@ void decode_kernel(const Decode& p, const acc_type<T>* q, const T* k, const T* v
         }
 #endif
       };
-      // acc += P V for the tile's n keys, P rounded to bf16 (accumulate_pv_pairs).
+      // acc = α · acc + P V for the tile's n keys on the tile units, P rounded to bf16, V from amx_tile's vt.
       auto amx_pv = [&](int64_t t0, int64_t n) {
 #if DECODE_AMX
         if constexpr (std::is_same_v<T, at::BFloat16>) {
