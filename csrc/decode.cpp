@@ -123,6 +123,10 @@ constexpr int64_t kMinChunk = 512;
 // hardware prefetcher restarts at every page (measured the same way, B=1, Hk=8, D=128,
 // Nk=4096, pages 16-256 rows, each call on its own data: without it 1.05-1.11x the time of the
 // contiguous cache (which does not prefetch at that size), with it 0.7-0.86x).
+// bf16 on the tile units never prefetches: its tile loads of 16 K rows keep enough misses in flight,
+// and the extra instructions cost more (interleaved, B=1, Hk=8, D=128, pages of 64 / contiguous, 1 and
+// 2 threads: without the prefetch 0.75-0.77x / 0.96x the time at Nk=4096, 0.91-0.97x / 0.96-1.02x at
+// Nk=32768).
 constexpr double kPrefetchBytes = 64.0 * (1 << 20);
 // Below this many flops per thread a parallel region costs more than it saves.
 constexpr double kMinParallelFlops = 2e6;
@@ -974,6 +978,7 @@ void run_block(Decode p, const at::Tensor& q, double scale, const at::Tensor& k,
   const auto acc = lse_rows.scalar_type();
   // bf16 scores on the tile units take the raw query rows; the vector path a pre-scaled copy in A.
   const bool amx = amx_scores_ok(q.scalar_type(), p.R, p.D, p.Dv);
+  if (amx) p.prefetch = false;  // see kPrefetchBytes
   at::Tensor qs = amx ? q.narrow(2, q0, rows).contiguous() : (q.narrow(2, q0, rows).to(acc) * scale).contiguous();
   at::Tensor part_ml, part_acc;
   if (p.n_chunks > 1) {
