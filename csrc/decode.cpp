@@ -21,7 +21,17 @@
 //     the rescale folded into the accumulator load of a register-blocked loop; on
 //     AVX-512 the scores of 4 rows x 4 keys are 16 FMA chains reduced together by a
 //     transpose-and-add tree, and, for large caches, the next tile's rows are prefetched.
-// bf16 / fp16 K/V rows are widened to float in registers as they are read (AVX-512,
+// bf16 on a CPU with AMX-BF16 (R <= 16, D and Dv multiples of 32; ATTNKERNELS_CPU_NO_AMX=1 forces
+// the vector path below): both products on the tile units, raw tile instructions, one tile
+// configuration per thread and call. Sᵀ[32 keys, 16] = K · Qᵀ takes K rows straight from the cache
+// as the A operand (a K row is a row of an A tile; only Qᵀ, the group's R query rows padded to 16
+// columns, is packed, once per task); P·V takes P (rounded to bf16, as the matrix-unit softmax
+// kernels do) as the A operand and V's rows interleaved in pairs (two unpacks per 32 values) as B;
+// float accumulation, the online softmax as below. Measured here (thread CPU time, 1 thread, B=1,
+// Hq=32, Hk=8, D=128): per key and kv head with K / V in L2 ~23 ns against ~43 ns on the vector
+// path; P·V by vdpbf16ps on the same V pairs instead: ~33 ns (the FMA ports bound it as they bind
+// the float FMAs). At Nk=4096 (16 MB of K / V) the step then waits on memory, not on arithmetic.
+// Otherwise bf16 / fp16 K/V rows are widened to float in registers as they are read (AVX-512,
 // query blocks up to kDirectRows rows), else a tile at a time into a buffer that stays
 // in L1; float32 math for bf16 / fp16 / fp32, float64 for float64.
 // Tried for bf16 and not kept (this host, thread CPU time, 1 thread, B=1, Hq=32, Hk=8, D=128,
@@ -80,6 +90,16 @@
 #include "common/checks.h"
 #include "common/parallel.h"
 #include "common/row_math.h"
+#include "common/tile_gemm.h"
+
+#if defined(CPU_CAPABILITY_AVX512) && defined(__linux__)
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define DECODE_AMX 1
+#else
+#define DECODE_AMX 0
+#endif
 
 namespace {
 
@@ -103,6 +123,10 @@ constexpr int64_t kMinChunk = 512;
 // hardware prefetcher restarts at every page (measured the same way, B=1, Hk=8, D=128,
 // Nk=4096, pages 16-256 rows, each call on its own data: without it 1.05-1.11x the time of the
 // contiguous cache (which does not prefetch at that size), with it 0.7-0.86x).
+// bf16 on the tile units never prefetches: its tile loads of 16 K rows keep enough misses in flight,
+// and the extra instructions cost more (interleaved, B=1, Hk=8, D=128, pages of 64 / contiguous, 1 and
+// 2 threads: without the prefetch 0.75-0.77x / 0.96x the time at Nk=4096, 0.91-0.97x / 0.96-1.02x at
+// Nk=32768).
 constexpr double kPrefetchBytes = 64.0 * (1 << 20);
 // Below this many flops per thread a parallel region costs more than it saves.
 constexpr double kMinParallelFlops = 2e6;
@@ -331,6 +355,172 @@ inline void dot_4x4_avx512(const float* q, int64_t D, const S* k, int64_t ks, fl
 }
 #endif
 
+// qt [D / 32][16][16][2] = the VNNI pairs of Qᵀ for the R rows of q (bf16 [R, D]), zero past R: the 32-bit
+// word (q[r, 2i], q[r, 2i + 1]) of each row goes to column r of pair row i.
+inline void pack_qt(const at::BFloat16* q, int64_t R, int64_t D, at::BFloat16* qt) {
+  const uint32_t* src = reinterpret_cast<const uint32_t*>(q);
+  uint32_t* dst = reinterpret_cast<uint32_t*>(qt);  // [D / 2][16]
+  std::fill(dst, dst + D * 8, uint32_t(0));
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t i = 0; i < D / 2; ++i) dst[i * 16 + r] = src[r * (D / 2) + i];
+}
+
+#if DECODE_AMX
+// ---------------------------------------------------------------------------
+// bf16 scores on the tile units, K straight from the cache
+// ---------------------------------------------------------------------------
+// Sᵀ[keys, 16] = K[keys, D] · Qᵀ[D, 16]: a K row in the cache is exactly a row of the tile
+// unit's A operand (16 rows x 32 bf16, any row stride), so K is never packed or widened;
+// only the group's query rows (R <= 16, zero columns past R) are packed as the VNNI B
+// operand, once per task. Raw tile instructions rather than cpublas::brgemm: oneDNN's
+// per-call kernel lookup and tile configuration cost more than a 32-key tile's 8 tile
+// products (brgemm with 32-key tiles measured 0.64x, see the top of the file).
+// Tiles: 0, 1 = C (keys 0-15, 16-31 of a kTile block, float [16 keys, 16 query rows]),
+// 2, 3 = A (those K rows, 32 of D), 4 = B (Qᵀ for those 32 of D, [16 pairs, 16, 2]).
+static_assert(kTile == 32, "the tile-unit scores cover 32 keys per call");
+
+struct AmxTileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Linux hands out the tile registers' state only on request (arch_prctl ARCH_REQ_XCOMP_PERM =
+// 0x1023 for XFEATURE_XTILEDATA = 18), once per process; oneDNN asks too, asking twice is fine.
+inline bool amx_permitted() {
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  return ok;
+}
+
+// bf16 with R <= 16 and D % 32 == 0 on a CPU whose matrix units oneDNN uses (and not
+// disabled by ATTNKERNELS_CPU_NO_AMX: common::matrix_units_available).
+inline bool amx_scores_ok(at::ScalarType t, int64_t R, int64_t D, int64_t Dv) {
+  return t == at::kBFloat16 && R >= 1 && R <= 16 && D % 32 == 0 && D > 0 && Dv % 32 == 0 && Dv > 0 &&
+         common::bf16_native_ok() &&
+         common::matrix_units_available(at::kBFloat16) && amx_permitted();
+}
+
+__attribute__((target("amx-tile,amx-bf16"))) inline void amx_configure() {
+  AmxTileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  // Not _tile_loadconfig: GCC 12 drops the stores above as dead (its builtin is not seen to read
+  // memory; measured: ldtilecfg of a zero config, a fault).
+  asm volatile("ldtilecfg %0" ::"m"(cfg));
+}
+
+__attribute__((target("amx-tile"))) inline void amx_release() { _tile_release(); }
+
+// c [32, 16] float = K rows (k0: keys 0-15, k1: keys 16-31, row strides ks0 / ks1 bytes) · Qᵀ; qt: Qᵀ in
+// VNNI pairs, [D / 32][16 pairs][16 rows of q][2].
+__attribute__((target("amx-tile,amx-bf16"))) inline void amx_scores32(const at::BFloat16* k0, int64_t ks0,
+                                                                       const at::BFloat16* k1, int64_t ks1,
+                                                                       const at::BFloat16* qt, int64_t D, float* c) {
+  _tile_zero(0);
+  _tile_zero(1);
+  for (int64_t d = 0; d < D; d += 32) {
+    _tile_loadd(4, qt + d * 16, 64);
+    _tile_loadd(2, k0 + d, ks0);
+    _tile_loadd(3, k1 + d, ks1);
+    _tile_dpbf16ps(0, 2, 4);
+    _tile_dpbf16ps(1, 3, 4);
+  }
+  _tile_stored(0, c, 64);
+  _tile_stored(1, c + 16 * 16, 64);
+}
+
+// Of a 32-column group of V rows (v0, v1) interleaved by unpacklo / unpackhi_epi16, which work per
+// 128-bit lane, words 0-15 hold columns {0-3, 8-11, 16-19, 24-27} and words 16-31 columns
+// {4-7, 12-15, 20-23, 28-31}. pair_inverse(part): for column 16 · part + c, its word in that order,
+// as a _mm512_permutex2var_ps index (< 16: words 0-15, else 16-31).
+inline __m512i pair_inverse(int part) {
+  alignas(64) int32_t idx[16];
+  for (int c = 0; c < 16; ++c) {
+    const int d = 16 * part + c;
+    idx[c] = (d % 8 < 4 ? 0 : 16) + 4 * (d / 8) + d % 4;
+  }
+  return _mm512_load_si512(idx);
+}
+
+// P [R, kTile] bf16 = the tile's n probabilities (float S, row stride kTile), zero past n.
+__attribute__((target("avx512bf16"))) inline void round_p(const float* S, int64_t R, int64_t n, at::BFloat16* P) {
+  for (int64_t r = 0; r < R; ++r) {
+    const float* s = S + r * kTile;
+    at::BFloat16* d = P + r * kTile;
+    for (int64_t j = 0; j < n; j += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + j)));
+    std::fill(d + n, d + kTile, at::BFloat16(0.f));
+  }
+}
+
+// ---------------------------------------------------------------------------
+// bf16 P·V on the tile units
+// ---------------------------------------------------------------------------
+// PV[16, Dv] = P[16 rows (R used), 32 keys] · V[32 keys, Dv]: V's B operand needs pairs of key rows
+// interleaved, which unpacklo / unpackhi_epi16 make (4 ops per key pair and 32 columns) in the
+// column order of pair_inverse; the tile product keeps that order and add_pv_rows puts it back
+// as it adds PV to acc.
+// vt [16 pairs][Dv words] = the VNNI pairs of the tile's V rows vrow[0, 2·pairs), zero pairs after.
+inline void pack_v_pairs(const at::BFloat16* const* vrow, int64_t pairs, int64_t Dv, at::BFloat16* vt) {
+  for (int64_t w = 0; w < pairs; ++w) {
+    at::BFloat16* d = vt + w * 2 * Dv;
+    for (int64_t c = 0; c < Dv; c += 32) {
+      const __m512i a = _mm512_loadu_si512(vrow[2 * w] + c), b = _mm512_loadu_si512(vrow[2 * w + 1] + c);
+      _mm512_storeu_si512(d + 2 * c, _mm512_unpacklo_epi16(a, b));
+      _mm512_storeu_si512(d + 2 * c + 32, _mm512_unpackhi_epi16(a, b));
+    }
+  }
+  if (pairs < 16) std::fill(vt + pairs * 2 * Dv, vt + 16 * 2 * Dv, at::BFloat16(0.f));
+}
+
+// pv [16, Dv] float (pair order) = P · V; P [16, 32] bf16 (row stride 64 bytes), vt from pack_v_pairs.
+// Tiles 0-3: PV blocks of 16 columns, 5: P, 6, 7, 4: V blocks.
+__attribute__((target("amx-tile,amx-bf16"))) inline void amx_pv32(const at::BFloat16* P, const at::BFloat16* vt,
+                                                                   int64_t Dv, float* pv) {
+  const int64_t ldv = Dv * 4, ldc = Dv * 4;  // bytes: a pair row of vt, a row of pv
+  _tile_loadd(5, P, 64);
+  for (int64_t c = 0; c < Dv; c += 64) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_loadd(6, vt + 2 * c, ldv);
+    _tile_loadd(7, vt + 2 * c + 32, ldv);
+    _tile_dpbf16ps(0, 5, 6);
+    _tile_dpbf16ps(1, 5, 7);
+    _tile_stored(0, pv + c, ldc);
+    _tile_stored(1, pv + c + 16, ldc);
+    if (c + 64 <= Dv) {
+      _tile_zero(2);
+      _tile_zero(3);
+      _tile_loadd(4, vt + 2 * c + 64, ldv);
+      _tile_loadd(6, vt + 2 * c + 96, ldv);
+      _tile_dpbf16ps(2, 5, 4);
+      _tile_dpbf16ps(3, 5, 6);
+      _tile_stored(2, pv + c + 32, ldc);
+      _tile_stored(3, pv + c + 48, ldc);
+    }
+  }
+}
+
+// acc[r, :] = α_r · acc[r, :] + pv[r, :] (pv in pair order) for the R rows; Dv % 32 == 0.
+inline void add_pv_rows(const float* pv, int64_t R, int64_t Dv, const float* alpha, float* acc) {
+  const __m512i inv0 = pair_inverse(0), inv1 = pair_inverse(1);
+  for (int64_t r = 0; r < R; ++r) {
+    const __m512 a = _mm512_set1_ps(alpha[r]);
+    for (int64_t c = 0; c < Dv; c += 32) {
+      const __m512 lo = _mm512_loadu_ps(pv + r * Dv + c), hi = _mm512_loadu_ps(pv + r * Dv + c + 16);
+      float* o = acc + r * Dv + c;
+      _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_loadu_ps(o), a, _mm512_permutex2var_ps(lo, inv0, hi)));
+      _mm512_storeu_ps(o + 16, _mm512_fmadd_ps(_mm512_loadu_ps(o + 16), a, _mm512_permutex2var_ps(lo, inv1, hi)));
+    }
+  }
+}
+#else
+inline bool amx_scores_ok(at::ScalarType, int64_t, int64_t, int64_t) { return false; }
+#endif
+
 template <int RB, typename A, typename S>
 inline void dot_rows(const A* q, int64_t D, const S* k, int64_t ks, int64_t n, A* out, int64_t os) {
   int64_t j = 0;
@@ -517,7 +707,7 @@ void run_shared(const std::shared_ptr<TaskQueue>& queue, int64_t workers, const 
 // hold the chunks' states when n_chunks > 1.
 template <typename T>
 void decode_kernel(const Decode& p, const acc_type<T>* q, const T* k, const T* v, T* out, acc_type<T>* lse,
-                   acc_type<T>* part_ml, acc_type<T>* part_acc) {
+                   acc_type<T>* part_ml, acc_type<T>* part_acc, const T* q_amx = nullptr, double scale = 1) {
   using A = acc_type<T>;
   constexpr bool kWiden = !std::is_same_v<T, A>;
   constexpr A kNegInf = -std::numeric_limits<A>::infinity();
@@ -547,9 +737,30 @@ void decode_kernel(const Decode& p, const acc_type<T>* q, const T* k, const T* v
     const A* slopes = static_cast<const A*>(p.slopes);
     const A cap = A(p.cap), inv_cap = p.cap > 0 ? A(1.0 / p.cap) : A(0);
     const int64_t page_mask = (int64_t(1) << p.page_shift) - 1;
+    const bool amx = DECODE_AMX && q_amx != nullptr;
+    // q_amx: the raw bf16 query rows [B, Hq, Nq, D]; scores on the tile units (amx_scores32), scaled here
+    // in float (the same rounding as a float q·k of the bf16 q: none before the scale).
+    std::vector<T> stage(amx ? kTile * D : 0);     // [kTile, D]: K rows that are not one tile in the cache
+    std::vector<at::BFloat16> qt(amx ? D * 16 : 0);  // Qᵀ, VNNI pairs (pack_qt)
+    std::vector<float> cbuf(amx ? kTile * 16 : 0);  // Sᵀ [kTile, 16]
+    // P [16, kTile] in bf16 (rows past R zero), a zero V row, V's VNNI pairs [kTile / 2, Dv, 2], PV [16, Dv]
+    std::vector<at::BFloat16> pbuf(amx ? 16 * kTile : 0, at::BFloat16(0.f)), zrow(amx ? Dv : 0, at::BFloat16(0.f));
+    std::vector<at::BFloat16> vt(amx ? kTile * Dv : 0);
+    std::vector<float> pvbuf(amx ? 16 * Dv : 0);
+    std::vector<const T*> vrows(amx ? kTile : 0);
+#if DECODE_AMX
+    const float fscale = float(scale);
+    if (amx) amx_configure();
+    struct Release {  // the tile state is per thread: give it back on every way out
+      bool on;
+      ~Release() {
+        if (on) amx_release();
+      }
+    } release{amx};
+#endif
     for (; task >= 0; task = queue->take()) {
       const int64_t c = task % nC, bh = task / nC, hk = bh % p.Hk, b = bh / p.Hk;
-      const A* qg = q + (b * p.Hq + hk * p.group) * Nq * D;  // the group's R rows
+      const A* qg = q ? q + (b * p.Hq + hk * p.group) * Nq * D : nullptr;  // the group's R rows (not on the tile units)
       const int32_t* bt = p.pages ? p.pages + b * p.bt_stride : nullptr;
       // The K / V row of key j of this (b, kv head): page bt[j / page_size] (or row b), slot j % page_size.
       auto k_row = [&](int64_t j) {
@@ -562,6 +773,52 @@ void decode_kernel(const Decode& p, const acc_type<T>* q, const T* k, const T* v
       auto segment = [&](int64_t t, int64_t end) {
         return std::min(end, ((t >> p.page_shift) + 1) << p.page_shift) - t;
       };
+      // S[r, j] for the tile's n keys from t0 on the tile units (see amx_scores32).
+      auto amx_tile = [&](int64_t t0, int64_t n) {
+#if DECODE_AMX
+        if constexpr (std::is_same_v<T, at::BFloat16>) {
+          // V's pairs first: they do not depend on the scores, and their loads then overlap the
+          // tile loads of K (measured: V's loads were where the kernel waited).
+          for (int64_t j = 0; j < n; ++j) vrows[j] = v_row(t0 + j);
+          if (n % 2) vrows[n] = zrow.data();
+          pack_v_pairs(vrows.data(), (n + 1) / 2, Dv, vt.data());
+          // Each half (16 keys) straight from the cache when its rows are consecutive ones of
+          // one page, else copied into `stage` (zero rows past n, whose scores are not used).
+          const T* half[2];
+          int64_t stride[2];  // bytes
+          for (int h = 0; h < 2; ++h) {
+            const int64_t t = t0 + 16 * h, rows = std::max<int64_t>(0, std::min<int64_t>(16, n - 16 * h));
+            if (rows == 16 && segment(t, t + 16) == 16) {
+              half[h] = k_row(t);
+              stride[h] = int64_t(sizeof(T)) * p.sk_n;
+            } else {
+              T* st = stage.data() + 16 * h * D;
+              for (int64_t j = 0; j < rows; ++j) std::copy(k_row(t + j), k_row(t + j) + D, st + j * D);
+              std::fill(st + rows * D, st + 16 * D, T(0.f));
+              half[h] = st;
+              stride[h] = int64_t(sizeof(T)) * D;
+            }
+          }
+          amx_scores32(half[0], stride[0], half[1], stride[1], qt.data(), D, cbuf.data());
+          // cbuf [32 keys, 16 rows] -> S [R, kTile], scaled
+          for (int64_t r = 0; r < R; ++r)
+            for (int64_t j = 0; j < n; ++j) S[r * kTile + j] = cbuf[j * 16 + r] * fscale;
+        }
+#endif
+      };
+      // acc = α · acc + P V for the tile's n keys on the tile units, P rounded to bf16, V from amx_tile's vt.
+      auto amx_pv = [&](int64_t t0, int64_t n) {
+#if DECODE_AMX
+        if constexpr (std::is_same_v<T, at::BFloat16>) {
+          round_p(S.data(), R, n, pbuf.data());
+          amx_pv32(pbuf.data(), vt.data(), Dv, pvbuf.data());
+          add_pv_rows(pvbuf.data(), R, Dv, alpha.data(), acc.data());
+        }
+#endif
+      };
+      if constexpr (std::is_same_v<T, at::BFloat16>) {
+        if (amx) pack_qt(q_amx + (b * p.Hq + hk * p.group) * Nq * D, R, D, qt.data());
+      }
       const bool* pad = p.kpm ? p.kpm + b * p.Nk : nullptr;
       const int64_t off = row_length(p, b) + p.off_shift;  // row i's diagonal: key i + off
       const auto [blo, bhi] = batch_band(p, b, row_lo.data(), row_hi.data());
@@ -583,7 +840,9 @@ void decode_kernel(const Decode& p, const acc_type<T>* q, const T* k, const T* v
             for (int64_t x = 0; x < int64_t(Dv * sizeof(T)); x += 64) __builtin_prefetch(vr + x, 0, 3);
           }
         }
-        if (direct) {
+        if (amx) {
+          amx_tile(t0, n);
+        } else if (direct) {
           for (int64_t s0 = 0, len = 0; s0 < n; s0 += len) {
             len = segment(t0 + s0, t0 + n);
             scores(qg, R, D, k_row(t0 + s0), p.sk_n, len, S.data() + s0, kTile);
@@ -629,7 +888,9 @@ void decode_kernel(const Decode& p, const acc_type<T>* q, const T* k, const T* v
           m[r] = m_new;
         }
 
-        if (direct) {
+        if (amx) {
+          amx_pv(t0, n);
+        } else if (direct) {
           for (int64_t s0 = 0, len = 0; s0 < n; s0 += len) {  // the rescale by alpha once, with the first run
             len = segment(t0 + s0, t0 + n);
             accumulate_pv(S.data() + s0, kTile, R, len, v_row(t0 + s0), p.sv_n, Dv,
@@ -715,7 +976,10 @@ void run_block(Decode p, const at::Tensor& q, double scale, const at::Tensor& k,
                double(p.B) * double(p.Hk) * double(p.hi - p.lo) * double(p.D + p.Dv) * double(k.element_size()) >
                kPrefetchBytes;
   const auto acc = lse_rows.scalar_type();
-  at::Tensor qs = (q.narrow(2, q0, rows).to(acc) * scale).contiguous();
+  // bf16 scores on the tile units take the raw query rows; the vector path a pre-scaled copy in A.
+  const bool amx = amx_scores_ok(q.scalar_type(), p.R, p.D, p.Dv);
+  if (amx) p.prefetch = false;  // see kPrefetchBytes
+  at::Tensor qs = amx ? q.narrow(2, q0, rows).contiguous() : (q.narrow(2, q0, rows).to(acc) * scale).contiguous();
   at::Tensor part_ml, part_acc;
   if (p.n_chunks > 1) {
     part_ml = at::empty({p.B, p.Hk, p.n_chunks, p.R, 2}, lse_rows.options());
@@ -723,10 +987,11 @@ void run_block(Decode p, const at::Tensor& q, double scale, const at::Tensor& k,
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_decode_fwd", [&] {
     using A = acc_type<scalar_t>;
-    decode_kernel<scalar_t>(p, qs.data_ptr<A>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+    decode_kernel<scalar_t>(p, amx ? nullptr : qs.data_ptr<A>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
                             out_rows.data_ptr<scalar_t>(), lse_rows.data_ptr<A>(),
                             p.n_chunks > 1 ? part_ml.data_ptr<A>() : nullptr,
-                            p.n_chunks > 1 ? part_acc.data_ptr<A>() : nullptr);
+                            p.n_chunks > 1 ? part_acc.data_ptr<A>() : nullptr,
+                            amx ? qs.data_ptr<scalar_t>() : nullptr, scale);
   });
 }
 
@@ -788,6 +1053,18 @@ std::tuple<at::Tensor, at::Tensor> attention_decode_fwd(const at::Tensor& q, con
   return run_decode(p, q, scale, k, v, std::max<int64_t>(1, s.Nq));
 }
 
+// (min, max) of a non-empty contiguous int32 tensor: a loop over its few entries (tensor reductions
+// and .item() cost microseconds each, a decode step's call makes four).
+std::pair<int64_t, int64_t> int_range(const at::Tensor& t) {
+  const int32_t* x = t.data_ptr<int32_t>();
+  int32_t lo = x[0], hi = x[0];
+  for (int64_t i = 1; i < t.numel(); ++i) {
+    lo = std::min(lo, x[i]);
+    hi = std::max(hi, x[i]);
+  }
+  return {lo, hi};
+}
+
 // A KV-cache step: q [B, Hq, Nq, D] against row b's first cache_seqlens[b] keys of k_cache / v_cache, either
 // contiguous [B, Hk, Nc, D] / [B, Hk, Nc, Dv] or, with block_table [B, max_pages] int32, paged
 // [num_pages, Hk, page_size, D] (page_size a power of two; key j of row b in page block_table[b, j / page_size],
@@ -830,7 +1107,7 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_fwd(const at::Tensor& q, co
     TORCH_CHECK(page_size > 0 && (page_size & (page_size - 1)) == 0, op,
                 ": the page size (k_cache.size(2)) must be a power of two, got ", page_size);
     if (pages.numel() > 0) {
-      const int64_t lo = pages.min().item<int32_t>(), hi = pages.max().item<int32_t>();
+      const auto [lo, hi] = int_range(pages);
       TORCH_CHECK(lo >= 0 && hi < k_in.size(0), op, ": block_table entries must lie in [0, ", k_in.size(0),
                   "), got [", lo, ", ", hi, "]");
     }
@@ -850,7 +1127,7 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_fwd(const at::Tensor& q, co
               cache_seqlens.sizes());
   const at::Tensor lens = cache_seqlens.contiguous();
   if (s.B > 0) {
-    const int64_t lo = lens.min().item<int32_t>(), hi = lens.max().item<int32_t>();
+    const auto [lo, hi] = int_range(lens);
     TORCH_CHECK(lo >= 0 && hi <= capacity, op, ": cache_seqlens must lie in [0, ", capacity, "] (the cache's slots), got [",
                 lo, ", ", hi, "]");
   }

@@ -116,6 +116,27 @@ def test_bf16_direct_rows(shape, window):
     check_case(shape, window, torch.bfloat16)
 
 
+# bf16 on the tile units (R = group · Nq <= 16, D and Dv multiples of 32) and, the same shapes, forced onto the
+# vector path (ATTNKERNELS_CPU_NO_AMX=1): odd Nk (a partial last tile, odd pairs of V rows), Nk = 1, Dv != D with a
+# 32-column rest, D 256, R = 16, windows whose band starts off the 16-key grid; D 48 stays on the vector path.
+BF16_TILE_CASES = [
+    ((2, 8, 2, 1, 97, 64, 64), DENSE),
+    ((2, 8, 2, 1, 1, 64, 64), DENSE),
+    ((1, 32, 8, 1, 4099, 128, 128), DENSE),
+    ((1, 8, 2, 3, 301, 128, 96), CAUSAL),
+    ((1, 16, 4, 4, 1000, 256, 256), (100, 0)),
+    ((1, 8, 1, 2, 777, 32, 160), (37, 3)),
+    ((1, 8, 1, 1, 200, 48, 48), DENSE),
+]
+
+
+@pytest.mark.parametrize("no_amx", ["0", "1"], ids=["tile-units", "vector"])
+@pytest.mark.parametrize("shape,window", BF16_TILE_CASES, ids=[case_id(*s, w, "-bf16") for s, w in BF16_TILE_CASES])
+def test_bf16_tile_units_and_vector_path(shape, window, no_amx, monkeypatch):
+    monkeypatch.setenv("ATTNKERNELS_CPU_NO_AMX", no_amx)
+    check_case(shape, window, torch.bfloat16)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("shape,window", CASES, ids=[case_id(*s, w) for s, w in CASES])
 def test_decode_vs_reference(shape, window, dtype):

@@ -391,3 +391,31 @@ def test_torch_compile_fullgraph_B2_Hq4_Hk2_Nq3_D16_C48(paged, backend):
 def test_bf16_rows_B4_C112(layout, q_heads, kv_heads, q_len, dim):
     run_case(4, q_heads, kv_heads, q_len, dim, 112, [0, 1, 97 - q_len, 112 - q_len], q_len, LAYOUTS[layout], "causal",
              torch.bfloat16)
+
+
+@pytest.fixture(params=["tile-units", "vector"])
+def bf16_path(request, monkeypatch):
+    """bf16 decode on the tile units (csrc/decode.cpp: K straight from the cache as the A operand, P·V from V's
+    VNNI pairs, where the CPU has AMX-BF16) or forced onto the vector fallback (ATTNKERNELS_CPU_NO_AMX=1)."""
+    if request.param == "vector":
+        monkeypatch.setenv("ATTNKERNELS_CPU_NO_AMX", "1")
+    else:
+        monkeypatch.delenv("ATTNKERNELS_CPU_NO_AMX", raising=False)
+    return request.param
+
+
+# Both bf16 paths: head dims 64 / 128 / 256 (whole 64-column P·V passes) and 96 (a 32-column rest); R = 4 · Nq:
+# 4, 12 (<= 16: the tile units), 17 = blocks of 16 rows (R = 64: the vector path) + 1; rows of length 0, 1, odd
+# and full; 16-row pages (a half tile per page) and 32-row ones, shuffled; windows start tiles off the 16-key grid
+# (staged halves); softcap and ALiBi on the tile units' scores.
+@pytest.mark.parametrize("mode", ["causal", "win5_3", "softcap", "alibi-causal"])
+@pytest.mark.parametrize("layout", ["contig", "paged16", "paged32"])
+@pytest.mark.parametrize("q_len,dim", [(1, 64), (1, 128), (3, 256), (17, 64), (3, 96)],
+                         ids=["Nq1-D64", "Nq1-D128", "Nq3-D256", "Nq17-D64", "Nq3-D96"])
+def test_bf16_paths_B4_Hq8_Hk2_C160(bf16_path, layout, q_len, dim, mode):
+    run_case(4, 8, 2, q_len, dim, 160, [0, 1, 97 - q_len, 160 - q_len], q_len, LAYOUTS[layout], mode, torch.bfloat16)
+
+
+def test_bf16_paths_long_split_B2_Hq32_Hk8_Nq1_D128_C4160_page64(bf16_path):
+    """A split cache (several chunks per kv head merged by LSE) with a partial last tile, both paths."""
+    run_case(2, 32, 8, 1, 128, 4160, [4099, 2050], 1, 64, "dense", torch.bfloat16)

@@ -166,9 +166,11 @@ def _check_block_table(block_table, batch: int, num_pages: int, device) -> None:
     if block_table.numel() and torch.compiler.is_compiling():  # no host sync inside a graph (as cache_seqlens)
         torch._assert_async(((block_table >= 0) & (block_table < num_pages)).all(),
                             f"block_table: page indices must lie in [0, {num_pages}) (the cache's pages)")
-    elif block_table.numel() and (int(block_table.min()) < 0 or int(block_table.max()) >= num_pages):
-        raise ValueError(f"block_table: page indices must lie in [0, {num_pages}) (the cache's pages), got "
-                         f"[{int(block_table.min())}, {int(block_table.max())}]")
+    elif block_table.numel():
+        low, high = (int(x) for x in torch.aminmax(block_table))  # one reduction (a decode step pays for each)
+        if low < 0 or high >= num_pages:
+            raise ValueError(f"block_table: page indices must lie in [0, {num_pages}) (the cache's pages), got "
+                             f"[{low}, {high}]")
 
 
 def _append(cache: Tensor, new: Tensor, cache_seqlens: Tensor, block_table: Tensor | None) -> None:
