@@ -412,7 +412,10 @@ __attribute__((target("amx-tile,amx-bf16"))) inline void amx_configure() {
   asm volatile("ldtilecfg %0" ::"m"(cfg));
 }
 
-__attribute__((target("amx-tile"))) inline void amx_release() { _tile_release(); }
+// Released through cpublas (oneDNN's release_hw_context), not a bare tilerelease: torch caches
+// which brgemm tile configuration a thread has loaded, and a bare release would leave that cache
+// pointing at a configuration the thread no longer holds (its next brgemm would skip ldtilecfg).
+inline void amx_release() { common::vnni_release(); }
 
 // c [32, 16] float = K rows (k0: keys 0-15, k1: keys 16-31, row strides ks0 / ks1 bytes) · Qᵀ; qt: Qᵀ in
 // VNNI pairs, [D / 32][16 pairs][16 rows of q][2].

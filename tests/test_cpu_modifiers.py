@@ -195,8 +195,8 @@ def baseline(q, k, v, dout, opts):
                 dsinks=leaves["sinks"].grad if "sinks" in leaves else None, dbias=dbias)
 
 
-def check(case: Case, dtype):
-    q, k, v, dout, opts = case.inputs(dtype)
+def check(case: Case, dtype, inputs=None):
+    q, k, v, dout, opts = inputs if inputs is not None else case.inputs(dtype)
     got = run_api(q, k, v, dout, opts)
     ref = reference64(q, k, v, dout, opts)
     for name, t in got.items():
@@ -262,6 +262,30 @@ def test_fp64(case):
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bf16(case):
     check(case, torch.bfloat16)
+
+
+# The bf16 forward's lazy rescaling with the logits formed first (a bias, a softcap above the
+# fixed-max range; ALiBi keeps the max pass): query rows scaled 1 / 8 / 40 in turn and keys growing
+# per 256-key tile, so rows outgrow their running max (redone) and rows' first estimates miss
+# (redone) — as test_cpu_lowp's plain-score lazy cases (disabling the redo fails the bias cases; the
+# softcap bounds its logits, so its rows' estimates hold: it covers the accepted path; the ALiBi case
+# checks the same inputs on the max-pass path).
+LAZY_CASES = [
+    Case((1, 4, 2, 300, 700, 64), CAUSAL, bias=(1, 4, 300, 700)),
+    Case((2, 2, 1, 200, 600, 64), (150, 40), bias=(2, 1, 200, 600)),
+    Case((1, 2, 1, 300, 700, 64), DENSE, softcap=60.0),
+    Case((2, 2, 1, 200, 600, 64), (150, 40), alibi="BH", bias=(2, 2, 200, 600)),
+]
+
+
+@pytest.mark.parametrize("case", LAZY_CASES, ids=[c.id + "-lazy" for c in LAZY_CASES])
+def test_bf16_lazy_rescale_with_logit_modifiers(case):
+    q, k, v, dout, opts = case.inputs(torch.bfloat16)
+    rows = torch.tensor([1.0, 8.0, 40.0]).repeat(q.shape[2] // 3 + 1)[: q.shape[2]]
+    keys = 1.0 + 3.0 * (torch.arange(k.shape[2]) // 256).float()
+    q = (q.float() * rows[:, None]).to(q.dtype)
+    k = (k.float() * keys[:, None]).to(k.dtype)
+    check(case, torch.bfloat16, inputs=(q, k, v, dout, opts))
 
 
 LOWP_CASES = [CASES[i] for i in (0, 3, 5, 11, 12, 15)]
