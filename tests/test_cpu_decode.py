@@ -99,8 +99,10 @@ CASES = [
 ]
 
 
-# bf16 query blocks of R = group · Nq <= kDirectRows rows (K / V widened in registers, csrc/decode.cpp):
-# Dv with whole 64-column register blocks and a 32-column rest, Dv != D, odd Nk, R = 4 / 6 / 8 / 3.
+# bf16 query blocks of R = group · Nq <= kDirectRows rows on the vector path (K / V widened in registers,
+# csrc/decode.cpp; forced with ATTNKERNELS_CPU_NO_AMX=1, since these shapes would otherwise take the tile
+# units on an AMX CPU): Dv with whole 64-column register blocks and a 32-column rest, Dv != D, odd Nk,
+# R = 4 / 6 / 8 / 3.
 BF16_DIRECT_CASES = [
     ((2, 8, 2, 1, 97, 64, 64), DENSE),
     ((1, 32, 8, 1, 4099, 128, 128), DENSE),
@@ -112,7 +114,8 @@ BF16_DIRECT_CASES = [
 
 
 @pytest.mark.parametrize("shape,window", BF16_DIRECT_CASES, ids=[case_id(*s, w, "-bf16") for s, w in BF16_DIRECT_CASES])
-def test_bf16_direct_rows(shape, window):
+def test_bf16_direct_rows(shape, window, monkeypatch):
+    monkeypatch.setenv("ATTNKERNELS_CPU_NO_AMX", "1")
     check_case(shape, window, torch.bfloat16)
 
 
