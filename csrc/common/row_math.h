@@ -384,35 +384,13 @@ __attribute__((target("avx512bf16"))) inline __m512 exp2_poly4(__m512 t) {
   return _mm512_maskz_scalef_ps(normal, p, n);
 }
 
-__attribute__((target("avx512bf16"))) inline float exp_fma_sum_round_bf16(const float* x, int64_t n, float a,
-                                                                           float b, at::BFloat16* out) {
-  constexpr int64_t W = 16;
-  constexpr float kLog2e = 1.4426950408889634f;
-  const __m512 va = _mm512_set1_ps(a * kLog2e), vnb = _mm512_set1_ps(-b * kLog2e);
-  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 2 * W <= n; i += 2 * W) {
-    const __m512 e0 = exp2_poly4(_mm512_fmadd_ps(_mm512_loadu_ps(x + i), va, vnb));
-    const __m512 e1 = exp2_poly4(_mm512_fmadd_ps(_mm512_loadu_ps(x + i + W), va, vnb));
-    s0 = _mm512_add_ps(s0, e0);
-    s1 = _mm512_add_ps(s1, e1);
-    _mm512_storeu_si512(reinterpret_cast<void*>(out + i), reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e1, e0)));
-  }
-  // The tail in masked vectors, not libm's scalar expf: a windowed row's own key range has
-  // any length, so its tail is up to 31 values (measured: 4% of a bf16 window forward).
-  for (; i < n; i += W) {
-    const __mmask16 k = n - i >= W ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
-    const __m512 e = _mm512_maskz_mov_ps(k, exp2_poly4(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, x + i), va, vnb)));
-    s0 = _mm512_add_ps(s0, e);
-    _mm256_mask_storeu_epi16(reinterpret_cast<void*>(out + i), k, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(e)));
-  }
-  return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
-}
-
-// exp_fma_sum_round_bf16 with the row max of x in the same pass (one vmaxps per vector on the
-// loaded scores; plain vmaxps, NaN-free lanes as row_max_fast: a NaN still reaches the sum).
-__attribute__((target("avx512bf16"))) inline float exp_fma_sum_round_max_bf16(const float* x, int64_t n, float a,
-                                                                               float b, at::BFloat16* out, float* mx) {
+// kMax: also the row max of x in *mx, in the same pass (one vmaxps per vector on the loaded
+// scores; plain vmaxps, NaN-free lanes as row_max_fast: a NaN still reaches the sum), for the
+// forward's lazy rescaling (exp_fma_sum_round_max).
+template <bool kMax>
+__attribute__((target("avx512bf16"))) inline float exp_fma_sum_round_bf16_impl(const float* x, int64_t n, float a,
+                                                                                float b, at::BFloat16* out,
+                                                                                float* mx) {
   constexpr int64_t W = 16;
   constexpr float kLog2e = 1.4426950408889634f;
   const __m512 va = _mm512_set1_ps(a * kLog2e), vnb = _mm512_set1_ps(-b * kLog2e);
@@ -421,24 +399,38 @@ __attribute__((target("avx512bf16"))) inline float exp_fma_sum_round_max_bf16(co
   int64_t i = 0;
   for (; i + 2 * W <= n; i += 2 * W) {
     const __m512 x0 = _mm512_loadu_ps(x + i), x1 = _mm512_loadu_ps(x + i + W);
-    m0 = _mm512_max_ps(m0, x0);
-    m1 = _mm512_max_ps(m1, x1);
+    if constexpr (kMax) {
+      m0 = _mm512_max_ps(m0, x0);
+      m1 = _mm512_max_ps(m1, x1);
+    }
     const __m512 e0 = exp2_poly4(_mm512_fmadd_ps(x0, va, vnb));
     const __m512 e1 = exp2_poly4(_mm512_fmadd_ps(x1, va, vnb));
     s0 = _mm512_add_ps(s0, e0);
     s1 = _mm512_add_ps(s1, e1);
     _mm512_storeu_si512(reinterpret_cast<void*>(out + i), reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e1, e0)));
   }
-  for (; i < n; i += W) {  // the tail in masked vectors, as exp_fma_sum_round_bf16
+  // The tail in masked vectors, not libm's scalar expf: a windowed row's own key range has
+  // any length, so its tail is up to 31 values (measured: 4% of a bf16 window forward).
+  for (; i < n; i += W) {
     const __mmask16 k = n - i >= W ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
     const __m512 xv = _mm512_maskz_loadu_ps(k, x + i);
-    m0 = _mm512_mask_max_ps(m0, k, m0, xv);
+    if constexpr (kMax) m0 = _mm512_mask_max_ps(m0, k, m0, xv);
     const __m512 e = _mm512_maskz_mov_ps(k, exp2_poly4(_mm512_fmadd_ps(xv, va, vnb)));
     s0 = _mm512_add_ps(s0, e);
     _mm256_mask_storeu_epi16(reinterpret_cast<void*>(out + i), k, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(e)));
   }
-  *mx = _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
+  if constexpr (kMax) *mx = _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
   return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+
+__attribute__((target("avx512bf16"))) inline float exp_fma_sum_round_bf16(const float* x, int64_t n, float a, float b,
+                                                                           at::BFloat16* out) {
+  return exp_fma_sum_round_bf16_impl<false>(x, n, a, b, out, nullptr);
+}
+
+__attribute__((target("avx512bf16"))) inline float exp_fma_sum_round_max_bf16(const float* x, int64_t n, float a,
+                                                                               float b, at::BFloat16* out, float* mx) {
+  return exp_fma_sum_round_bf16_impl<true>(x, n, a, b, out, mx);
 }
 
 // Backward rows on the matrix units. x[i] <- exp(x[i] * scale - lse[i]) (P, kept in float
