@@ -691,6 +691,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", default="fp32,bf16", help=f"comma-separated, of {list(DTYPES)} (peers run in the same dtype)")
     parser.add_argument("--decode-kv-lens", help="comma-separated cache lengths of the decode rows (default: the plan's)")
     parser.add_argument("--decode-batches", help="comma-separated batch sizes of the decode rows (default: the plan's)")
+    parser.add_argument("--sizes", help="comma-separated sequence lengths of the dense, causal, window, bigbird and "
+                                        "linear rows (default: the plan's)")
     parser.add_argument("--families", help="comma-separated: measure only these families (e.g. modifiers,decode)")
     parser.add_argument("--render", metavar="JSON",
                         help="re-write BENCHMARKS.md and the plots from the rows a run saved with --json (no timing)")
@@ -733,24 +735,29 @@ def main(argv=None) -> int:
     rounds = 3 if args.quick else 7
     decode_lens = [int(x) for x in args.decode_kv_lens.split(",")] if args.decode_kv_lens else None
     decode_batches = [int(x) for x in args.decode_batches.split(",")] if args.decode_batches else None
+    sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else None
     for dtype in dtypes:
         if args.quick:
             dense_sizes = [512, 1024] if dtype == torch.float32 else [1024, 4096]  # bf16: the N=4096 too
-            plan += [dense_cases(dense_sizes, False, dtype), dense_cases(dense_sizes, True, dtype),
-                     window_cases([1024, 2048], [128], dtype=dtype), bigbird_cases([1024, 2048], [3], dtype=dtype),
-                     linear_cases([1024, 4096], True, dtype), linear_cases([1024, 4096], False, dtype),
-                     favor_cases([1024, 4096], dtype=dtype),
+            plan += [dense_cases(sizes or dense_sizes, False, dtype), dense_cases(sizes or dense_sizes, True, dtype),
+                     window_cases(sizes or [1024, 2048], [128], dtype=dtype),
+                     bigbird_cases(sizes or [1024, 2048], [3], dtype=dtype),
+                     linear_cases(sizes or [1024, 4096], True, dtype), linear_cases(sizes or [1024, 4096], False, dtype),
+                     favor_cases(sizes or [1024, 4096], dtype=dtype),
                      decode_cases(decode_lens or [4096], decode_batches or [1], dtype), varlen_cases(2048, 8, dtype),
                      modifier_cases(2048, dtype, window=512)]
         else:
-            plan += [dense_cases([1024, 4096, 16384] if dtype != torch.float32 else [1024, 2048, 4096], False, dtype),
-                     dense_cases([1024, 4096, 16384] if dtype != torch.float32 else [1024, 2048, 4096], True, dtype),
-                     window_cases([1024, 4096, 16384], [256], dtype=dtype), window_cases([4096], [64, 1024], dtype=dtype),
-                     window_cases([65536], [256], flex=False, dtype=dtype),
-                     bigbird_cases([1024, 4096, 16384], [3], dtype=dtype), bigbird_cases([4096], [1, 8], dtype=dtype),
-                     linear_cases([1024, 4096, 16384, 65536], True, dtype),
-                     linear_cases([1024, 4096, 16384, 65536], False, dtype),
-                     favor_cases([1024, 4096, 16384], dtype=dtype),
+            dense_sizes = [1024, 4096, 16384] if dtype != torch.float32 else [1024, 2048, 4096]
+            # --sizes replaces the plan's lengths and drops its extra window / block variants at one length
+            variants = [] if sizes else [window_cases([4096], [64, 1024], dtype=dtype),
+                                         window_cases([65536], [256], flex=False, dtype=dtype),
+                                         bigbird_cases([4096], [1, 8], dtype=dtype)]
+            plan += [dense_cases(sizes or dense_sizes, False, dtype), dense_cases(sizes or dense_sizes, True, dtype),
+                     window_cases(sizes or [1024, 4096, 16384], [256], dtype=dtype),
+                     bigbird_cases(sizes or [1024, 4096, 16384], [3], dtype=dtype), *variants,
+                     linear_cases(sizes or [1024, 4096, 16384, 65536], True, dtype),
+                     linear_cases(sizes or [1024, 4096, 16384, 65536], False, dtype),
+                     favor_cases(sizes or [1024, 4096, 16384], dtype=dtype),
                      decode_cases(decode_lens or [4096, 32768, 131072], decode_batches or [1, 8], dtype),
                      varlen_cases(16384, 8, dtype),
                      modifier_cases(4096, dtype)]
