@@ -1030,11 +1030,32 @@ void forward_kernel(const Problem& p, const T* q, const T* kv_k, const T* kv_v, 
               sum += exp_row<T>(sr + g.scol, g.e - g.a, factor, b, p_buf + r * ldP + g.pcol, g.a, mx);
             return sum;
           }
+          // Matrix units: a run of segments the row sees whole, each starting on a pair and of even
+          // length, is contiguous in S and in P (same columns): one exp pass over the run. BigBird's
+          // 64-key blocks were one call each (per call: ~4 vectors of work, as much again of setup
+          // and reductions).
+          A* run_x = nullptr;
+          T* run_p = nullptr;
+          int64_t run_n = 0;
+          auto flush_run = [&]() {
+            if (run_n > 0) sum += exp_row<T>(run_x, run_n, factor, b, run_p, 0, mx);
+            run_n = 0;
+          };
           for (const Segment& g : chunk) {
             const auto [ca, ce] = row_keys(i0 + r, g);
             A* x = sr + g.scol;
             if constexpr (kMatrixUnits<T>) {  // P columns: gemm_seq's pair-aligned layout of the segment
               T* prow = p_buf + r * ldP + g.pcol;
+              if (ca == g.a && ce == g.e && ((g.a | g.e) & 1) == 0) {
+                if (run_n > 0 && (x != run_x + run_n || prow != run_p + run_n)) flush_run();
+                if (run_n == 0) {
+                  run_x = x;
+                  run_p = prow;
+                }
+                run_n += g.e - g.a;
+                continue;
+              }
+              flush_run();
               const int64_t total = p_cols<T>(g.a, g.e);
               const int64_t lead = ca == ce ? total : (ca & ~int64_t(1)) - (g.a & ~int64_t(1));
               const int64_t tail = ca == ce ? total : lead + p_cols<T>(ca, ce);
@@ -1047,6 +1068,7 @@ void forward_kernel(const Problem& p, const T* q, const T* kv_k, const T* kv_v, 
               fill(x + (ce - g.a), g.e - ce, A(0));
             }
           }
+          flush_run();
           return sum;
         };
         // Lazy rescaling (matrix units, no dropout): a row that has a running max already takes
