@@ -870,11 +870,22 @@ constexpr int64_t operand_rows(int64_t n) {
   return kMatrixUnits<T> ? n + (n & 1) : n;
 }
 
-// T: the operand type. q [B, Hq, Nq, D]; kT packed transposed per key tile; v rows
-// [B, Hk, Nk, Dv] (VNNI pairs on the matrix units); out in T (written once, rounded
-// from the float accumulator), lse in acc_type<T>.
+// Query rows a forward task covers on the matrix units: the whole head, or (a window bounded
+// on both sides) about kRangeRows, so that the key band it packs stays L2-sized
+// (rows + left + right keys, ~256 KB at 1024 + 2·256 keys, D = Dv = 64).
+constexpr int64_t kRangeRows = 1024;
+
+// T: the operand type. q [B, Hq, Nq, D]; out in T (written once, rounded from the float
+// accumulator), lse in acc_type<T>. float / double: kv_k is Kᵀ packed per key tile
+// (pack_transposed) and kv_v the rows [B, Hk, Nk, Dv]. Matrix units: kv_k and kv_v are the
+// plain rows [B, Hk, Nk, D] / [B, Hk, Nk, Dv] and each task packs the key band its query
+// tiles read (Kᵀ tiles and V pairs in the VNNI layout) into its own L2-resident buffers,
+// once for every query tile of the task and every query head of the GQA group: tasks are
+// (b, kv head, range of query tiles). Packed up front instead, the [B, Hk, ...] operands
+// went through memory once more (written, then read back per query tile), and a window's
+// band was read again by each next query tile for 3/4 of the same keys.
 template <typename T>
-void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_type<T> scale, T* out,
+void forward_kernel(const Problem& p, const T* q, const T* kv_k, const T* kv_v, acc_type<T> scale, T* out,
                     acc_type<T>* lse, const Modifiers<acc_type<T>>& md) {
   using A = acc_type<T>;
   // Query rows per task: 128 on the matrix units when no window bounds the keys (twice
@@ -885,12 +896,28 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
   const auto qtiles = make_tiles(p.Nq, bm, p.sbs);
   const int64_t nt = int64_t(qtiles.size());
   const A neg_inf = -std::numeric_limits<A>::infinity();
-  const int64_t grain = grain_for(2.0 * bm * std::min<int64_t>(p.Nk, 4 * kBlockN) * (p.D + p.Dv));
+  // Tasks: (b, heads [h_first, h_first + heads), query tiles [r·tpr, (r + 1)·tpr)). float /
+  // double: one head, one tile. Matrix units: the GQA group's heads and a range of tiles (the
+  // packing is shared), at least 4 tasks per thread when the heads are few (balance).
+  constexpr bool kPackInTask = kMatrixUnits<T>;
+  const int64_t heads = kPackInTask ? p.group : 1;
+  const int64_t n_heads = p.B * (p.Hq / heads);
+  int64_t tpr = 1;
+  if constexpr (kPackInTask) {
+    const int64_t rows = p.left >= 0 && p.right >= 0 ? std::max(kRangeRows, 2 * (p.left + p.right)) : p.Nq;
+    int64_t nr = std::max<int64_t>((p.Nq + rows - 1) / std::max<int64_t>(1, rows),
+                                   (4 * at::get_num_threads() + n_heads - 1) / n_heads);
+    nr = std::clamp<int64_t>(nr, 1, std::max<int64_t>(1, nt));
+    tpr = (nt + nr - 1) / nr;
+  }
+  const int64_t n_ranges = (nt + tpr - 1) / tpr;
+  const int64_t grain =
+      kPackInTask ? 1 : grain_for(2.0 * bm * std::min<int64_t>(p.Nk, 4 * kBlockN) * (p.D + p.Dv));
   // Wide chunks (kWideN): with a window bounded on the left or block tables (the bands
   // are narrow), and no modifiers (their passes index the tile by one key range).
   const bool wide = !md.logits() && !md.dropout && (p.left >= 0 || p.kv_num != nullptr);
   const int64_t ldS = wide ? kWideLd : kBlockN, ldP = wide ? kWideLowpLd : kLowpLd;
-  at::parallel_for(0, p.B * p.Hq * nt, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n_heads * n_ranges, grain, [&](int64_t begin, int64_t end) {
     const FlushDenormals flush(md.logits() || md.dropout);
     A* const s_buf = thread_buffer<A, 0>(bm * ldS);  // [bm, ldS] scores, then probabilities
     std::vector<A> acc(bm * p.Dv);          // [bm, Dv] unnormalised output
@@ -911,12 +938,41 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
     std::optional<common::PhiloxThreadKeys> drop_keys;  // the fused dropout pass's round keys
     if (fdrop) drop_keys.emplace(md.key);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / nt, b = bh / p.Hq, h = bh % p.Hq, hk = h / p.group;
-      const auto [i0, i1] = qtiles[task % nt];
+      const int64_t bg = task / n_ranges, b = bg / (p.Hq / heads), h_first = bg % (p.Hq / heads) * heads;
+      const int64_t hk = h_first / p.group, t_first = task % n_ranges * tpr, t_last = std::min(nt, t_first + tpr);
+      // The operands of kv head hk, with the sequence position `base` at their start: Kᵀ packed
+      // [.., D, BLOCK_N] per key tile, V rows [.., Dv] (VNNI pairs on the matrix units).
+      const T* kT_h;
+      const T* v_h;
+      int64_t base = 0;
+      if constexpr (kPackInTask) {
+        // The keys the task's tiles can see: their band, narrowed to the listed blocks with tables.
+        int64_t lo = p.Nk, hi = 0;
+        for (int64_t h = h_first; h < h_first + heads; ++h)
+          for (int64_t t = t_first; t < t_last; ++t)
+            for_each_kv_tile(p, b, h, qtiles[t].first, qtiles[t].second, [&](int64_t a, int64_t e) {
+              lo = std::min(lo, a);
+              hi = std::max(hi, e);
+            });
+        if (lo >= hi) lo = hi = 0;  // nothing visible: the tiles only write their empty rows
+        const int64_t t0 = lo / kBlockN, t1 = (hi + kBlockN - 1) / kBlockN;
+        base = t0 * kBlockN;  // even, so V's pairs and P's pair alignment keep their parity
+        T* kbuf = thread_buffer<T, 3>((t1 - t0) * p.D * kBlockN);
+        T* vbuf = thread_buffer<T, 4>((std::min(t1 * kBlockN, operand_rows<T>(p.Nk)) - base) * p.Dv);
+        common::vnni_transposed_tile_range(kv_k + (b * p.Hk + hk) * p.Nk * p.D, p.Nk, p.D, kBlockN, t0, t1, kbuf);
+        common::vnni_row_pair_range(kv_v + (b * p.Hk + hk) * p.Nk * p.Dv, p.Nk, p.Dv, base / 2, (hi + 1) / 2, vbuf);
+        kT_h = kbuf;
+        v_h = vbuf;
+      } else {
+        kT_h = kv_k + (b * p.Hk + hk) * p.nKt * p.D * kBlockN;
+        v_h = kv_v + (b * p.Hk + hk) * p.Nk * p.Dv;
+      }
+      for (int64_t h = h_first; h < h_first + heads; ++h)
+      for (int64_t t = t_first; t < t_last; ++t) {
+      const int64_t bh = b * p.Hq + h;
+      const auto [i0, i1] = qtiles[t];
       const int64_t M = i1 - i0;
       const T* q_t = q + (bh * p.Nq + i0) * p.D;                          // [M, D]
-      const T* kT_h = kT + (b * p.Hk + hk) * p.nKt * p.D * kBlockN;       // packed [nKt, D, BLOCK_N]
-      const T* v_h = v + (b * p.Hk + hk) * operand_rows<T>(p.Nk) * p.Dv;  // [Nk, Dv]
       bool fixed_now = fixed;  // cleared when the tile runs again with the running max
       // Wide chunks: the keys [ca, ce) of segment g that query i sees under the window (ca == ce: none).
       auto row_keys = [&](int64_t i, const Segment& g) -> std::pair<int64_t, int64_t> {
@@ -932,7 +988,7 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
         bool masked = false;
         for (Segment& g : chunk) {
           split_segment(g.a, g.e, kBlockN, [&](int64_t a, int64_t e) {  // S = Q Kᵀ, per packed key tile
-            gemm_packed<T>(M, e - a, p.D, q_t, p.D, kT_h, a, kBlockN, s_buf + g.scol + (a - g.a), ldS);
+            gemm_packed<T>(M, e - a, p.D, q_t, p.D, kT_h, a - base, kBlockN, s_buf + g.scol + (a - g.a), ldS);
           });
           g.cut = window_cuts(p, i0, i1, g.a, g.e) || padding_cuts(p, b, g.a, g.e);
           masked = masked || g.cut;
@@ -954,7 +1010,7 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
               l[r] += softcap_exp_row<T>(sr, N, a, md.cap, md.cap, prow, j0);
             }
           }
-          gemm_seq<T>(M, p.Dv, j0, j1, s_buf, ldS, v_h, p_buf, acc.data(), p.Dv, true, ldP);  // O += P V
+          gemm_seq<T>(M, p.Dv, j0 - base, j1 - base, s_buf, ldS, v_h, p_buf, acc.data(), p.Dv, true, ldP);  // O += P V
           chunk.clear();
           return;
         }
@@ -974,11 +1030,32 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
               sum += exp_row<T>(sr + g.scol, g.e - g.a, factor, b, p_buf + r * ldP + g.pcol, g.a, mx);
             return sum;
           }
+          // Matrix units: a run of segments the row sees whole, each starting on a pair and of even
+          // length, is contiguous in S and in P (same columns): one exp pass over the run. BigBird's
+          // 64-key blocks were one call each (per call: ~4 vectors of work, as much again of setup
+          // and reductions).
+          A* run_x = nullptr;
+          T* run_p = nullptr;
+          int64_t run_n = 0;
+          auto flush_run = [&]() {
+            if (run_n > 0) sum += exp_row<T>(run_x, run_n, factor, b, run_p, 0, mx);
+            run_n = 0;
+          };
           for (const Segment& g : chunk) {
             const auto [ca, ce] = row_keys(i0 + r, g);
             A* x = sr + g.scol;
             if constexpr (kMatrixUnits<T>) {  // P columns: gemm_seq's pair-aligned layout of the segment
               T* prow = p_buf + r * ldP + g.pcol;
+              if (ca == g.a && ce == g.e && ((g.a | g.e) & 1) == 0) {
+                if (run_n > 0 && (x != run_x + run_n || prow != run_p + run_n)) flush_run();
+                if (run_n == 0) {
+                  run_x = x;
+                  run_p = prow;
+                }
+                run_n += g.e - g.a;
+                continue;
+              }
+              flush_run();
               const int64_t total = p_cols<T>(g.a, g.e);
               const int64_t lead = ca == ce ? total : (ca & ~int64_t(1)) - (g.a & ~int64_t(1));
               const int64_t tail = ca == ce ? total : lead + p_cols<T>(ca, ce);
@@ -991,6 +1068,7 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
               fill(x + (ce - g.a), g.e - ce, A(0));
             }
           }
+          flush_run();
           return sum;
         };
         // Lazy rescaling (matrix units, no dropout): a row that has a running max already takes
@@ -1109,8 +1187,8 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
           if (alpha[r] != A(1)) scale_row(acc.data() + r * p.Dv, p.Dv, alpha[r]);
         }
         for (const Segment& g : chunk)  // O += P V
-          gemm_seq<T>(M, p.Dv, g.a, g.e, s_buf + g.scol, ldS, v_h, p_buf + g.pcol, acc.data(), p.Dv, true,
-                      ldP);
+          gemm_seq<T>(M, p.Dv, g.a - base, g.e - base, s_buf + g.scol, ldS, v_h, p_buf + g.pcol, acc.data(), p.Dv,
+                      true, ldP);
         chunk.clear();
       };
       // Pieces in ascending key order; a piece continuing the last segment extends it.
@@ -1154,13 +1232,13 @@ void forward_kernel(const Problem& p, const T* q, const T* kT, const T* v, acc_t
           mr = m2;
         }
         const bool seen = !(lr == A(0));  // NaN (a poisoned row) counts as seen
-        A* acc_r = acc.data() + r * p.Dv;
+        const A* acc_r = acc.data() + r * p.Dv;
         if (seen && f != A(0))
-          scale_row(acc_r, p.Dv, md.keep_scale * f / lr);  // keep_scale = 1 without dropout
+          common::scale_convert_row(acc_r, md.keep_scale * f / lr, out_t + r * p.Dv, p.Dv);  // keep_scale = 1 without dropout
         else
-          fill(acc_r, p.Dv, A(0));
-        common::convert_row(acc_r, out_t + r * p.Dv, p.Dv);
+          fill(out_t + r * p.Dv, p.Dv, T(0));
         lse_t[r] = seen ? mr + std::log(lr) : neg_inf;
+      }
       }
     }
     release_gemm<T>();
@@ -1665,9 +1743,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   const auto at_ = compute_type(q.scalar_type());
   at::Tensor qc = q.to(ot).contiguous();
   at::Tensor kc = k.to(ot).contiguous();
-  // [B, Hk, nKt, D, BLOCK_N], in VNNI pairs of D on the matrix units
-  at::Tensor kT = mu ? common::vnni_transposed_tiles(kc, kBlockN) : pack_transposed(kc, kBlockN);
-  at::Tensor vc = mu ? common::vnni_rows(v.contiguous()) : v.to(ot).contiguous();
+  // float / double: Kᵀ packed [B, Hk, nKt, D, BLOCK_N]; the matrix units pack in the kernel's tasks
+  at::Tensor kT = mu ? kc : pack_transposed(kc, kBlockN);
+  at::Tensor vc = v.to(ot).contiguous();
   at::Tensor out = at::empty({p.B, p.Hq, p.Nq, p.Dv}, q.options().dtype(ot));
   at::Tensor lse = at::empty({p.B, p.Hq, p.Nq}, q.options().dtype(at_));
   if (nonempty(p)) {

@@ -161,6 +161,57 @@ def test_key_padding_and_fully_masked_rows(window, dtype, gemm_path):
     check_lowp(shape, window, dtype, kpm=kpm)
 
 
+# The forward's tasks on the matrix units: (b, kv head, range of query tiles), each packing the key
+# band its tiles read into its own buffers, shared by the GQA group's heads. A window bounded on both
+# sides splits a head into ranges of ~1024 query rows (N=2100: three, the last one partial, bands
+# starting past key 0); block tables narrow each range's packed keys to the blocks it lists.
+RANGE_CASES = [
+    ((1, 2, 1, 2100, 2100, 64, 64), (100, 37)),
+    ((1, 4, 2, 1500, 1300, 32, 32), (300, 0)),  # GQA, Nq > Nk, one-sided: no range split, empty rows
+    ((1, 2, 2, 1100, 1100, 64, 64), (0, 513)),  # one-sided to the right
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("shape,window", RANGE_CASES, ids=[case_id(*s, w, "-ranges") for s, w in RANGE_CASES])
+def test_task_ranges_pack_their_band(shape, window, dtype, gemm_path):
+    gemm_path(dtype)
+    check_lowp(shape, window, dtype)
+
+
+def banded_layout(n_blocks, seed):
+    """Block diagonal +-1 and one random block per block row: later query blocks list no early keys."""
+    g = torch.Generator().manual_seed(seed)
+    i = torch.arange(n_blocks)
+    layout = (i[:, None] - i[None, :]).abs() <= 1
+    layout[i, torch.randint(0, n_blocks, (n_blocks,), generator=g)] = True
+    return layout[None, None]
+
+
+# Rows that see whole blocks with even starts and lengths take one exp pass over the run of their
+# blocks (bs 64 and 48, BigBird's case); bs 45 puts blocks on odd keys (one pass per block).
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("bs", [64, 48, 45])
+def test_block_runs_B1_H2_N1800_D64(bs, dtype, gemm_path):
+    gemm_path(dtype)
+    n = 1800
+    check_lowp((1, 2, 1, n, n, 64, 64), DENSE, dtype, tables=Tables(banded_layout(-(-n // bs), seed=bs), bs))
+
+
+def test_task_ranges_deterministic_across_thread_counts(gemm_path):
+    """The range split follows the thread count; every query tile's result must not."""
+    gemm_path(torch.bfloat16)
+    shape, window = (1, 2, 1, 2100, 2100, 64, 64), (100, 37)
+    q, k, v, dout = make_inputs(shape, torch.bfloat16, seed=21)
+    results = []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        results.append(run_kernels(q, k, v, dout, 0.125, window, None, None))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
 # The forward's lazy rescaling (matrix units): a row takes its P against the running max, or on
 # its first key tile against the previous row's max, and is redone only when its own max lands
 # more than 8 above (or, for a first estimate, 60 below) it. Inputs that take every branch: the

@@ -224,6 +224,40 @@ inline at::Tensor vnni_transposed_tiles(const at::Tensor& x, int64_t tile) {
   return out;
 }
 
+// One task's own copy of a key range of one head, single-threaded (the forward packs the band
+// its query tiles read into an L2-resident buffer, see csrc/softmax.cpp): x [n, D] 16-bit rows
+// (D even) -> tiles [t0, t1) of `tile` rows laid out as vnni_transposed_tiles does,
+// dst [t1 - t0, D / 2, tile, 2], zero past n.
+inline void vnni_transposed_tile_range(const void* x, int64_t n, int64_t D, int64_t tile, int64_t t0, int64_t t1,
+                                       void* dst) {
+  const int64_t W = D / 2;
+  const uint32_t* src = static_cast<const uint32_t*>(x);
+  uint32_t* d = static_cast<uint32_t*>(dst);
+  for (int64_t t = t0; t < t1; ++t, d += W * tile) {
+    const int64_t rows = std::min(tile, n - t * tile);  // [rows, W] words -> [W, tile]
+    at::vec::transpose_mxn<float>(reinterpret_cast<const float*>(src + t * tile * W), W, reinterpret_cast<float*>(d),
+                                  tile, static_cast<int>(rows), static_cast<int>(W));
+    if (rows < tile)
+      for (int64_t w = 0; w < W; ++w) std::fill(d + w * tile + rows, d + (w + 1) * tile, uint32_t(0));
+  }
+}
+
+// The same for rows: x [R, C] 16-bit -> VNNI pair rows [p0, p1) as vnni_rows lays them out,
+// dst [p1 - p0, C, 2] (a zero row pads odd R).
+inline void vnni_row_pair_range(const void* x, int64_t R, int64_t C, int64_t p0, int64_t p1, void* dst) {
+  const uint16_t* src = static_cast<const uint16_t*>(x);
+  uint32_t* d = static_cast<uint32_t*>(dst);
+  for (int64_t pr = p0; pr < p1; ++pr, d += C) {
+    const uint16_t* lo = src + 2 * pr * C;
+    if (2 * pr + 1 < R) {
+      const uint16_t* hi = lo + C;
+      for (int64_t c = 0; c < C; ++c) d[c] = uint32_t(lo[c]) | (uint32_t(hi[c]) << 16);
+    } else {
+      for (int64_t c = 0; c < C; ++c) d[c] = uint32_t(lo[c]);
+    }
+  }
+}
+
 // x [B, H, N, D] float32 -> [B, H, nT, D, tile], each tile transposed, zero past N.
 inline at::Tensor transposed_tiles_f32(const at::Tensor& x, int64_t tile) {
   TORCH_INTERNAL_ASSERT(x.scalar_type() == at::kFloat && x.dim() == 4);
