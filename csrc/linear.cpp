@@ -639,8 +639,10 @@ void backward_causal(const Dims& d0, const Args<scalar_t, acc_t>& a, const scala
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t b = bg / d.Hk, g = bg % d.Hk;
       // Pass 1, forward in time: dnum, dden and dQ (need (S, z) before each chunk).
-      acc_t* S = w.S.data();
-      init_split_state(d, a.s0, a.z0, bg, S, z.data());
+      // The state carried transposed, Sᵀ [DvP, MP] (H's B operand as it is; updated as
+      // Sᵀ += Vᵀ K̃ from the Vᵀ Γ needs anyway): no transpose of the state per chunk.
+      init_split_state(d, a.s0, a.z0, bg, w.S.data(), z.data());
+      transpose(d.MP, d.DvP, w.S.data(), d.DvP, w.ST.data(), d.MP);
       for (int64_t c = 0; c < nch; ++c) {
         const int64_t t0 = c * C, L = std::min(C, d.Nq - t0);
         acc_t* Kc = Kf.get() + c * C * d.MP;
@@ -648,7 +650,6 @@ void backward_causal(const Dims& d0, const Args<scalar_t, acc_t>& a, const scala
         transpose(C, d.MP, Kc, d.MP, w.KcT.data(), C);                      // [MP, C]
         load_grad(a.v_head(d, b, g, t0), L, d, w.Vc.data());                 // V [C, DvP]
         transpose(C, d.DvP, w.Vc.data(), d.DvP, w.VcT.data(), C);            // [DvP, C]
-        transpose(d.MP, d.DvP, S, d.DvP, w.ST.data(), d.MP);                 // [DvP, MP]
         for (int64_t hh = 0; hh < d.G; ++hh) {
           const int64_t h = g * d.G + hh;
           const int64_t row = (b * d.Hq + h) * d.Nq + t0;
@@ -698,7 +699,7 @@ void backward_causal(const Dims& d0, const Args<scalar_t, acc_t>& a, const scala
           }
           store_input_grad(w.dQ.data(), Qc, L, d, a.scale, a.f, dq + row * d.D);
         }
-        add_product(a.mx, d.D, d.DvP, L, w.KcT.data(), C, w.Vc.data(), d.DvP, S, d.DvP, w.tmp.data());  // S += K̃ᵀV
+        add_product(a.mx, d.Dv, d.MP, L, w.VcT.data(), C, Kc, d.MP, w.ST.data(), d.MP, w.tmp.data());  // Sᵀ += Vᵀ K̃
         column_sums(Kc, L, d.MP, static_cast<const acc_t*>(nullptr), zc.data());
         for (int64_t m = 0; m < d.MP; ++m) z[m] += zc[m];
       }
