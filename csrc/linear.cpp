@@ -5,12 +5,14 @@
 //   out_i = q̃_iᵀ S_i / (q̃_iᵀ z_i + eps),  S_i = S0 + Σ_j k̃_j v_jᵀ,  z_i = z0 + Σ_j k̃_j
 // over j ≤ i (causal) or all j; normalize=False drops the denominator.
 //
-// One trick carries the whole file: append a column of ones to V. With
+// One trick carries the non-causal kernels: append a column of ones to V. With
 // V' = [V | 1] the state S' = [S | z] is a single (M, Dv+1) matrix, the
 // numerator and the denominator come out of the same products (the last column
 // of q̃ᵀS' is q̃ᵀz), and the backward treats (dnum, dden) as one (Dv+1) row dN'.
 // The padded width DvP rounds Dv+1 up to the SIMD width so every GEMM has a
 // column count that is a multiple of the vector size (padding columns stay 0).
+// The causal kernels, where the V / state products are most of the work, keep z
+// apart instead (see "Causal kernels" below): at Dv = 64 the column cost 80 / 64.
 //
 // Causal runs in chunks of kChunk rows: a masked intra-chunk product plus the
 // state carried from the previous chunks; no per-token state is ever built.
@@ -132,10 +134,52 @@ inline void cvt_row(const S* src, D* dst, int64_t n) {
       const int64_t r = std::min<int64_t>(W, n - i);
       at::vec::convert_from_float<D>(fVec::loadu(src + i, r), fVec(0.f)).store(dst + i, r);
     }
+  } else if constexpr (std::is_same_v<S, D>) {
+    std::copy(src, src + n, dst);  // at::vec::convert's element loop took ~4% of the fp32 causal backward
   } else {
     at::vec::convert(src, dst, n);
   }
 }
+
+#ifdef ATTNKERNELS_NATIVE_BF16
+// The operand roundings of mx_gemm with AVX512-BF16's vcvtne2ps2bf16 (round to nearest even,
+// as at::vec's software rounding, one instruction per 32 values where that takes ~10 per 16),
+// compiled for this function only and run where the CPU has it (common::bf16_native_ok; every
+// CPU with AMX-BF16 does). The software roundings were ~18% of a bf16 causal fwd+bwd (perf,
+// N=1024 D=64, 1 thread).
+// dst[0, n) = src[0, n) rounded.
+__attribute__((target("avx512bf16"))) inline void round_row_bf16(const float* src, int64_t n, at::BFloat16* dst) {
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m512bh h = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + i + 16), _mm512_loadu_ps(src + i));
+    _mm512_storeu_si512(reinterpret_cast<void*>(dst + i), reinterpret_cast<__m512i>(h));
+  }
+  for (; i < n; i += 16) {
+    const __mmask16 m = static_cast<__mmask16>((1u << std::min<int64_t>(16, n - i)) - 1);
+    const __m256bh h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, src + i));
+    _mm256_mask_storeu_epi16(reinterpret_cast<void*>(dst + i), m, reinterpret_cast<__m256i>(h));
+  }
+}
+
+// dst[2j + t] = rows t = 0, 1 (r1 = nullptr: zeros) at column j < n, rounded: one VNNI pair row.
+__attribute__((target("avx512bf16"))) inline void round_pair_bf16(const float* r0, const float* r1, int64_t n,
+                                                                   at::BFloat16* dst) {
+  // [r0 j..j+15 | r1 j..j+15] -> r0[j] r1[j] r0[j+1] r1[j+1] ...
+  const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                       23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  for (int64_t j = 0; j < n; j += 16) {
+    const int64_t r = std::min<int64_t>(16, n - j);
+    const __mmask16 m = static_cast<__mmask16>((1u << r) - 1);
+    const __m512 x0 = _mm512_maskz_loadu_ps(m, r0 + j);
+    const __m512 x1 = r1 != nullptr ? _mm512_maskz_loadu_ps(m, r1 + j) : _mm512_setzero_ps();
+    const __m512i h = _mm512_permutexvar_epi16(idx, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(x1, x0)));
+    if (r == 16)
+      _mm512_storeu_si512(reinterpret_cast<void*>(dst + 2 * j), h);
+    else
+      _mm512_mask_storeu_epi16(reinterpret_cast<void*>(dst + 2 * j), static_cast<__mmask32>((uint64_t(1) << (2 * r)) - 1), h);
+  }
+}
+#endif
 
 // ---------------------------------------------------------------------------
 // bf16 inputs on the matrix units (AMX): the same products with their fp32 operands
@@ -164,6 +208,19 @@ void mx_gemm(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const
   thread_local std::vector<T16> a16, b16;
   if (int64_t(a16.size()) < m * ke) a16.resize(m * ke);
   if (int64_t(b16.size()) < ke * n) b16.resize(ke * n);
+#ifdef ATTNKERNELS_NATIVE_BF16
+  if constexpr (std::is_same_v<T16, at::BFloat16>) {
+    if (common::bf16_native_ok()) {
+      for (int64_t i = 0; i < m; ++i) {
+        round_row_bf16(A + i * lda, k, a16.data() + i * ke);  // [m, ke]
+        if (k & 1) a16[i * ke + k] = T16(0);
+      }
+      for (int64_t p = 0; p < ke / 2; ++p)
+        round_pair_bf16(B + 2 * p * ldb, 2 * p + 1 < k ? B + (2 * p + 1) * ldb : nullptr, n, b16.data() + 2 * p * n);
+      return common::vnni_gemm(m, n, ke, a16.data(), ke, b16.data(), n, C, ldc, accumulate);
+    }
+  }
+#endif
   for (int64_t i = 0; i < m; ++i) {
     cvt_row(A + i * lda, a16.data() + i * ke, k);  // [m, ke]
     if (k & 1) a16[i * ke + k] = T16(0);
@@ -244,11 +301,11 @@ Dims make_dims(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   return d;
 }
 
-// φ(mult · x) in place on x[0, n), vectorized (the exp of elu+1 would otherwise
+// out[0, n) = φ(mult · x[0, n)) (out may be x), vectorized (the exp of elu+1 would otherwise
 // cost as much as the products at D = 64); exp is common::vexp (exp_u20 for float, as
 // the softmax kernels: ~2 ulp, about twice as fast as Sleef's).
 template <typename T>
-void apply_phi(FeatureMap f, T* x, int64_t n, T mult) {
+void apply_phi(FeatureMap f, const T* x, T* out, int64_t n, T mult) {
   using Vec = at::vec::Vectorized<T>;
   constexpr int64_t W = Vec::size();
   const Vec m(mult), one(T(1)), zero(T(0));
@@ -257,9 +314,9 @@ void apply_phi(FeatureMap f, T* x, int64_t n, T mult) {
     const Vec v = Vec::loadu(x + c) * m;
     const Vec y = f == FeatureMap::Elu ? Vec::blendv(common::vexp(v), v + one, v > zero)
                   : f == FeatureMap::Relu ? at::vec::maximum(v, zero) : v;
-    y.store(x + c);
+    y.store(out + c);
   }
-  for (; c < n; ++c) x[c] = phi(f, mult * x[c]);
+  for (; c < n; ++c) out[c] = phi(f, mult * x[c]);
 }
 
 // Features of rows [0, L) of src ([*, D], row stride D) into dst [kChunk, MP]:
@@ -269,8 +326,12 @@ template <typename scalar_t, typename acc_t>
 void load_features(const scalar_t* src, int64_t L, const Dims& d, acc_t mult, FeatureMap f, acc_t* dst) {
   for (int64_t i = 0; i < L; ++i) {
     acc_t* o = dst + i * d.MP;
-    cvt_row(src + i * d.D, o, d.D);
-    apply_phi(f, o, d.D, mult);
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      apply_phi(f, src + i * d.D, o, d.D, mult);  // read where it is: no copy pass
+    } else {
+      cvt_row(src + i * d.D, o, d.D);
+      apply_phi(f, static_cast<const acc_t*>(o), o, d.D, mult);
+    }
     std::fill(o + d.D, o + d.MP, acc_t(0));
   }
   std::fill(dst + L * d.MP, dst + kChunk * d.MP, acc_t(0));
@@ -389,40 +450,6 @@ void reduce_state(const Dims& d, const Args<scalar_t, acc_t>& a, int64_t b, int6
 // Forward.
 
 template <typename scalar_t, typename acc_t>
-void forward_causal(const Dims& d, const Args<scalar_t, acc_t>& a, scalar_t* out, acc_t* s_out, acc_t* z_out) {
-  const int64_t work = d.Nq * (d.G + 1) * (d.MP + kChunk) * d.DvP;  // per kv head
-  at::parallel_for(0, d.B * d.Hk, grain_for(work), [&](int64_t begin, int64_t end) {
-    Scratch<acc_t> w(d);
-    for (int64_t bg = begin; bg < end; ++bg) {
-      const int64_t b = bg / d.Hk, g = bg % d.Hk;
-      acc_t* S = w.S.data();  // [MP, DvP] state of the chunks before this one
-      init_state(d, a.s0, a.z0, bg, S);
-      for (int64_t t0 = 0; t0 < d.Nq; t0 += kChunk) {
-        const int64_t L = std::min(kChunk, d.Nq - t0);
-        load_features(a.k_head(d, b, g, t0), L, d, acc_t(1), a.f, w.Kc.data());
-        transpose(kChunk, d.MP, w.Kc.data(), d.MP, w.KcT.data(), kChunk);  // [MP, C]
-        load_values(a.v_head(d, b, g, t0), L, d, w.Vc.data());               // [C, DvP]
-        for (int64_t hh = 0; hh < d.G; ++hh) {
-          const int64_t h = g * d.G + hh;
-          load_features(a.q_head(d, b, h, t0), L, d, a.scale, a.f, w.Qc.data());          // [C, MP]
-          gemm(a.mx, L, kChunk, d.D, w.Qc.data(), d.MP, w.KcT.data(), kChunk, w.P.data(), kChunk, false, Tri::None, Tri::Lower);  // P = Q̃K̃ᵀ [L, C]
-          mask_lower(L, w.P.data(), kChunk);
-          // intra (P V') and inter (Q̃ S') are summed separately, then added: adding the
-          // 64 small intra terms onto the large carried part would round each at its scale
-          // (fp32 products; on the matrix units the tile unit accumulates them, see add_product).
-          gemm(a.mx, L, d.DvP, L, w.P.data(), kChunk, w.Vc.data(), d.DvP, w.num.data(), d.DvP, false, Tri::Lower);  // intra
-          add_product(a.mx, L, d.DvP, d.D, w.Qc.data(), d.MP, S, d.DvP, w.num.data(), d.DvP, w.tmp.data());  // inter
-          store_output(w.num.data(), L, d, a.normalize, a.eps, out + ((b * d.Hq + h) * d.Nq + t0) * d.Dv);
-        }
-        add_product(a.mx, d.D, d.DvP, L, w.KcT.data(), kChunk, w.Vc.data(), d.DvP, S, d.DvP, w.tmp.data());  // S' += K̃ᵀV'
-      }
-      store_state(d, S, bg, s_out, z_out);
-    }
-    if (a.mx) common::vnni_release();  // the tile registers, on the thread that used them
-  });
-}
-
-template <typename scalar_t, typename acc_t>
 void forward_noncausal(const Dims& d, const Args<scalar_t, acc_t>& a, scalar_t* out, acc_t* s_out, acc_t* z_out, acc_t* states) {
   // Phase 1: the full state of each kv head. states: [B*Hk, MP, DvP].
   at::parallel_for(0, d.B * d.Hk, grain_for(d.Nk * d.MP * d.DvP), [&](int64_t begin, int64_t end) {
@@ -484,72 +511,172 @@ void load_grad(const scalar_t* src, int64_t L, const Dims& d, acc_t* dst) {
   std::fill(dst + L * d.DvP, dst + kChunk * d.DvP, acc_t(0));
 }
 
+// ---------------------------------------------------------------------------
+// Causal kernels. They keep V and the state without the ones column: S [MP, DvP] with
+// DvP = Dv rounded up to the vector width, and z [MP] apart (z += the column sums of
+// K̃, den = Σ_j A_ij + q̃·z from row sums and dots). At Dv = 64 the ones column padded
+// every V / state product to 80 columns: a fifth of their multiply-adds, for one
+// column the vector passes around the products compute at a fraction of the cost.
+
+// The causal geometry: as d, with DvP = Dv rounded up to the vector width (no ones column).
+template <typename acc_t>
+Dims causal_dims(Dims d) {
+  d.DvP = round_up(d.Dv, at::vec::Vectorized<acc_t>::size());
+  return d;
+}
+
+// S [MP, DvP] = S0 and z [MP] = z0 of kv head bg (or zeros).
+template <typename acc_t>
+void init_split_state(const Dims& d, const acc_t* s0, const acc_t* z0, int64_t bg, acc_t* S, acc_t* z) {
+  std::fill(S, S + d.MP * d.DvP, acc_t(0));
+  std::fill(z, z + d.MP, acc_t(0));
+  if (s0 == nullptr) return;
+  for (int64_t r = 0; r < d.D; ++r) {
+    std::copy(s0 + (bg * d.D + r) * d.Dv, s0 + (bg * d.D + r + 1) * d.Dv, S + r * d.DvP);
+    z[r] = z0[bg * d.D + r];
+  }
+}
+
+template <typename acc_t>
+void store_split_state(const Dims& d, const acc_t* S, const acc_t* z, int64_t bg, acc_t* s_out, acc_t* z_out) {
+  for (int64_t r = 0; r < d.D; ++r) {
+    std::copy(S + r * d.DvP, S + r * d.DvP + d.Dv, s_out + (bg * d.D + r) * d.Dv);
+    z_out[bg * d.D + r] = z[r];
+  }
+}
+
+// sum[m] = Σ_i X[i, m] * (w == nullptr ? 1 : w[i]) over rows [0, L) of X [*, n] (n a multiple
+// of the vector width): the chunk's share of z (w = nullptr) or of dz (w = dden).
+template <typename acc_t>
+void column_sums(const acc_t* X, int64_t L, int64_t n, const acc_t* w, acc_t* sum) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  for (int64_t c = 0; c < n; c += Vec::size()) {
+    Vec acc(acc_t(0));
+    for (int64_t i = 0; i < L; ++i)
+      acc = w == nullptr ? acc + Vec::loadu(X + i * n + c) : at::vec::fmadd(Vec::loadu(X + i * n + c), Vec(w[i]), acc);
+    acc.store(sum + c);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void forward_causal(const Dims& d0, const Args<scalar_t, acc_t>& a, scalar_t* out, acc_t* s_out, acc_t* z_out) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const Dims d = causal_dims<acc_t>(d0);
+  const int64_t work = d.Nq * (d.G + 1) * (d.MP + kChunk) * d.DvP;  // per kv head
+  at::parallel_for(0, d.B * d.Hk, grain_for(work), [&](int64_t begin, int64_t end) {
+    Scratch<acc_t> w(d);
+    std::vector<acc_t> z(d.MP), zc(d.MP), den(kChunk);
+    for (int64_t bg = begin; bg < end; ++bg) {
+      const int64_t b = bg / d.Hk, g = bg % d.Hk;
+      acc_t* S = w.S.data();  // [MP, DvP] state of the chunks before this one, z [MP] its key sum
+      init_split_state(d, a.s0, a.z0, bg, S, z.data());
+      for (int64_t t0 = 0; t0 < d.Nq; t0 += kChunk) {
+        const int64_t L = std::min(kChunk, d.Nq - t0);
+        load_features(a.k_head(d, b, g, t0), L, d, acc_t(1), a.f, w.Kc.data());
+        transpose(kChunk, d.MP, w.Kc.data(), d.MP, w.KcT.data(), kChunk);  // [MP, C]
+        load_grad(a.v_head(d, b, g, t0), L, d, w.Vc.data());                 // V [C, DvP]
+        for (int64_t hh = 0; hh < d.G; ++hh) {
+          const int64_t h = g * d.G + hh;
+          load_features(a.q_head(d, b, h, t0), L, d, a.scale, a.f, w.Qc.data());          // [C, MP]
+          gemm(a.mx, L, kChunk, d.D, w.Qc.data(), d.MP, w.KcT.data(), kChunk, w.P.data(), kChunk, false, Tri::None, Tri::Lower);  // P = Q̃K̃ᵀ [L, C]
+          mask_lower(L, w.P.data(), kChunk);
+          // intra (P V, Σ_j P) and inter (Q̃ S, q̃·z) are summed separately, then added: adding
+          // the 64 small intra terms onto the large carried part would round each at its scale
+          // (fp32 products; on the matrix units the tile unit accumulates them, see add_product).
+          gemm(a.mx, L, d.DvP, L, w.P.data(), kChunk, w.Vc.data(), d.DvP, w.num.data(), d.DvP, false, Tri::Lower);  // intra
+          if (a.normalize)
+            for (int64_t i = 0; i < L; ++i) den[i] = vsum(w.P.data() + i * kChunk, kChunk);
+          add_product(a.mx, L, d.DvP, d.D, w.Qc.data(), d.MP, S, d.DvP, w.num.data(), d.DvP, w.tmp.data());  // inter
+          scalar_t* o = out + ((b * d.Hq + h) * d.Nq + t0) * d.Dv;
+          for (int64_t i = 0; i < L; ++i) {
+            acc_t* n = w.num.data() + i * d.DvP;
+            if (a.normalize) {
+              const Vec inv(acc_t(1) / ((den[i] + vdot(w.Qc.data() + i * d.MP, z.data(), d.MP)) + a.eps));
+              for (int64_t c = 0; c < d.DvP; c += Vec::size()) (Vec::loadu(n + c) * inv).store(n + c);
+            }
+            cvt_row(n, o + i * d.Dv, d.Dv);
+          }
+        }
+        add_product(a.mx, d.D, d.DvP, L, w.KcT.data(), kChunk, w.Vc.data(), d.DvP, S, d.DvP, w.tmp.data());  // S += K̃ᵀV
+        column_sums(w.Kc.data(), L, d.MP, static_cast<const acc_t*>(nullptr), zc.data());
+        for (int64_t m = 0; m < d.MP; ++m) z[m] += zc[m];  // z += Σ k̃, the chunk's sum added once
+      }
+      store_split_state(d, S, z.data(), bg, s_out, z_out);
+    }
+    if (a.mx) common::vnni_release();  // the tile registers, on the thread that used them
+  });
+}
+
 // Causal backward without recomputing the forward's output. Per chunk of L rows and
 // query head, with A = mask(Q̃K̃ᵀ) and Γ = mask(g Vᵀ) (g = dout, lower triangles, [L, C]),
-// H = g S[:, :Dv]ᵀ [L, M] and z = S[:, Dv] from the state S' of the earlier chunks:
+// H = g Sᵀ [L, M] and z from the state (S, z) of the earlier chunks:
 //   den_i = Σ_j A_ij + q̃_i·z + eps,  g_i·num_i = Σ_j A_ij Γ_ij + q̃_i·H_i,
 //   dnum_i = g_i / den_i,  dden_i = -(g_i·num_i) / den_i²,
 //   P2_ij = dn'_i·v'_j = Γ_ij / den_i + dden_i (j <= i),
 //   dq̃ = P2 K̃ + H / den + dden zᵀ;  dk̃ (intra) = P2ᵀ Q̃,  dv (intra) = Aᵀ dnum.
-// So the numerator (A V' + Q̃ S', the forward's two large products) is never rebuilt:
+// So the numerator (A V + Q̃ S, the forward's two large products) is never rebuilt:
 // its one use, g·num, comes from the products dq̃ needs anyway. Pass 1 (forward in
-// time) carries S' (one K̃ᵀV' product per chunk, the only forward work repeated) and
-// keeps Q̃, K̃, dN', Aᵀ and P2ᵀ of every chunk; pass 2 (backward in time) carries
-// dS' = Σ_later Q̃ᵀ dN' for the inter-chunk parts dk̃ = V' dS'ᵀ, dv' = K̃ dS' and
-// adds the intra parts from the kept triangles. Scratch per task: O(Nq · (G (M + 2C +
-// Dv + 1) + M)) floats (Nq = 4096, G = 1, D = Dv = 64: ~5 MB).
+// time) carries (S, z) (one K̃ᵀV product per chunk, the only forward work repeated) and
+// keeps Q̃, K̃, dnum, dden, A and P2 of every chunk; pass 2 (backward in time) carries
+// dS = Σ_later Q̃ᵀ dnum and dz = Σ_later Q̃ᵀ dden for the inter-chunk parts dk̃ = V dSᵀ + dz,
+// dv = K̃ dS and adds the intra parts from the kept triangles. Scratch per task:
+// O(Nq · (G (M + 2C + Dv + 1) + M)) floats (Nq = 4096, G = 1, D = Dv = 64: ~5 MB).
 template <typename scalar_t, typename acc_t>
-void backward_causal(const Dims& d, const Args<scalar_t, acc_t>& a, const scalar_t* dout, scalar_t* dq, scalar_t* dk, scalar_t* dv) {
+void backward_causal(const Dims& d0, const Args<scalar_t, acc_t>& a, const scalar_t* dout, scalar_t* dq, scalar_t* dk, scalar_t* dv) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t C = kChunk;
+  const Dims d = causal_dims<acc_t>(d0);
   const int64_t nch = (d.Nq + C - 1) / C;
   const int64_t work = 2 * d.Nq * (d.G + 1) * (d.MP + C) * d.DvP;  // per kv head
   at::parallel_for(0, d.B * d.Hk, grain_for(work), [&](int64_t begin, int64_t end) {
     Scratch<acc_t> w(d);
     // Kept from pass 1 for pass 2, chunk-major: [G, nch, C, *] (K̃: [nch, C, MP]). Not
-    // zero-filled: pass 1 writes every entry pass 2 reads (whole chunk rows of Q̃, K̃, dN';
-    // the L x L corners of Aᵀ, P2ᵀ); zero-filling ~5 MB per call cost ~5% (N = 4096).
+    // zero-filled: pass 1 writes every entry pass 2 reads (whole chunk rows of Q̃, K̃, dnum,
+    // dden; the first L rows of A, P2); zero-filling ~5 MB per call cost ~5% (N = 4096).
     const auto buffer = [](int64_t n) { return std::unique_ptr<acc_t[]>(new acc_t[n]); };
     const auto Qf = buffer(d.G * nch * C * d.MP), Kf = buffer(nch * C * d.MP), dN_all = buffer(d.G * nch * C * d.DvP);
-    const auto AT = buffer(d.G * nch * C * C), P2T = buffer(d.G * nch * C * C);
-    std::vector<acc_t> Gd(C * d.DvP), Gm(C * C), H(C * d.MP), inv(C), dden(C);
+    const auto dd_all = buffer(d.G * nch * C);
+    const auto A_all = buffer(d.G * nch * C * C), P2_all = buffer(d.G * nch * C * C);  // A, P2 [L, C] (ld C)
+    std::vector<acc_t> Gd(C * d.DvP), H(C * d.MP), inv(C), z(d.MP), zc(d.MP), dz(d.MP);
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t b = bg / d.Hk, g = bg % d.Hk;
-      // Pass 1, forward in time: dN' and dQ (need S' before each chunk).
-      acc_t* S = w.S.data();
-      init_state(d, a.s0, a.z0, bg, S);
+      // Pass 1, forward in time: dnum, dden and dQ (need (S, z) before each chunk).
+      // The state carried transposed, Sᵀ [DvP, MP] (H's B operand as it is; updated as
+      // Sᵀ += Vᵀ K̃ from the Vᵀ Γ needs anyway): no transpose of the state per chunk.
+      init_split_state(d, a.s0, a.z0, bg, w.S.data(), z.data());
+      transpose(d.MP, d.DvP, w.S.data(), d.DvP, w.ST.data(), d.MP);
       for (int64_t c = 0; c < nch; ++c) {
         const int64_t t0 = c * C, L = std::min(C, d.Nq - t0);
         acc_t* Kc = Kf.get() + c * C * d.MP;
         load_features(a.k_head(d, b, g, t0), L, d, acc_t(1), a.f, Kc);
         transpose(C, d.MP, Kc, d.MP, w.KcT.data(), C);                      // [MP, C]
-        load_values(a.v_head(d, b, g, t0), L, d, w.Vc.data());               // [C, DvP]
+        load_grad(a.v_head(d, b, g, t0), L, d, w.Vc.data());                 // V [C, DvP]
         transpose(C, d.DvP, w.Vc.data(), d.DvP, w.VcT.data(), C);            // [DvP, C]
-        transpose(d.MP, d.DvP, S, d.DvP, w.ST.data(), d.MP);                 // [DvP, MP]
-        const acc_t* z = w.ST.data() + d.Dv * d.MP;                          // S'[:, Dv], [MP]
         for (int64_t hh = 0; hh < d.G; ++hh) {
           const int64_t h = g * d.G + hh;
           const int64_t row = (b * d.Hq + h) * d.Nq + t0;
           const int64_t slot = hh * nch + c;
           acc_t* Qc = Qf.get() + slot * C * d.MP;
-          acc_t* dN = dN_all.get() + slot * C * d.DvP;                      // [C, DvP]
-          acc_t* P = w.P.data();
+          acc_t* dN = dN_all.get() + slot * C * d.DvP;                      // dnum [C, DvP]
+          acc_t* dden = dd_all.get() + slot * C;                            // [C]
+          acc_t* P = A_all.get() + slot * C * C;   // A, kept for pass 2
+          acc_t* Gm = P2_all.get() + slot * C * C;  // Γ, then P2 in place, kept for pass 2
           load_features(a.q_head(d, b, h, t0), L, d, a.scale, a.f, Qc);
           load_grad(dout + row * d.Dv, L, d, Gd.data());
           gemm(a.mx, L, C, d.D, Qc, d.MP, w.KcT.data(), C, P, C, false, Tri::None, Tri::Lower);            // A [L, C]
           mask_lower(L, P, C);
-          gemm(a.mx, L, C, d.Dv, Gd.data(), d.DvP, w.VcT.data(), C, Gm.data(), C, false, Tri::None, Tri::Lower);  // Γ
-          mask_lower(L, Gm.data(), C);
+          gemm(a.mx, L, C, d.Dv, Gd.data(), d.DvP, w.VcT.data(), C, Gm, C, false, Tri::None, Tri::Lower);  // Γ
+          mask_lower(L, Gm, C);
           gemm(a.mx, L, d.MP, d.Dv, Gd.data(), d.DvP, w.ST.data(), d.MP, H.data(), d.MP, false);         // H [L, MP]
           for (int64_t i = 0; i < L; ++i) {
             const acc_t* Ai = P + i * C;
-            acc_t* Gi = Gm.data() + i * C;
+            acc_t* Gi = Gm + i * C;
             const acc_t* Qi = Qc + i * d.MP;
             const acc_t* Hi = H.data() + i * d.MP;
             acc_t r = 1, s = 0;
             if (a.normalize) {
               // intra and inter parts summed apart, then added (as the forward does)
-              r = acc_t(1) / ((vsum(Ai, C) + vdot(Qi, z, d.MP)) + a.eps);
+              r = acc_t(1) / ((vsum(Ai, C) + vdot(Qi, z.data(), d.MP)) + a.eps);
               s = -(vdot(Ai, Gi, C) + vdot(Qi, Hi, d.MP)) * r * r;
             }
             inv[i] = r;
@@ -557,47 +684,62 @@ void backward_causal(const Dims& d, const Args<scalar_t, acc_t>& a, const scalar
             acc_t* o = dN + i * d.DvP;
             const acc_t* gi = Gd.data() + i * d.DvP;
             for (int64_t q = 0; q < d.DvP; q += Vec::size()) (Vec::loadu(gi + q) * Vec(r)).store(o + q);
-            o[d.Dv] = s;
             // P2 row in place of Γ: Γ r + s for j <= i, zero after.
             for (int64_t j = 0; j < C; j += Vec::size()) at::vec::fmadd(Vec::loadu(Gi + j), Vec(r), Vec(s)).store(Gi + j);
             std::fill(Gi + i + 1, Gi + C, acc_t(0));
           }
           std::fill(dN + L * d.DvP, dN + C * d.DvP, acc_t(0));
-          gemm(a.mx, L, d.MP, L, Gm.data(), C, Kc, d.MP, w.dQ.data(), d.MP, false, Tri::Lower);        // P2 K̃
+          std::fill(dden + L, dden + C, acc_t(0));
+          gemm(a.mx, L, d.MP, L, Gm, C, Kc, d.MP, w.dQ.data(), d.MP, false, Tri::Lower);        // P2 K̃
           for (int64_t i = 0; i < L; ++i) {
             acc_t* o = w.dQ.data() + i * d.MP;
             const acc_t* Hi = H.data() + i * d.MP;
             for (int64_t q = 0; q < d.MP; q += Vec::size()) {
-              const Vec inter = at::vec::fmadd(Vec::loadu(Hi + q), Vec(inv[i]), Vec::loadu(z + q) * Vec(dden[i]));
+              const Vec inter = at::vec::fmadd(Vec::loadu(Hi + q), Vec(inv[i]), Vec::loadu(z.data() + q) * Vec(dden[i]));
               (Vec::loadu(o + q) + inter).store(o + q);
             }
           }
           store_input_grad(w.dQ.data(), Qc, L, d, a.scale, a.f, dq + row * d.D);
-          transpose(L, L, P, C, AT.get() + slot * C * C, C);                // Aᵀ [L, L] (ld C)
-          transpose(L, L, Gm.data(), C, P2T.get() + slot * C * C, C);       // P2ᵀ
         }
-        add_product(a.mx, d.D, d.DvP, L, w.KcT.data(), C, w.Vc.data(), d.DvP, S, d.DvP, w.tmp.data());  // S' += K̃ᵀV'
+        add_product(a.mx, d.Dv, d.MP, L, w.VcT.data(), C, Kc, d.MP, w.ST.data(), d.MP, w.tmp.data());  // Sᵀ += Vᵀ K̃
+        column_sums(Kc, L, d.MP, static_cast<const acc_t*>(nullptr), zc.data());
+        for (int64_t m = 0; m < d.MP; ++m) z[m] += zc[m];
       }
       // Pass 2, backward in time.
       acc_t* dS = w.dS.data();
       std::fill(dS, dS + d.MP * d.DvP, acc_t(0));
+      std::fill(dz.begin(), dz.end(), acc_t(0));
       for (int64_t c = nch - 1; c >= 0; --c) {
         const int64_t t0 = c * C, L = std::min(C, d.Nk - t0);
         const acc_t* Kc = Kf.get() + c * C * d.MP;
-        load_values(a.v_head(d, b, g, t0), L, d, w.Vc.data());
-        // Inter-chunk parts from dS' as it stands before this chunk's queries join it;
+        load_grad(a.v_head(d, b, g, t0), L, d, w.Vc.data());
+        // Inter-chunk parts from (dS, dz) as they stand before this chunk's queries join them;
         // kept apart (in the free dQ/num buffers) and added after the intra parts.
         transpose(d.MP, d.DvP, dS, d.DvP, w.dST.data(), d.MP);
-        gemm(a.mx, L, d.MP, d.Dv + 1, w.Vc.data(), d.DvP, w.dST.data(), d.MP, w.dQ.data(), d.MP, false);  // [L, MP]
-        gemm(a.mx, L, d.DvP, d.D, Kc, d.MP, dS, d.DvP, w.num.data(), d.DvP, false);                       // [L, DvP]
+        gemm(a.mx, L, d.MP, d.Dv, w.Vc.data(), d.DvP, w.dST.data(), d.MP, w.dQ.data(), d.MP, false);  // V dSᵀ [L, MP]
+        gemm(a.mx, L, d.DvP, d.D, Kc, d.MP, dS, d.DvP, w.num.data(), d.DvP, false);                   // K̃ dS [L, DvP]
+        for (int64_t i = 0; i < L; ++i)  // + dz: the ones column of v' against dden
+          for (int64_t q = 0; q < d.MP; q += Vec::size())
+            (Vec::loadu(w.dQ.data() + i * d.MP + q) + Vec::loadu(dz.data() + q)).store(w.dQ.data() + i * d.MP + q);
         for (int64_t hh = 0; hh < d.G; ++hh) {
           const int64_t slot = hh * nch + c;
           const acc_t* Qc = Qf.get() + slot * C * d.MP;
           const acc_t* dN = dN_all.get() + slot * C * d.DvP;
-          gemm(a.mx, L, d.MP, L, P2T.get() + slot * C * C, C, Qc, d.MP, w.dK.data(), d.MP, hh > 0, Tri::Upper);   // P2ᵀ Q̃
-          gemm(a.mx, L, d.DvP, L, AT.get() + slot * C * C, C, dN, d.DvP, w.dV.data(), d.DvP, hh > 0, Tri::Upper);  // Aᵀ dN'
+          const acc_t* Ak = A_all.get() + slot * C * C;
+          const acc_t* P2k = P2_all.get() + slot * C * C;
+          if (a.mx) {  // the tile unit reads A row-major: the transposes, into the free P
+            transpose(L, L, P2k, C, w.P.data(), C);
+            gemm(a.mx, L, d.MP, L, w.P.data(), C, Qc, d.MP, w.dK.data(), d.MP, hh > 0);   // P2ᵀ Q̃
+            transpose(L, L, Ak, C, w.P.data(), C);
+            gemm(a.mx, L, d.DvP, L, w.P.data(), C, dN, d.DvP, w.dV.data(), d.DvP, hh > 0);  // Aᵀ dnum
+          } else {  // the triangles read transposed where pass 1 left them
+            common::register_gemm_at<acc_t>(L, d.MP, L, P2k, C, Qc, d.MP, w.dK.data(), d.MP, hh > 0, Tri::Upper);   // P2ᵀ Q̃
+            common::register_gemm_at<acc_t>(L, d.DvP, L, Ak, C, dN, d.DvP, w.dV.data(), d.DvP, hh > 0, Tri::Upper);  // Aᵀ dnum
+          }
           transpose(C, d.MP, Qc, d.MP, w.QcT.data(), C);                                               // [MP, C]
-          add_product(a.mx, d.D, d.DvP, L, w.QcT.data(), C, dN, d.DvP, dS, d.DvP, w.tmp.data());             // dS' += Q̃ᵀ dN'
+          add_product(a.mx, d.D, d.DvP, L, w.QcT.data(), C, dN, d.DvP, dS, d.DvP, w.tmp.data());             // dS += Q̃ᵀ dnum
+          column_sums(Qc, L, d.MP, dd_all.get() + slot * C, zc.data());                                  // Q̃ᵀ dden
+          for (int64_t m = 0; m < d.MP; ++m) dz[m] += zc[m];
         }
         for (int64_t i = 0; i < L * d.MP; ++i) w.dK[i] += w.dQ[i];
         for (int64_t i = 0; i < L * d.DvP; ++i) w.dV[i] += w.num[i];

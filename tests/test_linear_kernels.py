@@ -335,3 +335,22 @@ def test_cpu_bf16_deterministic_across_thread_counts_B2_H4_N300_D32(monkeypatch)
     for (out_a, st_a, gr_a), (out_b, st_b, gr_b) in zip(results[:2], results[2:]):
         for a, b in zip((out_a, *st_a, *gr_a), (out_b, *st_b, *gr_b)):
             assert torch.equal(a, b)
+
+
+# --- the causal kernels carry the state without V's ones column (S [M, Dv rounded up to the
+# vector width], z apart): Dv a whole number of vectors (no padding column left over for the
+# ones, where the non-causal kernels keep theirs), GQA 4:2, two chunks + 2 rows, a carried
+# state and the final state, with and without the normaliser; fp32 and bf16 on both GEMM paths.
+@pytest.mark.parametrize("path", ["amx", "upcast"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_cpu_causal_split_state_B2_H4_N130_D48_Dv32_gqa(dtype, path, monkeypatch):
+    backend_param("cpu", "linear")
+    if path == "upcast":
+        monkeypatch.setenv("ATTNKERNELS_CPU_NO_AMX", "1")
+    else:
+        monkeypatch.delenv("ATTNKERNELS_CPU_NO_AMX", raising=False)
+    q, k, v = make_qkv(2, 4, 2, 130, 130, 48, 32)
+    for normalize in (True, False):
+        _compare("cpu", q, k, v, dtype, causal=True, normalize=normalize)
+        _compare("cpu", q, k, v, dtype, causal=True, normalize=normalize, initial_state=make_state(2, 2, 48, 32), eps=1e-3)
+    _compare("cpu", q, k, v, dtype, causal=True, feature_map="relu")

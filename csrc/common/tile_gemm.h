@@ -35,8 +35,9 @@ enum class Tri { None, Lower, Upper };
 
 // Register tile of RM rows x NV vectors: the B strip of a column block stays in
 // L1 while the rows stream past it. kTail: the block is one partial vector of
-// `tail` lanes (masked loads and stores).
-template <typename T, int RM, int NV, bool kTail>
+// `tail` lanes (masked loads and stores). kTransA: A is given transposed, element
+// (r, p) at A[p * lda + r] (register_gemm_at).
+template <typename T, int RM, int NV, bool kTail, bool kTransA = false>
 inline void register_tile(int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc,
                           bool accumulate, int64_t tail) {
   using Vec = at::vec::Vectorized<T>;
@@ -54,7 +55,7 @@ inline void register_tile(int64_t k, const T* A, int64_t lda, const T* B, int64_
     Vec b[NV];
     for (int v = 0; v < NV; ++v) b[v] = kTail ? Vec::loadu(B + p * ldb, tail) : Vec::loadu(B + p * ldb + v * W);
     for (int r = 0; r < RM; ++r) {
-      const Vec a(A[r * lda + p]);
+      const Vec a(kTransA ? A[p * lda + r] : A[r * lda + p]);
       for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(a, b[v], acc[r][v]);
     }
   }
@@ -69,17 +70,17 @@ inline void register_tile(int64_t k, const T* A, int64_t lda, const T* B, int64_
 
 constexpr int kRegisterRows = 6;  // 6 x 2 accumulators + 2 B vectors + 1 broadcast fit in 16 AVX2 registers
 
-template <typename T, int NV, bool kTail>
+template <typename T, int NV, bool kTail, bool kTransA = false>
 inline void register_row_tile(int64_t rm, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
                               int64_t ldc, bool accumulate, int64_t tail) {
   static_assert(kRegisterRows == 6, "register_row_tile dispatches up to 6 rows");
   switch (rm) {
-    case 6: register_tile<T, 6, NV, kTail>(k, A, lda, B, ldb, C, ldc, accumulate, tail); break;
-    case 5: register_tile<T, 5, NV, kTail>(k, A, lda, B, ldb, C, ldc, accumulate, tail); break;
-    case 4: register_tile<T, 4, NV, kTail>(k, A, lda, B, ldb, C, ldc, accumulate, tail); break;
-    case 3: register_tile<T, 3, NV, kTail>(k, A, lda, B, ldb, C, ldc, accumulate, tail); break;
-    case 2: register_tile<T, 2, NV, kTail>(k, A, lda, B, ldb, C, ldc, accumulate, tail); break;
-    case 1: register_tile<T, 1, NV, kTail>(k, A, lda, B, ldb, C, ldc, accumulate, tail); break;
+    case 6: register_tile<T, 6, NV, kTail, kTransA>(k, A, lda, B, ldb, C, ldc, accumulate, tail); break;
+    case 5: register_tile<T, 5, NV, kTail, kTransA>(k, A, lda, B, ldb, C, ldc, accumulate, tail); break;
+    case 4: register_tile<T, 4, NV, kTail, kTransA>(k, A, lda, B, ldb, C, ldc, accumulate, tail); break;
+    case 3: register_tile<T, 3, NV, kTail, kTransA>(k, A, lda, B, ldb, C, ldc, accumulate, tail); break;
+    case 2: register_tile<T, 2, NV, kTail, kTransA>(k, A, lda, B, ldb, C, ldc, accumulate, tail); break;
+    case 1: register_tile<T, 1, NV, kTail, kTransA>(k, A, lda, B, ldb, C, ldc, accumulate, tail); break;
     default: break;
   }
 }
@@ -87,7 +88,7 @@ inline void register_row_tile(int64_t rm, int64_t k, const T* A, int64_t lda, co
 // Columns [j, j + width) of C, row tiles of kRegisterRows. a_tri: A's zeros bound the
 // k range of a row tile. c_tri: row tiles of C entirely in its zero triangle are
 // not computed at all (left for the caller's mask to zero).
-template <typename T, int NV, bool kTail>
+template <typename T, int NV, bool kTail, bool kTransA = false>
 inline void register_column_block(int64_t m, int64_t j, int64_t width, int64_t k, const T* A, int64_t lda,
                                   const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate, Tri a_tri,
                                   Tri c_tri) {
@@ -97,8 +98,9 @@ inline void register_column_block(int64_t m, int64_t j, int64_t width, int64_t k
     if (c_tri == Tri::Upper && j + width - 1 < i) continue;  // every column < every row
     const int64_t p0 = a_tri == Tri::Upper ? std::min(i, k) : 0;
     const int64_t p1 = a_tri == Tri::Lower ? std::min(k, i + rm) : k;
-    register_row_tile<T, NV, kTail>(rm, std::max<int64_t>(0, p1 - p0), A + i * lda + p0, lda, B + p0 * ldb + j, ldb,
-                                    C + i * ldc + j, ldc, accumulate, width);
+    const T* a = kTransA ? A + p0 * lda + i : A + i * lda + p0;
+    register_row_tile<T, NV, kTail, kTransA>(rm, std::max<int64_t>(0, p1 - p0), a, lda, B + p0 * ldb + j, ldb,
+                                             C + i * ldc + j, ldc, accumulate, width);
   }
 }
 
@@ -113,6 +115,22 @@ void register_gemm(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, con
   for (; j + W <= n; j += W)
     register_column_block<T, 1, false>(m, j, W, k, A, lda, B, ldb, C, ldc, accumulate, a_tri, c_tri);
   if (j < n) register_column_block<T, 1, true>(m, j, n - j, k, A, lda, B, ldb, C, ldc, accumulate, a_tri, c_tri);
+}
+
+// register_gemm with A given transposed: C[m, n] (+)= Aᵀ · B for A stored [k, m] (lda >= m);
+// a_tri describes the product's operand Aᵀ. The linear causal backward's Aᵀ·dN and P2ᵀ·Q̃
+// read the triangles as pass 1 computed them, with no transpose pass and no transposed copy.
+template <typename T>
+void register_gemm_at(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+                      int64_t ldc, bool accumulate, Tri a_tri = Tri::None, Tri c_tri = Tri::None) {
+  constexpr int64_t W = at::vec::Vectorized<T>::size();
+  if (m == 0 || n == 0) return;
+  int64_t j = 0;
+  for (; j + 2 * W <= n; j += 2 * W)
+    register_column_block<T, 2, false, true>(m, j, 2 * W, k, A, lda, B, ldb, C, ldc, accumulate, a_tri, c_tri);
+  for (; j + W <= n; j += W)
+    register_column_block<T, 1, false, true>(m, j, W, k, A, lda, B, ldb, C, ldc, accumulate, a_tri, c_tri);
+  if (j < n) register_column_block<T, 1, true, true>(m, j, n - j, k, A, lda, B, ldb, C, ldc, accumulate, a_tri, c_tri);
 }
 
 // C[M, N] (+)= A[M, K] · B[K, N], all row-major with leading dimensions lda, ldb, ldc.
