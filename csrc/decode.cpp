@@ -130,9 +130,10 @@ constexpr int64_t kMinChunk = 512;
 // phases, or one line per 4 KB page (the TLB and the hardware prefetcher's start) 0.95-1.02x.
 // Why, measured by taking the tile's work away piece by piece: the step is the sum of its memory
 // time and its compute, not their max (reading K and V alone in this order: 1.16 ms contiguous /
-// 1.86 ms paged; + the V pairs and the score tiles 1.52 / 2.48; + softmax, P·V: 2.04 / 2.98). Each
-// tile's tile stores (Sᵀ, P·V) must retire before the vector loads that read them, so the next
-// tile's loads cannot start early, and a prefetch only takes fill buffers from this tile's loads.
+// 1.86 ms paged; + the V pairs and the score tiles 1.52 / 2.48; + softmax, P·V: 2.04 / 2.98). Probably
+// (no counters on this host to confirm it) because a tile's tile stores (Sᵀ, P·V) must retire before
+// the loads that read them, so the next tile's loads cannot start early, and a prefetch only takes
+// fill buffers from this tile's own loads.
 // Also measured and not kept: visiting a chunk's tiles round-robin over 2, 4 or 8 sub-ranges (more
 // streams for the hardware prefetcher): 0.96-1.05x; P·V on vdpbf16ps with V paired in registers
 // (no tile stores): 0.95x / 0.87x; P·V tiles of R rows instead of 16: 0.98-1.05x.
