@@ -20,7 +20,7 @@
 //     row and key, q pre-scaled), the online softmax on S, then acc = acc·α + P V with
 //     the rescale folded into the accumulator load of a register-blocked loop; on
 //     AVX-512 the scores of 4 rows x 4 keys are 16 FMA chains reduced together by a
-//     transpose-and-add tree, and, for large caches, the next tile's rows are prefetched.
+//     transpose-and-add tree, and the next tile's rows are prefetched.
 // bf16 on a CPU with AMX-BF16 (R <= 16, D and Dv multiples of 32; ATTNKERNELS_CPU_NO_AMX=1 forces
 // the vector path below): both products on the tile units, raw tile instructions, one tile
 // configuration per thread and call. Sᵀ[32 keys, 16] = K · Qᵀ takes K rows straight from the cache
@@ -116,18 +116,27 @@ constexpr int64_t kTile = 32;
 // kMinChunk keys, whose partials would cost more to merge than they save.
 constexpr int64_t kTargetTasks = 64;
 constexpr int64_t kMinChunk = 512;
-// When the call's K and V span more than kPrefetchBytes, each tile prefetches the rows
-// of the next one (measured here, interleaved, 1 thread: 1.3-1.45x faster at 134-268 MB,
-// e.g. B=1, Hk=8, D=128, Nk=32768; 10-20% slower at 16-64 MB, which this host's L3 holds
-// between calls). Shape-only, and it never changes a result. Paged caches always prefetch: the
-// hardware prefetcher restarts at every page (measured the same way, B=1, Hk=8, D=128,
-// Nk=4096, pages 16-256 rows, each call on its own data: without it 1.05-1.11x the time of the
-// contiguous cache (which does not prefetch at that size), with it 0.7-0.86x).
-// bf16 on the tile units never prefetches: its tile loads of 16 K rows keep enough misses in flight,
-// and the extra instructions cost more (interleaved, B=1, Hk=8, D=128, pages of 64 / contiguous, 1 and
-// 2 threads: without the prefetch 0.75-0.77x / 0.96x the time at Nk=4096, 0.91-0.97x / 0.96-1.02x at
-// Nk=32768).
-constexpr double kPrefetchBytes = 64.0 * (1 << 20);
+// The vector path always prefetches the next tile's K and V rows. Measured here as the benchmark
+// report runs a decode row (each call interleaved with SDPA, a copy of K and a 1024³ matmul, so the
+// cache comes from L3 or memory), fp32, 1 thread, B=1, Hk=8, D=128, contiguous cache: 1.17-1.22x
+// faster at Nk=4096 (32 MB of K / V; the step had prefetched only above 64 MB, from a measurement
+// of back-to-back calls, where L3 holds the cache: 10-20% slower there), 1.06-1.10x at Nk=512-1024.
+// Paged caches gain the same way (the hardware prefetcher restarts at every page: measured B=1,
+// Hk=8, D=128, Nk=4096, pages 16-256 rows: 0.7-0.86x the time without it). Shape-only, and it
+// never changes a result.
+// bf16 on the tile units never prefetches. Measured (same rounds, 1 thread, B=1, Hk=8, D=128,
+// Nk=4096, contiguous / pages of 64): the next tile into L1 0.74x / 0.91x the speed; into L2 one,
+// two, four or eight tiles ahead, or K or V alone 0.84-0.97x / 0.90-1.06x; spread over the tile's
+// phases, or one line per 4 KB page (the TLB and the hardware prefetcher's start) 0.95-1.02x.
+// Why, measured by taking the tile's work away piece by piece: the step is the sum of its memory
+// time and its compute, not their max (reading K and V alone in this order: 1.16 ms contiguous /
+// 1.86 ms paged; + the V pairs and the score tiles 1.52 / 2.48; + softmax, P·V: 2.04 / 2.98). Probably
+// (no counters on this host to confirm it) because a tile's tile stores (Sᵀ, P·V) must retire before
+// the loads that read them, so the next tile's loads cannot start early, and a prefetch only takes
+// fill buffers from this tile's own loads.
+// Also measured and not kept: visiting a chunk's tiles round-robin over 2, 4 or 8 sub-ranges (more
+// streams for the hardware prefetcher): 0.96-1.05x; P·V on vdpbf16ps with V paired in registers
+// (no tile stores): 0.95x / 0.87x; P·V tiles of R rows instead of 16: 0.98-1.05x.
 // Below this many flops per thread a parallel region costs more than it saves.
 constexpr double kMinParallelFlops = 2e6;
 
@@ -834,7 +843,7 @@ void decode_kernel(const Decode& p, const acc_type<T>* q, const T* k, const T* v
         // kTile keys; a tile over a page boundary is read as runs of consecutive rows, one per page
         // (`segment`), so small pages (16 rows) keep full-size tiles for the online softmax.
         n = std::min(kTile, j1 - t0);
-        if (p.prefetch) {  // the next tile's K and V rows (see kPrefetchBytes)
+        if (p.prefetch) {  // the next tile's K and V rows (see the measurements above struct Decode)
           const int64_t e = std::min(j1, t0 + n + kTile);
           for (int64_t j = t0 + n; j < e; ++j) {
             const char* kr = reinterpret_cast<const char*>(k_row(j));
@@ -975,13 +984,10 @@ void run_block(Decode p, const at::Tensor& q, double scale, const at::Tensor& k,
     lse_rows.fill_(-std::numeric_limits<double>::infinity());
     return;
   }
-  p.prefetch = p.pages != nullptr ||
-               double(p.B) * double(p.Hk) * double(p.hi - p.lo) * double(p.D + p.Dv) * double(k.element_size()) >
-               kPrefetchBytes;
   const auto acc = lse_rows.scalar_type();
   // bf16 scores on the tile units take the raw query rows; the vector path a pre-scaled copy in A.
   const bool amx = amx_scores_ok(q.scalar_type(), p.R, p.D, p.Dv);
-  if (amx) p.prefetch = false;  // see kPrefetchBytes
+  p.prefetch = !amx;  // see the measurements above struct Decode
   at::Tensor qs = amx ? q.narrow(2, q0, rows).contiguous() : (q.narrow(2, q0, rows).to(acc) * scale).contiguous();
   at::Tensor part_ml, part_acc;
   if (p.n_chunks > 1) {
