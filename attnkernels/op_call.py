@@ -147,7 +147,7 @@ class OpCall:
 # modes and subclasses dispatch through it), but an eager call through one pays torch.library's
 # Python wrappers: the dynamo-disable decorators, the dispatcher's round trip into Python and, with
 # autograd, `fill_defaults` walking the schema (quadratic in its ~20 arguments: ~100 us) before
-# setup_context runs. 460 of the 580 us of a B1 H8 N16 D64 causal fwd+bwd (1 thread) were that.
+# setup_context runs: without them a B1 H8 N16 D64 causal fwd+bwd (1 thread) takes 0.7x the time.
 # So a plain eager CPU call (EagerOp) runs the op's own implementation directly, and with autograd
 # a torch.autograd.Function built from the SAME setup_context and backward the op registers: one
 # implementation, two entry points, never two behaviours. Anything else (compiling, exporting,
