@@ -41,10 +41,17 @@ _REGISTRY: dict[str, dict[str, Backend]] = {}
 _state = threading.local()
 
 
+# (family, device type, needs) -> the default backend, once it accepted such a call: what it depends on
+# (the device type, the build, triton's import) is fixed for the process, and a decode step selects
+# twice per token (~3 us each through _declines). Forced backends are never cached.
+_DEFAULT_ACCEPTED: dict[tuple, Backend] = {}
+
+
 def register(family: str, backend: Backend) -> None:
     if backend.name not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend.name!r}")
     _REGISTRY.setdefault(family, {})[backend.name] = backend
+    _DEFAULT_ACCEPTED.clear()
 
 
 @contextlib.contextmanager
@@ -78,8 +85,14 @@ def _declines(backend: Backend, device: torch.device, needs: frozenset) -> str |
 def select(family: str, device: torch.device, needs: frozenset = frozenset()) -> Backend:
     """The backend that runs a `family` call on tensors of `device` using the optional features `needs`,
     or an error saying why none can."""
+    forced = forced_backend()
+    if forced is None:
+        key = (family, device.type, needs)
+        chosen = _DEFAULT_ACCEPTED.get(key)
+        if chosen is not None:
+            return chosen
     backends = _REGISTRY[family]
-    name = forced_backend() or default_backend(device)
+    name = forced or default_backend(device)
     if name is None:
         raise ValueError(
             f"device: attnkernels runs on CPU (C++ kernels) and CUDA (Triton kernels); got tensors on {device}. "
@@ -88,6 +101,8 @@ def select(family: str, device: torch.device, needs: frozenset = frozenset()) ->
     chosen = backends[name]
     why = _declines(chosen, device, needs)
     if why is None:
+        if forced is None:
+            _DEFAULT_ACCEPTED[key] = chosen
         return chosen
     others = "; ".join(
         f"{other.name}: {_declines(other, device, needs) or 'available'}"

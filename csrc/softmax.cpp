@@ -1820,7 +1820,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   at::Tensor do_rows = mu ? common::vnni_rows(doc) : doc;
   at::Tensor qT = mu ? common::vnni_transposed_tiles(qc, kBlockM) : pack_transposed(qc, kBlockM);     // [B, Hq, nQt, D, BLOCK_M]
   at::Tensor doT = mu ? common::vnni_transposed_tiles(doc, kBlockM) : pack_transposed(doc, kBlockM);  // [B, Hq, nQt, Dv, BLOCK_M]
-  at::Tensor kT = pack_transposed(kc, kBlockN);  // [B, Hk, nKt, D, BLOCK_N], plain: dQᵀ's A operand
+  // [B, Hk, nKt, D, BLOCK_N], plain: dQᵀ's A operand. In float its GEMM reads only the tile's real
+  // keys (K = j1 - j0, gemm_dqT), so the tail past Nk is left unwritten: at Nk = 16 zeroing it was
+  // 240 of each head's 256 columns, ~half the C++ backward's time (perf, B1 H8 D64, 1 thread). The
+  // matrix units' pair-aligned K may read one column past Nk: that path keeps the zeros.
+  at::Tensor kT = kc.scalar_type() == at::kFloat ? common::transposed_tiles_f32(kc, kBlockN, /*zero_tail=*/false)
+                                                 : pack_transposed(kc, kBlockN);
   const auto acc_opts = q.options().dtype(ct);
   at::Tensor dq = at::empty({p.B, p.Hq, p.Nq, p.D}, acc_opts), dk = at::empty({p.B, p.Hk, p.Nk, p.D}, acc_opts),
              dv = at::empty({p.B, p.Hk, p.Nk, p.Dv}, acc_opts);

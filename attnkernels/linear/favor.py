@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from ..op_call import EagerOp
 from .features import PerformerFeatures
 
 
@@ -89,13 +90,16 @@ def _autograd_backward(ctx, grad_out, grad_states, grad_shifts):
     q, k, v, projection, states, shifts = ctx.saved_tensors
     if grad_out is None:  # the output is unused: nothing flows back
         return None, None, None, None, None, None
-    dq, dk, dv = favor_attention_bwd(grad_out, q, k, v, projection, states, shifts, ctx.scale, ctx.eps)
+    dq, dk, dv = _favor_attention_bwd(grad_out, q, k, v, projection, states, shifts, ctx.scale, ctx.eps)
     return dq, dk, dv, None, None, None
 
 
 favor_attention_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
+# The ops as the package calls them (op_call.EagerOp: the implementations directly in plain eager CPU calls).
+_favor_attention_fwd = EagerOp(favor_attention_fwd, _forward, _setup_context, _autograd_backward)
+_favor_attention_bwd = EagerOp(favor_attention_bwd, _backward)
 
 
 def run(q: Tensor, k: Tensor, v: Tensor, features: PerformerFeatures, scale: float, eps: float) -> Tensor:
     """out (B, Hq, Nq, Dv) of FAVOR+ attention; `scale` is the softmax logit scale (q and k times sqrt(scale))."""
-    return favor_attention_fwd(q, k, v, features.projection, scale, eps)[0]
+    return _favor_attention_fwd(q, k, v, features.projection, scale, eps)[0]

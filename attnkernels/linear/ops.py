@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, conventions
-from ..op_call import accumulation_dtype, op_schema
+from ..op_call import EagerOp, accumulation_dtype, op_schema
 from .call import LinearCall
 from .reference import linear_attention_reference, linear_attention_reference_backward
 
@@ -139,13 +139,16 @@ def _setup_context(ctx, inputs, output):
 def _autograd_backward(ctx, grad_out, grad_s, grad_z):
     q, k, v, *state = ctx.saved_tensors
     call = ctx.call.with_saved(state)
-    dq, dk, dv = linear_attention_bwd(grad_out, q, k, v, *call.op_args())
+    dq, dk, dv = _linear_attention_bwd(grad_out, q, k, v, *call.op_args())
     return (dq, dk, dv, *LinearCall.none_grads())
 
 
 linear_attention_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
+# The ops as the package calls them (op_call.EagerOp: the implementations directly in plain eager CPU calls).
+_linear_attention_fwd = EagerOp(linear_attention_fwd, _forward, _setup_context, _autograd_backward)
+_linear_attention_bwd = EagerOp(linear_attention_bwd, _backward_op)
 
 
 def run(call: LinearCall, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(out, final S, final z) of `call` on the features q, k and v through the custom op."""
-    return linear_attention_fwd(q, k, v, *call.op_args())
+    return _linear_attention_fwd(q, k, v, *call.op_args())

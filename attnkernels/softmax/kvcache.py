@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .. import _checks, backends
 from ..conventions import softmax_scale
-from ..op_call import accumulation_dtype
+from ..op_call import EagerOp, accumulation_dtype
 from . import modifiers
 from .reference import attention_reference
 from .windows import resolve_window
@@ -117,10 +117,9 @@ backends.register(FAMILY, backends.Backend("reference", _reference_forward, _no_
 # --- the op -------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("attnkernels::attention_kvcache_fwd", mutates_args=())
-def attention_kvcache_fwd(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
-                          block_table: Tensor | None, scale: float, window_left: int, window_right: int,
-                          softcap: float, alibi_slopes: Tensor | None) -> tuple[Tensor, Tensor]:
+def _kvcache_forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
+                     block_table: Tensor | None, scale: float, window_left: int, window_right: int,
+                     softcap: float, alibi_slopes: Tensor | None) -> tuple[Tensor, Tensor]:
     """(out (B, Hq, Nq, Dv) in q's dtype, lse (B, Hq, Nq) float32 / float64): q against row b's first
     cache_seqlens[b] cache slots (the lengths after any append; nothing is written here)."""
     if q.shape[0] == 0 or q.shape[1] == 0 or q.shape[2] == 0:
@@ -130,6 +129,12 @@ def attention_kvcache_fwd(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seq
     out, lse = backend.forward(q, k_cache, v_cache, cache_seqlens, block_table, scale, window_left, window_right,
                                softcap, alibi_slopes)
     return out, lse
+
+
+attention_kvcache_fwd = torch.library.custom_op("attnkernels::attention_kvcache_fwd", _kvcache_forward, mutates_args=())
+# The op as attention_with_kvcache calls it (op_call.EagerOp: the implementation directly in a plain eager CPU
+# call: a decode step is one call per generated token, and the op's Python wrappers cost as much as a small step).
+_attention_kvcache_fwd = EagerOp(attention_kvcache_fwd, _kvcache_forward)
 
 
 @attention_kvcache_fwd.register_fake
@@ -275,6 +280,6 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, cache
             _append(k_cache, k_new, cache_seqlens, block_table if paged else None)
             _append(v_cache, v_new, cache_seqlens, block_table if paged else None)
         lengths = cache_seqlens + n_new if n_new else cache_seqlens
-        out, lse = attention_kvcache_fwd(q.detach(), k_cache.detach(), v_cache.detach(), lengths, block_table,
-                                         scale, left, right, softcap, slopes)
+        out, lse = _attention_kvcache_fwd(q.detach(), k_cache.detach(), v_cache.detach(), lengths, block_table,
+                                          scale, left, right, softcap, slopes)
     return (out, lse) if return_lse else out

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, conventions
-from ..op_call import accumulation_dtype, op_schema
+from ..op_call import EagerOp, accumulation_dtype, op_schema
 from .call import FEATURES, SoftmaxCall
 from .reference import attention_reference, attention_reference_backward
 
@@ -183,7 +183,7 @@ def _autograd_backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, *tables = ctx.saved_tensors
     call = ctx.call.with_saved(tables)
     bias_grad = call.attn_bias is not None and ctx.needs_input_grad[3 + SoftmaxCall.field_index("attn_bias")]
-    dq, dk, dv, dbias = attention_bwd(grad_out, q, k, v, out, lse, bias_grad, *call.op_args())
+    dq, dk, dv, dbias = _attention_bwd(grad_out, q, k, v, out, lse, bias_grad, *call.op_args())
     grads = {}
     if bias_grad:  # reduced over the dims the bias broadcasts along
         grads["attn_bias"] = dbias.sum_to_size(call.attn_bias.shape).to(call.attn_bias.dtype)
@@ -193,8 +193,12 @@ def _autograd_backward(ctx, grad_out, grad_lse):
 
 
 attention_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
+# The ops as the package calls them: a plain eager CPU call runs _forward / _backward_op directly
+# (with the autograd above), any other call the op (op_call.EagerOp says why).
+_attention_fwd = EagerOp(attention_fwd, _forward, _setup_context, _autograd_backward)
+_attention_bwd = EagerOp(attention_bwd, _backward_op)
 
 
 def run(call: SoftmaxCall, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """(out, lse) of `call` on q, k, v through the custom op."""
-    return attention_fwd(q, k, v, *call.op_args())
+    return _attention_fwd(q, k, v, *call.op_args())

@@ -212,9 +212,11 @@ inline at::Tensor vnni_rows(const at::Tensor& x) {
 }
 
 // src [BH, n, W] 32-bit words -> dst [BH, nT, W, tile]: per tile of `tile` rows the words
-// transposed, zero past n. at::vec's float transpose (16 x 16 register blocks) moves the words
-// as float bit patterns: loads, shuffles and stores only, so every bit pattern is kept.
-inline void transpose_word_tiles(const uint32_t* src, uint32_t* dst, int64_t BH, int64_t n, int64_t W, int64_t tile) {
+// transposed, zero past n (left unwritten when !zero_tail: for a reader that never reads
+// past n). at::vec's float transpose (16 x 16 register blocks) moves the words as float bit
+// patterns: loads, shuffles and stores only, so every bit pattern is kept.
+inline void transpose_word_tiles(const uint32_t* src, uint32_t* dst, int64_t BH, int64_t n, int64_t W, int64_t tile,
+                                 bool zero_tail = true) {
   const int64_t n_tiles = (n + tile - 1) / tile;
   at::parallel_for(0, BH * n_tiles, pack_grain(W * tile), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
@@ -223,7 +225,7 @@ inline void transpose_word_tiles(const uint32_t* src, uint32_t* dst, int64_t BH,
       uint32_t* d = dst + i * W * tile;                   // [W, tile]
       at::vec::transpose_mxn<float>(reinterpret_cast<const float*>(s), W, reinterpret_cast<float*>(d), tile,
                                     static_cast<int>(rows), static_cast<int>(W));
-      if (rows < tile)
+      if (zero_tail && rows < tile)
         for (int64_t w = 0; w < W; ++w) std::fill(d + w * tile + rows, d + (w + 1) * tile, uint32_t(0));
     }
   });
@@ -276,14 +278,14 @@ inline void vnni_row_pair_range(const void* x, int64_t R, int64_t C, int64_t p0,
   }
 }
 
-// x [B, H, N, D] float32 -> [B, H, nT, D, tile], each tile transposed, zero past N.
-inline at::Tensor transposed_tiles_f32(const at::Tensor& x, int64_t tile) {
+// x [B, H, N, D] float32 -> [B, H, nT, D, tile], each tile transposed, zero past N (unless !zero_tail).
+inline at::Tensor transposed_tiles_f32(const at::Tensor& x, int64_t tile, bool zero_tail = true) {
   TORCH_INTERNAL_ASSERT(x.scalar_type() == at::kFloat && x.dim() == 4);
   const at::Tensor xc = x.contiguous();
   const int64_t n = x.size(2), D = x.size(3), n_tiles = (n + tile - 1) / tile;
   at::Tensor out = at::empty({x.size(0), x.size(1), n_tiles, D, tile}, x.options());
   transpose_word_tiles(reinterpret_cast<const uint32_t*>(xc.data_ptr<float>()),
-                       reinterpret_cast<uint32_t*>(out.data_ptr<float>()), x.size(0) * x.size(1), n, D, tile);
+                       reinterpret_cast<uint32_t*>(out.data_ptr<float>()), x.size(0) * x.size(1), n, D, tile, zero_tail);
   return out;
 }
 
