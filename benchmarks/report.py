@@ -373,6 +373,10 @@ def measure(case: Case, rounds: int) -> dict:
     # The yardstick runs on the unit the case's dtype uses (fp32: AVX-512 FMA; bf16: AMX through oneDNN).
     a, b = torch.randn(MM_SIZE, MM_SIZE, dtype=case.dtype), torch.randn(MM_SIZE, MM_SIZE, dtype=case.dtype)
     mm = lambda: torch.mm(a, b)  # noqa: E731
+    # Every compiled Flex peer wraps the same flex_attention code object: past dynamo's recompile
+    # limit (8 shapes / masks / dtypes a run) it silently ran eager, 30-70x slower (a bf16 row read
+    # "71x Flex"). A fresh cache per case compiles each peer for its own case (in the warm-up).
+    torch._dynamo.reset()
     names = list(case.peers)
     samples = time_interleaved([case.ours, *case.peers.values(), mm], rounds=rounds, warmup=1)
     ours_t, mm_t = samples[0], samples[-1]
