@@ -104,33 +104,28 @@ inline void register_column_block(int64_t m, int64_t j, int64_t width, int64_t k
   }
 }
 
-template <typename T>
+// kTransA: A given transposed, C[m, n] (+)= Aᵀ · B for A stored [k, m] (lda >= m), a_tri
+// describing the product's operand Aᵀ (register_gemm_at).
+template <typename T, bool kTransA = false>
 void register_gemm(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
                    int64_t ldc, bool accumulate, Tri a_tri = Tri::None, Tri c_tri = Tri::None) {
   constexpr int64_t W = at::vec::Vectorized<T>::size();
   if (m == 0 || n == 0) return;
   int64_t j = 0;
   for (; j + 2 * W <= n; j += 2 * W)
-    register_column_block<T, 2, false>(m, j, 2 * W, k, A, lda, B, ldb, C, ldc, accumulate, a_tri, c_tri);
+    register_column_block<T, 2, false, kTransA>(m, j, 2 * W, k, A, lda, B, ldb, C, ldc, accumulate, a_tri, c_tri);
   for (; j + W <= n; j += W)
-    register_column_block<T, 1, false>(m, j, W, k, A, lda, B, ldb, C, ldc, accumulate, a_tri, c_tri);
-  if (j < n) register_column_block<T, 1, true>(m, j, n - j, k, A, lda, B, ldb, C, ldc, accumulate, a_tri, c_tri);
+    register_column_block<T, 1, false, kTransA>(m, j, W, k, A, lda, B, ldb, C, ldc, accumulate, a_tri, c_tri);
+  if (j < n)
+    register_column_block<T, 1, true, kTransA>(m, j, n - j, k, A, lda, B, ldb, C, ldc, accumulate, a_tri, c_tri);
 }
 
-// register_gemm with A given transposed: C[m, n] (+)= Aᵀ · B for A stored [k, m] (lda >= m);
-// a_tri describes the product's operand Aᵀ. The linear causal backward's Aᵀ·dN and P2ᵀ·Q̃
-// read the triangles as pass 1 computed them, with no transpose pass and no transposed copy.
+// register_gemm with A given transposed. The linear causal backward's Aᵀ·dN and P2ᵀ·Q̃ read the
+// triangles as pass 1 computed them, with no transpose pass and no transposed copy.
 template <typename T>
 void register_gemm_at(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
                       int64_t ldc, bool accumulate, Tri a_tri = Tri::None, Tri c_tri = Tri::None) {
-  constexpr int64_t W = at::vec::Vectorized<T>::size();
-  if (m == 0 || n == 0) return;
-  int64_t j = 0;
-  for (; j + 2 * W <= n; j += 2 * W)
-    register_column_block<T, 2, false, true>(m, j, 2 * W, k, A, lda, B, ldb, C, ldc, accumulate, a_tri, c_tri);
-  for (; j + W <= n; j += W)
-    register_column_block<T, 1, false, true>(m, j, W, k, A, lda, B, ldb, C, ldc, accumulate, a_tri, c_tri);
-  if (j < n) register_column_block<T, 1, true, true>(m, j, n - j, k, A, lda, B, ldb, C, ldc, accumulate, a_tri, c_tri);
+  register_gemm<T, true>(m, n, k, A, lda, B, ldb, C, ldc, accumulate, a_tri, c_tri);
 }
 
 // C[M, N] (+)= A[M, K] · B[K, N], all row-major with leading dimensions lda, ldb, ldc.
