@@ -273,28 +273,29 @@ MX_CASES = [
 ]
 
 
-@pytest.mark.parametrize("path", ["amx", "upcast"])
-@pytest.mark.parametrize("case", MX_CASES, ids=[case_id(*c) for c in MX_CASES])
-def test_cpu_bf16_matrix_units_and_upcast(case, path, monkeypatch):
-    backend_param("cpu", "linear")
-    if path == "upcast":
+@pytest.fixture(params=["amx", "upcast"])
+def gemm_path(request, monkeypatch):
+    """The CPU kernels' GEMM path under test: the matrix units where the CPU has them, or forced
+    to the fp32 products (ATTNKERNELS_CPU_NO_AMX=1)."""
+    if request.param == "upcast":
         monkeypatch.setenv("ATTNKERNELS_CPU_NO_AMX", "1")
     else:
         monkeypatch.delenv("ATTNKERNELS_CPU_NO_AMX", raising=False)
+    return request.param
+
+
+@pytest.mark.parametrize("case", MX_CASES, ids=[case_id(*c) for c in MX_CASES])
+def test_cpu_bf16_matrix_units_and_upcast(case, gemm_path):
+    backend_param("cpu", "linear")
     b, hq, hk, nq, nk, d, dv, causal = case
     q, k, v = make_qkv(b, hq, hk, nq, nk, d, dv)
     _compare("cpu", q, k, v, torch.bfloat16, causal=causal, normalize=True)
     _compare("cpu", q, k, v, torch.bfloat16, causal=causal, normalize=False, initial_state=make_state(b, hk, d, dv))
 
 
-@pytest.mark.parametrize("path", ["amx", "upcast"])
-def test_cpu_bf16_key_padding_B2_H4_N97_D64_causal(path, monkeypatch):
+def test_cpu_bf16_key_padding_B2_H4_N97_D64_causal(gemm_path):
     """Key padding zeroes padded keys' features and values before the kernel: bf16 on both GEMM paths."""
     backend_param("cpu", "linear")
-    if path == "upcast":
-        monkeypatch.setenv("ATTNKERNELS_CPU_NO_AMX", "1")
-    else:
-        monkeypatch.delenv("ATTNKERNELS_CPU_NO_AMX", raising=False)
     q, k, v = make_qkv(2, 4, 4, 97, 97, 64, 64)
     mask = torch.zeros(2, 97, dtype=torch.bool)
     mask[0, 80:] = True
@@ -341,14 +342,9 @@ def test_cpu_bf16_deterministic_across_thread_counts_B2_H4_N300_D32(monkeypatch)
 # vector width], z apart): Dv a whole number of vectors (no padding column left over for the
 # ones, where the non-causal kernels keep theirs), GQA 4:2, two chunks + 2 rows, a carried
 # state and the final state, with and without the normaliser; fp32 and bf16 on both GEMM paths.
-@pytest.mark.parametrize("path", ["amx", "upcast"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-def test_cpu_causal_split_state_B2_H4_N130_D48_Dv32_gqa(dtype, path, monkeypatch):
+def test_cpu_causal_split_state_B2_H4_N130_D48_Dv32_gqa(dtype, gemm_path):
     backend_param("cpu", "linear")
-    if path == "upcast":
-        monkeypatch.setenv("ATTNKERNELS_CPU_NO_AMX", "1")
-    else:
-        monkeypatch.delenv("ATTNKERNELS_CPU_NO_AMX", raising=False)
     q, k, v = make_qkv(2, 4, 2, 130, 130, 48, 32)
     for normalize in (True, False):
         _compare("cpu", q, k, v, dtype, causal=True, normalize=normalize)
