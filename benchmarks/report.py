@@ -369,9 +369,47 @@ CASE_FAMILIES = {
 }
 
 
+def cpu_description() -> str:
+    """The CPU's model name and its 16-bit matrix / dot-product units (Linux /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    field = lambda key: next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith(key)), "")  # noqa: E731
+    flags = field("flags").split()
+    units = [u for u in ("amx_bf16", "amx_fp16", "avx512_bf16", "avx512_fp16") if u in flags]
+    return f"{field('model name') or platform.machine()} ({', '.join(units) or 'no 16-bit units'})"
+
+
+def yardstick_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype whose torch.mm runs on the unit our C++ kernels use for `dtype`: a 16-bit dtype
+    they upcast (no AMX-FP16 for fp16, say) runs on the fp32 FMA units, and fp16's torch.mm on
+    such a CPU is a slow fallback (~1 GFLOP/s here), no peak at all."""
+    if dtype in (torch.bfloat16, torch.float16):
+        from attnkernels import _cpu_backend
+
+        cpu = _cpu_backend.load()
+        name = "bfloat16" if dtype == torch.bfloat16 else "float16"
+        if cpu.available and hasattr(cpu.ops, "gemm_path") and cpu.ops.gemm_path(name) == "fp32-upcast":
+            return torch.float32
+    return dtype
+
+
+def _gemm_paths() -> str:
+    from attnkernels import _cpu_backend
+
+    cpu = _cpu_backend.load()
+    if not cpu.available or not hasattr(cpu.ops, "gemm_path"):
+        return ""
+    return ", ".join(f"{d} {cpu.ops.gemm_path(n)}" for d, n in (("bf16", "bfloat16"), ("fp16", "float16")))
+
+
 def measure(case: Case, rounds: int) -> dict:
-    # The yardstick runs on the unit the case's dtype uses (fp32: AVX-512 FMA; bf16: AMX through oneDNN).
-    a, b = torch.randn(MM_SIZE, MM_SIZE, dtype=case.dtype), torch.randn(MM_SIZE, MM_SIZE, dtype=case.dtype)
+    # The yardstick runs on the unit our kernel uses for the case's dtype (fp32: AVX-512 FMA; bf16:
+    # AMX or AVX512-BF16 through oneDNN; a dtype our kernels upcast: fp32).
+    mm_dtype = yardstick_dtype(case.dtype)
+    a, b = torch.randn(MM_SIZE, MM_SIZE, dtype=mm_dtype), torch.randn(MM_SIZE, MM_SIZE, dtype=mm_dtype)
     mm = lambda: torch.mm(a, b)  # noqa: E731
     # Every compiled Flex peer wraps the same flex_attention code object: past dynamo's recompile
     # limit (8 shapes / masks / dtypes a run) it silently ran eager, 30-70x slower (a bf16 row read
@@ -421,10 +459,11 @@ def markdown(meta, gate, rows, compile_section, plots) -> str:
         f"- date: {meta['date']}",
         f"- machine: {meta['machine']}, {meta['cores']} cores; torch threads {meta['threads']}",
         f"- torch {meta['torch']}, triton {meta['triton']}, python {meta['python']}; CPU capability {meta['capability']} "
-        f"(C++ build used: {meta['build']})",
+        f"(C++ build used: {meta['build']}" + (f"; tile GEMMs {meta['gemm_paths']}" if meta.get("gemm_paths") else "") + ")",
         *(f"- re-measured on {u['date']} with `--update` (same flags; C++ build {u['build']}): " + "; ".join(u["sections"])
           for u in meta.get("updates", [])),
-        f"- torch.mm {MM_SIZE}³ in the row's dtype, in the same rounds (the peak of the unit that dtype uses): median "
+        f"- torch.mm {MM_SIZE}³ on the unit our kernels use for the row's dtype (in that dtype; fp32 for a dtype they "
+        "upcast), in the same rounds: median "
         + ", ".join(f"{d} {g:.0f}" for d, g in _per_dtype(meta["mm_gflops"]).items()) + " GFLOP/s over the rows; `of mm` is against it",
         "- all rows CPU, B=1, H=8, D=64, peers in the row's dtype; times are medians of interleaved rounds, spread = min–max;",
         "  speed-up = median over rounds of (peer time / our time); memory = peak resident memory a call adds (MB).",
@@ -780,10 +819,10 @@ def main(argv=None) -> int:
     from attnkernels import _cpu_backend
 
     meta = dict(
-        quick=args.quick, date=datetime.date.today().isoformat(), machine=platform.processor() or platform.machine(),
+        quick=args.quick, date=datetime.date.today().isoformat(), machine=cpu_description(),
         cores=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__, triton=triton.__version__,
         python=platform.python_version(), capability=torch.backends.cpu.get_cpu_capability(),
-        build=_cpu_backend.load().capability,
+        build=_cpu_backend.load().capability, gemm_paths=_gemm_paths(),
         mm_gflops={d: statistics.median(r["mm_gflops"] for r in rows if r["dtype"] == d)
                    for d in dict.fromkeys(r["dtype"] for r in rows)},
     )

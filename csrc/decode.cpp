@@ -402,12 +402,12 @@ inline bool amx_permitted() {
   return ok;
 }
 
-// bf16 with R <= 16 and D % 32 == 0 on a CPU whose matrix units oneDNN uses (and not
-// disabled by ATTNKERNELS_CPU_NO_AMX: common::matrix_units_available).
+// bf16 with R <= 16 and D % 32 == 0 on a CPU with the tile units (AMX; not disabled by
+// ATTNKERNELS_CPU_NO_AMX: common::tile_units_available). AVX512-BF16 alone takes the vector path.
 inline bool amx_scores_ok(at::ScalarType t, int64_t R, int64_t D, int64_t Dv) {
   return t == at::kBFloat16 && R >= 1 && R <= 16 && D % 32 == 0 && D > 0 && Dv % 32 == 0 && Dv > 0 &&
          common::bf16_native_ok() &&
-         common::matrix_units_available(at::kBFloat16) && amx_permitted();
+         common::tile_units_available(at::kBFloat16) && amx_permitted();
 }
 
 __attribute__((target("amx-tile,amx-bf16"))) inline void amx_configure() {

@@ -1890,13 +1890,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
 }
 
 // Which GEMM engine a softmax call of `dtype` runs on, for `python -m attnkernels` and the
-// tests: "amx-bf16" / "amx-fp16" (16-bit operands on the matrix units, float accumulation),
-// "fp32-upcast" (bf16 / fp16 converted to float32 at entry), "fp32-brgemm", "fp64-vector".
+// tests: "amx-bf16" / "amx-fp16" (16-bit operands on the tile units, float accumulation),
+// "avx512-bf16" (the same operands on AVX512-BF16's vdpbf16ps, CPUs without AMX), "fp32-upcast"
+// (bf16 / fp16 converted to float32 at entry), "fp32-brgemm", "fp64-vector".
 // Assumes even head dims (odd ones take the upcast path).
 std::string gemm_path(std::string dtype) {
   if (dtype == "bfloat16" || dtype == "float16") {
     const auto t = dtype == "bfloat16" ? at::kBFloat16 : at::kHalf;
-    if (common::matrix_units_available(t)) return dtype == "bfloat16" ? "amx-bf16" : "amx-fp16";
+    if (common::tile_units_available(t)) return dtype == "bfloat16" ? "amx-bf16" : "amx-fp16";
+    if (common::matrix_units_available(t)) return "avx512-bf16";
     return "fp32-upcast";
   }
   if (dtype == "float32") return "fp32-brgemm";

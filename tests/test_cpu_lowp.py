@@ -1,9 +1,10 @@
-"""C++ CPU softmax attention in bf16 / fp16: the matrix-unit path (AMX) and the fp32-upcast path.
+"""C++ CPU softmax attention in bf16 / fp16: the 16-bit GEMM path and the fp32-upcast path.
 
-Each case runs on both GEMM paths: "amx" (16-bit operands on the tile units, float
-accumulation, P and dS rounded to the input dtype for their products) where this CPU has
-them, and "upcast" (forced with ATTNKERNELS_CPU_NO_AMX=1, which the C++ ops read at every
-call). `gemm_path(dtype)` says which one runs.
+Each case runs on both GEMM paths: "16bit" (16-bit operands, float accumulation, P and dS
+rounded to the input dtype for their products: on the AMX tile units, or for bf16 on
+AVX512-BF16's vdpbf16ps where the CPU has no AMX) where this CPU has one, and "upcast"
+(forced with ATTNKERNELS_CPU_NO_AMX=1, which the C++ ops read at every call).
+`gemm_path(dtype)` says which one runs.
 
 Tolerance: FlashAttention's rule (tests/tolerance.py): max error against the float64
 reference (backward: autograd of the float64 reference) <= 2 x the max error of the same
@@ -31,7 +32,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-@pytest.fixture(params=["amx", "upcast"])
+SIXTEEN_BIT_PATHS = ("amx-bf16", "amx-fp16", "avx512-bf16")
+
+
+@pytest.fixture(params=["16bit", "upcast"])
 def gemm_path(request, monkeypatch):
     """Selects the GEMM path for the test; yields a function dtype -> the path name that runs."""
     if request.param == "upcast":
@@ -41,8 +45,8 @@ def gemm_path(request, monkeypatch):
 
     def path_for(dtype):
         name = ops().gemm_path(DTYPE_NAMES[dtype])
-        if request.param == "amx" and not name.startswith("amx"):
-            pytest.skip(f"this CPU has no matrix units for {dtype} (gemm_path: {name}); the upcast param covers it")
+        if request.param == "16bit" and name not in SIXTEEN_BIT_PATHS:
+            pytest.skip(f"this CPU has no 16-bit GEMM engine for {dtype} (gemm_path: {name}); the upcast param covers it")
         if request.param == "upcast":
             assert name == "fp32-upcast"
         return name
@@ -286,7 +290,7 @@ def test_forced_fallback_is_the_fp32_path(monkeypatch):
 def test_gemm_path_names(monkeypatch):
     monkeypatch.delenv("ATTNKERNELS_CPU_NO_AMX", raising=False)
     assert ops().gemm_path() == ops().gemm_path("bfloat16")
-    assert ops().gemm_path("bfloat16") in ("amx-bf16", "fp32-upcast")
+    assert ops().gemm_path("bfloat16") in ("amx-bf16", "avx512-bf16", "fp32-upcast")
     assert ops().gemm_path("float16") in ("amx-fp16", "fp32-upcast")
     assert ops().gemm_path("float32") == "fp32-brgemm"
     assert ops().gemm_path("float64") == "fp64-vector"

@@ -273,10 +273,10 @@ MX_CASES = [
 ]
 
 
-@pytest.fixture(params=["amx", "upcast"])
+@pytest.fixture(params=["16bit", "upcast"])
 def gemm_path(request, monkeypatch):
-    """The CPU kernels' GEMM path under test: the matrix units where the CPU has them, or forced
-    to the fp32 products (ATTNKERNELS_CPU_NO_AMX=1)."""
+    """The CPU kernels' GEMM path under test: 16-bit operands (AMX, or AVX512-BF16 without it)
+    where the CPU has them, or forced to the fp32 products (ATTNKERNELS_CPU_NO_AMX=1)."""
     if request.param == "upcast":
         monkeypatch.setenv("ATTNKERNELS_CPU_NO_AMX", "1")
     else:
