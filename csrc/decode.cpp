@@ -137,6 +137,14 @@ constexpr int64_t kMinChunk = 512;
 // Also measured and not kept: visiting a chunk's tiles round-robin over 2, 4 or 8 sub-ranges (more
 // streams for the hardware prefetcher): 0.96-1.05x; P·V on vdpbf16ps with V paired in registers
 // (no tile stores): 0.95x / 0.87x; P·V tiles of R rows instead of 16: 0.98-1.05x.
+// Session 7, on an AMD EPYC (Zen 5) host of this project (AVX-512, AVX512-BF16, no AMX: bf16 takes the vector
+// path here, ATTNKERNELS_CPU_NO_AMX or not; the AMX notes above are from a Sapphire-Rapids-class host and could
+// not be re-checked), 1 thread, B=1, Hq=32, Hk=8, D=128, Nk=4096, each call after SDPA, a copy of K and a
+// 1024³ matmul, 21 rounds, medians of pairwise ratios, contiguous / shuffled pages of 64 (host loaded by
+// other builds: ratios only): the prefetch into L2 (prefetcht1) instead of L1: 0.93x / 0.93x fp32,
+// 0.97x / 0.92x bf16; non-temporal (prefetchnta): 0.96x / 1.00x fp32, 0.96x / 0.91x bf16; two or three
+// tiles ahead instead of one: 0.94x / 1.05x and 0.78x / 0.98x fp32, 0.94x / 0.97x and 0.83x / 0.94x bf16;
+// none: 0.94x / 0.91x fp32, 0.57x / 0.54x bf16. Not kept: the next tile into L1 stays.
 // Below this many flops per thread a parallel region costs more than it saves.
 constexpr double kMinParallelFlops = 2e6;
 
@@ -676,6 +684,15 @@ void merge_chunks(const Decode& p, int64_t bh, const acc_type<T>* part_ml, const
 // a descheduled thread (measured interleaved, 2 threads, B=1, Nk=4096: 7.4 ms with
 // at::parallel_for against 2.0 ms this way, 1.7 ms on one thread); here the caller
 // simply does the work itself. Every task owns its outputs: the same bits either way.
+// Re-checked in session 7 (issue 14: paged caches seemed not to scale to 2 threads), same Zen 5 host as the
+// prefetch notes, 2 threads, B=1, Hk=8, D=128, Nk=4096, each call after SDPA, a copy of K and a 1024³
+// matmul as the benchmark report runs them, host loaded by other processes: the task split of a paged
+// cache is the contiguous one's (64 tasks of 512 keys), and a per-thread trace of 30 calls each showed the
+// helper taking any task in 5 / 30 contiguous and 6 / 30 paged calls (it starts after the caller has taken
+// all 64): what scales is whether the second core is free, not the cache layout. The OpenMP team
+// (at::parallel_for over the same queue) instead of at::launch, interleaved in the same rounds: 0.45x /
+// 0.16x fp32, 0.25x / 0.27x bf16 (contiguous / pages of 64; its join waits ~17 ms for a worker that is not
+// scheduled). Not kept.
 struct TaskQueue {
   explicit TaskQueue(int64_t n) : total(n) {}
   int64_t take() {
