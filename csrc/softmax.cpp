@@ -1308,6 +1308,24 @@ std::vector<std::pair<int64_t, int64_t>> dq_chunk_tiles(const Problem& p, int64_
   return r;
 }
 
+// Per query tile (of BLOCK_M), the chunk that alone writes its dQ (-1: two or more chunks do, or
+// none). Such a tile needs no partial: its chunk accumulates it in a per-thread buffer and writes
+// dq itself (one term, the same bits as a one-term gather_dq). Under a window only the tiles
+// near a chunk boundary are shared (N = 4096, w = 256, two chunks: 8 of 64), so the per-call
+// partials shrink from [n_chunks, B, Hq, N, D] (freshly faulted pages, zeroed, summed, transposed)
+// to those tiles. With tables (a band of the whole Nq) every tile is shared: as before.
+std::vector<int64_t> dq_tile_owner(const Problem& p, const std::vector<std::pair<int64_t, int64_t>>& dq_tiles) {
+  std::vector<int64_t> owner(p.nQt, -1), count(p.nQt, 0);
+  for (int64_t c = 0; c < int64_t(dq_tiles.size()); ++c)
+    for (int64_t t = dq_tiles[c].first; t < dq_tiles[c].second; ++t) {
+      ++count[t];
+      owner[t] = c;
+    }
+  for (int64_t t = 0; t < p.nQt; ++t)
+    if (count[t] != 1) owner[t] = -1;
+  return owner;
+}
+
 // T: the operand type. q, dout: rows [B, Hq, Nq, *] (VNNI pairs on the matrix units);
 // qT, doT: packed transposed per query tile; k, v: plain rows; kT: packed transposed
 // per key tile, plain layout (the A operand of dQᵀ). Everything else in acc_type<T>.
@@ -1315,7 +1333,9 @@ template <typename T>
 void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, const T* kT, const T* v, const T* dout,
                      const T* doT, const acc_type<T>* lse_use, const acc_type<T>* delta, acc_type<T> scale,
                      int64_t n_chunks, const std::vector<std::pair<int64_t, int64_t>>& dq_tiles,
-                     acc_type<T>* dqT_part,  // [n_chunks, B, Hq, nQt, D, BLOCK_M], dq_tiles[c] of chunk c
+                     const std::vector<int64_t>& dq_owner,  // dq_tile_owner
+                     acc_type<T>* dqT_part,  // [n_chunks, B, Hq, nQt, D, BLOCK_M]: the shared tiles of dq_tiles[c]
+                     acc_type<T>* dq_out,    // [B, Hq, Nq, D]: the owned tiles' rows
                      acc_type<T>* dk_out,    // [B, Hq or Hk, Nk, D]: per query head when group > 1
                      acc_type<T>* dv_out,    // [B, Hq or Hk, Nk, Dv]
                      const Modifiers<acc_type<T>>& md) {
@@ -1360,8 +1380,18 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
       const T* kT_h = kT + bhk * p.nKt * p.D * kBlockN;    // packed [nKt, D, BLOCK_N]
       const A* lse_h = lse_use + bh * p.Nq;
       const A* delta_h = delta + bh * p.Nq;
-      A* dqT = dqT_part + (c * p.B * p.Hq + bh) * dqT_head;
-      fill(dqT + dq_tiles[c].first * p.D * kBlockM, (dq_tiles[c].second - dq_tiles[c].first) * p.D * kBlockM, A(0));
+      // dQᵀ of query tile qt, [D, BLOCK_M]: the chunk's own tiles in a per-thread buffer (the
+      // band's tiles, [t1 - t0, D, BLOCK_M]), the shared ones in this chunk's partial.
+      const int64_t qt0 = dq_tiles[c].first, qt1 = dq_tiles[c].second;
+      int64_t own0 = qt1, own1 = qt0;  // the owned tiles lie in [own0, own1)
+      for (int64_t qt = qt0; qt < qt1; ++qt)
+        if (dq_owner[qt] == c) own0 = std::min(own0, qt), own1 = qt + 1;
+      A* const dq_own = thread_buffer<A, 5>(std::max<int64_t>(0, own1 - own0) * p.D * kBlockM);
+      A* const dqT = dqT_part + (c * p.B * p.Hq + bh) * dqT_head;
+      auto dqT_tile = [&](int64_t qt) {
+        return dq_owner[qt] == c ? dq_own + (qt - own0) * p.D * kBlockM : dqT + qt * p.D * kBlockM;
+      };
+      for (int64_t qt = qt0; qt < qt1; ++qt) fill(dqT_tile(qt), p.D * kBlockM, A(0));
       for (int64_t t = c * per_chunk; t < std::min(nt, (c + 1) * per_chunk); ++t) {
         const auto [j0, j1] = ktiles[t];
         const int64_t n_keys = j1 - j0;
@@ -1453,7 +1483,7 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
           }
           gemm_seq<T>(N, p.D, i0, i1, st.data(), kBlockM, q_h, a_buf, dk_rows, p.D,
                       kMatrixUnits<T>);  // dK += dSᵀ Q
-          A* dqT_t = dqT + (i0 / kBlockM) * p.D * kBlockM + i0 % kBlockM;  // [D, M], ld BLOCK_M
+          A* dqT_t = dqT_tile(i0 / kBlockM) + i0 % kBlockM;  // [D, M], ld BLOCK_M
           gemm_dqT<T>(p.D, M, r0, r1, i0 & 1, kT_h, st.data(), a_buf, b_lowp.data(), dqT_t,
                       kBlockM);  // dQᵀ += Kᵀ dSᵀ
         });
@@ -1462,21 +1492,34 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
         std::copy(dk_acc.data(), dk_acc.data() + n_keys * p.D, dk_out + (oh * p.Nk + j0) * p.D);
         std::copy(dv_acc.data(), dv_acc.data() + n_keys * p.Dv, dv_out + (oh * p.Nk + j0) * p.Dv);
       }
+      for (int64_t qt = qt0; qt < qt1; ++qt) {  // the owned tiles, transposed into dq [rows, D]
+        if (dq_owner[qt] != c) continue;
+        const int64_t rows = std::min(kBlockM, p.Nq - qt * kBlockM);
+        at::vec::transpose_mxn<A>(dq_own + (qt - own0) * p.D * kBlockM, kBlockM, dq_out + (bh * p.Nq + qt * kBlockM) * p.D,
+                                  p.D, static_cast<int>(p.D), static_cast<int>(rows));
+      }
     }
+    trim_thread_buffer<A, 5>();
     release_gemm<T>();
   });
 }
 
 // dq[b, h, i, :] = Σ_c dqT_part[c, b, h, i / BLOCK_M, :, i % BLOCK_M], over the chunks whose
-// dq_tiles hold tile i / BLOCK_M, in chunk order (0 where none does).
+// dq_tiles hold tile i / BLOCK_M, in chunk order (0 where none does), for the tiles no chunk
+// owns (dq_tile_owner; backward_kernel wrote the owned ones).
 template <typename T>
 void gather_dq(const Problem& p, const T* dqT_part, int64_t n_chunks,
-               const std::vector<std::pair<int64_t, int64_t>>& dq_tiles, T* dq) {
+               const std::vector<std::pair<int64_t, int64_t>>& dq_tiles, const std::vector<int64_t>& dq_owner, T* dq) {
   const int64_t head = p.nQt * p.D * kBlockM;
-  at::parallel_for(0, p.B * p.Hq * p.nQt, grain_for(double(n_chunks) * p.D * kBlockM), [&](int64_t begin, int64_t end) {
+  std::vector<int64_t> tiles;  // the query tiles left to gather
+  for (int64_t t = 0; t < p.nQt; ++t)
+    if (dq_owner[t] < 0) tiles.push_back(t);
+  const int64_t nt = int64_t(tiles.size());
+  if (nt == 0) return;
+  at::parallel_for(0, p.B * p.Hq * nt, grain_for(double(n_chunks) * p.D * kBlockM), [&](int64_t begin, int64_t end) {
     std::vector<T> sum(p.D * kBlockM);  // [D, BLOCK_M]
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / p.nQt, t = task % p.nQt;
+      const int64_t bh = task / nt, t = tiles[task % nt];
       const int64_t rows = std::min(kBlockM, p.Nq - t * kBlockM);
       const T* part = dqT_part + bh * head + t * p.D * kBlockM;
       bool first = true;
@@ -1840,7 +1883,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     // delta: rowsum(dO ∘ O) [B, Hq, Nq], in a fixed order per row, in the accumulation type.
     at::Tensor lse_use = lse.to(ct).contiguous().clone();
     at::Tensor outc = out.to(ct).contiguous();
-    at::Tensor doacc = dout.to(ct).contiguous();
+    at::Tensor doacc = ot == ct ? doc : dout.to(ct).contiguous();  // the fp32-upcast path converted it already
     at::Tensor delta = at::empty({p.B, p.Hq, p.Nq}, acc_opts);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, ot, "attention_bwd", [&] {
       using A = acc_type<scalar_t>;
@@ -1867,14 +1910,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
       if (bias_grad) md.dbias = dbias.data_ptr<A>();
       const int64_t n_chunks = backward_chunks(p, p.nKt);
       const auto dq_tiles = dq_chunk_tiles(p, n_chunks);
+      const auto dq_owner = dq_tile_owner(p, dq_tiles);
       at::Tensor dqT_part = at::empty({n_chunks, p.B, p.Hq, p.nQt, p.D, kBlockM}, acc_opts);
       at::Tensor dk_part = p.group > 1 ? at::empty({p.B, p.Hq, p.Nk, p.D}, acc_opts) : dk;
       at::Tensor dv_part = p.group > 1 ? at::empty({p.B, p.Hq, p.Nk, p.Dv}, acc_opts) : dv;
       backward_kernel<scalar_t>(p, q_rows.data_ptr<scalar_t>(), qT.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(),
                                 kT.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(), do_rows.data_ptr<scalar_t>(),
-                                doT.data_ptr<scalar_t>(), lu, dl, A(scale), n_chunks, dq_tiles, dqT_part.data_ptr<A>(),
-                                dk_part.data_ptr<A>(), dv_part.data_ptr<A>(), md);
-      gather_dq<A>(p, dqT_part.data_ptr<A>(), n_chunks, dq_tiles, dq.data_ptr<A>());
+                                doT.data_ptr<scalar_t>(), lu, dl, A(scale), n_chunks, dq_tiles, dq_owner,
+                                dqT_part.data_ptr<A>(), dq.data_ptr<A>(), dk_part.data_ptr<A>(), dv_part.data_ptr<A>(), md);
+      gather_dq<A>(p, dqT_part.data_ptr<A>(), n_chunks, dq_tiles, dq_owner, dq.data_ptr<A>());
       if (p.group > 1) {
         fold_group<A>(p, dk_part.data_ptr<A>(), p.D, dk.data_ptr<A>());
         fold_group<A>(p, dv_part.data_ptr<A>(), p.Dv, dv.data_ptr<A>());
