@@ -572,6 +572,28 @@ void transpose_tile(const A* src, int64_t lds, A* dst, int64_t ldd, int64_t rows
     }
 }
 
+// A gradient output of the backward: in the input dtype (float32 / float64, or bf16 / fp16 rounded
+// once from the float accumulator as it is stored), or the float partials of the GQA heads.
+// Stored in the output dtype by the pass that finishes it, instead of a float [B, H, N, D]
+// tensor converted afterwards: in bf16 those three tensors were written, faulted in and read
+// back once more per call.
+struct GradOut {
+  void* data;
+  at::ScalarType type;
+};
+
+// out[off, off + n) = src[0, n) in out's dtype (the float-to-16-bit rounding as Tensor.to does).
+template <typename A>
+inline void store_grad(const A* src, const GradOut& out, int64_t off, int64_t n) {
+  switch (out.type) {
+    case at::kBFloat16: at::vec::convert(src, static_cast<at::BFloat16*>(out.data) + off, n); break;
+    case at::kHalf: at::vec::convert(src, static_cast<at::Half*>(out.data) + off, n); break;
+    default:
+      TORCH_INTERNAL_ASSERT(out.type == c10::CppTypeToScalarType<A>::value);
+      std::copy(src, src + n, static_cast<A*>(out.data) + off);
+  }
+}
+
 // The backward's transposed bias tile: out[r · ld + c] = bias[b, h, i0 + c, j0 + r] in A for
 // keys r < n, queries c < m. Read along the bias's query rows (contiguous when it does not
 // broadcast over keys) into `stage` [m, BLOCK_N], then transposed in blocks.
@@ -1335,9 +1357,9 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
                      int64_t n_chunks, const std::vector<std::pair<int64_t, int64_t>>& dq_tiles,
                      const std::vector<int64_t>& dq_owner,  // dq_tile_owner
                      acc_type<T>* dqT_part,  // [n_chunks, B, Hq, nQt, D, BLOCK_M]: the shared tiles of dq_tiles[c]
-                     acc_type<T>* dq_out,    // [B, Hq, Nq, D]: the owned tiles' rows
-                     acc_type<T>* dk_out,    // [B, Hq or Hk, Nk, D]: per query head when group > 1
-                     acc_type<T>* dv_out,    // [B, Hq or Hk, Nk, Dv]
+                     const GradOut& dq_out,  // [B, Hq, Nq, D]: the owned tiles' rows
+                     const GradOut& dk_out,  // [B, Hq or Hk, Nk, D]: per query head when group > 1
+                     const GradOut& dv_out,  // [B, Hq or Hk, Nk, Dv]
                      const Modifiers<acc_type<T>>& md) {
   using A = acc_type<T>;
   const auto ktiles = make_tiles(p.Nk, kBlockN, p.sbs);
@@ -1489,14 +1511,15 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
         });
         if (md.dropout) scale_row(dv_acc.data(), n_keys * p.Dv, md.keep_scale);
         const int64_t oh = b * out_heads + (p.group > 1 ? h : hk);
-        std::copy(dk_acc.data(), dk_acc.data() + n_keys * p.D, dk_out + (oh * p.Nk + j0) * p.D);
-        std::copy(dv_acc.data(), dv_acc.data() + n_keys * p.Dv, dv_out + (oh * p.Nk + j0) * p.Dv);
+        store_grad(dk_acc.data(), dk_out, (oh * p.Nk + j0) * p.D, n_keys * p.D);
+        store_grad(dv_acc.data(), dv_out, (oh * p.Nk + j0) * p.Dv, n_keys * p.Dv);
       }
       for (int64_t qt = qt0; qt < qt1; ++qt) {  // the owned tiles, transposed into dq [rows, D]
         if (dq_owner[qt] != c) continue;
         const int64_t rows = std::min(kBlockM, p.Nq - qt * kBlockM);
-        at::vec::transpose_mxn<A>(dq_own + (qt - own0) * p.D * kBlockM, kBlockM, dq_out + (bh * p.Nq + qt * kBlockM) * p.D,
-                                  p.D, static_cast<int>(p.D), static_cast<int>(rows));
+        at::vec::transpose_mxn<A>(dq_own + (qt - own0) * p.D * kBlockM, kBlockM, dk_acc.data(), p.D,
+                                  static_cast<int>(p.D), static_cast<int>(rows));  // [rows, D] (dk_acc is free now)
+        store_grad(dk_acc.data(), dq_out, (bh * p.Nq + qt * kBlockM) * p.D, rows * p.D);
       }
     }
     trim_thread_buffer<A, 5>();
@@ -1509,7 +1532,8 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
 // owns (dq_tile_owner; backward_kernel wrote the owned ones).
 template <typename T>
 void gather_dq(const Problem& p, const T* dqT_part, int64_t n_chunks,
-               const std::vector<std::pair<int64_t, int64_t>>& dq_tiles, const std::vector<int64_t>& dq_owner, T* dq) {
+               const std::vector<std::pair<int64_t, int64_t>>& dq_tiles, const std::vector<int64_t>& dq_owner,
+               const GradOut& dq) {
   const int64_t head = p.nQt * p.D * kBlockM;
   std::vector<int64_t> tiles;  // the query tiles left to gather
   for (int64_t t = 0; t < p.nQt; ++t)
@@ -1517,7 +1541,7 @@ void gather_dq(const Problem& p, const T* dqT_part, int64_t n_chunks,
   const int64_t nt = int64_t(tiles.size());
   if (nt == 0) return;
   at::parallel_for(0, p.B * p.Hq * nt, grain_for(double(n_chunks) * p.D * kBlockM), [&](int64_t begin, int64_t end) {
-    std::vector<T> sum(p.D * kBlockM);  // [D, BLOCK_M]
+    std::vector<T> sum(p.D * kBlockM), rows_t(kBlockM * p.D);  // [D, BLOCK_M], [BLOCK_M, D]
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / nt, t = tiles[task % nt];
       const int64_t rows = std::min(kBlockM, p.Nq - t * kBlockM);
@@ -1533,25 +1557,31 @@ void gather_dq(const Problem& p, const T* dqT_part, int64_t n_chunks,
         first = false;
       }
       if (first) fill(sum.data(), p.D * kBlockM, T(0));
-      T* out = dq + (bh * p.Nq + t * kBlockM) * p.D;  // [rows, D]
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t d = 0; d < p.D; ++d) out[r * p.D + d] = sum[d * kBlockM + r];
+      for (int64_t r = 0; r < rows; ++r)  // [rows, D]
+        for (int64_t d = 0; d < p.D; ++d) rows_t[r * p.D + d] = sum[d * kBlockM + r];
+      store_grad(rows_t.data(), dq, (bh * p.Nq + t * kBlockM) * p.D, rows * p.D);
     }
   });
 }
 
 // dk[b, hk] = Σ_g part[b, hk·group + g], query heads of the group in order.
+// Summed in blocks of kFoldBlock elements in float (T), then stored in out's dtype.
 template <typename T>
-void fold_group(const Problem& p, const T* part, int64_t width, T* out) {
+void fold_group(const Problem& p, const T* part, int64_t width, const GradOut& out) {
+  constexpr int64_t kFoldBlock = 4096;
   const int64_t n = p.Nk * width;
   at::parallel_for(0, p.B * p.Hk, grain_for(double(p.group) * n), [&](int64_t begin, int64_t end) {
+    std::vector<T> o(std::min(n, kFoldBlock));
     for (int64_t bhk = begin; bhk < end; ++bhk) {
       const int64_t b = bhk / p.Hk, hk = bhk % p.Hk;
       const T* first = part + (b * p.Hq + hk * p.group) * n;
-      T* o = out + bhk * n;
-      std::copy(first, first + n, o);
-      for (int64_t g = 1; g < p.group; ++g)
-        for (int64_t e = 0; e < n; ++e) o[e] += first[g * n + e];
+      for (int64_t e0 = 0; e0 < n; e0 += kFoldBlock) {
+        const int64_t m = std::min(kFoldBlock, n - e0);
+        std::copy(first + e0, first + e0 + m, o.data());
+        for (int64_t g = 1; g < p.group; ++g)
+          for (int64_t e = 0; e < m; ++e) o[e] += first[g * n + e0 + e];
+        store_grad(o.data(), out, bhk * n + e0, m);
+      }
     }
   });
 }
@@ -1870,8 +1900,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   at::Tensor kT = kc.scalar_type() == at::kFloat ? common::transposed_tiles_f32(kc, kBlockN, /*zero_tail=*/false)
                                                  : pack_transposed(kc, kBlockN);
   const auto acc_opts = q.options().dtype(ct);
-  at::Tensor dq = at::empty({p.B, p.Hq, p.Nq, p.D}, acc_opts), dk = at::empty({p.B, p.Hk, p.Nk, p.D}, acc_opts),
-             dv = at::empty({p.B, p.Hk, p.Nk, p.Dv}, acc_opts);
+  const auto grad_opts = q.options();  // dq, dk, dv in the input dtype (store_grad rounds them)
+  at::Tensor dq = at::empty({p.B, p.Hq, p.Nq, p.D}, grad_opts), dk = at::empty({p.B, p.Hk, p.Nk, p.D}, grad_opts),
+             dv = at::empty({p.B, p.Hk, p.Nk, p.Dv}, grad_opts);
   // Without a window or tables every tile is visited and every element written; otherwise
   // zeros, for the tiles no query tile sees.
   const bool every_tile = !p.kv_num && p.left < 0 && p.right < 0 && nonempty(p);
@@ -1882,27 +1913,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     // lse_use: +inf where a row sees nothing, so exp(s - lse_use) is 0 there, never NaN.
     // delta: rowsum(dO ∘ O) [B, Hq, Nq], in a fixed order per row, in the accumulation type.
     at::Tensor lse_use = lse.to(ct).contiguous().clone();
-    at::Tensor outc = out.to(ct).contiguous();
-    at::Tensor doacc = ot == ct ? doc : dout.to(ct).contiguous();  // the fp32-upcast path converted it already
+    // out and dout as they come (bf16 rows converted one at a time below, exactly: no float copies).
+    at::Tensor outc = out.scalar_type() == ct || out.scalar_type() == at::kBFloat16 || out.scalar_type() == at::kHalf
+                          ? out.contiguous()
+                          : out.to(ct).contiguous();
+    at::Tensor doacc = ot == ct ? doc : dout.to(outc.scalar_type()).contiguous();  // (the upcast path converted it)
     at::Tensor delta = at::empty({p.B, p.Hq, p.Nq}, acc_opts);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, ot, "attention_bwd", [&] {
       using A = acc_type<scalar_t>;
       A* lu = lse_use.data_ptr<A>();
       A* dl = delta.data_ptr<A>();
-      const A* o = outc.data_ptr<A>();
-      const A* g = doacc.data_ptr<A>();
       const int64_t rows = p.B * p.Hq * p.Nq, Dv = p.Dv;
       at::parallel_for(0, rows, grain_for(2.0 * Dv), [&](int64_t begin, int64_t end) {
+        // Row r of out / dout in A: the tensor's own row, or a 16-bit row converted into these.
+        std::vector<A> o_row, g_row;
+        auto row_of = [&](const at::Tensor& t, std::vector<A>& buf, int64_t r) -> const A* {
+          const auto st = t.scalar_type();
+          if (st == c10::CppTypeToScalarType<A>::value) return t.const_data_ptr<A>() + r * Dv;
+          buf.resize(Dv);
+          if (st == at::kBFloat16) {
+            at::vec::convert(t.const_data_ptr<at::BFloat16>() + r * Dv, buf.data(), Dv);
+          } else {
+            TORCH_INTERNAL_ASSERT(st == at::kHalf);
+            at::vec::convert(t.const_data_ptr<at::Half>() + r * Dv, buf.data(), Dv);
+          }
+          return buf.data();
+        };
         for (int64_t r = begin; r < end; ++r) {
+          const A* o = row_of(outc, o_row, r);
+          const A* g = row_of(doacc, g_row, r);
           if (lu[r] == -std::numeric_limits<A>::infinity()) lu[r] = std::numeric_limits<A>::infinity();
           // In vectors (a scalar sum is one FMA latency per element); a fixed order per Dv.
           using Vec = at::vec::Vectorized<A>;
           Vec va(A(0));
           int64_t c = 0;
           for (; c + Vec::size() <= Dv; c += Vec::size())
-            va = at::vec::fmadd(Vec::loadu(o + r * Dv + c), Vec::loadu(g + r * Dv + c), va);
+            va = at::vec::fmadd(Vec::loadu(o + c), Vec::loadu(g + c), va);
           A acc = common::hsum<A>(va);
-          for (; c < Dv; ++c) acc += o[r * Dv + c] * g[r * Dv + c];
+          for (; c < Dv; ++c) acc += o[c] * g[c];
           dl[r] = acc;
         }
       });
@@ -1914,14 +1962,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
       at::Tensor dqT_part = at::empty({n_chunks, p.B, p.Hq, p.nQt, p.D, kBlockM}, acc_opts);
       at::Tensor dk_part = p.group > 1 ? at::empty({p.B, p.Hq, p.Nk, p.D}, acc_opts) : dk;
       at::Tensor dv_part = p.group > 1 ? at::empty({p.B, p.Hq, p.Nk, p.Dv}, acc_opts) : dv;
+      auto grad_out = [](at::Tensor& t) { return GradOut{t.data_ptr(), t.scalar_type()}; };
       backward_kernel<scalar_t>(p, q_rows.data_ptr<scalar_t>(), qT.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(),
                                 kT.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(), do_rows.data_ptr<scalar_t>(),
                                 doT.data_ptr<scalar_t>(), lu, dl, A(scale), n_chunks, dq_tiles, dq_owner,
-                                dqT_part.data_ptr<A>(), dq.data_ptr<A>(), dk_part.data_ptr<A>(), dv_part.data_ptr<A>(), md);
-      gather_dq<A>(p, dqT_part.data_ptr<A>(), n_chunks, dq_tiles, dq_owner, dq.data_ptr<A>());
+                                dqT_part.data_ptr<A>(), grad_out(dq), grad_out(dk_part), grad_out(dv_part), md);
+      gather_dq<A>(p, dqT_part.data_ptr<A>(), n_chunks, dq_tiles, dq_owner, grad_out(dq));
       if (p.group > 1) {
-        fold_group<A>(p, dk_part.data_ptr<A>(), p.D, dk.data_ptr<A>());
-        fold_group<A>(p, dv_part.data_ptr<A>(), p.Dv, dv.data_ptr<A>());
+        fold_group<A>(p, dk_part.data_ptr<A>(), p.D, grad_out(dk));
+        fold_group<A>(p, dv_part.data_ptr<A>(), p.Dv, grad_out(dv));
       }
     });
   } else {
@@ -1929,8 +1978,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     dk.zero_();
     dv.zero_();
   }
-  const auto dt = q.scalar_type();
-  return {dq.to(dt), dk.to(dt), dv.to(dt), dbias};
+  return {dq, dk, dv, dbias};
 }
 
 // Which GEMM engine a softmax call of `dtype` runs on, for `python -m attnkernels` and the
