@@ -1306,6 +1306,15 @@ void forward_kernel(const Problem& p, const T* q, const T* kv_k, const T* kv_v, 
 // belong to one task per query head (GQA heads are summed afterwards in head
 // order); dQ of head h is split into n_chunks partials (a count fixed by the
 // shapes, never by the thread count) summed afterwards in chunk order.
+// Where the backward's time goes (perf, B1 H8 D64, N = 4096, window (256, 256), 1 thread, AMD
+// EPYC without AMX, session 7): float32, ~70% in the five tile GEMMs, ~13% in the per-call
+// full-tensor work (pack_transposed of Qᵀ / dOᵀ / Kᵀ, the dQ partials and gather_dq, fresh
+// pages faulted in), ~8% in the P / dS rows. The dQ ownership (dq_tile_owner) and the outputs
+// stored in the input dtype (GradOut) took part of the second share: backward time 0.94-0.98x
+// (interleaved pairs on a loaded host, +-5% noise), the same bits. Left: per-task packing of the
+// band's Qᵀ / dOᵀ / Kᵀ into per-thread buffers (as forward_kernel does on the matrix units), and
+// for the 16-bit path wider query pieces per key tile (fewer, larger GEMMs: its bwd / fwd is
+// 3.4-3.9 against float32's 2.2-2.4).
 int64_t backward_chunks(const Problem& p, int64_t n_kv_tiles) {
   constexpr int64_t kTargetTasks = 16;  // enough to keep a few threads busy when B·Hq is small
   const int64_t bh = std::max<int64_t>(1, p.B * p.Hq);
