@@ -1310,8 +1310,10 @@ void forward_kernel(const Problem& p, const T* q, const T* kv_k, const T* kv_v, 
 // EPYC without AMX, session 7): float32, ~70% in the five tile GEMMs, ~13% in the per-call
 // full-tensor work (pack_transposed of Qᵀ / dOᵀ / Kᵀ, the dQ partials and gather_dq, fresh
 // pages faulted in), ~8% in the P / dS rows. The dQ ownership (dq_tile_owner) and the outputs
-// stored in the input dtype (GradOut) took part of the second share: backward time 0.94-0.98x
-// (interleaved pairs on a loaded host, +-5% noise), the same bits. Left: per-task packing of the
+// stored in the input dtype (GradOut) aim at the second share, the same bits. Measured against
+// main (backward time ratio main / this, medians of interleaved pairs, loaded host, +-5% noise):
+// float32 window 1.03, 1.01 (two runs), BigBird 0.98, 0.96: no gain shown; bf16 on the 16-bit
+// path (AVX512-BF16) window 1.06, BigBird 1.02, N = 2048 w = 128 1.07. Left: per-task packing of the
 // band's Qᵀ / dOᵀ / Kᵀ into per-thread buffers (as forward_kernel does on the matrix units), and
 // for the 16-bit path wider query pieces per key tile (fewer, larger GEMMs: its bwd / fwd is
 // 3.4-3.9 against float32's 2.2-2.4).
