@@ -572,6 +572,28 @@ void transpose_tile(const A* src, int64_t lds, A* dst, int64_t ldd, int64_t rows
     }
 }
 
+// A gradient output of the backward: in the input dtype (float32 / float64, or bf16 / fp16 rounded
+// once from the float accumulator as it is stored), or the float partials of the GQA heads.
+// Stored in the output dtype by the pass that finishes it, instead of a float [B, H, N, D]
+// tensor converted afterwards: in bf16 those three tensors were written, faulted in and read
+// back once more per call.
+struct GradOut {
+  void* data;
+  at::ScalarType type;
+};
+
+// out[off, off + n) = src[0, n) in out's dtype (the float-to-16-bit rounding as Tensor.to does).
+template <typename A>
+inline void store_grad(const A* src, const GradOut& out, int64_t off, int64_t n) {
+  switch (out.type) {
+    case at::kBFloat16: at::vec::convert(src, static_cast<at::BFloat16*>(out.data) + off, n); break;
+    case at::kHalf: at::vec::convert(src, static_cast<at::Half*>(out.data) + off, n); break;
+    default:
+      TORCH_INTERNAL_ASSERT(out.type == c10::CppTypeToScalarType<A>::value);
+      std::copy(src, src + n, static_cast<A*>(out.data) + off);
+  }
+}
+
 // The backward's transposed bias tile: out[r · ld + c] = bias[b, h, i0 + c, j0 + r] in A for
 // keys r < n, queries c < m. Read along the bias's query rows (contiguous when it does not
 // broadcast over keys) into `stage` [m, BLOCK_N], then transposed in blocks.
@@ -1284,6 +1306,17 @@ void forward_kernel(const Problem& p, const T* q, const T* kv_k, const T* kv_v, 
 // belong to one task per query head (GQA heads are summed afterwards in head
 // order); dQ of head h is split into n_chunks partials (a count fixed by the
 // shapes, never by the thread count) summed afterwards in chunk order.
+// Where the backward's time goes (perf, B1 H8 D64, N = 4096, window (256, 256), 1 thread, AMD
+// EPYC without AMX, session 7): float32, ~70% in the five tile GEMMs, ~13% in the per-call
+// full-tensor work (pack_transposed of Qᵀ / dOᵀ / Kᵀ, the dQ partials and gather_dq, fresh
+// pages faulted in), ~8% in the P / dS rows. The dQ ownership (dq_tile_owner) and the outputs
+// stored in the input dtype (GradOut) aim at the second share, the same bits. Measured against
+// main (backward time ratio main / this, medians of interleaved pairs, loaded host, +-5% noise):
+// float32 window 1.03, 1.01 (two runs), BigBird 0.98, 0.96: no gain shown; bf16 on the 16-bit
+// path (AVX512-BF16) window 1.06, BigBird 1.02, N = 2048 w = 128 1.07. Left: per-task packing of the
+// band's Qᵀ / dOᵀ / Kᵀ into per-thread buffers (as forward_kernel does on the matrix units), and
+// for the 16-bit path wider query pieces per key tile (fewer, larger GEMMs: its bwd / fwd is
+// 3.4-3.9 against float32's 2.2-2.4).
 int64_t backward_chunks(const Problem& p, int64_t n_kv_tiles) {
   constexpr int64_t kTargetTasks = 16;  // enough to keep a few threads busy when B·Hq is small
   const int64_t bh = std::max<int64_t>(1, p.B * p.Hq);
@@ -1308,6 +1341,24 @@ std::vector<std::pair<int64_t, int64_t>> dq_chunk_tiles(const Problem& p, int64_
   return r;
 }
 
+// Per query tile (of BLOCK_M), the chunk that alone writes its dQ (-1: two or more chunks do, or
+// none). Such a tile needs no partial: its chunk accumulates it in a per-thread buffer and writes
+// dq itself (one term, the same bits as a one-term gather_dq). Under a window only the tiles
+// near a chunk boundary are shared (N = 4096, w = 256, two chunks: 8 of 64), so the per-call
+// partials shrink from [n_chunks, B, Hq, N, D] (freshly faulted pages, zeroed, summed, transposed)
+// to those tiles. With tables (a band of the whole Nq) every tile is shared: as before.
+std::vector<int64_t> dq_tile_owner(const Problem& p, const std::vector<std::pair<int64_t, int64_t>>& dq_tiles) {
+  std::vector<int64_t> owner(p.nQt, -1), count(p.nQt, 0);
+  for (int64_t c = 0; c < int64_t(dq_tiles.size()); ++c)
+    for (int64_t t = dq_tiles[c].first; t < dq_tiles[c].second; ++t) {
+      ++count[t];
+      owner[t] = c;
+    }
+  for (int64_t t = 0; t < p.nQt; ++t)
+    if (count[t] != 1) owner[t] = -1;
+  return owner;
+}
+
 // T: the operand type. q, dout: rows [B, Hq, Nq, *] (VNNI pairs on the matrix units);
 // qT, doT: packed transposed per query tile; k, v: plain rows; kT: packed transposed
 // per key tile, plain layout (the A operand of dQᵀ). Everything else in acc_type<T>.
@@ -1315,9 +1366,11 @@ template <typename T>
 void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, const T* kT, const T* v, const T* dout,
                      const T* doT, const acc_type<T>* lse_use, const acc_type<T>* delta, acc_type<T> scale,
                      int64_t n_chunks, const std::vector<std::pair<int64_t, int64_t>>& dq_tiles,
-                     acc_type<T>* dqT_part,  // [n_chunks, B, Hq, nQt, D, BLOCK_M], dq_tiles[c] of chunk c
-                     acc_type<T>* dk_out,    // [B, Hq or Hk, Nk, D]: per query head when group > 1
-                     acc_type<T>* dv_out,    // [B, Hq or Hk, Nk, Dv]
+                     const std::vector<int64_t>& dq_owner,  // dq_tile_owner
+                     acc_type<T>* dqT_part,  // [n_chunks, B, Hq, nQt, D, BLOCK_M]: the shared tiles of dq_tiles[c]
+                     const GradOut& dq_out,  // [B, Hq, Nq, D]: the owned tiles' rows
+                     const GradOut& dk_out,  // [B, Hq or Hk, Nk, D]: per query head when group > 1
+                     const GradOut& dv_out,  // [B, Hq or Hk, Nk, Dv]
                      const Modifiers<acc_type<T>>& md) {
   using A = acc_type<T>;
   const auto ktiles = make_tiles(p.Nk, kBlockN, p.sbs);
@@ -1360,8 +1413,18 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
       const T* kT_h = kT + bhk * p.nKt * p.D * kBlockN;    // packed [nKt, D, BLOCK_N]
       const A* lse_h = lse_use + bh * p.Nq;
       const A* delta_h = delta + bh * p.Nq;
-      A* dqT = dqT_part + (c * p.B * p.Hq + bh) * dqT_head;
-      fill(dqT + dq_tiles[c].first * p.D * kBlockM, (dq_tiles[c].second - dq_tiles[c].first) * p.D * kBlockM, A(0));
+      // dQᵀ of query tile qt, [D, BLOCK_M]: the chunk's own tiles in a per-thread buffer (the
+      // band's tiles, [t1 - t0, D, BLOCK_M]), the shared ones in this chunk's partial.
+      const int64_t qt0 = dq_tiles[c].first, qt1 = dq_tiles[c].second;
+      int64_t own0 = qt1, own1 = qt0;  // the owned tiles lie in [own0, own1)
+      for (int64_t qt = qt0; qt < qt1; ++qt)
+        if (dq_owner[qt] == c) own0 = std::min(own0, qt), own1 = qt + 1;
+      A* const dq_own = thread_buffer<A, 5>(std::max<int64_t>(0, own1 - own0) * p.D * kBlockM);
+      A* const dqT = dqT_part + (c * p.B * p.Hq + bh) * dqT_head;
+      auto dqT_tile = [&](int64_t qt) {
+        return dq_owner[qt] == c ? dq_own + (qt - own0) * p.D * kBlockM : dqT + qt * p.D * kBlockM;
+      };
+      for (int64_t qt = qt0; qt < qt1; ++qt) fill(dqT_tile(qt), p.D * kBlockM, A(0));
       for (int64_t t = c * per_chunk; t < std::min(nt, (c + 1) * per_chunk); ++t) {
         const auto [j0, j1] = ktiles[t];
         const int64_t n_keys = j1 - j0;
@@ -1453,30 +1516,45 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
           }
           gemm_seq<T>(N, p.D, i0, i1, st.data(), kBlockM, q_h, a_buf, dk_rows, p.D,
                       kMatrixUnits<T>);  // dK += dSᵀ Q
-          A* dqT_t = dqT + (i0 / kBlockM) * p.D * kBlockM + i0 % kBlockM;  // [D, M], ld BLOCK_M
+          A* dqT_t = dqT_tile(i0 / kBlockM) + i0 % kBlockM;  // [D, M], ld BLOCK_M
           gemm_dqT<T>(p.D, M, r0, r1, i0 & 1, kT_h, st.data(), a_buf, b_lowp.data(), dqT_t,
                       kBlockM);  // dQᵀ += Kᵀ dSᵀ
         });
         if (md.dropout) scale_row(dv_acc.data(), n_keys * p.Dv, md.keep_scale);
         const int64_t oh = b * out_heads + (p.group > 1 ? h : hk);
-        std::copy(dk_acc.data(), dk_acc.data() + n_keys * p.D, dk_out + (oh * p.Nk + j0) * p.D);
-        std::copy(dv_acc.data(), dv_acc.data() + n_keys * p.Dv, dv_out + (oh * p.Nk + j0) * p.Dv);
+        store_grad(dk_acc.data(), dk_out, (oh * p.Nk + j0) * p.D, n_keys * p.D);
+        store_grad(dv_acc.data(), dv_out, (oh * p.Nk + j0) * p.Dv, n_keys * p.Dv);
+      }
+      for (int64_t qt = qt0; qt < qt1; ++qt) {  // the owned tiles, transposed into dq [rows, D]
+        if (dq_owner[qt] != c) continue;
+        const int64_t rows = std::min(kBlockM, p.Nq - qt * kBlockM);
+        at::vec::transpose_mxn<A>(dq_own + (qt - own0) * p.D * kBlockM, kBlockM, dk_acc.data(), p.D,
+                                  static_cast<int>(p.D), static_cast<int>(rows));  // [rows, D] (dk_acc is free now)
+        store_grad(dk_acc.data(), dq_out, (bh * p.Nq + qt * kBlockM) * p.D, rows * p.D);
       }
     }
+    trim_thread_buffer<A, 5>();
     release_gemm<T>();
   });
 }
 
 // dq[b, h, i, :] = Σ_c dqT_part[c, b, h, i / BLOCK_M, :, i % BLOCK_M], over the chunks whose
-// dq_tiles hold tile i / BLOCK_M, in chunk order (0 where none does).
+// dq_tiles hold tile i / BLOCK_M, in chunk order (0 where none does), for the tiles no chunk
+// owns (dq_tile_owner; backward_kernel wrote the owned ones).
 template <typename T>
 void gather_dq(const Problem& p, const T* dqT_part, int64_t n_chunks,
-               const std::vector<std::pair<int64_t, int64_t>>& dq_tiles, T* dq) {
+               const std::vector<std::pair<int64_t, int64_t>>& dq_tiles, const std::vector<int64_t>& dq_owner,
+               const GradOut& dq) {
   const int64_t head = p.nQt * p.D * kBlockM;
-  at::parallel_for(0, p.B * p.Hq * p.nQt, grain_for(double(n_chunks) * p.D * kBlockM), [&](int64_t begin, int64_t end) {
-    std::vector<T> sum(p.D * kBlockM);  // [D, BLOCK_M]
+  std::vector<int64_t> tiles;  // the query tiles left to gather
+  for (int64_t t = 0; t < p.nQt; ++t)
+    if (dq_owner[t] < 0) tiles.push_back(t);
+  const int64_t nt = int64_t(tiles.size());
+  if (nt == 0) return;
+  at::parallel_for(0, p.B * p.Hq * nt, grain_for(double(n_chunks) * p.D * kBlockM), [&](int64_t begin, int64_t end) {
+    std::vector<T> sum(p.D * kBlockM), rows_t(kBlockM * p.D);  // [D, BLOCK_M], [BLOCK_M, D]
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / p.nQt, t = task % p.nQt;
+      const int64_t bh = task / nt, t = tiles[task % nt];
       const int64_t rows = std::min(kBlockM, p.Nq - t * kBlockM);
       const T* part = dqT_part + bh * head + t * p.D * kBlockM;
       bool first = true;
@@ -1490,25 +1568,31 @@ void gather_dq(const Problem& p, const T* dqT_part, int64_t n_chunks,
         first = false;
       }
       if (first) fill(sum.data(), p.D * kBlockM, T(0));
-      T* out = dq + (bh * p.Nq + t * kBlockM) * p.D;  // [rows, D]
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t d = 0; d < p.D; ++d) out[r * p.D + d] = sum[d * kBlockM + r];
+      for (int64_t r = 0; r < rows; ++r)  // [rows, D]
+        for (int64_t d = 0; d < p.D; ++d) rows_t[r * p.D + d] = sum[d * kBlockM + r];
+      store_grad(rows_t.data(), dq, (bh * p.Nq + t * kBlockM) * p.D, rows * p.D);
     }
   });
 }
 
 // dk[b, hk] = Σ_g part[b, hk·group + g], query heads of the group in order.
+// Summed in blocks of kFoldBlock elements in float (T), then stored in out's dtype.
 template <typename T>
-void fold_group(const Problem& p, const T* part, int64_t width, T* out) {
+void fold_group(const Problem& p, const T* part, int64_t width, const GradOut& out) {
+  constexpr int64_t kFoldBlock = 4096;
   const int64_t n = p.Nk * width;
   at::parallel_for(0, p.B * p.Hk, grain_for(double(p.group) * n), [&](int64_t begin, int64_t end) {
+    std::vector<T> o(std::min(n, kFoldBlock));
     for (int64_t bhk = begin; bhk < end; ++bhk) {
       const int64_t b = bhk / p.Hk, hk = bhk % p.Hk;
       const T* first = part + (b * p.Hq + hk * p.group) * n;
-      T* o = out + bhk * n;
-      std::copy(first, first + n, o);
-      for (int64_t g = 1; g < p.group; ++g)
-        for (int64_t e = 0; e < n; ++e) o[e] += first[g * n + e];
+      for (int64_t e0 = 0; e0 < n; e0 += kFoldBlock) {
+        const int64_t m = std::min(kFoldBlock, n - e0);
+        std::copy(first + e0, first + e0 + m, o.data());
+        for (int64_t g = 1; g < p.group; ++g)
+          for (int64_t e = 0; e < m; ++e) o[e] += first[g * n + e0 + e];
+        store_grad(o.data(), out, bhk * n + e0, m);
+      }
     }
   });
 }
@@ -1827,8 +1911,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   at::Tensor kT = kc.scalar_type() == at::kFloat ? common::transposed_tiles_f32(kc, kBlockN, /*zero_tail=*/false)
                                                  : pack_transposed(kc, kBlockN);
   const auto acc_opts = q.options().dtype(ct);
-  at::Tensor dq = at::empty({p.B, p.Hq, p.Nq, p.D}, acc_opts), dk = at::empty({p.B, p.Hk, p.Nk, p.D}, acc_opts),
-             dv = at::empty({p.B, p.Hk, p.Nk, p.Dv}, acc_opts);
+  const auto grad_opts = q.options();  // dq, dk, dv in the input dtype (store_grad rounds them)
+  at::Tensor dq = at::empty({p.B, p.Hq, p.Nq, p.D}, grad_opts), dk = at::empty({p.B, p.Hk, p.Nk, p.D}, grad_opts),
+             dv = at::empty({p.B, p.Hk, p.Nk, p.Dv}, grad_opts);
   // Without a window or tables every tile is visited and every element written; otherwise
   // zeros, for the tiles no query tile sees.
   const bool every_tile = !p.kv_num && p.left < 0 && p.right < 0 && nonempty(p);
@@ -1839,27 +1924,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     // lse_use: +inf where a row sees nothing, so exp(s - lse_use) is 0 there, never NaN.
     // delta: rowsum(dO ∘ O) [B, Hq, Nq], in a fixed order per row, in the accumulation type.
     at::Tensor lse_use = lse.to(ct).contiguous().clone();
-    at::Tensor outc = out.to(ct).contiguous();
-    at::Tensor doacc = dout.to(ct).contiguous();
+    // out and dout as they come (bf16 rows converted one at a time below, exactly: no float copies).
+    at::Tensor outc = out.scalar_type() == ct || out.scalar_type() == at::kBFloat16 || out.scalar_type() == at::kHalf
+                          ? out.contiguous()
+                          : out.to(ct).contiguous();
+    at::Tensor doacc = ot == ct ? doc : dout.to(outc.scalar_type()).contiguous();  // (the upcast path converted it)
     at::Tensor delta = at::empty({p.B, p.Hq, p.Nq}, acc_opts);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, ot, "attention_bwd", [&] {
       using A = acc_type<scalar_t>;
       A* lu = lse_use.data_ptr<A>();
       A* dl = delta.data_ptr<A>();
-      const A* o = outc.data_ptr<A>();
-      const A* g = doacc.data_ptr<A>();
       const int64_t rows = p.B * p.Hq * p.Nq, Dv = p.Dv;
       at::parallel_for(0, rows, grain_for(2.0 * Dv), [&](int64_t begin, int64_t end) {
+        // Row r of out / dout in A: the tensor's own row, or a 16-bit row converted into these.
+        std::vector<A> o_row, g_row;
+        auto row_of = [&](const at::Tensor& t, std::vector<A>& buf, int64_t r) -> const A* {
+          const auto st = t.scalar_type();
+          if (st == c10::CppTypeToScalarType<A>::value) return t.const_data_ptr<A>() + r * Dv;
+          buf.resize(Dv);
+          if (st == at::kBFloat16) {
+            at::vec::convert(t.const_data_ptr<at::BFloat16>() + r * Dv, buf.data(), Dv);
+          } else {
+            TORCH_INTERNAL_ASSERT(st == at::kHalf);
+            at::vec::convert(t.const_data_ptr<at::Half>() + r * Dv, buf.data(), Dv);
+          }
+          return buf.data();
+        };
         for (int64_t r = begin; r < end; ++r) {
+          const A* o = row_of(outc, o_row, r);
+          const A* g = row_of(doacc, g_row, r);
           if (lu[r] == -std::numeric_limits<A>::infinity()) lu[r] = std::numeric_limits<A>::infinity();
           // In vectors (a scalar sum is one FMA latency per element); a fixed order per Dv.
           using Vec = at::vec::Vectorized<A>;
           Vec va(A(0));
           int64_t c = 0;
           for (; c + Vec::size() <= Dv; c += Vec::size())
-            va = at::vec::fmadd(Vec::loadu(o + r * Dv + c), Vec::loadu(g + r * Dv + c), va);
+            va = at::vec::fmadd(Vec::loadu(o + c), Vec::loadu(g + c), va);
           A acc = common::hsum<A>(va);
-          for (; c < Dv; ++c) acc += o[r * Dv + c] * g[r * Dv + c];
+          for (; c < Dv; ++c) acc += o[c] * g[c];
           dl[r] = acc;
         }
       });
@@ -1867,17 +1969,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
       if (bias_grad) md.dbias = dbias.data_ptr<A>();
       const int64_t n_chunks = backward_chunks(p, p.nKt);
       const auto dq_tiles = dq_chunk_tiles(p, n_chunks);
+      const auto dq_owner = dq_tile_owner(p, dq_tiles);
       at::Tensor dqT_part = at::empty({n_chunks, p.B, p.Hq, p.nQt, p.D, kBlockM}, acc_opts);
       at::Tensor dk_part = p.group > 1 ? at::empty({p.B, p.Hq, p.Nk, p.D}, acc_opts) : dk;
       at::Tensor dv_part = p.group > 1 ? at::empty({p.B, p.Hq, p.Nk, p.Dv}, acc_opts) : dv;
+      auto grad_out = [](at::Tensor& t) { return GradOut{t.data_ptr(), t.scalar_type()}; };
       backward_kernel<scalar_t>(p, q_rows.data_ptr<scalar_t>(), qT.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(),
                                 kT.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(), do_rows.data_ptr<scalar_t>(),
-                                doT.data_ptr<scalar_t>(), lu, dl, A(scale), n_chunks, dq_tiles, dqT_part.data_ptr<A>(),
-                                dk_part.data_ptr<A>(), dv_part.data_ptr<A>(), md);
-      gather_dq<A>(p, dqT_part.data_ptr<A>(), n_chunks, dq_tiles, dq.data_ptr<A>());
+                                doT.data_ptr<scalar_t>(), lu, dl, A(scale), n_chunks, dq_tiles, dq_owner,
+                                dqT_part.data_ptr<A>(), grad_out(dq), grad_out(dk_part), grad_out(dv_part), md);
+      gather_dq<A>(p, dqT_part.data_ptr<A>(), n_chunks, dq_tiles, dq_owner, grad_out(dq));
       if (p.group > 1) {
-        fold_group<A>(p, dk_part.data_ptr<A>(), p.D, dk.data_ptr<A>());
-        fold_group<A>(p, dv_part.data_ptr<A>(), p.Dv, dv.data_ptr<A>());
+        fold_group<A>(p, dk_part.data_ptr<A>(), p.D, grad_out(dk));
+        fold_group<A>(p, dv_part.data_ptr<A>(), p.Dv, grad_out(dv));
       }
     });
   } else {
@@ -1885,8 +1989,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     dk.zero_();
     dv.zero_();
   }
-  const auto dt = q.scalar_type();
-  return {dq.to(dt), dk.to(dt), dv.to(dt), dbias};
+  return {dq, dk, dv, dbias};
 }
 
 // Which GEMM engine a softmax call of `dtype` runs on, for `python -m attnkernels` and the
