@@ -77,6 +77,12 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // the caller's mask zeroes them) where a dense brgemm call could not.
 using common::Tri;
 
+// Tried, not kept (session 7): on AVX-512, register_gemm with row tiles up to 4 vectors wide (6 x 4
+// accumulators of the 32 registers) taking per row tile only the vectors its triangle needs (c_tri:
+// 65% of a 64 x 64 C computed instead of 77%; the a_tri / transposed products unchanged in work).
+// Bit-identical results; in perf (fp32 causal backward, N = 1024, 1 thread) the register products'
+// share against the brgemm products' stayed 0.84 vs 0.81 before, within this host's noise: no gain
+// seen, so the shared header was left as it was.
 template <typename T>
 inline void gemm(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
                  int64_t ldc, bool accumulate, Tri a_tri = Tri::None, Tri c_tri = Tri::None) {
@@ -607,6 +613,43 @@ void forward_causal(const Dims& d0, const Args<scalar_t, acc_t>& a, scalar_t* ou
   });
 }
 
+// Scratch of n elements for one task of a kernel, not zero-filled. Up to kKeptBytes it is a block the
+// calling thread keeps between calls (grow-only, one per thread and element type: one live
+// ThreadBuffer<T> per thread at a time), so at most kKeptBytes stay held per thread; above, a fresh
+// allocation freed on return. The causal backward's kept chunks (~1.3 MB, 320 pages at N = 1024,
+// D = 64; ~5 MB at N = 4096) were allocated per call and glibc mostly handed back fresh pages: in a
+// loop of backward calls (perf, fp32 B1 H8 N1024 D64, 1 thread) page faults and unmaps took ~1/3 of
+// the time, these blocks and the outputs together. Kept, the blocks fault once per thread.
+// Tried, not kept: dq, dk, dv as views of one output block. That loop then ran at 0 faults a call
+// (450-600 before), but a fwd+bwd through autograd still took 150-300 (glibc's trimming of the heap
+// top decides, whatever the layout): no gain on the benchmarked path.
+constexpr int64_t kKeptBytes = int64_t(8) << 20;
+
+template <typename T>
+class ThreadBuffer {
+ public:
+  explicit ThreadBuffer(int64_t n) {
+    thread_local std::unique_ptr<T[]> keep;
+    thread_local int64_t keep_n = 0;
+    if (n * int64_t(sizeof(T)) > kKeptBytes) {
+      own_.reset(new T[n]);
+      ptr_ = own_.get();
+      return;
+    }
+    if (keep_n < n) {
+      keep.reset();  // the old block first: never both held at once
+      keep.reset(new T[n]);
+      keep_n = n;
+    }
+    ptr_ = keep.get();
+  }
+  T* get() const { return ptr_; }
+
+ private:
+  std::unique_ptr<T[]> own_;
+  T* ptr_ = nullptr;
+};
+
 // Causal backward without recomputing the forward's output. Per chunk of L rows and
 // query head, with A = mask(Q̃K̃ᵀ) and Γ = mask(g Vᵀ) (g = dout, lower triangles, [L, C]),
 // H = g Sᵀ [L, M] and z from the state (S, z) of the earlier chunks:
@@ -633,10 +676,16 @@ void backward_causal(const Dims& d0, const Args<scalar_t, acc_t>& a, const scala
     // Kept from pass 1 for pass 2, chunk-major: [G, nch, C, *] (K̃: [nch, C, MP]). Not
     // zero-filled: pass 1 writes every entry pass 2 reads (whole chunk rows of Q̃, K̃, dnum,
     // dden; the first L rows of A, P2); zero-filling ~5 MB per call cost ~5% (N = 4096).
-    const auto buffer = [](int64_t n) { return std::unique_ptr<acc_t[]>(new acc_t[n]); };
-    const auto Qf = buffer(d.G * nch * C * d.MP), Kf = buffer(nch * C * d.MP), dN_all = buffer(d.G * nch * C * d.DvP);
-    const auto dd_all = buffer(d.G * nch * C);
-    const auto A_all = buffer(d.G * nch * C * C), P2_all = buffer(d.G * nch * C * C);  // A, P2 [L, C] (ld C)
+    // One block carved in six, kept by the thread between calls up to kKeptBytes (ThreadBuffer).
+    const int64_t nQ = d.G * nch * C * d.MP, nK = nch * C * d.MP, nN = d.G * nch * C * d.DvP, nd = d.G * nch * C,
+                  nA = d.G * nch * C * C;
+    ThreadBuffer<acc_t> kept(nQ + nK + nN + nd + 2 * nA);
+    acc_t* const Qf = kept.get();
+    acc_t* const Kf = Qf + nQ;
+    acc_t* const dN_all = Kf + nK;
+    acc_t* const dd_all = dN_all + nN;
+    acc_t* const A_all = dd_all + nd;   // A [L, C] (ld C)
+    acc_t* const P2_all = A_all + nA;   // P2 [L, C] (ld C)
     std::vector<acc_t> Gd(C * d.DvP), H(C * d.MP), inv(C), z(d.MP), zc(d.MP), dz(d.MP);
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t b = bg / d.Hk, g = bg % d.Hk;
@@ -647,7 +696,7 @@ void backward_causal(const Dims& d0, const Args<scalar_t, acc_t>& a, const scala
       transpose(d.MP, d.DvP, w.S.data(), d.DvP, w.ST.data(), d.MP);
       for (int64_t c = 0; c < nch; ++c) {
         const int64_t t0 = c * C, L = std::min(C, d.Nq - t0);
-        acc_t* Kc = Kf.get() + c * C * d.MP;
+        acc_t* Kc = Kf + c * C * d.MP;
         load_features(a.k_head(d, b, g, t0), L, d, acc_t(1), a.f, Kc);
         transpose(C, d.MP, Kc, d.MP, w.KcT.data(), C);                      // [MP, C]
         load_grad(a.v_head(d, b, g, t0), L, d, w.Vc.data());                 // V [C, DvP]
@@ -656,11 +705,11 @@ void backward_causal(const Dims& d0, const Args<scalar_t, acc_t>& a, const scala
           const int64_t h = g * d.G + hh;
           const int64_t row = (b * d.Hq + h) * d.Nq + t0;
           const int64_t slot = hh * nch + c;
-          acc_t* Qc = Qf.get() + slot * C * d.MP;
-          acc_t* dN = dN_all.get() + slot * C * d.DvP;                      // dnum [C, DvP]
-          acc_t* dden = dd_all.get() + slot * C;                            // [C]
-          acc_t* P = A_all.get() + slot * C * C;   // A, kept for pass 2
-          acc_t* Gm = P2_all.get() + slot * C * C;  // Γ, then P2 in place, kept for pass 2
+          acc_t* Qc = Qf + slot * C * d.MP;
+          acc_t* dN = dN_all + slot * C * d.DvP;                      // dnum [C, DvP]
+          acc_t* dden = dd_all + slot * C;                            // [C]
+          acc_t* P = A_all + slot * C * C;   // A, kept for pass 2
+          acc_t* Gm = P2_all + slot * C * C;  // Γ, then P2 in place, kept for pass 2
           load_features(a.q_head(d, b, h, t0), L, d, a.scale, a.f, Qc);
           load_grad(dout + row * d.Dv, L, d, Gd.data());
           gemm(a.mx, L, C, d.D, Qc, d.MP, w.KcT.data(), C, P, C, false, Tri::None, Tri::Lower);            // A [L, C]
@@ -711,7 +760,7 @@ void backward_causal(const Dims& d0, const Args<scalar_t, acc_t>& a, const scala
       std::fill(dz.begin(), dz.end(), acc_t(0));
       for (int64_t c = nch - 1; c >= 0; --c) {
         const int64_t t0 = c * C, L = std::min(C, d.Nk - t0);
-        const acc_t* Kc = Kf.get() + c * C * d.MP;
+        const acc_t* Kc = Kf + c * C * d.MP;
         load_grad(a.v_head(d, b, g, t0), L, d, w.Vc.data());
         // Inter-chunk parts from (dS, dz) as they stand before this chunk's queries join them;
         // kept apart (in the free dQ/num buffers) and added after the intra parts.
@@ -723,10 +772,10 @@ void backward_causal(const Dims& d0, const Args<scalar_t, acc_t>& a, const scala
             (Vec::loadu(w.dQ.data() + i * d.MP + q) + Vec::loadu(dz.data() + q)).store(w.dQ.data() + i * d.MP + q);
         for (int64_t hh = 0; hh < d.G; ++hh) {
           const int64_t slot = hh * nch + c;
-          const acc_t* Qc = Qf.get() + slot * C * d.MP;
-          const acc_t* dN = dN_all.get() + slot * C * d.DvP;
-          const acc_t* Ak = A_all.get() + slot * C * C;
-          const acc_t* P2k = P2_all.get() + slot * C * C;
+          const acc_t* Qc = Qf + slot * C * d.MP;
+          const acc_t* dN = dN_all + slot * C * d.DvP;
+          const acc_t* Ak = A_all + slot * C * C;
+          const acc_t* P2k = P2_all + slot * C * C;
           if (a.mx) {  // the tile unit reads A row-major: the transposes, into the free P
             transpose(L, L, P2k, C, w.P.data(), C);
             gemm(a.mx, L, d.MP, L, w.P.data(), C, Qc, d.MP, w.dK.data(), d.MP, hh > 0);   // P2ᵀ Q̃
@@ -738,7 +787,7 @@ void backward_causal(const Dims& d0, const Args<scalar_t, acc_t>& a, const scala
           }
           transpose(C, d.MP, Qc, d.MP, w.QcT.data(), C);                                               // [MP, C]
           add_product(a.mx, d.D, d.DvP, L, w.QcT.data(), C, dN, d.DvP, dS, d.DvP, w.tmp.data());             // dS += Q̃ᵀ dnum
-          column_sums(Qc, L, d.MP, dd_all.get() + slot * C, zc.data());                                  // Q̃ᵀ dden
+          column_sums(Qc, L, d.MP, dd_all + slot * C, zc.data());                                  // Q̃ᵀ dden
           for (int64_t m = 0; m < d.MP; ++m) dz[m] += zc[m];
         }
         for (int64_t i = 0; i < L * d.MP; ++i) w.dK[i] += w.dQ[i];
