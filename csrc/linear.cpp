@@ -883,12 +883,28 @@ acc_t sq_norm(const acc_t* x, int64_t n) {
   return s;
 }
 
+// den = φ_i · z over the M features of one feature row (vector sums in m order, then the tail):
+// the forward's normaliser, and the backward's from saved features (the same code both ways, so
+// a backward from saved φ(q) is bit-identical to one that recomputes it).
+template <typename acc_t>
+acc_t favor_den(const acc_t* row, const acc_t* z, int64_t M) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  Vec acc(acc_t(0));
+  int64_t m = 0;
+  for (; m + W <= M; m += W) acc = at::vec::fmadd(Vec::loadu(row + m), Vec::loadu(z + m), acc);
+  acc_t s = common::hsum(acc);
+  for (; m < M; ++m) s += row[m] * z[m];
+  return s;
+}
+
 // F [kChunk, MP] = φ(root·X rows [0, L)) (X [L, D], the unscaled input rows); queries (c unused)
-// or keys with shift c. Zero in the padding rows and columns (exp of a padding logit could
-// overflow). With z [MP] given (queries), also den[i] = φ_i · z, summed in the exp pass.
+// or keys with shift c. Zero in the padding columns (exp of a padding logit could overflow) and,
+// with pad_rows, in rows [L, kChunk) (off where F is a saved feature buffer of exactly L rows:
+// every product reads rows [0, L) only). With z [MP] given (queries), also den[i] = φ_i · z.
 template <typename acc_t>
 void favor_row_features(const acc_t* X, int64_t L, const FavorW<acc_t>& fw, bool is_query, acc_t c, acc_t* F,
-                        const acc_t* z = nullptr, acc_t* den = nullptr) {
+                        const acc_t* z = nullptr, acc_t* den = nullptr, bool pad_rows = true) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
   gemm(L, fw.MP, fw.D, X, fw.D, fw.WTr.data(), fw.MP, F, fw.MP, false);  // l [L, MP]
@@ -896,22 +912,13 @@ void favor_row_features(const acc_t* X, int64_t L, const FavorW<acc_t>& fw, bool
     acc_t* row = F + i * fw.MP;
     const acc_t b = is_query ? common::row_max(row, fw.M) : acc_t(0.5) * fw.root * fw.root * sq_norm(X + i * fw.D, fw.D) + c;
     const Vec nb(-(b + fw.log_root));
-    Vec acc(acc_t(0));
     int64_t m = 0;
-    for (; m + W <= fw.M; m += W) {
-      const Vec e = common::vexp(Vec::loadu(row + m) + nb);
-      e.store(row + m);
-      if (z != nullptr) acc = at::vec::fmadd(e, Vec::loadu(z + m), acc);
-    }
-    acc_t s = z != nullptr ? common::hsum(acc) : acc_t(0);
-    for (; m < fw.M; ++m) {
-      row[m] = std::exp(row[m] - (b + fw.log_root));
-      if (z != nullptr) s += row[m] * z[m];
-    }
+    for (; m + W <= fw.M; m += W) common::vexp(Vec::loadu(row + m) + nb).store(row + m);
+    for (; m < fw.M; ++m) row[m] = std::exp(row[m] - (b + fw.log_root));
     std::fill(row + fw.M, row + fw.MP, acc_t(0));
-    if (den != nullptr) den[i] = s;
+    if (den != nullptr) den[i] = favor_den(row, z, fw.M);  // the row is in L1
   }
-  std::fill(F + L * fw.MP, F + kChunk * fw.MP, acc_t(0));
+  if (pad_rows) std::fill(F + L * fw.MP, F + kChunk * fw.MP, acc_t(0));
 }
 
 // Scratch of the FAVOR+ kernels, all per task.
@@ -1055,7 +1062,7 @@ void favor_input_grad(const acc_t* dl, const acc_t* rs, const acc_t* X, int64_t 
 
 template <typename scalar_t, typename acc_t>
 void favor_forward(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* q, const scalar_t* k, const scalar_t* v,
-                   acc_t eps, scalar_t* out, acc_t* states, acc_t* shifts) {
+                   acc_t eps, scalar_t* out, acc_t* states, acc_t* shifts, acc_t* feats) {
   at::parallel_for(0, d.B * d.Hk, 1, [&](int64_t begin, int64_t end) {
     FavorScratch<acc_t> w(d, fw);
     for (int64_t bg = begin; bg < end; ++bg) {
@@ -1072,11 +1079,13 @@ void favor_forward(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* q, co
         for (int64_t t0 = 0; t0 < d.Nq; t0 += kChunk) {
           const int64_t L = std::min(kChunk, d.Nq - t0);
           const acc_t* qr = rows_as_acc(q + (bh * d.Nq + t0) * fw.D, L, fw.D, w.X.data());
-          favor_row_features(qr, L, fw, true, acc_t(0), w.F.data(), w.z.data(), w.den.data());  // φ(q) [C, MP]
+          // φ(q) [L, MP]: straight into the saved features when the backward is to read them
+          acc_t* F = feats != nullptr ? feats + (bh * d.Nq + t0) * fw.MP : w.F.data();
+          favor_row_features(qr, L, fw, true, acc_t(0), F, w.z.data(), w.den.data(), feats == nullptr);
           scalar_t* o = out + (bh * d.Nq + t0) * d.Dv;
           acc_t* num = nullptr;  // [L, Dv], in place in out when it is acc_t
           if constexpr (std::is_same_v<scalar_t, acc_t>) num = o; else num = w.dN.data();
-          gemm(L, d.Dv, fw.MP, w.F.data(), fw.MP, S, d.Dv, num, d.Dv, false);
+          gemm(L, d.Dv, fw.MP, F, fw.MP, S, d.Dv, num, d.Dv, false);
           for (int64_t i = 0; i < L; ++i) {
             const acc_t inv = acc_t(1) / (w.den[i] + eps);
             for (int64_t e = 0; e < d.Dv; ++e) o[i * d.Dv + e] = static_cast<scalar_t>(num[i * d.Dv + e] * inv);
@@ -1096,8 +1105,8 @@ void favor_forward(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* q, co
 // pass) and dV = φ(k) dS. dS' sums its query heads in head order in the task: deterministic.
 template <typename scalar_t, typename acc_t>
 void favor_backward(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* dout, const scalar_t* q, const scalar_t* k,
-                    const scalar_t* v, const acc_t* states, const acc_t* shifts, acc_t eps, scalar_t* dq, scalar_t* dk,
-                    scalar_t* dv) {
+                    const scalar_t* v, const acc_t* states, const acc_t* shifts, const acc_t* feats, acc_t eps,
+                    scalar_t* dq, scalar_t* dk, scalar_t* dv) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
   constexpr int64_t C = kChunk;
@@ -1122,12 +1131,18 @@ void favor_backward(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* dout
           const int64_t L = std::min(C, d.Nq - t0);
           const int64_t row = bh * d.Nq + t0;
           const acc_t* qr = rows_as_acc(q + row * fw.D, L, fw.D, w.X.data());
-          favor_row_features(qr, L, fw, true, acc_t(0), w.F.data(), z, w.den.data());  // φ(q) [C, MP]
+          const acc_t* F = w.F.data();  // φ(q) [L, MP]: the forward's, or recomputed by the same code
+          if (feats != nullptr) {
+            F = feats + row * fw.MP;
+            for (int64_t i = 0; i < L; ++i) w.den[i] = favor_den(F + i * fw.MP, z, fw.M);
+          } else {
+            favor_row_features(qr, L, fw, true, acc_t(0), w.F.data(), z, w.den.data());
+          }
           const acc_t* gr = rows_as_acc(dout + row * d.Dv, L, d.Dv, Gd.data());          // g [L, Dv]
           acc_t* H = w.H.data();
           gemm(L, fw.MP, d.Dv, gr, d.Dv, w.ST.data(), fw.MP, H, fw.MP, false);  // H [L, MP]
           for (int64_t i = 0; i < L; ++i) {
-            const acc_t* Fi = w.F.data() + i * fw.MP;
+            const acc_t* Fi = F + i * fw.MP;
             acc_t* Hi = H + i * fw.MP;
             const acc_t r = acc_t(1) / (w.den[i] + eps);
             const acc_t sv = -vdot(Fi, Hi, fw.MP) * r * r;
@@ -1146,7 +1161,7 @@ void favor_backward(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* dout
             rs[i] = common::hsum(acc);
           }
           transpose(L, Dv1, w.dN.data(), d.DvP, w.dNT.data(), C);                                // [Dv + 1, L]
-          add_product(Dv1, fw.MP, L, w.dNT.data(), C, w.F.data(), fw.MP, dST, fw.MP, w.tmp.data());  // dS'ᵀ += dN'ᵀ φ
+          add_product(Dv1, fw.MP, L, w.dNT.data(), C, F, fw.MP, dST, fw.MP, w.tmp.data());  // dS'ᵀ += dN'ᵀ φ
           favor_input_grad(H, rs, qr, L, fw, w.dX.data(), dq + row * fw.D);
         }
       }
@@ -1556,14 +1571,17 @@ void check_favor(const char* op, const at::Tensor& q, const at::Tensor& k, const
   TORCH_CHECK(q.size(2) > 0 && k.size(2) > 0, op, ": needs Nq > 0 and Nk > 0");
 }
 
-// -> (out, S' [B, Hk, M, Dv + 1], key shift c [B, Hk]): the last two only for the backward.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> favor_attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                                   const at::Tensor& v_in, const at::Tensor& projection,
-                                                                   double scale, double eps) {
+// -> (out, S' [B, Hk, M, Dv + 1], key shift c [B, Hk], φ(q) [B, Hq, Nq, M]): the last three only
+// for the backward; φ(q) only with save_features (else empty; see favor.py's _save_features:
+// a float32 / float64 / float16 call with M a multiple of the vector width, so MP = M), the
+// backward then reads it instead of rerunning q's projection and exp.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> favor_attention_fwd(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& projection, double scale,
+    double eps, bool save_features) {
   check_favor("favor_attention_fwd", q_in, k_in, v_in, projection);
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
-  at::Tensor states, shifts;
+  at::Tensor states, shifts, feats;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "favor_attention_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const FavorW<acc_t> fw = make_favor_w<acc_t>(projection, scale);
@@ -1571,22 +1589,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> favor_attention_fwd(const at::Ten
     const auto acc = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
     states = at::empty({d.B, d.Hk, fw.M, d.Dv + 1}, acc);
     shifts = at::empty({d.B, d.Hk}, acc);
-    if (favor_on_matrix_units<scalar_t>(q, v)) {
+    const bool mx = favor_on_matrix_units<scalar_t>(q, v);
+    TORCH_CHECK(!save_features || (!mx && fw.MP == fw.M),
+                "favor_attention_fwd: save_features needs the vector path and M a multiple of ", at::vec::Vectorized<acc_t>::size());
+    feats = save_features ? at::empty({d.B, d.Hq, d.Nq, fw.M}, acc) : at::empty({0}, acc);
+    if (mx) {
       mx_favor_forward(d, fw, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), static_cast<acc_t>(eps),
                        out.data_ptr<scalar_t>(), states.data_ptr<acc_t>(), shifts.data_ptr<acc_t>());
       return;
     }
     favor_forward(d, fw, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), static_cast<acc_t>(eps),
-                  out.data_ptr<scalar_t>(), states.data_ptr<acc_t>(), shifts.data_ptr<acc_t>());
+                  out.data_ptr<scalar_t>(), states.data_ptr<acc_t>(), shifts.data_ptr<acc_t>(),
+                  save_features ? feats.data_ptr<acc_t>() : nullptr);
   });
-  return {out, states, shifts};
+  return {out, states, shifts, feats};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> favor_attention_bwd(const at::Tensor& dout_in, const at::Tensor& q_in,
                                                                    const at::Tensor& k_in, const at::Tensor& v_in,
                                                                    const at::Tensor& projection, const at::Tensor& states_in,
-                                                                   const at::Tensor& shifts_in, double scale, double eps) {
+                                                                   const at::Tensor& shifts_in, const at::Tensor& feats_in,
+                                                                   double scale, double eps) {
   check_favor("favor_attention_bwd", q_in, k_in, v_in, projection);
+  const at::Tensor feats = feats_in.contiguous();  // the forward's φ(q), or empty: recomputed
   const at::Tensor states = states_in.contiguous(), shifts = shifts_in.contiguous();
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   const at::Tensor dout = dout_in.to(q.scalar_type()).contiguous();
@@ -1600,6 +1625,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> favor_attention_bwd(const at::Ten
     TORCH_CHECK(states.sizes() == at::IntArrayRef({d.B, d.Hk, fw.M, d.Dv + 1}) && shifts.sizes() == at::IntArrayRef({d.B, d.Hk}) &&
                     states.scalar_type() == c10::CppTypeToScalarType<acc_t>::value && shifts.scalar_type() == states.scalar_type(),
                 "favor_attention_bwd: states / shifts must be the forward's");
+    const bool saved = feats.numel() > 0;
+    TORCH_CHECK(!saved || (feats.sizes() == at::IntArrayRef({d.B, d.Hq, d.Nq, fw.MP}) && fw.MP == fw.M &&
+                           feats.scalar_type() == states.scalar_type() && !favor_on_matrix_units<scalar_t>(q, v)),
+                "favor_attention_bwd: features must be the forward's");
     if (favor_on_matrix_units<scalar_t>(q, v)) {
       mx_favor_backward(d, fw, dout.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
                         v.data_ptr<scalar_t>(), states.data_ptr<acc_t>(), shifts.data_ptr<acc_t>(), static_cast<acc_t>(eps),
@@ -1607,7 +1636,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> favor_attention_bwd(const at::Ten
       return;
     }
     favor_backward(d, fw, dout.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-                   states.data_ptr<acc_t>(), shifts.data_ptr<acc_t>(), static_cast<acc_t>(eps), dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
+                   states.data_ptr<acc_t>(), shifts.data_ptr<acc_t>(), saved ? feats.data_ptr<acc_t>() : nullptr,
+                   static_cast<acc_t>(eps), dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
   });
   return {dq, dk, dv};
 }
@@ -1715,12 +1745,12 @@ TORCH_LIBRARY_FRAGMENT(ATTNKERNELS_NS, m) {
       "float eps, float scale, Tensor? initial_s, Tensor? initial_z) -> (Tensor dq, Tensor dk, Tensor dv)",
       &linear_attention_bwd);
   m.def(
-      "favor_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor projection, float scale, float eps) "
-      "-> (Tensor out, Tensor states, Tensor shifts)",
+      "favor_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor projection, float scale, float eps, bool save_features) "
+      "-> (Tensor out, Tensor states, Tensor shifts, Tensor features)",
       &favor_attention_fwd);
   m.def(
       "favor_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor projection, Tensor states, Tensor shifts, "
-      "float scale, float eps) "
+      "Tensor features, float scale, float eps) "
       "-> (Tensor dq, Tensor dk, Tensor dv)",
       &favor_attention_bwd);
 }
