@@ -36,6 +36,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
+
 #include "common/checks.h"
 #include "common/parallel.h"
 #include "common/tile_gemm.h"
@@ -883,9 +887,36 @@ acc_t sq_norm(const acc_t* x, int64_t n) {
   return s;
 }
 
-// den = φ_i · z over the M features of one feature row (vector sums in m order, then the tail):
-// the forward's normaliser, and the backward's from saved features (the same code both ways, so
-// a backward from saved φ(q) is bit-identical to one that recomputes it).
+// mx[r] = max(F row r [0, M)) for rows [0, R), R <= kRows, NaN kept (common::row_max's value: a max
+// is exact in any order). The rows' chains side by side: one row at a time, its two accumulators
+// and the tree at the end were latency-bound (common::row_max was 2% of a B1 H8 N1024 D64 M256
+// fp32 forward, perf, 1 thread).
+constexpr int64_t kMaxRows = 4;
+template <typename acc_t>
+void rows_max(const acc_t* F, int64_t ld, int64_t R, int64_t M, acc_t* mx) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  Vec m0[kMaxRows], m1[kMaxRows];
+  for (int64_t r = 0; r < R; ++r) m0[r] = m1[r] = Vec(-std::numeric_limits<acc_t>::infinity());
+  int64_t i = 0;
+  for (; i + 2 * W <= M; i += 2 * W)
+    for (int64_t r = 0; r < R; ++r) {
+      m0[r] = at::vec::maximum(m0[r], Vec::loadu(F + r * ld + i));
+      m1[r] = at::vec::maximum(m1[r], Vec::loadu(F + r * ld + i + W));
+    }
+  for (; i + W <= M; i += W)
+    for (int64_t r = 0; r < R; ++r) m0[r] = at::vec::maximum(m0[r], Vec::loadu(F + r * ld + i));
+  for (int64_t r = 0; r < R; ++r) {
+    acc_t m = M >= W ? common::hmax<acc_t>(at::vec::maximum(m0[r], m1[r])) : -std::numeric_limits<acc_t>::infinity();
+    for (int64_t e = i; e < M; ++e) m = common::max_keep_nan(m, F[r * ld + e]);
+    mx[r] = m;
+  }
+}
+
+// den = φ_i · z over the M features of one feature row: the backward's normaliser from saved
+// features. The forward's exp pass sums the same products in the same order (a vector fmadd per
+// W features in m order, hsum, then the scalar tail, absent where features are saved: M % W == 0),
+// so a backward from saved φ(q) is bit-identical to one that recomputes it (tested).
 template <typename acc_t>
 acc_t favor_den(const acc_t* row, const acc_t* z, int64_t M) {
   using Vec = at::vec::Vectorized<acc_t>;
@@ -901,22 +932,41 @@ acc_t favor_den(const acc_t* row, const acc_t* z, int64_t M) {
 // F [kChunk, MP] = φ(root·X rows [0, L)) (X [L, D], the unscaled input rows); queries (c unused)
 // or keys with shift c. Zero in the padding columns (exp of a padding logit could overflow) and,
 // with pad_rows, in rows [L, kChunk) (off where F is a saved feature buffer of exactly L rows:
-// every product reads rows [0, L) only). With z [MP] given (queries), also den[i] = φ_i · z.
+// every product reads rows [0, L) only). With z [MP] given (queries), also den[i] = φ_i · z,
+// summed in the exp pass (as favor_den; a pass of its own was one latency-bound FMA chain a row).
 template <typename acc_t>
 void favor_row_features(const acc_t* X, int64_t L, const FavorW<acc_t>& fw, bool is_query, acc_t c, acc_t* F,
                         const acc_t* z = nullptr, acc_t* den = nullptr, bool pad_rows = true) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
   gemm(L, fw.MP, fw.D, X, fw.D, fw.WTr.data(), fw.MP, F, fw.MP, false);  // l [L, MP]
-  for (int64_t i = 0; i < L; ++i) {
-    acc_t* row = F + i * fw.MP;
-    const acc_t b = is_query ? common::row_max(row, fw.M) : acc_t(0.5) * fw.root * fw.root * sq_norm(X + i * fw.D, fw.D) + c;
-    const Vec nb(-(b + fw.log_root));
-    int64_t m = 0;
-    for (; m + W <= fw.M; m += W) common::vexp(Vec::loadu(row + m) + nb).store(row + m);
-    for (; m < fw.M; ++m) row[m] = std::exp(row[m] - (b + fw.log_root));
-    std::fill(row + fw.M, row + fw.MP, acc_t(0));
-    if (den != nullptr) den[i] = favor_den(row, z, fw.M);  // the row is in L1
+  acc_t bs[kMaxRows];
+  for (int64_t i0 = 0; i0 < L; i0 += kMaxRows) {
+    const int64_t R = std::min(kMaxRows, L - i0);
+    if (is_query)
+      rows_max(F + i0 * fw.MP, fw.MP, R, fw.M, bs);
+    else
+      for (int64_t r = 0; r < R; ++r) bs[r] = acc_t(0.5) * fw.root * fw.root * sq_norm(X + (i0 + r) * fw.D, fw.D) + c;
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t i = i0 + r;
+      acc_t* row = F + i * fw.MP;
+      const acc_t b = bs[r];
+      const Vec nb(-(b + fw.log_root));
+      Vec acc(acc_t(0));
+      int64_t m = 0;
+      for (; m + W <= fw.M; m += W) {
+        const Vec e = common::vexp(Vec::loadu(row + m) + nb);
+        e.store(row + m);
+        if (z != nullptr) acc = at::vec::fmadd(e, Vec::loadu(z + m), acc);
+      }
+      acc_t s = z != nullptr ? common::hsum(acc) : acc_t(0);
+      for (; m < fw.M; ++m) {
+        row[m] = std::exp(row[m] - (b + fw.log_root));
+        if (z != nullptr) s += row[m] * z[m];
+      }
+      std::fill(row + fw.M, row + fw.MP, acc_t(0));
+      if (den != nullptr) den[i] = s;
+    }
   }
   if (pad_rows) std::fill(F + L * fw.MP, F + kChunk * fw.MP, acc_t(0));
 }
@@ -954,17 +1004,19 @@ acc_t favor_key_features(acc_t& c, const acc_t* cand, const acc_t* hn, int64_t L
   } else if (std::isnan(cm)) {
     c = cm;
   }
+  alignas(64) acc_t off[C];  // |x_j|²/2 + c, the same sum the loop below made per feature row
+  for (int64_t j = 0; j < C; j += W) (Vec::loadu(hn + j) + Vec(c)).store(off + j);
+  const Vec lr(fw.log_root);
   for (int64_t m = 0; m < fw.M; ++m) {
     acc_t* row = FT + m * C;
     Vec acc(acc_t(0));
     int64_t j = 0;
     for (; j + W <= L; j += W) {
-      const Vec e = common::vexp((Vec::loadu(row + j) - (Vec::loadu(hn + j) + Vec(c))) - Vec(fw.log_root));
+      const Vec e = common::vexp((Vec::loadu(row + j) - Vec::loadu(off + j)) - lr);
       e.store(row + j);
       acc = acc + e;
     }
-    for (int64_t t = j; t < C; t += W)
-      common::vexp((Vec::loadu(row + t) - (Vec::loadu(hn + t) + Vec(c))) - Vec(fw.log_root)).store(row + t);
+    for (int64_t t = j; t < C; t += W) common::vexp((Vec::loadu(row + t) - Vec::loadu(off + t)) - lr).store(row + t);
     std::fill(row + L, row + C, acc_t(0));
     if (zsum != nullptr) {
       acc_t sum = common::hsum(acc);
@@ -975,6 +1027,58 @@ acc_t favor_key_features(acc_t& c, const acc_t* cand, const acc_t* hn, int64_t L
   std::fill(FT + fw.M * C, FT + fw.MP * C, acc_t(0));
   if (zsum != nullptr) std::fill(zsum + fw.M, zsum + fw.MP, acc_t(0));
   return rescale;
+}
+
+// kᵀ [D, C] of a chunk's key rows [L, D] (ldd = C). With AVX-512, float, and L, D multiples of
+// 16, an inline 16 x 16 register transpose (fixed bounds, unrolled): at::vec::transpose_mxn's
+// run-time-bounded one, called out of line per block, was 5% of a B1 H8 N1024 D64 M256 fp32
+// forward (perf, 1 thread). Otherwise the file's transpose.
+#if defined(CPU_CAPABILITY_AVX512)
+inline void transpose16_f32(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m512 r[16], t[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * lds);
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {  // 32-bit pairs of rows 2i, 2i + 1
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {  // 64-bit pairs: 4-row groups
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i)  // 128-bit lanes: 8-row groups
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      t[8 * i + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + j + 4], 0x88);
+      t[8 * i + j + 4] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + j + 4], 0xdd);
+    }
+#pragma GCC unroll 8
+  for (int j = 0; j < 8; ++j) {  // 128-bit lanes across the two halves, then column j is row j
+    _mm512_storeu_ps(dst + j * ldd, _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88));
+    _mm512_storeu_ps(dst + (j + 8) * ldd, _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd));
+  }
+}
+#endif
+
+template <typename acc_t>
+void favor_transpose_rows(const acc_t* src, int64_t L, int64_t D, acc_t* dst, int64_t ldd) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (L % 16 == 0 && D % 16 == 0) {
+      for (int64_t i = 0; i < L; i += 16)
+        for (int64_t j = 0; j < D; j += 16) transpose16_f32(src + i * D + j, D, dst + j * ldd + i, ldd);
+      return;
+    }
+  }
+#endif
+  transpose(L, D, src, D, dst, ldd);
 }
 
 // S [MP, Dv] = Σ_j φ(k_j) v_jᵀ and z [MP] = Σ_j φ(k_j) of kv head (b, g) (in w.S with ld Dv and
@@ -999,7 +1103,7 @@ acc_t favor_state(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* k, con
     const int64_t L = std::min(C, d.Nk - t0);
     // kᵀ [D, C], zero past column L (unscaled: root is in Wr)
     const acc_t* kr = rows_as_acc(k + t0 * fw.D, L, fw.D, w.X.data());
-    transpose(L, fw.D, kr, fw.D, w.XT.data(), C);
+    favor_transpose_rows(kr, L, fw.D, w.XT.data(), C);
     if (L < C)
       for (int64_t e = 0; e < fw.D; ++e) std::fill(w.XT.data() + e * C + L, w.XT.data() + (e + 1) * C, acc_t(0));
     acc_t* FT = w.FT.data();
@@ -1017,8 +1121,19 @@ acc_t favor_state(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* k, con
         const Vec x = Vec::loadu(w.XT.data() + e * C + q * W);
         sq[q] = at::vec::fmadd(x, x, sq[q]);
       }
-    for (int64_t m = 0; m < fw.M; ++m)
-      for (int64_t q = 0; q < NV; ++q) mx[q] = at::vec::maximum(mx[q], Vec::loadu(FT + m * C + q * W));
+    {  // two feature rows a step (2·NV chains: NV alone were bound by the NaN-keeping max's latency)
+      Vec mx2[NV];
+      for (int64_t q = 0; q < NV; ++q) mx2[q] = mx[q];
+      int64_t m = 0;
+      for (; m + 2 <= fw.M; m += 2)
+        for (int64_t q = 0; q < NV; ++q) {
+          mx[q] = at::vec::maximum(mx[q], Vec::loadu(FT + m * C + q * W));
+          mx2[q] = at::vec::maximum(mx2[q], Vec::loadu(FT + (m + 1) * C + q * W));
+        }
+      for (; m < fw.M; ++m)
+        for (int64_t q = 0; q < NV; ++q) mx[q] = at::vec::maximum(mx[q], Vec::loadu(FT + m * C + q * W));
+      for (int64_t q = 0; q < NV; ++q) mx[q] = at::vec::maximum(mx[q], mx2[q]);
+    }
     for (int64_t q = 0; q < NV; ++q) {
       const Vec hn = sq[q] * Vec(half_rr);
       hn.store(w.hn.data() + q * W);
