@@ -845,7 +845,8 @@ void backward_noncausal(const Dims& d, const Args<scalar_t, acc_t>& a, const sca
 // the query's |x|²/2 is not: it cancels in value but not in the gradient. Then the
 // non-causal linear attention of identity features of width M (the matrix-unit path with the
 // ones column of V', as above; the fp32 path sums z = Σ φ(k) and φ(q)·z in its exp passes
-// instead, so its state / output GEMMs are Dv wide, not DvP). The features are never written to memory: each chunk's projection (a
+// instead, so its state / output GEMMs are Dv wide, not DvP). The features are never written to memory (but φ(q) for the
+// backward, see favor_attention_fwd): each chunk's projection (a
 // [C, D] x [D, M] GEMM), its exp and its use in the state / output products run on one
 // cache-resident [C, M] tile, where the torch feature map made ~4 passes over (N, M)
 // tensors forward and as many back, and the kernel a fifth to load them.

@@ -159,9 +159,10 @@ def test_fused_gradcheck_and_determinism():
         assert torch.equal(out, results[0][0]) and all(torch.equal(a, b) for a, b in zip(grads, results[0][1]))
 
 
-def test_fused_compiles_fullgraph():
+@pytest.mark.parametrize("num_features", [24, 32], ids=["M24-recomputed", "M32-saved-features"])
+def test_fused_compiles_fullgraph(num_features):
     backend_param("cpu", "linear")
-    features = PerformerFeatures(8, num_features=24, seed=0).double()
+    features = PerformerFeatures(8, num_features=num_features, seed=0).double()
     q, k, v = (t.requires_grad_() for t in make_qkv(1, 2, 2, 33, 40, 8, 8))
     compiled = torch.compile(lambda q, k, v: linear_attention(q, k, v, feature_map=features).sum(),
                              fullgraph=True, backend="aot_eager")
