@@ -1442,7 +1442,7 @@ float mx_favor_state(const Dims& d, const FavorW<float>& fw, const FavorMx<T>& m
     // kᵀ in VNNI: word (p, j) = k[j, 2p .. 2p + 1]  [D / 2, C, 2]
     // (a float transpose moves the 32-bit words without arithmetic: bit-exact)
     float* out = reinterpret_cast<float*>(x.XTv.data());
-    favor_transpose_rows(reinterpret_cast<const float*>(src), L, fw.D / 2, out, C);
+    transpose(L, fw.D / 2, reinterpret_cast<const float*>(src), fw.D / 2, out, C);
     if (L < C)
       for (int64_t p = 0; p < fw.D / 2; ++p) std::fill(out + p * C + L, out + (p + 1) * C, 0.f);
     float* FT = w.FT.data();
@@ -1594,7 +1594,7 @@ void mx_favor_backward_impl(const Dims& d, const FavorW<float>& fw, const T* dou
             }, dl16.data() + i * fw.MP);
           }
           const int64_t Le = L + (L & 1);
-          favor_transpose_rows(w.dN.data(), L, Dv1, w.dNT.data(), C, d.DvP);  // [Dv + 1, L]
+          transpose(L, Dv1, w.dN.data(), d.DvP, w.dNT.data(), C);  // [Dv + 1, L]
           if (Le > L)
             for (int64_t e = 0; e < Dv1; ++e) w.dNT[e * C + L] = 0.f;
           for (int64_t e = 0; e < Dv1; ++e) at::vec::convert(w.dNT.data() + e * C, dNT16.data() + e * C, Le);
