@@ -36,6 +36,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
+
 #include "common/checks.h"
 #include "common/parallel.h"
 #include "common/tile_gemm.h"
@@ -890,7 +894,8 @@ void backward_noncausal(const Dims& d, const Args<scalar_t, acc_t>& a, const sca
 // the query's |x|²/2 is not: it cancels in value but not in the gradient. Then the
 // non-causal linear attention of identity features of width M (the matrix-unit path with the
 // ones column of V', as above; the fp32 path sums z = Σ φ(k) and φ(q)·z in its exp passes
-// instead, so its state / output GEMMs are Dv wide, not DvP). The features are never written to memory: each chunk's projection (a
+// instead, so its state / output GEMMs are Dv wide, not DvP). The features are never written to memory (but φ(q) for the
+// backward, see favor_attention_fwd): each chunk's projection (a
 // [C, D] x [D, M] GEMM), its exp and its use in the state / output products run on one
 // cache-resident [C, M] tile, where the torch feature map made ~4 passes over (N, M)
 // tensors forward and as many back, and the kernel a fifth to load them.
@@ -932,35 +937,90 @@ acc_t sq_norm(const acc_t* x, int64_t n) {
   return s;
 }
 
-// F [kChunk, MP] = φ(root·X rows [0, L)) (X [L, D], the unscaled input rows); queries (c unused)
-// or keys with shift c. Zero in the padding rows and columns (exp of a padding logit could
-// overflow). With z [MP] given (queries), also den[i] = φ_i · z, summed in the exp pass.
+// mx[r] = max(F row r [0, M)) for rows [0, R), R <= kRows, NaN kept (common::row_max's value: a max
+// is exact in any order). The rows' chains side by side: one row at a time, its two accumulators
+// and the tree at the end were latency-bound (common::row_max was 2% of a B1 H8 N1024 D64 M256
+// fp32 forward, perf, 1 thread).
+constexpr int64_t kMaxRows = 4;
 template <typename acc_t>
-void favor_row_features(const acc_t* X, int64_t L, const FavorW<acc_t>& fw, bool is_query, acc_t c, acc_t* F,
-                        const acc_t* z = nullptr, acc_t* den = nullptr) {
+void rows_max(const acc_t* F, int64_t ld, int64_t R, int64_t M, acc_t* mx) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
-  gemm(L, fw.MP, fw.D, X, fw.D, fw.WTr.data(), fw.MP, F, fw.MP, false);  // l [L, MP]
-  for (int64_t i = 0; i < L; ++i) {
-    acc_t* row = F + i * fw.MP;
-    const acc_t b = is_query ? common::row_max(row, fw.M) : acc_t(0.5) * fw.root * fw.root * sq_norm(X + i * fw.D, fw.D) + c;
-    const Vec nb(-(b + fw.log_root));
-    Vec acc(acc_t(0));
-    int64_t m = 0;
-    for (; m + W <= fw.M; m += W) {
-      const Vec e = common::vexp(Vec::loadu(row + m) + nb);
-      e.store(row + m);
-      if (z != nullptr) acc = at::vec::fmadd(e, Vec::loadu(z + m), acc);
+  Vec m0[kMaxRows], m1[kMaxRows];
+  for (int64_t r = 0; r < R; ++r) m0[r] = m1[r] = Vec(-std::numeric_limits<acc_t>::infinity());
+  int64_t i = 0;
+  for (; i + 2 * W <= M; i += 2 * W)
+    for (int64_t r = 0; r < R; ++r) {
+      m0[r] = at::vec::maximum(m0[r], Vec::loadu(F + r * ld + i));
+      m1[r] = at::vec::maximum(m1[r], Vec::loadu(F + r * ld + i + W));
     }
-    acc_t s = z != nullptr ? common::hsum(acc) : acc_t(0);
-    for (; m < fw.M; ++m) {
-      row[m] = std::exp(row[m] - (b + fw.log_root));
-      if (z != nullptr) s += row[m] * z[m];
-    }
-    std::fill(row + fw.M, row + fw.MP, acc_t(0));
-    if (den != nullptr) den[i] = s;
+  for (; i + W <= M; i += W)
+    for (int64_t r = 0; r < R; ++r) m0[r] = at::vec::maximum(m0[r], Vec::loadu(F + r * ld + i));
+  for (int64_t r = 0; r < R; ++r) {
+    acc_t m = M >= W ? common::hmax<acc_t>(at::vec::maximum(m0[r], m1[r])) : -std::numeric_limits<acc_t>::infinity();
+    for (int64_t e = i; e < M; ++e) m = common::max_keep_nan(m, F[r * ld + e]);
+    mx[r] = m;
   }
-  std::fill(F + L * fw.MP, F + kChunk * fw.MP, acc_t(0));
+}
+
+// den = φ_i · z over the M features of one feature row: the backward's normaliser from saved
+// features. The forward's exp pass sums the same products in the same order (a vector fmadd per
+// W features in m order, hsum, then the scalar tail, absent where features are saved: M % W == 0),
+// so a backward from saved φ(q) is bit-identical to one that recomputes it (tested).
+template <typename acc_t>
+acc_t favor_den(const acc_t* row, const acc_t* z, int64_t M) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  Vec acc(acc_t(0));
+  int64_t m = 0;
+  for (; m + W <= M; m += W) acc = at::vec::fmadd(Vec::loadu(row + m), Vec::loadu(z + m), acc);
+  acc_t s = common::hsum(acc);
+  for (; m < M; ++m) s += row[m] * z[m];
+  return s;
+}
+
+// F [kChunk, MP] = φ(root·X rows [0, L)) (X [L, D], the unscaled input rows); queries (c unused)
+// or keys with shift c. Zero in the padding columns (exp of a padding logit could overflow) and,
+// with pad_rows, in rows [L, kChunk) (off where F is a saved feature buffer of exactly L rows:
+// every product reads rows [0, L) only). With z [MP] given (queries), also den[i] = φ_i · z,
+// summed in the exp pass (as favor_den; a pass of its own was one latency-bound FMA chain a row).
+template <typename acc_t>
+void favor_row_features(const acc_t* X, int64_t L, const FavorW<acc_t>& fw, bool is_query, acc_t c, acc_t* F,
+                        const acc_t* z = nullptr, acc_t* den = nullptr, bool pad_rows = true) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  // Tried: l in four column blocks of 64 (B and C blocks of 16 KB, L1-resident): B1 H8 N1024 D64 M256
+  // fp32 forward 0.99x (interleaved A/B, 1 thread, loaded host); not kept.
+  gemm(L, fw.MP, fw.D, X, fw.D, fw.WTr.data(), fw.MP, F, fw.MP, false);  // l [L, MP]
+  acc_t bs[kMaxRows];
+  for (int64_t i0 = 0; i0 < L; i0 += kMaxRows) {
+    const int64_t R = std::min(kMaxRows, L - i0);
+    if (is_query)
+      rows_max(F + i0 * fw.MP, fw.MP, R, fw.M, bs);
+    else
+      for (int64_t r = 0; r < R; ++r) bs[r] = acc_t(0.5) * fw.root * fw.root * sq_norm(X + (i0 + r) * fw.D, fw.D) + c;
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t i = i0 + r;
+      acc_t* row = F + i * fw.MP;
+      const acc_t b = bs[r];
+      const Vec nb(-(b + fw.log_root));
+      Vec acc(acc_t(0));
+      int64_t m = 0;
+      for (; m + W <= fw.M; m += W) {
+        const Vec e = common::vexp(Vec::loadu(row + m) + nb);
+        e.store(row + m);
+        if (z != nullptr) acc = at::vec::fmadd(e, Vec::loadu(z + m), acc);
+      }
+      acc_t s = z != nullptr ? common::hsum(acc) : acc_t(0);
+      for (; m < fw.M; ++m) {
+        row[m] = std::exp(row[m] - (b + fw.log_root));
+        if (z != nullptr) s += row[m] * z[m];
+      }
+      std::fill(row + fw.M, row + fw.MP, acc_t(0));
+      if (den != nullptr) den[i] = s;
+    }
+  }
+  if (pad_rows) std::fill(F + L * fw.MP, F + kChunk * fw.MP, acc_t(0));
 }
 
 // Scratch of the FAVOR+ kernels, all per task.
@@ -996,17 +1056,19 @@ acc_t favor_key_features(acc_t& c, const acc_t* cand, const acc_t* hn, int64_t L
   } else if (std::isnan(cm)) {
     c = cm;
   }
+  alignas(64) acc_t off[C];  // |x_j|²/2 + c, the same sum the loop below made per feature row
+  for (int64_t j = 0; j < C; j += W) (Vec::loadu(hn + j) + Vec(c)).store(off + j);
+  const Vec lr(fw.log_root);
   for (int64_t m = 0; m < fw.M; ++m) {
     acc_t* row = FT + m * C;
     Vec acc(acc_t(0));
     int64_t j = 0;
     for (; j + W <= L; j += W) {
-      const Vec e = common::vexp((Vec::loadu(row + j) - (Vec::loadu(hn + j) + Vec(c))) - Vec(fw.log_root));
+      const Vec e = common::vexp((Vec::loadu(row + j) - Vec::loadu(off + j)) - lr);
       e.store(row + j);
       acc = acc + e;
     }
-    for (int64_t t = j; t < C; t += W)
-      common::vexp((Vec::loadu(row + t) - (Vec::loadu(hn + t) + Vec(c))) - Vec(fw.log_root)).store(row + t);
+    for (int64_t t = j; t < C; t += W) common::vexp((Vec::loadu(row + t) - Vec::loadu(off + t)) - lr).store(row + t);
     std::fill(row + L, row + C, acc_t(0));
     if (zsum != nullptr) {
       acc_t sum = common::hsum(acc);
@@ -1017,6 +1079,64 @@ acc_t favor_key_features(acc_t& c, const acc_t* cand, const acc_t* hn, int64_t L
   std::fill(FT + fw.M * C, FT + fw.MP * C, acc_t(0));
   if (zsum != nullptr) std::fill(zsum + fw.M, zsum + fw.MP, acc_t(0));
   return rescale;
+}
+
+// kᵀ [D, C] of a chunk's key rows [L, D] (ldd = C). With AVX-512, float, and L, D multiples of
+// 16, an inline 16 x 16 register transpose (fixed bounds, unrolled): at::vec::transpose_mxn's
+// run-time-bounded one, called out of line per block, was 5% of a B1 H8 N1024 D64 M256 fp32
+// forward (perf, 1 thread). Otherwise the file's transpose.
+#if defined(CPU_CAPABILITY_AVX512)
+inline void transpose16_f32(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m512 r[16], t[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * lds);
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {  // 32-bit pairs of rows 2i, 2i + 1
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {  // 64-bit pairs: 4-row groups
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i)  // 128-bit lanes: 8-row groups
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      t[8 * i + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + j + 4], 0x88);
+      t[8 * i + j + 4] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + j + 4], 0xdd);
+    }
+#pragma GCC unroll 8
+  for (int j = 0; j < 8; ++j) {  // 128-bit lanes across the two halves, then column j is row j
+    _mm512_storeu_ps(dst + j * ldd, _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88));
+    _mm512_storeu_ps(dst + (j + 8) * ldd, _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd));
+  }
+}
+#endif
+
+// dst [D, L] (ldd) = src [L, D] (lds)ᵀ; the columns past the last multiple of 16 (the backward's
+// dN' has Dv + 1) one by one.
+template <typename acc_t>
+void favor_transpose_rows(const acc_t* src, int64_t L, int64_t D, acc_t* dst, int64_t ldd, int64_t lds = -1) {
+  if (lds < 0) lds = D;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (L % 16 == 0) {
+      const int64_t D16 = D / 16 * 16;
+      for (int64_t i = 0; i < L; i += 16)
+        for (int64_t j = 0; j < D16; j += 16) transpose16_f32(src + i * lds + j, lds, dst + j * ldd + i, ldd);
+      for (int64_t j = D16; j < D; ++j)
+        for (int64_t i = 0; i < L; ++i) dst[j * ldd + i] = src[i * lds + j];
+      return;
+    }
+  }
+#endif
+  transpose(L, D, src, lds, dst, ldd);
 }
 
 // S [MP, Dv] = Σ_j φ(k_j) v_jᵀ and z [MP] = Σ_j φ(k_j) of kv head (b, g) (in w.S with ld Dv and
@@ -1041,7 +1161,7 @@ acc_t favor_state(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* k, con
     const int64_t L = std::min(C, d.Nk - t0);
     // kᵀ [D, C], zero past column L (unscaled: root is in Wr)
     const acc_t* kr = rows_as_acc(k + t0 * fw.D, L, fw.D, w.X.data());
-    transpose(L, fw.D, kr, fw.D, w.XT.data(), C);
+    favor_transpose_rows(kr, L, fw.D, w.XT.data(), C);
     if (L < C)
       for (int64_t e = 0; e < fw.D; ++e) std::fill(w.XT.data() + e * C + L, w.XT.data() + (e + 1) * C, acc_t(0));
     acc_t* FT = w.FT.data();
@@ -1059,8 +1179,19 @@ acc_t favor_state(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* k, con
         const Vec x = Vec::loadu(w.XT.data() + e * C + q * W);
         sq[q] = at::vec::fmadd(x, x, sq[q]);
       }
-    for (int64_t m = 0; m < fw.M; ++m)
-      for (int64_t q = 0; q < NV; ++q) mx[q] = at::vec::maximum(mx[q], Vec::loadu(FT + m * C + q * W));
+    {  // two feature rows a step (2·NV chains: NV alone were bound by the NaN-keeping max's latency)
+      Vec mx2[NV];
+      for (int64_t q = 0; q < NV; ++q) mx2[q] = mx[q];
+      int64_t m = 0;
+      for (; m + 2 <= fw.M; m += 2)
+        for (int64_t q = 0; q < NV; ++q) {
+          mx[q] = at::vec::maximum(mx[q], Vec::loadu(FT + m * C + q * W));
+          mx2[q] = at::vec::maximum(mx2[q], Vec::loadu(FT + (m + 1) * C + q * W));
+        }
+      for (; m < fw.M; ++m)
+        for (int64_t q = 0; q < NV; ++q) mx[q] = at::vec::maximum(mx[q], Vec::loadu(FT + m * C + q * W));
+      for (int64_t q = 0; q < NV; ++q) mx[q] = at::vec::maximum(mx[q], mx2[q]);
+    }
     for (int64_t q = 0; q < NV; ++q) {
       const Vec hn = sq[q] * Vec(half_rr);
       hn.store(w.hn.data() + q * W);
@@ -1104,7 +1235,7 @@ void favor_input_grad(const acc_t* dl, const acc_t* rs, const acc_t* X, int64_t 
 
 template <typename scalar_t, typename acc_t>
 void favor_forward(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* q, const scalar_t* k, const scalar_t* v,
-                   acc_t eps, scalar_t* out, acc_t* states, acc_t* shifts) {
+                   acc_t eps, scalar_t* out, acc_t* states, acc_t* shifts, acc_t* feats) {
   at::parallel_for(0, d.B * d.Hk, 1, [&](int64_t begin, int64_t end) {
     FavorScratch<acc_t> w(d, fw);
     for (int64_t bg = begin; bg < end; ++bg) {
@@ -1121,11 +1252,13 @@ void favor_forward(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* q, co
         for (int64_t t0 = 0; t0 < d.Nq; t0 += kChunk) {
           const int64_t L = std::min(kChunk, d.Nq - t0);
           const acc_t* qr = rows_as_acc(q + (bh * d.Nq + t0) * fw.D, L, fw.D, w.X.data());
-          favor_row_features(qr, L, fw, true, acc_t(0), w.F.data(), w.z.data(), w.den.data());  // φ(q) [C, MP]
+          // φ(q) [L, MP]: straight into the saved features when the backward is to read them
+          acc_t* F = feats != nullptr ? feats + (bh * d.Nq + t0) * fw.MP : w.F.data();
+          favor_row_features(qr, L, fw, true, acc_t(0), F, w.z.data(), w.den.data(), feats == nullptr);
           scalar_t* o = out + (bh * d.Nq + t0) * d.Dv;
           acc_t* num = nullptr;  // [L, Dv], in place in out when it is acc_t
           if constexpr (std::is_same_v<scalar_t, acc_t>) num = o; else num = w.dN.data();
-          gemm(L, d.Dv, fw.MP, w.F.data(), fw.MP, S, d.Dv, num, d.Dv, false);
+          gemm(L, d.Dv, fw.MP, F, fw.MP, S, d.Dv, num, d.Dv, false);
           for (int64_t i = 0; i < L; ++i) {
             const acc_t inv = acc_t(1) / (w.den[i] + eps);
             for (int64_t e = 0; e < d.Dv; ++e) o[i * d.Dv + e] = static_cast<scalar_t>(num[i * d.Dv + e] * inv);
@@ -1145,8 +1278,8 @@ void favor_forward(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* q, co
 // pass) and dV = φ(k) dS. dS' sums its query heads in head order in the task: deterministic.
 template <typename scalar_t, typename acc_t>
 void favor_backward(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* dout, const scalar_t* q, const scalar_t* k,
-                    const scalar_t* v, const acc_t* states, const acc_t* shifts, acc_t eps, scalar_t* dq, scalar_t* dk,
-                    scalar_t* dv) {
+                    const scalar_t* v, const acc_t* states, const acc_t* shifts, const acc_t* feats, acc_t eps,
+                    scalar_t* dq, scalar_t* dk, scalar_t* dv) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
   constexpr int64_t C = kChunk;
@@ -1171,12 +1304,18 @@ void favor_backward(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* dout
           const int64_t L = std::min(C, d.Nq - t0);
           const int64_t row = bh * d.Nq + t0;
           const acc_t* qr = rows_as_acc(q + row * fw.D, L, fw.D, w.X.data());
-          favor_row_features(qr, L, fw, true, acc_t(0), w.F.data(), z, w.den.data());  // φ(q) [C, MP]
+          const acc_t* F = w.F.data();  // φ(q) [L, MP]: the forward's, or recomputed by the same code
+          if (feats != nullptr) {
+            F = feats + row * fw.MP;
+            for (int64_t i = 0; i < L; ++i) w.den[i] = favor_den(F + i * fw.MP, z, fw.M);
+          } else {
+            favor_row_features(qr, L, fw, true, acc_t(0), w.F.data(), z, w.den.data());
+          }
           const acc_t* gr = rows_as_acc(dout + row * d.Dv, L, d.Dv, Gd.data());          // g [L, Dv]
           acc_t* H = w.H.data();
           gemm(L, fw.MP, d.Dv, gr, d.Dv, w.ST.data(), fw.MP, H, fw.MP, false);  // H [L, MP]
           for (int64_t i = 0; i < L; ++i) {
-            const acc_t* Fi = w.F.data() + i * fw.MP;
+            const acc_t* Fi = F + i * fw.MP;
             acc_t* Hi = H + i * fw.MP;
             const acc_t r = acc_t(1) / (w.den[i] + eps);
             const acc_t sv = -vdot(Fi, Hi, fw.MP) * r * r;
@@ -1194,8 +1333,8 @@ void favor_backward(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* dout
             }
             rs[i] = common::hsum(acc);
           }
-          transpose(L, Dv1, w.dN.data(), d.DvP, w.dNT.data(), C);                                // [Dv + 1, L]
-          add_product(Dv1, fw.MP, L, w.dNT.data(), C, w.F.data(), fw.MP, dST, fw.MP, w.tmp.data());  // dS'ᵀ += dN'ᵀ φ
+          favor_transpose_rows(w.dN.data(), L, Dv1, w.dNT.data(), C, d.DvP);                   // [Dv + 1, L]
+          add_product(Dv1, fw.MP, L, w.dNT.data(), C, F, fw.MP, dST, fw.MP, w.tmp.data());  // dS'ᵀ += dN'ᵀ φ
           favor_input_grad(H, rs, qr, L, fw, w.dX.data(), dq + row * fw.D);
         }
       }
@@ -1605,14 +1744,17 @@ void check_favor(const char* op, const at::Tensor& q, const at::Tensor& k, const
   TORCH_CHECK(q.size(2) > 0 && k.size(2) > 0, op, ": needs Nq > 0 and Nk > 0");
 }
 
-// -> (out, S' [B, Hk, M, Dv + 1], key shift c [B, Hk]): the last two only for the backward.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> favor_attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                                   const at::Tensor& v_in, const at::Tensor& projection,
-                                                                   double scale, double eps) {
+// -> (out, S' [B, Hk, M, Dv + 1], key shift c [B, Hk], φ(q) [B, Hq, Nq, M]): the last three only
+// for the backward; φ(q) only with save_features (else empty; see favor.py's _save_features:
+// a float32 / float64 / float16 call with M a multiple of the vector width, so MP = M), the
+// backward then reads it instead of rerunning q's projection and exp.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> favor_attention_fwd(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& projection, double scale,
+    double eps, bool save_features) {
   check_favor("favor_attention_fwd", q_in, k_in, v_in, projection);
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
-  at::Tensor states, shifts;
+  at::Tensor states, shifts, feats;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "favor_attention_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const FavorW<acc_t> fw = make_favor_w<acc_t>(projection, scale);
@@ -1620,22 +1762,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> favor_attention_fwd(const at::Ten
     const auto acc = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
     states = at::empty({d.B, d.Hk, fw.M, d.Dv + 1}, acc);
     shifts = at::empty({d.B, d.Hk}, acc);
-    if (favor_on_matrix_units<scalar_t>(q, v)) {
+    const bool mx = favor_on_matrix_units<scalar_t>(q, v);
+    TORCH_CHECK(!save_features || (!mx && fw.MP == fw.M),
+                "favor_attention_fwd: save_features needs the vector path and M a multiple of ", at::vec::Vectorized<acc_t>::size());
+    feats = save_features ? at::empty({d.B, d.Hq, d.Nq, fw.M}, acc) : at::empty({0}, acc);
+    if (mx) {
       mx_favor_forward(d, fw, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), static_cast<acc_t>(eps),
                        out.data_ptr<scalar_t>(), states.data_ptr<acc_t>(), shifts.data_ptr<acc_t>());
       return;
     }
     favor_forward(d, fw, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), static_cast<acc_t>(eps),
-                  out.data_ptr<scalar_t>(), states.data_ptr<acc_t>(), shifts.data_ptr<acc_t>());
+                  out.data_ptr<scalar_t>(), states.data_ptr<acc_t>(), shifts.data_ptr<acc_t>(),
+                  save_features ? feats.data_ptr<acc_t>() : nullptr);
   });
-  return {out, states, shifts};
+  return {out, states, shifts, feats};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> favor_attention_bwd(const at::Tensor& dout_in, const at::Tensor& q_in,
                                                                    const at::Tensor& k_in, const at::Tensor& v_in,
                                                                    const at::Tensor& projection, const at::Tensor& states_in,
-                                                                   const at::Tensor& shifts_in, double scale, double eps) {
+                                                                   const at::Tensor& shifts_in, const at::Tensor& feats_in,
+                                                                   double scale, double eps) {
   check_favor("favor_attention_bwd", q_in, k_in, v_in, projection);
+  const at::Tensor feats = feats_in.contiguous();  // the forward's φ(q), or empty: recomputed
   const at::Tensor states = states_in.contiguous(), shifts = shifts_in.contiguous();
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   const at::Tensor dout = dout_in.to(q.scalar_type()).contiguous();
@@ -1649,6 +1798,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> favor_attention_bwd(const at::Ten
     TORCH_CHECK(states.sizes() == at::IntArrayRef({d.B, d.Hk, fw.M, d.Dv + 1}) && shifts.sizes() == at::IntArrayRef({d.B, d.Hk}) &&
                     states.scalar_type() == c10::CppTypeToScalarType<acc_t>::value && shifts.scalar_type() == states.scalar_type(),
                 "favor_attention_bwd: states / shifts must be the forward's");
+    const bool saved = feats.numel() > 0;
+    TORCH_CHECK(!saved || (feats.sizes() == at::IntArrayRef({d.B, d.Hq, d.Nq, fw.MP}) && fw.MP == fw.M &&
+                           feats.scalar_type() == states.scalar_type() && !favor_on_matrix_units<scalar_t>(q, v)),
+                "favor_attention_bwd: features must be the forward's");
     if (favor_on_matrix_units<scalar_t>(q, v)) {
       mx_favor_backward(d, fw, dout.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
                         v.data_ptr<scalar_t>(), states.data_ptr<acc_t>(), shifts.data_ptr<acc_t>(), static_cast<acc_t>(eps),
@@ -1656,7 +1809,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> favor_attention_bwd(const at::Ten
       return;
     }
     favor_backward(d, fw, dout.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-                   states.data_ptr<acc_t>(), shifts.data_ptr<acc_t>(), static_cast<acc_t>(eps), dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
+                   states.data_ptr<acc_t>(), shifts.data_ptr<acc_t>(), saved ? feats.data_ptr<acc_t>() : nullptr,
+                   static_cast<acc_t>(eps), dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
   });
   return {dq, dk, dv};
 }
@@ -1768,12 +1922,12 @@ TORCH_LIBRARY_FRAGMENT(ATTNKERNELS_NS, m) {
       "float eps, float scale, Tensor? initial_s, Tensor? initial_z) -> (Tensor dq, Tensor dk, Tensor dv)",
       &linear_attention_bwd);
   m.def(
-      "favor_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor projection, float scale, float eps) "
-      "-> (Tensor out, Tensor states, Tensor shifts)",
+      "favor_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor projection, float scale, float eps, bool save_features) "
+      "-> (Tensor out, Tensor states, Tensor shifts, Tensor features)",
       &favor_attention_fwd);
   m.def(
       "favor_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor projection, Tensor states, Tensor shifts, "
-      "float scale, float eps) "
+      "Tensor features, float scale, float eps) "
       "-> (Tensor dq, Tensor dk, Tensor dv)",
       &favor_attention_bwd);
 }

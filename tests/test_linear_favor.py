@@ -159,9 +159,10 @@ def test_fused_gradcheck_and_determinism():
         assert torch.equal(out, results[0][0]) and all(torch.equal(a, b) for a, b in zip(grads, results[0][1]))
 
 
-def test_fused_compiles_fullgraph():
+@pytest.mark.parametrize("num_features", [24, 32], ids=["M24-recomputed", "M32-saved-features"])
+def test_fused_compiles_fullgraph(num_features):
     backend_param("cpu", "linear")
-    features = PerformerFeatures(8, num_features=24, seed=0).double()
+    features = PerformerFeatures(8, num_features=num_features, seed=0).double()
     q, k, v = (t.requires_grad_() for t in make_qkv(1, 2, 2, 33, 40, 8, 8))
     compiled = torch.compile(lambda q, k, v: linear_attention(q, k, v, feature_map=features).sum(),
                              fullgraph=True, backend="aot_eager")
@@ -171,3 +172,21 @@ def test_fused_compiles_fullgraph():
     torch.testing.assert_close(loss, eager)
     for g, e in zip(grads, torch.autograd.grad(eager, (q, k, v))):
         torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=str)
+def test_saved_query_features_bit_identical_to_recomputed(dtype, monkeypatch):
+    """The backward from the forward's saved φ(q) equals the one that recomputes it, to the bit
+    (favor._save_features: the same code computes φ(q) and its normaliser both ways)."""
+    backend_param("cpu", "linear")
+    features = PerformerFeatures(64, num_features=64, seed=2).to(dtype)
+    q, k, v = make_qkv(1, 4, 2, 131, 70, 64, 40, dtype=dtype)
+    dout = torch.randn(1, 4, 131, 40, dtype=dtype)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    assert favor._save_features(*leaves, features.projection)
+    saved = _run(q, k, v, features, dout)
+    monkeypatch.setattr(favor, "SAVE_FEATURES_MAX_BYTES", 0)
+    assert not favor._save_features(*leaves, features.projection)
+    recomputed = _run(q, k, v, features, dout)
+    assert torch.equal(saved[0], recomputed[0])
+    assert all(torch.equal(a, b) for a, b in zip(saved[1], recomputed[1]))
