@@ -42,6 +42,7 @@
 
 #include "common/checks.h"
 #include "common/parallel.h"
+#include "common/thread_buffer.h"
 #include "common/tile_gemm.h"
 
 namespace {
@@ -617,42 +618,14 @@ void forward_causal(const Dims& d0, const Args<scalar_t, acc_t>& a, scalar_t* ou
   });
 }
 
-// Scratch of n elements for one task of a kernel, not zero-filled. Up to kKeptBytes it is a block the
-// calling thread keeps between calls (grow-only, one per thread and element type: one live
-// ThreadBuffer<T> per thread at a time), so at most kKeptBytes stay held per thread; above, a fresh
-// allocation freed on return. The causal backward's kept chunks (~1.3 MB, 320 pages at N = 1024,
-// D = 64; ~5 MB at N = 4096) were allocated per call and glibc mostly handed back fresh pages: in a
-// loop of backward calls (perf, fp32 B1 H8 N1024 D64, 1 thread) page faults and unmaps took ~1/3 of
-// the time, these blocks and the outputs together. Kept, the blocks fault once per thread.
+// The causal backward's chunks kept from pass 1 for pass 2 live in the thread's common::thread_buffer
+// (slot kKeptSlot), reused between calls and freed after a call above 16 MB (at N = 1024, D = 64
+// ~1.3 MB; allocated per call, glibc mostly handed back fresh pages: page faults and unmaps took ~1/3
+// of a loop of backward calls, these blocks and the outputs together).
 // Tried, not kept: dq, dk, dv as views of one output block. That loop then ran at 0 faults a call
 // (450-600 before), but a fwd+bwd through autograd still took 150-300 (glibc's trimming of the heap
 // top decides, whatever the layout): no gain on the benchmarked path.
-constexpr int64_t kKeptBytes = int64_t(8) << 20;
-
-template <typename T>
-class ThreadBuffer {
- public:
-  explicit ThreadBuffer(int64_t n) {
-    thread_local std::unique_ptr<T[]> keep;
-    thread_local int64_t keep_n = 0;
-    if (n * int64_t(sizeof(T)) > kKeptBytes) {
-      own_.reset(new T[n]);
-      ptr_ = own_.get();
-      return;
-    }
-    if (keep_n < n) {
-      keep.reset();  // the old block first: never both held at once
-      keep.reset(new T[n]);
-      keep_n = n;
-    }
-    ptr_ = keep.get();
-  }
-  T* get() const { return ptr_; }
-
- private:
-  std::unique_ptr<T[]> own_;
-  T* ptr_ = nullptr;
-};
+constexpr int kKeptSlot = 8;
 
 // Causal backward without recomputing the forward's output. Per chunk of L rows and
 // query head, with A = mask(Q̃K̃ᵀ) and Γ = mask(g Vᵀ) (g = dout, lower triangles, [L, C]),
@@ -680,11 +653,10 @@ void backward_causal(const Dims& d0, const Args<scalar_t, acc_t>& a, const scala
     // Kept from pass 1 for pass 2, chunk-major: [G, nch, C, *] (K̃: [nch, C, MP]). Not
     // zero-filled: pass 1 writes every entry pass 2 reads (whole chunk rows of Q̃, K̃, dnum,
     // dden; the first L rows of A, P2); zero-filling ~5 MB per call cost ~5% (N = 4096).
-    // One block carved in six, kept by the thread between calls up to kKeptBytes (ThreadBuffer).
+    // One block carved in six, the thread's buffer kept between calls (common::thread_buffer).
     const int64_t nQ = d.G * nch * C * d.MP, nK = nch * C * d.MP, nN = d.G * nch * C * d.DvP, nd = d.G * nch * C,
                   nA = d.G * nch * C * C;
-    ThreadBuffer<acc_t> kept(nQ + nK + nN + nd + 2 * nA);
-    acc_t* const Qf = kept.get();
+    acc_t* const Qf = common::thread_buffer<acc_t, kKeptSlot>(nQ + nK + nN + nd + 2 * nA);
     acc_t* const Kf = Qf + nQ;
     acc_t* const dN_all = Kf + nK;
     acc_t* const dd_all = dN_all + nN;
@@ -801,6 +773,7 @@ void backward_causal(const Dims& d0, const Args<scalar_t, acc_t>& a, const scala
         for (int64_t i = 0; i < L; ++i) cvt_row(w.dV.data() + i * d.DvP, dv + (row + i) * d.Dv, d.Dv);
       }
     }
+    common::trim_thread_buffer<acc_t, kKeptSlot>();  // a long sequence's block is not kept
     if (a.mx) common::vnni_release();  // the tile registers, on the thread that used them
   });
 }

@@ -58,6 +58,7 @@
 #include "common/parallel.h"
 #include "common/philox.h"
 #include "common/row_math.h"
+#include "common/thread_buffer.h"
 #include "common/tile_gemm.h"
 
 namespace {
@@ -70,7 +71,9 @@ using common::max_keep_nan;
 using common::row_max;
 using common::scale_row;
 using common::softmax_grad;
+using common::thread_buffer;
 using common::tile_gemm;
+using common::trim_thread_buffer;
 
 // Query rows x keys per tile. 64 x 256 keeps S [64, 256] and the accumulators
 // in L2, gives the GEMM micro-kernel enough work per call, and halves the
@@ -434,39 +437,6 @@ inline void ds_row_bwd(acc_type<T>* p_row, const acc_type<T>* dp, int64_t n, con
     (void)tmp;
     softmax_grad(p_row, dp, n, delta, true, scale);
   }
-}
-
-// Slot kSlot's per-thread storage (one per element type and slot).
-template <typename X, int kSlot>
-std::vector<X>& thread_vector() {
-  thread_local std::vector<X> buf;
-  return buf;
-}
-
-// A per-thread buffer of at least n elements, reused across calls (contents unspecified).
-// The forward's wide S / P tiles (130-270 KB) and the backward's rounded Pᵀ tile (130 KB)
-// are above glibc's mmap threshold: allocated per call, they were mapped and faulted in
-// page by page every time (measured: a quarter of a bf16 window forward in the kernel).
-// 64-byte aligned: the tiles' rows are read and written in 64-byte vectors (a 16-byte aligned
-// heap block splits every one of them across two cache lines).
-template <typename X, int kSlot>
-X* thread_buffer(size_t n) {
-  constexpr size_t kAlign = 64 / sizeof(X);
-  std::vector<X>& buf = thread_vector<X, kSlot>();
-  if (buf.size() < n + kAlign) buf.resize(n + kAlign);
-  const uintptr_t at = (reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63);
-  return reinterpret_cast<X*>(at);
-}
-
-// A buffer sized by the sequence (a task's packed key band: the whole of Nk without a window)
-// is kept for the next call only while small: at Nk = 128 K, D = 128 in bf16 it would keep
-// 32 MB per thread for the life of the process.
-constexpr size_t kKeptBufferBytes = size_t(16) << 20;
-
-template <typename X, int kSlot>
-void trim_thread_buffer() {
-  std::vector<X>& buf = thread_vector<X, kSlot>();
-  if (buf.capacity() * sizeof(X) > kKeptBufferBytes) std::vector<X>().swap(buf);
 }
 
 // After a parallel task's sequence of matrix-unit GEMMs.
