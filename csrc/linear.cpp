@@ -1405,22 +1405,34 @@ void half_norms(const T* src, int64_t L, int64_t D, float root, float* hn, float
 }
 
 // φ rows from logits F [L, MP] (fp32, in place) with per-row bias b_i (queries: the row max,
-// keys: |x_i|²/2 + c); the rounded copy into F16 [kChunk, MP]; padding zero in both.
+// keys: |x_i|²/2 + c); the rounded copy into F16 [L + L % 2, MP] made in the same pass; the
+// columns past M, and the row that pads an odd L to a VNNI pair, zero in both.
 template <typename T>
 void mx_row_features(int64_t L, const FavorW<float>& fw, const float* key_bias, float* F, T* F16) {
   using Vec = at::vec::Vectorized<float>;
   constexpr int64_t W = Vec::size();
+  const Vec lr(fw.log_root);
   for (int64_t i = 0; i < L; ++i) {
     float* row = F + i * fw.MP;
-    const float b = key_bias == nullptr ? common::row_max(row, fw.M) : key_bias[i];
+    T* row16 = F16 + i * fw.MP;
+    const float bias = key_bias == nullptr ? common::row_max(row, fw.M) : key_bias[i];
+    const Vec b(bias);
     int64_t m = 0;
-    for (; m + W <= fw.M; m += W) common::vexp((Vec::loadu(row + m) - Vec(b)) - Vec(fw.log_root)).store(row + m);
-    for (; m < fw.M; ++m) row[m] = std::exp((row[m] - b) - fw.log_root);
+    for (; m + 2 * W <= fw.M; m += 2 * W) {
+      const Vec e0 = common::vexp((Vec::loadu(row + m) - b) - lr), e1 = common::vexp((Vec::loadu(row + m + W) - b) - lr);
+      e0.store(row + m);
+      e1.store(row + m + W);
+      at::vec::convert_from_float<T>(e0, e1).store(row16 + m);
+    }
+    for (; m < fw.M; ++m) row[m] = std::exp((row[m] - bias) - fw.log_root);
     std::fill(row + fw.M, row + fw.MP, 0.f);
-    at::vec::convert(row, F16 + i * fw.MP, fw.MP);  // while the row is in L1
+    const int64_t done = fw.M / (2 * W) * (2 * W);
+    at::vec::convert(row + done, row16 + done, fw.MP - done);
   }
-  std::fill(F + L * fw.MP, F + kChunk * fw.MP, 0.f);
-  std::fill(F16 + L * fw.MP, F16 + kChunk * fw.MP, T(0));
+  if (L & 1) {
+    std::fill(F + L * fw.MP, F + (L + 1) * fw.MP, 0.f);
+    std::fill(F16 + L * fw.MP, F16 + (L + 1) * fw.MP, T(0));
+  }
 }
 
 // out rows [L, Dv] in T from num' [L, DvP] (fp32, scaled in place): num / (den + eps).
@@ -1484,23 +1496,26 @@ float mx_favor_state(const Dims& d, const FavorW<float>& fw, const FavorMx<T>& m
       }
       for (int64_t q = 0; q < NV; ++q) (mv[q] - Vec::loadu(w.hn.data() + q * W)).store(w.cand.data() + q * W);
     }
-    const float rescale = favor_key_features(c, w.cand.data(), w.hn.data(), L, fw, FT);
+    const float rescale = favor_key_features(c, w.cand.data(), w.hn.data(), L, fw, FT, w.zc.data());
     at::vec::convert(FT, x.F16T.data(), fw.MP * C);
     load_values16(v + t0 * d.Dv, L, d, x.V16.data());  // [C, DvP]
     const int64_t Le = L + (L & 1);
     interleave_vnni(x.V16.data(), Le, d.DvP, x.Vv.data());
     // S' = r S' + φᵀV', accumulated by the tile unit in fp32 (no chunk partial written and
-    // added back: at bf16 operands the summation order is far below their rounding)
+    // added back: at bf16 operands the summation order is far below their rounding). The GEMM
+    // covers the Dv value columns only: the ones column z += Σ_j φ_j comes from the exp pass's
+    // fp32 row sums (a 1-column tail strip cost as much as 16 columns: 1/5 of the GEMM at Dv 64).
     if (rescale != 1.f)
       for (int64_t i = 0; i < fw.MP * d.DvP; ++i) S[i] *= rescale;
-    common::vnni_gemm(fw.MP, d.DvP, Le, x.F16T.data(), C, x.Vv.data(), d.DvP, S, d.DvP, true);
+    common::vnni_gemm(fw.MP, d.Dv, Le, x.F16T.data(), C, x.Vv.data(), d.DvP, S, d.DvP, true);
+    for (int64_t m = 0; m < fw.MP; ++m) S[m * d.DvP + d.Dv] += w.zc[m];
   }
   return c;
 }
 
 template <typename T>
 void mx_favor_forward_impl(const Dims& d, const FavorW<float>& fw, const T* q, const T* k, const T* v, float eps, T* out,
-                           float* states, float* shifts) {
+                           float* states, float* shifts, float* feats) {
   const FavorMx<T> mx(fw);
   at::parallel_for(0, d.B * d.Hk, 1, [&](int64_t begin, int64_t end) {
     FavorScratch<float> w(d, fw);
@@ -1513,14 +1528,24 @@ void mx_favor_forward_impl(const Dims& d, const FavorW<float>& fw, const T* q, c
         std::copy(S + m * d.DvP, S + m * d.DvP + d.Dv + 1, states + (bg * fw.M + m) * (d.Dv + 1));
       at::vec::convert(S, x.dSv.data(), fw.MP * d.DvP);  // dSv is free in the forward
       interleave_vnni(x.dSv.data(), fw.MP, d.DvP, x.Sv.data());
+      float* z = w.z.data();  // the ones column of S' in fp32 [MP]
+      for (int64_t m = 0; m < fw.MP; ++m) z[m] = S[m * d.DvP + d.Dv];
       for (int64_t hh = 0; hh < d.G; ++hh) {
         const int64_t bh = b * d.Hq + g * d.G + hh;
+        // (12 to 64 query rows a step measured the same: the 64-row φ [64, MP] fp32 outgrowing L1
+        // costs nothing visible)
         for (int64_t t0 = 0; t0 < d.Nq; t0 += kChunk) {
           const int64_t L = std::min(kChunk, d.Nq - t0);
           const T* qs = q + (bh * d.Nq + t0) * fw.D;
-          common::vnni_gemm(L, fw.MP, fw.D, qs, fw.D, mx.WTv.data(), fw.MP, w.F.data(), fw.MP, false);  // l [L, MP]
-          mx_row_features(L, fw, nullptr, w.F.data(), x.F16.data());
-          common::vnni_gemm(L, d.DvP, fw.MP, x.F16.data(), fw.MP, x.Sv.data(), d.DvP, w.dN.data(), d.DvP, false);  // num'
+          float* F = w.F.data();  // [L, MP]
+          common::vnni_gemm(L, fw.MP, fw.D, qs, fw.D, mx.WTv.data(), fw.MP, F, fw.MP, false);  // l [L, MP]
+          mx_row_features(L, fw, nullptr, F, x.F16.data());
+          if (feats != nullptr)  // MP == M (checked at entry)
+            std::copy(F, F + L * fw.MP, feats + (bh * d.Nq + t0) * fw.M);
+          // num' [L, Dv] on the matrix units; the denominator φ·z as an fp32 dot on the row while
+          // it is in L1 (in the GEMM, z's 1-column tail strip cost as much as 16 value columns)
+          common::vnni_gemm(L, d.Dv, fw.MP, x.F16.data(), fw.MP, x.Sv.data(), d.DvP, w.dN.data(), d.DvP, false);
+          for (int64_t i = 0; i < L; ++i) w.dN[i * d.DvP + d.Dv] = vdot(F + i * fw.MP, z, fw.MP);
           mx_store_output(w.dN.data(), L, d, eps, out + (bh * d.Nq + t0) * d.Dv);
         }
       }
@@ -1569,7 +1594,8 @@ void mx_input_grad(const T* dl16, const float* rs, const T* src, int64_t L, cons
 // builds dφ.
 template <typename T>
 void mx_favor_backward_impl(const Dims& d, const FavorW<float>& fw, const T* dout, const T* q, const T* k, const T* v,
-                            const float* states, const float* shifts, float eps, T* dq, T* dk, T* dv) {
+                            const float* states, const float* shifts, const float* feats, float eps, T* dq, T* dk,
+                            T* dv) {
   using Vec = at::vec::Vectorized<float>;
   constexpr int64_t C = kChunk;
   const int64_t Dv1 = d.Dv + 1;
@@ -1594,8 +1620,14 @@ void mx_favor_backward_impl(const Dims& d, const FavorW<float>& fw, const T* dou
         for (int64_t t0 = 0; t0 < d.Nq; t0 += C) {
           const int64_t L = std::min(C, d.Nq - t0);
           const int64_t row = bh * d.Nq + t0;
-          common::vnni_gemm(L, fw.MP, fw.D, q + row * fw.D, fw.D, mx.WTv.data(), fw.MP, w.F.data(), fw.MP, false);
-          mx_row_features(L, fw, nullptr, w.F.data(), x.F16.data());  // φ(q) [C, MP]
+          if (feats != nullptr) {  // the forward's φ(q) rows (MP == M), rounded here as mx_row_features does
+            std::copy(feats + row * fw.MP, feats + (row + L) * fw.MP, w.F.data());
+            at::vec::convert(w.F.data(), x.F16.data(), L * fw.MP);
+            std::fill(x.F16.data() + L * fw.MP, x.F16.data() + (L + (L & 1)) * fw.MP, T(0));
+          } else {
+            common::vnni_gemm(L, fw.MP, fw.D, q + row * fw.D, fw.D, mx.WTv.data(), fw.MP, w.F.data(), fw.MP, false);
+            mx_row_features(L, fw, nullptr, w.F.data(), x.F16.data());  // φ(q) [C, MP]
+          }
           float* H = w.H.data();
           common::vnni_gemm(L, fw.MP, d.Dv, dout + row * d.Dv, d.Dv, x.STv.data(), fw.MP, H, fw.MP, false);  // H [L, MP]
           const T* gs = dout + row * d.Dv;
@@ -1642,8 +1674,12 @@ void mx_favor_backward_impl(const Dims& d, const FavorW<float>& fw, const T* dou
         for (int64_t i = 0; i < L; ++i) w.hn[i] += c;
         mx_row_features(L, fw, w.hn.data(), w.F.data(), x.F16.data());  // φ(k) [C, MP]
         load_values16(v + row * d.Dv, L, d, x.V16.data());
-        common::vnni_gemm(L, fw.MP, d.DvP, x.V16.data(), d.DvP, x.dSTv.data(), fw.MP, w.H.data(), fw.MP, false);  // dφ(k)
-        common::vnni_gemm(L, d.DvP, fw.MP, x.F16.data(), fw.MP, x.dSv.data(), d.DvP, w.dN.data(), d.DvP, false);  // dV'
+        // dφ(k) = V' dS'ᵀ over V''s Dv + 1 columns (rounded up to a VNNI pair; V' and dS'ᵀ are zero
+        // past them), and dV = φ(k) dS' over the Dv value columns only (dS''s ones column is z's
+        // gradient, not V's): not the DvP padding, 1/5 of each GEMM at Dv 64
+        const int64_t K1 = round_up(Dv1, 2);
+        common::vnni_gemm(L, fw.MP, K1, x.V16.data(), d.DvP, x.dSTv.data(), fw.MP, w.H.data(), fw.MP, false);  // dφ(k)
+        common::vnni_gemm(L, d.Dv, fw.MP, x.F16.data(), fw.MP, x.dSv.data(), d.DvP, w.dN.data(), d.DvP, false);  // dV
         for (int64_t i = 0; i < L; ++i) at::vec::convert(w.dN.data() + i * d.DvP, dv + (row + i) * d.Dv, d.Dv);
         for (int64_t i = 0; i < L; ++i) {  // dl = dφ(k) ⊙ φ(k), with its row sums
           const float* Hi = w.H.data() + i * fw.MP;
@@ -1672,14 +1708,15 @@ bool favor_on_matrix_units(const at::Tensor& q, const at::Tensor& v) {
 // favor_on_matrix_units is true for bf16 only, so only bf16 gets here.
 template <typename scalar_t, typename acc_t>
 void mx_favor_forward(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* q, const scalar_t* k, const scalar_t* v,
-                      acc_t eps, scalar_t* out, acc_t* states, acc_t* shifts) {
-  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) mx_favor_forward_impl(d, fw, q, k, v, eps, out, states, shifts);
+                      acc_t eps, scalar_t* out, acc_t* states, acc_t* shifts, acc_t* feats) {
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) mx_favor_forward_impl(d, fw, q, k, v, eps, out, states, shifts, feats);
 }
 template <typename scalar_t, typename acc_t>
 void mx_favor_backward(const Dims& d, const FavorW<acc_t>& fw, const scalar_t* dout, const scalar_t* q, const scalar_t* k,
-                       const scalar_t* v, const acc_t* states, const acc_t* shifts, acc_t eps, scalar_t* dq, scalar_t* dk,
-                       scalar_t* dv) {
-  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) mx_favor_backward_impl(d, fw, dout, q, k, v, states, shifts, eps, dq, dk, dv);
+                       const scalar_t* v, const acc_t* states, const acc_t* shifts, const acc_t* feats, acc_t eps,
+                       scalar_t* dq, scalar_t* dk, scalar_t* dv) {
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>)
+    mx_favor_backward_impl(d, fw, dout, q, k, v, states, shifts, feats, eps, dq, dk, dv);
 }
 
 template <typename acc_t>
@@ -1719,8 +1756,8 @@ void check_favor(const char* op, const at::Tensor& q, const at::Tensor& k, const
 
 // -> (out, S' [B, Hk, M, Dv + 1], key shift c [B, Hk], φ(q) [B, Hq, Nq, M]): the last three only
 // for the backward; φ(q) only with save_features (else empty; see favor.py's _save_features:
-// a float32 / float64 / float16 call with M a multiple of the vector width, so MP = M), the
-// backward then reads it instead of rerunning q's projection and exp.
+// M a multiple of the vector width, so MP = M), the backward then reads it instead of rerunning
+// q's projection and exp (both paths keep the features in fp32, bf16's matrix-unit one too).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> favor_attention_fwd(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& projection, double scale,
     double eps, bool save_features) {
@@ -1735,13 +1772,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> favor_attention_fwd(
     const auto acc = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
     states = at::empty({d.B, d.Hk, fw.M, d.Dv + 1}, acc);
     shifts = at::empty({d.B, d.Hk}, acc);
-    const bool mx = favor_on_matrix_units<scalar_t>(q, v);
-    TORCH_CHECK(!save_features || (!mx && fw.MP == fw.M),
-                "favor_attention_fwd: save_features needs the vector path and M a multiple of ", at::vec::Vectorized<acc_t>::size());
+    TORCH_CHECK(!save_features || fw.MP == fw.M,
+                "favor_attention_fwd: save_features needs M a multiple of ", at::vec::Vectorized<acc_t>::size());
     feats = save_features ? at::empty({d.B, d.Hq, d.Nq, fw.M}, acc) : at::empty({0}, acc);
-    if (mx) {
+    if (favor_on_matrix_units<scalar_t>(q, v)) {
       mx_favor_forward(d, fw, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), static_cast<acc_t>(eps),
-                       out.data_ptr<scalar_t>(), states.data_ptr<acc_t>(), shifts.data_ptr<acc_t>());
+                       out.data_ptr<scalar_t>(), states.data_ptr<acc_t>(), shifts.data_ptr<acc_t>(),
+                       save_features ? feats.data_ptr<acc_t>() : nullptr);
       return;
     }
     favor_forward(d, fw, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), static_cast<acc_t>(eps),
@@ -1773,12 +1810,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> favor_attention_bwd(const at::Ten
                 "favor_attention_bwd: states / shifts must be the forward's");
     const bool saved = feats.numel() > 0;
     TORCH_CHECK(!saved || (feats.sizes() == at::IntArrayRef({d.B, d.Hq, d.Nq, fw.MP}) && fw.MP == fw.M &&
-                           feats.scalar_type() == states.scalar_type() && !favor_on_matrix_units<scalar_t>(q, v)),
+                           feats.scalar_type() == states.scalar_type()),
                 "favor_attention_bwd: features must be the forward's");
     if (favor_on_matrix_units<scalar_t>(q, v)) {
       mx_favor_backward(d, fw, dout.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
-                        v.data_ptr<scalar_t>(), states.data_ptr<acc_t>(), shifts.data_ptr<acc_t>(), static_cast<acc_t>(eps),
-                        dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
+                        v.data_ptr<scalar_t>(), states.data_ptr<acc_t>(), shifts.data_ptr<acc_t>(),
+                        saved ? feats.data_ptr<acc_t>() : nullptr, static_cast<acc_t>(eps), dq.data_ptr<scalar_t>(),
+                        dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
       return;
     }
     favor_backward(d, fw, dout.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),

@@ -174,7 +174,7 @@ def test_fused_compiles_fullgraph(num_features):
         torch.testing.assert_close(g, e)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
 def test_saved_query_features_bit_identical_to_recomputed(dtype, monkeypatch):
     """The backward from the forward's saved φ(q) equals the one that recomputes it, to the bit
     (favor._save_features: the same code computes φ(q) and its normaliser both ways)."""

@@ -48,20 +48,20 @@ def _kernels_available() -> bool:
     return hasattr(backends.cpu_kernels(), "favor_attention_fwd")
 
 
-# The backward reads the forward's φ(q) [B, Hq, Nq, M] (float32 / float64) instead of rerunning q's
-# projection GEMM and exp (one of the twelve GEMMs of a fwd+bwd: B1 H8 N1024 D64 M256 fp32 fwd+bwd
-# 0.91x the time, interleaved A/B against recomputing, 1 thread, loaded host) when a gradient is
-# needed, the vector path runs (not bf16: its matrix-unit path keeps recomputing), M is a multiple
-# of every build's vector width, and the features take at most SAVE_FEATURES_MAX_BYTES (then the
-# backward recomputes them: the same code, so the result is bit-identical either way). φ(k) is not
-# saved: the forward builds it under a running key shift, the backward under the final one.
+# The backward reads the forward's φ(q) [B, Hq, Nq, M] (float32 / float64, bf16's matrix-unit path
+# too) instead of rerunning q's projection GEMM and exp (one of the twelve GEMMs of a fwd+bwd: B1 H8
+# N1024 D64 M256 fp32 fwd+bwd 0.91x the time, interleaved A/B against recomputing, 1 thread, loaded
+# host) when a gradient is needed, M is a multiple of every build's vector width, and the features
+# take at most SAVE_FEATURES_MAX_BYTES (then the backward recomputes them: the same code, so the
+# result is bit-identical either way). φ(k) is not saved: the forward builds it under a running key
+# shift, the backward under the final one.
 SAVE_FEATURES_MAX_BYTES = 256 << 20
 
 
 def _save_features(q: Tensor, k: Tensor, v: Tensor, projection: Tensor) -> bool:
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         return False
-    if q.dtype not in (torch.float32, torch.float64, torch.float16) or projection.shape[0] % 16:
+    if not q.dtype.is_floating_point or projection.shape[0] % 16:
         return False
     acc_bytes = 8 if q.dtype == torch.float64 else 4
     return q.shape[0] * q.shape[1] * q.shape[2] * projection.shape[0] * acc_bytes <= SAVE_FEATURES_MAX_BYTES
