@@ -52,10 +52,9 @@ def environment_lines() -> list[str]:
 
 
 def _gemm_paths(cpu) -> str:
-    """Which matrix unit each input dtype's tile GEMMs run on (AMX, or fp32 FMA after an upcast)."""
-    if not cpu.available or not hasattr(cpu.ops, "gemm_path"):
-        return "n/a"
-    return ", ".join(f"{d} -> {cpu.ops.gemm_path(d)}" for d in ("bfloat16", "float16", "float32"))
+    """Which unit each input dtype's tile GEMMs run on (AMX, AVX512-BF16, or fp32 FMA after an upcast)."""
+    paths = cpu.gemm_paths()
+    return "n/a" if paths is None else ", ".join(f"{d} -> {p}" for d, p in paths.items())
 
 
 def _max_error(out: torch.Tensor, expected: torch.Tensor) -> float:

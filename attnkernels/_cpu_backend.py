@@ -39,6 +39,13 @@ class CpuKernels:
     def available(self) -> bool:
         return self.ops is not None
 
+    def gemm_paths(self, dtypes=("bfloat16", "float16", "float32")) -> dict[str, str] | None:
+        """{dtype name: the unit its tile GEMMs run on} ("amx-bf16", "avx512-bf16", "fp32-upcast", ...),
+        as the build's `gemm_path` op reports it for this CPU; None without a build that has the op."""
+        if not self.available or not hasattr(self.ops, "gemm_path"):
+            return None
+        return {d: self.ops.gemm_path(d) for d in dtypes}
+
 
 @functools.lru_cache(maxsize=None)
 def load(capability: str | None = None) -> CpuKernels:

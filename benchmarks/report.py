@@ -399,10 +399,9 @@ def yardstick_dtype(dtype: torch.dtype) -> torch.dtype:
 def _gemm_paths() -> str:
     from attnkernels import _cpu_backend
 
-    cpu = _cpu_backend.load()
-    if not cpu.available or not hasattr(cpu.ops, "gemm_path"):
-        return ""
-    return ", ".join(f"{d} {cpu.ops.gemm_path(n)}" for d, n in (("bf16", "bfloat16"), ("fp16", "float16")))
+    paths = _cpu_backend.load().gemm_paths(("bfloat16", "float16"))
+    short = {str(t).replace("torch.", ""): name for name, t in DTYPES.items()}  # "bfloat16" -> "bf16"
+    return "" if paths is None else ", ".join(f"{short[d]} {p}" for d, p in paths.items())
 
 
 def measure(case: Case, rounds: int) -> dict:
