@@ -53,6 +53,9 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <xmmintrin.h>
 #endif
+#ifdef CPU_CAPABILITY_AVX512
+#include <immintrin.h>
+#endif
 
 #include "common/checks.h"
 #include "common/parallel.h"
@@ -221,12 +224,6 @@ at::Tensor pack_transposed(const at::Tensor& x, int64_t tile) {  // [B, H, N, D]
   return padded.view({x.size(0), x.size(1), n_tiles, tile, x.size(3)}).transpose(-1, -2).contiguous();
 }
 
-// Start of the piece at sequence position `a` in one head's packed [nT, D, tile] operand.
-template <typename T>
-inline const T* packed_piece(const T* head, int64_t a, int64_t depth, int64_t tile) {
-  return head + (a / tile) * depth * tile + a % tile;
-}
-
 // ---------------------------------------------------------------------------
 // The tile GEMM steps, by operand type. One kernel template serves every dtype;
 // only these steps (and the operands' layout) change with the precision:
@@ -370,14 +367,14 @@ inline acc_type<T> exp_row(acc_type<T>* x, int64_t n, acc_type<T> a, acc_type<T>
   }
 }
 
-// dQᵀ[D, M] += Kᵀ[D, j0 : j1] · dSᵀ[N, M]: kT_h one head's packed transposed K (plain
-// layout for every T). float / double: dSᵀ is the float tile dst (ld BLOCK_M). Matrix
-// units: dSᵀ is the B operand, taken from its rounded rows `low` (ld kLowpLd, column c
-// at c + qshift, as ds_row_bwd leaves them) and interleaved by key pairs into `buf`
-// (the pair (r, r + 1) of column c is one 32-bit word), the key range aligned to a
-// pair as in gemm_seq; rows outside [j0, j1) are zero.
+// dQᵀ[D, M] += Kᵀ[D, j0 : j1] · dSᵀ[N, M]: kT_tile the packed transposed key tile [D, BLOCK_N]
+// that holds the keys [j0, j1) (plain layout for every T; key j at column j % BLOCK_N). float /
+// double: dSᵀ is the float tile dst (ld BLOCK_M). Matrix units: dSᵀ is the B operand, taken from
+// its rounded rows `low` (ld kLowpLd, column c at c + qshift, as ds_row_bwd leaves them) and
+// interleaved by key pairs into `buf` (the pair (r, r + 1) of column c is one 32-bit word), the
+// key range aligned to a pair as in gemm_seq; rows outside [j0, j1) are zero.
 template <typename T>
-inline void gemm_dqT(int64_t D, int64_t M, int64_t j0, int64_t j1, int64_t qshift, const T* kT_h,
+inline void gemm_dqT(int64_t D, int64_t M, int64_t j0, int64_t j1, int64_t qshift, const T* kT_tile,
                      const acc_type<T>* dst, const T* low, T* buf, acc_type<T>* dqT, int64_t ld_dqT) {
   if constexpr (kMatrixUnits<T>) {
     const int64_t a0 = j0 & ~int64_t(1), sh = j0 - a0, K = (j1 - a0 + 1) & ~int64_t(1), N = j1 - j0;
@@ -399,12 +396,12 @@ inline void gemm_dqT(int64_t D, int64_t M, int64_t j0, int64_t j1, int64_t qshif
       }
     }
     (void)dst;
-    common::vnni_gemm(D, M, K, packed_piece(kT_h, a0, D, kBlockN), kBlockN, buf, kBlockM, dqT, ld_dqT, true);
+    common::vnni_gemm(D, M, K, kT_tile + a0 % kBlockN, kBlockN, buf, kBlockM, dqT, ld_dqT, true);
   } else {
     (void)qshift;
     (void)low;
     (void)buf;
-    tile_gemm<T>(D, M, j1 - j0, packed_piece(kT_h, j0, D, kBlockN), kBlockN, dst, kBlockM, dqT, ld_dqT, true);
+    tile_gemm<T>(D, M, j1 - j0, kT_tile + j0 % kBlockN, kBlockN, dst, kBlockM, dqT, ld_dqT, true);
   }
 }
 
@@ -1283,10 +1280,14 @@ void forward_kernel(const Problem& p, const T* q, const T* kv_k, const T* kv_v, 
 // stored in the input dtype (GradOut) aim at the second share, the same bits. Measured against
 // main (backward time ratio main / this, medians of interleaved pairs, loaded host, +-5% noise):
 // float32 window 1.03, 1.01 (two runs), BigBird 0.98, 0.96: no gain shown; bf16 on the 16-bit
-// path (AVX512-BF16) window 1.06, BigBird 1.02, N = 2048 w = 128 1.07. Left: per-task packing of the
-// band's Qᵀ / dOᵀ / Kᵀ into per-thread buffers (as forward_kernel does on the matrix units), and
-// for the 16-bit path wider query pieces per key tile (fewer, larger GEMMs: its bwd / fwd is
-// 3.4-3.9 against float32's 2.2-2.4).
+// path (AVX512-BF16) window 1.06, BigBird 1.02, N = 2048 w = 128 1.07. Session 8: under a bounded
+// window the operands are packed in the tasks (packs_in_task) with a register 16 x 16 transpose;
+// the same bits. Measured (backward time main / this, interleaved, loaded host: bf16 torch.mm
+// ~175 of ~340 GFLOP/s quiet): float32 window (256, 256) N = 4096 1.07 [IQR 1.03, 1.11] and 1.04
+// [1.01, 1.07] (two runs), N = 2048 / 1024 w = 128 1.13 / 1.05; bf16 N = 4096 1.01 [0.95, 1.13],
+// N = 2048 w = 128 1.07; float32 bwd / fwd 2.2-2.4 after (2.4-2.5 before). perf after, float32: ~80%
+// in the GEMMs, ~8% in the P / dS rows and masks, ~3% in the transposes. Left: for the 16-bit
+// path wider query pieces per key tile (fewer, larger GEMMs).
 int64_t backward_chunks(const Problem& p, int64_t n_kv_tiles) {
   constexpr int64_t kTargetTasks = 16;  // enough to keep a few threads busy when B·Hq is small
   const int64_t bh = std::max<int64_t>(1, p.B * p.Hq);
@@ -1329,9 +1330,107 @@ std::vector<int64_t> dq_tile_owner(const Problem& p, const std::vector<std::pair
   return owner;
 }
 
+// Whether backward_kernel packs its operands itself, tile by tile as its GEMMs need them (Qᵀ, dOᵀ,
+// and on the matrix units Q / dO in VNNI pairs, per query tile; Kᵀ per key tile), instead of
+// reading them from [B, H, ...] tensors packed up front: under a window bounded on both sides,
+// without tables. There each key tile's query band is a few query tiles (w = (256, 256): 13), the
+// next key tile's band shares all but 4 of them, and each query tile is packed once per task into
+// a per-thread ring (slot qt % R, tagged with qt) just before its first GEMM, which then finds it
+// in L1 / L2. Packed up front, the tensors (float32, B1 H8 N4096 D64: 24 MB, fresh pages faulted
+// in every call) went out to memory and were read back tile by tile, and bf16's Kᵀ went through
+// torch's strided copy. Without a bounded window (or with a wide one) the band is most of the
+// sequence, each chunk would repack it and the ring would hold whole heads: up to kRingWindow
+// queries of window (ring <= 70 slots, 4.6 MB at D = Dv = 128).
+constexpr int64_t kRingWindow = 4096;
+
+bool packs_in_task(const Problem& p) {
+  return p.left >= 0 && p.right >= 0 && p.left <= kRingWindow && p.right <= kRingWindow &&
+         p.left + p.right <= kRingWindow && p.q_num == nullptr;
+}
+
+#ifdef CPU_CAPABILITY_AVX512
+// One 16 x 16 block of 32-bit words, src (ld lds) -> dst (ld ldd) transposed, in registers:
+// interleave pairs of rows by words, then by word pairs, then 128-bit lanes twice. Moves only
+// (unpack / shuffle), so every bit pattern is kept.
+inline void transpose_words_16x16(const uint32_t* src, int64_t lds, uint32_t* dst, int64_t ldd) {
+  __m512 a[16], b[16];
+  for (int i = 0; i < 16; ++i) a[i] = _mm512_loadu_ps(src + i * lds);
+  for (int i = 0; i < 16; i += 2) {  // b[i] = rows i, i + 1 interleaved by words (low / high halves of lanes)
+    b[i] = _mm512_unpacklo_ps(a[i], a[i + 1]);
+    b[i + 1] = _mm512_unpackhi_ps(a[i], a[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4)  // then by 64-bit pairs: four rows per 128-bit lane
+    for (int h = 0; h < 2; ++h) {
+      const __m512d x = _mm512_castps_pd(b[i + h]), y = _mm512_castps_pd(b[i + h + 2]);
+      a[i + 2 * h] = _mm512_castpd_ps(_mm512_unpacklo_pd(x, y));
+      a[i + 2 * h + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(x, y));
+    }
+  for (int i = 0; i < 16; i += 8)  // 128-bit lanes: even / odd lanes of rows i.. and i + 4..
+    for (int j = 0; j < 4; ++j) {
+      b[i + j] = _mm512_shuffle_f32x4(a[i + j], a[i + j + 4], 0x88);
+      b[i + j + 4] = _mm512_shuffle_f32x4(a[i + j], a[i + j + 4], 0xdd);
+    }
+  for (int j = 0; j < 8; ++j) {  // and once more across the two halves: column j, then j + 8
+    _mm512_storeu_ps(dst + j * ldd, _mm512_shuffle_f32x4(b[j], b[j + 8], 0x88));
+    _mm512_storeu_ps(dst + (j + 8) * ldd, _mm512_shuffle_f32x4(b[j], b[j + 8], 0xdd));
+  }
+}
+#endif
+
+// src [rows, cols] 32-bit words (ld lds) -> dst [cols, rows] (ld ldd), bit patterns kept. Whole
+// 16 x 16 blocks in registers on AVX-512; the edges through at::vec's float transpose, which takes
+// runtime block sizes and, called out of line, keeps its 16 vectors on the stack (perf, fp32
+// window backward: 3% of the time in it when every block went through it).
+inline void transpose_words(const uint32_t* src, int64_t lds, uint32_t* dst, int64_t ldd, int64_t rows,
+                            int64_t cols) {
+  auto edge = [&](int64_t r, int64_t c, int64_t m, int64_t n) {
+    if (m > 0 && n > 0)
+      at::vec::transpose_mxn<float>(reinterpret_cast<const float*>(src + r * lds + c), lds,
+                                    reinterpret_cast<float*>(dst + c * ldd + r), ldd, static_cast<int>(m),
+                                    static_cast<int>(n));
+  };
+  int64_t r = 0;
+#ifdef CPU_CAPABILITY_AVX512
+  const int64_t c16 = cols & ~int64_t(15);
+  for (; r + 16 <= rows; r += 16) {
+    for (int64_t c = 0; c < c16; c += 16) transpose_words_16x16(src + r * lds + c, lds, dst + c * ldd + r, ldd);
+    edge(r, c16, 16, cols - c16);
+  }
+#endif
+  edge(r, 0, rows - r, cols);
+}
+
+// x [rows, cols] (ld ldx) -> dst [cols, rows] (ld ldd), for the in-task packing: float as words,
+// double through at::vec; 16-bit in 16 x 16 blocks where whole.
+template <typename T>
+void transpose_block(const T* x, int64_t ldx, T* dst, int64_t ldd, int64_t rows, int64_t cols) {
+  if constexpr (std::is_same_v<T, float>) {
+    transpose_words(reinterpret_cast<const uint32_t*>(x), ldx, reinterpret_cast<uint32_t*>(dst), ldd, rows, cols);
+  } else if constexpr (kMatrixUnits<T>) {
+    int64_t r = 0;
+    for (; r + 16 <= rows; r += 16) {
+      int64_t c = 0;
+      for (; c + 16 <= cols; c += 16) at::vec::transpose_mxn<T, 16, 16>(x + r * ldx + c, ldx, dst + c * ldd + r, ldd);
+      for (; c < cols; ++c)
+        for (int64_t i = r; i < r + 16; ++i) dst[c * ldd + i] = x[i * ldx + c];
+    }
+    for (; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = x[r * ldx + c];
+  } else {
+    at::vec::transpose_mxn<T>(x, ldx, dst, ldd, static_cast<int>(rows), static_cast<int>(cols));
+  }
+}
+
+// Ring slots for packs_in_task: the most query tiles (of BLOCK_M) one key tile's query band can
+// touch (the band is at most BLOCK_N + left + right queries, split at multiples of BLOCK_M), so
+// that a band's tiles never evict one another.
+int64_t ring_slots(const Problem& p) { return std::min<int64_t>(p.nQt, (kBlockN + p.left + p.right) / kBlockM + 2); }
+
 // T: the operand type. q, dout: rows [B, Hq, Nq, *] (VNNI pairs on the matrix units);
 // qT, doT: packed transposed per query tile; k, v: plain rows; kT: packed transposed
-// per key tile, plain layout (the A operand of dQᵀ). Everything else in acc_type<T>.
+// per key tile, plain layout (the A operand of dQᵀ). packs_in_task: qT, doT and kT are null
+// and q, dout plain rows [B, Hq, Nq, *] for every T (the kernel packs the rest from q, dout, k).
+// Everything else in acc_type<T>.
 template <typename T>
 void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, const T* kT, const T* v, const T* dout,
                      const T* doT, const acc_type<T>* lse_use, const acc_type<T>* delta, acc_type<T> scale,
@@ -1351,8 +1450,20 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
   const int64_t q_rows = operand_rows<T>(p.Nq);
   const int64_t grain =
       grain_for(2.0 * per_chunk * kBlockN * std::min<int64_t>(p.Nq, 4 * kBlockM) * (3 * p.D + 2 * p.Dv));
+  const bool in_task = qT == nullptr;  // packs_in_task
+  const int64_t n_slots = in_task ? ring_slots(p) : 0;
+  // A ring slot: Qᵀ [D, BLOCK_M] and dOᵀ [Dv, BLOCK_M] (VNNI [D / 2, BLOCK_M, 2] on the matrix
+  // units), there also Q [BLOCK_M / 2, D, 2] and dO [BLOCK_M / 2, Dv, 2] in VNNI pairs of rows.
+  const int64_t slot_size = (kMatrixUnits<T> ? 2 : 1) * (p.D + p.Dv) * kBlockM;
   at::parallel_for(0, p.B * p.Hq * n_chunks, grain, [&](int64_t begin, int64_t end) {
     const FlushDenormals flush(md.logits() || md.dropout);
+    // packs_in_task: the ring of query tiles and the current key tile's Kᵀ [D, BLOCK_N]. (Slots 3
+    // and 4 are the forward's packed key band, which no backward task needs while it runs.) float /
+    // double: only the real rows are written (their GEMMs read no column past Nq or Nk); the matrix
+    // units' pair-aligned K may read one past: zeros there.
+    T* const ring = thread_buffer<T, 3>(n_slots * slot_size);
+    T* const kT_own = thread_buffer<T, 4>(in_task ? p.D * kBlockN : 0);
+    std::vector<int64_t> ring_tag(n_slots);
     std::vector<A> st(kBlockN * kBlockM);   // [BLOCK_N, BLOCK_M] Sᵀ, then Pᵀ, then dSᵀ
     std::vector<A> dpt(kBlockN * kBlockM);  // [BLOCK_N, BLOCK_M] dPᵀ = V dOᵀ
     std::vector<A> dk_acc(kBlockN * p.D), dv_acc(kBlockN * p.Dv);  // [BLOCK_N, D], [BLOCK_N, Dv]
@@ -1376,11 +1487,55 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c = task % n_chunks, bh = task / n_chunks, b = bh / p.Hq, h = bh % p.Hq, hk = h / p.group;
       const int64_t bhk = b * p.Hk + hk;
-      const T* q_h = q + bh * q_rows * p.D;                // [Nq, D]
-      const T* qT_h = qT + bh * dqT_head;                  // packed [nQt, D, BLOCK_M]
-      const T* do_h = dout + bh * q_rows * p.Dv;           // [Nq, Dv]
-      const T* doT_h = doT + bh * p.nQt * p.Dv * kBlockM;  // packed [nQt, Dv, BLOCK_M]
-      const T* kT_h = kT + bhk * p.nKt * p.D * kBlockN;    // packed [nKt, D, BLOCK_N]
+      const int64_t rows_h = in_task ? p.Nq : q_rows;      // rows of q / dout per head
+      const T* q_h = q + bh * rows_h * p.D;                // [Nq, D]
+      const T* qT_h = in_task ? nullptr : qT + bh * dqT_head;                  // packed [nQt, D, BLOCK_M]
+      const T* do_h = dout + bh * rows_h * p.Dv;                               // [Nq, Dv]
+      const T* doT_h = in_task ? nullptr : doT + bh * p.nQt * p.Dv * kBlockM;  // packed [nQt, Dv, BLOCK_M]
+      const T* kT_h = in_task ? nullptr : kT + bhk * p.nKt * p.D * kBlockN;  // packed [nKt, D, BLOCK_N]
+      std::fill(ring_tag.begin(), ring_tag.end(), int64_t(-1));
+      // The operands of query tile qt of this head: Qᵀ [D, BLOCK_M] and dOᵀ [Dv, BLOCK_M] (packed),
+      // and the row operands of dK / dV (q_rows, do_rows) with the sequence position `base` at their
+      // start (even: pairs keep their parity).
+      struct QTile {
+        const T *qT, *doT, *q_rows, *do_rows;
+        int64_t base;
+      };
+      auto q_tiles = [&](int64_t qt) -> QTile {
+        if (!in_task) return {qT_h + qt * p.D * kBlockM, doT_h + qt * p.Dv * kBlockM, q_h, do_h, 0};
+        const int64_t s = qt % n_slots, i0 = qt * kBlockM, rows = std::min(kBlockM, p.Nq - i0);
+        T* const slot = ring + s * slot_size;
+        T* const slot_doT = slot + p.D * kBlockM;
+        if constexpr (kMatrixUnits<T>) {
+          T* const slot_q = slot_doT + p.Dv * kBlockM;
+          T* const slot_do = slot_q + kBlockM * p.D;
+          if (ring_tag[s] != qt) {
+            // Qᵀ / dOᵀ in VNNI pairs: each (d, d + 1) pair of a row is one word, so a word transpose
+            // [rows, D / 2] -> [D / 2, BLOCK_M], zero past Nq (the pair-aligned reads may go one past).
+            auto pack_t = [&](const T* x, int64_t width, T* dst) {
+              uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+              const uint32_t* src = reinterpret_cast<const uint32_t*>(x + i0 * width);
+              transpose_words(src, width / 2, d, kBlockM, rows, width / 2);
+              if (rows < kBlockM)
+                for (int64_t w = 0; w < width / 2; ++w) std::fill(d + w * kBlockM + rows, d + (w + 1) * kBlockM, 0u);
+            };
+            pack_t(q_h, p.D, slot);
+            pack_t(do_h, p.Dv, slot_doT);
+            const int64_t p0 = i0 / 2, p1 = (i0 + rows + 1) / 2;  // the tile's pairs (a zero row pads odd Nq)
+            common::vnni_row_pair_range(q_h, p.Nq, p.D, p0, p1, slot_q);
+            common::vnni_row_pair_range(do_h, p.Nq, p.Dv, p0, p1, slot_do);
+            ring_tag[s] = qt;
+          }
+          return {slot, slot_doT, slot_q, slot_do, i0};
+        } else {
+          if (ring_tag[s] != qt) {
+            transpose_block<T>(q_h + i0 * p.D, p.D, slot, kBlockM, rows, p.D);
+            transpose_block<T>(do_h + i0 * p.Dv, p.Dv, slot_doT, kBlockM, rows, p.Dv);
+            ring_tag[s] = qt;
+          }
+          return {slot, slot_doT, q_h, do_h, 0};
+        }
+      };
       const A* lse_h = lse_use + bh * p.Nq;
       const A* delta_h = delta + bh * p.Nq;
       // dQᵀ of query tile qt, [D, BLOCK_M]: the chunk's own tiles in a per-thread buffer (the
@@ -1401,6 +1556,14 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
         const bool padded = padding_cuts(p, b, j0, j1);
         fill(dk_acc.data(), n_keys * p.D, A(0));
         fill(dv_acc.data(), n_keys * p.Dv, A(0));
+        // Kᵀ of the packed key tile holding [j0, j1), [D, BLOCK_N] (key j at column j % BLOCK_N;
+        // packs_in_task: j0 is a multiple of BLOCK_N, make_tiles without tables).
+        const T* kT_tile = kT_h ? kT_h + (j0 / kBlockN) * p.D * kBlockN : kT_own;
+        if (in_task) {
+          transpose_block<T>(k + (bhk * p.Nk + j0) * p.D, p.D, kT_own, kBlockN, n_keys, p.D);
+          if (kMatrixUnits<T> && n_keys < kBlockN)  // the column a pair-aligned K may read past Nk
+            for (int64_t d = 0; d < p.D; ++d) kT_own[d * kBlockN + n_keys] = T(0);
+        }
         for_each_q_tile(p, b, h, j0, j1, [&](int64_t i0, int64_t i1) {
           const int64_t M = i1 - i0;
           // Only the key rows [r0, r1) of the tile that some query of [i0, i1) sees: under a
@@ -1414,8 +1577,10 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
           const T* v_t = v + (bhk * p.Nk + r0) * p.Dv;  // [N, Dv]
           A* dk_rows = dk_acc.data() + (r0 - j0) * p.D;   // [N, D]
           A* dv_rows = dv_acc.data() + (r0 - j0) * p.Dv;  // [N, Dv]
-          gemm_packed<T>(N, M, p.D, k_t, p.D, qT_h, i0, kBlockM, st.data(), kBlockM);     // Sᵀ = K Qᵀ
-          gemm_packed<T>(N, M, p.Dv, v_t, p.Dv, doT_h, i0, kBlockM, dpt.data(), kBlockM);  // dPᵀ = V dOᵀ
+          const QTile qtile = q_tiles(i0 / kBlockM);  // the query tile holding [i0, i1)
+          const int64_t ic = i0 % kBlockM;  // the piece's first column in the tile
+          gemm_packed<T>(N, M, p.D, k_t, p.D, qtile.qT, ic, kBlockM, st.data(), kBlockM);     // Sᵀ = K Qᵀ
+          gemm_packed<T>(N, M, p.Dv, v_t, p.Dv, qtile.doT, ic, kBlockM, dpt.data(), kBlockM);  // dPᵀ = V dOᵀ
           const bool masked = (padded && padding_cuts(p, b, r0, r1)) || window_cuts(p, i0, i1, r0, r1);
           const int64_t g0 = r0 >> 4;
           if (md.dropout)  // bytes of key row j at row j - 16 g0, query column i at i - i0
@@ -1465,7 +1630,8 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
             }
           }
           const A* p_dv = md.dropout && !kMatrixUnits<T> ? p_kept.data() : st.data();
-          gemm_seq<T>(N, p.Dv, i0, i1, p_dv, kBlockM, do_h, a_buf, dv_rows, p.Dv,
+          const int64_t ia = i0 - qtile.base, ie = i1 - qtile.base;  // [i0, i1) in the row operands
+          gemm_seq<T>(N, p.Dv, ia, ie, p_dv, kBlockM, qtile.do_rows, a_buf, dv_rows, p.Dv,
                       kMatrixUnits<T>);  // dV += Pᵀ dO (the 1 / (1 - p) of dropout applied once per key tile)
           if (fcap) {
             for (int64_t r = 0; r < N; ++r)
@@ -1484,10 +1650,10 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
               ds_row_bwd<T>(st.data() + r * kBlockM, dpt.data() + r * kBlockM, M, delta_h + i0, scale,
                             a_buf + r * kLowpLd, i0, tmp_f.data());
           }
-          gemm_seq<T>(N, p.D, i0, i1, st.data(), kBlockM, q_h, a_buf, dk_rows, p.D,
+          gemm_seq<T>(N, p.D, ia, ie, st.data(), kBlockM, qtile.q_rows, a_buf, dk_rows, p.D,
                       kMatrixUnits<T>);  // dK += dSᵀ Q
           A* dqT_t = dqT_tile(i0 / kBlockM) + i0 % kBlockM;  // [D, M], ld BLOCK_M
-          gemm_dqT<T>(p.D, M, r0, r1, i0 & 1, kT_h, st.data(), a_buf, b_lowp.data(), dqT_t,
+          gemm_dqT<T>(p.D, M, r0, r1, i0 & 1, kT_tile, st.data(), a_buf, b_lowp.data(), dqT_t,
                       kBlockM);  // dQᵀ += Kᵀ dSᵀ
         });
         if (md.dropout) scale_row(dv_acc.data(), n_keys * p.Dv, md.keep_scale);
@@ -1498,12 +1664,13 @@ void backward_kernel(const Problem& p, const T* q, const T* qT, const T* k, cons
       for (int64_t qt = qt0; qt < qt1; ++qt) {  // the owned tiles, transposed into dq [rows, D]
         if (dq_owner[qt] != c) continue;
         const int64_t rows = std::min(kBlockM, p.Nq - qt * kBlockM);
-        at::vec::transpose_mxn<A>(dq_own + (qt - own0) * p.D * kBlockM, kBlockM, dk_acc.data(), p.D,
-                                  static_cast<int>(p.D), static_cast<int>(rows));  // [rows, D] (dk_acc is free now)
+        transpose_block<A>(dq_own + (qt - own0) * p.D * kBlockM, kBlockM, dk_acc.data(), p.D, p.D,
+                           rows);  // [rows, D] (dk_acc is free now)
         store_grad(dk_acc.data(), dq_out, (bh * p.Nq + qt * kBlockM) * p.D, rows * p.D);
       }
     }
     trim_thread_buffer<A, 5>();
+    trim_thread_buffer<T, 3>();
     release_gemm<T>();
   });
 }
@@ -1870,16 +2037,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   at::Tensor qc = q.to(ot).contiguous(), kc = k.to(ot).contiguous(), vc = v.to(ot).contiguous();
   at::Tensor doc = dout.to(ot).contiguous();
   // Row operands of dK += dSᵀ Q and dV += Pᵀ dO: VNNI pairs of query rows on the matrix units.
-  at::Tensor q_rows = mu ? common::vnni_rows(qc) : qc;
-  at::Tensor do_rows = mu ? common::vnni_rows(doc) : doc;
-  at::Tensor qT = mu ? common::vnni_transposed_tiles(qc, kBlockM) : pack_transposed(qc, kBlockM);     // [B, Hq, nQt, D, BLOCK_M]
-  at::Tensor doT = mu ? common::vnni_transposed_tiles(doc, kBlockM) : pack_transposed(doc, kBlockM);  // [B, Hq, nQt, Dv, BLOCK_M]
+  const bool in_task = packs_in_task(p);
+  at::Tensor q_rows = mu && !in_task ? common::vnni_rows(qc) : qc;
+  at::Tensor do_rows = mu && !in_task ? common::vnni_rows(doc) : doc;
+  // [B, Hq, nQt, D, BLOCK_M], [B, Hq, nQt, Dv, BLOCK_M] and kT below: undefined when the kernel packs
+  // them itself (packs_in_task).
+  at::Tensor qT, doT, kT;
+  if (!in_task) {
+    qT = mu ? common::vnni_transposed_tiles(qc, kBlockM) : pack_transposed(qc, kBlockM);
+    doT = mu ? common::vnni_transposed_tiles(doc, kBlockM) : pack_transposed(doc, kBlockM);
+  }
   // [B, Hk, nKt, D, BLOCK_N], plain: dQᵀ's A operand. In float its GEMM reads only the tile's real
   // keys (K = j1 - j0, gemm_dqT), so the tail past Nk is left unwritten: at Nk = 16 zeroing it was
   // 240 of each head's 256 columns, ~half the C++ backward's time (perf, B1 H8 D64, 1 thread). The
   // matrix units' pair-aligned K may read one column past Nk: that path keeps the zeros.
-  at::Tensor kT = kc.scalar_type() == at::kFloat ? common::transposed_tiles_f32(kc, kBlockN, /*zero_tail=*/false)
-                                                 : pack_transposed(kc, kBlockN);
+  if (!in_task)
+    kT = kc.scalar_type() == at::kFloat ? common::transposed_tiles_f32(kc, kBlockN, /*zero_tail=*/false)
+                                        : pack_transposed(kc, kBlockN);
   const auto acc_opts = q.options().dtype(ct);
   const auto grad_opts = q.options();  // dq, dk, dv in the input dtype (store_grad rounds them)
   at::Tensor dq = at::empty({p.B, p.Hq, p.Nq, p.D}, grad_opts), dk = at::empty({p.B, p.Hk, p.Nk, p.D}, grad_opts),
@@ -1944,9 +2118,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
       at::Tensor dk_part = p.group > 1 ? at::empty({p.B, p.Hq, p.Nk, p.D}, acc_opts) : dk;
       at::Tensor dv_part = p.group > 1 ? at::empty({p.B, p.Hq, p.Nk, p.Dv}, acc_opts) : dv;
       auto grad_out = [](at::Tensor& t) { return GradOut{t.data_ptr(), t.scalar_type()}; };
-      backward_kernel<scalar_t>(p, q_rows.data_ptr<scalar_t>(), qT.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(),
-                                kT.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(), do_rows.data_ptr<scalar_t>(),
-                                doT.data_ptr<scalar_t>(), lu, dl, A(scale), n_chunks, dq_tiles, dq_owner,
+      auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
+      backward_kernel<scalar_t>(p, q_rows.data_ptr<scalar_t>(), ptr(qT), kc.data_ptr<scalar_t>(), ptr(kT),
+                                vc.data_ptr<scalar_t>(), do_rows.data_ptr<scalar_t>(), ptr(doT), lu, dl, A(scale),
+                                n_chunks, dq_tiles, dq_owner,
                                 dqT_part.data_ptr<A>(), grad_out(dq), grad_out(dk_part), grad_out(dv_part), md);
       gather_dq<A>(p, dqT_part.data_ptr<A>(), n_chunks, dq_tiles, dq_owner, grad_out(dq));
       if (p.group > 1) {
