@@ -192,10 +192,62 @@ __attribute__((target("avx512bf16"))) inline void round_pair_bf16(const float* r
 }
 #endif
 
+#ifdef ATTNKERNELS_NATIVE_BF16
+// The triangular products on vdpbf16ps (no AMX): C[m, n] (+)= A16[m, 2·pairs] · B (VNNI words
+// (p, j) at B[p·ldb + j]) in row blocks of R rows, each block skipping what a triangle leaves
+// out, as register_gemm does in fp32: a_tri Lower (A[i, p] = 0 for p > i) ends its k range at
+// its last row, Upper (0 for p < i) starts it at its first; c_tri Lower computes only the
+// column blocks that reach its diagonal (the caller masks the rest of C's zero triangle).
+template <int R>
+void dp_tri_rows(int64_t i0, int64_t n, int64_t pairs, const at::BFloat16* A, int64_t lda, const uint32_t* B,
+                 int64_t ldb, float* C, int64_t ldc, bool accumulate, Tri a_tri, Tri c_tri) {
+  int64_t p0 = 0, p1 = pairs;
+  if (a_tri == Tri::Lower) p1 = std::min(pairs, (i0 + R + 1) / 2);
+  if (a_tri == Tri::Upper) p0 = std::min(pairs, i0 / 2);
+  const int64_t cols = c_tri == Tri::Lower ? std::min(n, i0 + R) : n;  // columns j <= the block's last row
+  const at::BFloat16* Ai = A + i0 * lda + 2 * p0;
+  const uint32_t* Bp = B + p0 * ldb;
+  float* Ci = C + i0 * ldc;
+  int64_t j = 0;
+  for (; j < cols && j + 32 <= n; j += 32)
+    common::dpbf16_tile<R, 2, false>(p1 - p0, Ai, lda, Bp + j, ldb, Ci + j, ldc, accumulate, 0);
+  for (; j < cols && j + 16 <= n; j += 16)
+    common::dpbf16_tile<R, 1, false>(p1 - p0, Ai, lda, Bp + j, ldb, Ci + j, ldc, accumulate, 0);
+  if (j < cols)
+    common::dpbf16_tile<R, 1, true>(p1 - p0, Ai, lda, Bp + j, ldb, Ci + j, ldc, accumulate,
+                                    static_cast<__mmask16>((1u << (n - j)) - 1));
+}
+
+inline void dp_tri_gemm(int64_t m, int64_t n, int64_t ke, const at::BFloat16* A, int64_t lda, const at::BFloat16* B,
+                        int64_t ldb, float* C, int64_t ldc, bool accumulate, Tri a_tri, Tri c_tri) {
+  constexpr int64_t R = common::kDpRows;
+  const uint32_t* Bw = reinterpret_cast<const uint32_t*>(B);
+  const int64_t pairs = ke / 2;
+  int64_t i = 0;
+  for (; i + R <= m; i += R) dp_tri_rows<R>(i, n, pairs, A, lda, Bw, ldb, C, ldc, accumulate, a_tri, c_tri);
+  switch (m - i) {
+    case 11: return dp_tri_rows<11>(i, n, pairs, A, lda, Bw, ldb, C, ldc, accumulate, a_tri, c_tri);
+    case 10: return dp_tri_rows<10>(i, n, pairs, A, lda, Bw, ldb, C, ldc, accumulate, a_tri, c_tri);
+    case 9: return dp_tri_rows<9>(i, n, pairs, A, lda, Bw, ldb, C, ldc, accumulate, a_tri, c_tri);
+    case 8: return dp_tri_rows<8>(i, n, pairs, A, lda, Bw, ldb, C, ldc, accumulate, a_tri, c_tri);
+    case 7: return dp_tri_rows<7>(i, n, pairs, A, lda, Bw, ldb, C, ldc, accumulate, a_tri, c_tri);
+    case 6: return dp_tri_rows<6>(i, n, pairs, A, lda, Bw, ldb, C, ldc, accumulate, a_tri, c_tri);
+    case 5: return dp_tri_rows<5>(i, n, pairs, A, lda, Bw, ldb, C, ldc, accumulate, a_tri, c_tri);
+    case 4: return dp_tri_rows<4>(i, n, pairs, A, lda, Bw, ldb, C, ldc, accumulate, a_tri, c_tri);
+    case 3: return dp_tri_rows<3>(i, n, pairs, A, lda, Bw, ldb, C, ldc, accumulate, a_tri, c_tri);
+    case 2: return dp_tri_rows<2>(i, n, pairs, A, lda, Bw, ldb, C, ldc, accumulate, a_tri, c_tri);
+    case 1: return dp_tri_rows<1>(i, n, pairs, A, lda, Bw, ldb, C, ldc, accumulate, a_tri, c_tri);
+    default: return;
+  }
+  static_assert(common::kDpRows == 12, "the switch above covers 1 .. kDpRows - 1 rows");
+}
+#endif
+
 // ---------------------------------------------------------------------------
-// bf16 inputs on the matrix units (AMX): the same products with their fp32 operands
-// rounded to bf16 per call (A row-major, B into the VNNI pairs the tile unit reads),
-// fp32 accumulation, through common::vnni_gemm. The kernels keep every operand, the
+// bf16 inputs on the matrix units (AMX, or AVX512-BF16's vdpbf16ps without it): the same
+// products with their fp32 operands rounded to bf16 per call (A row-major, B into the VNNI
+// pairs the tile unit reads), fp32 accumulation, through common::vnni_gemm (dp_tri_gemm for
+// the triangular products on vdpbf16ps). The kernels keep every operand, the
 // state S', dS' and every sum in fp32 (one template for all dtypes): only the dot's
 // inputs are rounded, as FlashAttention rounds P for its PV product. At these chunk
 // shapes (64 x 64..80 x 64) the roundings, not the tile unit's product, are the cost
@@ -207,7 +259,7 @@ __attribute__((target("avx512bf16"))) inline void round_pair_bf16(const float* r
 // (z = Σ φ(k) grows with N), so fp16 keeps the fp32 products (as FAVOR+ does).
 template <typename T16>
 void mx_gemm(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-             int64_t ldc, bool accumulate) {
+             int64_t ldc, bool accumulate, Tri a_tri = Tri::None, Tri c_tri = Tri::None) {
   if (m == 0 || n == 0) return;
   if (k == 0) {
     if (!accumulate)
@@ -228,6 +280,8 @@ void mx_gemm(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const
       }
       for (int64_t p = 0; p < ke / 2; ++p)
         round_pair_bf16(B + 2 * p * ldb, 2 * p + 1 < k ? B + (2 * p + 1) * ldb : nullptr, n, b16.data() + 2 * p * n);
+      if ((a_tri != Tri::None || c_tri != Tri::None) && !common::tile_units_present(at::kBFloat16))
+        return dp_tri_gemm(m, n, ke, a16.data(), ke, b16.data(), n, C, ldc, accumulate, a_tri, c_tri);
       return common::vnni_gemm(m, n, ke, a16.data(), ke, b16.data(), n, C, ldc, accumulate);
     }
   }
@@ -255,14 +309,14 @@ void mx_gemm(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const
 }
 
 // gemm / add_product of the non-FAVOR kernels: on the matrix units when mx (bf16 inputs,
-// float accumulation type, AMX available); the triangular hints are then unused (the
-// tile unit computes the whole product; the zero triangle's operands are zeros, and the
-// callers mask C's).
+// float accumulation type, AMX or AVX512-BF16 available). On AMX the triangular hints are
+// unused (the tile unit computes the whole product; the zero triangle's operands are zeros,
+// and the callers mask C's); on vdpbf16ps dp_tri_gemm skips the triangles as register_gemm.
 template <typename T>
 inline void gemm(bool mx, int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
                  int64_t ldc, bool accumulate, Tri a_tri = Tri::None, Tri c_tri = Tri::None) {
   if constexpr (std::is_same_v<T, float>)
-    if (mx) return mx_gemm<at::BFloat16>(m, n, k, A, lda, B, ldb, C, ldc, accumulate);
+    if (mx) return mx_gemm<at::BFloat16>(m, n, k, A, lda, B, ldb, C, ldc, accumulate, a_tri, c_tri);
   gemm(m, n, k, A, lda, B, ldb, C, ldc, accumulate, a_tri, c_tri);
 }
 
@@ -330,15 +384,43 @@ void apply_phi(FeatureMap f, const T* x, T* out, int64_t n, T mult) {
   for (; c < n; ++c) out[c] = phi(f, mult * x[c]);
 }
 
+// out[0, n) = φ(mult · x[0, n)) of a 16-bit row widened in registers: one pass, where widening
+// into out and mapping it in place stored and reloaded every feature (load_features of bf16 rows:
+// cvt_row + apply_phi, ~8% of a bf16 causal fwd+bwd, perf, N = 1024, D = 64).
+template <typename S>
+void apply_phi_widen(FeatureMap f, const S* x, float* out, int64_t n, float mult) {
+  using Vec = at::vec::Vectorized<float>;
+  using hVec = at::vec::Vectorized<S>;
+  constexpr int64_t W = Vec::size();
+  const Vec m(mult), one(1.f), zero(0.f);
+  const auto map = [&](Vec v) {
+    v = v * m;
+    return f == FeatureMap::Elu ? Vec::blendv(common::vexp(v), v + one, v > zero)
+           : f == FeatureMap::Relu ? at::vec::maximum(v, zero) : v;
+  };
+  int64_t c = 0;
+  for (; c + 2 * W <= n; c += 2 * W) {
+    const auto [lo, hi] = at::vec::convert_to_float<S>(hVec::loadu(x + c));
+    map(lo).store(out + c);
+    map(hi).store(out + c + W);
+  }
+  for (; c < n; c += W) {
+    const int64_t r = std::min<int64_t>(W, n - c);
+    map(std::get<0>(at::vec::convert_to_float<S>(hVec::loadu(x + c, r)))).store(out + c, r);
+  }
+}
+
 // Features of rows [0, L) of src ([*, D], row stride D) into dst [kChunk, MP]:
 // dst = φ(mult · src), zero in the padding rows and columns (φ(0) may be 1, so
-// the padding is written explicitly, never mapped). 16-bit rows are widened by cvt_row.
+// the padding is written explicitly, never mapped). 16-bit rows are widened in apply_phi_widen.
 template <typename scalar_t, typename acc_t>
 void load_features(const scalar_t* src, int64_t L, const Dims& d, acc_t mult, FeatureMap f, acc_t* dst) {
   for (int64_t i = 0; i < L; ++i) {
     acc_t* o = dst + i * d.MP;
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       apply_phi(f, src + i * d.D, o, d.D, mult);  // read where it is: no copy pass
+    } else if constexpr (std::is_same_v<acc_t, float> && c10::is_reduced_floating_point_v<scalar_t>) {
+      apply_phi_widen(f, src + i * d.D, o, d.D, mult);
     } else {
       cvt_row(src + i * d.D, o, d.D);
       apply_phi(f, static_cast<const acc_t*>(o), o, d.D, mult);
@@ -438,7 +520,7 @@ struct Args {
   FeatureMap f;
   bool normalize;
   acc_t eps, scale;
-  bool mx = false;  // bf16 products on the matrix units (mx_gemm)
+  bool mx = false;  // bf16 products on the matrix units or vdpbf16ps (mx_gemm)
   const scalar_t* q_head(const Dims& d, int64_t b, int64_t h, int64_t t) const { return q + ((b * d.Hq + h) * d.Nq + t) * d.D; }
   const scalar_t* k_head(const Dims& d, int64_t b, int64_t g, int64_t t) const { return k + ((b * d.Hk + g) * d.Nk + t) * d.D; }
   const scalar_t* v_head(const Dims& d, int64_t b, int64_t g, int64_t t) const { return v + ((b * d.Hk + g) * d.Nk + t) * d.Dv; }
@@ -752,11 +834,11 @@ void backward_causal(const Dims& d0, const Args<scalar_t, acc_t>& a, const scala
           const acc_t* dN = dN_all + slot * C * d.DvP;
           const acc_t* Ak = A_all + slot * C * C;
           const acc_t* P2k = P2_all + slot * C * C;
-          if (a.mx) {  // the tile unit reads A row-major: the transposes, into the free P
+          if (a.mx) {  // mx_gemm reads A row-major: the transposes, into the free P (Upper: their zeros)
             transpose(L, L, P2k, C, w.P.data(), C);
-            gemm(a.mx, L, d.MP, L, w.P.data(), C, Qc, d.MP, w.dK.data(), d.MP, hh > 0);   // P2ᵀ Q̃
+            gemm(a.mx, L, d.MP, L, w.P.data(), C, Qc, d.MP, w.dK.data(), d.MP, hh > 0, Tri::Upper);   // P2ᵀ Q̃
             transpose(L, L, Ak, C, w.P.data(), C);
-            gemm(a.mx, L, d.DvP, L, w.P.data(), C, dN, d.DvP, w.dV.data(), d.DvP, hh > 0);  // Aᵀ dnum
+            gemm(a.mx, L, d.DvP, L, w.P.data(), C, dN, d.DvP, w.dV.data(), d.DvP, hh > 0, Tri::Upper);  // Aᵀ dnum
           } else {  // the triangles read transposed where pass 1 left them
             common::register_gemm_at<acc_t>(L, d.MP, L, P2k, C, Qc, d.MP, w.dK.data(), d.MP, hh > 0, Tri::Upper);   // P2ᵀ Q̃
             common::register_gemm_at<acc_t>(L, d.DvP, L, Ak, C, dN, d.DvP, w.dV.data(), d.DvP, hh > 0, Tri::Upper);  // Aᵀ dnum
@@ -1858,11 +1940,14 @@ Args<scalar_t, acc_t> make_args(const at::Tensor& q, const at::Tensor& k, const 
   Args<scalar_t, acc_t> a{q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
                           s0.defined() ? s0.data_ptr<acc_t>() : nullptr, z0.defined() ? z0.data_ptr<acc_t>() : nullptr,
                           f, normalize, static_cast<acc_t>(eps), static_cast<acc_t>(scale)};
-  // The tile units only: on AVX512-BF16's vdpbf16ps (no AMX) the per-product operand roundings
-  // cost what the faster products save (measured on an AMD EPYC, family 26, 1 thread, B1 H8 N1024
-  // D64 bf16, against the fp32 products: causal fwd 1.05x, fwd+bwd 0.94x; non-causal 1.01x /
-  // 1.11x), so there bf16 keeps the fp32 products. FAVOR+'s larger products do gain there.
-  a.mx = std::is_same_v<scalar_t, at::BFloat16> && common::tile_units_available(q.scalar_type());
+  // bf16 products on the tile units (AMX) or, without them, on AVX512-BF16's vdpbf16ps with the
+  // triangular products' zero triangles skipped (dp_tri_gemm). Measured on an AMD EPYC (family
+  // 26, no AMX, loaded host), 1 thread, B1 H8 D64 bf16, interleaved against the fp32 products:
+  // causal N1024 fwd 1.23x, fwd+bwd 1.15-1.18x (N4096 1.11x); non-causal N1024 fwd+bwd 1.16-1.26x.
+  // (Session 7, with every triangular product computed whole, the causal fwd+bwd ran 0.94x, so
+  // bf16 kept the fp32 products there.) ATTNKERNELS_CPU_NO_AMX turns it off (the fp32 products on
+  // the widened inputs).
+  a.mx = std::is_same_v<scalar_t, at::BFloat16> && common::matrix_units_available(q.scalar_type());
   return a;
 }
 
