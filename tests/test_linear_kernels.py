@@ -260,8 +260,9 @@ def test_cpu_causal_backward_head_dims(case, dtype):
     _compare("cpu", q, k, v, dtype, causal=causal, normalize=True, initial_state=make_state(b, hk, d, dv), eps=1e-3)
 
 
-# --- bf16 on the matrix units (AMX: csrc/linear.cpp mx_gemm rounds each product's operands to
-# bf16, fp32 accumulation and state) and forced onto the fp32 products (ATTNKERNELS_CPU_NO_AMX=1),
+# --- bf16 on the matrix units (AMX tiles, or vdpbf16ps on AVX512-BF16 without AMX: csrc/linear.cpp
+# mx_gemm rounds each product's operands to bf16, fp32 accumulation and state; the triangular
+# intra-chunk products skip their zero halves) and forced onto the fp32 products (ATTNKERNELS_CPU_NO_AMX=1),
 # both within FlashAttention's rule: odd N and N not a multiple of the 64-row chunk, GQA / MQA,
 # odd D and Dv (an odd GEMM K gets a zero VNNI pad), Nq != Nk, a carried state, key padding.
 MX_CASES = [
