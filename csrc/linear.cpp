@@ -1942,7 +1942,7 @@ Args<scalar_t, acc_t> make_args(const at::Tensor& q, const at::Tensor& k, const 
                           f, normalize, static_cast<acc_t>(eps), static_cast<acc_t>(scale)};
   // bf16 products on the tile units (AMX) or, without them, on AVX512-BF16's vdpbf16ps with the
   // triangular products' zero triangles skipped (dp_tri_gemm). Measured on an AMD EPYC (family
-  // 26, no AMX, loaded host), 1 thread, B1 H8 D64 bf16, interleaved against the fp32 products:
+  // 25 model 17, Zen 4, no AMX, loaded host), 1 thread, B1 H8 D64 bf16, interleaved against the fp32 products:
   // causal N1024 fwd 1.23x, fwd+bwd 1.15-1.18x (N4096 1.11x); non-causal N1024 fwd+bwd 1.16-1.26x.
   // (Session 7, with every triangular product computed whole, the causal fwd+bwd ran 0.94x, so
   // bf16 kept the fp32 products there.) ATTNKERNELS_CPU_NO_AMX turns it off (the fp32 products on

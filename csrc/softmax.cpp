@@ -1282,8 +1282,8 @@ void forward_kernel(const Problem& p, const T* q, const T* kv_k, const T* kv_v, 
 // float32 window 1.03, 1.01 (two runs), BigBird 0.98, 0.96: no gain shown; bf16 on the 16-bit
 // path (AVX512-BF16) window 1.06, BigBird 1.02, N = 2048 w = 128 1.07. Session 8: under a bounded
 // window the operands are packed in the tasks (packs_in_task) with a register 16 x 16 transpose;
-// the same bits. Measured (backward time main / this, interleaved, loaded host: bf16 torch.mm
-// ~175 of ~340 GFLOP/s quiet): float32 window (256, 256) N = 4096 1.07 [IQR 1.03, 1.11] and 1.04
+// the same bits. Measured on an AMD EPYC family 25 model 17 (Zen 4; backward time main / this,
+// interleaved; bf16 torch.mm ~190 GFLOP/s, this CPU's rate): float32 window (256, 256) N = 4096 1.07 [IQR 1.03, 1.11] and 1.04
 // [1.01, 1.07] (two runs), N = 2048 / 1024 w = 128 1.13 / 1.05; bf16 N = 4096 1.01 [0.95, 1.13],
 // N = 2048 w = 128 1.07; float32 bwd / fwd 2.2-2.4 after (2.4-2.5 before). perf after, float32: ~80%
 // in the GEMMs, ~8% in the P / dS rows and masks, ~3% in the transposes. Left: for the 16-bit
