@@ -55,6 +55,13 @@ def load(capability: str | None = None) -> CpuKernels:
     for cap in candidates:
         if cap not in _MODULE_BY_CAPABILITY:
             raise ValueError(f"ATTNKERNELS_CPU_CAPABILITY={cap!r}: expected one of {list(_MODULE_BY_CAPABILITY)}")
+        if cap not in _cpu_supported():
+            # Importing a build compiled for instructions this CPU lacks dies with SIGILL in its
+            # static initialisers, before any Python error could be raised: refuse first.
+            raise ValueError(
+                f"ATTNKERNELS_CPU_CAPABILITY={cap!r}: this CPU (torch CPU capability "
+                f"{torch.backends.cpu.get_cpu_capability()}) runs only {_cpu_supported()}"
+            )
         try:
             module = importlib.import_module(f"attnkernels.{_MODULE_BY_CAPABILITY[cap]}")
         except ImportError as exc:
