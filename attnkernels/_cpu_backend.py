@@ -4,7 +4,8 @@ setup.py builds `attnkernels._C` (portable), `_C_avx2` and `_C_avx512`; each
 registers its ops under `torch.ops.attnkernels_cpu_<capability>`. We pick the
 best one that both the CPU (as torch reports it) and the build support.
 `ATTNKERNELS_CPU_CAPABILITY=default|avx2|avx512` forces one (tests use it to
-check that every variant gives the same answers).
+check that every variant gives the same answers); one this CPU cannot run is
+refused with a ValueError naming it, never imported.
 """
 from __future__ import annotations
 

@@ -7,11 +7,10 @@
 //     block of R = (Hq / Hk) · Nq rows that meets each K/V row together (a kernel per
 //     query head would stream the cache Hq / Hk times);
 //   * split-KV: the key range of each (batch, kv head) is cut into chunks, one task
-//     per (b, kv head, chunk); the calling thread and torch.get_num_threads() - 1
-//     helpers from ATen's inter-op pool pull tasks from a counter, and the caller waits
-//     only for tasks a helper has taken (see run_shared: measured on this 2-core host,
-//     shared with other processes, an OpenMP team's join made 2-thread decode steps
-//     3-5x slower than this). Each task keeps the
+//     per (b, kv head, chunk); the threads of torch's OpenMP team pull tasks from a
+//     counter (ATTNKERNELS_CPU_DECODE_HELPERS=interop: the caller and helpers from ATen's
+//     inter-op pool instead, the caller waiting only for tasks a helper has taken; see
+//     run_shared for which wins where). Each task keeps the
 //     online-softmax state (row max m, row sum l, unnormalised output acc) of its R rows
 //     and writes it as a partial; the chunk of a (b, kv head) that finishes last merges
 //     its partials by LSE in chunk order. The chunking depends only on the shapes (never
@@ -79,9 +78,11 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <memory>
 #include <optional>
+#include <string>
 #include <thread>
 #include <tuple>
 #include <type_traits>
@@ -678,9 +679,9 @@ void merge_chunks(const Decode& p, int64_t bh, const acc_type<T>* part_ml, const
   }
 }
 
-// A shared task counter for one call. Threads take tasks until none is left; the caller
-// waits only for tasks already taken (`finish` counts them), never for a helper that has
-// not started: on a host whose cores are oversubscribed, an OpenMP team's join waits for
+// A shared task counter for one call. Threads take tasks until none is left; with the
+// inter-op helpers the caller waits only for tasks already taken (`finish` counts them),
+// never for a helper that has not started: on a host whose cores are oversubscribed, an OpenMP team's join waits for
 // a descheduled thread (measured interleaved, 2 threads, B=1, Nk=4096: 7.4 ms with
 // at::parallel_for against 2.0 ms this way, 1.7 ms on one thread); here the caller
 // simply does the work itself. Every task owns its outputs: the same bits either way.
@@ -692,7 +693,7 @@ void merge_chunks(const Decode& p, int64_t bh, const acc_type<T>* part_ml, const
 // all 64): what scales is whether the second core is free, not the cache layout. The OpenMP team
 // (at::parallel_for over the same queue) instead of at::launch, interleaved in the same rounds: 0.45x /
 // 0.16x fp32, 0.25x / 0.27x bf16 (contiguous / pages of 64; its join waits ~17 ms for a worker that is not
-// scheduled). Not kept.
+// scheduled). Not kept then; session 9 measured the team faster (run_shared).
 struct TaskQueue {
   explicit TaskQueue(int64_t n) : total(n) {}
   int64_t take() {
@@ -705,11 +706,38 @@ struct TaskQueue {
   std::atomic<bool> failed{false};
 };
 
-// Runs work_on() on the calling thread and on workers - 1 helpers of ATen's inter-op pool
-// (at::launch). A helper that starts after the queue is empty returns at once without
-// touching anything but the queue (which it keeps alive), so the call may return before it.
+// Runs work_on() on `workers` threads. By default the threads of torch's OpenMP team
+// (at::parallel_for, one work_on() per thread; its join waits for all of them). Session 9, on an
+// AMD EPYC of family 25 model 1 (Zen 3, AVX2), 2 threads, Hq=32, Hk=8, D=128, each call followed by
+// SDPA, a copy of K and a 1024³ matmul as the benchmark report runs them (A/B in the same rounds):
+// the team 1.43-1.53x faster than the inter-op helpers at B=1 Nk=4096 fp32 (6.4-6.8 ms against
+// 9.9; one thread 11.1 ms), 1.74x in bf16, 1.06x at B=8, 1.13x at Nk=32768. The team's threads are
+// the ones every other torch op of a decode loop runs on, still spinning from the last op when the
+// step starts, where an inter-op helper first waits to be scheduled (above: it often starts after
+// the caller has taken every task). On a host oversubscribed by other processes the session-7
+// measurement above went the other way, so ATTNKERNELS_CPU_DECODE_HELPERS=interop (read at every
+// call) keeps the other way: work_on() on the calling thread and on workers - 1 helpers of ATen's
+// inter-op pool (at::launch); a helper that starts after the queue is empty returns at once without
+// touching anything but the queue (which it keeps alive), so the call may return before it. Both
+// give the same bits: every task owns its outputs.
+inline bool interop_helpers() {
+  const char* env = std::getenv("ATTNKERNELS_CPU_DECODE_HELPERS");
+  if (env == nullptr || *env == 0 || std::string(env) == "openmp") return false;
+  TORCH_CHECK(std::string(env) == "interop", "ATTNKERNELS_CPU_DECODE_HELPERS=", env,
+              ": expected 'openmp' (the default) or 'interop'");
+  return true;
+}
+
 template <typename F>
 void run_shared(const std::shared_ptr<TaskQueue>& queue, int64_t workers, const F& work_on) {
+  if (workers > 1 && !interop_helpers()) {
+    // A thread whose work_on() throws leaves its one task unfinished; the others drain the
+    // queue, the join waits for them, and parallel_for rethrows.
+    at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) work_on();
+    });
+    return;
+  }
   for (int64_t w = 1; w < workers; ++w)
     at::launch([queue, work_on] {
       try {

@@ -238,8 +238,11 @@ def test_plan_depends_on_shapes_only():
     assert lo == 32768 - 4 - 1000 and chunk * n_chunks >= 1004
 
 
+@pytest.mark.parametrize("helpers", ["openmp", "interop"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
-def test_bitwise_equal_across_thread_counts(dtype):
+def test_bitwise_equal_across_thread_counts(dtype, helpers, monkeypatch):
+    # helpers: the threads that pull split-KV tasks (ATTNKERNELS_CPU_DECODE_HELPERS, read per call)
+    monkeypatch.setenv("ATTNKERNELS_CPU_DECODE_HELPERS", helpers)
     shape = (1, 8, 2, 3, 9000, 64, 64)  # several chunks per kv head
     assert ops().attention_decode_plan(1, 2, 3, 9000, -1, -1)[2] > 1
     q, k, v = make_inputs(shape, dtype)
@@ -254,6 +257,18 @@ def test_bitwise_equal_across_thread_counts(dtype):
             second = run_op(q, k, v, window, mask)
             for a, b, c in zip(single, first, second):
                 assert torch.equal(a, b) and torch.equal(b, c)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_unknown_decode_helpers_value_is_refused(monkeypatch):
+    q, k, v = make_inputs((1, 8, 2, 1, 9000, 64, 64), torch.float32)
+    monkeypatch.setenv("ATTNKERNELS_CPU_DECODE_HELPERS", "fibers")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # the variable is read where a call splits across threads
+        with pytest.raises(RuntimeError, match="ATTNKERNELS_CPU_DECODE_HELPERS=fibers: expected 'openmp'"):
+            run_op(q, k, v, DENSE, None)
     finally:
         torch.set_num_threads(threads)
 
