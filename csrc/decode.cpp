@@ -681,8 +681,8 @@ void merge_chunks(const Decode& p, int64_t bh, const acc_type<T>* part_ml, const
 
 // A shared task counter for one call. Threads take tasks until none is left; with the
 // inter-op helpers the caller waits only for tasks already taken (`finish` counts them),
-// never for a helper that has not started: on a host whose cores are oversubscribed, an OpenMP team's join waits for
-// a descheduled thread (measured interleaved, 2 threads, B=1, Nk=4096: 7.4 ms with
+// never for a helper that has not started: on a host whose cores are oversubscribed, an
+// OpenMP team's join waits for a descheduled thread (measured interleaved, 2 threads, B=1, Nk=4096: 7.4 ms with
 // at::parallel_for against 2.0 ms this way, 1.7 ms on one thread); here the caller
 // simply does the work itself. Every task owns its outputs: the same bits either way.
 // Re-checked in session 7 (issue 14: paged caches seemed not to scale to 2 threads), same Zen 5 host as the
