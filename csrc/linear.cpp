@@ -1091,6 +1091,21 @@ struct FavorScratch {
   }
 };
 
+// The shift step alone: c <- max(c, cand[0, L)) (NaN kept); returns e^(c_old - c_new).
+template <typename acc_t>
+acc_t favor_update_shift(acc_t& c, const acc_t* cand, int64_t L) {
+  acc_t cm = c;
+  for (int64_t j = 0; j < L; ++j) cm = common::max_keep_nan(cm, cand[j]);
+  acc_t rescale = 1;
+  if (cm > c) {
+    if (c != -std::numeric_limits<acc_t>::infinity()) rescale = std::exp(c - cm);
+    c = cm;
+  } else if (std::isnan(cm)) {
+    c = cm;
+  }
+  return rescale;
+}
+
 // One chunk's step of the key stabiliser: c <- max(c, cand[0, L)) (NaN kept), then the chunk's
 // features FTᵀ [MP, kChunk] <- exp(lᵀ - |x|²/2 - c - log √M) in place (columns past L and rows
 // past M zeroed). Returns the factor e^(c_old - c_new) the state so far is rescaled by (1 if
@@ -1102,15 +1117,7 @@ acc_t favor_key_features(acc_t& c, const acc_t* cand, const acc_t* hn, int64_t L
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
   constexpr int64_t C = kChunk;
-  acc_t cm = c;
-  for (int64_t j = 0; j < L; ++j) cm = common::max_keep_nan(cm, cand[j]);
-  acc_t rescale = 1;
-  if (cm > c) {
-    if (c != -std::numeric_limits<acc_t>::infinity()) rescale = std::exp(c - cm);
-    c = cm;
-  } else if (std::isnan(cm)) {
-    c = cm;
-  }
+  const acc_t rescale = favor_update_shift(c, cand, L);
   alignas(64) acc_t off[C];  // |x_j|²/2 + c, the same sum the loop below made per feature row
   for (int64_t j = 0; j < C; j += W) (Vec::loadu(hn + j) + Vec(c)).store(off + j);
   const Vec lr(fw.log_root);
@@ -1486,11 +1493,123 @@ void half_norms(const T* src, int64_t L, int64_t D, float root, float* hn, float
   }
 }
 
+#ifdef ATTNKERNELS_NATIVE_BF16
+// The exp and rounding passes of FAVOR+ for bf16 where the CPU has AVX512-BF16 (bf16_native_ok):
+// the exp by common::exp2_poly4 (max relative error 3.1e-6, the softmax kernels' bf16 P: the
+// features are rounded to bf16 GEMM operands, 2^-9, and their fp32 sums / the saved φ(q) carry
+// the 3.1e-6), the rounding by vcvtne2ps2bf16, one pass. With exp_u20 and at::vec's software
+// rounding (~10 ops per 16 values) the exp passes were 21% of a bf16 forward (perf, Zen 4); these
+// made it ~10% faster (B1 H8 N1024 D64 M256, 1 thread, Zen 5, process-alternating A/B).
+// exp(l - bias - ln(M)/2) = 2^(l·log2e - (bias + ln(M)/2)·log2e), the FMA of the softmax kernels.
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Lanes of the 16 columns from j that lie below n.
+inline __mmask16 lanes_below(int64_t j, int64_t n) {
+  return n - j >= 16 ? __mmask16(0xFFFF) : n <= j ? __mmask16(0) : __mmask16((1u << (n - j)) - 1);
+}
+
+// mx_row_features (below) on AVX512-BF16.
+__attribute__((target("avx512bf16"))) void mx_row_features_bf16(int64_t L, const FavorW<float>& fw, const float* key_bias,
+                                                                float* F, at::BFloat16* F16, const float* z, float* den) {
+  const __m512 va = _mm512_set1_ps(kLog2e);
+  for (int64_t i = 0; i < L; ++i) {
+    __m512 acc = _mm512_setzero_ps();
+    float* row = F + i * fw.MP;
+    at::BFloat16* row16 = F16 + i * fw.MP;
+    const float bias = key_bias == nullptr ? common::row_max(row, fw.M) : key_bias[i];
+    const __m512 vnb = _mm512_set1_ps(-(bias + fw.log_root) * kLog2e);
+    for (int64_t m = 0; m < fw.MP; m += 32) {  // MP is a multiple of 16; columns past M are zero
+      const __mmask16 k0 = lanes_below(m, fw.M), k1 = lanes_below(m + 16, fw.M);
+      const __m512 e0 = _mm512_maskz_mov_ps(k0, common::exp2_poly4(_mm512_fmadd_ps(_mm512_loadu_ps(row + m), va, vnb)));
+      _mm512_storeu_ps(row + m, e0);
+      if (z != nullptr) acc = _mm512_fmadd_ps(e0, _mm512_loadu_ps(z + m), acc);
+      if (m + 16 < fw.MP) {
+        const __m512 e1 =
+            _mm512_maskz_mov_ps(k1, common::exp2_poly4(_mm512_fmadd_ps(_mm512_loadu_ps(row + m + 16), va, vnb)));
+        _mm512_storeu_ps(row + m + 16, e1);
+        if (z != nullptr) acc = _mm512_fmadd_ps(e1, _mm512_loadu_ps(z + m + 16), acc);
+        _mm512_storeu_si512(reinterpret_cast<void*>(row16 + m), reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e1, e0)));
+      } else {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(row16 + m), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(e0)));
+      }
+    }
+    if (z != nullptr) den[i] = _mm512_reduce_add_ps(acc);
+  }
+  if (L & 1) {
+    std::fill(F + L * fw.MP, F + (L + 1) * fw.MP, 0.f);
+    std::fill(F16 + L * fw.MP, F16 + (L + 1) * fw.MP, at::BFloat16(0));
+  }
+}
+
+// favor_key_features' exp pass on AVX512-BF16 (after favor_update_shift), rounded straight into
+// F16T [MP, kChunk] (the fp32 φᵀ is not kept: the state reads only F16T and the sums): logits
+// lᵀ = FT [MP, kChunk], bias |x_j|²/2 + c with hn[j] = |x_j|²/2; zero past L and M; zsum[m] =
+// Σ_j φ_mj. The bias and exp arithmetic of mx_row_features_bf16, which the backward's φ(k) runs.
+__attribute__((target("avx512bf16"))) void mx_key_features_bf16(const float* hn, float c, int64_t L, const FavorW<float>& fw,
+                                                                const float* FT, at::BFloat16* F16T, float* zsum) {
+  constexpr int64_t C = kChunk;
+  static_assert(C % 32 == 0, "the chunk is a whole number of 32-value roundings");
+  const __m512 va = _mm512_set1_ps(kLog2e);
+  alignas(64) float nb[C];  // -(|x_j|²/2 + c + ln(M)/2)·log2e
+  for (int64_t j = 0; j < C; ++j) nb[j] = -((hn[j] + c) + fw.log_root) * kLog2e;
+  for (int64_t m = 0; m < fw.M; ++m) {
+    const float* row = FT + m * C;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t j = 0; j < C; j += 32) {
+      const __m512 e0 = _mm512_maskz_mov_ps(
+          lanes_below(j, L), common::exp2_poly4(_mm512_fmadd_ps(_mm512_loadu_ps(row + j), va, _mm512_load_ps(nb + j))));
+      const __m512 e1 = _mm512_maskz_mov_ps(lanes_below(j + 16, L),
+                                            common::exp2_poly4(_mm512_fmadd_ps(_mm512_loadu_ps(row + j + 16), va,
+                                                                               _mm512_load_ps(nb + j + 16))));
+      acc = _mm512_add_ps(_mm512_add_ps(acc, e0), e1);
+      _mm512_storeu_si512(reinterpret_cast<void*>(F16T + m * C + j), reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e1, e0)));
+    }
+    zsum[m] = _mm512_reduce_add_ps(acc);
+  }
+  std::fill(F16T + fw.M * C, F16T + fw.MP * C, at::BFloat16(0));
+  std::fill(zsum + fw.M, zsum + fw.MP, 0.f);
+}
+
+// store_rounded_row (below) on AVX512-BF16.
+template <typename DlAt>
+__attribute__((target("avx512bf16"))) float store_rounded_row_bf16(int64_t MP, const DlAt& dl_at, at::BFloat16* out) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t m = 0;
+  for (; m + 32 <= MP; m += 32) {
+    const __m512 a = dl_at(m), b = dl_at(m + 16);
+    acc = _mm512_add_ps(_mm512_add_ps(acc, a), b);
+    _mm512_storeu_si512(reinterpret_cast<void*>(out + m), reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a)));
+  }
+  if (m < MP) {
+    const __m512 a = dl_at(m);
+    acc = _mm512_add_ps(acc, a);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + m), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(a)));
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+#endif
+
+// dst[0, n) = src[0, n) rounded to T: vcvtne2ps2bf16 for bf16 where the CPU has it, else at::vec.
+template <typename T>
+inline void round_into(const float* src, T* dst, int64_t n) {
+#ifdef ATTNKERNELS_NATIVE_BF16
+  if constexpr (std::is_same_v<T, at::BFloat16>)
+    if (common::bf16_native_ok()) return round_row_bf16(src, n, dst);
+#endif
+  at::vec::convert(src, dst, n);
+}
+
 // φ rows from logits F [L, MP] (fp32, in place) with per-row bias b_i (queries: the row max,
 // keys: |x_i|²/2 + c); the rounded copy into F16 [L + L % 2, MP] made in the same pass; the
-// columns past M, and the row that pads an odd L to a VNNI pair, zero in both.
+// columns past M, and the row that pads an odd L to a VNNI pair, zero in both. With z [MP] given,
+// also den[i] = φ_i · z in fp32 (the forward's denominator, summed while the row is in registers).
 template <typename T>
-void mx_row_features(int64_t L, const FavorW<float>& fw, const float* key_bias, float* F, T* F16) {
+void mx_row_features(int64_t L, const FavorW<float>& fw, const float* key_bias, float* F, T* F16,
+                     const float* z = nullptr, float* den = nullptr) {
+#ifdef ATTNKERNELS_NATIVE_BF16
+  if constexpr (std::is_same_v<T, at::BFloat16>)
+    if (common::bf16_native_ok()) return mx_row_features_bf16(L, fw, key_bias, F, F16, z, den);
+#endif
   using Vec = at::vec::Vectorized<float>;
   constexpr int64_t W = Vec::size();
   const Vec lr(fw.log_root);
@@ -1510,6 +1629,7 @@ void mx_row_features(int64_t L, const FavorW<float>& fw, const float* key_bias, 
     std::fill(row + fw.M, row + fw.MP, 0.f);
     const int64_t done = fw.M / (2 * W) * (2 * W);
     at::vec::convert(row + done, row16 + done, fw.MP - done);
+    if (z != nullptr) den[i] = vdot(row, z, fw.MP);
   }
   if (L & 1) {
     std::fill(F + L * fw.MP, F + (L + 1) * fw.MP, 0.f);
@@ -1525,7 +1645,7 @@ void mx_store_output(float* num, int64_t L, const Dims& d, float eps, T* out) {
     float* n = num + i * d.DvP;
     const Vec inv(1.f / (n[d.Dv] + eps));
     for (int64_t c = 0; c < d.DvP; c += Vec::size()) (Vec::loadu(n + c) * inv).store(n + c);
-    at::vec::convert(n, out + i * d.Dv, d.Dv);
+    round_into(n, out + i * d.Dv, d.Dv);
   }
 }
 
@@ -1558,7 +1678,7 @@ float mx_favor_state(const Dims& d, const FavorW<float>& fw, const FavorMx<T>& m
     // kᵀ in VNNI: word (p, j) = k[j, 2p .. 2p + 1]  [D / 2, C, 2]
     // (a float transpose moves the 32-bit words without arithmetic: bit-exact)
     float* out = reinterpret_cast<float*>(x.XTv.data());
-    transpose(L, fw.D / 2, reinterpret_cast<const float*>(src), fw.D / 2, out, C);
+    favor_transpose_rows(reinterpret_cast<const float*>(src), L, fw.D / 2, out, C);
     if (L < C)
       for (int64_t p = 0; p < fw.D / 2; ++p) std::fill(out + p * C + L, out + (p + 1) * C, 0.f);
     float* FT = w.FT.data();
@@ -1578,8 +1698,17 @@ float mx_favor_state(const Dims& d, const FavorW<float>& fw, const FavorMx<T>& m
       }
       for (int64_t q = 0; q < NV; ++q) (mv[q] - Vec::loadu(w.hn.data() + q * W)).store(w.cand.data() + q * W);
     }
-    const float rescale = favor_key_features(c, w.cand.data(), w.hn.data(), L, fw, FT, w.zc.data());
-    at::vec::convert(FT, x.F16T.data(), fw.MP * C);
+    float rescale;
+#ifdef ATTNKERNELS_NATIVE_BF16
+    if (std::is_same_v<T, at::BFloat16> && common::bf16_native_ok()) {
+      rescale = favor_update_shift(c, w.cand.data(), L);
+      mx_key_features_bf16(w.hn.data(), c, L, fw, FT, reinterpret_cast<at::BFloat16*>(x.F16T.data()), w.zc.data());
+    } else
+#endif
+    {
+      rescale = favor_key_features(c, w.cand.data(), w.hn.data(), L, fw, FT, w.zc.data());
+      at::vec::convert(FT, x.F16T.data(), fw.MP * C);
+    }
     load_values16(v + t0 * d.Dv, L, d, x.V16.data());  // [C, DvP]
     const int64_t Le = L + (L & 1);
     interleave_vnni(x.V16.data(), Le, d.DvP, x.Vv.data());
@@ -1608,7 +1737,7 @@ void mx_favor_forward_impl(const Dims& d, const FavorW<float>& fw, const T* q, c
       const float* S = w.S.data();
       for (int64_t m = 0; m < fw.M; ++m)
         std::copy(S + m * d.DvP, S + m * d.DvP + d.Dv + 1, states + (bg * fw.M + m) * (d.Dv + 1));
-      at::vec::convert(S, x.dSv.data(), fw.MP * d.DvP);  // dSv is free in the forward
+      round_into(S, x.dSv.data(), fw.MP * d.DvP);  // dSv is free in the forward
       interleave_vnni(x.dSv.data(), fw.MP, d.DvP, x.Sv.data());
       float* z = w.z.data();  // the ones column of S' in fp32 [MP]
       for (int64_t m = 0; m < fw.MP; ++m) z[m] = S[m * d.DvP + d.Dv];
@@ -1621,13 +1750,13 @@ void mx_favor_forward_impl(const Dims& d, const FavorW<float>& fw, const T* q, c
           const T* qs = q + (bh * d.Nq + t0) * fw.D;
           float* F = w.F.data();  // [L, MP]
           common::vnni_gemm(L, fw.MP, fw.D, qs, fw.D, mx.WTv.data(), fw.MP, F, fw.MP, false);  // l [L, MP]
-          mx_row_features(L, fw, nullptr, F, x.F16.data());
+          mx_row_features(L, fw, nullptr, F, x.F16.data(), w.z.data(), w.den.data());
           if (feats != nullptr)  // MP == M (checked at entry)
             std::copy(F, F + L * fw.MP, feats + (bh * d.Nq + t0) * fw.M);
-          // num' [L, Dv] on the matrix units; the denominator φ·z as an fp32 dot on the row while
-          // it is in L1 (in the GEMM, z's 1-column tail strip cost as much as 16 value columns)
+          // num' [L, Dv] on the matrix units; the denominator φ·z from the exp pass, in fp32 (in the
+          // GEMM, z's 1-column tail strip cost as much as 16 value columns)
           common::vnni_gemm(L, d.Dv, fw.MP, x.F16.data(), fw.MP, x.Sv.data(), d.DvP, w.dN.data(), d.DvP, false);
-          for (int64_t i = 0; i < L; ++i) w.dN[i * d.DvP + d.Dv] = vdot(F + i * fw.MP, z, fw.MP);
+          for (int64_t i = 0; i < L; ++i) w.dN[i * d.DvP + d.Dv] = w.den[i];
           mx_store_output(w.dN.data(), L, d, eps, out + (bh * d.Nq + t0) * d.Dv);
         }
       }
@@ -1640,6 +1769,10 @@ void mx_favor_forward_impl(const Dims& d, const FavorW<float>& fw, const T* q, c
 // fp32 sum returned; dl_at(m) gives the fp32 vector at column m (MP a multiple of the width).
 template <typename T, typename DlAt>
 float store_rounded_row(int64_t MP, const DlAt& dl_at, T* out) {
+#ifdef ATTNKERNELS_NATIVE_BF16
+  if constexpr (std::is_same_v<T, at::BFloat16>)
+    if (common::bf16_native_ok()) return store_rounded_row_bf16(MP, dl_at, out);
+#endif
   using Vec = at::vec::Vectorized<float>;
   constexpr int64_t W = Vec::size();
   Vec acc(0.f);
@@ -1667,7 +1800,7 @@ void mx_input_grad(const T* dl16, const float* rs, const T* src, int64_t L, cons
     const float a = fw.root, b = fw.root * fw.root * rs[i];
     for (int64_t e = 0; e < fw.D; ++e) dX[i * fw.D + e] = a * dX[i * fw.D + e] - b * xs[i * fw.D + e];
   }
-  at::vec::convert(dX, dx, L * fw.D);
+  round_into(dX, dx, L * fw.D);
 }
 
 // The same passes as favor_backward on the matrix units: dS'ᵀ += dN'ᵀ φ(q) with dN'ᵀ [Dv + 1, C]
@@ -1702,19 +1835,20 @@ void mx_favor_backward_impl(const Dims& d, const FavorW<float>& fw, const T* dou
         for (int64_t t0 = 0; t0 < d.Nq; t0 += C) {
           const int64_t L = std::min(C, d.Nq - t0);
           const int64_t row = bh * d.Nq + t0;
-          if (feats != nullptr) {  // the forward's φ(q) rows (MP == M), rounded here as mx_row_features does
-            std::copy(feats + row * fw.MP, feats + (row + L) * fw.MP, w.F.data());
-            at::vec::convert(w.F.data(), x.F16.data(), L * fw.MP);
+          const float* Fq = w.F.data();  // φ(q) [L, MP]
+          if (feats != nullptr) {  // the forward's φ(q) rows (MP == M), read in place, rounded as mx_row_features does
+            Fq = feats + row * fw.MP;
+            round_into(Fq, x.F16.data(), L * fw.MP);
             std::fill(x.F16.data() + L * fw.MP, x.F16.data() + (L + (L & 1)) * fw.MP, T(0));
           } else {
             common::vnni_gemm(L, fw.MP, fw.D, q + row * fw.D, fw.D, mx.WTv.data(), fw.MP, w.F.data(), fw.MP, false);
-            mx_row_features(L, fw, nullptr, w.F.data(), x.F16.data());  // φ(q) [C, MP]
+            mx_row_features(L, fw, nullptr, w.F.data(), x.F16.data());
           }
           float* H = w.H.data();
           common::vnni_gemm(L, fw.MP, d.Dv, dout + row * d.Dv, d.Dv, x.STv.data(), fw.MP, H, fw.MP, false);  // H [L, MP]
           const T* gs = dout + row * d.Dv;
           for (int64_t i = 0; i < L; ++i) {
-            const float* Fi = w.F.data() + i * fw.MP;
+            const float* Fi = Fq + i * fw.MP;
             float* Hi = H + i * fw.MP;
             const float r = 1.f / (vdot(Fi, z.data(), fw.MP) + eps);
             const float s = -vdot(Fi, Hi, fw.MP) * r * r;
@@ -1730,10 +1864,10 @@ void mx_favor_backward_impl(const Dims& d, const FavorW<float>& fw, const T* dou
             }, dl16.data() + i * fw.MP);
           }
           const int64_t Le = L + (L & 1);
-          transpose(L, Dv1, w.dN.data(), d.DvP, w.dNT.data(), C);  // [Dv + 1, L]
+          favor_transpose_rows(w.dN.data(), L, Dv1, w.dNT.data(), C, d.DvP);  // [Dv + 1, L]
           if (Le > L)
             for (int64_t e = 0; e < Dv1; ++e) w.dNT[e * C + L] = 0.f;
-          for (int64_t e = 0; e < Dv1; ++e) at::vec::convert(w.dNT.data() + e * C, dNT16.data() + e * C, Le);
+          for (int64_t e = 0; e < Dv1; ++e) round_into(w.dNT.data() + e * C, dNT16.data() + e * C, Le);
           interleave_vnni(x.F16.data(), Le, fw.MP, x.F16T.data());  // φ(q) rows paired, VNNI [Le, MP]
           common::vnni_gemm(Dv1, fw.MP, Le, dNT16.data(), C, x.F16T.data(), fw.MP, dST, fw.MP, true);  // dS'ᵀ += dN'ᵀ φ
           mx_input_grad(dl16.data(), rs, q + row * fw.D, L, fw, mx, w.dX.data(), w.X.data(), dq + row * fw.D);
@@ -1742,10 +1876,10 @@ void mx_favor_backward_impl(const Dims& d, const FavorW<float>& fw, const T* dou
       float* dS = w.dS.data();  // [MP, DvP], zero past Dv + 1
       std::fill(dS, dS + fw.MP * d.DvP, 0.f);
       transpose(Dv1, fw.MP, dST, fw.MP, dS, d.DvP);
-      at::vec::convert(dS, x.Sv.data(), fw.MP * d.DvP);  // Sv is free in the backward
+      round_into(dS, x.Sv.data(), fw.MP * d.DvP);  // Sv is free in the backward
       interleave_vnni(x.Sv.data(), fw.MP, d.DvP, x.dSv.data());
       std::fill(dST + Dv1 * fw.MP, dST + d.DvP * fw.MP, 0.f);  // [DvP, MP]
-      at::vec::convert(dST, x.Sv.data(), d.DvP * fw.MP);
+      round_into(dST, x.Sv.data(), d.DvP * fw.MP);
       interleave_vnni(x.Sv.data(), d.DvP, fw.MP, x.dSTv.data());
       for (int64_t t0 = 0; t0 < d.Nk; t0 += C) {
         const int64_t L = std::min(C, d.Nk - t0);
@@ -1762,7 +1896,7 @@ void mx_favor_backward_impl(const Dims& d, const FavorW<float>& fw, const T* dou
         const int64_t K1 = round_up(Dv1, 2);
         common::vnni_gemm(L, fw.MP, K1, x.V16.data(), d.DvP, x.dSTv.data(), fw.MP, w.H.data(), fw.MP, false);  // dφ(k)
         common::vnni_gemm(L, d.Dv, fw.MP, x.F16.data(), fw.MP, x.dSv.data(), d.DvP, w.dN.data(), d.DvP, false);  // dV
-        for (int64_t i = 0; i < L; ++i) at::vec::convert(w.dN.data() + i * d.DvP, dv + (row + i) * d.Dv, d.Dv);
+        for (int64_t i = 0; i < L; ++i) round_into(w.dN.data() + i * d.DvP, dv + (row + i) * d.Dv, d.Dv);
         for (int64_t i = 0; i < L; ++i) {  // dl = dφ(k) ⊙ φ(k), with its row sums
           const float* Hi = w.H.data() + i * fw.MP;
           const float* Fi = w.F.data() + i * fw.MP;

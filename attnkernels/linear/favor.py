@@ -55,7 +55,11 @@ def _kernels_available() -> bool:
 # take at most SAVE_FEATURES_MAX_BYTES (then the backward recomputes them: the same code, so the
 # result is bit-identical either way). φ(k) is not saved: the forward builds it under a running key
 # shift, the backward under the final one.
-SAVE_FEATURES_MAX_BYTES = 256 << 20
+# The limit is about the last-level cache, not memory: features written by the forward and read back
+# by the backward from DRAM cost more than recomputing them (Zen 5, B1 H8 D64 M256, interleaved, save
+# over recompute, 1 thread: bf16 N 2048 / 3072 (16 / 24 MB) 1.05x / 1.06x faster, N 4096 / 8192
+# (32 / 64 MB) 0.78x / 0.79x; fp32 N 2048 1.09x, N 4096 0.95x; 2 threads: bf16 N 4096 0.75x).
+SAVE_FEATURES_MAX_BYTES = 24 << 20
 
 
 def _save_features(q: Tensor, k: Tensor, v: Tensor, projection: Tensor) -> bool:
