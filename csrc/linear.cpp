@@ -118,6 +118,28 @@ void add_product(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const
     for (int64_t j = 0; j < n; ++j) S[i * lds + j] += tmp[i * n + j];
 }
 
+#ifdef ATTNKERNELS_NATIVE_BF16
+// The roundings of mx_gemm's operands, and of cvt_row's float -> bf16 rows, with AVX512-BF16's
+// vcvtne2ps2bf16 (round to nearest even, as at::vec's software rounding, one instruction per 32
+// values where that takes ~10 per 16; denormals flush to zero, which bf16 GEMM operands and
+// outputs can spare), compiled for this function only and run where the CPU has it
+// (common::bf16_native_ok; every CPU with AMX-BF16 does). The software roundings were ~18% of a
+// bf16 causal fwd+bwd (perf, N=1024 D=64, 1 thread).
+// dst[0, n) = src[0, n) rounded.
+__attribute__((target("avx512bf16"))) inline void round_row_bf16(const float* src, int64_t n, at::BFloat16* dst) {
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m512bh h = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + i + 16), _mm512_loadu_ps(src + i));
+    _mm512_storeu_si512(reinterpret_cast<void*>(dst + i), reinterpret_cast<__m512i>(h));
+  }
+  for (; i < n; i += 16) {
+    const __mmask16 m = static_cast<__mmask16>((1u << std::min<int64_t>(16, n - i)) - 1);
+    const __m256bh h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, src + i));
+    _mm256_mask_storeu_epi16(reinterpret_cast<void*>(dst + i), m, reinterpret_cast<__m256i>(h));
+  }
+}
+#endif
+
 // dst[0, n) = src[0, n) converted, vectorised both ways between float and a 16-bit type
 // (at::vec::convert widens bf16 element by element and rounds the last n % 32 elements of
 // a row with the scalar rounding: ~13% of a bf16 fwd+bwd at D = 64 with rows of 80).
@@ -138,6 +160,10 @@ inline void cvt_row(const S* src, D* dst, int64_t n) {
       std::get<0>(at::vec::convert_to_float<S>(hVec::loadu(src + i, r))).store(dst + i, r);
     }
   } else if constexpr (std::is_same_v<S, float> && c10::is_reduced_floating_point_v<D>) {
+#ifdef ATTNKERNELS_NATIVE_BF16
+    if constexpr (std::is_same_v<D, at::BFloat16>)
+      if (common::bf16_native_ok()) return round_row_bf16(src, n, dst);
+#endif
     int64_t i = 0;
     for (; i + 2 * W <= n; i += 2 * W)
       at::vec::convert_from_float<D>(fVec::loadu(src + i), fVec::loadu(src + i + W)).store(dst + i);
@@ -153,25 +179,6 @@ inline void cvt_row(const S* src, D* dst, int64_t n) {
 }
 
 #ifdef ATTNKERNELS_NATIVE_BF16
-// The operand roundings of mx_gemm with AVX512-BF16's vcvtne2ps2bf16 (round to nearest even,
-// as at::vec's software rounding, one instruction per 32 values where that takes ~10 per 16),
-// compiled for this function only and run where the CPU has it (common::bf16_native_ok; every
-// CPU with AMX-BF16 does). The software roundings were ~18% of a bf16 causal fwd+bwd (perf,
-// N=1024 D=64, 1 thread).
-// dst[0, n) = src[0, n) rounded.
-__attribute__((target("avx512bf16"))) inline void round_row_bf16(const float* src, int64_t n, at::BFloat16* dst) {
-  int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    const __m512bh h = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + i + 16), _mm512_loadu_ps(src + i));
-    _mm512_storeu_si512(reinterpret_cast<void*>(dst + i), reinterpret_cast<__m512i>(h));
-  }
-  for (; i < n; i += 16) {
-    const __mmask16 m = static_cast<__mmask16>((1u << std::min<int64_t>(16, n - i)) - 1);
-    const __m256bh h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, src + i));
-    _mm256_mask_storeu_epi16(reinterpret_cast<void*>(dst + i), m, reinterpret_cast<__m256i>(h));
-  }
-}
-
 // dst[2j + t] = rows t = 0, 1 (r1 = nullptr: zeros) at column j < n, rounded: one VNNI pair row.
 __attribute__((target("avx512bf16"))) inline void round_pair_bf16(const float* r0, const float* r1, int64_t n,
                                                                    at::BFloat16* dst) {
@@ -1589,16 +1596,6 @@ __attribute__((target("avx512bf16"))) float store_rounded_row_bf16(int64_t MP, c
 }
 #endif
 
-// dst[0, n) = src[0, n) rounded to T: vcvtne2ps2bf16 for bf16 where the CPU has it, else at::vec.
-template <typename T>
-inline void round_into(const float* src, T* dst, int64_t n) {
-#ifdef ATTNKERNELS_NATIVE_BF16
-  if constexpr (std::is_same_v<T, at::BFloat16>)
-    if (common::bf16_native_ok()) return round_row_bf16(src, n, dst);
-#endif
-  at::vec::convert(src, dst, n);
-}
-
 // φ rows from logits F [L, MP] (fp32, in place) with per-row bias b_i (queries: the row max,
 // keys: |x_i|²/2 + c); the rounded copy into F16 [L + L % 2, MP] made in the same pass; the
 // columns past M, and the row that pads an odd L to a VNNI pair, zero in both. With z [MP] given,
@@ -1645,7 +1642,7 @@ void mx_store_output(float* num, int64_t L, const Dims& d, float eps, T* out) {
     float* n = num + i * d.DvP;
     const Vec inv(1.f / (n[d.Dv] + eps));
     for (int64_t c = 0; c < d.DvP; c += Vec::size()) (Vec::loadu(n + c) * inv).store(n + c);
-    round_into(n, out + i * d.Dv, d.Dv);
+    cvt_row(n, out + i * d.Dv, d.Dv);
   }
 }
 
@@ -1737,7 +1734,7 @@ void mx_favor_forward_impl(const Dims& d, const FavorW<float>& fw, const T* q, c
       const float* S = w.S.data();
       for (int64_t m = 0; m < fw.M; ++m)
         std::copy(S + m * d.DvP, S + m * d.DvP + d.Dv + 1, states + (bg * fw.M + m) * (d.Dv + 1));
-      round_into(S, x.dSv.data(), fw.MP * d.DvP);  // dSv is free in the forward
+      cvt_row(S, x.dSv.data(), fw.MP * d.DvP);  // dSv is free in the forward
       interleave_vnni(x.dSv.data(), fw.MP, d.DvP, x.Sv.data());
       float* z = w.z.data();  // the ones column of S' in fp32 [MP]
       for (int64_t m = 0; m < fw.MP; ++m) z[m] = S[m * d.DvP + d.Dv];
@@ -1800,7 +1797,7 @@ void mx_input_grad(const T* dl16, const float* rs, const T* src, int64_t L, cons
     const float a = fw.root, b = fw.root * fw.root * rs[i];
     for (int64_t e = 0; e < fw.D; ++e) dX[i * fw.D + e] = a * dX[i * fw.D + e] - b * xs[i * fw.D + e];
   }
-  round_into(dX, dx, L * fw.D);
+  cvt_row(dX, dx, L * fw.D);
 }
 
 // The same passes as favor_backward on the matrix units: dS'ᵀ += dN'ᵀ φ(q) with dN'ᵀ [Dv + 1, C]
@@ -1838,7 +1835,7 @@ void mx_favor_backward_impl(const Dims& d, const FavorW<float>& fw, const T* dou
           const float* Fq = w.F.data();  // φ(q) [L, MP]
           if (feats != nullptr) {  // the forward's φ(q) rows (MP == M), read in place, rounded as mx_row_features does
             Fq = feats + row * fw.MP;
-            round_into(Fq, x.F16.data(), L * fw.MP);
+            cvt_row(Fq, x.F16.data(), L * fw.MP);
             std::fill(x.F16.data() + L * fw.MP, x.F16.data() + (L + (L & 1)) * fw.MP, T(0));
           } else {
             common::vnni_gemm(L, fw.MP, fw.D, q + row * fw.D, fw.D, mx.WTv.data(), fw.MP, w.F.data(), fw.MP, false);
@@ -1867,7 +1864,7 @@ void mx_favor_backward_impl(const Dims& d, const FavorW<float>& fw, const T* dou
           favor_transpose_rows(w.dN.data(), L, Dv1, w.dNT.data(), C, d.DvP);  // [Dv + 1, L]
           if (Le > L)
             for (int64_t e = 0; e < Dv1; ++e) w.dNT[e * C + L] = 0.f;
-          for (int64_t e = 0; e < Dv1; ++e) round_into(w.dNT.data() + e * C, dNT16.data() + e * C, Le);
+          for (int64_t e = 0; e < Dv1; ++e) cvt_row(w.dNT.data() + e * C, dNT16.data() + e * C, Le);
           interleave_vnni(x.F16.data(), Le, fw.MP, x.F16T.data());  // φ(q) rows paired, VNNI [Le, MP]
           common::vnni_gemm(Dv1, fw.MP, Le, dNT16.data(), C, x.F16T.data(), fw.MP, dST, fw.MP, true);  // dS'ᵀ += dN'ᵀ φ
           mx_input_grad(dl16.data(), rs, q + row * fw.D, L, fw, mx, w.dX.data(), w.X.data(), dq + row * fw.D);
@@ -1876,10 +1873,10 @@ void mx_favor_backward_impl(const Dims& d, const FavorW<float>& fw, const T* dou
       float* dS = w.dS.data();  // [MP, DvP], zero past Dv + 1
       std::fill(dS, dS + fw.MP * d.DvP, 0.f);
       transpose(Dv1, fw.MP, dST, fw.MP, dS, d.DvP);
-      round_into(dS, x.Sv.data(), fw.MP * d.DvP);  // Sv is free in the backward
+      cvt_row(dS, x.Sv.data(), fw.MP * d.DvP);  // Sv is free in the backward
       interleave_vnni(x.Sv.data(), fw.MP, d.DvP, x.dSv.data());
       std::fill(dST + Dv1 * fw.MP, dST + d.DvP * fw.MP, 0.f);  // [DvP, MP]
-      round_into(dST, x.Sv.data(), d.DvP * fw.MP);
+      cvt_row(dST, x.Sv.data(), d.DvP * fw.MP);
       interleave_vnni(x.Sv.data(), d.DvP, fw.MP, x.dSTv.data());
       for (int64_t t0 = 0; t0 < d.Nk; t0 += C) {
         const int64_t L = std::min(C, d.Nk - t0);
@@ -1896,7 +1893,7 @@ void mx_favor_backward_impl(const Dims& d, const FavorW<float>& fw, const T* dou
         const int64_t K1 = round_up(Dv1, 2);
         common::vnni_gemm(L, fw.MP, K1, x.V16.data(), d.DvP, x.dSTv.data(), fw.MP, w.H.data(), fw.MP, false);  // dφ(k)
         common::vnni_gemm(L, d.Dv, fw.MP, x.F16.data(), fw.MP, x.dSv.data(), d.DvP, w.dN.data(), d.DvP, false);  // dV
-        for (int64_t i = 0; i < L; ++i) round_into(w.dN.data() + i * d.DvP, dv + (row + i) * d.Dv, d.Dv);
+        for (int64_t i = 0; i < L; ++i) cvt_row(w.dN.data() + i * d.DvP, dv + (row + i) * d.Dv, d.Dv);
         for (int64_t i = 0; i < L; ++i) {  // dl = dφ(k) ⊙ φ(k), with its row sums
           const float* Hi = w.H.data() + i * fw.MP;
           const float* Fi = w.F.data() + i * fw.MP;
