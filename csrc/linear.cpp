@@ -199,61 +199,41 @@ __attribute__((target("avx512bf16"))) inline void round_pair_bf16(const float* r
 }
 #endif
 
+// dst = the VNNI layout [ke / 2, n, 2] of fp32 rows [0, k) of src (ld), rounded to T16, ke = k + k % 2
+// (a zero row pads odd k): (src[2p, j], src[2p + 1, j]) adjacent, paired and rounded in one pass (no
+// rounded copy of the rows): mx_gemm's B.
+template <typename T16>
+void round_vnni_pairs(const float* src, int64_t k, int64_t ld, int64_t n, T16* dst) {
+  const int64_t ke = k + (k & 1);
 #ifdef ATTNKERNELS_NATIVE_BF16
-// The triangular products on vdpbf16ps (no AMX): C[m, n] (+)= A16[m, 2·pairs] · B (VNNI words
-// (p, j) at B[p·ldb + j]) in row blocks of R rows, each block skipping what a triangle leaves
-// out, as register_gemm does in fp32: a_tri Lower (A[i, p] = 0 for p > i) ends its k range at
-// its last row, Upper (0 for p < i) starts it at its first; c_tri Lower computes only the
-// column blocks that reach its diagonal (the caller masks the rest of C's zero triangle).
-template <int R>
-void dp_tri_rows(int64_t i0, int64_t n, int64_t pairs, const at::BFloat16* A, int64_t lda, const uint32_t* B,
-                 int64_t ldb, float* C, int64_t ldc, bool accumulate, Tri a_tri, Tri c_tri) {
-  int64_t p0 = 0, p1 = pairs;
-  if (a_tri == Tri::Lower) p1 = std::min(pairs, (i0 + R + 1) / 2);
-  if (a_tri == Tri::Upper) p0 = std::min(pairs, i0 / 2);
-  const int64_t cols = c_tri == Tri::Lower ? std::min(n, i0 + R) : n;  // columns j <= the block's last row
-  const at::BFloat16* Ai = A + i0 * lda + 2 * p0;
-  const uint32_t* Bp = B + p0 * ldb;
-  float* Ci = C + i0 * ldc;
-  int64_t j = 0;
-  for (; j < cols && j + 32 <= n; j += 32)
-    common::dpbf16_tile<R, 2, false>(p1 - p0, Ai, lda, Bp + j, ldb, Ci + j, ldc, accumulate, 0);
-  for (; j < cols && j + 16 <= n; j += 16)
-    common::dpbf16_tile<R, 1, false>(p1 - p0, Ai, lda, Bp + j, ldb, Ci + j, ldc, accumulate, 0);
-  if (j < cols)
-    common::dpbf16_tile<R, 1, true>(p1 - p0, Ai, lda, Bp + j, ldb, Ci + j, ldc, accumulate,
-                                    static_cast<__mmask16>((1u << (n - j)) - 1));
+  if constexpr (std::is_same_v<T16, at::BFloat16>) {
+    if (common::bf16_native_ok()) {
+      for (int64_t p = 0; p < ke / 2; ++p)
+        round_pair_bf16(src + 2 * p * ld, 2 * p + 1 < k ? src + (2 * p + 1) * ld : nullptr, n, dst + 2 * p * n);
+      return;
+    }
+  }
+#endif
+  using fVec = at::vec::Vectorized<float>;
+  constexpr int64_t W = fVec::size();
+  for (int64_t p = 0; p < ke / 2; ++p) {
+    const float* r0 = src + 2 * p * ld;
+    const float* r1 = 2 * p + 1 < k ? r0 + ld : nullptr;
+    T16* o = dst + 2 * p * n;
+    for (int64_t j = 0; j < n; j += W) {
+      const int64_t r = std::min<int64_t>(W, n - j);
+      const fVec x0 = fVec::loadu(r0 + j, r), x1 = r1 != nullptr ? fVec::loadu(r1 + j, r) : fVec(0.f);
+      const auto [lo, hi] = at::vec::interleave2(x0, x1);  // x0[0] x1[0] x0[1] x1[1] ...
+      at::vec::convert_from_float<T16>(lo, hi).store(o + 2 * j, 2 * r);
+    }
+  }
 }
 
-inline void dp_tri_gemm(int64_t m, int64_t n, int64_t ke, const at::BFloat16* A, int64_t lda, const at::BFloat16* B,
-                        int64_t ldb, float* C, int64_t ldc, bool accumulate, Tri a_tri, Tri c_tri) {
-  constexpr int64_t R = common::kDpRows;
-  const uint32_t* Bw = reinterpret_cast<const uint32_t*>(B);
-  const int64_t pairs = ke / 2;
-  int64_t i = 0;
-  for (; i + R <= m; i += R) dp_tri_rows<R>(i, n, pairs, A, lda, Bw, ldb, C, ldc, accumulate, a_tri, c_tri);
-  switch (m - i) {
-    case 11: return dp_tri_rows<11>(i, n, pairs, A, lda, Bw, ldb, C, ldc, accumulate, a_tri, c_tri);
-    case 10: return dp_tri_rows<10>(i, n, pairs, A, lda, Bw, ldb, C, ldc, accumulate, a_tri, c_tri);
-    case 9: return dp_tri_rows<9>(i, n, pairs, A, lda, Bw, ldb, C, ldc, accumulate, a_tri, c_tri);
-    case 8: return dp_tri_rows<8>(i, n, pairs, A, lda, Bw, ldb, C, ldc, accumulate, a_tri, c_tri);
-    case 7: return dp_tri_rows<7>(i, n, pairs, A, lda, Bw, ldb, C, ldc, accumulate, a_tri, c_tri);
-    case 6: return dp_tri_rows<6>(i, n, pairs, A, lda, Bw, ldb, C, ldc, accumulate, a_tri, c_tri);
-    case 5: return dp_tri_rows<5>(i, n, pairs, A, lda, Bw, ldb, C, ldc, accumulate, a_tri, c_tri);
-    case 4: return dp_tri_rows<4>(i, n, pairs, A, lda, Bw, ldb, C, ldc, accumulate, a_tri, c_tri);
-    case 3: return dp_tri_rows<3>(i, n, pairs, A, lda, Bw, ldb, C, ldc, accumulate, a_tri, c_tri);
-    case 2: return dp_tri_rows<2>(i, n, pairs, A, lda, Bw, ldb, C, ldc, accumulate, a_tri, c_tri);
-    case 1: return dp_tri_rows<1>(i, n, pairs, A, lda, Bw, ldb, C, ldc, accumulate, a_tri, c_tri);
-    default: return;
-  }
-  static_assert(common::kDpRows == 12, "the switch above covers 1 .. kDpRows - 1 rows");
-}
-#endif
 
 // ---------------------------------------------------------------------------
 // bf16 inputs on the matrix units (AMX, or AVX512-BF16's vdpbf16ps without it): the same
 // products with their fp32 operands rounded to bf16 per call (A row-major, B into the VNNI
-// pairs the tile unit reads), fp32 accumulation, through common::vnni_gemm (dp_tri_gemm for
+// pairs the tile unit reads), fp32 accumulation, through common::vnni_gemm (with the triangle hints for
 // the triangular products on vdpbf16ps). The kernels keep every operand, the
 // state S', dS' and every sum in fp32 (one template for all dtypes): only the dot's
 // inputs are rounded, as FlashAttention rounds P for its PV product. At these chunk
@@ -278,47 +258,18 @@ void mx_gemm(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const
   thread_local std::vector<T16> a16, b16;
   if (int64_t(a16.size()) < m * ke) a16.resize(m * ke);
   if (int64_t(b16.size()) < ke * n) b16.resize(ke * n);
-#ifdef ATTNKERNELS_NATIVE_BF16
-  if constexpr (std::is_same_v<T16, at::BFloat16>) {
-    if (common::bf16_native_ok()) {
-      for (int64_t i = 0; i < m; ++i) {
-        round_row_bf16(A + i * lda, k, a16.data() + i * ke);  // [m, ke]
-        if (k & 1) a16[i * ke + k] = T16(0);
-      }
-      for (int64_t p = 0; p < ke / 2; ++p)
-        round_pair_bf16(B + 2 * p * ldb, 2 * p + 1 < k ? B + (2 * p + 1) * ldb : nullptr, n, b16.data() + 2 * p * n);
-      if ((a_tri != Tri::None || c_tri != Tri::None) && !common::tile_units_present(at::kBFloat16))
-        return dp_tri_gemm(m, n, ke, a16.data(), ke, b16.data(), n, C, ldc, accumulate, a_tri, c_tri);
-      return common::vnni_gemm(m, n, ke, a16.data(), ke, b16.data(), n, C, ldc, accumulate);
-    }
-  }
-#endif
   for (int64_t i = 0; i < m; ++i) {
     cvt_row(A + i * lda, a16.data() + i * ke, k);  // [m, ke]
     if (k & 1) a16[i * ke + k] = T16(0);
   }
-  // B's VNNI layout [ke / 2, n, 2]: (B[2p, j], B[2p + 1, j]) adjacent, interleaved in float
-  // registers and rounded in the same pass (no rounded copy of the rows, no 16-bit shuffle)
-  using fVec = at::vec::Vectorized<float>;
-  constexpr int64_t W = fVec::size();
-  for (int64_t p = 0; p < ke / 2; ++p) {
-    const float* r0 = B + 2 * p * ldb;
-    const float* r1 = 2 * p + 1 < k ? r0 + ldb : nullptr;
-    T16* o = b16.data() + 2 * p * n;
-    for (int64_t j = 0; j < n; j += W) {
-      const int64_t r = std::min<int64_t>(W, n - j);
-      const fVec x0 = fVec::loadu(r0 + j, r), x1 = r1 != nullptr ? fVec::loadu(r1 + j, r) : fVec(0.f);
-      const auto [lo, hi] = at::vec::interleave2(x0, x1);  // x0[0] x1[0] x0[1] x1[1] ...
-      at::vec::convert_from_float<T16>(lo, hi).store(o + 2 * j, 2 * r);
-    }
-  }
-  common::vnni_gemm(m, n, ke, a16.data(), ke, b16.data(), n, C, ldc, accumulate);
+  round_vnni_pairs(B, k, ldb, n, b16.data());  // [ke / 2, n, 2]
+  common::vnni_gemm(m, n, ke, a16.data(), ke, b16.data(), n, C, ldc, accumulate, a_tri, c_tri);
 }
 
 // gemm / add_product of the non-FAVOR kernels: on the matrix units when mx (bf16 inputs,
 // float accumulation type, AMX or AVX512-BF16 available). On AMX the triangular hints are
 // unused (the tile unit computes the whole product; the zero triangle's operands are zeros,
-// and the callers mask C's); on vdpbf16ps dp_tri_gemm skips the triangles as register_gemm.
+// and the callers mask C's); on vdpbf16ps common::dpbf16_gemm skips the triangles as register_gemm.
 template <typename T>
 inline void gemm(bool mx, int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
                  int64_t ldc, bool accumulate, Tri a_tri = Tri::None, Tri c_tri = Tri::None) {
@@ -1508,7 +1459,7 @@ void half_norms(const T* src, int64_t L, int64_t D, float root, float* hn, float
 // rounding (~10 ops per 16 values) the exp passes were 21% of a bf16 forward (perf, Zen 4); these
 // made it ~10% faster (B1 H8 N1024 D64 M256, 1 thread, Zen 5, process-alternating A/B).
 // exp(l - bias - ln(M)/2) = 2^(l·log2e - (bias + ln(M)/2)·log2e), the FMA of the softmax kernels.
-constexpr float kLog2e = 1.4426950408889634f;
+using common::kLog2e;
 
 // Lanes of the 16 columns from j that lie below n.
 inline __mmask16 lanes_below(int64_t j, int64_t n) {
@@ -1517,35 +1468,42 @@ inline __mmask16 lanes_below(int64_t j, int64_t n) {
 
 // mx_row_features (below) on AVX512-BF16.
 __attribute__((target("avx512bf16"))) void mx_row_features_bf16(int64_t L, const FavorW<float>& fw, const float* key_bias,
-                                                                float* F, at::BFloat16* F16, const float* z, float* den) {
+                                                                const float* F, float* phi, at::BFloat16* F16,
+                                                                const float* z, float* den) {
+  // fw's fields in locals: the 16-bit stores may alias anything, and the compiler reloaded the
+  // loop bounds from fw after each one
+  const int64_t M = fw.M, MP = fw.MP;
+  const float log_root = fw.log_root;
   const __m512 va = _mm512_set1_ps(kLog2e);
   for (int64_t i = 0; i < L; ++i) {
-    __m512 acc = _mm512_setzero_ps();
-    float* row = F + i * fw.MP;
-    at::BFloat16* row16 = F16 + i * fw.MP;
-    const float bias = key_bias == nullptr ? common::row_max(row, fw.M) : key_bias[i];
-    const __m512 vnb = _mm512_set1_ps(-(bias + fw.log_root) * kLog2e);
-    for (int64_t m = 0; m < fw.MP; m += 32) {  // MP is a multiple of 16; columns past M are zero
-      const __mmask16 k0 = lanes_below(m, fw.M), k1 = lanes_below(m + 16, fw.M);
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0;
+    const float* row = F + i * MP;
+    float* out = phi == nullptr ? nullptr : phi + i * MP;
+    at::BFloat16* row16 = F16 + i * MP;
+    // the query's row max by plain vmaxps (row_max_fast): at::vec::maximum's NaN-propagating max
+    // and reduction were a quarter of this pass (perf annotate, Zen 5). A NaN logit still
+    // poisons its row through the exp; a max of -inf (no finite logit) is taken again exactly.
+    float bias = key_bias != nullptr ? key_bias[i] : common::row_max_fast(row, M);
+    if (key_bias == nullptr && bias == -std::numeric_limits<float>::infinity()) bias = common::row_max(row, M);
+    const __m512 vnb = _mm512_set1_ps(-(bias + log_root) * kLog2e);
+    for (int64_t m = 0; m < MP; m += 32) {  // MP is a multiple of 16; columns past M are zero
+      const __mmask16 k0 = lanes_below(m, M), k1 = lanes_below(m + 16, M);
       const __m512 e0 = _mm512_maskz_mov_ps(k0, common::exp2_poly4(_mm512_fmadd_ps(_mm512_loadu_ps(row + m), va, vnb)));
-      _mm512_storeu_ps(row + m, e0);
-      if (z != nullptr) acc = _mm512_fmadd_ps(e0, _mm512_loadu_ps(z + m), acc);
-      if (m + 16 < fw.MP) {
+      if (out != nullptr) _mm512_storeu_ps(out + m, e0);
+      if (z != nullptr) acc0 = _mm512_fmadd_ps(e0, _mm512_loadu_ps(z + m), acc0);
+      if (m + 16 < MP) {
         const __m512 e1 =
             _mm512_maskz_mov_ps(k1, common::exp2_poly4(_mm512_fmadd_ps(_mm512_loadu_ps(row + m + 16), va, vnb)));
-        _mm512_storeu_ps(row + m + 16, e1);
-        if (z != nullptr) acc = _mm512_fmadd_ps(e1, _mm512_loadu_ps(z + m + 16), acc);
+        if (out != nullptr) _mm512_storeu_ps(out + m + 16, e1);
+        if (z != nullptr) acc1 = _mm512_fmadd_ps(e1, _mm512_loadu_ps(z + m + 16), acc1);
         _mm512_storeu_si512(reinterpret_cast<void*>(row16 + m), reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e1, e0)));
       } else {
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(row16 + m), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(e0)));
       }
     }
-    if (z != nullptr) den[i] = _mm512_reduce_add_ps(acc);
+    if (z != nullptr) den[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
   }
-  if (L & 1) {
-    std::fill(F + L * fw.MP, F + (L + 1) * fw.MP, 0.f);
-    std::fill(F16 + L * fw.MP, F16 + (L + 1) * fw.MP, at::BFloat16(0));
-  }
+  if (L & 1) std::fill(F16 + L * MP, F16 + (L + 1) * MP, at::BFloat16(0));
 }
 
 // favor_key_features' exp pass on AVX512-BF16 (after favor_update_shift), rounded straight into
@@ -1596,16 +1554,18 @@ __attribute__((target("avx512bf16"))) float store_rounded_row_bf16(int64_t MP, c
 }
 #endif
 
-// φ rows from logits F [L, MP] (fp32, in place) with per-row bias b_i (queries: the row max,
-// keys: |x_i|²/2 + c); the rounded copy into F16 [L + L % 2, MP] made in the same pass; the
-// columns past M, and the row that pads an odd L to a VNNI pair, zero in both. With z [MP] given,
-// also den[i] = φ_i · z in fp32 (the forward's denominator, summed while the row is in registers).
+// φ rows from logits F [L, MP] (fp32) with per-row bias b_i (queries: the row max, keys:
+// |x_i|²/2 + c): the fp32 rows into phi [L, MP] (F itself, the forward's saved features, or
+// nullptr where only the rounded rows are read: the forward without a backward), the rounded
+// copy into F16 [L + L % 2, MP] made in the same pass; the columns past M, and the F16 row that
+// pads an odd L to a VNNI pair, zero. With z [MP] given, also den[i] = φ_i · z in fp32 (the
+// forward's denominator, summed while the row is in registers).
 template <typename T>
-void mx_row_features(int64_t L, const FavorW<float>& fw, const float* key_bias, float* F, T* F16,
+void mx_row_features(int64_t L, const FavorW<float>& fw, const float* key_bias, float* F, float* phi, T* F16,
                      const float* z = nullptr, float* den = nullptr) {
 #ifdef ATTNKERNELS_NATIVE_BF16
   if constexpr (std::is_same_v<T, at::BFloat16>)
-    if (common::bf16_native_ok()) return mx_row_features_bf16(L, fw, key_bias, F, F16, z, den);
+    if (common::bf16_native_ok()) return mx_row_features_bf16(L, fw, key_bias, F, phi, F16, z, den);
 #endif
   using Vec = at::vec::Vectorized<float>;
   constexpr int64_t W = Vec::size();
@@ -1628,10 +1588,8 @@ void mx_row_features(int64_t L, const FavorW<float>& fw, const float* key_bias, 
     at::vec::convert(row + done, row16 + done, fw.MP - done);
     if (z != nullptr) den[i] = vdot(row, z, fw.MP);
   }
-  if (L & 1) {
-    std::fill(F + L * fw.MP, F + (L + 1) * fw.MP, 0.f);
-    std::fill(F16 + L * fw.MP, F16 + (L + 1) * fw.MP, T(0));
-  }
+  if (phi != nullptr && phi != F) std::copy(F, F + L * fw.MP, phi);
+  if (L & 1) std::fill(F16 + L * fw.MP, F16 + (L + 1) * fw.MP, T(0));
 }
 
 // out rows [L, Dv] in T from num' [L, DvP] (fp32, scaled in place): num / (den + eps).
@@ -1647,15 +1605,39 @@ void mx_store_output(float* num, int64_t L, const Dims& d, float eps, T* out) {
 }
 
 // V' = [V | 1 | 0...] rows [0, L) in the input dtype into dst [kChunk, DvP]; padding rows zero.
+// (Vector moves: std::copy made a memmove call of each 128-byte row.)
 template <typename T>
 void load_values16(const T* src, int64_t L, const Dims& d, T* dst) {
+  using Vec = at::vec::Vectorized<T>;
   for (int64_t i = 0; i < L; ++i) {
     T* o = dst + i * d.DvP;
-    std::copy(src + i * d.Dv, src + (i + 1) * d.Dv, o);
+    const T* r = src + i * d.Dv;
+    int64_t e = 0;
+    for (; e + Vec::size() <= d.Dv; e += Vec::size()) Vec::loadu(r + e).store(o + e);
+    if (e < d.Dv) Vec::loadu(r + e, d.Dv - e).store(o + e, d.Dv - e);
     o[d.Dv] = T(1);
     std::fill(o + d.Dv + 1, o + d.DvP, T(0));
   }
   std::fill(dst + L * d.DvP, dst + kChunk * d.DvP, T(0));
+}
+
+// The value columns of V rows [0, L) straight into the state GEMM's B: VNNI pairs [Le / 2, DvP, 2]
+// (rows 2p and 2p + 1 in one 32-bit word per column), Le = L + L % 2, the pad row zero. Only the
+// Dv value columns are written: the forward's state GEMM reads no more (z comes from the exp
+// pass). One pass, in place of load_values16 and interleave_vnni of the copy.
+template <typename T>
+void load_value_pairs(const T* src, int64_t L, const Dims& d, T* dst) {
+  static_assert(sizeof(T) == 2, "VNNI pairs of 16-bit elements");
+  for (int64_t p = 0; 2 * p < L; ++p) {
+    const uint16_t* a = reinterpret_cast<const uint16_t*>(src + 2 * p * d.Dv);
+    uint32_t* o = reinterpret_cast<uint32_t*>(dst + 2 * p * d.DvP);
+    if (2 * p + 1 < L) {
+      const uint16_t* b = a + d.Dv;
+      for (int64_t n = 0; n < d.Dv; ++n) o[n] = uint32_t(a[n]) | (uint32_t(b[n]) << 16);
+    } else {
+      for (int64_t n = 0; n < d.Dv; ++n) o[n] = a[n];
+    }
+  }
 }
 
 // favor_state on the matrix units: lᵀ = (root·W) kᵀ with kᵀ's VNNI pairs (a 32-bit transpose
@@ -1684,14 +1666,15 @@ float mx_favor_state(const Dims& d, const FavorW<float>& fw, const FavorMx<T>& m
     std::fill(w.hn.begin() + L, w.hn.end(), 0.f);
     {
       // one accumulator per vector of the chunk (4 on AVX-512, 8 on AVX2 / the default build):
-      // independent chains, not one latency-bound one
+      // independent chains, not one latency-bound one; plain vmaxps (max_fast: a NaN logit
+      // still poisons the state through its feature's exp)
       constexpr int64_t NV = C / W;
       static_assert(C % W == 0, "the chunk is a whole number of vectors");
       Vec mv[NV];
       for (int64_t q = 0; q < NV; ++q) mv[q] = Vec(-std::numeric_limits<float>::infinity());
       for (int64_t m = 0; m < fw.M; ++m) {
         const float* r = FT + m * C;
-        for (int64_t q = 0; q < NV; ++q) mv[q] = at::vec::maximum(mv[q], Vec::loadu(r + q * W));
+        for (int64_t q = 0; q < NV; ++q) mv[q] = common::max_fast(mv[q], Vec::loadu(r + q * W));
       }
       for (int64_t q = 0; q < NV; ++q) (mv[q] - Vec::loadu(w.hn.data() + q * W)).store(w.cand.data() + q * W);
     }
@@ -1706,9 +1689,8 @@ float mx_favor_state(const Dims& d, const FavorW<float>& fw, const FavorMx<T>& m
       rescale = favor_key_features(c, w.cand.data(), w.hn.data(), L, fw, FT, w.zc.data());
       at::vec::convert(FT, x.F16T.data(), fw.MP * C);
     }
-    load_values16(v + t0 * d.Dv, L, d, x.V16.data());  // [C, DvP]
+    load_value_pairs(v + t0 * d.Dv, L, d, x.Vv.data());  // [Le / 2, DvP, 2]
     const int64_t Le = L + (L & 1);
-    interleave_vnni(x.V16.data(), Le, d.DvP, x.Vv.data());
     // S' = r S' + φᵀV', accumulated by the tile unit in fp32 (no chunk partial written and
     // added back: at bf16 operands the summation order is far below their rounding). The GEMM
     // covers the Dv value columns only: the ones column z += Σ_j φ_j comes from the exp pass's
@@ -1747,9 +1729,9 @@ void mx_favor_forward_impl(const Dims& d, const FavorW<float>& fw, const T* q, c
           const T* qs = q + (bh * d.Nq + t0) * fw.D;
           float* F = w.F.data();  // [L, MP]
           common::vnni_gemm(L, fw.MP, fw.D, qs, fw.D, mx.WTv.data(), fw.MP, F, fw.MP, false);  // l [L, MP]
-          mx_row_features(L, fw, nullptr, F, x.F16.data(), w.z.data(), w.den.data());
-          if (feats != nullptr)  // MP == M (checked at entry)
-            std::copy(F, F + L * fw.MP, feats + (bh * d.Nq + t0) * fw.M);
+          // φ(q) written straight into the saved features (MP == M, checked at entry), or not at all
+          float* phi = feats == nullptr ? nullptr : feats + (bh * d.Nq + t0) * fw.M;
+          mx_row_features(L, fw, nullptr, F, phi, x.F16.data(), w.z.data(), w.den.data());
           // num' [L, Dv] on the matrix units; the denominator φ·z from the exp pass, in fp32 (in the
           // GEMM, z's 1-column tail strip cost as much as 16 value columns)
           common::vnni_gemm(L, d.Dv, fw.MP, x.F16.data(), fw.MP, x.Sv.data(), d.DvP, w.dN.data(), d.DvP, false);
@@ -1839,7 +1821,7 @@ void mx_favor_backward_impl(const Dims& d, const FavorW<float>& fw, const T* dou
             std::fill(x.F16.data() + L * fw.MP, x.F16.data() + (L + (L & 1)) * fw.MP, T(0));
           } else {
             common::vnni_gemm(L, fw.MP, fw.D, q + row * fw.D, fw.D, mx.WTv.data(), fw.MP, w.F.data(), fw.MP, false);
-            mx_row_features(L, fw, nullptr, w.F.data(), x.F16.data());
+            mx_row_features(L, fw, nullptr, w.F.data(), w.F.data(), x.F16.data());
           }
           float* H = w.H.data();
           common::vnni_gemm(L, fw.MP, d.Dv, dout + row * d.Dv, d.Dv, x.STv.data(), fw.MP, H, fw.MP, false);  // H [L, MP]
@@ -1866,6 +1848,8 @@ void mx_favor_backward_impl(const Dims& d, const FavorW<float>& fw, const T* dou
             for (int64_t e = 0; e < Dv1; ++e) w.dNT[e * C + L] = 0.f;
           for (int64_t e = 0; e < Dv1; ++e) cvt_row(w.dNT.data() + e * C, dNT16.data() + e * C, Le);
           interleave_vnni(x.F16.data(), Le, fw.MP, x.F16T.data());  // φ(q) rows paired, VNNI [Le, MP]
+          // (Tried: the saved rows paired and rounded in one pass by round_vnni_pairs, as mx_gemm's
+          // B: 5% slower fwd+bwd than this rounded copy and interleave, in-process A/B, Zen 5.)
           common::vnni_gemm(Dv1, fw.MP, Le, dNT16.data(), C, x.F16T.data(), fw.MP, dST, fw.MP, true);  // dS'ᵀ += dN'ᵀ φ
           mx_input_grad(dl16.data(), rs, q + row * fw.D, L, fw, mx, w.dX.data(), w.X.data(), dq + row * fw.D);
         }
@@ -1885,7 +1869,7 @@ void mx_favor_backward_impl(const Dims& d, const FavorW<float>& fw, const T* dou
         common::vnni_gemm(L, fw.MP, fw.D, ks, fw.D, mx.WTv.data(), fw.MP, w.F.data(), fw.MP, false);
         half_norms(ks, L, fw.D, fw.root, w.hn.data(), w.dX.data());
         for (int64_t i = 0; i < L; ++i) w.hn[i] += c;
-        mx_row_features(L, fw, w.hn.data(), w.F.data(), x.F16.data());  // φ(k) [C, MP]
+        mx_row_features(L, fw, w.hn.data(), w.F.data(), w.F.data(), x.F16.data());  // φ(k) [C, MP]
         load_values16(v + row * d.Dv, L, d, x.V16.data());
         // dφ(k) = V' dS'ᵀ over V''s Dv + 1 columns (rounded up to a VNNI pair; V' and dS'ᵀ are zero
         // past them), and dV = φ(k) dS' over the Dv value columns only (dS''s ones column is z's
@@ -2072,7 +2056,7 @@ Args<scalar_t, acc_t> make_args(const at::Tensor& q, const at::Tensor& k, const 
                           s0.defined() ? s0.data_ptr<acc_t>() : nullptr, z0.defined() ? z0.data_ptr<acc_t>() : nullptr,
                           f, normalize, static_cast<acc_t>(eps), static_cast<acc_t>(scale)};
   // bf16 products on the tile units (AMX) or, without them, on AVX512-BF16's vdpbf16ps with the
-  // triangular products' zero triangles skipped (dp_tri_gemm). Measured on an AMD EPYC (family
+  // triangular products' zero triangles skipped (common::dpbf16_gemm). Measured on an AMD EPYC (family
   // 25 model 17, Zen 4, no AMX, loaded host), 1 thread, B1 H8 D64 bf16, interleaved against the fp32 products:
   // causal N1024 fwd 1.23x, fwd+bwd 1.15-1.18x (N4096 1.11x); non-causal N1024 fwd+bwd 1.16-1.26x.
   // (Session 7, with every triangular product computed whole, the causal fwd+bwd ran 0.94x, so

@@ -190,3 +190,29 @@ def test_saved_query_features_bit_identical_to_recomputed(dtype, monkeypatch):
     recomputed = _run(q, k, v, features, dout)
     assert torch.equal(saved[0], recomputed[0])
     assert all(torch.equal(a, b) for a, b in zip(saved[1], recomputed[1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("where", ["query", "key"])
+def test_B1_H2_N70_D64_M256_nan_poisons_what_sees_it(dtype, where):
+    """A NaN in one query row poisons exactly that output row; a NaN in one key poisons every row of
+    its kv head (non-causal: the state holds it), as in the reference. The stabilisers' max is a plain
+    vmaxps that may drop a NaN lane: the NaN must still reach the output through the exp."""
+    backend_param("cpu", "linear")
+    features = PerformerFeatures(64, num_features=256, seed=1).to(dtype)
+    q, k, v = make_qkv(1, 2, 2, 70, 70, 64, 64, dtype=dtype)
+    (q if where == "query" else k)[0, 0, 33, 5] = float("nan")
+    out = linear_attention(q, k, v, feature_map=features)
+    assert favor.fusable(q, k, v, features, causal=False, normalize=True, initial_state=None,
+                         return_final_state=False, key_padding_mask=None)
+    features64 = PerformerFeatures(64, num_features=256, seed=1).double()
+    features64.projection.copy_(features.projection.double())
+    with attnkernels.backend("reference"):
+        expected = linear_attention(q.double(), k.double(), v.double(), feature_map=features64)
+    poisoned = torch.zeros(1, 2, 70, 64, dtype=torch.bool)
+    if where == "query":
+        poisoned[0, 0, 33] = True
+    else:
+        poisoned[0, 0] = True
+    assert torch.equal(torch.isnan(expected), poisoned)
+    assert torch.equal(torch.isnan(out), poisoned)

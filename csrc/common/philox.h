@@ -283,7 +283,6 @@ __attribute__((target("avx512bf16"))) inline void exp_round_drop32_bf16(const fl
 __attribute__((target("avx512bf16"))) inline float exp_sum_round_drop_bf16(const float* x, int64_t n, float a,
                                                                           float b, at::BFloat16* out,
                                                                           const PhiloxRow& row, int64_t j0) {
-  constexpr float kLog2e = 1.4426950408889634f;
   const __m512 va = _mm512_set1_ps(a * kLog2e), vnb = _mm512_set1_ps(-b * kLog2e);
   // Element c is bit sh + c of the key stream from key 16 g0; cur holds its bits i .. i + 127
   // (relative to sh), nxt the next 128.

@@ -24,6 +24,9 @@ inline void fill(T* x, int64_t n, T value) {
   std::fill(x, x + n, value);
 }
 
+// log2(e) in float: the exp passes compute exp(x) as 2^(x·log2e), folded into their FMA.
+constexpr float kLog2e = 1.4426950408889634f;
+
 // exp on a vector: float uses ATen's exp_u20 (the polynomial torch's own CPU
 // flash attention uses, ~2 ulp, about twice as fast as Sleef's 1-ulp exp);
 // double keeps the 1-ulp exp so the float64 path stays a tight oracle check.
@@ -222,7 +225,7 @@ inline __m512 vtanh_range(__m512 y) {
 // then 2^n by vscalefps. exp_u20's range masks (clamps, a compare, a blend) and its integer
 // exponent build are not needed here: 9 vector ops against ~20.
 inline __m512 exp_bounded(__m512 x) {
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f)),
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
@@ -392,7 +395,6 @@ __attribute__((target("avx512bf16"))) inline float exp_fma_sum_round_bf16_impl(c
                                                                                 float b, at::BFloat16* out,
                                                                                 float* mx) {
   constexpr int64_t W = 16;
-  constexpr float kLog2e = 1.4426950408889634f;
   const __m512 va = _mm512_set1_ps(a * kLog2e), vnb = _mm512_set1_ps(-b * kLog2e);
   __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
   __m512 m0 = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), m1 = m0;
@@ -438,7 +440,6 @@ __attribute__((target("avx512bf16"))) inline float exp_fma_sum_round_max_bf16(co
 __attribute__((target("avx512bf16"))) inline void exp_lse_round_bf16(float* x, int64_t n, float scale,
                                                                      const float* lse, at::BFloat16* out) {
   constexpr int64_t W = 16;
-  constexpr float kLog2e = 1.4426950408889634f;
   const __m512 va = _mm512_set1_ps(scale * kLog2e), vm = _mm512_set1_ps(-kLog2e);
   int64_t i = 0;
   for (; i + 2 * W <= n; i += 2 * W) {
@@ -557,7 +558,6 @@ __attribute__((target("avx512bf16"))) inline void softcap_exp_lse_round_bf16(flo
                                                                              float scale, const float* lse,
                                                                              at::BFloat16* out, float* grad) {
   constexpr int64_t W = 16;
-  constexpr float kLog2e = 1.4426950408889634f;
   const __m512 va = _mm512_set1_ps(a), vk = _mm512_set1_ps(cap * kLog2e), vm = _mm512_set1_ps(-kLog2e),
                vs = _mm512_set1_ps(scale);
   int64_t i = 0;
@@ -616,7 +616,6 @@ __attribute__((target("avx512bf16"))) inline float softcap_exp_sum_round_bf16_im
                                                                                    float cap, float m,
                                                                                    at::BFloat16* out) {
   constexpr int64_t W = 16;
-  constexpr float kLog2e = 1.4426950408889634f;
   const float k = cap * kLog2e;
   const __m512 va = _mm512_set1_ps(a), pc0 = _mm512_set1_ps(k * kTanhP0), pc1 = _mm512_set1_ps(k * kTanhP1),
                pc2 = _mm512_set1_ps(k * kTanhP2), vnm = _mm512_set1_ps(-m * kLog2e);
@@ -651,7 +650,7 @@ __attribute__((target("avx512bf16"))) inline float softcap_exp_sum_round_bf16_im
 
 __attribute__((target("avx512bf16"))) inline float softcap_exp_sum_round_bf16(const float* x, int64_t n, float a,
                                                                               float cap, float m, at::BFloat16* out) {
-  return (cap + m) * 1.4426950408889634f > 124.f ? softcap_exp_sum_round_bf16_impl<true>(x, n, a, cap, m, out)
+  return (cap + m) * kLog2e > 124.f ? softcap_exp_sum_round_bf16_impl<true>(x, n, a, cap, m, out)
                                                   : softcap_exp_sum_round_bf16_impl<false>(x, n, a, cap, m, out);
 }
 
@@ -704,6 +703,17 @@ inline float exp_fma_sum_round_max<at::BFloat16>(const float* x, int64_t n, floa
 }
 
 #endif
+
+// max(a, b) by plain vmaxps, without at::vec::maximum's NaN propagation (see row_max_fast).
+inline at::vec::Vectorized<float> max_fast(const at::vec::Vectorized<float>& a, const at::vec::Vectorized<float>& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_max_ps(a, b);
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_max_ps(a, b);
+#else
+  return at::vec::maximum(a, b);
+#endif
+}
 
 // max(x) without NaN propagation in the vector part (plain vmaxps: a third cheaper than
 // at::vec::maximum), for callers that do not need it: a NaN score still poisons its row

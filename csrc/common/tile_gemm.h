@@ -205,16 +205,12 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void dpbf16_tile(
     }
 }
 
+// One tile of 1 .. kDpRows rows.
 template <int NV, bool kTail>
-inline void dpbf16_column_block(int64_t M, int64_t pairs, const at::BFloat16* A, int64_t lda, const uint32_t* B,
-                                int64_t ldb, float* C, int64_t ldc, bool accumulate, __mmask16 tail) {
-  int64_t i = 0;
-  for (; i + kDpRows <= M; i += kDpRows)
-    dpbf16_tile<kDpRows, NV, kTail>(pairs, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate, tail);
-  const int64_t rest = M - i;
-  A += i * lda;
-  C += i * ldc;
-  switch (rest) {  // static_assert below: cases up to kDpRows - 1
+inline void dpbf16_rows(int64_t rows, int64_t pairs, const at::BFloat16* A, int64_t lda, const uint32_t* B, int64_t ldb,
+                        float* C, int64_t ldc, bool accumulate, __mmask16 tail) {
+  switch (rows) {  // static_assert below: cases 1 .. kDpRows
+    case 12: return dpbf16_tile<12, NV, kTail>(pairs, A, lda, B, ldb, C, ldc, accumulate, tail);
     case 11: return dpbf16_tile<11, NV, kTail>(pairs, A, lda, B, ldb, C, ldc, accumulate, tail);
     case 10: return dpbf16_tile<10, NV, kTail>(pairs, A, lda, B, ldb, C, ldc, accumulate, tail);
     case 9: return dpbf16_tile<9, NV, kTail>(pairs, A, lda, B, ldb, C, ldc, accumulate, tail);
@@ -228,21 +224,66 @@ inline void dpbf16_column_block(int64_t M, int64_t pairs, const at::BFloat16* A,
     case 1: return dpbf16_tile<1, NV, kTail>(pairs, A, lda, B, ldb, C, ldc, accumulate, tail);
     default: return;
   }
-  static_assert(kDpRows == 12, "the switch above covers 1 .. kDpRows - 1 rows");
+  static_assert(kDpRows == 12, "the switch above covers 1 .. kDpRows rows");
+}
+
+// The row tiles of an M-row product, f(first row, rows) each: full tiles, then the rest.
+// (Tried: the rest of 1 .. 5 rows merged with the full tile before it into two tiles of 6 .. 9
+// rows, so that each holds at least 12 accumulators. perf of a bf16 FAVOR+ fwd+bwd, whose 64- and
+// 256-row products end in 4 rows, showed the 4-row tile taking no more time per row than the
+// 12-row ones, and the change gained nothing: Zen 5, 1 thread.)
+template <typename F>
+inline void dpbf16_row_tiles(int64_t M, F&& f) {
+  int64_t i = 0;
+  for (; i + kDpRows <= M; i += kDpRows) f(i, int64_t(kDpRows));
+  if (i < M) f(i, M - i);
 }
 
 // vnni_gemm's contract (below) on vdpbf16ps: C[M, N] float (+)= A[M, K] · B[K, N], K even.
+// Without triangle hints, column blocks of 32 (then 16, then a masked tail) outer, so B's strip
+// stays in L1 while the row tiles stream past it. With them, row tiles outer, each skipping what
+// a triangle leaves out, as register_gemm does in fp32 (the linear kernels' intra-chunk products):
+// a_tri Lower (A[i, p] = 0 for p > i) ends a tile's k range at its last row, Upper (0 for p < i)
+// starts it at its first; c_tri Lower computes only the column blocks that reach the tile's
+// diagonal (the caller masks the rest of C's zero triangle).
 inline void dpbf16_gemm(int64_t M, int64_t N, int64_t K, const at::BFloat16* A, int64_t lda,
-                        const at::BFloat16* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+                        const at::BFloat16* B, int64_t ldb, float* C, int64_t ldc, bool accumulate,
+                        Tri a_tri = Tri::None, Tri c_tri = Tri::None) {
   if (M == 0 || N == 0) return;
   const int64_t pairs = K / 2;
   const uint32_t* Bw = reinterpret_cast<const uint32_t*>(B);  // word (p, n) at Bw[p * ldb + n]
-  int64_t j = 0;
-  for (; j + 32 <= N; j += 32) dpbf16_column_block<2, false>(M, pairs, A, lda, Bw + j, ldb, C + j, ldc, accumulate, 0);
-  for (; j + 16 <= N; j += 16) dpbf16_column_block<1, false>(M, pairs, A, lda, Bw + j, ldb, C + j, ldc, accumulate, 0);
-  if (j < N)
-    dpbf16_column_block<1, true>(M, pairs, A, lda, Bw + j, ldb, C + j, ldc, accumulate,
-                                 static_cast<__mmask16>((1u << (N - j)) - 1));
+  const __mmask16 tail = static_cast<__mmask16>((1u << (N % 16)) - 1);
+  if (a_tri == Tri::None && c_tri == Tri::None) {
+    int64_t j = 0;
+    for (; j + 32 <= N; j += 32)
+      dpbf16_row_tiles(M, [&](int64_t i, int64_t r) {
+        dpbf16_rows<2, false>(r, pairs, A + i * lda, lda, Bw + j, ldb, C + i * ldc + j, ldc, accumulate, 0);
+      });
+    for (; j + 16 <= N; j += 16)
+      dpbf16_row_tiles(M, [&](int64_t i, int64_t r) {
+        dpbf16_rows<1, false>(r, pairs, A + i * lda, lda, Bw + j, ldb, C + i * ldc + j, ldc, accumulate, 0);
+      });
+    if (j < N)
+      dpbf16_row_tiles(M, [&](int64_t i, int64_t r) {
+        dpbf16_rows<1, true>(r, pairs, A + i * lda, lda, Bw + j, ldb, C + i * ldc + j, ldc, accumulate, tail);
+      });
+    return;
+  }
+  dpbf16_row_tiles(M, [&](int64_t i, int64_t r) {
+    int64_t p0 = 0, p1 = pairs;
+    if (a_tri == Tri::Lower) p1 = std::min(pairs, (i + r + 1) / 2);
+    if (a_tri == Tri::Upper) p0 = std::min(pairs, i / 2);
+    const int64_t cols = c_tri == Tri::Lower ? std::min(N, i + r) : N;  // columns j <= the tile's last row
+    const at::BFloat16* Ai = A + i * lda + 2 * p0;
+    const uint32_t* Bp = Bw + p0 * ldb;
+    float* Ci = C + i * ldc;
+    int64_t j = 0;
+    for (; j < cols && j + 32 <= N; j += 32)
+      dpbf16_rows<2, false>(r, p1 - p0, Ai, lda, Bp + j, ldb, Ci + j, ldc, accumulate, 0);
+    for (; j < cols && j + 16 <= N; j += 16)
+      dpbf16_rows<1, false>(r, p1 - p0, Ai, lda, Bp + j, ldb, Ci + j, ldc, accumulate, 0);
+    if (j < cols) dpbf16_rows<1, true>(r, p1 - p0, Ai, lda, Bp + j, ldb, Ci + j, ldc, accumulate, tail);
+  });
 }
 
 inline bool dpbf16_present() { return bf16_native_ok(); }
@@ -256,12 +297,15 @@ inline bool dpbf16_present() { return false; }
 // a pointer offset 2c and ldb may be any value >= N (checked on this CPU: 16..256,
 // odd offsets). K must be even: callers pad a pair with a zero row. Runs on the tile
 // units where present, else (bf16) on vdpbf16ps; callers check matrix_units_available.
+// a_tri / c_tri (dpbf16_gemm's triangle hints) only save work on vdpbf16ps: the tile units
+// compute the whole product (the zero triangle's operands are zeros; callers mask C's).
 template <typename T>
 inline void vnni_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, float* C,
-                      int64_t ldc, bool accumulate) {
+                      int64_t ldc, bool accumulate, Tri a_tri = Tri::None, Tri c_tri = Tri::None) {
 #ifdef ATTNKERNELS_NATIVE_BF16
   if constexpr (std::is_same_v<T, at::BFloat16>)
-    if (!tile_units_present(at::kBFloat16)) return dpbf16_gemm(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+    if (!tile_units_present(at::kBFloat16))
+      return dpbf16_gemm(M, N, K, A, lda, B, ldb, C, ldc, accumulate, a_tri, c_tri);
 #endif
   at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, /*is_vnni=*/true);
 }
