@@ -722,9 +722,9 @@ struct TaskQueue {
 // give the same bits: every task owns its outputs.
 inline bool interop_helpers() {
   const char* env = std::getenv("ATTNKERNELS_CPU_DECODE_HELPERS");
-  if (env == nullptr || *env == 0 || std::string(env) == "openmp") return false;
-  TORCH_CHECK(std::string(env) == "interop", "ATTNKERNELS_CPU_DECODE_HELPERS=", env,
-              ": expected 'openmp' (the default) or 'interop'");
+  const std::string mode = env == nullptr ? "" : env;
+  if (mode.empty() || mode == "openmp") return false;
+  TORCH_CHECK(mode == "interop", "ATTNKERNELS_CPU_DECODE_HELPERS=", mode, ": expected 'openmp' (the default) or 'interop'");
   return true;
 }
 
