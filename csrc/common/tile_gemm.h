@@ -230,8 +230,8 @@ inline void dpbf16_rows(int64_t rows, int64_t pairs, const at::BFloat16* A, int6
 // The row tiles of an M-row product, f(first row, rows) each: full tiles, then the rest.
 // (Tried: the rest of 1 .. 5 rows merged with the full tile before it into two tiles of 6 .. 9
 // rows, so that each holds at least 12 accumulators. perf of a bf16 FAVOR+ fwd+bwd, whose 64- and
-// 256-row products end in 4 rows, showed the 4-row tile taking no more time per row than the
-// 12-row ones, and the change gained nothing: Zen 5, 1 thread.)
+// 256-row products end in 4 rows, showed the 4-row tile taking about the time per row of the
+// 12-row ones, and the change gained nothing measurable: Zen 5, 1 thread.)
 template <typename F>
 inline void dpbf16_row_tiles(int64_t M, F&& f) {
   int64_t i = 0;
